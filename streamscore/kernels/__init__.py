@@ -1,0 +1,1 @@
+"""Numeric hot paths (window tiles). Imports nothing else of streamscore."""

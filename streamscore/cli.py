@@ -1,0 +1,195 @@
+"""The ``streamscore`` console script: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from streamscore.config import Settings, load_settings
+from streamscore.logs import setup_logging
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+
+
+def _common(parser: argparse.ArgumentParser, *, kafka_help: str) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (see README)")
+    parser.add_argument("--kafka", metavar="HOST:PORT", help=kafka_help)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["json", "text"])
+
+
+def _settings(args: argparse.Namespace, *names: str) -> Settings:
+    flags = {name: getattr(args, name, None) for name in ("kafka", "log_level", "log_format", *names)}
+    settings = load_settings(args.config, flags)
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args, "host", "port", "model_repository", "replay")
+    if not settings.kafka:
+        raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+
+    async def main() -> int:
+        import signal
+
+        from streamscore.server.app import ScoringServer
+
+        server = ScoringServer(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+        return 0
+
+    return _run(main())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.kafka:
+        raise SystemExit("worker needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+    from streamscore.stream.worker import run_worker
+
+    run_worker(settings.kafka, loglevel=settings.log_level,
+               payments_partitions=settings.payments_partitions)
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    _settings(args)
+
+    async def main() -> int:
+        import signal
+
+        from streamscore.stream.broker import EmbeddedBroker, create_topics
+        from streamscore.stream.topics import TopicLayout
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with EmbeddedBroker(port=args.port) as broker:
+            await create_topics(broker.bootstrap, TopicLayout().partitions())
+            print(broker.bootstrap, flush=True)
+            await stop.wait()
+        return 0
+
+    return _run(main())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = _settings(args, "port", "model_repository")
+    from streamscore.demo import run_demo
+
+    return _run(run_demo(settings, duration_s=args.duration, rate_per_s=args.rate))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings = _settings(args, "model_repository")
+    from streamscore.training import train
+
+    report = train(settings.model_repository, version=args.version, duration_s=args.duration,
+                   rate_per_s=args.rate, seed=args.seed)
+    print(f"model written to {report.path}")
+    print(f"rows {report.rows}, fraud rate {report.fraud_rate:.3%}, held-out ROC-AUC "
+          f"{report.roc_auc:.3f}, PR-AUC {report.pr_auc:.3f}, thresholds review "
+          f"{report.thresholds.review:.4f} decline {report.thresholds.decline:.4f} "
+          f"({report.seconds:.1f} s)")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    import grpc
+
+    from streamscore._proto.v1 import scoring_pb2 as pb
+    from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.target) as channel:
+        reply = pb_grpc.ScoringStub(channel).GetFeatures(
+            pb.FeaturesRequest(entity_type=args.entity_type, entity_id=args.entity_id,
+                               as_of_ms=args.as_of_ms),
+            timeout=5,
+        )
+    print(f"{reply.entity_type} {reply.entity_id} as of {reply.as_of_ms} "
+          f"(newest event {reply.newest_event_time_ms}, {reply.events_folded} folded)")
+    for name in sorted(reply.features):
+        print(f"  {name:32s} {reply.features[name]:g}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamscore", description="Real-time fraud scoring with streaming features."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    demo = add("demo", cmd_demo, "Run everything on this machine and score live synthetic traffic.")
+    _common(demo, kafka_help="use this Kafka cluster instead of the embedded broker")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=200.0, help="payments per second (default 200)")
+    demo.add_argument("--port", type=int, help="gRPC port of the server (default 50051)")
+    demo.add_argument("--model-repository", type=Path, help="model repository directory")
+
+    serve = add("serve", cmd_serve, "Run the gRPC scoring server with its feature replica.")
+    _common(serve, kafka_help="Kafka bootstrap server (required)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 50051; 0 picks one)")
+    serve.add_argument("--model-repository", type=Path, help="model repository directory")
+    serve.add_argument("--replay", action="store_true", default=None,
+                       help="features as of each request's event time (tests, backtests)")
+
+    worker = add("worker", cmd_worker, "Run a stream worker (Faust): validate and route events.")
+    _common(worker, kafka_help="Kafka bootstrap server (required)")
+
+    broker = add("broker", cmd_broker, "Run the embedded Kafka-compatible broker (tansu).")
+    _common(broker, kafka_help="(ignored)")
+    broker.add_argument("--port", type=int, default=0, help="listen port (default: a free one)")
+
+    train = add("train", cmd_train, "Train the demo fraud model into the model repository.")
+    _common(train, kafka_help="(ignored)")
+    train.add_argument("--model-repository", type=Path, help="model repository directory")
+    train.add_argument("--version", type=int, default=1, help="version number to write")
+    train.add_argument("--duration", type=float, default=3600.0, help="seconds of synthetic traffic")
+    train.add_argument("--rate", type=float, default=10.0, help="synthetic payments per second")
+    train.add_argument("--seed", type=int, default=7)
+
+    features = add("features", cmd_features, "Show an entity's features (GetFeatures).")
+    features.add_argument("entity_type", choices=["card", "merchant", "device", "ip"])
+    features.add_argument("entity_id")
+    features.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    features.add_argument("--as-of-ms", type=int, default=0, help="replay mode only")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 0
+    except ValueError as error:  # bad settings
+        print(f"streamscore: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Settings: defaults, overridden by a TOML file, then STREAMSCORE_* environment, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "STREAMSCORE_"
+
+
+def default_model_repository() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamscore" / "models"
+
+
+@dataclass
+class Settings:
+    # Kafka bootstrap "host:port"; empty means start the embedded tansu broker.
+    kafka: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    model_repository: Path = field(default_factory=default_model_repository)
+    model_name: str = "fraud_mlp"
+    # Replay mode: features as of each request's event_time_ms (tests, backtests).
+    replay: bool = False
+    lateness_ms: int = 3_600_000
+    skew_ms: int = 300_000
+    stale_after_s: float = 5.0
+    payments_partitions: int = 4
+    entity_partitions: int = 4
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def override(self, values: dict[str, Any]) -> Settings:
+        """A copy with ``values`` (already typed or strings) applied; unknown keys are errors."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ValueError(f"unknown setting {key!r}")
+            changes[name] = _coerce(getattr(self, name), value, name)
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(current: Any, value: Any, name: str) -> Any:
+    if not isinstance(value, str):
+        return Path(value) if isinstance(current, Path) else value
+    try:
+        if isinstance(current, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, Path):
+            return Path(value).expanduser()
+    except ValueError:
+        raise ValueError(f"setting {name}: cannot read {value!r}") from None
+    return value
+
+
+def load_settings(
+    config_file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    settings = Settings()
+    if config_file is not None:
+        with config_file.open("rb") as handle:
+            settings = settings.override(tomllib.load(handle))
+    env = os.environ if environ is None else environ
+    names = {f.name for f in dataclasses.fields(Settings)}
+    from_env = {
+        key[len(ENV_PREFIX):].lower(): value
+        for key, value in env.items()
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names
+    }
+    return settings.override(from_env).override(flags or {})

@@ -1,0 +1,220 @@
+"""``streamscore demo``: the whole system on one machine, scoring live synthetic traffic.
+
+Starts (in order) the embedded broker unless ``--kafka`` is given, the demo model
+(trained on first use), a stream worker process and a server process; then replays
+synthetic payments in real time: each transaction is scored over gRPC as a payment
+service would, then its event is published to Kafka for the stream to fold in. A
+summary line every few seconds; stops after ``--duration`` or on Ctrl-C, stopping
+everything in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import orjson
+from aiokafka import AIOKafkaProducer
+from hdrh.histogram import HdrHistogram
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.client import transaction_from_event, wait_serving
+from streamscore.config import Settings
+from streamscore.processes import ChildProcess
+from streamscore.stream import kafka_compat
+from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.topics import PAYMENTS, TopicLayout
+from streamscore.traffic import LabelledEvent, TrafficConfig, TrafficGenerator
+
+log = logging.getLogger("streamscore.demo")
+
+MAX_IN_FLIGHT = 64
+# One in this many events is sent malformed, to show the dead-letter path.
+MALFORMED_EVERY = 500
+
+
+@dataclass
+class DemoStats:
+    started: float = field(default_factory=time.monotonic)
+    scored: int = 0
+    failed: int = 0
+    published: int = 0
+    malformed_sent: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)
+    fraud_flagged: int = 0
+    fraud_seen: int = 0
+    degraded: int = 0
+    window: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 60_000_000, 3))
+    total: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, 60_000_000, 3))
+    window_start: float = field(default_factory=time.monotonic)
+    window_scored: int = 0
+
+    def record(self, latency_us: int, response: pb.ScoreResponse, item: LabelledEvent) -> None:
+        self.scored += 1
+        self.window_scored += 1
+        self.window.record_value(max(latency_us, 1))
+        self.total.record_value(max(latency_us, 1))
+        decision = pb.Decision.Name(response.decision)
+        self.decisions[decision] += 1
+        if response.degraded:
+            self.degraded += 1
+        if item.is_fraud:
+            self.fraud_seen += 1
+            self.fraud_flagged += decision != "APPROVE"
+
+    def summary_line(self) -> str:
+        now = time.monotonic()
+        rate = self.window_scored / max(now - self.window_start, 1e-9)
+        p50 = self.window.get_value_at_percentile(50) / 1000
+        p99 = self.window.get_value_at_percentile(99) / 1000
+        self.window.reset()
+        self.window_scored = 0
+        self.window_start = now
+        decisions = " ".join(f"{k.lower()}={v}" for k, v in sorted(self.decisions.items()))
+        return (
+            f"[{now - self.started:6.1f}s] {rate:6.1f} scores/s  p50 {p50:6.2f} ms  "
+            f"p99 {p99:6.2f} ms | scored {self.scored} failed {self.failed} "
+            f"degraded {self.degraded} | {decisions} | fraud flagged "
+            f"{self.fraud_flagged}/{self.fraud_seen} | dead-letter demo events {self.malformed_sent}"
+        )
+
+
+async def ensure_model(settings: Settings) -> None:
+    """Train the demo model on first use (a few seconds) so a fresh machine just works."""
+    from streamscore.training import train
+
+    model_dir = settings.model_repository / settings.model_name
+    if model_dir.exists() and any(p.name.isdigit() for p in model_dir.iterdir()):
+        return
+    print(f"training the demo model into {settings.model_repository} ...", flush=True)
+    report = await asyncio.to_thread(train, settings.model_repository)
+    print(
+        f"trained {report.path}: {report.rows} rows, ROC-AUC {report.roc_auc:.3f}, "
+        f"PR-AUC {report.pr_auc:.3f} on the held-out slice ({report.seconds:.1f} s)",
+        flush=True,
+    )
+
+
+async def _score_and_publish(
+    stub: pb_grpc.ScoringStub, producer: AIOKafkaProducer, item: LabelledEvent,
+    intended: float, stats: DemoStats, slots: asyncio.Semaphore,
+) -> None:
+    try:
+        request = pb.ScoreRequest(
+            request_id=item.event["event_id"], transaction=transaction_from_event(item.event)
+        )
+        try:
+            response = await stub.Score(request, timeout=2.0)
+            # Latency from the intended send time: a slow server cannot hide its queueing.
+            stats.record(int((time.perf_counter() - intended) * 1e6), response, item)
+        except grpc.aio.AioRpcError as error:
+            stats.failed += 1
+            log.warning("score failed", extra={"code": str(error.code()), "details": error.details()})
+        payload = orjson.dumps(item.event)
+        if stats.published % MALFORMED_EVERY == MALFORMED_EVERY - 1:
+            payload = payload[: len(payload) // 2]  # truncated JSON: a dead letter
+            stats.malformed_sent += 1
+        await producer.send(PAYMENTS, payload, key=item.event["card_id"].encode())
+        stats.published += 1
+    finally:
+        slots.release()
+
+
+async def drive_traffic(
+    target: str, bootstrap: str, config: TrafficConfig, stop: asyncio.Event,
+    duration_s: float | None, summary_every_s: float = 2.0,
+) -> DemoStats:
+    stats = DemoStats()
+    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
+                                **kafka_compat.PRODUCER_KWARGS)
+    await producer.start()
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            start_ms = time.time_ns() // 1_000_000
+            start = time.perf_counter()
+            next_summary = start + summary_every_s
+            for item in TrafficGenerator(config).stream(start_ms):
+                intended = start + (item.event["event_time_ms"] - start_ms) / 1000
+                now = time.perf_counter()
+                if now >= next_summary:
+                    print(stats.summary_line(), flush=True)
+                    next_summary += summary_every_s
+                if duration_s is not None and intended - start > duration_s:
+                    break
+                if intended > now:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), intended - now)
+                if stop.is_set():
+                    break
+                await slots.acquire()
+                task = asyncio.create_task(
+                    _score_and_publish(stub, producer, item, intended, stats, slots)
+                )
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.wait(tasks, timeout=5)
+    finally:
+        await producer.stop()
+    return stats
+
+
+async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: float) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
+    async with contextlib.AsyncExitStack() as stack:
+        bootstrap = settings.kafka
+        if not bootstrap:
+            broker = EmbeddedBroker()
+            await broker.start()
+            stack.push_async_callback(broker.stop)
+            bootstrap = broker.bootstrap
+            print(f"embedded broker (tansu) on {bootstrap}", flush=True)
+        await create_topics(bootstrap, TopicLayout(settings.payments_partitions,
+                                                   settings.entity_partitions).partitions())
+        await ensure_model(settings)
+        common = ["--kafka", bootstrap, "--log-level", settings.log_level]
+        worker = ChildProcess.streamscore("worker", "worker", *common,
+                                          log_path=str(logdir / "worker.log"))
+        server = ChildProcess.streamscore(
+            "server", "serve", *common, "--port", str(settings.port),
+            "--model-repository", str(settings.model_repository),
+            log_path=str(logdir / "server.log"),
+        )
+        for child in (worker, server):
+            await child.start()
+            stack.push_async_callback(child.stop)
+        target = f"{settings.host}:{settings.port}"
+        await wait_serving(target, timeout=120)
+        print(f"server on {target}, worker running; logs in {logdir}", flush=True)
+        stats = await drive_traffic(
+            target, bootstrap, TrafficConfig(rate_per_s=rate_per_s), stop, duration_s
+        )
+        print(stats.summary_line(), flush=True)
+        total = stats.total
+        print(
+            f"done: {stats.scored} scored, {stats.failed} failed; Score latency p50 "
+            f"{total.get_value_at_percentile(50) / 1000:.2f} ms, p99 "
+            f"{total.get_value_at_percentile(99) / 1000:.2f} ms, p99.9 "
+            f"{total.get_value_at_percentile(99.9) / 1000:.2f} ms",
+            flush=True,
+        )
+        for child in (worker, server):
+            child.check_running()
+    print("stopped cleanly", flush=True)
+    return 0

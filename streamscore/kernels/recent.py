@@ -1,0 +1,59 @@
+"""Recent events of one entity: duplicate detection and time of the newest event.
+
+Kafka redelivers after a crash and our broker has no idempotent producer, so the
+state itself must recognise an event it has already folded. Event keys are kept for
+events within ``horizon_ms`` of the entity's newest event time; events older than
+that are refused by the caller as too late, so a duplicate can never slip past.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+
+class RecentEvents:
+    """Keys and times of the events within ``horizon_ms`` of the newest one."""
+
+    __slots__ = ("_heap", "_times", "horizon_ms", "newest_ms", "older_newest_ms")
+
+    def __init__(self, horizon_ms: int) -> None:
+        self.horizon_ms = horizon_ms
+        self.newest_ms: int | None = None
+        # Newest time among events pruned out of the horizon (for time-since-newest).
+        self.older_newest_ms: int | None = None
+        self._times: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def is_too_old(self, time_ms: int) -> bool:
+        """True when an event this old is outside the horizon (the caller drops it)."""
+        return self.newest_ms is not None and time_ms < self.newest_ms - self.horizon_ms
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._times
+
+    def add(self, time_ms: int, key: str) -> None:
+        """Record an event; the caller has checked it is neither too old nor seen."""
+        self._times[key] = time_ms
+        heapq.heappush(self._heap, (time_ms, key))
+        if self.newest_ms is None or time_ms > self.newest_ms:
+            self.newest_ms = time_ms
+        horizon_start = self.newest_ms - self.horizon_ms
+        while self._heap and self._heap[0][0] < horizon_start:
+            old_time, old_key = heapq.heappop(self._heap)
+            del self._times[old_key]
+            if self.older_newest_ms is None or old_time > self.older_newest_ms:
+                self.older_newest_ms = old_time
+
+    def newest_at_or_before(self, t_ms: int) -> int | None:
+        """Time of the newest event with time <= t_ms, or None when there is none."""
+        if self.newest_ms is None:
+            return None
+        if self.newest_ms <= t_ms:
+            return self.newest_ms
+        best = max((time for time in self._times.values() if time <= t_ms), default=None)
+        if best is None and self.older_newest_ms is not None and self.older_newest_ms <= t_ms:
+            best = self.older_newest_ms
+        return best
+
+    def __len__(self) -> int:
+        return len(self._times)

@@ -1,0 +1,95 @@
+"""Child processes with the project's lifecycle: async start/stop, stop is idempotent.
+
+Used by the demo (broker, worker and server run as separate processes, as in
+production) and by tests that need real processes to kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("streamscore.processes")
+
+
+class ChildExited(RuntimeError):
+    """A child process ended while it was supposed to be running."""
+
+
+class ChildProcess:
+    def __init__(
+        self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = env
+        self.log_path = log_path
+        self.process: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+        self.exited = asyncio.Event()
+
+    @classmethod
+    def streamscore(cls, name: str, *args: str, **kwargs: object) -> ChildProcess:
+        """A ``streamscore`` subcommand run with this interpreter."""
+        return cls(name, [sys.executable, "-m", "streamscore", *args], **kwargs)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env={**os.environ, **(self.env or {})},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output or asyncio.subprocess.DEVNULL,
+                stderr=output or None,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            )
+        finally:
+            if output:
+                output.close()
+        self._watch = asyncio.create_task(self._watch_exit(), name=f"watch-{self.name}")
+        log.info("started %s", self.name, extra={"pid": self.process.pid})
+
+    async def _watch_exit(self) -> None:
+        assert self.process is not None
+        code = await self.process.wait()
+        self.exited.set()
+        if not self._stopping:
+            log.error("%s exited unexpectedly", self.name, extra={"returncode": code})
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+    def check_running(self) -> None:
+        if self.exited.is_set():
+            raise ChildExited(f"{self.name} exited with code {self.returncode}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests)."""
+        if self.process is not None and self.process.returncode is None:
+            self._stopping = True
+            self.process.kill()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        process = self.process
+        if process is None:
+            return
+        self._stopping = True
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                log.warning("%s ignored SIGTERM for %.0f s, killing", self.name, timeout)
+                process.kill()
+                await process.wait()
+        if self._watch is not None:
+            await self._watch
+        self.process = None

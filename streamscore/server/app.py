@@ -1,0 +1,108 @@
+"""The serving process: feature replica, model and gRPC server, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.config import Settings
+from streamscore.server.model import TorchModel, latest_version
+from streamscore.server.scoring import ScoringService
+from streamscore.stream.replica import FeatureReplica
+from streamscore.stream.state import FeatureStore
+
+log = logging.getLogger("streamscore.server")
+
+SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+class ScoringServer:
+    """Start: model, replica, gRPC (NOT_SERVING until the replica caught up). Stop: reverse."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = FeatureStore(lateness_ms=settings.lateness_ms, skew_ms=settings.skew_ms)
+        self.replica: FeatureReplica | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._ready_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        settings = self.settings
+        model = TorchModel(latest_version(settings.model_repository, settings.model_name))
+        model.warm_up()
+        if settings.kafka:
+            self.replica = FeatureReplica(settings.kafka, self.store)
+        service = ScoringService(
+            self.store, model, replica=self.replica, replay=settings.replay,
+            stale_after_s=settings.stale_after_s,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        pb_grpc.add_ScoringServicer_to_server(service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SCORING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_serving(False)
+        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+        await server.start()
+        self._server = server
+        log.info("grpc server listening", extra={"host": settings.host, "port": self.port,
+                                                 "model": model.metadata.name,
+                                                 "version": model.metadata.version})
+        if self.replica is None:
+            await self._set_serving(True)
+            return
+        await self.replica.start()
+        self._ready_task = asyncio.create_task(self._serve_when_caught_up(), name="ready")
+        self._ready_task.add_done_callback(_log_failure)
+
+    async def _serve_when_caught_up(self) -> None:
+        assert self.replica is not None
+        await self.replica.wait_caught_up(timeout=600)
+        await self._set_serving(True)
+        log.info("serving", extra={"entities": len(self.store)})
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SCORING_SERVICE):
+            await self.health.set(name, status)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self._ready_task is not None:
+            self._ready_task.cancel()
+            self._ready_task = None
+        if self._server is not None:
+            await self._set_serving(False)
+            await self._server.stop(grace_s)
+            self._server = None
+        if self.replica is not None:
+            await self.replica.stop()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("server never became ready", exc_info=task.exception())

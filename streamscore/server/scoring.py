@@ -1,0 +1,140 @@
+"""The ``Scoring`` gRPC service: features, model, decision, timings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.server.errors import ServingError
+from streamscore.server.model import TorchModel
+from streamscore.server.validation import validate_features_request, validate_score_request
+from streamscore.stream.assembly import assemble_features
+from streamscore.stream.replica import FeatureReplica
+from streamscore.stream.state import FeatureStore
+
+log = logging.getLogger("streamscore.scoring")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ScoringService(pb_grpc.ScoringServicer):
+    def __init__(
+        self,
+        store: FeatureStore,
+        model: TorchModel,
+        *,
+        replica: FeatureReplica | None = None,
+        replay: bool = False,
+        stale_after_s: float = 5.0,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.replica = replica
+        self.replay = replay
+        self.stale_after_s = stale_after_s
+        self.clock_ms = clock_ms
+        self._inputs = model.metadata.inputs
+        self._model_ref = pb.ModelRef(
+            name=model.metadata.name, version=model.metadata.version, variant=pb.PRIMARY
+        )
+
+    def features_stale(self) -> bool:
+        replica = self.replica
+        if replica is None:
+            return False
+        return (
+            replica.failure is not None
+            or not replica.caught_up
+            or replica.seconds_since_fetch() > self.stale_after_s
+        )
+
+    def score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        started = time.perf_counter_ns()
+        validate_score_request(request, replay=self.replay)
+        txn = request.transaction
+        now_ms = self.clock_ms()
+        t_ms = txn.event_time_ms if self.replay else now_ms
+        features = assemble_features(
+            self.store,
+            card_id=txn.card_id,
+            merchant_id=txn.merchant_id,
+            device_id=txn.device_id,
+            ip=txn.ip,
+            amount_minor=txn.amount_minor,
+            event_time_ms=txn.event_time_ms or now_ms,
+            t_ms=t_ms,
+        )
+        features_done = time.perf_counter_ns()
+        vector = np.fromiter((features[name] for name in self._inputs), np.float32, len(self._inputs))
+        score = float(self.model.predict(vector.reshape(1, -1))[0])
+        model_done = time.perf_counter_ns()
+        response = pb.ScoreResponse(
+            request_id=request.request_id,
+            score=score,
+            decision=self.model.metadata.thresholds.decide(score),
+            model=self._model_ref,
+            timings=pb.Timings(
+                queue_us=0,
+                features_us=(features_done - started) // 1000,
+                model_us=(model_done - features_done) // 1000,
+                total_us=(time.perf_counter_ns() - started) // 1000,
+            ),
+        )
+        if request.include_features:
+            response.features.update(features)
+        if self.features_stale():
+            response.degraded.append(pb.FEATURES_STALE)
+        return response
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        return await _guard(context, self.score, request)
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        async for request in request_iterator:
+            # A bad request ends the stream with INVALID_ARGUMENT naming the field and
+            # the request id: a stream has one status, there is no per-message error.
+            yield await _guard(context, self.score, request, request_id=request.request_id)
+
+    async def GetFeatures(
+        self, request: pb.FeaturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FeaturesResponse:
+        return await _guard(context, self.get_features, request)
+
+    def get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
+        validate_features_request(request)
+        # as_of_ms is honoured in replay mode only; live answers are as of the server clock.
+        t_ms = request.as_of_ms if self.replay and request.as_of_ms else self.clock_ms()
+        state = self.store.get(request.entity_type, request.entity_id)
+        return pb.FeaturesResponse(
+            entity_type=request.entity_type,
+            entity_id=request.entity_id,
+            as_of_ms=t_ms,
+            features=self.store.features(request.entity_type, request.entity_id, t_ms),
+            newest_event_time_ms=(state.recent.newest_ms or 0) if state else 0,
+            events_folded=state.folded if state else 0,
+        )
+
+
+async def _guard(context: grpc.aio.ServicerContext, handler: Callable[[Any], Any], request: Any,
+                 request_id: str = "") -> Any:
+    """Run a handler, mapping our error taxonomy to gRPC status codes."""
+    try:
+        return handler(request)
+    except ServingError as error:
+        suffix = f" (request_id {request_id!r})" if request_id else ""
+        await context.abort(error.code, f"{error}{suffix}")
+    except Exception:
+        log.exception("unexpected error while serving")
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -1,0 +1,47 @@
+"""Validation of incoming requests: each problem raises ``InvalidRequest`` naming the field."""
+
+from __future__ import annotations
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.errors import InvalidRequest
+from streamscore.stream.features import ENTITY_TYPES
+
+MAX_ID_LENGTH = 256
+_REQUIRED_IDS = ("card_id", "merchant_id")
+# Card-present payments may have no IP, and not every channel has a device id.
+_OPTIONAL_STRINGS = ("transaction_id", "device_id", "ip", "currency", "mcc", "country")
+
+
+def _check_length(field: str, value: str) -> None:
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidRequest(field, f"longer than {MAX_ID_LENGTH} characters")
+
+
+def validate_score_request(request: pb.ScoreRequest, *, replay: bool) -> None:
+    _check_length("request_id", request.request_id)
+    if not request.HasField("transaction"):
+        raise InvalidRequest("transaction", "is required")
+    txn = request.transaction
+    for name in _REQUIRED_IDS:
+        value = getattr(txn, name)
+        if not value:
+            raise InvalidRequest(f"transaction.{name}", "is required")
+        _check_length(f"transaction.{name}", value)
+    for name in _OPTIONAL_STRINGS:
+        _check_length(f"transaction.{name}", getattr(txn, name))
+    if txn.amount_minor < 0:
+        raise InvalidRequest("transaction.amount_minor", "must not be negative")
+    if txn.event_time_ms < 0:
+        raise InvalidRequest("transaction.event_time_ms", "must not be negative")
+    if replay and txn.event_time_ms == 0:
+        raise InvalidRequest("transaction.event_time_ms", "is required in replay mode")
+
+
+def validate_features_request(request: pb.FeaturesRequest) -> None:
+    if request.entity_type not in ENTITY_TYPES:
+        raise InvalidRequest("entity_type", f"must be one of {', '.join(ENTITY_TYPES)}")
+    if not request.entity_id:
+        raise InvalidRequest("entity_id", "is required")
+    _check_length("entity_id", request.entity_id)
+    if request.as_of_ms < 0:
+        raise InvalidRequest("as_of_ms", "must not be negative")

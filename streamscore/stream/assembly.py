@@ -1,0 +1,30 @@
+"""Feature assembly for one transaction: the same code online (Score) and offline (backfill)."""
+
+from __future__ import annotations
+
+from streamscore.stream.features import REQUEST_FEATURES, request_features
+from streamscore.stream.state import FeatureStore
+
+
+def all_feature_names(store: FeatureStore) -> tuple[str, ...]:
+    return tuple(f.name for f in store.pack) + REQUEST_FEATURES
+
+
+def assemble_features(
+    store: FeatureStore,
+    *,
+    card_id: str,
+    merchant_id: str,
+    device_id: str,
+    ip: str,
+    amount_minor: int,
+    event_time_ms: int,
+    t_ms: int,
+) -> dict[str, float]:
+    """Every stateful feature of the transaction's entities as of ``t_ms``, plus request features."""
+    values = store.features("card", card_id, t_ms)
+    values.update(store.features("merchant", merchant_id, t_ms))
+    values.update(store.features("device", device_id, t_ms))
+    values.update(store.features("ip", ip, t_ms))
+    values.update(request_features(amount_minor, event_time_ms, values["card_amount_mean_7d"]))
+    return values

@@ -1,0 +1,157 @@
+"""Feature definitions as code: declared once, they drive folding, serving and backfill.
+
+Each stateful feature is entity x aggregation x window W x resolution r
+(DESIGN.md "Feature semantics"). Adding a feature means adding one ``FeatureDef`` to
+``DEFAULT_PACK``; the entity state keeps tiles for every resolution the pack uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streamscore.kernels.tiles import WindowAgg
+
+SECOND = 1_000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+ENTITY_TYPES = ("card", "merchant", "device", "ip")
+# Which event field identifies each entity type.
+ENTITY_FIELD = {"card": "card_id", "merchant": "merchant_id", "device": "device_id", "ip": "ip"}
+
+
+class Agg(StrEnum):
+    COUNT = "count"
+    COUNT_DECLINED = "count_declined"
+    SUM = "sum"
+    MAX = "max"
+    MEAN = "mean"
+    STD = "std"
+    DISTINCT = "distinct"
+    DECLINE_RATE = "decline_rate"
+    SECONDS_SINCE_LAST = "seconds_since_last"
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureDef:
+    name: str
+    entity: str
+    agg: Agg
+    window_ms: int = 0  # 0 for window-less aggregations (seconds_since_last)
+    resolution_ms: int = 0
+    distinct_field: str = ""  # event field counted by Agg.DISTINCT
+
+    def __post_init__(self) -> None:
+        if self.entity not in ENTITY_TYPES:
+            raise ValueError(f"{self.name}: unknown entity {self.entity!r}")
+        if self.agg is Agg.SECONDS_SINCE_LAST:
+            return
+        if self.resolution_ms <= 0 or self.window_ms <= 0 or self.window_ms % self.resolution_ms:
+            raise ValueError(f"{self.name}: window must be a positive multiple of resolution")
+        if (self.agg is Agg.DISTINCT) != bool(self.distinct_field):
+            raise ValueError(f"{self.name}: distinct_field goes with Agg.DISTINCT only")
+
+    def value(self, agg: WindowAgg, distinct_slot: int) -> float:
+        """This feature's value from the window aggregate of its (entity, W, r)."""
+        match self.agg:
+            case Agg.COUNT:
+                return float(agg.count)
+            case Agg.COUNT_DECLINED:
+                return float(agg.declined)
+            case Agg.SUM:
+                return float(agg.amount_sum)
+            case Agg.MAX:
+                return float(agg.amount_max)
+            case Agg.MEAN:
+                return agg.amount_mean
+            case Agg.STD:
+                return agg.amount_std
+            case Agg.DECLINE_RATE:
+                return agg.decline_rate
+            case Agg.DISTINCT:
+                return float(agg.distinct[distinct_slot])
+        raise ValueError(f"{self.name}: {self.agg} has no window value")
+
+
+def _f(name: str, entity: str, agg: Agg, window: int, resolution: int, field: str = "") -> FeatureDef:
+    return FeatureDef(name, entity, agg, window, resolution, field)
+
+
+DEFAULT_PACK: tuple[FeatureDef, ...] = (
+    _f("card_txn_count_5m", "card", Agg.COUNT, 5 * MINUTE, 10 * SECOND),
+    _f("card_txn_count_1h", "card", Agg.COUNT, HOUR, MINUTE),
+    _f("card_txn_count_24h", "card", Agg.COUNT, DAY, 15 * MINUTE),
+    _f("card_amount_sum_1h", "card", Agg.SUM, HOUR, MINUTE),
+    _f("card_amount_sum_24h", "card", Agg.SUM, DAY, 15 * MINUTE),
+    _f("card_amount_max_24h", "card", Agg.MAX, DAY, 15 * MINUTE),
+    _f("card_amount_mean_7d", "card", Agg.MEAN, 7 * DAY, HOUR),
+    _f("card_amount_std_7d", "card", Agg.STD, 7 * DAY, HOUR),
+    _f("card_distinct_merchants_24h", "card", Agg.DISTINCT, DAY, 15 * MINUTE, "merchant_id"),
+    _f("card_declines_1h", "card", Agg.COUNT_DECLINED, HOUR, MINUTE),
+    FeatureDef("card_seconds_since_last", "card", Agg.SECONDS_SINCE_LAST),
+    _f("merchant_txn_count_1m", "merchant", Agg.COUNT, MINUTE, 5 * SECOND),
+    _f("merchant_txn_count_1h", "merchant", Agg.COUNT, HOUR, MINUTE),
+    _f("merchant_decline_rate_1h", "merchant", Agg.DECLINE_RATE, HOUR, MINUTE),
+    _f("merchant_amount_mean_24h", "merchant", Agg.MEAN, DAY, 15 * MINUTE),
+    _f("device_txn_count_10m", "device", Agg.COUNT, 10 * MINUTE, 10 * SECOND),
+    _f("device_distinct_cards_24h", "device", Agg.DISTINCT, DAY, 15 * MINUTE, "card_id"),
+    _f("ip_txn_count_5m", "ip", Agg.COUNT, 5 * MINUTE, 10 * SECOND),
+    _f("ip_distinct_cards_1h", "ip", Agg.DISTINCT, HOUR, MINUTE, "card_id"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EntityLayout:
+    """How one entity type's state is laid out for a feature pack.
+
+    ``resolutions``: one tile set per resolution; ``distinct_fields[r]``: the fields
+    whose distinct values the tiles of resolution r keep; ``max_window_ms[r]``: how far
+    back tiles of resolution r must reach.
+    """
+
+    entity: str
+    features: tuple[FeatureDef, ...]
+    resolutions: tuple[int, ...]
+    distinct_fields: dict[int, tuple[str, ...]]
+    max_window_ms: dict[int, int]
+
+    def distinct_slot(self, feature: FeatureDef) -> int:
+        fields = self.distinct_fields.get(feature.resolution_ms, ())
+        return fields.index(feature.distinct_field) if feature.distinct_field else -1
+
+
+def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> EntityLayout:
+    features = tuple(f for f in pack if f.entity == entity)
+    windowed = [f for f in features if f.resolution_ms]
+    resolutions = tuple(sorted({f.resolution_ms for f in windowed}))
+    distinct = {
+        r: tuple(sorted({f.distinct_field for f in windowed if f.resolution_ms == r and f.distinct_field}))
+        for r in resolutions
+    }
+    max_window = {r: max(f.window_ms for f in windowed if f.resolution_ms == r) for r in resolutions}
+    return EntityLayout(entity, features, resolutions, distinct, max_window)
+
+
+def feature_names(pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> tuple[str, ...]:
+    return tuple(f.name for f in pack)
+
+
+# Request-derived features: computed from the transaction alone (plus the card's
+# 7-day mean for the relative amount). Names are fixed; the model picks its inputs.
+REQUEST_FEATURES = ("amount", "log_amount", "amount_to_card_mean_7d", "hour_of_day")
+
+
+def request_features(amount_minor: int, event_time_ms: int, card_mean_7d: float) -> dict[str, float]:
+    amount = float(amount_minor)
+    return {
+        "amount": amount,
+        "log_amount": math.log1p(amount),
+        # 0 when the card has no history: "no reference" rather than an infinite ratio.
+        "amount_to_card_mean_7d": amount / card_mean_7d if card_mean_7d > 0 else 0.0,
+        "hour_of_day": float((event_time_ms // HOUR) % 24),
+    }

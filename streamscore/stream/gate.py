@@ -1,0 +1,41 @@
+"""Event-time admission: refuse events from the future or later than the allowed lateness.
+
+The gate is the worker's view of "the newest event time seen so far" (DESIGN.md): an
+event older than that minus ``lateness_ms`` is too late, one more than ``skew_ms``
+ahead of the wall clock is from the future. Both go to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from streamscore.stream.events import InvalidEvent, PaymentEvent
+from streamscore.stream.state import DEFAULT_LATENESS_MS, DEFAULT_SKEW_MS
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class EventTimeGate:
+    def __init__(
+        self,
+        lateness_ms: int = DEFAULT_LATENESS_MS,
+        skew_ms: int = DEFAULT_SKEW_MS,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self.lateness_ms = lateness_ms
+        self.skew_ms = skew_ms
+        self.clock_ms = clock_ms
+        self.newest_ms: int | None = None
+
+    def admit(self, event: PaymentEvent) -> None:
+        """Raise ``InvalidEvent`` for a future or too-late event; else advance the watermark."""
+        t = event.event_time_ms
+        if t > self.clock_ms() + self.skew_ms:
+            raise InvalidEvent("future", f"event_time_ms {t} is beyond the allowed clock skew")
+        if self.newest_ms is not None and t < self.newest_ms - self.lateness_ms:
+            raise InvalidEvent("too_late", f"event_time_ms {t} is older than the allowed lateness")
+        if self.newest_ms is None or t > self.newest_ms:
+            self.newest_ms = t

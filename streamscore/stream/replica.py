@@ -1,0 +1,167 @@
+"""A serving process's replica of all feature state, folded from the entity-events log.
+
+Each serving process reads every partition of the entity-events topic from the
+beginning (no consumer group: every replica needs every entity) and folds it into its
+own ``FeatureStore``. It reports ready once it has folded up to the log end it saw at
+start, and it tracks freshness so the server can mark answers FEATURES_STALE.
+
+Why a replica per process and not a shared store: one Python process does about 4k
+gRPC calls/s or a few thousand Faust events/s, not both, so validation and routing
+run in separate worker processes, while the fold itself is cheap and local reads keep
+Score free of any network hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from streamscore.stream import kafka_compat
+from streamscore.stream.state import FeatureStore
+from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_record, split_entity_key
+
+log = logging.getLogger("streamscore.replica")
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica's fold task died; features are no longer updated."""
+
+
+class FeatureReplica:
+    def __init__(
+        self,
+        bootstrap: str,
+        store: FeatureStore,
+        *,
+        topic: str = ENTITY_EVENTS,
+        max_records: int = 2000,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.store = store
+        self.topic = topic
+        self.max_records = max_records
+        self.records_folded = 0
+        self.bad_records = 0
+        self.last_fetch_monotonic = 0.0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._targets: dict[TopicPartition, int] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._caught_up = asyncio.Event()
+        self.failure: BaseException | None = None
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    def seconds_since_fetch(self) -> float:
+        """Seconds since the last successful fetch from the broker (inf before the first)."""
+        if not self.last_fetch_monotonic:
+            return float("inf")
+        return time.monotonic() - self.last_fetch_monotonic
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await consumer.start()
+        self._consumer = consumer
+        partitions = await self._partitions(consumer)
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        # The log end at start: reaching it means the replica has caught up.
+        ends = await kafka_compat.true_end_offsets(consumer, partitions)
+        self._targets = {tp: end for tp, end in ends.items() if end > 0}
+        if not self._targets:
+            self._caught_up.set()
+        self._task = asyncio.create_task(self._run(), name="feature-replica")
+        self._task.add_done_callback(self._on_done)
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        deadline = time.monotonic() + 30
+        while True:
+            ids = consumer.partitions_for_topic(self.topic)
+            if ids:
+                return [TopicPartition(self.topic, p) for p in sorted(ids)]
+            if time.monotonic() > deadline:
+                raise ReplicaFailed(f"topic {self.topic!r} does not exist")
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+
+    async def wait_caught_up(self, timeout: float) -> None:
+        waiter = asyncio.ensure_future(self._caught_up.wait())
+        assert self._task is not None
+        done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if self.failure is not None:
+            raise ReplicaFailed("replica failed while catching up") from self.failure
+        if not self.caught_up:
+            raise TimeoutError(f"replica did not catch up within {timeout} s")
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            log.error("feature replica stopped", exc_info=self.failure)
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        backoff = 0.1
+        while True:
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            except KafkaError as exc:
+                # The broker may be restarting: keep the state, serve it as stale, retry.
+                log.warning("replica fetch failed, retrying", extra={"error": repr(exc)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.1
+            self.last_fetch_monotonic = time.monotonic()
+            for tp, records in batches.items():
+                self._fold(records)
+                if records:
+                    self._positions[tp] = records[-1].offset + 1
+            if not self.caught_up:
+                self._check_caught_up()
+
+    def _fold(self, records: list) -> None:  # type: ignore[type-arg]
+        fold = self.store.fold
+        for record in records:
+            try:
+                entity_type, entity_id = split_entity_key(record.key)
+                fold(entity_type, entity_id, decode_fold_record(record.value))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                # Only our own worker writes this topic; a bad record is a bug to see
+                # in metrics, not a reason to stop folding everything else.
+                self.bad_records += 1
+                log.exception("unreadable entity-events record at offset %s", record.offset)
+        self.records_folded += len(records)
+
+    def _check_caught_up(self) -> None:
+        for tp, target in self._targets.items():
+            if self._positions.get(tp, 0) < target:
+                return
+        log.info("feature replica caught up", extra={"records": self.records_folded})
+        self._caught_up.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: S110 - failure already logged
+                pass
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
