@@ -16,7 +16,8 @@ from streamscore.logs import setup_logging
 def _run(main: Coroutine[Any, Any, int]) -> int:
     import uvloop
 
-    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _common(parser: argparse.ArgumentParser, *, kafka_help: str) -> None:
@@ -82,7 +83,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with EmbeddedBroker(port=args.port) as broker:
+        async with EmbeddedBroker(port=args.port or None) as broker:
             await create_topics(broker.bootstrap, TopicLayout().partitions())
             print(broker.bootstrap, flush=True)
             await stop.wait()
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train, kafka_help="(ignored)")
     train.add_argument("--model-repository", type=Path, help="model repository directory")
     train.add_argument("--version", type=int, default=1, help="version number to write")
-    train.add_argument("--duration", type=float, default=3600.0, help="seconds of synthetic traffic")
+    train.add_argument("--duration", type=float, default=1800.0, help="seconds of synthetic traffic")
     train.add_argument("--rate", type=float, default=10.0, help="synthetic payments per second")
     train.add_argument("--seed", type=int, default=7)
 

@@ -60,7 +60,7 @@ class WindowAgg:
 class Tiles:
     """Non-empty buckets of one entity at resolution ``resolution_ms``."""
 
-    __slots__ = ("buckets", "n_distinct", "resolution_ms")
+    __slots__ = ("_oldest", "buckets", "n_distinct", "resolution_ms")
 
     def __init__(self, resolution_ms: int, n_distinct: int = 0) -> None:
         if resolution_ms <= 0:
@@ -68,6 +68,8 @@ class Tiles:
         self.resolution_ms = resolution_ms
         self.n_distinct = n_distinct
         self.buckets: dict[int, Bucket] = {}
+        # Lowest stored bucket index (or None): lets ``expire`` return at once mostly.
+        self._oldest: int | None = None
 
     def add(
         self, time_ms: int, amount: int, declined: bool, distinct_values: tuple[str, ...] = ()
@@ -79,6 +81,8 @@ class Tiles:
         if bucket is None:
             bucket = Bucket(distinct=tuple(set() for _ in range(self.n_distinct)))
             self.buckets[index] = bucket
+            if self._oldest is None or index < self._oldest:
+                self._oldest = index
         bucket.count += 1
         bucket.declined += declined
         bucket.amount_sum += amount
@@ -98,16 +102,21 @@ class Tiles:
         first = last - window_ms // r + 1
         count = declined = amount_sum = amount_sumsq = amount_max = 0
         distinct: list[set[str]] = [set() for _ in range(self.n_distinct)]
-        for index, bucket in self.buckets.items():
-            if first <= index <= last:
-                count += bucket.count
-                declined += bucket.declined
-                amount_sum += bucket.amount_sum
-                amount_sumsq += bucket.amount_sumsq
-                if bucket.amount_max > amount_max:
-                    amount_max = bucket.amount_max
-                for union, values in zip(distinct, bucket.distinct, strict=True):
-                    union |= values
+        buckets = self.buckets
+        # Visit whichever is smaller: the stored buckets, or the window's bucket range.
+        if len(buckets) <= last - first + 1:
+            selected = [b for i, b in buckets.items() if first <= i <= last]
+        else:
+            selected = [b for b in map(buckets.get, range(first, last + 1)) if b is not None]
+        for bucket in selected:
+            count += bucket.count
+            declined += bucket.declined
+            amount_sum += bucket.amount_sum
+            amount_sumsq += bucket.amount_sumsq
+            if bucket.amount_max > amount_max:
+                amount_max = bucket.amount_max
+            for union, values in zip(distinct, bucket.distinct, strict=True):
+                union |= values
         return WindowAgg(
             count, declined, amount_sum, amount_sumsq, amount_max, tuple(len(s) for s in distinct)
         )
@@ -115,9 +124,12 @@ class Tiles:
     def expire(self, keep_from_ms: int) -> int:
         """Drop buckets wholly before ``keep_from_ms``; returns how many were dropped."""
         keep_from = keep_from_ms // self.resolution_ms
+        if self._oldest is None or self._oldest >= keep_from:
+            return 0
         stale = [index for index in self.buckets if index < keep_from]
         for index in stale:
             del self.buckets[index]
+        self._oldest = min(self.buckets, default=None)
         return len(stale)
 
     def __len__(self) -> int:

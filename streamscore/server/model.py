@@ -68,6 +68,9 @@ class TorchModel:
 
     def __init__(self, directory: Path) -> None:
         self.metadata = ModelMetadata.load(directory / "metadata.json")
+        # One intra-op thread: batch-1 calls gain nothing from more, and the gRPC
+        # loop and the replica need the other core.
+        torch.set_num_threads(1)
         self.module = torch.jit.load(str(directory / "model.pt"), map_location="cpu")
         self.module.eval()
 

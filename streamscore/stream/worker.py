@@ -50,9 +50,8 @@ def create_app(
         app_id,
         broker=f"kafka://{bootstrap}",
         store="memory://",
-        # tansu has no idempotent/transactional producer (DESIGN.md): at-least-once,
-        # and the state de-duplicates by event id.
-        processing_guarantee="at_least_once",
+        # FAUST_BROKER_SETTINGS sets processing_guarantee="at_least_once": tansu has
+        # no idempotent/transactional producer; the state de-duplicates by event id.
         topic_partitions=payments_partitions,
         topic_disable_leader=True,
         web_enabled=False,

@@ -1,0 +1,30 @@
+# streamscore: a slim runtime image. Build: docker build -t streamscore .
+# Run a server:  docker run -p 50051:50051 streamscore serve --kafka KAFKA:9092 --host 0.0.0.0
+# Run a worker:  docker run streamscore worker --kafka KAFKA:9092
+# Everything in one container (embedded broker): docker run streamscore demo --duration 60
+
+FROM python:3.11-slim AS build
+WORKDIR /src
+# CPU-only torch keeps the image small; pyproject pins torch==2.13.0.
+ENV PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY streamscore ./streamscore
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip \
+    && /opt/venv/bin/pip install .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 streamscore
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    STREAMSCORE_HOST=0.0.0.0 \
+    STREAMSCORE_MODEL_REPOSITORY=/home/streamscore/models
+USER streamscore
+WORKDIR /home/streamscore
+# Bake the demo model in so the container needs no training at start.
+RUN streamscore train --log-format text
+EXPOSE 50051
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
+    CMD python -c "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;c=grpc.insecure_channel('127.0.0.1:50051');sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(),timeout=2).status==1 else 1)"
+ENTRYPOINT ["streamscore"]
+CMD ["serve"]

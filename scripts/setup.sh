@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtual environment in .venv with streamscore and its
+# test tools installed from this repository's own files. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch is pinned (torch==2.13.0, CPU build) in pyproject.toml; an unpinned torch
+# would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+echo "streamscore installed in .venv"

@@ -1,0 +1,223 @@
+"""End to end on real parts: tansu broker, Faust worker process, gRPC server process.
+
+Events are produced with a plain Kafka client, folded in by the real pipeline, and
+then checked over real gRPC (GetFeatures and Score) against values computed here,
+independently, by the brute-force reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+import reference
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.client import transaction_from_event, wait_serving
+from streamscore.processes import ChildProcess
+from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.features import MINUTE
+from streamscore.stream.topics import DEAD_LETTER, PAYMENTS, TopicLayout
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_event(card: str, merchant: str, device: str, ip: str, t_ms: int, amount: int,
+               status: str = "approved") -> dict:
+    return {
+        "event_id": f"evt-{uuid.uuid4().hex[:12]}", "event_time_ms": t_ms, "card_id": card,
+        "merchant_id": merchant, "device_id": device, "ip": ip, "amount_minor": amount,
+        "currency": "EUR", "mcc": "5411", "country": "DE", "status": status,
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo model trained for these tests (a few seconds)."""
+    from streamscore.training import train
+
+    repository = tmp_path_factory.mktemp("models")
+    train(repository, duration_s=600, rate_per_s=10, epochs=100)
+    return repository
+
+
+@pytest.fixture
+async def system(tmp_path: Path, trained_model: Path):
+    """Broker + topics + worker process + server process; yields (bootstrap, target)."""
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        port = free_port()
+        common = ["--kafka", broker.bootstrap, "--log-format", "text"]
+        worker = ChildProcess(
+            "worker", [sys.executable, "-m", "streamscore", "worker", *common],
+            log_path=str(tmp_path / "worker.log"),
+        )
+        server = ChildProcess(
+            "server",
+            [sys.executable, "-m", "streamscore", "serve", *common, "--port", str(port),
+             "--model-repository", str(trained_model)],
+            log_path=str(tmp_path / "server.log"),
+        )
+        await worker.start()
+        await server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            await wait_serving(target, timeout=90)
+            yield broker.bootstrap, target
+            worker.check_running()
+            server.check_running()
+        finally:
+            await server.stop()
+            await worker.stop()
+            for name in ("worker.log", "server.log"):
+                print(f"--- {name}\n{(tmp_path / name).read_text()[-3000:]}")
+
+
+async def wait_folded(stub: pb_grpc.ScoringStub, entity_type: str, entity_id: str,
+                      expected: int, timeout: float = 60.0) -> pb.FeaturesResponse:
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = await stub.GetFeatures(
+            pb.FeaturesRequest(entity_type=entity_type, entity_id=entity_id), timeout=5
+        )
+        if reply.events_folded >= expected or time.monotonic() > deadline:
+            return reply
+        await asyncio.sleep(0.2)
+
+
+def assert_features_match(served: dict, expected: dict) -> None:
+    assert set(expected) <= set(served)
+    for name, value in expected.items():
+        assert math.isclose(served[name], value, rel_tol=1e-9, abs_tol=1e-9), (
+            name, served[name], value)
+
+
+async def test_events_in_features_and_scores_out(system) -> None:
+    bootstrap, target = system
+    now = time.time_ns() // 1_000_000
+    # Times well inside the windows (and away from window edges) so that the
+    # windowed values cannot change while the test runs; seconds-since-last is
+    # checked against the time the server says it used.
+    events = [
+        # Sent first: an event 90 minutes old is inside the 1 h allowed lateness only
+        # while nothing newer than 30 minutes ago has been seen.
+        make_event("card-A", "m-1", "dev-1", "10.0.0.1", now - 90 * MINUTE, 7_777),
+        make_event("card-A", "m-1", "dev-1", "10.0.0.1", now - 20 * MINUTE, 1_250),
+        make_event("card-A", "m-2", "dev-1", "10.0.0.1", now - 12 * MINUTE, 8_000, "declined"),
+        make_event("card-A", "m-2", "dev-2", "10.0.0.2", now - 3 * MINUTE, 420),
+        make_event("card-B", "m-2", "dev-2", "10.0.0.2", now - 2 * MINUTE, 99_999),
+    ]
+    duplicate = events[2]
+    too_late = make_event("card-A", "m-1", "dev-1", "10.0.0.1", now - 70 * MINUTE, 1)
+    malformed = [b'{"event_id": "bad-1", "amount_minor": -5', orjson.dumps({**events[0],
+                 "event_id": "bad-2", "amount_minor": -10})]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for event in [*events, duplicate, too_late]:
+            await producer.send_and_wait(PAYMENTS, orjson.dumps(event), key=event["card_id"].encode())
+        for raw in malformed:
+            await producer.send_and_wait(PAYMENTS, raw, key=b"card-A")
+    finally:
+        await producer.stop()
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ScoringStub(channel)
+        card_a = [e for e in events if e["card_id"] == "card-A"]
+        reply = await wait_folded(stub, "card", "card-A", len(card_a))
+        assert reply.events_folded == len(card_a)  # the duplicate was not counted
+        assert reply.newest_event_time_ms == now - 3 * MINUTE
+        expected = reference.features(events, "card", "card-A", reply.as_of_ms)
+        assert expected["card_txn_count_1h"] == 3
+        assert expected["card_amount_sum_1h"] == 1_250 + 8_000 + 420
+        assert_features_match(dict(reply.features), expected)
+
+        for entity_type, entity_id in [("merchant", "m-2"), ("device", "dev-2"), ("ip", "10.0.0.2")]:
+            reply = await wait_folded(stub, entity_type, entity_id, 2)
+            assert_features_match(
+                dict(reply.features),
+                reference.features(events, entity_type, entity_id, reply.as_of_ms),
+            )
+
+        # Score a new transaction of card-A: served features equal the reference as of
+        # the server's clock (bracketed by the times before and after the call).
+        txn = make_event("card-A", "m-3", "dev-1", "10.0.0.1", now, 5_000)
+        before = time.time_ns() // 1_000_000
+        response = await stub.Score(
+            pb.ScoreRequest(request_id="r-1", transaction=transaction_from_event(txn),
+                            include_features=True), timeout=5,
+        )
+        after = time.time_ns() // 1_000_000
+        assert response.request_id == "r-1"
+        assert 0.0 <= response.score <= 1.0
+        assert response.decision in (pb.APPROVE, pb.REVIEW, pb.DECLINE)
+        assert response.model.name == "fraud_mlp" and response.model.variant == pb.PRIMARY
+        assert response.timings.total_us > 0
+        assert list(response.degraded) == []
+        served = dict(response.features)
+        windowed = reference.features(events, "card", "card-A", before)
+        since_last = windowed.pop("card_seconds_since_last")
+        assert_features_match(served, windowed)
+        assert since_last <= served["card_seconds_since_last"] <= since_last + (after - before) / 1000
+        assert served["amount"] == 5_000
+        assert served["amount_to_card_mean_7d"] == pytest.approx(5_000 / windowed["card_amount_mean_7d"])
+
+        # Bad input: INVALID_ARGUMENT naming the field.
+        bad = pb.ScoreRequest(request_id="r-2", transaction=transaction_from_event(
+            {**txn, "amount_minor": -1}))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Score(bad, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "transaction.amount_minor" in (caught.value.details() or "")
+
+        # ScoreStream answers the same as Score for each request on one stream.
+        requests = [pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction_from_event(txn))
+                    for i in range(3)]
+        call = stub.ScoreStream(iter(requests), timeout=5)
+        answers = [r async for r in call]
+        assert [a.request_id for a in answers] == ["s-0", "s-1", "s-2"]
+        assert all(a.score == pytest.approx(response.score, rel=1e-6) for a in answers)
+
+    # Malformed events went to the dead-letter topic with a reason.
+    consumer = AIOKafkaConsumer(DEAD_LETTER, bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        letters: list[dict] = []
+        deadline = time.monotonic() + 30
+        while len(letters) < 3 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                letters.extend(orjson.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    assert sorted(letter["reason"] for letter in letters) == [
+        "bad_json", "negative_amount", "too_late"]
+    assert all(letter["topic"] == PAYMENTS for letter in letters)
+
+
+async def test_health_and_reflection(system) -> None:
+    _, target = system
+    with grpc.insecure_channel(target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+    assert {"streamscore.v1.Scoring", "grpc.health.v1.Health"} <= services
+    await wait_serving(target, timeout=5, service="streamscore.v1.Scoring")
