@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_proto import ROOT, generate  # noqa: E402
+from gen_proto import ROOT, generate
 
 
 def main() -> int:

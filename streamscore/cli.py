@@ -28,7 +28,9 @@ def _common(parser: argparse.ArgumentParser, *, kafka_help: str) -> None:
 
 
 def _settings(args: argparse.Namespace, *names: str) -> Settings:
-    flags = {name: getattr(args, name, None) for name in ("kafka", "log_level", "log_format", *names)}
+    flags = {
+        name: getattr(args, name, None) for name in ("kafka", "log_level", "log_format", *names)
+    }
     settings = load_settings(args.config, flags)
     setup_logging(settings.log_level, settings.log_format)
     return settings
@@ -65,8 +67,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise SystemExit("worker needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
     from streamscore.stream.worker import run_worker
 
-    run_worker(settings.kafka, loglevel=settings.log_level,
-               payments_partitions=settings.payments_partitions)
+    run_worker(
+        settings.kafka,
+        loglevel=settings.log_level,
+        payments_partitions=settings.payments_partitions,
+    )
     return 0
 
 
@@ -103,13 +108,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args, "model_repository")
     from streamscore.training import train
 
-    report = train(settings.model_repository, version=args.version, duration_s=args.duration,
-                   rate_per_s=args.rate, seed=args.seed)
+    report = train(
+        settings.model_repository,
+        version=args.version,
+        duration_s=args.duration,
+        rate_per_s=args.rate,
+        seed=args.seed,
+    )
     print(f"model written to {report.path}")
-    print(f"rows {report.rows}, fraud rate {report.fraud_rate:.3%}, held-out ROC-AUC "
-          f"{report.roc_auc:.3f}, PR-AUC {report.pr_auc:.3f}, thresholds review "
-          f"{report.thresholds.review:.4f} decline {report.thresholds.decline:.4f} "
-          f"({report.seconds:.1f} s)")
+    print(
+        f"rows {report.rows}, fraud rate {report.fraud_rate:.3%}, held-out ROC-AUC "
+        f"{report.roc_auc:.3f}, PR-AUC {report.pr_auc:.3f}, thresholds review "
+        f"{report.thresholds.review:.4f} decline {report.thresholds.decline:.4f} "
+        f"({report.seconds:.1f} s)"
+    )
     return 0
 
 
@@ -121,12 +133,15 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     with grpc.insecure_channel(args.target) as channel:
         reply = pb_grpc.ScoringStub(channel).GetFeatures(
-            pb.FeaturesRequest(entity_type=args.entity_type, entity_id=args.entity_id,
-                               as_of_ms=args.as_of_ms),
+            pb.FeaturesRequest(
+                entity_type=args.entity_type, entity_id=args.entity_id, as_of_ms=args.as_of_ms
+            ),
             timeout=5,
         )
-    print(f"{reply.entity_type} {reply.entity_id} as of {reply.as_of_ms} "
-          f"(newest event {reply.newest_event_time_ms}, {reply.events_folded} folded)")
+    print(
+        f"{reply.entity_type} {reply.entity_id} as of {reply.as_of_ms} "
+        f"(newest event {reply.newest_event_time_ms}, {reply.events_folded} folded)"
+    )
     for name in sorted(reply.features):
         print(f"  {name:32s} {reply.features[name]:g}")
     return 0
@@ -138,14 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=handler)
         return p
 
     demo = add("demo", cmd_demo, "Run everything on this machine and score live synthetic traffic.")
     _common(demo, kafka_help="use this Kafka cluster instead of the embedded broker")
-    demo.add_argument("--duration", type=float, help="stop after this many seconds (default: Ctrl-C)")
+    demo.add_argument(
+        "--duration", type=float, help="stop after this many seconds (default: Ctrl-C)"
+    )
     demo.add_argument("--rate", type=float, default=200.0, help="payments per second (default 200)")
     demo.add_argument("--port", type=int, help="gRPC port of the server (default 50051)")
     demo.add_argument("--model-repository", type=Path, help="model repository directory")
@@ -155,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 50051; 0 picks one)")
     serve.add_argument("--model-repository", type=Path, help="model repository directory")
-    serve.add_argument("--replay", action="store_true", default=None,
-                       help="features as of each request's event time (tests, backtests)")
+    serve.add_argument(
+        "--replay",
+        action="store_true",
+        default=None,
+        help="features as of each request's event time (tests, backtests)",
+    )
 
     worker = add("worker", cmd_worker, "Run a stream worker (Faust): validate and route events.")
     _common(worker, kafka_help="Kafka bootstrap server (required)")
@@ -169,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train, kafka_help="(ignored)")
     train.add_argument("--model-repository", type=Path, help="model repository directory")
     train.add_argument("--version", type=int, default=1, help="version number to write")
-    train.add_argument("--duration", type=float, default=1800.0, help="seconds of synthetic traffic")
+    train.add_argument(
+        "--duration", type=float, default=1800.0, help="seconds of synthetic traffic"
+    )
     train.add_argument("--rate", type=float, default=10.0, help="synthetic payments per second")
     train.add_argument("--seed", type=int, default=7)
 

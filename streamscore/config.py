@@ -81,8 +81,8 @@ def load_settings(
     env = os.environ if environ is None else environ
     names = {f.name for f in dataclasses.fields(Settings)}
     from_env = {
-        key[len(ENV_PREFIX):].lower(): value
+        key[len(ENV_PREFIX) :].lower(): value
         for key, value in env.items()
-        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX):].lower() in names
+        if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names
     }
     return settings.override(from_env).override(flags or {})

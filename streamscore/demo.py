@@ -84,7 +84,7 @@ class DemoStats:
             f"[{now - self.started:6.1f}s] {rate:6.1f} scores/s  p50 {p50:6.2f} ms  "
             f"p99 {p99:6.2f} ms | scored {self.scored} failed {self.failed} "
             f"degraded {self.degraded} | {decisions} | fraud flagged "
-            f"{self.fraud_flagged}/{self.fraud_seen} | dead-letter demo events {self.malformed_sent}"
+            f"{self.fraud_flagged}/{self.fraud_seen} | malformed sent {self.malformed_sent}"
         )
 
 
@@ -105,8 +105,12 @@ async def ensure_model(settings: Settings) -> None:
 
 
 async def _score_and_publish(
-    stub: pb_grpc.ScoringStub, producer: AIOKafkaProducer, item: LabelledEvent,
-    intended: float, stats: DemoStats, slots: asyncio.Semaphore,
+    stub: pb_grpc.ScoringStub,
+    producer: AIOKafkaProducer,
+    item: LabelledEvent,
+    intended: float,
+    stats: DemoStats,
+    slots: asyncio.Semaphore,
 ) -> None:
     try:
         request = pb.ScoreRequest(
@@ -118,7 +122,9 @@ async def _score_and_publish(
             stats.record(int((time.perf_counter() - intended) * 1e6), response, item)
         except grpc.aio.AioRpcError as error:
             stats.failed += 1
-            log.warning("score failed", extra={"code": str(error.code()), "details": error.details()})
+            log.warning(
+                "score failed", extra={"code": str(error.code()), "details": error.details()}
+            )
         payload = orjson.dumps(item.event)
         if stats.published % MALFORMED_EVERY == MALFORMED_EVERY - 1:
             payload = payload[: len(payload) // 2]  # truncated JSON: a dead letter
@@ -130,13 +136,18 @@ async def _score_and_publish(
 
 
 async def drive_traffic(
-    target: str, bootstrap: str, config: TrafficConfig, stop: asyncio.Event,
-    duration_s: float | None, summary_every_s: float = 2.0,
+    target: str,
+    bootstrap: str,
+    config: TrafficConfig,
+    stop: asyncio.Event,
+    duration_s: float | None,
+    summary_every_s: float = 2.0,
 ) -> DemoStats:
     stats = DemoStats()
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
-                                **kafka_compat.PRODUCER_KWARGS)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, **kafka_compat.PRODUCER_KWARGS
+    )
     await producer.start()
     tasks: set[asyncio.Task[None]] = set()
     try:
@@ -185,15 +196,23 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
             stack.push_async_callback(broker.stop)
             bootstrap = broker.bootstrap
             print(f"embedded broker (tansu) on {bootstrap}", flush=True)
-        await create_topics(bootstrap, TopicLayout(settings.payments_partitions,
-                                                   settings.entity_partitions).partitions())
+        await create_topics(
+            bootstrap,
+            TopicLayout(settings.payments_partitions, settings.entity_partitions).partitions(),
+        )
         await ensure_model(settings)
         common = ["--kafka", bootstrap, "--log-level", settings.log_level]
-        worker = ChildProcess.streamscore("worker", "worker", *common,
-                                          log_path=str(logdir / "worker.log"))
+        worker = ChildProcess.streamscore(
+            "worker", "worker", *common, log_path=str(logdir / "worker.log")
+        )
         server = ChildProcess.streamscore(
-            "server", "serve", *common, "--port", str(settings.port),
-            "--model-repository", str(settings.model_repository),
+            "server",
+            "serve",
+            *common,
+            "--port",
+            str(settings.port),
+            "--model-repository",
+            str(settings.model_repository),
             log_path=str(logdir / "server.log"),
         )
         for child in (worker, server):

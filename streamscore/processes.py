@@ -22,7 +22,11 @@ class ChildExited(RuntimeError):
 
 class ChildProcess:
     def __init__(
-        self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
         log_path: str | None = None,
     ) -> None:
         self.name = name
@@ -40,7 +44,8 @@ class ChildProcess:
         return cls(name, [sys.executable, "-m", "streamscore", *args], **kwargs)  # type: ignore[arg-type]
 
     async def start(self) -> None:
-        output = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        # Opened once at start; the child writes to it directly.
+        output = open(self.log_path, "ab") if self.log_path else None  # noqa: ASYNC230
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv,

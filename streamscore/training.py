@@ -47,7 +47,7 @@ class FraudMLP(nn.Module):
         return torch.sign(x) * torch.log1p(torch.abs(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (self.squash(x) - self.mean) / self.std
+        z = (self.squash(x) - self.mean) / self.std  # type: ignore[operator]
         return torch.sigmoid(self.net(z))
 
 
@@ -89,7 +89,9 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((precision * hits).sum() / hits.sum())
 
 
-def build_dataset(config: TrafficConfig, duration_s: float) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+def build_dataset(
+    config: TrafficConfig, duration_s: float
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     labelled = generate_log(config, duration_s)
     label_by_id = {item.event["event_id"]: item.is_fraud for item in labelled}
     store = FeatureStore()
@@ -125,7 +127,7 @@ def train(
     inputs, targets = torch.from_numpy(x_train), torch.from_numpy(y_train).float().unsqueeze(1)
     for _ in range(epochs):
         optimizer.zero_grad()
-        z = (FraudMLP.squash(inputs) - model.mean) / model.std
+        z = (FraudMLP.squash(inputs) - model.mean) / model.std  # type: ignore[operator]
         loss = loss_fn(model.net(z), targets)
         loss.backward()
         optimizer.step()

@@ -18,12 +18,12 @@ from pathlib import Path
 import grpc
 import orjson
 import pytest
+import reference
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-import reference
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
@@ -41,12 +41,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def make_event(card: str, merchant: str, device: str, ip: str, t_ms: int, amount: int,
-               status: str = "approved") -> dict:
+def make_event(
+    card: str, merchant: str, device: str, ip: str, t_ms: int, amount: int, status: str = "approved"
+) -> dict:
     return {
-        "event_id": f"evt-{uuid.uuid4().hex[:12]}", "event_time_ms": t_ms, "card_id": card,
-        "merchant_id": merchant, "device_id": device, "ip": ip, "amount_minor": amount,
-        "currency": "EUR", "mcc": "5411", "country": "DE", "status": status,
+        "event_id": f"evt-{uuid.uuid4().hex[:12]}",
+        "event_time_ms": t_ms,
+        "card_id": card,
+        "merchant_id": merchant,
+        "device_id": device,
+        "ip": ip,
+        "amount_minor": amount,
+        "currency": "EUR",
+        "mcc": "5411",
+        "country": "DE",
+        "status": status,
     }
 
 
@@ -68,13 +77,23 @@ async def system(tmp_path: Path, trained_model: Path):
         port = free_port()
         common = ["--kafka", broker.bootstrap, "--log-format", "text"]
         worker = ChildProcess(
-            "worker", [sys.executable, "-m", "streamscore", "worker", *common],
+            "worker",
+            [sys.executable, "-m", "streamscore", "worker", *common],
             log_path=str(tmp_path / "worker.log"),
         )
         server = ChildProcess(
             "server",
-            [sys.executable, "-m", "streamscore", "serve", *common, "--port", str(port),
-             "--model-repository", str(trained_model)],
+            [
+                sys.executable,
+                "-m",
+                "streamscore",
+                "serve",
+                *common,
+                "--port",
+                str(port),
+                "--model-repository",
+                str(trained_model),
+            ],
             log_path=str(tmp_path / "server.log"),
         )
         await worker.start()
@@ -92,8 +111,13 @@ async def system(tmp_path: Path, trained_model: Path):
                 print(f"--- {name}\n{(tmp_path / name).read_text()[-3000:]}")
 
 
-async def wait_folded(stub: pb_grpc.ScoringStub, entity_type: str, entity_id: str,
-                      expected: int, timeout: float = 60.0) -> pb.FeaturesResponse:
+async def wait_folded(
+    stub: pb_grpc.ScoringStub,
+    entity_type: str,
+    entity_id: str,
+    expected: int,
+    timeout: float = 60.0,
+) -> pb.FeaturesResponse:
     deadline = time.monotonic() + timeout
     while True:
         reply = await stub.GetFeatures(
@@ -108,7 +132,10 @@ def assert_features_match(served: dict, expected: dict) -> None:
     assert set(expected) <= set(served)
     for name, value in expected.items():
         assert math.isclose(served[name], value, rel_tol=1e-9, abs_tol=1e-9), (
-            name, served[name], value)
+            name,
+            served[name],
+            value,
+        )
 
 
 async def test_events_in_features_and_scores_out(system) -> None:
@@ -128,13 +155,17 @@ async def test_events_in_features_and_scores_out(system) -> None:
     ]
     duplicate = events[2]
     too_late = make_event("card-A", "m-1", "dev-1", "10.0.0.1", now - 70 * MINUTE, 1)
-    malformed = [b'{"event_id": "bad-1", "amount_minor": -5', orjson.dumps({**events[0],
-                 "event_id": "bad-2", "amount_minor": -10})]
+    malformed = [
+        b'{"event_id": "bad-1", "amount_minor": -5',
+        orjson.dumps({**events[0], "event_id": "bad-2", "amount_minor": -10}),
+    ]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
     await producer.start()
     try:
         for event in [*events, duplicate, too_late]:
-            await producer.send_and_wait(PAYMENTS, orjson.dumps(event), key=event["card_id"].encode())
+            await producer.send_and_wait(
+                PAYMENTS, orjson.dumps(event), key=event["card_id"].encode()
+            )
         for raw in malformed:
             await producer.send_and_wait(PAYMENTS, raw, key=b"card-A")
     finally:
@@ -151,7 +182,11 @@ async def test_events_in_features_and_scores_out(system) -> None:
         assert expected["card_amount_sum_1h"] == 1_250 + 8_000 + 420
         assert_features_match(dict(reply.features), expected)
 
-        for entity_type, entity_id in [("merchant", "m-2"), ("device", "dev-2"), ("ip", "10.0.0.2")]:
+        for entity_type, entity_id in [
+            ("merchant", "m-2"),
+            ("device", "dev-2"),
+            ("ip", "10.0.0.2"),
+        ]:
             reply = await wait_folded(stub, entity_type, entity_id, 2)
             assert_features_match(
                 dict(reply.features),
@@ -163,8 +198,10 @@ async def test_events_in_features_and_scores_out(system) -> None:
         txn = make_event("card-A", "m-3", "dev-1", "10.0.0.1", now, 5_000)
         before = time.time_ns() // 1_000_000
         response = await stub.Score(
-            pb.ScoreRequest(request_id="r-1", transaction=transaction_from_event(txn),
-                            include_features=True), timeout=5,
+            pb.ScoreRequest(
+                request_id="r-1", transaction=transaction_from_event(txn), include_features=True
+            ),
+            timeout=5,
         )
         after = time.time_ns() // 1_000_000
         assert response.request_id == "r-1"
@@ -177,29 +214,40 @@ async def test_events_in_features_and_scores_out(system) -> None:
         windowed = reference.features(events, "card", "card-A", before)
         since_last = windowed.pop("card_seconds_since_last")
         assert_features_match(served, windowed)
-        assert since_last <= served["card_seconds_since_last"] <= since_last + (after - before) / 1000
+        assert (
+            since_last <= served["card_seconds_since_last"] <= since_last + (after - before) / 1000
+        )
         assert served["amount"] == 5_000
-        assert served["amount_to_card_mean_7d"] == pytest.approx(5_000 / windowed["card_amount_mean_7d"])
+        assert served["amount_to_card_mean_7d"] == pytest.approx(
+            5_000 / windowed["card_amount_mean_7d"]
+        )
 
         # Bad input: INVALID_ARGUMENT naming the field.
-        bad = pb.ScoreRequest(request_id="r-2", transaction=transaction_from_event(
-            {**txn, "amount_minor": -1}))
+        bad = pb.ScoreRequest(
+            request_id="r-2", transaction=transaction_from_event({**txn, "amount_minor": -1})
+        )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Score(bad, timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "transaction.amount_minor" in (caught.value.details() or "")
 
         # ScoreStream answers the same as Score for each request on one stream.
-        requests = [pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction_from_event(txn))
-                    for i in range(3)]
+        requests = [
+            pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction_from_event(txn))
+            for i in range(3)
+        ]
         call = stub.ScoreStream(iter(requests), timeout=5)
         answers = [r async for r in call]
         assert [a.request_id for a in answers] == ["s-0", "s-1", "s-2"]
         assert all(a.score == pytest.approx(response.score, rel=1e-6) for a in answers)
 
     # Malformed events went to the dead-letter topic with a reason.
-    consumer = AIOKafkaConsumer(DEAD_LETTER, bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        DEAD_LETTER,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     try:
         letters: list[dict] = []
@@ -210,7 +258,10 @@ async def test_events_in_features_and_scores_out(system) -> None:
     finally:
         await consumer.stop()
     assert sorted(letter["reason"] for letter in letters) == [
-        "bad_json", "negative_amount", "too_late"]
+        "bad_json",
+        "negative_amount",
+        "too_late",
+    ]
     assert all(letter["topic"] == PAYMENTS for letter in letters)
 
 

@@ -42,7 +42,10 @@ class ScoringServer:
         if settings.kafka:
             self.replica = FeatureReplica(settings.kafka, self.store)
         service = ScoringService(
-            self.store, model, replica=self.replica, replay=settings.replay,
+            self.store,
+            model,
+            replica=self.replica,
+            replay=settings.replay,
             stale_after_s=settings.stale_after_s,
         )
         server = grpc.aio.server(
@@ -63,9 +66,15 @@ class ScoringServer:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
         await server.start()
         self._server = server
-        log.info("grpc server listening", extra={"host": settings.host, "port": self.port,
-                                                 "model": model.metadata.name,
-                                                 "version": model.metadata.version})
+        log.info(
+            "grpc server listening",
+            extra={
+                "host": settings.host,
+                "port": self.port,
+                "model": model.metadata.name,
+                "version": model.metadata.version,
+            },
+        )
         if self.replica is None:
             await self._set_serving(True)
             return
@@ -81,7 +90,8 @@ class ScoringServer:
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
-            health_pb2.HealthCheckResponse.SERVING if serving
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in ("", SCORING_SERVICE):

@@ -30,7 +30,7 @@ class Thresholds:
         if not 0.0 <= self.review <= self.decline <= 1.0:
             raise ValueError("thresholds need 0 <= review <= decline <= 1")
 
-    def decide(self, score: float) -> int:
+    def decide(self, score: float) -> pb.Decision:
         if score >= self.decline:
             return pb.DECLINE
         if score >= self.review:

@@ -75,7 +75,9 @@ class ScoringService(pb_grpc.ScoringServicer):
             t_ms=t_ms,
         )
         features_done = time.perf_counter_ns()
-        vector = np.fromiter((features[name] for name in self._inputs), np.float32, len(self._inputs))
+        vector = np.fromiter(
+            (features[name] for name in self._inputs), np.float32, len(self._inputs)
+        )
         score = float(self.model.predict(vector.reshape(1, -1))[0])
         model_done = time.perf_counter_ns()
         response = pb.ScoreResponse(
@@ -96,7 +98,9 @@ class ScoringService(pb_grpc.ScoringServicer):
             response.degraded.append(pb.FEATURES_STALE)
         return response
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(
+        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
         return await _guard(context, self.score, request)
 
     async def ScoreStream(
@@ -127,8 +131,12 @@ class ScoringService(pb_grpc.ScoringServicer):
         )
 
 
-async def _guard(context: grpc.aio.ServicerContext, handler: Callable[[Any], Any], request: Any,
-                 request_id: str = "") -> Any:
+async def _guard(
+    context: grpc.aio.ServicerContext,
+    handler: Callable[[Any], Any],
+    request: Any,
+    request_id: str = "",
+) -> Any:
     """Run a handler, mapping our error taxonomy to gRPC status codes."""
     try:
         return handler(request)

@@ -21,7 +21,7 @@ def assemble_features(
     event_time_ms: int,
     t_ms: int,
 ) -> dict[str, float]:
-    """Every stateful feature of the transaction's entities as of ``t_ms``, plus request features."""
+    """The stateful features of the transaction's entities as of ``t_ms``, then request ones."""
     values = store.features("card", card_id, t_ms)
     values.update(store.features("merchant", merchant_id, t_ms))
     values.update(store.features("device", device_id, t_ms))

@@ -78,7 +78,9 @@ class FeatureDef:
         raise ValueError(f"{self.name}: {self.agg} has no window value")
 
 
-def _f(name: str, entity: str, agg: Agg, window: int, resolution: int, field: str = "") -> FeatureDef:
+def _f(
+    name: str, entity: str, agg: Agg, window: int, resolution: int, field: str = ""
+) -> FeatureDef:
     return FeatureDef(name, entity, agg, window, resolution, field)
 
 
@@ -130,10 +132,16 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
     windowed = [f for f in features if f.resolution_ms]
     resolutions = tuple(sorted({f.resolution_ms for f in windowed}))
     distinct = {
-        r: tuple(sorted({f.distinct_field for f in windowed if f.resolution_ms == r and f.distinct_field}))
+        r: tuple(
+            sorted(
+                {f.distinct_field for f in windowed if f.resolution_ms == r and f.distinct_field}
+            )
+        )
         for r in resolutions
     }
-    max_window = {r: max(f.window_ms for f in windowed if f.resolution_ms == r) for r in resolutions}
+    max_window = {
+        r: max(f.window_ms for f in windowed if f.resolution_ms == r) for r in resolutions
+    }
     return EntityLayout(entity, features, resolutions, distinct, max_window)
 
 
@@ -146,7 +154,9 @@ def feature_names(pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> tuple[str, ...
 REQUEST_FEATURES = ("amount", "log_amount", "amount_to_card_mean_7d", "hour_of_day")
 
 
-def request_features(amount_minor: int, event_time_ms: int, card_mean_7d: float) -> dict[str, float]:
+def request_features(
+    amount_minor: int, event_time_ms: int, card_mean_7d: float
+) -> dict[str, float]:
     amount = float(amount_minor)
     return {
         "amount": amount,

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamscore.stream import kafka_compat
@@ -99,8 +99,9 @@ class FeatureReplica:
     async def wait_caught_up(self, timeout: float) -> None:
         waiter = asyncio.ensure_future(self._caught_up.wait())
         assert self._task is not None
-        done, _ = await asyncio.wait({waiter, self._task}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {waiter, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         waiter.cancel()
         if self.failure is not None:
             raise ReplicaFailed("replica failed while catching up") from self.failure
@@ -134,7 +135,7 @@ class FeatureReplica:
             if not self.caught_up:
                 self._check_caught_up()
 
-    def _fold(self, records: list) -> None:  # type: ignore[type-arg]
+    def _fold(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         fold = self.store.fold
         for record in records:
             try:
@@ -159,7 +160,7 @@ class FeatureReplica:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: S110 - failure already logged
+            except (asyncio.CancelledError, Exception):
                 pass
             self._task = None
         if self._consumer is not None:

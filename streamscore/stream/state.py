@@ -50,9 +50,7 @@ class EntityState:
     __slots__ = ("folded", "recent", "tiles")
 
     def __init__(self, layout: EntityLayout, horizon_ms: int) -> None:
-        self.tiles = {
-            r: Tiles(r, len(layout.distinct_fields[r])) for r in layout.resolutions
-        }
+        self.tiles = {r: Tiles(r, len(layout.distinct_fields[r])) for r in layout.resolutions}
         self.recent = RecentEvents(horizon_ms)
         self.folded = 0
 
@@ -122,7 +120,9 @@ class FeatureStore:
             key = (feature.resolution_ms, feature.window_ms)
             agg = windows.get(key)
             if agg is None:
-                agg = windows[key] = state.tiles[feature.resolution_ms].window(t_ms, feature.window_ms)
+                agg = windows[key] = state.tiles[feature.resolution_ms].window(
+                    t_ms, feature.window_ms
+                )
             values[feature.name] = feature.value(agg, layout.distinct_slot(feature))
         return values
 

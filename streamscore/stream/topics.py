@@ -68,6 +68,5 @@ def entity_records(event: PaymentEvent) -> list[tuple[bytes, bytes]]:
     """The (key, value) records one valid event becomes on the entity-events topic."""
     value = encode_fold_record(event)
     return [
-        (entity_key(entity, getattr(event, ENTITY_FIELD[entity])), value)
-        for entity in ENTITY_TYPES
+        (entity_key(entity, getattr(event, ENTITY_FIELD[entity])), value) for entity in ENTITY_TYPES
     ]

@@ -34,7 +34,9 @@ class WorkerStats:
 def dead_letter_record(raw: bytes | None, error: InvalidEvent, source: dict[str, Any]) -> bytes:
     """The dead-letter value: the reason plus the original payload, kept verbatim."""
     payload = None if raw is None else raw.decode("utf-8", errors="replace")
-    return orjson.dumps({"reason": error.reason, "detail": error.detail, "payload": payload, **source})
+    return orjson.dumps(
+        {"reason": error.reason, "detail": error.detail, "payload": payload, **source}
+    )
 
 
 def create_app(
@@ -63,10 +65,17 @@ def create_app(
     )
     stats = WorkerStats()
     event_gate = gate or EventTimeGate()
-    payments = app.topic(PAYMENTS, key_type=bytes, value_type=bytes, value_serializer="raw",
-                         key_serializer="raw", partitions=payments_partitions)
-    dead_letters = app.topic(DEAD_LETTER, key_serializer="raw", value_serializer="raw",
-                             partitions=1)
+    payments = app.topic(
+        PAYMENTS,
+        key_type=bytes,
+        value_type=bytes,
+        value_serializer="raw",
+        key_serializer="raw",
+        partitions=payments_partitions,
+    )
+    dead_letters = app.topic(
+        DEAD_LETTER, key_serializer="raw", value_serializer="raw", partitions=1
+    )
     entity_events = app.topic(ENTITY_EVENTS, key_serializer="raw", value_serializer="raw")
 
     @app.agent(payments)
@@ -79,8 +88,11 @@ def create_app(
             except InvalidEvent as error:
                 stats.dead_lettered += 1
                 message = event.message
-                source = {"topic": message.topic, "partition": message.partition,
-                          "offset": message.offset}
+                source = {
+                    "topic": message.topic,
+                    "partition": message.partition,
+                    "offset": message.offset,
+                }
                 log.info("dead-lettered event", extra={"reason": error.reason, **source})
                 await dead_letters.send(key=event.key, value=dead_letter_record(raw, error, source))
                 continue
