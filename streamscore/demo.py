@@ -88,6 +88,16 @@ class DemoStats:
         )
 
 
+def demo_traffic(rate_per_s: float) -> TrafficConfig:
+    """Populations scaled with the rate, so per-card and per-merchant activity (and so
+    the feature distributions) match what the demo model was trained on (10/s over
+    5,000 cards and 500 merchants)."""
+    scale = max(rate_per_s / 10.0, 1.0)
+    return TrafficConfig(
+        rate_per_s=rate_per_s, n_cards=int(5000 * scale), n_merchants=int(500 * scale)
+    )
+
+
 async def ensure_model(settings: Settings) -> None:
     """Train the demo model on first use (a few seconds) so a fresh machine just works."""
     from streamscore.training import train
@@ -222,7 +232,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         await wait_serving(target, timeout=120)
         print(f"server on {target}, worker running; logs in {logdir}", flush=True)
         stats = await drive_traffic(
-            target, bootstrap, TrafficConfig(rate_per_s=rate_per_s), stop, duration_s
+            target, bootstrap, demo_traffic(rate_per_s), stop, duration_s
         )
         print(stats.summary_line(), flush=True)
         total = stats.total

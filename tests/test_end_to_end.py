@@ -59,16 +59,6 @@ def make_event(
     }
 
 
-@pytest.fixture(scope="module")
-def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo model trained for these tests (a few seconds)."""
-    from streamscore.training import train
-
-    repository = tmp_path_factory.mktemp("models")
-    train(repository, duration_s=600, rate_per_s=10, epochs=100)
-    return repository
-
-
 @pytest.fixture
 async def system(tmp_path: Path, trained_model: Path):
     """Broker + topics + worker process + server process; yields (bootstrap, target)."""

@@ -1,0 +1,84 @@
+"""Event validation and the event-time gate: every bad event gets a stable reason."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from streamscore.stream.events import InvalidEvent, event_from_dict, parse_event
+from streamscore.stream.gate import EventTimeGate
+from streamscore.stream.topics import decode_fold_record, entity_records, split_entity_key
+
+GOOD = {
+    "event_id": "e-1", "event_time_ms": 1_700_000_000_000, "card_id": "c-1",
+    "merchant_id": "m-1", "device_id": "d-1", "ip": "203.0.113.7", "amount_minor": 1234,
+    "currency": "EUR", "mcc": "5411", "country": "DE", "status": "declined",
+}
+
+
+def test_valid_event_parses() -> None:
+    event = parse_event(orjson.dumps(GOOD))
+    assert event.event_id == "e-1" and event.amount_minor == 1234 and event.declined
+    assert parse_event(event.to_json()) == event
+
+
+def test_numeric_mcc_is_accepted_as_text() -> None:
+    assert event_from_dict({**GOOD, "mcc": 5411}).mcc == "5411"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "bad_json"),
+        (b"[1, 2]", "not_an_object"),
+        (None, "empty_message"),
+        (orjson.dumps({k: v for k, v in GOOD.items() if k != "card_id"}), "missing_field"),
+        (orjson.dumps({**GOOD, "amount_minor": "12"}), "bad_type"),
+        (orjson.dumps({**GOOD, "amount_minor": 12.5}), "bad_type"),
+        (orjson.dumps({**GOOD, "amount_minor": True}), "bad_type"),
+        (orjson.dumps({**GOOD, "amount_minor": -1}), "negative_amount"),
+        (orjson.dumps({**GOOD, "event_time_ms": "soon"}), "bad_type"),
+        (orjson.dumps({**GOOD, "event_time_ms": -5}), "bad_value"),
+        (orjson.dumps({**GOOD, "status": "pending"}), "bad_value"),
+        (orjson.dumps({**GOOD, "card_id": ""}), "empty_field"),
+        (orjson.dumps({**GOOD, "card_id": 42}), "bad_type"),
+        (orjson.dumps({**GOOD, "merchant_id": "m" * 300}), "field_too_long"),
+        (orjson.dumps({**GOOD, "mcc": [5411]}), "bad_type"),
+    ],
+)
+def test_malformed_events_have_reasons(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_event(raw)
+    assert caught.value.reason == reason
+
+
+def test_gate_refuses_future_and_too_late_events() -> None:
+    now = 1_700_000_000_000
+    gate = EventTimeGate(lateness_ms=60_000, skew_ms=5_000, clock_ms=lambda: now)
+    gate.admit(event_from_dict({**GOOD, "event_time_ms": now}))
+    gate.admit(event_from_dict({**GOOD, "event_time_ms": now - 60_000}))  # exactly at the bound
+    with pytest.raises(InvalidEvent) as late:
+        gate.admit(event_from_dict({**GOOD, "event_time_ms": now - 60_001}))
+    assert late.value.reason == "too_late"
+    gate.admit(event_from_dict({**GOOD, "event_time_ms": now + 5_000}))  # within skew
+    with pytest.raises(InvalidEvent) as future:
+        gate.admit(event_from_dict({**GOOD, "event_time_ms": now + 5_001}))
+    assert future.value.reason == "future"
+    # Refused events do not move the watermark.
+    assert gate.newest_ms == now + 5_000
+
+
+def test_entity_records_cover_every_entity_with_one_fold_record() -> None:
+    event = event_from_dict(GOOD)
+    records = entity_records(event)
+    assert [split_entity_key(key) for key, _ in records] == [
+        ("card", "c-1"), ("merchant", "m-1"), ("device", "d-1"), ("ip", "203.0.113.7")]
+    fold = decode_fold_record(records[0][1])
+    assert (fold.event_id, fold.time_ms, fold.amount, fold.declined) == ("e-1", GOOD[
+        "event_time_ms"], 1234, True)
+    assert (fold.merchant_id, fold.card_id) == ("m-1", "c-1")
+
+
+def test_entity_ids_containing_colons_round_trip() -> None:
+    key = entity_records(event_from_dict({**GOOD, "ip": "2001:db8::1"}))[3][0]
+    assert split_entity_key(key) == ("ip", "2001:db8::1")

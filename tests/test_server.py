@@ -1,0 +1,208 @@
+"""The gRPC server in process, over real gRPC on loopback, without Kafka.
+
+Feature state is folded straight into the server's store, so these tests pin down
+the API behaviour (validation, replay mode, decisions, streaming) independently of
+the stream pipeline, which the end-to-end test covers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import reference
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.config import Settings
+from streamscore.server.app import ScoringServer
+from streamscore.server.model import ModelMetadata, Thresholds, TorchModel, latest_version
+from streamscore.stream.backfill import fold_event
+from streamscore.stream.events import event_from_dict
+from streamscore.stream.features import MINUTE
+
+T0 = 1_700_000_000_000
+
+
+def event(i: int, t: int, amount: int, card: str = "c-1", merchant: str = "m-1",
+          status: str = "approved") -> dict:
+    return {
+        "event_id": f"e-{i}", "event_time_ms": t, "card_id": card, "merchant_id": merchant,
+        "device_id": "d-1", "ip": "203.0.113.9", "amount_minor": amount, "currency": "EUR",
+        "mcc": "5411", "country": "DE", "status": status,
+    }
+
+
+EVENTS = [
+    event(1, T0 - 50 * MINUTE, 1_000),
+    event(2, T0 - 30 * MINUTE, 2_500, merchant="m-2", status="declined"),
+    event(3, T0 - 2 * MINUTE, 400),
+    event(4, T0 - 1 * MINUTE, 9_000, card="c-2"),
+]
+
+
+async def start_server(repository: Path, replay: bool) -> ScoringServer:
+    server = ScoringServer(Settings(port=0, model_repository=repository, replay=replay))
+    await server.start()
+    for raw in EVENTS:
+        fold_event(server.store, event_from_dict(raw))
+    return server
+
+
+@pytest.fixture
+async def replay_stub(trained_model: Path) -> AsyncIterator[pb_grpc.ScoringStub]:
+    server = await start_server(trained_model, replay=True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.ScoringStub(channel)
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def live_stub(trained_model: Path) -> AsyncIterator[pb_grpc.ScoringStub]:
+    server = await start_server(trained_model, replay=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.ScoringStub(channel)
+    finally:
+        await server.stop()
+
+
+def transaction(**overrides: object) -> pb.Transaction:
+    fields: dict[str, object] = dict(
+        transaction_id="t-1", card_id="c-1", merchant_id="m-3", device_id="d-1",
+        ip="203.0.113.9", amount_minor=5_000, currency="EUR", mcc="5411", country="DE",
+        event_time_ms=T0,
+    )
+    fields.update(overrides)
+    return pb.Transaction(**fields)  # type: ignore[arg-type]
+
+
+async def test_replay_score_uses_request_time_and_model_thresholds(
+    replay_stub: pb_grpc.ScoringStub, trained_model: Path
+) -> None:
+    response = await replay_stub.Score(
+        pb.ScoreRequest(request_id="r-1", transaction=transaction(), include_features=True)
+    )
+    expected = reference.features(EVENTS, "card", "c-1", T0)
+    for name, value in expected.items():
+        assert response.features[name] == pytest.approx(value, rel=1e-9, abs=1e-9), name
+    assert response.features["card_txn_count_1h"] == 3
+    assert response.features["card_seconds_since_last"] == 120.0
+    assert response.features["hour_of_day"] == (T0 // 3_600_000) % 24
+    # The score is the model's on exactly these features, and the decision its thresholds'.
+    model = TorchModel(latest_version(trained_model, "fraud_mlp"))
+    import numpy as np
+
+    vector = np.array([[response.features[n] for n in model.metadata.inputs]], dtype=np.float32)
+    assert response.score == pytest.approx(float(model.predict(vector)[0]), rel=1e-6)
+    assert response.decision == model.metadata.thresholds.decide(response.score)
+    assert response.model.version == model.metadata.version
+    assert response.timings.total_us >= response.timings.features_us + response.timings.model_us
+
+
+async def test_features_only_when_asked(replay_stub: pb_grpc.ScoringStub) -> None:
+    response = await replay_stub.Score(pb.ScoreRequest(request_id="r", transaction=transaction()))
+    assert len(response.features) == 0
+
+
+async def test_get_features_as_of_in_replay_mode(replay_stub: pb_grpc.ScoringStub) -> None:
+    as_of = T0 - 40 * MINUTE
+    reply = await replay_stub.GetFeatures(
+        pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=as_of)
+    )
+    assert reply.as_of_ms == as_of
+    assert dict(reply.features) == pytest.approx(reference.features(EVENTS, "card", "c-1", as_of))
+    assert reply.events_folded == 3 and reply.newest_event_time_ms == T0 - 2 * MINUTE
+    unknown = await replay_stub.GetFeatures(pb.FeaturesRequest(entity_type="ip", entity_id="x"))
+    assert unknown.events_folded == 0 and unknown.features["ip_txn_count_5m"] == 0
+
+
+async def test_live_mode_uses_server_clock(live_stub: pb_grpc.ScoringStub) -> None:
+    before = time.time_ns() // 1_000_000
+    reply = await live_stub.GetFeatures(
+        pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=T0)
+    )
+    assert reply.as_of_ms >= before  # as_of_ms is ignored outside replay mode
+    # T0 is long ago: every window is empty now, but the last event is still known.
+    assert reply.features["card_txn_count_24h"] == 0
+    assert reply.features["card_seconds_since_last"] == pytest.approx(
+        (reply.as_of_ms - (T0 - 2 * MINUTE)) / 1000)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.ScoreRequest(request_id="r"), "transaction"),
+        (pb.ScoreRequest(transaction=transaction(card_id="")), "transaction.card_id"),
+        (pb.ScoreRequest(transaction=transaction(merchant_id="")), "transaction.merchant_id"),
+        (pb.ScoreRequest(transaction=transaction(amount_minor=-1)), "transaction.amount_minor"),
+        (pb.ScoreRequest(transaction=transaction(event_time_ms=-1)), "transaction.event_time_ms"),
+        (pb.ScoreRequest(transaction=transaction(event_time_ms=0)), "transaction.event_time_ms"),
+        (pb.ScoreRequest(transaction=transaction(ip="x" * 1000)), "transaction.ip"),
+        (pb.ScoreRequest(request_id="r" * 1000, transaction=transaction()), "request_id"),
+    ],
+)
+async def test_invalid_score_requests_name_the_field(
+    replay_stub: pb_grpc.ScoringStub, request_: pb.ScoreRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replay_stub.Score(request_)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith(f"{field}:")
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.FeaturesRequest(entity_type="planet", entity_id="x"), "entity_type"),
+        (pb.FeaturesRequest(entity_type="card"), "entity_id"),
+        (pb.FeaturesRequest(entity_type="card", entity_id="c", as_of_ms=-3), "as_of_ms"),
+    ],
+)
+async def test_invalid_features_requests_name_the_field(
+    replay_stub: pb_grpc.ScoringStub, request_: pb.FeaturesRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replay_stub.GetFeatures(request_)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith(f"{field}:")
+
+
+async def test_score_stream_answers_in_order_and_stops_at_a_bad_request(
+    replay_stub: pb_grpc.ScoringStub,
+) -> None:
+    good = [pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction(amount_minor=i * 100))
+            for i in range(5)]
+    answers = [r async for r in replay_stub.ScoreStream(iter(good))]
+    assert [a.request_id for a in answers] == [g.request_id for g in good]
+    assert [a.features for a in answers] == [pb.ScoreResponse().features] * 5
+
+    bad = [*good[:2], pb.ScoreRequest(request_id="bad-one", transaction=transaction(card_id=""))]
+    call = replay_stub.ScoreStream(iter(bad))
+    received = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for answer in call:
+            received.append(answer.request_id)
+    assert received == ["s-0", "s-1"]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "transaction.card_id" in (caught.value.details() or "")
+    assert "bad-one" in (caught.value.details() or "")
+
+
+def test_thresholds_decide() -> None:
+    thresholds = Thresholds(review=0.3, decline=0.8)
+    assert [thresholds.decide(s) for s in (0.0, 0.3, 0.79, 0.8, 1.0)] == [
+        pb.APPROVE, pb.REVIEW, pb.REVIEW, pb.DECLINE, pb.DECLINE]
+    with pytest.raises(ValueError):
+        Thresholds(review=0.9, decline=0.1)
+
+
+def test_model_metadata_round_trips(tmp_path: Path) -> None:
+    metadata = ModelMetadata("m", "3", ("a", "b"), Thresholds(0.1, 0.5))
+    metadata.dump(tmp_path / "metadata.json")
+    assert ModelMetadata.load(tmp_path / "metadata.json") == metadata
