@@ -36,6 +36,13 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     return settings
 
 
+async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:
+    from streamscore.stream.broker import create_topics
+
+    await create_topics(bootstrap, partitions)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args, "host", "port", "model_repository", "replay")
     if not settings.kafka:
@@ -65,12 +72,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.kafka:
         raise SystemExit("worker needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+    from streamscore.config import topic_layout
     from streamscore.stream.worker import run_worker
 
+    _run(_create_topics(settings.kafka, topic_layout(settings).partitions()))
     run_worker(
         settings.kafka,
         loglevel=settings.log_level,
         payments_partitions=settings.payments_partitions,
+        lateness_ms=settings.lateness_ms,
+        skew_ms=settings.skew_ms,
     )
     return 0
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamscore.stream.topics import TopicLayout
+
 ENV_PREFIX = "STREAMSCORE_"
 
 
@@ -26,7 +28,12 @@ class Settings:
     model_name: str = "fraud_mlp"
     # Replay mode: features as of each request's event_time_ms (tests, backtests).
     replay: bool = False
+    # Worker: events older than their partition's newest minus this are dead-lettered.
     lateness_ms: int = 3_600_000
+    # Server replica: how far behind an entity's newest event a record may still be
+    # folded (and recognised as a duplicate). Must exceed lateness_ms plus any
+    # event-time skew between payments partitions; older records are dropped and counted.
+    fold_horizon_ms: int = 7_200_000
     skew_ms: int = 300_000
     stale_after_s: float = 5.0
     payments_partitions: int = 4
@@ -67,6 +74,10 @@ def _coerce(current: Any, value: Any, name: str) -> Any:
     except ValueError:
         raise ValueError(f"setting {name}: cannot read {value!r}") from None
     return value
+
+
+def topic_layout(settings: Settings) -> TopicLayout:
+    return TopicLayout(settings.payments_partitions, settings.entity_partitions)
 
 
 def load_settings(

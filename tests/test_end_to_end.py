@@ -8,17 +8,17 @@ independently, by the brute-force reference.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
-import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import orjson
 import pytest
-import reference
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -31,6 +31,8 @@ from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.features import MINUTE
 from streamscore.stream.topics import DEAD_LETTER, PAYMENTS, TopicLayout
+
+import reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -59,46 +61,58 @@ def make_event(
     }
 
 
-@pytest.fixture
-async def system(tmp_path: Path, trained_model: Path):
-    """Broker + topics + worker process + server process; yields (bootstrap, target)."""
+def print_logs(logdir: Path) -> None:
+    """Shown by pytest when a test fails."""
+    for log_file in sorted(logdir.glob("*.log")):
+        print(f"--- {log_file.name}\n{log_file.read_text()[-3000:]}")
+
+
+@contextlib.asynccontextmanager
+async def running_system(
+    logdir: Path, model_repository: Path, *, workers: int = 1, servers: int = 1
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """Broker + topics + worker processes + server processes; yields (bootstrap, targets)."""
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, TopicLayout().partitions())
-        port = free_port()
         common = ["--kafka", broker.bootstrap, "--log-format", "text"]
-        worker = ChildProcess(
-            "worker",
-            [sys.executable, "-m", "streamscore", "worker", *common],
-            log_path=str(tmp_path / "worker.log"),
-        )
-        server = ChildProcess(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "streamscore",
+        ports = [free_port() for _ in range(servers)]
+        children = [
+            ChildProcess.streamscore(
+                f"worker-{i}", "worker", *common, log_path=str(logdir / f"worker-{i}.log")
+            )
+            for i in range(workers)
+        ] + [
+            ChildProcess.streamscore(
+                f"server-{i}",
                 "serve",
                 *common,
                 "--port",
                 str(port),
                 "--model-repository",
-                str(trained_model),
-            ],
-            log_path=str(tmp_path / "server.log"),
-        )
-        await worker.start()
-        await server.start()
+                str(model_repository),
+                log_path=str(logdir / f"server-{i}.log"),
+            )
+            for i, port in enumerate(ports)
+        ]
         try:
-            target = f"127.0.0.1:{port}"
-            await wait_serving(target, timeout=90)
-            yield broker.bootstrap, target
-            worker.check_running()
-            server.check_running()
+            for child in children:
+                await child.start()
+            targets = [f"127.0.0.1:{port}" for port in ports]
+            for target in targets:
+                await wait_serving(target, timeout=90)
+            yield broker.bootstrap, targets
+            for child in children:
+                child.check_running()
         finally:
-            await server.stop()
-            await worker.stop()
-            for name in ("worker.log", "server.log"):
-                print(f"--- {name}\n{(tmp_path / name).read_text()[-3000:]}")
+            for child in reversed(children):
+                await child.stop()
+            print_logs(logdir)
+
+
+@pytest.fixture
+async def system(tmp_path: Path, trained_model: Path) -> AsyncIterator[tuple[str, str]]:
+    async with running_system(tmp_path, trained_model) as (bootstrap, targets):
+        yield bootstrap, targets[0]
 
 
 async def wait_folded(
@@ -262,3 +276,54 @@ async def test_health_and_reflection(system) -> None:
         services = set(database.get_services())
     assert {"streamscore.v1.Scoring", "grpc.health.v1.Health"} <= services
     await wait_serving(target, timeout=5, service="streamscore.v1.Scoring")
+
+
+async def test_two_workers_two_servers_agree_with_the_reference(
+    tmp_path: Path, trained_model: Path
+) -> None:
+    """Events spread over all payments partitions, folded by whichever of two workers
+    owns them, give every entity type the same exact values on both servers."""
+    now = time.time_ns() // 1_000_000
+    events = []
+    for i in range(60):
+        events.append(
+            make_event(
+                f"card-{i % 12}",
+                f"m-{i % 5}",
+                f"dev-{i % 7}",
+                f"10.0.{i % 3}.1",
+                now - (40 - i // 2) * MINUTE - 7_000,
+                100 + 37 * i,
+                "declined" if i % 9 == 0 else "approved",
+            )
+        )
+    async with running_system(tmp_path, trained_model, workers=2, servers=2) as (
+        bootstrap,
+        targets,
+    ):
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            for event in events:
+                await producer.send(PAYMENTS, orjson.dumps(event), key=event["card_id"].encode())
+            await producer.flush()
+        finally:
+            await producer.stop()
+        entities = (
+            [("card", f"card-{i}") for i in range(12)]
+            + [("merchant", f"m-{i}") for i in range(5)]
+            + [("device", f"dev-{i}") for i in range(7)]
+            + [("ip", f"10.0.{i}.1") for i in range(3)]
+        )
+        field = {"card": "card_id", "merchant": "merchant_id", "device": "device_id", "ip": "ip"}
+        for target in targets:
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                for entity_type, entity_id in entities:
+                    expected_count = sum(1 for e in events if e[field[entity_type]] == entity_id)
+                    reply = await wait_folded(stub, entity_type, entity_id, expected_count)
+                    assert reply.events_folded == expected_count, (target, entity_type, entity_id)
+                    assert_features_match(
+                        dict(reply.features),
+                        reference.features(events, entity_type, entity_id, reply.as_of_ms),
+                    )

@@ -10,9 +10,17 @@ from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import decode_fold_record, entity_records, split_entity_key
 
 GOOD = {
-    "event_id": "e-1", "event_time_ms": 1_700_000_000_000, "card_id": "c-1",
-    "merchant_id": "m-1", "device_id": "d-1", "ip": "203.0.113.7", "amount_minor": 1234,
-    "currency": "EUR", "mcc": "5411", "country": "DE", "status": "declined",
+    "event_id": "e-1",
+    "event_time_ms": 1_700_000_000_000,
+    "card_id": "c-1",
+    "merchant_id": "m-1",
+    "device_id": "d-1",
+    "ip": "203.0.113.7",
+    "amount_minor": 1234,
+    "currency": "EUR",
+    "mcc": "5411",
+    "country": "DE",
+    "status": "declined",
 }
 
 
@@ -65,17 +73,35 @@ def test_gate_refuses_future_and_too_late_events() -> None:
         gate.admit(event_from_dict({**GOOD, "event_time_ms": now + 5_001}))
     assert future.value.reason == "future"
     # Refused events do not move the watermark.
-    assert gate.newest_ms == now + 5_000
+    assert gate.newest_ms == {0: now + 5_000}
+
+
+def test_gate_keeps_lateness_per_partition() -> None:
+    now = 1_700_000_000_000
+    gate = EventTimeGate(lateness_ms=60_000, skew_ms=5_000, clock_ms=lambda: now)
+    gate.admit(event_from_dict({**GOOD, "event_time_ms": now}), partition=1)
+    # Partition 2 has seen nothing newer: an old event there is on time.
+    gate.admit(event_from_dict({**GOOD, "event_time_ms": now - 600_000}), partition=2)
+    with pytest.raises(InvalidEvent):
+        gate.admit(event_from_dict({**GOOD, "event_time_ms": now - 600_000}), partition=1)
 
 
 def test_entity_records_cover_every_entity_with_one_fold_record() -> None:
     event = event_from_dict(GOOD)
     records = entity_records(event)
     assert [split_entity_key(key) for key, _ in records] == [
-        ("card", "c-1"), ("merchant", "m-1"), ("device", "d-1"), ("ip", "203.0.113.7")]
+        ("card", "c-1"),
+        ("merchant", "m-1"),
+        ("device", "d-1"),
+        ("ip", "203.0.113.7"),
+    ]
     fold = decode_fold_record(records[0][1])
-    assert (fold.event_id, fold.time_ms, fold.amount, fold.declined) == ("e-1", GOOD[
-        "event_time_ms"], 1234, True)
+    assert (fold.event_id, fold.time_ms, fold.amount, fold.declined) == (
+        "e-1",
+        GOOD["event_time_ms"],
+        1234,
+        True,
+    )
     assert (fold.merchant_id, fold.card_id) == ("m-1", "c-1")
 
 

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
-import reference
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
@@ -24,15 +24,26 @@ from streamscore.stream.backfill import fold_event
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
 
+import reference
+
 T0 = 1_700_000_000_000
 
 
-def event(i: int, t: int, amount: int, card: str = "c-1", merchant: str = "m-1",
-          status: str = "approved") -> dict:
+def event(
+    i: int, t: int, amount: int, card: str = "c-1", merchant: str = "m-1", status: str = "approved"
+) -> dict:
     return {
-        "event_id": f"e-{i}", "event_time_ms": t, "card_id": card, "merchant_id": merchant,
-        "device_id": "d-1", "ip": "203.0.113.9", "amount_minor": amount, "currency": "EUR",
-        "mcc": "5411", "country": "DE", "status": status,
+        "event_id": f"e-{i}",
+        "event_time_ms": t,
+        "card_id": card,
+        "merchant_id": merchant,
+        "device_id": "d-1",
+        "ip": "203.0.113.9",
+        "amount_minor": amount,
+        "currency": "EUR",
+        "mcc": "5411",
+        "country": "DE",
+        "status": status,
     }
 
 
@@ -74,8 +85,15 @@ async def live_stub(trained_model: Path) -> AsyncIterator[pb_grpc.ScoringStub]:
 
 def transaction(**overrides: object) -> pb.Transaction:
     fields: dict[str, object] = dict(
-        transaction_id="t-1", card_id="c-1", merchant_id="m-3", device_id="d-1",
-        ip="203.0.113.9", amount_minor=5_000, currency="EUR", mcc="5411", country="DE",
+        transaction_id="t-1",
+        card_id="c-1",
+        merchant_id="m-3",
+        device_id="d-1",
+        ip="203.0.113.9",
+        amount_minor=5_000,
+        currency="EUR",
+        mcc="5411",
+        country="DE",
         event_time_ms=T0,
     )
     fields.update(overrides)
@@ -96,8 +114,6 @@ async def test_replay_score_uses_request_time_and_model_thresholds(
     assert response.features["hour_of_day"] == (T0 // 3_600_000) % 24
     # The score is the model's on exactly these features, and the decision its thresholds'.
     model = TorchModel(latest_version(trained_model, "fraud_mlp"))
-    import numpy as np
-
     vector = np.array([[response.features[n] for n in model.metadata.inputs]], dtype=np.float32)
     assert response.score == pytest.approx(float(model.predict(vector)[0]), rel=1e-6)
     assert response.decision == model.metadata.thresholds.decide(response.score)
@@ -131,7 +147,8 @@ async def test_live_mode_uses_server_clock(live_stub: pb_grpc.ScoringStub) -> No
     # T0 is long ago: every window is empty now, but the last event is still known.
     assert reply.features["card_txn_count_24h"] == 0
     assert reply.features["card_seconds_since_last"] == pytest.approx(
-        (reply.as_of_ms - (T0 - 2 * MINUTE)) / 1000)
+        (reply.as_of_ms - (T0 - 2 * MINUTE)) / 1000
+    )
 
 
 @pytest.mark.parametrize(
@@ -176,8 +193,10 @@ async def test_invalid_features_requests_name_the_field(
 async def test_score_stream_answers_in_order_and_stops_at_a_bad_request(
     replay_stub: pb_grpc.ScoringStub,
 ) -> None:
-    good = [pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction(amount_minor=i * 100))
-            for i in range(5)]
+    good = [
+        pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction(amount_minor=i * 100))
+        for i in range(5)
+    ]
     answers = [r async for r in replay_stub.ScoreStream(iter(good))]
     assert [a.request_id for a in answers] == [g.request_id for g in good]
     assert [a.features for a in answers] == [pb.ScoreResponse().features] * 5
@@ -197,7 +216,12 @@ async def test_score_stream_answers_in_order_and_stops_at_a_bad_request(
 def test_thresholds_decide() -> None:
     thresholds = Thresholds(review=0.3, decline=0.8)
     assert [thresholds.decide(s) for s in (0.0, 0.3, 0.79, 0.8, 1.0)] == [
-        pb.APPROVE, pb.REVIEW, pb.REVIEW, pb.DECLINE, pb.DECLINE]
+        pb.APPROVE,
+        pb.REVIEW,
+        pb.REVIEW,
+        pb.DECLINE,
+        pb.DECLINE,
+    ]
     with pytest.raises(ValueError):
         Thresholds(review=0.9, decline=0.1)
 

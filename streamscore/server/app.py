@@ -11,9 +11,10 @@ from grpc_reflection.v1alpha import reflection
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
-from streamscore.config import Settings
+from streamscore.config import Settings, topic_layout
 from streamscore.server.model import TorchModel, latest_version
 from streamscore.server.scoring import ScoringService
+from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
 
@@ -28,7 +29,7 @@ class ScoringServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = FeatureStore(lateness_ms=settings.lateness_ms, skew_ms=settings.skew_ms)
+        self.store = FeatureStore(lateness_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
         self.replica: FeatureReplica | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
@@ -40,6 +41,8 @@ class ScoringServer:
         model = TorchModel(latest_version(settings.model_repository, settings.model_name))
         model.warm_up()
         if settings.kafka:
+            # Idempotent: whichever process starts first creates the topics.
+            await create_topics(settings.kafka, topic_layout(settings).partitions())
             self.replica = FeatureReplica(settings.kafka, self.store)
         service = ScoringService(
             self.store,

