@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+
+from streamscore.stream.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")
@@ -15,3 +19,14 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repository = tmp_path_factory.mktemp("models")
     train(repository, duration_s=600, rate_per_s=10, epochs=100)
     return repository
+
+
+# -- embedded Kafka broker (tansu) ---------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def broker() -> AsyncIterator[EmbeddedBroker]:
+    """One real tansu broker for the whole session (in-memory; use unique topic and
+    group names per test). ``broker.bootstrap`` is ``"127.0.0.1:PORT"``."""
+    async with EmbeddedBroker() as running:
+        yield running

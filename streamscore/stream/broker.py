@@ -16,6 +16,8 @@ Things about tansu 0.6.0 that shape this module (see also ``kafka_compat``):
 
 ``create_topics`` creates topics that are missing; tansu supports CreateTopics and
 answers ``TOPIC_ALREADY_EXISTS`` (36) for existing ones, which is treated as success.
+tansu also auto-creates (with 4 partitions) any unknown topic a client names in a
+Metadata request, so create topics before clients use them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ _LOOPBACK = "127.0.0.1"
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # tansu colours its log lines
 _ADDR_IN_USE = "AddrInUse"
+_PROBE_S = 1.0  # one readiness probe (TCP connect + Kafka bootstrap) at most this long
 
 
 class BrokerError(RuntimeError):
@@ -263,6 +266,9 @@ class EmbeddedBroker:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             close_fds=True,
+            # Its own session: a Ctrl-C at the terminal reaches our process group only,
+            # and we stop tansu last, after the clients that still need it.
+            start_new_session=True,
         )
         self._port = port
         # If the owner forgets stop() (or the interpreter exits), still kill tansu.
@@ -278,6 +284,9 @@ class EmbeddedBroker:
         assert self._proc is not None
         deadline = time.monotonic() + self._start_timeout
         delay = 0.02
+        # tansu binds (or dies of AddrInUse) within milliseconds; give it that long
+        # before probing, so a clash is usually seen before any client connects.
+        await asyncio.sleep(0.05)
         while True:
             if self._proc.poll() is not None:
                 why = "port in use" if _ADDR_IN_USE in self.log_tail() else "exited"
@@ -287,7 +296,9 @@ class EmbeddedBroker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return f"timeout: no Kafka metadata answer within {self._start_timeout}s"
-            if await _accepts_kafka(port, min(remaining, 5.0)):
+            # Short probes: something else squatting on the port may accept TCP and
+            # never answer; our tansu's exit must be noticed within about a second.
+            if await _accepts_kafka(port, min(remaining, _PROBE_S)):
                 # Re-check: the answer must have come from our (still running) tansu.
                 if self._proc.poll() is None and _ADDR_IN_USE not in self.log_tail():
                     return None
@@ -375,7 +386,11 @@ async def create_topics(
     """Create each topic ``{name: partitions}`` that does not exist yet.
 
     Existing topics are left as they are (their partition count is not changed);
-    "already exists" answers, e.g. from a concurrent creator, count as success.
+    "already exists" answers, e.g. from a concurrent creator, count as success. An
+    existing topic with another partition count is logged as a warning: on tansu that
+    usually means a client touched the topic first, because tansu auto-creates any
+    unknown topic named in a Metadata request (producers, consumers, even the admin
+    client's describe) with 4 partitions. So call this before any client uses them.
 
     Raises:
         BrokerError: the broker refused a topic for any other reason.
@@ -387,7 +402,11 @@ async def create_topics(
     )
     await admin.start()
     try:
+        # ListTopics asks for all topics, which creates none (unlike naming them).
         existing = set(await admin.list_topics())
+        await _warn_on_partition_mismatch(
+            admin, {name: parts for name, parts in topics.items() if name in existing}
+        )
         missing = [
             NewTopic(name, num_partitions=parts, replication_factor=replication_factor)
             for name, parts in topics.items()
@@ -411,6 +430,22 @@ async def create_topics(
         logger.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         await admin.close()
+
+
+async def _warn_on_partition_mismatch(
+    admin: AIOKafkaAdminClient, wanted: Mapping[str, int]
+) -> None:
+    if not wanted:
+        return
+    for info in await admin.describe_topics(list(wanted)):
+        name, have = info.get("topic"), len(info.get("partitions") or ())
+        if name in wanted and have != wanted[name]:
+            logger.warning(
+                "topic %s exists with %d partitions, not the %d asked for; left as is",
+                name,
+                have,
+                wanted[name],
+            )
 
 
 def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:

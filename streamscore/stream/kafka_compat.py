@@ -31,6 +31,10 @@ them unconditionally. Each quirk below was reproduced against tansu from
    watermark), so our own Fetch below uses a small positive wait with ``min_bytes=0``,
    which returns at once.
 5. **Port in use** makes tansu exit at once: ``broker.EmbeddedBroker`` retries ports.
+6. **Unknown topics are auto-created** (4 partitions) by any Metadata request that
+   names them, including a consumer's ``end_offsets`` and the admin client's
+   ``describe_topics``: create topics (``broker.create_topics``) before clients touch
+   them, or they silently get the wrong partition count.
 
 Compaction settings are accepted but never applied, and all data is lost when tansu
 stops; nothing client-side can help with those.

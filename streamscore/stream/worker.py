@@ -118,5 +118,8 @@ def run_worker(
         payments_partitions=payments_partitions,
         gate=EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
     )
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # Our logging (structured JSON, set up by the CLI) stays in charge.
+    worker = faust.Worker(
+        app, loglevel=loglevel, quiet=True, override_logging=False, redirect_stdouts=False
+    )
     worker.execute_from_commandline()

@@ -1,0 +1,73 @@
+"""Settings precedence and the console script's surface."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamscore.cli import build_parser
+from streamscore.config import Settings, load_settings
+
+SUBCOMMANDS = ("demo", "serve", "worker", "broker", "train", "features")
+
+
+def test_defaults() -> None:
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert settings.kafka == "" and settings.port == 50051 and settings.lateness_ms == 3_600_000
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "streamscore.toml"
+    config.write_text('kafka = "file:9092"\nport = 6000\nreplay = true\nlog_level = "debug"\n')
+    env = {"STREAMSCORE_PORT": "7000", "STREAMSCORE_REPLAY": "false", "UNRELATED": "x"}
+    settings = load_settings(config, flags={"port": 8000, "kafka": None}, environ=env)
+    assert settings.kafka == "file:9092"  # from the file; a None flag changes nothing
+    assert settings.replay is False  # environment over file
+    assert settings.port == 8000  # flag over environment
+    assert settings.log_level == "debug"
+
+
+def test_bad_values_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="port"):
+        load_settings(environ={"STREAMSCORE_PORT": "eighty"})
+    config = tmp_path / "bad.toml"
+    config.write_text("no_such_setting = 1\n")
+    with pytest.raises(ValueError, match="no_such_setting"):
+        load_settings(config, environ={})
+
+
+def test_model_repository_is_a_path() -> None:
+    settings = load_settings(environ={"STREAMSCORE_MODEL_REPOSITORY": "/tmp/models"})
+    assert settings.model_repository == Path("/tmp/models")
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command, "--help"])
+    assert exited.value.code == 0
+    assert "usage: streamscore " + command in capsys.readouterr().out
+
+
+def test_console_script_lists_subcommands() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamscore", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in SUBCOMMANDS:
+        assert command in result.stdout
+
+
+def test_serve_without_kafka_says_what_is_missing() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "streamscore", "serve"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode != 0
+    assert "--kafka" in result.stderr
