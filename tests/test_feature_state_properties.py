@@ -1,0 +1,274 @@
+"""Property tests: FeatureStore against the brute-force reference (tests/reference.py).
+
+Random event logs with few entities (so they collide), many time ties, times on and
+next to bucket edges, large amounts and exact re-deliveries are folded into a
+``FeatureStore``; every feature of every entity is then compared with the reference
+at several query times, and fold outcomes with the reference lateness/duplicate rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamscore.stream.features import (
+    DAY,
+    DEFAULT_PACK,
+    ENTITY_FIELD,
+    ENTITY_TYPES,
+    HOUR,
+    MINUTE,
+    SECOND,
+    Agg,
+    request_features,
+)
+from streamscore.stream.state import DEFAULT_LATENESS_MS, FeatureStore, FoldRecord
+
+import reference
+
+CARDS = ("c0", "c1", "c2", "c3")
+MERCHANTS = ("m0", "m1", "m2")
+DEVICES = ("d0", "d1", "d2")
+IPS = ("i0", "i1")
+ENTITY_IDS = {"card": CARDS, "merchant": MERCHANTS, "device": DEVICES, "ip": IPS}
+
+# Every resolution of the pack divides an hour, so hour multiples are edges of all.
+GRIDS = (5 * SECOND, 10 * SECOND, MINUTE, 15 * MINUTE, HOUR)
+LONGEST_WINDOW = max(f.window_ms for f in DEFAULT_PACK)
+EXACT_AGGS = {Agg.COUNT, Agg.COUNT_DECLINED, Agg.SUM, Agg.MAX, Agg.DISTINCT}
+
+BASE = settings(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+
+# --- strategies -----------------------------------------------------------------------
+
+
+@st.composite
+def event_logs(draw, lateness_ms: int = DEFAULT_LATENESS_MS, max_events: int = 40) -> list[dict]:
+    """Distinct events followed by exact re-deliveries, in generation (not time) order.
+
+    Times: on and next to bucket edges, ties, clusters, runs of consecutive buckets,
+    and exactly (or 1 ms off) ``lateness_ms`` away from an earlier event, to hit the
+    lateness boundary. Each log uses a prefix of each id pool, so entities collide and
+    some entities hold more buckets than a short window spans."""
+    base = draw(st.sampled_from([0, 1_700_000_000_000 // DAY * DAY, -3 * DAY, 12_345_678_901]))
+    span = draw(st.sampled_from([10 * MINUTE, 2 * HOUR, 6 * HOUR, 3 * DAY, 8 * DAY]))
+    n = draw(st.integers(1, max_events))
+    pools = {
+        name: ids[: draw(st.integers(1, len(ids)))]
+        for name, ids in (("card_id", CARDS), ("merchant_id", MERCHANTS), ("device_id", DEVICES))
+    }
+    pools["ip"] = IPS
+    events: list[dict] = []
+    for i in range(n):
+        kind = draw(st.sampled_from(["edge", "edge", "near", "step", "tie", "late", "any"]))
+        if kind == "tie" and events:
+            time_ms = draw(st.sampled_from([e["event_time_ms"] for e in events]))
+        elif kind == "late" and events:
+            time_ms = draw(st.sampled_from([e["event_time_ms"] for e in events]))
+            time_ms += draw(st.sampled_from([-lateness_ms, -lateness_ms - 1, -lateness_ms + 1]))
+        elif kind == "step" and events:  # the next 5 s or 10 s bucket
+            time_ms = events[-1]["event_time_ms"] + draw(st.sampled_from([5, 10])) * SECOND
+        elif kind == "near" and events:
+            time_ms = events[-1]["event_time_ms"] + draw(st.integers(-3 * MINUTE, 3 * MINUTE))
+        elif kind == "any":
+            time_ms = base + draw(st.integers(0, span))
+        else:
+            grid = draw(st.sampled_from(GRIDS))
+            k = draw(st.integers(0, span // grid))
+            time_ms = base + k * grid + draw(st.sampled_from([0, 0, -1, 1]))
+        amount = draw(
+            st.one_of(
+                st.integers(0, 1_000),
+                st.integers(0, 10**9),
+                st.sampled_from([0, 10**9 - 1, 10**9]),
+            )
+        )
+        events.append(
+            {
+                "event_id": f"e{i}",
+                "event_time_ms": time_ms,
+                **{name: draw(st.sampled_from(ids)) for name, ids in pools.items()},
+                "amount_minor": amount,
+                "status": draw(st.sampled_from(["approved", "approved", "declined"])),
+            }
+        )
+    redelivered = draw(st.lists(st.sampled_from(events), max_size=n // 2 + 1))
+    return events + [dict(e) for e in redelivered]
+
+
+def delays(n: int, lateness_ms: int):
+    """Per-event arrival delays in [0, lateness]: arriving at time + delay keeps every
+    event within lateness of the newest already folded (for every entity)."""
+    delay = st.one_of(st.just(0), st.just(lateness_ms), st.integers(0, lateness_ms))
+    return st.lists(delay, min_size=n, max_size=n)
+
+
+def bounded_order(events: list[dict], delay: list[int]) -> list[dict]:
+    """Arrival order by ``time + delay``; ties keep generation order."""
+    order = sorted(range(len(events)), key=lambda i: events[i]["event_time_ms"] + delay[i])
+    return [events[i] for i in order]
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def fold_record(event: dict) -> FoldRecord:
+    return FoldRecord(
+        event_id=event["event_id"],
+        time_ms=event["event_time_ms"],
+        amount=event["amount_minor"],
+        declined=event["status"] == "declined",
+        merchant_id=event["merchant_id"],
+        card_id=event["card_id"],
+    )
+
+
+def fold_all(arrivals: list[dict], lateness_ms: int = DEFAULT_LATENESS_MS):
+    """Fold every event into all four entity types; returns the store and the outcomes
+    per (entity type, entity id), in arrival order."""
+    store = FeatureStore(lateness_ms=lateness_ms)
+    outcomes: dict[tuple[str, str], list[str]] = {}
+    for event in arrivals:
+        record = fold_record(event)
+        for entity_type in ENTITY_TYPES:
+            entity_id = event[ENTITY_FIELD[entity_type]]
+            outcome = store.fold(entity_type, entity_id, record)
+            outcomes.setdefault((entity_type, entity_id), []).append(outcome.value)
+    return store, outcomes
+
+
+def query_times(events: list[dict], lateness_ms: int, extra: list[int]) -> list[int]:
+    """Query times the store must answer: t >= newest event time - lateness."""
+    newest = max(e["event_time_ms"] for e in events)
+    low = newest - lateness_ms
+    edge = newest // HOUR * HOUR
+    candidates = {
+        low,
+        low + 1,
+        newest - 1,
+        newest,
+        newest + 1,
+        edge,
+        edge - 1,
+        edge + HOUR,
+        edge + HOUR - 1,
+        newest + LONGEST_WINDOW,  # the 7-day windows still see the newest bucket or not
+        newest + LONGEST_WINDOW + HOUR,  # beyond every window: all empty
+        newest + 30 * DAY,
+    }
+    candidates |= {e["event_time_ms"] + d for e in events for d in (-1, 0)}
+    candidates |= {low + x for x in extra}
+    return sorted(t for t in candidates if t >= low)
+
+
+def assert_features_equal(got: dict[str, float], want: dict[str, float], context: str) -> None:
+    assert got.keys() == want.keys(), context
+    for feature in DEFAULT_PACK:
+        if feature.name not in want:
+            continue
+        g, w = got[feature.name], want[feature.name]
+        if feature.agg in EXACT_AGGS:
+            assert g == w, f"{context}: {feature.name} = {g!r}, reference {w!r}"
+        else:
+            assert math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-9), (
+                f"{context}: {feature.name} = {g!r}, reference {w!r}"
+            )
+
+
+def check_store(store: FeatureStore, accepted: dict, times: list[int]) -> None:
+    for entity_type, ids in ENTITY_IDS.items():
+        for entity_id in ids:
+            kept = accepted.get((entity_type, entity_id), [])
+            for t in times:
+                got = store.features(entity_type, entity_id, t)
+                want = reference.features(kept, entity_type, entity_id, t)
+                assert_features_equal(got, want, f"{entity_type}={entity_id} t={t}")
+
+
+# --- properties -----------------------------------------------------------------------
+
+
+@settings(BASE, max_examples=120)
+@given(data=st.data())
+def test_store_matches_reference_in_any_arrival_order(data):
+    """Any arrival order: TOO_LATE / DUPLICATE / APPLIED follow the per-entity rule, and
+    every feature equals the reference over the events the rule accepts."""
+    lateness_ms = data.draw(st.sampled_from([DEFAULT_LATENESS_MS, 10 * MINUTE]), "lateness")
+    events = data.draw(event_logs(lateness_ms), "events")
+    if data.draw(st.booleans(), "bounded"):
+        arrivals = bounded_order(events, data.draw(delays(len(events), lateness_ms), "delays"))
+    else:
+        arrivals = data.draw(st.permutations(events), "arrivals")
+
+    store, outcomes = fold_all(arrivals, lateness_ms)
+
+    accepted = {}
+    for entity_type, ids in ENTITY_IDS.items():
+        for entity_id in ids:
+            want = reference.fold_outcomes(arrivals, entity_type, entity_id, lateness_ms)
+            got = outcomes.get((entity_type, entity_id), [])
+            assert got == [o for _, o in want], f"outcomes of {entity_type}={entity_id}"
+            accepted[(entity_type, entity_id)] = [e for e, o in want if o == reference.APPLIED]
+
+    extra = data.draw(st.lists(st.integers(0, 2 * DAY), max_size=3), "extra times")
+    check_store(store, accepted, query_times(events, lateness_ms, extra))
+
+
+@settings(BASE, max_examples=80)
+@given(data=st.data())
+def test_arrival_order_within_lateness_changes_nothing(data):
+    """Two arrival orders, each within lateness: nothing is too late, every distinct
+    event counts once, and every feature of every entity is identical in both."""
+    lateness_ms = DEFAULT_LATENESS_MS
+    events = data.draw(event_logs(lateness_ms), "events")
+    first = bounded_order(events, data.draw(delays(len(events), lateness_ms), "delays 1"))
+    second = bounded_order(events, data.draw(delays(len(events), lateness_ms), "delays 2"))
+
+    store_1, outcomes_1 = fold_all(first, lateness_ms)
+    store_2, outcomes_2 = fold_all(second, lateness_ms)
+    for outcomes in (outcomes_1, outcomes_2):
+        flat = [o for per_entity in outcomes.values() for o in per_entity]
+        assert reference.TOO_LATE not in flat
+        distinct = len({e["event_id"] for e in events})
+        assert flat.count(reference.APPLIED) == distinct * len(ENTITY_TYPES)
+
+    times = query_times(events, lateness_ms, [])
+    for entity_type, ids in ENTITY_IDS.items():
+        for entity_id in ids:
+            for t in times:
+                one = store_1.features(entity_type, entity_id, t)
+                two = store_2.features(entity_type, entity_id, t)
+                assert one == two, f"{entity_type}={entity_id} t={t}"
+                want = reference.features(events, entity_type, entity_id, t)
+                assert_features_equal(one, want, f"{entity_type}={entity_id} t={t}")
+
+
+@settings(BASE, max_examples=60)
+@given(events=event_logs(max_events=30))
+def test_replay_scores_each_event_before_ingesting_it(events):
+    """Replay in (event_time_ms, event_id) order, reading every entity's features as of
+    each event's time before folding it: the values equal the reference over the
+    events strictly before it (the backfill's definition); request features too."""
+    ordered = sorted(events, key=lambda e: (e["event_time_ms"], e["event_id"]))
+    store = FeatureStore()
+    for i, event in enumerate(ordered):
+        t = event["event_time_ms"]
+        before = ordered[:i]
+        for entity_type in ENTITY_TYPES:
+            entity_id = event[ENTITY_FIELD[entity_type]]
+            got = store.features(entity_type, entity_id, t)
+            want = reference.features(before, entity_type, entity_id, t)
+            assert_features_equal(got, want, f"event {i} {entity_type}={entity_id}")
+            if entity_type == "card":
+                mean = got["card_amount_mean_7d"]
+                got_request = request_features(event["amount_minor"], t, mean)
+                want_request = reference.request_features(event["amount_minor"], t, mean)
+                assert got_request == want_request
+        record = fold_record(event)
+        for entity_type in ENTITY_TYPES:
+            store.fold(entity_type, event[ENTITY_FIELD[entity_type]], record)

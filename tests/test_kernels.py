@@ -1,0 +1,337 @@
+"""Edge cases of the window kernels: Tiles, WindowAgg, RecentEvents."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamscore.kernels.recent import RecentEvents
+from streamscore.kernels.tiles import Tiles, WindowAgg
+
+R = 10_000  # 10 s resolution
+W = 5 * 60_000  # 5 min window: 30 buckets
+
+
+def tiles_with(times: list[int], r: int = R, amount: int = 1) -> Tiles:
+    tiles = Tiles(r)
+    for time_ms in times:
+        tiles.add(time_ms, amount, False)
+    return tiles
+
+
+# --- bucket edges ---------------------------------------------------------------------
+
+
+def test_event_exactly_on_bucket_boundary_belongs_to_that_bucket():
+    tiles = tiles_with([5 * R])
+    assert set(tiles.buckets) == {5}
+    assert tiles.window(5 * R, W).count == 1  # t on the same boundary
+    assert tiles.window(5 * R - 1, W).count == 0  # t one ms before: previous bucket is b(t)
+    assert tiles.window(6 * R - 1, W).count == 1  # t at the end of the same bucket
+
+
+def test_events_later_in_the_current_bucket_count():
+    # DESIGN filters on buckets only: b(e) <= b(t), so an event after t but in b(t) counts.
+    tiles = tiles_with([5 * R + R - 1])
+    assert tiles.window(5 * R, W).count == 1
+
+
+def test_t_on_bucket_boundary_window_covers_w_minus_r_of_history():
+    t = 100 * R
+    # Oldest bucket in the window is b(t) - W/r + 1, which starts at t - W + r.
+    tiles = tiles_with([t - W + R, t - W + R - 1, t - W, t])
+    agg = tiles.window(t, W)
+    assert agg.count == 2  # t - W + R and t itself
+
+
+def test_t_at_end_of_bucket_window_covers_almost_w_of_history():
+    t = 100 * R + R - 1
+    # Oldest included time is still (b(t) - W/r + 1) * r = t - W + 1: W - 1 ms back.
+    tiles = tiles_with([t - W + 1, t - W, t])
+    assert tiles.window(t, W).count == 2
+    # One ms later the window slides by a whole bucket.
+    assert tiles.window(t + 1, W).count == 1
+
+
+def test_window_equal_to_resolution_is_the_current_bucket_only():
+    tiles = tiles_with([0, R - 1, R, 2 * R - 1, 2 * R])
+    assert tiles.window(R, R).count == 2
+    assert tiles.window(2 * R - 1, R).count == 2
+    assert tiles.window(0, R).count == 2
+
+
+@pytest.mark.parametrize("shift", [0, -7 * R, -(10**12)])
+def test_zero_and_negative_times_use_floor_buckets(shift):
+    # -1 ms is in bucket -1, not bucket 0 (floor, not truncation).
+    tiles = tiles_with([shift - 1, shift, shift + R - 1])
+    assert tiles.window(shift, R).count == 2
+    assert tiles.window(shift - 1, R).count == 1
+    assert tiles.window(shift - R, R).count == 1  # same bucket as shift - 1
+    assert tiles.window(shift - R - 1, R).count == 0
+    assert tiles.window(shift, 2 * R).count == 3
+
+
+def test_negative_resolution_window_edges():
+    tiles = tiles_with([-R, -R - 1])  # buckets -1 and -2
+    assert set(tiles.buckets) == {-1, -2}
+    assert tiles.window(-1, R).count == 1
+    assert tiles.window(-1, 2 * R).count == 2
+
+
+# --- aggregates -----------------------------------------------------------------------
+
+
+def test_empty_windows_give_zeros():
+    empty = WindowAgg()
+    assert (empty.count, empty.declined, empty.amount_sum, empty.amount_max) == (0, 0, 0, 0)
+    assert empty.amount_mean == 0.0
+    assert empty.amount_std == 0.0
+    assert empty.decline_rate == 0.0
+
+    tiles = Tiles(R, n_distinct=2)
+    agg = tiles.window(123_456, W)
+    assert agg == WindowAgg(0, 0, 0, 0, 0, (0, 0))
+    assert (agg.amount_mean, agg.amount_std, agg.decline_rate) == (0.0, 0.0, 0.0)
+
+    tiles.add(0, 500, True, ("m", "c"))
+    later = tiles.window(W, W)  # the event's bucket just fell out of the window
+    assert later == WindowAgg(0, 0, 0, 0, 0, (0, 0))
+    assert (later.amount_mean, later.amount_std, later.decline_rate) == (0.0, 0.0, 0.0)
+
+
+def test_aggregates_over_several_buckets():
+    tiles = Tiles(R, n_distinct=2)
+    tiles.add(0, 100, False, ("m1", "c1"))
+    tiles.add(1, 300, True, ("m1", "c2"))
+    tiles.add(R, 0, True, ("m1", "c1"))  # next bucket, same values again
+    tiles.add(2 * R, 50, False, ("m2", "c1"))
+    agg = tiles.window(2 * R, 3 * R)
+    assert agg.count == 4
+    assert agg.declined == 2
+    assert agg.amount_sum == 450
+    assert agg.amount_sumsq == 100**2 + 300**2 + 50**2
+    assert agg.amount_max == 300
+    assert agg.distinct == (2, 2)  # unions across buckets, not sums of per-bucket counts
+    assert agg.amount_mean == 450 / 4
+    assert agg.decline_rate == 0.5
+    assert math.isclose(agg.amount_std, statistics.pstdev([100, 300, 0, 50]), rel_tol=1e-12)
+
+
+def test_max_of_zero_amounts_is_zero():
+    tiles = tiles_with([0, 1], amount=0)
+    agg = tiles.window(0, R)
+    assert agg.count == 2
+    assert agg.amount_max == 0
+
+
+def test_std_is_exact_for_large_amounts():
+    base = 10**12
+    amounts = [base, base + 1, base + 2]
+    tiles = Tiles(R)
+    for i, amount in enumerate(amounts):
+        tiles.add(i, amount, False)
+    agg = tiles.window(0, R)
+    # n^2 var = 6 exactly; float moments would have cancelled catastrophically.
+    assert agg.amount_std == math.sqrt(6 / 9)
+    assert math.isclose(agg.amount_std, statistics.pstdev(amounts), rel_tol=1e-12)
+    assert agg.amount_mean == base + 1
+
+
+@pytest.mark.parametrize("amount", [10**12, 2**63 - 1])
+def test_std_of_identical_large_amounts_is_exactly_zero(amount):
+    tiles = tiles_with([0, 1, 2, 3, 4], amount=amount)
+    agg = tiles.window(0, R)
+    assert agg.amount_std == 0.0
+    assert agg.amount_sum == 5 * amount  # exact Python int
+    assert agg.amount_mean == float(amount)
+
+
+def test_single_event_std_is_zero():
+    tiles = tiles_with([0], amount=987_654_321)
+    assert tiles.window(0, R).amount_std == 0.0
+
+
+def test_std_large_spread():
+    amounts = [0, 10**9, 10**12, 7, 2**62]
+    tiles = Tiles(R)
+    for amount in amounts:
+        tiles.add(0, amount, False)
+    agg = tiles.window(0, R)
+    assert math.isclose(agg.amount_std, statistics.pstdev(amounts), rel_tol=1e-12)
+    assert math.isclose(agg.amount_mean, statistics.mean(amounts), rel_tol=1e-15)
+
+
+# --- add / expire / validation --------------------------------------------------------
+
+
+def test_add_reports_new_buckets():
+    tiles = Tiles(R)
+    assert tiles.add(0, 1, False) is True
+    assert tiles.add(R - 1, 1, False) is False
+    assert tiles.add(R, 1, False) is True
+    assert tiles.add(-1, 1, False) is True
+    assert len(tiles) == 3
+
+
+def test_add_checks_distinct_arity():
+    tiles = Tiles(R, n_distinct=1)
+    with pytest.raises(ValueError):
+        tiles.add(0, 1, False, ())
+
+
+def test_expire_drops_only_buckets_wholly_before():
+    tiles = tiles_with([-R, 0, R, 2 * R, 3 * R])
+    # keep_from inside bucket 2: bucket 2 is kept whole, buckets < 2 go.
+    assert tiles.expire(2 * R + 5) == 3
+    assert set(tiles.buckets) == {2, 3}
+    assert tiles.expire(2 * R) == 0  # exactly on the boundary: bucket 2 kept
+    assert tiles.expire(2 * R + 1) == 0
+    assert tiles.expire(4 * R) == 2
+    assert len(tiles) == 0
+    assert tiles.window(4 * R, W) == WindowAgg()
+
+
+def test_expire_with_negative_keep_from():
+    tiles = tiles_with([-3 * R, -R - 1, -R, 0])  # buckets -3, -2, -1, 0
+    assert tiles.expire(-R - 1) == 1  # keep from bucket -2
+    assert set(tiles.buckets) == {-2, -1, 0}
+
+
+def test_expire_does_not_change_windows_that_start_after_keep_from():
+    times = list(range(0, 100 * R, 777))
+    full = tiles_with(times)
+    expired = tiles_with(times)
+    t = 80 * R + 123
+    keep_from = t - W  # window's oldest bucket starts after this
+    expired.expire(keep_from)
+    assert expired.window(t, W) == full.window(t, W)
+
+
+def test_expire_after_adding_an_older_bucket():
+    tiles = tiles_with([5 * R, 6 * R])
+    assert tiles.expire(5 * R) == 0
+    tiles.add(3 * R, 1, False)  # out of order: now the oldest bucket
+    assert tiles.expire(4 * R) == 1
+    assert set(tiles.buckets) == {5, 6}
+    assert tiles.expire(6 * R) == 1
+    assert set(tiles.buckets) == {6}
+    assert tiles.expire(10 * R) == 1
+    assert tiles.expire(10 * R) == 0
+    tiles.add(2 * R, 1, False)  # empty tiles, then an old bucket again
+    assert tiles.expire(3 * R) == 1
+    assert len(tiles) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    times=st.lists(st.integers(-50 * R, 50 * R), max_size=60),
+    t=st.integers(-60 * R, 60 * R),
+    n_buckets=st.integers(1, 40),
+    keep_from=st.one_of(st.none(), st.integers(-60 * R, 60 * R)),
+)
+def test_window_matches_brute_force(times, t, n_buckets, keep_from):
+    """Both lookup strategies (scan stored buckets, or walk the window's bucket range)."""
+    tiles = Tiles(R, n_distinct=1)
+    for i, time_ms in enumerate(times):
+        tiles.add(time_ms, i * 10**11, i % 3 == 0, (f"v{i % 4}",))
+    kept = list(enumerate(times))
+    if keep_from is not None:
+        tiles.expire(keep_from)
+        kept = [(i, x) for i, x in kept if x // R >= keep_from // R]
+    window = [(i, x) for i, x in kept if t // R - n_buckets < x // R <= t // R]
+    agg = tiles.window(t, n_buckets * R)
+    assert agg.count == len(window)
+    assert agg.declined == sum(1 for i, _ in window if i % 3 == 0)
+    assert agg.amount_sum == sum(i * 10**11 for i, _ in window)
+    assert agg.amount_max == max((i * 10**11 for i, _ in window), default=0)
+    assert agg.distinct == (len({i % 4 for i, _ in window}),)
+    amounts = [i * 10**11 for i, _ in window]
+    assert math.isclose(
+        agg.amount_std, statistics.pstdev(amounts) if amounts else 0.0, rel_tol=1e-12, abs_tol=1e-12
+    )
+
+
+@pytest.mark.parametrize("resolution", [0, -R])
+def test_resolution_must_be_positive(resolution):
+    with pytest.raises(ValueError):
+        Tiles(resolution)
+
+
+@pytest.mark.parametrize("window", [0, -R, R + 1, R // 2])
+def test_window_must_be_positive_multiple_of_resolution(window):
+    with pytest.raises(ValueError):
+        Tiles(R).window(0, window)
+
+
+# --- RecentEvents ---------------------------------------------------------------------
+
+
+def test_recent_empty():
+    recent = RecentEvents(horizon_ms=1000)
+    assert recent.newest_ms is None
+    assert not recent.is_too_old(-(10**15))
+    assert recent.newest_at_or_before(10**15) is None
+    assert "x" not in recent
+    assert len(recent) == 0
+
+
+def test_recent_too_old_boundary_is_exclusive():
+    recent = RecentEvents(horizon_ms=1000)
+    recent.add(5000, "a")
+    assert not recent.is_too_old(4000)  # exactly newest - horizon: still allowed
+    assert recent.is_too_old(3999)
+    assert not recent.is_too_old(10**9)
+
+
+def test_recent_keeps_keys_within_horizon_and_prunes_older():
+    recent = RecentEvents(horizon_ms=1000)
+    recent.add(0, "a")
+    recent.add(500, "b")
+    recent.add(1000, "c")  # horizon start 0: "a" at exactly 0 is kept
+    assert "a" in recent
+    recent.add(1001, "d")  # horizon start 1: "a" pruned
+    assert "a" not in recent
+    assert {"b", "c", "d"} <= {k for k in ("a", "b", "c", "d") if k in recent}
+    assert len(recent) == 3
+    # An out-of-order event within the horizon does not move newest.
+    recent.add(700, "e")
+    assert recent.newest_ms == 1001
+    assert "e" in recent
+
+
+def test_recent_newest_at_or_before():
+    recent = RecentEvents(horizon_ms=1000)
+    for time_ms, key in [(-50, "a"), (200, "b"), (5000, "c"), (4500, "d"), (4000, "e")]:
+        recent.add(time_ms, key)
+    assert recent.newest_at_or_before(10_000) == 5000
+    assert recent.newest_at_or_before(5000) == 5000
+    assert recent.newest_at_or_before(4999) == 4500
+    assert recent.newest_at_or_before(4499) == 4000
+    # Within the queryable range (t >= newest - horizon) answers come from kept events or
+    # from the newest pruned one.
+    assert recent.newest_at_or_before(3999) == 200
+    # (Earlier t, before newest - horizon, is outside what the store promises to answer.)
+
+
+def test_recent_newest_at_or_before_without_pruning():
+    recent = RecentEvents(horizon_ms=10_000)
+    for time_ms, key in [(-50, "a"), (200, "b"), (100, "c")]:
+        recent.add(time_ms, key)
+    assert recent.newest_at_or_before(199) == 100
+    assert recent.newest_at_or_before(99) == -50
+    assert recent.newest_at_or_before(-50) == -50
+    assert recent.newest_at_or_before(-51) is None
+
+
+def test_recent_negative_times():
+    recent = RecentEvents(horizon_ms=10)
+    recent.add(-100, "a")
+    recent.add(-95, "b")
+    assert recent.is_too_old(-106)
+    assert not recent.is_too_old(-105)
+    assert recent.newest_at_or_before(-96) == -100
+    assert recent.newest_at_or_before(-101) is None
