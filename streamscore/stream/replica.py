@@ -38,7 +38,9 @@ class FeatureReplica:
         store: FeatureStore,
         *,
         topic: str = ENTITY_EVENTS,
-        max_records: int = 2000,
+        # Folding runs on the serving event loop: small batches keep each pause short
+        # (500 records is a few ms) so Score calls are not held behind a big fold.
+        max_records: int = 500,
     ) -> None:
         self.bootstrap = bootstrap
         self.store = store
@@ -132,6 +134,7 @@ class FeatureReplica:
                 self._fold(records)
                 if records:
                     self._positions[tp] = records[-1].offset + 1
+                await asyncio.sleep(0)  # let waiting Score calls run between partitions
             if not self.caught_up:
                 self._check_caught_up()
 
