@@ -390,13 +390,64 @@ def test_faust_shims_patch_what_they_claim(monkeypatch: pytest.MonkeyPatch) -> N
     # Register the originals with monkeypatch so they come back after the test.
     monkeypatch.setattr(AIOKafkaConsumerThread, "_highwaters", AIOKafkaConsumerThread._highwaters)
     monkeypatch.setattr(GroupCoordinator, "_maybe_leave_group", GroupCoordinator._maybe_leave_group)
+    monkeypatch.setattr(
+        AIOKafkaConsumerThread,
+        "_create_worker_consumer",
+        AIOKafkaConsumerThread._create_worker_consumer,
+    )
     original = AIOKafkaConsumerThread._highwaters
     assert kafka_compat.install_faust_end_offset_fix() is True
     assert AIOKafkaConsumerThread._highwaters is not original
     assert kafka_compat.install_faust_end_offset_fix() is False
     assert kafka_compat.install_faust_leave_group_fix() is True
     assert kafka_compat.install_faust_leave_group_fix() is False
-    kafka_compat.install_faust_fixes()  # both already in: no-op
+    assert kafka_compat.install_faust_fetch_wait_fix() is True
+    assert kafka_compat.install_faust_fetch_wait_fix() is False
+    kafka_compat.install_faust_fixes()  # all already in: no-op
+
+
+async def _delivery_ms(bootstrap: str, fetch_max_wait_ms: int) -> list[float]:
+    """Produce records while a consumer's Fetch is waiting; ms until each is consumed."""
+    topic = _name("fetchwait")
+    # Several partitions, as on the payments topic: with a single partition tansu
+    # does answer a waiting Fetch as soon as a record arrives; with several it mostly
+    # does not (which partition gets the record does not predict it).
+    await create_topics(bootstrap, {topic: 4})
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
+    await producer.start()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=fetch_max_wait_ms,
+    )
+    await consumer.start()
+    try:
+        await producer.send_and_wait(topic, b"first", partition=0)
+        await consumer.getone()
+        delays = []
+        for partition in (1, 2, 3, 0, 1, 2):
+            await asyncio.sleep(0.1)  # a Fetch with nothing to return is now waiting
+            started = time.perf_counter()
+            await producer.send_and_wait(topic, b"next", partition=partition)
+            await consumer.getone()
+            delays.append((time.perf_counter() - started) * 1000)
+        return delays
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def test_waiting_fetch_is_not_woken_by_new_records(broker: EmbeddedBroker) -> None:
+    """tansu quirk 7: a Fetch returns when its max_wait runs out, not when data arrives.
+
+    If this starts failing, tansu wakes waiting fetches now: FETCH_MAX_WAIT_MS and
+    install_faust_fetch_wait_fix can go (Kafka answers as soon as min_bytes arrive).
+    """
+    slow = await _delivery_ms(broker.bootstrap, fetch_max_wait_ms=1000)
+    assert max(slow) > 400, f"tansu delivered in {slow} ms: the fetch-wait shim can go"
+    fast = await _delivery_ms(broker.bootstrap, kafka_compat.FETCH_MAX_WAIT_MS)
+    assert max(fast) < 400, fast
 
 
 async def test_patched_faust_highwaters_reads_true_ends(

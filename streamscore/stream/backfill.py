@@ -15,6 +15,11 @@ from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
 from streamscore.stream.state import FeatureStore, FoldRecord
 
 
+def sort_events(events: Iterable[PaymentEvent]) -> list[PaymentEvent]:
+    """Backfill order: event time, then event id (DESIGN.md "Online = offline")."""
+    return sorted(events, key=lambda e: (e.event_time_ms, e.event_id))
+
+
 def fold_event(store: FeatureStore, event: PaymentEvent) -> None:
     record = FoldRecord(
         event.event_id,
@@ -31,9 +36,16 @@ def fold_event(store: FeatureStore, event: PaymentEvent) -> None:
 def backfill(
     events: Iterable[PaymentEvent], store: FeatureStore | None = None
 ) -> Iterator[tuple[PaymentEvent, dict[str, float]]]:
-    """Yield (event, features as of the event) in (event_time_ms, event_id) order."""
+    """Yield (event, features as of the event) in (event_time_ms, event_id) order.
+
+    A repeated event id yields once, like the stream, which counts it once.
+    """
     store = store or FeatureStore()
-    for event in sorted(events, key=lambda e: (e.event_time_ms, e.event_id)):
+    seen: set[str] = set()
+    for event in sort_events(events):
+        if event.event_id in seen:
+            continue
+        seen.add(event.event_id)
         features = assemble_features(
             store,
             card_id=event.card_id,
