@@ -49,6 +49,65 @@ def print_logs(logdir: Path) -> None:
         print(f"--- {log_file.name}\n{log_file.read_text()[-3000:]}")
 
 
+class System:
+    """The real processes of one test, on one embedded broker; stopped in reverse order."""
+
+    def __init__(self, bootstrap: str, logdir: Path, model_repository: Path) -> None:
+        self.bootstrap = bootstrap
+        self.logdir = logdir
+        self.model_repository = model_repository
+        self.children: list[ChildProcess] = []
+
+    def _common(self) -> list[str]:
+        return ["--kafka", self.bootstrap, "--log-format", "text"]
+
+    async def add_worker(self) -> ChildProcess:
+        name = f"worker-{len(self.children)}"
+        child = ChildProcess.streamscore(
+            name, "worker", *self._common(), log_path=str(self.logdir / f"{name}.log")
+        )
+        await child.start()
+        self.children.append(child)
+        return child
+
+    async def add_server(self, *args: str, wait: bool = True) -> tuple[ChildProcess, str]:
+        name = f"server-{len(self.children)}"
+        port = free_port()
+        child = ChildProcess.streamscore(
+            name,
+            "serve",
+            *self._common(),
+            "--port",
+            str(port),
+            "--model-repository",
+            str(self.model_repository),
+            *args,
+            log_path=str(self.logdir / f"{name}.log"),
+        )
+        await child.start()
+        self.children.append(child)
+        target = f"127.0.0.1:{port}"
+        if wait:
+            await wait_serving(target, timeout=90)
+        return child, target
+
+    async def stop(self) -> None:
+        for child in reversed(self.children):
+            await child.stop()
+
+
+@contextlib.asynccontextmanager
+async def system_on_broker(logdir: Path, model_repository: Path) -> AsyncIterator[System]:
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        system = System(broker.bootstrap, logdir, model_repository)
+        try:
+            yield system
+        finally:
+            await system.stop()
+            print_logs(logdir)
+
+
 @contextlib.asynccontextmanager
 async def running_system(
     logdir: Path,
@@ -59,42 +118,13 @@ async def running_system(
     server_args: tuple[str, ...] = (),
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """Broker + topics + worker processes + server processes; yields (bootstrap, targets)."""
-    async with EmbeddedBroker() as broker:
-        await create_topics(broker.bootstrap, TopicLayout().partitions())
-        common = ["--kafka", broker.bootstrap, "--log-format", "text"]
-        ports = [free_port() for _ in range(servers)]
-        children = [
-            ChildProcess.streamscore(
-                f"worker-{i}", "worker", *common, log_path=str(logdir / f"worker-{i}.log")
-            )
-            for i in range(workers)
-        ] + [
-            ChildProcess.streamscore(
-                f"server-{i}",
-                "serve",
-                *common,
-                "--port",
-                str(port),
-                "--model-repository",
-                str(model_repository),
-                *server_args,
-                log_path=str(logdir / f"server-{i}.log"),
-            )
-            for i, port in enumerate(ports)
-        ]
-        try:
-            for child in children:
-                await child.start()
-            targets = [f"127.0.0.1:{port}" for port in ports]
-            for target in targets:
-                await wait_serving(target, timeout=90)
-            yield broker.bootstrap, targets
-            for child in children:
-                child.check_running()
-        finally:
-            for child in reversed(children):
-                await child.stop()
-            print_logs(logdir)
+    async with system_on_broker(logdir, model_repository) as system:
+        for _ in range(workers):
+            await system.add_worker()
+        targets = [(await system.add_server(*server_args))[1] for _ in range(servers)]
+        yield system.bootstrap, targets
+        for child in system.children:
+            child.check_running()
 
 
 async def wait_folded(
