@@ -13,6 +13,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from streamscore._pdeathsig import die_with_parent
+
 log = logging.getLogger("streamscore.processes")
 
 
@@ -54,6 +56,7 @@ class ChildProcess:
                 stdout=output or asyncio.subprocess.DEVNULL,
                 stderr=output or None,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+                preexec_fn=die_with_parent,
             )
         finally:
             if output:

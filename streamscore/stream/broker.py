@@ -43,6 +43,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from streamscore._pdeathsig import die_with_parent
+
 __all__ = ["BrokerError", "EmbeddedBroker", "create_topics", "find_free_port"]
 
 logger = logging.getLogger("streamscore.broker")
@@ -269,6 +271,7 @@ class EmbeddedBroker:
             # Its own session: a Ctrl-C at the terminal reaches our process group only,
             # and we stop tansu last, after the clients that still need it.
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         self._port = port
         # If the owner forgets stop() (or the interpreter exits), still kill tansu.
