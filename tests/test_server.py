@@ -138,6 +138,31 @@ async def test_get_features_as_of_in_replay_mode(replay_stub: pb_grpc.ScoringStu
     assert unknown.events_folded == 0 and unknown.features["ip_txn_count_5m"] == 0
 
 
+async def test_replay_reads_beyond_the_fold_horizon_are_refused(
+    replay_stub: pb_grpc.ScoringStub,
+) -> None:
+    # The server keeps 2 h (the fold horizon) behind each entity's newest event.
+    too_old = T0 - 2 * MINUTE - 2 * 60 * MINUTE - 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replay_stub.GetFeatures(
+            pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=too_old)
+        )
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert (caught.value.details() or "").startswith("as_of_ms:")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replay_stub.Score(pb.ScoreRequest(transaction=transaction(event_time_ms=too_old)))
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert (caught.value.details() or "").startswith("transaction.event_time_ms:")
+    # Exactly at the horizon is still answered.
+    at_horizon = too_old + 1
+    reply = await replay_stub.GetFeatures(
+        pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=at_horizon)
+    )
+    assert dict(reply.features) == pytest.approx(
+        reference.features(EVENTS, "card", "c-1", at_horizon)
+    )
+
+
 async def test_live_mode_uses_server_clock(live_stub: pb_grpc.ScoringStub) -> None:
     before = time.time_ns() // 1_000_000
     reply = await live_stub.GetFeatures(

@@ -21,5 +21,11 @@ class InvalidRequest(ServingError):
         self.field = field
 
 
+class OutOfRange(InvalidRequest):
+    """A valid-looking value outside what the server can answer exactly."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE

@@ -12,7 +12,7 @@ import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
-from streamscore.server.errors import ServingError
+from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.model import TorchModel
 from streamscore.server.validation import validate_features_request, validate_score_request
 from streamscore.stream.assembly import assemble_features
@@ -58,12 +58,30 @@ class ScoringService(pb_grpc.ScoringServicer):
             or replica.seconds_since_fetch() > self.stale_after_s
         )
 
+    def _check_exact(self, entity_type: str, entity_id: str, t_ms: int, field: str) -> None:
+        """Refuse a replay-mode time too far behind the entity's newest event."""
+        earliest = self.store.earliest_exact_ms(entity_type, entity_id)
+        if earliest is not None and t_ms < earliest:
+            raise OutOfRange(
+                field,
+                f"{t_ms} is more than the fold horizon behind the newest event of "
+                f"{entity_type} {entity_id!r}; values that far back are no longer kept",
+            )
+
     def score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
         started = time.perf_counter_ns()
         validate_score_request(request, replay=self.replay)
         txn = request.transaction
         now_ms = self.clock_ms()
         t_ms = txn.event_time_ms if self.replay else now_ms
+        if self.replay:
+            for entity_type, entity_id in (
+                ("card", txn.card_id),
+                ("merchant", txn.merchant_id),
+                ("device", txn.device_id),
+                ("ip", txn.ip),
+            ):
+                self._check_exact(entity_type, entity_id, t_ms, "transaction.event_time_ms")
         features = assemble_features(
             self.store,
             card_id=txn.card_id,
@@ -120,6 +138,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         validate_features_request(request)
         # as_of_ms is honoured in replay mode only; live answers are as of the server clock.
         t_ms = request.as_of_ms if self.replay and request.as_of_ms else self.clock_ms()
+        self._check_exact(request.entity_type, request.entity_id, t_ms, "as_of_ms")
         state = self.store.get(request.entity_type, request.entity_id)
         return pb.FeaturesResponse(
             entity_type=request.entity_type,

@@ -100,6 +100,18 @@ class FeatureStore:
         self.counts[outcome] += 1
         return outcome
 
+    def earliest_exact_ms(self, entity_type: str, entity_id: str) -> int | None:
+        """Queries at or after this time are exact; None when any time is.
+
+        Older buckets and event times are let go once they are more than the fold
+        horizon behind the entity's newest event (memory stays bounded), so only
+        replay-mode reads far in the past can fall before it.
+        """
+        state = self.entities[entity_type].get(entity_id)
+        if state is None or state.recent.newest_ms is None:
+            return None
+        return state.recent.newest_ms - self.lateness_ms
+
     def get(self, entity_type: str, entity_id: str) -> EntityState | None:
         return self.entities[entity_type].get(entity_id)
 
