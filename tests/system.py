@@ -11,12 +11,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
+from aiokafka import AIOKafkaProducer
+
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
+from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
-from streamscore.stream.topics import TopicLayout
+from streamscore.stream.topics import PAYMENTS, TopicLayout
 
 
 def free_port() -> int:
@@ -47,6 +51,18 @@ def print_logs(logdir: Path) -> None:
     """Shown by pytest when a test fails."""
     for log_file in sorted(logdir.glob("*.log")):
         print(f"--- {log_file.name}\n{log_file.read_text()[-3000:]}")
+
+
+async def publish(bootstrap: str, events: list[dict]) -> None:
+    """Produce payment events to the payments topic, keyed by card as producers do."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send(PAYMENTS, orjson.dumps(event), key=event["card_id"].encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
 
 
 class System:

@@ -26,7 +26,7 @@ from streamscore.stream.features import MINUTE
 from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
 
 import reference
-from system import assert_features_match, make_event, running_system, wait_folded
+from system import assert_features_match, make_event, publish, running_system, wait_folded
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -196,14 +196,7 @@ async def test_two_workers_two_servers_agree_with_the_reference(
         bootstrap,
         targets,
     ):
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False)
-        await producer.start()
-        try:
-            for event in events:
-                await producer.send(PAYMENTS, orjson.dumps(event), key=event["card_id"].encode())
-            await producer.flush()
-        finally:
-            await producer.stop()
+        await publish(bootstrap, events)
         entities = (
             [("card", f"card-{i}") for i in range(12)]
             + [("merchant", f"m-{i}") for i in range(5)]

@@ -12,19 +12,18 @@ import time
 from pathlib import Path
 
 import grpc
-import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
 from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
-from streamscore.stream.topics import ENTITY_EVENTS, PAYMENTS
+from streamscore.stream.topics import ENTITY_EVENTS
 from streamscore.traffic import TrafficConfig, generate_log
 
 import reference
-from system import System, system_on_broker
+from system import System, publish, system_on_broker
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -44,17 +43,6 @@ def expected_counts(events: list[dict]) -> dict[tuple[str, str], int]:
         for entity in ENTITY_TYPES:
             ids.setdefault((entity, event[ENTITY_FIELD[entity]]), set()).add(event["event_id"])
     return {key: len(value) for key, value in ids.items()}
-
-
-async def publish(bootstrap: str, events: list[dict]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
-    await producer.start()
-    try:
-        for event in events:
-            await producer.send(PAYMENTS, orjson.dumps(event), key=event["card_id"].encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def snapshot(

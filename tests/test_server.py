@@ -7,6 +7,7 @@ the stream pipeline, which the end-to-end test covers.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,32 +56,30 @@ EVENTS = [
 ]
 
 
-async def start_server(repository: Path, replay: bool) -> ScoringServer:
+@contextlib.asynccontextmanager
+async def served(repository: Path, replay: bool) -> AsyncIterator[pb_grpc.ScoringStub]:
+    """A started server with EVENTS folded in, and a stub talking to it over loopback."""
     server = ScoringServer(Settings(port=0, model_repository=repository, replay=replay))
     await server.start()
-    for raw in EVENTS:
-        fold_event(server.store, event_from_dict(raw))
-    return server
+    try:
+        for raw in EVENTS:
+            fold_event(server.store, event_from_dict(raw))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.ScoringStub(channel)
+    finally:
+        await server.stop()
 
 
 @pytest.fixture
 async def replay_stub(trained_model: Path) -> AsyncIterator[pb_grpc.ScoringStub]:
-    server = await start_server(trained_model, replay=True)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ScoringStub(channel)
-    finally:
-        await server.stop()
+    async with served(trained_model, replay=True) as stub:
+        yield stub
 
 
 @pytest.fixture
 async def live_stub(trained_model: Path) -> AsyncIterator[pb_grpc.ScoringStub]:
-    server = await start_server(trained_model, replay=False)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ScoringStub(channel)
-    finally:
-        await server.stop()
+    async with served(trained_model, replay=False) as stub:
+        yield stub
 
 
 def transaction(**overrides: object) -> pb.Transaction:
