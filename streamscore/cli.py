@@ -49,15 +49,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
 
     async def main() -> int:
-        import signal
-
+        from streamscore.processes import stop_on_signals
         from streamscore.server.app import ScoringServer
 
         server = ScoringServer(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await server.start()
         try:
             await stop.wait()
@@ -87,20 +83,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    _settings(args)
+    settings = _settings(args)
 
     async def main() -> int:
-        import signal
-
+        from streamscore.config import topic_layout
+        from streamscore.processes import stop_on_signals
         from streamscore.stream.broker import EmbeddedBroker, create_topics
-        from streamscore.stream.topics import TopicLayout
 
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         async with EmbeddedBroker(port=args.port or None) as broker:
-            await create_topics(broker.bootstrap, TopicLayout().partitions())
+            await create_topics(broker.bootstrap, topic_layout(settings).partitions())
             print(broker.bootstrap, flush=True)
             await stop.wait()
         return 0

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import signal
 import tempfile
 import time
 from collections import Counter
@@ -29,11 +28,11 @@ from hdrh.histogram import HdrHistogram
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
-from streamscore.config import Settings
-from streamscore.processes import ChildProcess
+from streamscore.config import Settings, topic_layout
+from streamscore.processes import ChildProcess, stop_on_signals
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
-from streamscore.stream.topics import PAYMENTS, TopicLayout
+from streamscore.stream.topics import PAYMENTS
 from streamscore.traffic import LabelledEvent, TrafficConfig, TrafficGenerator
 
 log = logging.getLogger("streamscore.demo")
@@ -208,10 +207,7 @@ async def drive_traffic(
 
 
 async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: float) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
     async with contextlib.AsyncExitStack() as stack:
         bootstrap = settings.kafka
@@ -221,10 +217,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
             stack.push_async_callback(broker.stop)
             bootstrap = broker.bootstrap
             print(f"embedded broker (tansu) on {bootstrap}", flush=True)
-        await create_topics(
-            bootstrap,
-            TopicLayout(settings.payments_partitions, settings.entity_partitions).partitions(),
-        )
+        await create_topics(bootstrap, topic_layout(settings).partitions())
         await ensure_model(settings)
         common = ["--kafka", bootstrap, "--log-level", settings.log_level]
         worker = ChildProcess.streamscore(
@@ -246,9 +239,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         target = f"{settings.host}:{settings.port}"
         await wait_serving(target, timeout=120)
         print(f"server on {target}, worker running; logs in {logdir}", flush=True)
-        stats = await drive_traffic(
-            target, bootstrap, demo_traffic(rate_per_s), stop, duration_s
-        )
+        stats = await drive_traffic(target, bootstrap, demo_traffic(rate_per_s), stop, duration_s)
         print(stats.summary_line(), flush=True)
         total = stats.total
         print(

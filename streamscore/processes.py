@@ -18,6 +18,15 @@ from streamscore._pdeathsig import die_with_parent
 log = logging.getLogger("streamscore.processes")
 
 
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM: the one way our long-running commands stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 class ChildExited(RuntimeError):
     """A child process ended while it was supposed to be running."""
 

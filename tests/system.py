@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,13 +19,8 @@ from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.broker import find_free_port as free_port
 from streamscore.stream.topics import PAYMENTS, TopicLayout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_event(

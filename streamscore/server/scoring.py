@@ -12,6 +12,7 @@ import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.clock import wall_clock_ms
 from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.model import TorchModel
 from streamscore.server.validation import validate_features_request, validate_score_request
@@ -20,10 +21,6 @@ from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
 
 log = logging.getLogger("streamscore.scoring")
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class ScoringService(pb_grpc.ScoringServicer):

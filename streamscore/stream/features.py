@@ -122,9 +122,8 @@ class EntityLayout:
     distinct_fields: dict[int, tuple[str, ...]]
     max_window_ms: dict[int, int]
 
-    def distinct_slot(self, feature: FeatureDef) -> int:
-        fields = self.distinct_fields.get(feature.resolution_ms, ())
-        return fields.index(feature.distinct_field) if feature.distinct_field else -1
+    # Feature name -> index of its field among its tiles' distinct sets (-1: none).
+    distinct_slots: dict[str, int]
 
 
 def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> EntityLayout:
@@ -142,7 +141,11 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
     max_window = {
         r: max(f.window_ms for f in windowed if f.resolution_ms == r) for r in resolutions
     }
-    return EntityLayout(entity, features, resolutions, distinct, max_window)
+    slots = {
+        f.name: distinct[f.resolution_ms].index(f.distinct_field) if f.distinct_field else -1
+        for f in windowed
+    }
+    return EntityLayout(entity, features, resolutions, distinct, max_window, slots)
 
 
 def feature_names(pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> tuple[str, ...]:

@@ -10,15 +10,11 @@ from the future. Both go to the dead-letter topic.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
+from streamscore.clock import wall_clock_ms
 from streamscore.stream.events import InvalidEvent, PaymentEvent
 from streamscore.stream.state import DEFAULT_LATENESS_MS, DEFAULT_SKEW_MS
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class EventTimeGate:

@@ -87,10 +87,7 @@ class FeatureStore:
             newest = recent.newest_ms
             assert newest is not None
             for r, tiles in state.tiles.items():
-                values = tuple(
-                    record.merchant_id if name == "merchant_id" else record.card_id
-                    for name in layout.distinct_fields[r]
-                )
+                values = tuple(getattr(record, name) for name in layout.distinct_fields[r])
                 if tiles.add(record.time_ms, record.amount, record.declined, values):
                     # Queries go back at most lateness (replay) or skew (live) before
                     # the newest event, then one window; older buckets can never count.
@@ -135,7 +132,7 @@ class FeatureStore:
                 agg = windows[key] = state.tiles[feature.resolution_ms].window(
                     t_ms, feature.window_ms
                 )
-            values[feature.name] = feature.value(agg, layout.distinct_slot(feature))
+            values[feature.name] = feature.value(agg, layout.distinct_slots[feature.name])
         return values
 
     def __len__(self) -> int:
