@@ -54,7 +54,9 @@ async def folded(stub: pb_grpc.ScoringStub, card: str) -> int:
     return reply.events_folded
 
 
-async def ingestion(bootstrap: str, stub: pb_grpc.ScoringStub, n: int) -> float:
+async def ingestion(
+    bootstrap: str, stub: pb_grpc.ScoringStub, n: int, worker_pid: int, server_pid: int
+) -> float:
     now = time.time_ns() // 1_000_000
     config = TrafficConfig(rate_per_s=n / 1200, n_cards=max(1000, n // 10), seed=3)
     events = [item.event for item in generate_log(config, 1200)][:n]
@@ -69,6 +71,7 @@ async def ingestion(bootstrap: str, stub: pb_grpc.ScoringStub, n: int) -> float:
     )
     await producer.start()
     try:
+        cpu_before = {pid: cpu_seconds(pid) for pid in (worker_pid, server_pid)}
         started = time.perf_counter()
         for value, key in payloads:
             await producer.send(PAYMENTS, value, key=key)
@@ -80,10 +83,17 @@ async def ingestion(bootstrap: str, stub: pb_grpc.ScoringStub, n: int) -> float:
         while await folded(stub, marker) < 1:  # noqa: ASYNC110 - polling the server is the point
             await asyncio.sleep(0.01)
         seconds = time.perf_counter() - started
+        cpu = {pid: cpu_seconds(pid) - before for pid, before in cpu_before.items()}
     finally:
         await producer.stop()
     print(
         f"  produced {len(payloads)} events in {produced:.2f} s; all folded after {seconds:.2f} s"
+    )
+    # Per core: events over the CPU seconds each stage spent (steadier than wall time
+    # on a shared 2-core box where worker, replica, broker and producer compete).
+    print(
+        f"  worker (validate + route): {len(payloads) / cpu[worker_pid]:,.0f} events/s per core; "
+        f"server replica (decode + fold): {len(payloads) / cpu[server_pid]:,.0f} events/s per core"
     )
     return len(payloads) / seconds
 
@@ -178,7 +188,10 @@ async def main(args: argparse.Namespace) -> None:
             async with grpc.aio.insecure_channel(target) as channel:
                 stub = pb_grpc.ScoringStub(channel)
                 print(f"ingestion ({args.events} events, 1 worker, 1 server replica):")
-                rate = await ingestion(broker.bootstrap, stub, args.events)
+                assert worker.process is not None
+                rate = await ingestion(
+                    broker.bootstrap, stub, args.events, worker.process.pid, server.process.pid
+                )
                 print(f"  {rate:,.0f} events/s end to end")
                 fresh = await freshness(broker.bootstrap, stub, args.fresh)
                 print(

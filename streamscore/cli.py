@@ -76,6 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings.kafka,
         loglevel=settings.log_level,
         payments_partitions=settings.payments_partitions,
+        entity_events_partitions=settings.entity_partitions,
         lateness_ms=settings.lateness_ms,
         skew_ms=settings.skew_ms,
     )
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from streamscore.gc_tuning import tune_for_large_state
+
+    tune_for_large_state()
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

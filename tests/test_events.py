@@ -6,8 +6,14 @@ import orjson
 import pytest
 
 from streamscore.stream.events import InvalidEvent, event_from_dict, parse_event
+from streamscore.stream.features import ENTITY_TYPES
 from streamscore.stream.gate import EventTimeGate
-from streamscore.stream.topics import decode_fold_record, entity_records, split_entity_key
+from streamscore.stream.topics import (
+    decode_fold_batch,
+    entity_partition,
+    fold_entries,
+    route_events,
+)
 
 GOOD = {
     "event_id": "e-1",
@@ -86,25 +92,37 @@ def test_gate_keeps_lateness_per_partition() -> None:
         gate.admit(event_from_dict({**GOOD, "event_time_ms": now - 600_000}), partition=1)
 
 
-def test_entity_records_cover_every_entity_with_one_fold_record() -> None:
-    event = event_from_dict(GOOD)
-    records = entity_records(event)
-    assert [split_entity_key(key) for key, _ in records] == [
+def test_fold_entries_cover_every_entity_once() -> None:
+    entries = fold_entries(event_from_dict(GOOD))
+    assert [(e[0], e[1]) for e in entries] == [
         ("card", "c-1"),
         ("merchant", "m-1"),
         ("device", "d-1"),
         ("ip", "203.0.113.7"),
     ]
-    fold = decode_fold_record(records[0][1])
-    assert (fold.event_id, fold.time_ms, fold.amount, fold.declined) == (
-        "e-1",
-        GOOD["event_time_ms"],
-        1234,
-        True,
-    )
-    assert (fold.merchant_id, fold.card_id) == ("m-1", "c-1")
+    assert entries[0][2:] == ["e-1", GOOD["event_time_ms"], 1234, 1, "m-1", "c-1"]
 
 
-def test_entity_ids_containing_colons_round_trip() -> None:
-    key = entity_records(event_from_dict({**GOOD, "ip": "2001:db8::1"}))[3][0]
-    assert split_entity_key(key) == ("ip", "2001:db8::1")
+def test_route_events_puts_each_entity_in_its_own_stable_partition() -> None:
+    events = [
+        event_from_dict(
+            {**GOOD, "event_id": f"e-{i}", "card_id": f"c-{i % 7}", "ip": "2001:db8::1"}
+        )
+        for i in range(50)
+    ]
+    routed = route_events(events, partitions=4)
+    assert set(routed) <= {0, 1, 2, 3}
+    seen = []
+    for partition, value in routed.items():
+        for entry in decode_fold_batch(value):
+            assert entity_partition(entry[0], entry[1], 4) == partition
+            seen.append((entry[0], entry[2]))
+    # Every event once per entity type, colons in ids included.
+    assert sorted(seen) == sorted((t, f"e-{i}") for t in ENTITY_TYPES for i in range(50))
+    assert entity_partition("ip", "2001:db8::1", 4) == entity_partition("ip", "2001:db8::1", 4)
+
+
+def test_decode_fold_batch_refuses_other_shapes() -> None:
+    for bad in (b"{}", b"[1, 2]", b"[[1, 2, 3]]", b"not json"):
+        with pytest.raises(ValueError):
+            decode_fold_batch(bad)

@@ -19,7 +19,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
 from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
-from streamscore.stream.topics import ENTITY_EVENTS
+from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_batch
 from streamscore.traffic import TrafficConfig, generate_log
 
 import reference
@@ -94,7 +94,8 @@ def assert_matches_reference(
             )
 
 
-async def entity_log_size(bootstrap: str) -> int:
+async def entity_log_entries(bootstrap: str) -> int:
+    """Fold entries written to the entity-events log so far (records are micro-batches)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -103,7 +104,18 @@ async def entity_log_size(bootstrap: str) -> int:
             for p in sorted(consumer.partitions_for_topic(ENTITY_EVENTS) or ())
         ]
         ends = await kafka_compat.true_end_offsets(consumer, partitions)
-        return sum(ends.values())
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        entries = 0
+        positions = dict.fromkeys(partitions, 0)
+        while any(positions[tp] < end for tp, end in ends.items()):
+            batches = await consumer.getmany(timeout_ms=200)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset < ends[tp]:
+                        entries += len(decode_fold_batch(record.value))
+                        positions[tp] = record.offset + 1
+        return entries
     finally:
         await asyncio.sleep(0.05)  # aiokafka: stopping right after start can raise
         await consumer.stop()
@@ -121,19 +133,19 @@ async def test_worker_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(
         await publish(system.bootstrap, events)
         # Kill the worker once it is well into the stream, as a crash would.
         deadline = time.monotonic() + 60
-        while await entity_log_size(system.bootstrap) < len(events):  # a quarter of the records
+        while await entity_log_entries(system.bootstrap) < len(events):  # a quarter
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
         worker.kill()
         await worker.exited.wait()
-        records_at_kill = await entity_log_size(system.bootstrap)
-        assert records_at_kill < 4 * len(events), "the worker finished before it was killed"
+        entries_at_kill = await entity_log_entries(system.bootstrap)
+        assert entries_at_kill < 4 * len(events), "the worker finished before it was killed"
         await system.add_worker()
         state = await wait_all_folded(target, counts, as_of)
-        redelivered = await entity_log_size(system.bootstrap) - 4 * len(events)
+        redelivered = await entity_log_entries(system.bootstrap) - 4 * len(events)
         print(
-            f"killed at {records_at_kill} of {4 * len(events)} records; "
-            f"{redelivered} records written twice and de-duplicated"
+            f"killed at {entries_at_kill} of {4 * len(events)} fold entries; "
+            f"{redelivered} entries written twice and de-duplicated"
         )
         assert redelivered >= 0
         assert_matches_reference(state, events, as_of)

@@ -335,3 +335,15 @@ def test_recent_negative_times():
     assert not recent.is_too_old(-105)
     assert recent.newest_at_or_before(-96) == -100
     assert recent.newest_at_or_before(-101) is None
+
+
+def test_recent_newest_at_or_before_with_a_key_left_behind_by_lazy_pruning():
+    recent = RecentEvents(horizon_ms=100)
+    recent.add(50, "a")
+    recent.add(120, "b")
+    recent.add(40, "c")  # out of order, inserted behind b
+    recent.add(155, "d")  # prunes a (front, out of horizon); c waits behind b
+    assert "a" not in recent
+    assert recent.newest_at_or_before(45) == 40
+    assert recent.newest_at_or_before(52) == 50  # the pruned a, not the older c
+    assert recent.newest_at_or_before(130) == 120

@@ -8,21 +8,22 @@ that are refused by the caller as too late, so a duplicate can never slip past.
 
 from __future__ import annotations
 
-import heapq
-
 
 class RecentEvents:
     """Keys and times of the events within ``horizon_ms`` of the newest one."""
 
-    __slots__ = ("_heap", "_times", "horizon_ms", "newest_ms", "older_newest_ms")
+    __slots__ = ("_times", "horizon_ms", "newest_ms", "older_newest_ms")
 
     def __init__(self, horizon_ms: int) -> None:
         self.horizon_ms = horizon_ms
         self.newest_ms: int | None = None
         # Newest time among events pruned out of the horizon (for time-since-newest).
         self.older_newest_ms: int | None = None
+        # Insertion-ordered: pruning pops from the front while the front is out of the
+        # horizon. An out-of-order older key may wait behind a newer one a little
+        # longer (memory only: in-horizon keys are never dropped). No heap: it cost
+        # a tuple per event and a log-time push on the hot path.
         self._times: dict[str, int] = {}
-        self._heap: list[tuple[int, str]] = []
 
     def is_too_old(self, time_ms: int) -> bool:
         """True when an event this old is outside the horizon (the caller drops it)."""
@@ -33,14 +34,18 @@ class RecentEvents:
 
     def add(self, time_ms: int, key: str) -> None:
         """Record an event; the caller has checked it is neither too old nor seen."""
-        self._times[key] = time_ms
-        heapq.heappush(self._heap, (time_ms, key))
-        if self.newest_ms is None or time_ms > self.newest_ms:
-            self.newest_ms = time_ms
-        horizon_start = self.newest_ms - self.horizon_ms
-        while self._heap and self._heap[0][0] < horizon_start:
-            old_time, old_key = heapq.heappop(self._heap)
-            del self._times[old_key]
+        times = self._times
+        times[key] = time_ms
+        newest = self.newest_ms
+        if newest is None or time_ms > newest:
+            self.newest_ms = newest = time_ms
+        horizon_start = newest - self.horizon_ms
+        while True:
+            oldest_key = next(iter(times))
+            old_time = times[oldest_key]
+            if old_time >= horizon_start:
+                return
+            del times[oldest_key]
             if self.older_newest_ms is None or old_time > self.older_newest_ms:
                 self.older_newest_ms = old_time
 
@@ -51,8 +56,10 @@ class RecentEvents:
         if self.newest_ms <= t_ms:
             return self.newest_ms
         best = max((time for time in self._times.values() if time <= t_ms), default=None)
-        if best is None and self.older_newest_ms is not None and self.older_newest_ms <= t_ms:
-            best = self.older_newest_ms
+        older = self.older_newest_ms
+        # Pruning is lazy, so keys older than a pruned one may remain: take the larger.
+        if older is not None and older <= t_ms and (best is None or older > best):
+            best = older
         return best
 
     def __len__(self) -> int:

@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-
-@dataclass(slots=True)
-class Bucket:
-    """Aggregates of the events that fell into one bucket."""
-
-    count: int = 0
-    declined: int = 0
-    amount_sum: int = 0
-    amount_sumsq: int = 0
-    amount_max: int = 0
-    # One set of values per distinct-count field (e.g. merchant ids), in field order.
-    distinct: tuple[set[str], ...] = ()
+# A bucket is a plain list, the cheapest mutable record in CPython (fold is the hot
+# path: about eleven bucket updates per event for the default pack):
+# [count, declined, amount_sum, amount_sumsq, amount_max, *one set per distinct field].
+COUNT, DECLINED, SUM, SUMSQ, MAX = range(5)
+DISTINCT0 = 5
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,6 +51,10 @@ class WindowAgg:
         return self.declined / self.count if self.count else 0.0
 
 
+def _singleton(value: str) -> set[str]:
+    return {value}
+
+
 class Tiles:
     """Non-empty buckets of one entity at resolution ``resolution_ms``."""
 
@@ -67,7 +65,7 @@ class Tiles:
             raise ValueError("resolution_ms must be positive")
         self.resolution_ms = resolution_ms
         self.n_distinct = n_distinct
-        self.buckets: dict[int, Bucket] = {}
+        self.buckets: dict[int, list[Any]] = {}
         # Lowest stored bucket index (or None): lets ``expire`` return at once mostly.
         self._oldest: int | None = None
 
@@ -77,21 +75,30 @@ class Tiles:
         """Fold one event in; returns True when it opened a new bucket."""
         index = time_ms // self.resolution_ms
         bucket = self.buckets.get(index)
-        created = bucket is None
-        if bucket is None:
-            bucket = Bucket(distinct=tuple(set() for _ in range(self.n_distinct)))
-            self.buckets[index] = bucket
-            if self._oldest is None or index < self._oldest:
-                self._oldest = index
-        bucket.count += 1
-        bucket.declined += declined
-        bucket.amount_sum += amount
-        bucket.amount_sumsq += amount * amount
-        if amount > bucket.amount_max:
-            bucket.amount_max = amount
-        for values, value in zip(bucket.distinct, distinct_values, strict=True):
-            values.add(value)
-        return created
+        if bucket is not None and len(bucket) == DISTINCT0 + len(distinct_values):
+            bucket[0] += 1
+            bucket[1] += declined
+            bucket[2] += amount
+            bucket[3] += amount * amount
+            if amount > bucket[4]:
+                bucket[4] = amount
+            if distinct_values:
+                for i, value in enumerate(distinct_values, DISTINCT0):
+                    bucket[i].add(value)
+            return False
+        if len(distinct_values) != self.n_distinct:
+            raise ValueError(f"expected {self.n_distinct} distinct values, got {distinct_values!r}")
+        self.buckets[index] = [
+            1,
+            int(declined),
+            amount,
+            amount * amount,
+            amount,
+            *map(_singleton, distinct_values),
+        ]
+        if self._oldest is None or index < self._oldest:
+            self._oldest = index
+        return True
 
     def window(self, t_ms: int, window_ms: int) -> WindowAgg:
         """Aggregate the buckets in ``(b(t) - W/r, b(t)]``."""
@@ -109,13 +116,13 @@ class Tiles:
         else:
             selected = [b for b in map(buckets.get, range(first, last + 1)) if b is not None]
         for bucket in selected:
-            count += bucket.count
-            declined += bucket.declined
-            amount_sum += bucket.amount_sum
-            amount_sumsq += bucket.amount_sumsq
-            if bucket.amount_max > amount_max:
-                amount_max = bucket.amount_max
-            for union, values in zip(distinct, bucket.distinct, strict=True):
+            count += bucket[0]
+            declined += bucket[1]
+            amount_sum += bucket[2]
+            amount_sumsq += bucket[3]
+            if bucket[4] > amount_max:
+                amount_max = bucket[4]
+            for union, values in zip(distinct, bucket[DISTINCT0:], strict=True):
                 union |= values
         return WindowAgg(
             count, declined, amount_sum, amount_sumsq, amount_max, tuple(len(s) for s in distinct)

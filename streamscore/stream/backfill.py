@@ -11,8 +11,8 @@ from collections.abc import Iterable, Iterator
 
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.events import PaymentEvent
-from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
-from streamscore.stream.state import FeatureStore, FoldRecord
+from streamscore.stream.state import FeatureStore
+from streamscore.stream.topics import fold_entries
 
 
 def sort_events(events: Iterable[PaymentEvent]) -> list[PaymentEvent]:
@@ -21,16 +21,9 @@ def sort_events(events: Iterable[PaymentEvent]) -> list[PaymentEvent]:
 
 
 def fold_event(store: FeatureStore, event: PaymentEvent) -> None:
-    record = FoldRecord(
-        event.event_id,
-        event.event_time_ms,
-        event.amount_minor,
-        event.declined,
-        event.merchant_id,
-        event.card_id,
-    )
-    for entity in ENTITY_TYPES:
-        store.fold(entity, getattr(event, ENTITY_FIELD[entity]), record)
+    fold = store.fold_fields
+    for entry in fold_entries(event):
+        fold(*entry)
 
 
 def backfill(

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError
 
 from streamscore.stream import kafka_compat
 from streamscore.stream.state import FeatureStore
-from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_record, split_entity_key
+from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_batch
 
 log = logging.getLogger("streamscore.replica")
 
@@ -38,15 +38,18 @@ class FeatureReplica:
         store: FeatureStore,
         *,
         topic: str = ENTITY_EVENTS,
-        # Folding runs on the serving event loop: small batches keep each pause short
-        # (500 records is a few ms) so Score calls are not held behind a big fold.
-        max_records: int = 500,
+        max_records: int = 50,
+        # Folding runs on the serving event loop: it yields after this many entries
+        # (about a millisecond) so Score calls are not held behind a big fold.
+        entries_per_step: int = 128,
     ) -> None:
         self.bootstrap = bootstrap
         self.store = store
         self.topic = topic
         self.max_records = max_records
+        self.entries_per_step = entries_per_step
         self.records_folded = 0
+        self.entries_folded = 0
         self.bad_records = 0
         self.last_fetch_monotonic = 0.0
         self._consumer: AIOKafkaConsumer | None = None
@@ -131,24 +134,34 @@ class FeatureReplica:
             backoff = 0.1
             self.last_fetch_monotonic = time.monotonic()
             for tp, records in batches.items():
-                self._fold(records)
+                await self._fold(records)
                 if records:
                     self._positions[tp] = records[-1].offset + 1
-                await asyncio.sleep(0)  # let waiting Score calls run between partitions
             if not self.caught_up:
                 self._check_caught_up()
 
-    def _fold(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        fold = self.store.fold
+    async def _fold(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        fold = self.store.fold_fields
+        step = self.entries_per_step
         for record in records:
             try:
-                entity_type, entity_id = split_entity_key(record.key)
-                fold(entity_type, entity_id, decode_fold_record(record.value))
-            except (ValueError, TypeError, KeyError, AttributeError):
+                entries = decode_fold_batch(record.value)
+            except ValueError:
                 # Only our own worker writes this topic; a bad record is a bug to see
                 # in metrics, not a reason to stop folding everything else.
                 self.bad_records += 1
                 log.exception("unreadable entity-events record at offset %s", record.offset)
+                continue
+            for start in range(0, len(entries), step):
+                for entry in entries[start : start + step]:
+                    try:
+                        fold(*entry)
+                    except (ValueError, TypeError, KeyError):
+                        self.bad_records += 1
+                        log.exception("bad fold entry at offset %s", record.offset)
+                # Let waiting Score calls run: each pause stays around a millisecond.
+                await asyncio.sleep(0)
+            self.entries_folded += len(entries)
         self.records_folded += len(records)
 
     def _check_caught_up(self) -> None:

@@ -34,6 +34,13 @@ class Fold(Enum):
     TOO_LATE = "too_late"
 
 
+# ``fold_fields`` returns these ints (cheaper than enum members on the hot path).
+APPLIED, DUPLICATE, TOO_LATE = 0, 1, 2
+FOLD_OUTCOMES = (Fold.APPLIED, Fold.DUPLICATE, Fold.TOO_LATE)
+# Fields a distinct count can be over, in the order ``fold_fields`` receives them.
+DISTINCT_SOURCES = ("merchant_id", "card_id")
+
+
 @dataclass(frozen=True, slots=True)
 class FoldRecord:
     """What one entity needs of an event: the fields its features aggregate."""
@@ -55,6 +62,26 @@ class EntityState:
         self.folded = 0
 
 
+def _fold_plan(
+    layout: EntityLayout, expire_lag_ms: int
+) -> tuple[tuple[int, tuple[int, ...], int], ...]:
+    """Per resolution: (r, indices into DISTINCT_SOURCES, how far behind newest to expire)."""
+    for fields in layout.distinct_fields.values():
+        unknown = set(fields) - set(DISTINCT_SOURCES)
+        if unknown:
+            raise ValueError(f"distinct counts over {sorted(unknown)} are not supported")
+    return tuple(
+        (
+            r,
+            tuple(DISTINCT_SOURCES.index(f) for f in layout.distinct_fields[r]),
+            # Queries go back at most lateness (replay) or skew (live) before the
+            # newest event, then one window; older buckets can never count.
+            expire_lag_ms + layout.max_window_ms[r],
+        )
+        for r in layout.resolutions
+    )
+
+
 class FeatureStore:
     """All entities' state; ``fold`` events in, read ``features`` as of a time."""
 
@@ -69,32 +96,66 @@ class FeatureStore:
         self.skew_ms = skew_ms
         self.layouts = {entity: entity_layout(entity, pack) for entity in ENTITY_TYPES}
         self.entities: dict[str, dict[str, EntityState]] = {e: {} for e in ENTITY_TYPES}
-        self.counts = {fold: 0 for fold in Fold}
+        self._plans = {
+            entity: _fold_plan(layout, lateness_ms + skew_ms)
+            for entity, layout in self.layouts.items()
+        }
+        self._outcome_counts = [0, 0, 0]
+
+    @property
+    def counts(self) -> dict[Fold, int]:
+        return dict(zip(FOLD_OUTCOMES, self._outcome_counts, strict=True))
 
     def fold(self, entity_type: str, entity_id: str, record: FoldRecord) -> Fold:
-        layout = self.layouts[entity_type]
+        return FOLD_OUTCOMES[
+            self.fold_fields(
+                entity_type,
+                entity_id,
+                record.event_id,
+                record.time_ms,
+                record.amount,
+                record.declined,
+                record.merchant_id,
+                record.card_id,
+            )
+        ]
+
+    def fold_fields(
+        self,
+        entity_type: str,
+        entity_id: str,
+        event_id: str,
+        time_ms: int,
+        amount: int,
+        declined: bool,
+        merchant_id: str,
+        card_id: str,
+    ) -> int:
+        """Fold one event into one entity: APPLIED, DUPLICATE or TOO_LATE (the hot path)."""
         states = self.entities[entity_type]
         state = states.get(entity_id)
         if state is None:
-            state = states[entity_id] = EntityState(layout, self.lateness_ms)
+            state = states[entity_id] = EntityState(self.layouts[entity_type], self.lateness_ms)
         recent = state.recent
-        if recent.is_too_old(record.time_ms):
-            outcome = Fold.TOO_LATE
-        elif record.event_id in recent:
-            outcome = Fold.DUPLICATE
+        newest = recent.newest_ms
+        if newest is not None and time_ms < newest - self.lateness_ms:
+            outcome = TOO_LATE
+        elif event_id in recent:
+            outcome = DUPLICATE
         else:
-            recent.add(record.time_ms, record.event_id)
+            recent.add(time_ms, event_id)
             newest = recent.newest_ms
             assert newest is not None
-            for r, tiles in state.tiles.items():
-                values = tuple(getattr(record, name) for name in layout.distinct_fields[r])
-                if tiles.add(record.time_ms, record.amount, record.declined, values):
-                    # Queries go back at most lateness (replay) or skew (live) before
-                    # the newest event, then one window; older buckets can never count.
-                    tiles.expire(newest - self.lateness_ms - self.skew_ms - layout.max_window_ms[r])
+            sources = (merchant_id, card_id)
+            tiles_by_r = state.tiles
+            for r, distinct, expire_lag in self._plans[entity_type]:
+                tiles = tiles_by_r[r]
+                values = tuple([sources[i] for i in distinct]) if distinct else ()
+                if tiles.add(time_ms, amount, declined, values):
+                    tiles.expire(newest - expire_lag)
             state.folded += 1
-            outcome = Fold.APPLIED
-        self.counts[outcome] += 1
+            outcome = APPLIED
+        self._outcome_counts[outcome] += 1
         return outcome
 
     def earliest_exact_ms(self, entity_type: str, entity_id: str) -> int | None:
