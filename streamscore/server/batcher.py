@@ -1,0 +1,675 @@
+"""Deadline-aware micro-batching in front of one model backend.
+
+One :class:`Batcher` per backend merges concurrent :meth:`Batcher.submit` calls into
+``infer`` calls on a stacked ``(n, k)`` float32 batch. Pure asyncio, event driven: every
+decision is taken synchronously when something changes (a request arrives, a batch
+ends, the one timer fires); nothing polls.
+
+Deadlines. Each request carries an absolute deadline on :attr:`Batcher.clock`
+(``time.monotonic`` by default, the clock of asyncio's own loop; uvloop's
+``loop.time()`` is the same clock truncated to milliseconds, so compute deadlines with
+``batcher.clock() + min(grpc_time_remaining, budget)``). A :class:`LatencyModel`
+predicts the backend's time per batch size (a high quantile of recent batches, times a
+margin; :func:`warm_up` seeds it with real batches before serving).
+
+Dispatch rule:
+
+* A batch goes out as soon as a concurrency slot is free and a request is queued
+  (adaptive batching: while batches run, arrivals pile up and the next batch takes up
+  to ``max_batch_size`` of them). With ``max_delay_s > 0`` a non-full batch may wait to
+  grow, until the earlier of ``oldest arrival + max_delay_s`` and ``most urgent
+  deadline - predicted(n) - timer_slack_s``; it never waits when the batch is full or
+  the queue is full (nothing more can come in).
+* Batches are filled earliest deadline first (with one budget for everyone that is
+  arrival order; a caller with a tighter gRPC deadline goes ahead).
+* All slots busy: requests wait in the bounded queue (``QueueFull`` beyond it).
+
+Requests that cannot make their deadline are answered at once, never run late:
+
+* at submit, if the earliest a slot frees (now, or the predicted end of the running
+  batches) plus ``predicted(1)`` is past the deadline;
+* while queued, as soon as ``now + predicted(1)`` passes the deadline (the timer,
+  within one timer grain);
+* just before the model call, the most urgent requests that ``predicted(batch size)``
+  says would miss (a prefix in deadline order; the rest still run);
+* during the model call, at the deadline (one timer per batch, not per request); the
+  late score is then discarded for that request (``streamscore_batch_late_results_total``).
+
+All four raise :class:`DeadlineUnreachable` (``stage`` says which); the scoring service
+turns it into a fallback score marked degraded, or DEADLINE_EXCEEDED, by its policy.
+A score is only ever set when the clock, read after the backend returned, is at or
+before the request's deadline.
+
+Cancelled callers (``CancelledError`` in ``submit``: the gRPC client went away) leave
+the queue at once and are dropped from their batch just before the model call. A
+backend exception, or a result whose shape is not ``(n,)``, fails every request of the
+batch with :class:`BackendFailed` (the cause chained). :meth:`Batcher.stop` answers
+everything still queued with :class:`BatcherStopped` and waits for running batches.
+
+Errors subclass :class:`~streamscore.server.errors.ServingError`, so each carries its
+gRPC status (QueueFull: RESOURCE_EXHAUSTED, DeadlineUnreachable: DEADLINE_EXCEEDED,
+BatcherStopped and BackendFailed: UNAVAILABLE); the service applies its fallback
+policy to DeadlineUnreachable before falling back to that mapping.
+
+Hot path per request: one future, one heap push, a few float comparisons and one
+histogram observation; per batch one task, one ``np.concatenate`` (``np.stack`` costs
+several times more), one deadline timer, a few histogram observations and one
+``tolist()``. Predictions are cached per size until the latency model changes.
+Timers use ``loop.call_later``; uvloop rounds them to whole milliseconds and may fire
+up to ~1 ms early, so waits shorter than ``TIMER_GRAIN_S`` are not armed (the batch
+goes now) and the in-flight deadline timer answers requests within one grain of
+their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+import numpy as np
+
+from streamscore.server import metrics
+from streamscore.server.errors import ServingError
+
+Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
+
+# uvloop's timers have millisecond resolution (and may fire up to ~1 ms early).
+TIMER_GRAIN_S = 0.001
+
+_NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+
+
+# -- errors ----------------------------------------------------------------------------
+
+
+class BatcherError(ServingError):
+    """A request the batcher answered without a score."""
+
+
+class QueueFull(BatcherError):
+    """The bounded queue is full: overload, shed at once."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineUnreachable(BatcherError):
+    """The request cannot be scored by its deadline; ``stage`` is where that was seen:
+    ``submit``, ``queue``, ``dispatch`` or ``in_flight``. Policy decides between a
+    fallback score marked degraded and DEADLINE_EXCEEDED."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class BatcherStopped(BatcherError):
+    """The batcher is not running (not started yet, stopping, or stopped)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class BackendFailed(BatcherError):
+    """The backend call of this request's batch failed; ``__cause__`` is why."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+# -- latency model ---------------------------------------------------------------------
+
+
+class LatencyModel:
+    """Predicted backend seconds per batch size, from recent measured batches.
+
+    Observations go to power-of-two buckets by the floor of the size (bucket 4 holds
+    sizes 4..7), each a ring buffer of the last ``window`` durations; a bucket's
+    estimate is their ``quantile`` (the max while few). A prediction interpolates
+    linearly between the nearest measured buckets below and above, over the running
+    max of the estimates (so it never decreases with size; a size above every
+    measured bucket gets the largest estimate below it, one below all of them the
+    smallest above), then applies ``* margin + extra_s``. ``default_s`` stands in
+    before any observation. Floor buckets make it conservative (a bucket's estimate
+    includes its larger sizes). Set the parameters at construction: predictions are
+    cached until the next observation changes an estimate.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        *,
+        window: int = 64,
+        quantile: float = 0.95,
+        margin: float = 1.25,
+        extra_s: float = 0.0,
+        default_s: float = 0.0,
+    ) -> None:
+        if max_batch_size < 1 or window < 1 or not 0.0 < quantile <= 1.0:
+            raise ValueError("max_batch_size >= 1, window >= 1 and 0 < quantile <= 1")
+        self.max_batch_size = max_batch_size
+        self.window = window
+        self.quantile = quantile
+        self.margin = margin
+        self.extra_s = extra_s
+        self.default_s = default_s
+        n_buckets = max_batch_size.bit_length()
+        self._observations: list[deque[float]] = [deque(maxlen=window) for _ in range(n_buckets)]
+        self._sorted: list[list[float]] = [[] for _ in range(n_buckets)]  # same, in order
+        self._estimates: list[float | None] = [None] * n_buckets
+        # Per bucket: (anchor size, seconds at the anchor, seconds per extra request).
+        self._lines: list[tuple[int, float, float]] = []
+        self._cache: dict[int, float] = {}  # predictions by size, until the next change
+        self._rebuild()
+
+    def observe(self, batch_size: int, seconds: float) -> None:
+        """Record one measured backend call."""
+        b = self._bucket(batch_size)
+        window, ordered = self._observations[b], self._sorted[b]
+        if len(window) == self.window:
+            del ordered[bisect.bisect_left(ordered, window[0])]
+        window.append(seconds)
+        bisect.insort(ordered, seconds)
+        rank = math.ceil(self.quantile * len(ordered)) - 1
+        estimate = ordered[max(0, min(len(ordered) - 1, rank))]
+        if estimate != self._estimates[b]:
+            self._estimates[b] = estimate
+            self._rebuild()
+
+    seed = observe
+
+    def predict(self, batch_size: int) -> float:
+        """Seconds a batch of this size is expected to take (high quantile, with margin)."""
+        cached = self._cache.get(batch_size)
+        if cached is not None:
+            return cached
+        anchor, seconds, slope = self._lines[self._bucket(batch_size)]
+        predicted = (seconds + slope * (batch_size - anchor)) * self.margin + self.extra_s
+        if 1 <= batch_size <= self.max_batch_size:
+            self._cache[batch_size] = predicted
+        return predicted
+
+    def measured(self) -> dict[int, float]:
+        """The raw estimate of each measured bucket, by bucket size (for logs)."""
+        return {1 << b: e for b, e in enumerate(self._estimates) if e is not None}
+
+    def _bucket(self, batch_size: int) -> int:
+        return min(max(batch_size, 1).bit_length(), len(self._estimates)) - 1
+
+    def _rebuild(self) -> None:
+        known = [(b, e) for b, e in enumerate(self._estimates) if e is not None]
+        lines: list[tuple[int, float, float]] = []
+        low: float | None = None  # running max of the estimates at or below the bucket
+        anchor = 0  # the highest measured bucket at or below
+        k = 0  # index in known of the first measured bucket above
+        for b in range(len(self._estimates)):
+            while k < len(known) and known[k][0] <= b:
+                anchor, estimate = known[k]
+                low = estimate if low is None else max(low, estimate)
+                k += 1
+            if low is None:  # nothing measured at or below: flat at the next one up
+                lines.append((1, known[k][1] if k < len(known) else self.default_s, 0.0))
+            elif k == len(known):  # nothing measured above: flat
+                lines.append((1 << anchor, low, 0.0))
+            else:
+                above, high = known[k]
+                slope = (max(high, low) - low) / ((1 << above) - (1 << anchor))
+                lines.append((1 << anchor, low, slope))
+        self._lines = lines
+        self._cache.clear()
+
+
+def warm_up_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... below ``max_batch_size``, then ``max_batch_size`` itself."""
+    sizes = [1 << b for b in range(max_batch_size.bit_length()) if 1 << b < max_batch_size]
+    return [*sizes, max_batch_size]
+
+
+async def warm_up(
+    infer: Infer,
+    inputs: np.ndarray,
+    model: LatencyModel,
+    *,
+    sizes: Iterable[int] | None = None,
+    repeats: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, float]:
+    """Run real batches of each size (rows of ``inputs`` repeated to fill them): one
+    untimed call, then ``repeats`` timed ones fed to ``model``. Returns the predicted
+    seconds per size. Call it before the batcher serves (it calls ``infer`` directly)."""
+    rows = np.atleast_2d(np.asarray(inputs, dtype=np.float32))
+    predicted: dict[int, float] = {}
+    for size in warm_up_sizes(model.max_batch_size) if sizes is None else sizes:
+        batch = np.resize(rows, (size, rows.shape[1]))
+        await infer(batch)
+        for _ in range(repeats):
+            started = clock()
+            scores = await infer(batch)
+            elapsed = clock() - started
+            if np.shape(scores) != (size,):
+                raise BackendFailed(f"warm-up: {np.shape(scores)} scores for a batch of {size}")
+            model.observe(size, elapsed)
+        predicted[size] = model.predict(size)
+    return predicted
+
+
+# -- batcher ---------------------------------------------------------------------------
+
+
+class _Request:
+    __slots__ = ("arrival", "deadline", "future", "queued", "vector")
+
+    def __init__(
+        self, vector: np.ndarray, deadline: float, future: asyncio.Future[float], arrival: float
+    ) -> None:
+        self.vector = vector
+        self.deadline = deadline
+        self.future = future
+        self.arrival = arrival
+        # True while in the queue (the heap may still hold it after, lazily skipped).
+        self.queued = True
+
+
+class _Batch:
+    __slots__ = ("expected_end", "guard", "next_expiry", "requests")
+
+    def __init__(self, requests: list[_Request], expected_end: float) -> None:
+        self.requests = requests  # in deadline order
+        self.expected_end = expected_end
+        self.guard: asyncio.TimerHandle | None = None
+        self.next_expiry = 0
+
+
+class Batcher:
+    """Merges concurrent requests for one backend into deadline-aware batches.
+
+    ``infer``: the backend call, ``(n, k)`` float32 -> ``(n,)`` scores. ``name``: the
+    ``model`` metrics label. ``max_queue``: requests waiting for a batch, at most.
+    ``max_delay_s``: extra wait to grow a non-full batch (capped by deadlines; 0
+    dispatches whenever a slot is free). ``n_inputs``: the vector length ``submit`` accepts
+    (``ValueError`` otherwise); learnt from the first vector when not given. ``timer_slack_s``:
+    how long before its most urgent request's cut-off a delayed batch leaves: it absorbs
+    timer lateness on a loaded box (a late timer would otherwise shed the very request
+    the batch waited for). ``clock``: the clock of deadlines (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        infer: Infer,
+        *,
+        name: str,
+        max_batch_size: int,
+        max_queue: int,
+        max_concurrent_batches: int = 1,
+        max_delay_s: float = 0.0,
+        latency_model: LatencyModel | None = None,
+        n_inputs: int | None = None,
+        timer_slack_s: float = 0.005,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1:
+            raise ValueError("max_batch_size, max_queue and max_concurrent_batches must be >= 1")
+        if max_delay_s < 0:
+            raise ValueError("max_delay_s must be >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_concurrent_batches = max_concurrent_batches
+        self.max_delay_s = max_delay_s
+        self.latency_model = latency_model or LatencyModel(max_batch_size)
+        self.n_inputs = n_inputs
+        self.timer_slack_s = timer_slack_s
+        self.clock = clock
+        self._infer = infer
+        self._state = _NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (deadline, arrival sequence, request); entries no longer queued are skipped.
+        self._heap: list[tuple[float, int, _Request]] = []
+        self._sequence = itertools.count()
+        self._queued = 0
+        self._window_start = 0.0  # arrival of the oldest queued request (for max_delay_s)
+        self._running: set[_Batch] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+        self._m_size = metrics.BATCH_SIZE.labels(name)
+        self._m_wait = metrics.BATCH_QUEUE_WAIT.labels(name)
+        self._m_backend = metrics.BACKEND_SECONDS.labels(name)
+        self._m_late = metrics.LATE_RESULTS.labels(name)
+        self._m_shed = {
+            reason: metrics.SHED_REQUESTS.labels(name, reason)
+            for reason in (
+                "queue_full",
+                "deadline_submit",
+                "deadline_queue",
+                "deadline_dispatch",
+                "deadline_in_flight",
+                "stopped",
+                "backend_failed",
+            )
+        }
+        self._m_cancelled_before = metrics.CANCELLED_REQUESTS.labels(name, "before_model")
+        self._m_cancelled_during = metrics.CANCELLED_REQUESTS.labels(name, "during_model")
+        self._m_failures = {
+            kind: metrics.BACKEND_FAILURES.labels(name, kind) for kind in ("error", "wrong_count")
+        }
+
+    # -- observation ---------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return self._queued
+
+    @property
+    def in_flight(self) -> int:
+        """Batches dispatched and not finished."""
+        return len(self._running)
+
+    @property
+    def running(self) -> bool:
+        return self._state == _RUNNING
+
+    @property
+    def next_wakeup(self) -> float | None:
+        """When the batcher's one timer fires (on :attr:`clock`), or None if not armed."""
+        return None if self._timer is None else self._timer_at
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def warm_up(
+        self, inputs: np.ndarray, *, sizes: Iterable[int] | None = None, repeats: int = 3
+    ) -> dict[int, float]:
+        """Seed the latency model with real batches (see :func:`warm_up`); before start."""
+        return await warm_up(self._infer, inputs, self.latency_model, sizes=sizes, repeats=repeats)
+
+    async def start(self) -> None:
+        if self._state != _NEW:
+            raise RuntimeError(f"batcher {self.name!r} is {self._state}; start it once")
+        self._loop = asyncio.get_running_loop()
+        self._state = _RUNNING
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Answer every queued request with :class:`BatcherStopped`, cancel the timer and
+        wait for the running batches (their requests still get their scores). After
+        ``timeout`` seconds the remaining batches are cancelled (their requests get
+        :class:`BatcherStopped`). Safe to call twice."""
+        if self._state == _NEW:
+            self._state = _STOPPED
+            return
+        self._state = _STOPPING
+        self._cancel_timer()
+        while self._heap:
+            request = heapq.heappop(self._heap)[2]
+            if request.queued:
+                request.queued = False
+                self._answer_error(request, BatcherStopped("the batcher stopped"), "stopped")
+        self._queued = 0
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self._state = _STOPPED
+
+    # -- the hot path --------------------------------------------------------------
+
+    async def submit(self, vector: np.ndarray, deadline: float) -> float:
+        """The score of one ``(k,)`` feature vector, by ``deadline`` (on :attr:`clock`).
+
+        Raises :class:`QueueFull`, :class:`DeadlineUnreachable`, :class:`BackendFailed`
+        or :class:`BatcherStopped`; ``CancelledError`` when the caller is cancelled."""
+        if self._state != _RUNNING:
+            raise BatcherStopped(f"batcher {self.name!r} is {self._state}")
+        if vector.shape != (self.n_inputs,):
+            if self.n_inputs is not None or vector.ndim != 1:
+                raise ValueError(
+                    f"expected a vector of shape ({self.n_inputs},), got {vector.shape}"
+                )
+            self.n_inputs = vector.shape[0]
+        now = self.clock()
+        if self._queued >= self.max_queue:
+            self._m_shed["queue_full"].inc()
+            raise QueueFull(f"{self.max_queue} requests already queued for {self.name!r}")
+        start = now
+        if len(self._running) >= self.max_concurrent_batches:
+            start = max(now, min(batch.expected_end for batch in self._running))
+        if start + self.latency_model.predict(1) > deadline:
+            self._m_shed["deadline_submit"].inc()
+            raise DeadlineUnreachable(
+                "submit", f"{deadline - now:.6f}s left is less than {self.name!r} needs"
+            )
+        assert self._loop is not None
+        request = _Request(vector, deadline, self._loop.create_future(), now)
+        if self._queued == 0:
+            self._window_start = now
+        self._queued += 1
+        heapq.heappush(self._heap, (deadline, next(self._sequence), request))
+        self._schedule(now)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if request.queued:
+                request.queued = False
+                self._queued -= 1
+                self._m_cancelled_before.inc()
+                if len(self._heap) > 2 * self._queued + 64:
+                    self._compact()
+            raise
+
+    # -- decisions -----------------------------------------------------------------
+
+    def _top(self) -> _Request | None:
+        """The most urgent queued request, dropping entries no longer queued."""
+        heap = self._heap
+        while heap:
+            request = heap[0][2]
+            if request.queued:
+                return request
+            heapq.heappop(heap)
+        return None
+
+    def _schedule(self, now: float) -> None:
+        """Expire, dispatch, or arm the one timer; called on every change."""
+        model = self.latency_model
+        one = model.predict(1)
+        # Queued requests that could not make it even alone, now.
+        while (top := self._top()) is not None and now + one > top.deadline:
+            heapq.heappop(self._heap)
+            top.queued = False
+            self._queued -= 1
+            self._answer_error(
+                top,
+                DeadlineUnreachable("queue", "deadline passed while queued"),
+                "deadline_queue",
+            )
+        while self._queued and len(self._running) < self.max_concurrent_batches:
+            if (
+                self.max_delay_s > 0.0
+                and self._queued < self.max_batch_size
+                and self._queued < self.max_queue
+            ):
+                top = self._top()
+                assert top is not None
+                due = min(
+                    self._window_start + self.max_delay_s,
+                    top.deadline - model.predict(self._queued) - self.timer_slack_s,
+                )
+                if due - now > TIMER_GRAIN_S:
+                    self._arm(due, now)
+                    return
+            self._dispatch(now)
+        if self._queued:
+            # All slots busy: wake when the most urgent request becomes unreachable.
+            top = self._top()
+            assert top is not None
+            self._arm(top.deadline - one, now)
+
+    def _arm(self, when: float, now: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return  # fires earlier and re-decides
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = when
+        self._timer = self._loop.call_later(max(when - now, TIMER_GRAIN_S), self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_at = math.inf
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        if self._state == _RUNNING:
+            self._schedule(self.clock())
+
+    def _dispatch(self, now: float) -> None:
+        heap = self._heap
+        requests: list[_Request] = []
+        while heap and len(requests) < self.max_batch_size:
+            request = heapq.heappop(heap)[2]
+            if request.queued:
+                request.queued = False
+                requests.append(request)
+        self._queued -= len(requests)
+        if self._queued and self.max_delay_s > 0.0:
+            self._window_start = min(entry[2].arrival for entry in heap if entry[2].queued)
+        batch = _Batch(requests, now + self.latency_model.predict(len(requests)))
+        self._running.add(batch)
+        assert self._loop is not None
+        task = self._loop.create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _compact(self) -> None:
+        self._heap = [entry for entry in self._heap if entry[2].queued]
+        heapq.heapify(self._heap)
+
+    # -- one batch -----------------------------------------------------------------
+
+    async def _run(self, batch: _Batch) -> None:
+        try:
+            await self._call(batch)
+        finally:
+            # Left unanswered only if the call was cancelled (stop's timeout, or the
+            # backend raised CancelledError itself) or by a bug here.
+            if self._state == _RUNNING:
+                self._fail_batch(batch.requests, RuntimeError("the batch was abandoned"))
+            else:
+                for request in batch.requests:
+                    self._answer_error(request, BatcherStopped("the batcher stopped"), "stopped")
+            if batch.guard is not None:
+                batch.guard.cancel()
+            self._running.discard(batch)
+            if self._state == _RUNNING:
+                self._schedule(self.clock())
+
+    async def _call(self, batch: _Batch) -> None:
+        now = self.clock()
+        live: list[_Request] = []
+        for request in batch.requests:
+            if not request.future.done():
+                live.append(request)
+            elif request.future.cancelled():
+                self._m_cancelled_before.inc()
+        # The most urgent ones that would miss even in this batch (a prefix: deadline order).
+        model = self.latency_model
+        n, k = len(live), 0
+        while k < n and now + model.predict(n - k) > live[k].deadline:
+            self._answer_error(
+                live[k],
+                DeadlineUnreachable("dispatch", "cannot finish by the deadline"),
+                "deadline_dispatch",
+            )
+            k += 1
+        live = live[k:]
+        batch.requests = live
+        if not live:
+            return
+        n = len(live)
+        self._m_size.observe(n)
+        for request in live:
+            self._m_wait.observe(now - request.arrival)
+        assert self._loop is not None
+        batch.guard = self._loop.call_later(
+            max(live[0].deadline - now, 0.0), self._on_deadline, batch
+        )
+        started = self.clock()
+        try:
+            # One copy into a contiguous (n, k) batch; far cheaper than np.stack.
+            rows = np.concatenate([r.vector for r in live], dtype=np.float32)
+            scores = await self._infer(rows.reshape(n, -1))
+        except Exception as exc:
+            self._m_backend.observe(self.clock() - started)
+            self._m_failures["error"].inc()
+            self._fail_batch(live, exc)
+            return
+        ended = self.clock()
+        elapsed = ended - started
+        self._m_backend.observe(elapsed)
+        if np.shape(scores) != (n,):
+            self._m_failures["wrong_count"].inc()
+            self._fail_batch(
+                live, ValueError(f"backend returned {np.shape(scores)} scores for {n} requests")
+            )
+            return
+        model.observe(n, elapsed)
+        for request, score in zip(live, np.asarray(scores).tolist(), strict=True):
+            future = request.future
+            if future.done():
+                if future.cancelled():
+                    self._m_cancelled_during.inc()
+                else:
+                    self._m_late.inc()  # answered at its deadline already
+            elif ended > request.deadline:
+                self._m_late.inc()
+                self._answer_error(
+                    request,
+                    DeadlineUnreachable("in_flight", "the backend finished after the deadline"),
+                    "deadline_in_flight",
+                )
+            else:
+                future.set_result(score)
+
+    def _on_deadline(self, batch: _Batch) -> None:
+        """In-flight requests whose deadline (within a timer grain) has come."""
+        batch.guard = None
+        now = self.clock()
+        requests = batch.requests
+        i = batch.next_expiry
+        while i < len(requests) and requests[i].deadline <= now + TIMER_GRAIN_S:
+            self._answer_error(
+                requests[i],
+                DeadlineUnreachable("in_flight", "the backend is slower than the deadline"),
+                "deadline_in_flight",
+            )
+            i += 1
+        batch.next_expiry = i
+        if i < len(requests):
+            assert self._loop is not None
+            batch.guard = self._loop.call_later(
+                max(requests[i].deadline - now, TIMER_GRAIN_S), self._on_deadline, batch
+            )
+
+    def _fail_batch(self, requests: list[_Request], cause: BaseException) -> None:
+        for request in requests:
+            if not request.future.done():
+                error = BackendFailed(f"backend {self.name!r} failed: {cause!r}")
+                error.__cause__ = cause
+                self._answer_error(request, error, "backend_failed")
+
+    def _answer_error(self, request: _Request, error: BatcherError, reason: str) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+            self._m_shed[reason].inc()
