@@ -11,4 +11,7 @@ fi
 # torch is pinned (torch==2.13.0, CPU build) in pyproject.toml; an unpinned torch
 # would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet -e '.[dev]'
-echo "streamscore installed in .venv"
+# A real tritonserver (nvidia-pytriton) in its own venv, for the Triton backend and
+# its tests; it pins numpy<2 and an older protobuf, so it cannot share .venv.
+./scripts/setup_triton.sh
+echo "streamscore installed in .venv (tritonserver in .venv-triton)"
