@@ -24,7 +24,7 @@ from streamscore.stream.features import (
     Agg,
     request_features,
 )
-from streamscore.stream.state import DEFAULT_LATENESS_MS, FeatureStore, FoldRecord
+from streamscore.stream.state import DEFAULT_LATENESS_MS, FeatureStore, Fold, FoldRecord
 
 import reference
 
@@ -273,3 +273,54 @@ def test_replay_scores_each_event_before_ingesting_it(events):
         record = fold_record(event)
         for entity_type in ENTITY_TYPES:
             store.fold(entity_type, event[ENTITY_FIELD[entity_type]], record)
+
+
+@settings(BASE, max_examples=80)
+@given(data=st.data())
+def test_sweeping_idle_entities_changes_no_answer_and_counts_nothing_twice(data):
+    """Sweep every idle entity after every fold: every answer the store gives exactly
+    (t >= watermark - lateness) is unchanged, and no event is applied twice."""
+    lateness_ms = data.draw(st.sampled_from([DEFAULT_LATENESS_MS, 10 * MINUTE]), "lateness")
+    events = data.draw(event_logs(lateness_ms), "events")
+    arrivals = bounded_order(events, data.draw(delays(len(events), lateness_ms), "delays"))
+    plain, _ = fold_all(arrivals, lateness_ms)
+    swept = FeatureStore(lateness_ms=lateness_ms)
+    applied: dict[tuple[str, str], set[str]] = {}
+    sweeps = 0
+    for event in arrivals:
+        record = fold_record(event)
+        for entity_type in ENTITY_TYPES:
+            entity_id = event[ENTITY_FIELD[entity_type]]
+            if swept.fold(entity_type, entity_id, record) is Fold.APPLIED:
+                ids = applied.setdefault((entity_type, entity_id), set())
+                assert event["event_id"] not in ids, "applied twice"
+                ids.add(event["event_id"])
+            sweeps += swept.sweep_idle(entity_type, list(swept.entities[entity_type]))
+    assert swept.watermark_ms == max(e["event_time_ms"] for e in events)
+    floor = swept.watermark_ms - lateness_ms
+    extra = data.draw(st.lists(st.integers(0, 2 * DAY), max_size=3), "extra times")
+    for entity_type, ids in ENTITY_IDS.items():
+        for entity_id in ids:
+            for t in query_times(events, lateness_ms, extra):
+                assert t >= floor
+                got = swept.features(entity_type, entity_id, t)
+                assert got == plain.features(entity_type, entity_id, t), (
+                    f"{entity_type}={entity_id} t={t} after {sweeps} sweeps"
+                )
+
+
+def test_sweep_keeps_newest_time_and_refuses_unverifiable_redeliveries():
+    store = FeatureStore(lateness_ms=10 * MINUTE, skew_ms=0)
+    ip = dict(event_id="a", time_ms=0, amount=5, declined=False, merchant_id="m", card_id="c")
+    store.fold("ip", "i", FoldRecord(**ip))
+    later = {**ip, "event_id": "b", "time_ms": 3 * HOUR}
+    store.fold("card", "c", FoldRecord(**later))  # moves the watermark only
+    assert store.sweep_idle("ip", ["i"]) == 1  # 1 h window + 10 min: long idle
+    assert store.get("ip", "i") is None
+    t = 3 * HOUR
+    assert store.features("ip", "i", t)["ip_txn_count_5m"] == 0.0
+    assert store.earliest_exact_ms("ip", "i") == t - 10 * MINUTE
+    # The redelivered old event cannot be checked against its dropped key: refused.
+    assert store.fold("ip", "i", FoldRecord(**ip)) is Fold.TOO_LATE
+    assert store.fold("ip", "i", FoldRecord(**later)) is Fold.APPLIED
+    assert store.features("ip", "i", t)["ip_txn_count_5m"] == 1.0

@@ -12,13 +12,16 @@ from __future__ import annotations
 class RecentEvents:
     """Keys and times of the events within ``horizon_ms`` of the newest one."""
 
-    __slots__ = ("_times", "horizon_ms", "newest_ms", "older_newest_ms")
+    __slots__ = ("_times", "floor_ms", "horizon_ms", "newest_ms", "older_newest_ms")
 
     def __init__(self, horizon_ms: int) -> None:
         self.horizon_ms = horizon_ms
         self.newest_ms: int | None = None
         # Newest time among events pruned out of the horizon (for time-since-newest).
         self.older_newest_ms: int | None = None
+        # Events at or before this time cannot be checked for duplicates (their keys
+        # were let go with an idle entity): the caller refuses them as too late.
+        self.floor_ms = -(2**63)
         # Insertion-ordered: pruning pops from the front while the front is out of the
         # horizon. An out-of-order older key may wait behind a newer one a little
         # longer (memory only: in-horizon keys are never dropped). No heap: it cost
@@ -48,6 +51,12 @@ class RecentEvents:
             del times[oldest_key]
             if self.older_newest_ms is None or old_time > self.older_newest_ms:
                 self.older_newest_ms = old_time
+
+    def revive(self, newest_ms: int) -> None:
+        """Start from an entity's remembered newest time (its keys were let go)."""
+        self.newest_ms = newest_ms
+        self.older_newest_ms = newest_ms
+        self.floor_ms = newest_ms
 
     def newest_at_or_before(self, t_ms: int) -> int | None:
         """Time of the newest event with time <= t_ms, or None when there is none."""

@@ -42,12 +42,17 @@ class FeatureReplica:
         # Folding runs on the serving event loop: it yields after this many entries
         # (about a millisecond) so Score calls are not held behind a big fold.
         entries_per_step: int = 128,
+        # How often idle entities are swept out of memory (0: never).
+        sweep_interval_s: float = 60.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.store = store
         self.topic = topic
         self.max_records = max_records
         self.entries_per_step = entries_per_step
+        self.sweep_interval_s = sweep_interval_s
+        self.entities_swept = 0
+        self._last_sweep = time.monotonic()
         self.records_folded = 0
         self.entries_folded = 0
         self.bad_records = 0
@@ -139,6 +144,24 @@ class FeatureReplica:
                     self._positions[tp] = records[-1].offset + 1
             if not self.caught_up:
                 self._check_caught_up()
+            elif self.sweep_interval_s and (
+                time.monotonic() - self._last_sweep > self.sweep_interval_s
+            ):
+                await self.sweep_idle()
+
+    async def sweep_idle(self, chunk: int = 5000) -> int:
+        """Drop idle entities, a chunk at a time so Score calls keep running."""
+        self._last_sweep = time.monotonic()
+        swept = 0
+        for entity_type, states in self.store.entities.items():
+            ids = list(states)
+            for start in range(0, len(ids), chunk):
+                swept += self.store.sweep_idle(entity_type, ids[start : start + chunk])
+                await asyncio.sleep(0)
+        self.entities_swept += swept
+        if swept:
+            log.info("swept idle entities", extra={"swept": swept, "entities": len(self.store)})
+        return swept
 
     async def _fold(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         fold = self.store.fold_fields

@@ -101,6 +101,16 @@ class FeatureStore:
             for entity, layout in self.layouts.items()
         }
         self._outcome_counts = [0, 0, 0]
+        # Newest event time folded into any entity: the store's stream time.
+        self.watermark_ms: int | None = None
+        # Idle entities swept out of memory keep only their newest event time here
+        # (about 100 bytes instead of kilobytes): it still answers time-since-newest
+        # and refuses events too late for them.
+        self.idle_newest: dict[str, dict[str, int]] = {e: {} for e in ENTITY_TYPES}
+        self.idle_after_ms = {
+            entity: max(layout.max_window_ms.values(), default=0) + lateness_ms + skew_ms
+            for entity, layout in self.layouts.items()
+        }
 
     @property
     def counts(self) -> dict[Fold, int]:
@@ -136,9 +146,16 @@ class FeatureStore:
         state = states.get(entity_id)
         if state is None:
             state = states[entity_id] = EntityState(self.layouts[entity_type], self.lateness_ms)
+            swept_newest = self.idle_newest[entity_type].pop(entity_id, None)
+            if swept_newest is not None:
+                state.recent.revive(swept_newest)
+        if self.watermark_ms is None or time_ms > self.watermark_ms:
+            self.watermark_ms = time_ms
         recent = state.recent
         newest = recent.newest_ms
-        if newest is not None and time_ms < newest - self.lateness_ms:
+        if time_ms <= recent.floor_ms or (
+            newest is not None and time_ms < newest - self.lateness_ms
+        ):
             outcome = TOO_LATE
         elif event_id in recent:
             outcome = DUPLICATE
@@ -162,13 +179,41 @@ class FeatureStore:
         """Queries at or after this time are exact; None when any time is.
 
         Older buckets and event times are let go once they are more than the fold
-        horizon behind the entity's newest event (memory stays bounded), so only
-        replay-mode reads far in the past can fall before it.
+        horizon behind the entity's newest event, and idle entities once they are
+        further behind the store's watermark than every window (memory stays
+        bounded), so only replay-mode reads far in the past can fall before it.
         """
+        floors = []
+        if self.watermark_ms is not None:
+            floors.append(self.watermark_ms - self.lateness_ms)
         state = self.entities[entity_type].get(entity_id)
-        if state is None or state.recent.newest_ms is None:
-            return None
-        return state.recent.newest_ms - self.lateness_ms
+        if state is not None and state.recent.newest_ms is not None:
+            floors.append(state.recent.newest_ms - self.lateness_ms)
+        return max(floors, default=None)
+
+    def sweep_idle(self, entity_type: str, entity_ids: list[str]) -> int:
+        """Drop those of ``entity_ids`` idle past every window; returns how many.
+
+        Idle: newest event older than the watermark minus (longest window + lateness
+        + skew). Any query the store still answers exactly (t >= watermark - lateness)
+        sees nothing of such an entity but its newest event time, which is kept.
+        """
+        if self.watermark_ms is None:
+            return 0
+        cutoff = self.watermark_ms - self.idle_after_ms[entity_type]
+        states = self.entities[entity_type]
+        idle = self.idle_newest[entity_type]
+        swept = 0
+        for entity_id in entity_ids:
+            state = states.get(entity_id)
+            if state is None:
+                continue
+            newest = state.recent.newest_ms
+            if newest is not None and newest < cutoff:
+                del states[entity_id]
+                idle[entity_id] = newest
+                swept += 1
+        return swept
 
     def get(self, entity_type: str, entity_id: str) -> EntityState | None:
         return self.entities[entity_type].get(entity_id)
@@ -181,7 +226,12 @@ class FeatureStore:
         windows: dict[tuple[int, int], WindowAgg] = {}
         for feature in layout.features:
             if feature.agg is Agg.SECONDS_SINCE_LAST:
-                newest = state.recent.newest_at_or_before(t_ms) if state else None
+                if state is not None:
+                    newest = state.recent.newest_at_or_before(t_ms)
+                else:
+                    newest = self.idle_newest[entity_type].get(entity_id)
+                    if newest is not None and newest > t_ms:
+                        newest = None
                 values[feature.name] = -1.0 if newest is None else (t_ms - newest) / 1000
                 continue
             if state is None:
