@@ -26,6 +26,20 @@ class Settings:
     port: int = 50051
     model_repository: Path = field(default_factory=default_model_repository)
     model_name: str = "fraud_mlp"
+    # Empty: the highest version in the repository, hot-reloaded when a newer appears.
+    model_version: str = ""
+    # How often the repository is checked for a new version or changed metadata (0: never).
+    model_reload_interval_s: float = 1.0
+    # Triton's gRPC "host:port", for versions whose backend is "triton".
+    triton_url: str = ""
+    # Score's latency budget: a request's deadline is min(gRPC deadline, this).
+    budget_ms: float = 50.0
+    # When the deadline cannot be met: "fallback" (the version's ONNX in process,
+    # answer marked DEADLINE_FALLBACK) or "error" (DEADLINE_EXCEEDED).
+    deadline_policy: str = "fallback"
+    batching: bool = True
+    batch_max_queue: int = 1024
+    batch_max_delay_us: int = 0
     # Replay mode: features as of each request's event_time_ms (tests, backtests).
     replay: bool = False
     # Worker: events older than their partition's newest minus this are dead-lettered.
@@ -52,7 +66,10 @@ class Settings:
             if name not in fields:
                 raise ValueError(f"unknown setting {key!r}")
             changes[name] = _coerce(getattr(self, name), value, name)
-        return dataclasses.replace(self, **changes)
+        updated = dataclasses.replace(self, **changes)
+        if updated.deadline_policy not in ("fallback", "error"):
+            raise ValueError("deadline_policy must be 'fallback' or 'error'")
+        return updated
 
 
 def _coerce(current: Any, value: Any, name: str) -> Any:

@@ -3,21 +3,25 @@
 Pipeline: generate labelled synthetic payments (``traffic.py``), compute each event's
 features as of its own time with the offline backfill (the same code the server
 serves from), train a small MLP, evaluate on a held-out later time slice, export
-TorchScript plus metadata into the model repository.
+ONNX, TorchScript, metadata and Triton's files into the model repository.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
+from streamscore.server.backends.triton_repo import write_triton_model
 from streamscore.server.model import ModelMetadata, Thresholds
 from streamscore.stream.assembly import all_feature_names
 from streamscore.stream.backfill import backfill
@@ -103,6 +107,73 @@ def build_dataset(
     return np.asarray(rows, dtype=np.float32), np.asarray(labels, dtype=np.int64), names
 
 
+def export_version(
+    repository: Path,
+    version: int,
+    model: FraudMLP,
+    names: tuple[str, ...],
+    thresholds: Thresholds,
+    *,
+    warmup: np.ndarray,
+    check: np.ndarray,
+    backend: str = "onnxruntime",
+) -> Path:
+    """Write one version (ONNX, TorchScript, metadata, Triton files) atomically.
+
+    Files are written into a hidden staging directory that is renamed into place,
+    so a server watching the repository never sees a half-written version.
+    """
+    model_dir = repository / MODEL_NAME
+    staging = model_dir / f".{version}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    example = torch.from_numpy(check[:4] if len(check) else np.zeros((1, len(names)), np.float32))
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript in favour of torch.export, but an exported
+        # program runs this MLP 3x slower in process (measured: ~200 vs ~60 us/call
+        # on a loaded 2-core box), and Triton's libtorch backend still takes TorchScript.
+        # The TorchScript-based ONNX exporter (also deprecated) needs no onnxscript.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(model).save(str(staging / "model.pt"))
+        torch.onnx.export(
+            model,
+            (example,),
+            str(staging / "model.onnx"),
+            input_names=["features"],
+            output_names=["score"],
+            dynamic_axes={"features": {0: "batch"}, "score": {0: "batch"}},
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(staging / "model.onnx"))
+    _check_onnx_matches_torch(staging / "model.onnx", model, check)
+    ModelMetadata(
+        MODEL_NAME,
+        str(version),
+        names,
+        thresholds,
+        backend=backend,
+        warmup=tuple(tuple(float(v) for v in row) for row in warmup),
+    ).dump(staging / "metadata.json")
+    directory = model_dir / str(version)
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    write_triton_model(repository, MODEL_NAME, version, directory / "model.onnx", len(names))
+    return directory
+
+
+def _check_onnx_matches_torch(path: Path, model: FraudMLP, rows: np.ndarray) -> None:
+    if not len(rows):
+        return
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"features": rows})
+    with torch.inference_mode():
+        want = model(torch.from_numpy(rows)).numpy()
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"ONNX export differs from torch by {np.abs(got - want).max()}")
+
+
 def train(
     repository: Path,
     *,
@@ -141,15 +212,9 @@ def train(
     thresholds = Thresholds(
         review=float(np.quantile(legit, 0.98)), decline=float(np.quantile(legit, 0.998))
     )
-    directory = repository / MODEL_NAME / str(version)
-    directory.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # torch 2.13 deprecates TorchScript in favour of torch.export, but an exported
-        # program runs this MLP 3x slower in process (measured: ~200 vs ~60 us/call
-        # on a loaded 2-core box), and Triton's libtorch backend still takes TorchScript.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(model).save(str(directory / "model.pt"))
-    ModelMetadata(MODEL_NAME, str(version), names, thresholds).dump(directory / "metadata.json")
+    directory = export_version(
+        repository, version, model, names, thresholds, warmup=x_test[:8], check=x_test[:256]
+    )
     return TrainReport(
         path=directory,
         rows=len(x),

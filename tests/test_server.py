@@ -20,7 +20,8 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
-from streamscore.server.model import ModelMetadata, Thresholds, TorchModel, latest_version
+from streamscore.server.backends.onnx_backend import OnnxBackend
+from streamscore.server.model import ModelMetadata, Thresholds, latest_version
 from streamscore.stream.backfill import fold_event
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
@@ -112,11 +113,16 @@ async def test_replay_score_uses_request_time_and_model_thresholds(
     assert response.features["card_seconds_since_last"] == 120.0
     assert response.features["hour_of_day"] == (T0 // 3_600_000) % 24
     # The score is the model's on exactly these features, and the decision its thresholds'.
-    model = TorchModel(latest_version(trained_model, "fraud_mlp"))
-    vector = np.array([[response.features[n] for n in model.metadata.inputs]], dtype=np.float32)
-    assert response.score == pytest.approx(float(model.predict(vector)[0]), rel=1e-6)
-    assert response.decision == model.metadata.thresholds.decide(response.score)
-    assert response.model.version == model.metadata.version
+    # The served backend is the metadata's default, onnxruntime, on model.onnx.
+    directory = latest_version(trained_model, "fraud_mlp")
+    metadata = ModelMetadata.load(directory / "metadata.json")
+    assert metadata.backend == "onnxruntime"
+    model = OnnxBackend(directory / "model.onnx", len(metadata.inputs), 1)
+    model.load()
+    vector = np.array([[response.features[n] for n in metadata.inputs]], dtype=np.float32)
+    assert response.score == pytest.approx(float(model.run(vector)[0]), rel=1e-6)
+    assert response.decision == metadata.thresholds.decide(response.score)
+    assert response.model.version == metadata.version
     assert response.timings.total_us >= response.timings.features_us + response.timings.model_us
 
 
@@ -140,8 +146,10 @@ async def test_get_features_as_of_in_replay_mode(replay_stub: pb_grpc.ScoringStu
 async def test_replay_reads_beyond_the_fold_horizon_are_refused(
     replay_stub: pb_grpc.ScoringStub,
 ) -> None:
-    # The server keeps 2 h (the fold horizon) behind each entity's newest event.
-    too_old = T0 - 2 * MINUTE - 2 * 60 * MINUTE - 1
+    # The server keeps 2 h (the fold horizon) behind its newest event (idle entities
+    # are swept from memory relative to it).
+    watermark = max(e["event_time_ms"] for e in EVENTS)
+    too_old = watermark - 2 * 60 * MINUTE - 1
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await replay_stub.GetFeatures(
             pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=too_old)

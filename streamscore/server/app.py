@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings, topic_layout
-from streamscore.server.model import TorchModel, latest_version
+from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.scoring import ScoringService
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
@@ -35,21 +35,34 @@ class ScoringServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._ready_task: asyncio.Task[None] | None = None
+        self.models = ModelRegistry(
+            settings.model_repository,
+            settings.model_name,
+            version=settings.model_version,
+            batching=BatchingSettings(
+                max_queue=settings.batch_max_queue,
+                max_delay_s=settings.batch_max_delay_us / 1e6,
+                enabled=settings.batching,
+            ),
+            triton_url=settings.triton_url,
+            reload_interval_s=settings.model_reload_interval_s,
+        )
 
     async def start(self) -> None:
         settings = self.settings
-        model = TorchModel(latest_version(settings.model_repository, settings.model_name))
-        model.warm_up()
+        await self.models.start()
         if settings.kafka:
             # Idempotent: whichever process starts first creates the topics.
             await create_topics(settings.kafka, topic_layout(settings).partitions())
             self.replica = FeatureReplica(settings.kafka, self.store)
         service = ScoringService(
             self.store,
-            model,
+            self.models,
             replica=self.replica,
             replay=settings.replay,
             stale_after_s=settings.stale_after_s,
+            budget_s=settings.budget_ms / 1000,
+            deadline_fallback=settings.deadline_policy == "fallback",
         )
         server = grpc.aio.server(
             options=[
@@ -74,8 +87,9 @@ class ScoringServer:
             extra={
                 "host": settings.host,
                 "port": self.port,
-                "model": model.metadata.name,
-                "version": model.metadata.version,
+                "model": self.models.primary.metadata.name,
+                "version": self.models.primary.metadata.version,
+                "backend": self.models.primary.metadata.backend,
             },
         )
         if self.replica is None:
@@ -114,6 +128,7 @@ class ScoringServer:
             self._server = None
         if self.replica is not None:
             await self.replica.stop()
+        await self.models.stop()
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

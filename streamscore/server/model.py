@@ -1,23 +1,51 @@
-"""Model versions: metadata, the in-process TorchScript backend, and decisions.
+"""Model versions: metadata, decisions, and the input/output contract every backend checks.
 
-A model repository is a directory laid out like Triton's:
-``<repo>/<name>/<version>/model.pt`` (TorchScript) and ``metadata.json`` with the
-input feature order, the decision thresholds and the backend. Inputs are raw feature
-values; any normalisation lives inside the TorchScript module, so the model file
-alone defines its behaviour.
+A model repository is a directory laid out like Triton's (see ``repository.py``)::
+
+    <repo>/<name>/<version>/model.onnx      ONNX: input "features" float32 [batch, k],
+                                             output "score" float32 [batch, 1]
+    <repo>/<name>/<version>/model.pt        the same model as TorchScript
+    <repo>/<name>/<version>/metadata.json   ModelMetadata (Triton ignores it)
+
+Inputs are raw feature values; any normalisation lives inside the model, so the model
+file alone defines its behaviour. Scores are in 0..1.
+
+This module imports neither torch nor onnxruntime: a server using the onnxruntime
+backend never pays for importing torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import warnings
-from dataclasses import asdict, dataclass
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 from streamscore._proto.v1 import scoring_pb2 as pb
+
+# Tensor names of the ONNX model (Triton's config and python-backend model use them too).
+INPUT_NAME = "features"
+OUTPUT_NAME = "score"
+# Files of one version directory.
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.pt"
+METADATA_FILE = "metadata.json"
+
+BACKENDS = ("onnxruntime", "torch", "triton", "tensorrt")
+DEFAULT_BACKEND = "onnxruntime"
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE_DELAY_US = 100
+
+
+class ModelOutputError(RuntimeError):
+    """The model answered with the wrong number of scores (or non-finite ones)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,61 +69,158 @@ class Thresholds:
 
 @dataclass(frozen=True, slots=True)
 class ModelMetadata:
+    """``metadata.json`` of one model version.
+
+    ``inputs``: feature names in model input order. ``output``: the score tensor's
+    name. ``backend``: which backend serves it by default. ``max_batch_size`` and
+    ``max_queue_delay_us``: batching limits (the latter is Triton's dynamic batching
+    delay). ``warmup``: a few input rows run before the version takes traffic (empty:
+    one row of zeros). Every field after ``thresholds`` is optional in the file.
+    """
+
     name: str
     version: str
     inputs: tuple[str, ...]
     thresholds: Thresholds
-    backend: str = "torch"
+    backend: str = DEFAULT_BACKEND
+    output: str = OUTPUT_NAME
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    warmup: tuple[tuple[float, ...], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.name or not str(self.version).isdigit():
+            raise ValueError(
+                f"model name must be set and version a number, got {self.name!r} {self.version!r}"
+            )
+        if not self.inputs or len(set(self.inputs)) != len(self.inputs):
+            raise ValueError(f"inputs must be distinct feature names, got {list(self.inputs)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        for i, row in enumerate(self.warmup):
+            if len(row) != len(self.inputs) or not all(math.isfinite(v) for v in row):
+                raise ValueError(
+                    f"warmup row {i} needs {len(self.inputs)} finite values, got {len(row)}"
+                )
+
+    def warmup_rows(self) -> np.ndarray:
+        """The warm-up rows as a float32 (n, k) array (one row of zeros by default)."""
+        if not self.warmup:
+            return np.zeros((1, len(self.inputs)), dtype=np.float32)
+        return np.asarray(self.warmup, dtype=np.float32)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelMetadata:
+        try:
+            return cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                inputs=tuple(str(name) for name in data["inputs"]),
+                thresholds=Thresholds(
+                    float(data["thresholds"]["review"]), float(data["thresholds"]["decline"])
+                ),
+                backend=str(data.get("backend", DEFAULT_BACKEND)),
+                output=str(data.get("output", OUTPUT_NAME)),
+                max_batch_size=int(data.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)),
+                max_queue_delay_us=int(data.get("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US)),
+                warmup=tuple(tuple(float(v) for v in row) for row in data.get("warmup") or ()),
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed model metadata: {error!r}") from error
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "inputs": list(self.inputs),
+            "output": self.output,
+            "thresholds": {"review": self.thresholds.review, "decline": self.thresholds.decline},
+            "backend": self.backend,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_us": self.max_queue_delay_us,
+            "warmup": [list(row) for row in self.warmup],
+        }
 
     @classmethod
     def load(cls, path: Path) -> ModelMetadata:
-        data = json.loads(path.read_text())
-        return cls(
-            name=data["name"],
-            version=str(data["version"]),
-            inputs=tuple(data["inputs"]),
-            thresholds=Thresholds(**data["thresholds"]),
-            backend=data.get("backend", "torch"),
-        )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON: {error}") from error
+        try:
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
 
     def dump(self, path: Path) -> None:
-        data = asdict(self)
-        data["inputs"] = list(self.inputs)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        """Write atomically (a watcher may be reading the directory)."""
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 
-class TorchModel:
-    """A TorchScript model run in process on the CPU, one thread (the server owns the cores)."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so readers see either the old or the new content, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
-    def __init__(self, directory: Path) -> None:
-        self.metadata = ModelMetadata.load(directory / "metadata.json")
-        # One intra-op thread: batch-1 calls gain nothing from more, and the gRPC
-        # loop and the replica need the other core.
-        torch.set_num_threads(1)
-        with warnings.catch_warnings():
-            # Deprecated in torch 2.13, still the fastest in-process path (see training.py).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.module = torch.jit.load(str(directory / "model.pt"), map_location="cpu")
-        self.module.eval()
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Scores in 0..1 for a (n, len(inputs)) float32 batch."""
-        if batch.ndim != 2 or batch.shape[1] != len(self.metadata.inputs):
-            raise ValueError(f"expected (n, {len(self.metadata.inputs)}) inputs, got {batch.shape}")
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(batch))
-        scores = out.reshape(-1).numpy()
-        if scores.shape[0] != batch.shape[0]:
-            raise ValueError("model returned a different number of scores than inputs")
-        return scores
+# -- the input/output contract, checked by every backend ----------------------------------
 
-    def warm_up(self) -> None:
-        self.predict(np.zeros((1, len(self.metadata.inputs)), dtype=np.float32))
+
+def check_batch(batch: np.ndarray, n_inputs: int, max_batch_size: int | None = None) -> np.ndarray:
+    """The batch itself when it is a float32 (n, n_inputs) array with 1 <= n <=
+    max_batch_size (C-contiguous: a copy if it was not); ValueError naming the expected
+    shape otherwise."""
+    shape = getattr(batch, "shape", None)
+    if shape is None or len(shape) != 2 or shape[1] != n_inputs:
+        raise ValueError(f"expected a (n, {n_inputs}) float32 batch, got shape {shape}")
+    if shape[0] < 1 or (max_batch_size is not None and shape[0] > max_batch_size):
+        limit = "" if max_batch_size is None else f"..{max_batch_size}"
+        raise ValueError(f"batch of {shape[0]} rows; this backend takes 1{limit}")
+    if batch.dtype != np.float32:
+        raise ValueError(f"expected a float32 batch, got {batch.dtype}")
+    if not batch.flags.c_contiguous:
+        batch = np.ascontiguousarray(batch)
+    return batch
+
+
+def check_scores(
+    scores: np.ndarray, batch: np.ndarray | int, where: str = "the model"
+) -> np.ndarray:
+    """A (n, 1) or (n,) model output as (n,) float32 scores, n being the batch's row
+    count; ModelOutputError when the model returned a different number."""
+    n = batch if isinstance(batch, int) else batch.shape[0]
+    flat = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if flat.shape[0] != n:
+        raise ModelOutputError(f"{where} returned {flat.shape[0]} scores for a batch of {n}")
+    return flat
+
+
+# -- repository layout -------------------------------------------------------------------
+
+
+def version_dirs(repository: Path, name: str) -> list[Path]:
+    """A model's numeric version directories, oldest first (Triton ignores the rest)."""
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        return []
+    versions = [p for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
+    return sorted(versions, key=lambda p: int(p.name))
 
 
 def latest_version(repository: Path, name: str) -> Path:
-    """The highest numeric version directory of a model."""
-    versions = [p for p in (repository / name).iterdir() if p.is_dir() and p.name.isdigit()]
+    """The directory of the highest numeric version of a model."""
+    versions = version_dirs(repository, name)
     if not versions:
         raise FileNotFoundError(f"no versions of model {name!r} under {repository}")
-    return max(versions, key=lambda p: int(p.name))
+    return versions[-1]

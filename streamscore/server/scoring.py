@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -13,8 +13,9 @@ import numpy as np
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
+from streamscore.server.batcher import BackendFailed, BatcherStopped, DeadlineUnreachable
 from streamscore.server.errors import OutOfRange, ServingError
-from streamscore.server.model import TorchModel
+from streamscore.server.repository import ModelRegistry, ServedModel
 from streamscore.server.validation import validate_features_request, validate_score_request
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.replica import FeatureReplica
@@ -27,23 +28,23 @@ class ScoringService(pb_grpc.ScoringServicer):
     def __init__(
         self,
         store: FeatureStore,
-        model: TorchModel,
+        models: ModelRegistry,
         *,
         replica: FeatureReplica | None = None,
         replay: bool = False,
         stale_after_s: float = 5.0,
+        budget_s: float = 0.05,
+        deadline_fallback: bool = True,
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.store = store
-        self.model = model
+        self.models = models
         self.replica = replica
         self.replay = replay
         self.stale_after_s = stale_after_s
+        self.budget_s = budget_s
+        self.deadline_fallback = deadline_fallback
         self.clock_ms = clock_ms
-        self._inputs = model.metadata.inputs
-        self._model_ref = pb.ModelRef(
-            name=model.metadata.name, version=model.metadata.version, variant=pb.PRIMARY
-        )
 
     def features_stale(self) -> bool:
         replica = self.replica
@@ -65,7 +66,9 @@ class ScoringService(pb_grpc.ScoringServicer):
                 f"{entity_type} {entity_id!r}; values that far back are no longer kept",
             )
 
-    def score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+    async def score(
+        self, request: pb.ScoreRequest, time_remaining: float | None = None
+    ) -> pb.ScoreResponse:
         started = time.perf_counter_ns()
         validate_score_request(request, replay=self.replay)
         txn = request.transaction
@@ -90,17 +93,24 @@ class ScoringService(pb_grpc.ScoringServicer):
             t_ms=t_ms,
         )
         features_done = time.perf_counter_ns()
-        vector = np.fromiter(
-            (features[name] for name in self._inputs), np.float32, len(self._inputs)
-        )
-        score = float(self.model.predict(vector.reshape(1, -1))[0])
+        degraded: list[int] = []
+        # The version is fixed for the whole call: a hot reload swaps the registry's
+        # reference, and the old version is stopped only once its calls are done.
+        with self.models.primary.use() as served:
+            metadata = served.metadata
+            vector = np.fromiter(
+                (features[name] for name in metadata.inputs), np.float32, len(metadata.inputs)
+            )
+            score = await self._model_score(served, vector, time_remaining, degraded)
         model_done = time.perf_counter_ns()
         response = pb.ScoreResponse(
             request_id=request.request_id,
             score=score,
-            decision=self.model.metadata.thresholds.decide(score),
-            model=self._model_ref,
+            decision=metadata.thresholds.decide(score),
+            model=pb.ModelRef(name=metadata.name, version=metadata.version, variant=pb.PRIMARY),
             timings=pb.Timings(
+                # The batcher's queue wait is inside model_us (histogrammed per batch in
+                # streamscore_batch_queue_wait_seconds).
                 queue_us=0,
                 features_us=(features_done - started) // 1000,
                 model_us=(model_done - features_done) // 1000,
@@ -110,13 +120,38 @@ class ScoringService(pb_grpc.ScoringServicer):
         if request.include_features:
             response.features.update(features)
         if self.features_stale():
-            response.degraded.append(pb.FEATURES_STALE)
+            degraded.append(pb.FEATURES_STALE)
+        response.degraded.extend(degraded)
         return response
+
+    async def _model_score(
+        self,
+        served: ServedModel,
+        vector: np.ndarray,
+        time_remaining: float | None,
+        degraded: list[int],
+    ) -> float:
+        """The batched score, or the fallback by policy (DESIGN.md "Errors")."""
+        budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
+        try:
+            return await served.batcher.submit(vector, served.batcher.clock() + budget)
+        except DeadlineUnreachable:
+            if not self.deadline_fallback:
+                raise
+            reason, error = pb.DEADLINE_FALLBACK, "deadline"
+        except (BackendFailed, BatcherStopped):
+            reason, error = pb.FALLBACK_MODEL, "backend"
+            log.warning("model backend failed, using the fallback", exc_info=True)
+        score = served.fallback_score(vector)
+        if score is None:
+            raise BackendFailed(f"no fallback model after a {error} failure")
+        degraded.append(reason)
+        return score
 
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        return await _guard(context, self.score, request)
+        return await _guard(context, self.score, request, context.time_remaining())
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
@@ -124,12 +159,21 @@ class ScoringService(pb_grpc.ScoringServicer):
         async for request in request_iterator:
             # A bad request ends the stream with INVALID_ARGUMENT naming the field and
             # the request id: a stream has one status, there is no per-message error.
-            yield await _guard(context, self.score, request, request_id=request.request_id)
+            yield await _guard(
+                context,
+                self.score,
+                request,
+                context.time_remaining(),
+                request_id=request.request_id,
+            )
 
     async def GetFeatures(
         self, request: pb.FeaturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.FeaturesResponse:
-        return await _guard(context, self.get_features, request)
+        return await _guard(context, self._get_features, request)
+
+    async def _get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
+        return self.get_features(request)
 
     def get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
         validate_features_request(request)
@@ -149,13 +193,13 @@ class ScoringService(pb_grpc.ScoringServicer):
 
 async def _guard(
     context: grpc.aio.ServicerContext,
-    handler: Callable[[Any], Any],
-    request: Any,
+    handler: Callable[..., Awaitable[Any]],
+    *args: Any,
     request_id: str = "",
 ) -> Any:
     """Run a handler, mapping our error taxonomy to gRPC status codes."""
     try:
-        return handler(request)
+        return await handler(*args)
     except ServingError as error:
         suffix = f" (request_id {request_id!r})" if request_id else ""
         await context.abort(error.code, f"{error}{suffix}")

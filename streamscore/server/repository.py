@@ -1,0 +1,349 @@
+"""Served model versions: load, warm up, swap atomically, hot reload from the repository.
+
+``ServedModel`` is one version ready for traffic: its backend, a ``Batcher`` in front
+of it, and an in-process onnxruntime fallback (the same version's ``model.onnx``,
+used when the batcher sheds a request or a remote backend fails). ``ModelRegistry``
+holds the primary version; its watcher polls the repository (a fingerprint of
+version directories and metadata, once a second) and on a change loads the new
+version fully (backend started, latency model seeded by warm-up batches) before one
+reference assignment makes it current. The old version is stopped only once every
+call that started on it has finished, so a reload fails no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from streamscore.server.backends.base import Backend
+from streamscore.server.backends.factory import create_backend
+from streamscore.server.backends.onnx_backend import OnnxBackend
+from streamscore.server.batcher import Batcher, LatencyModel
+from streamscore.server.model import ModelMetadata, latest_version, version_dirs
+
+log = logging.getLogger("streamscore.models")
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_queue: int = 1024
+    max_concurrent_batches: int = 1
+    max_delay_s: float = 0.0
+    # Batching off: every request is its own backend call (for benchmarks).
+    enabled: bool = True
+
+
+class ServedModel:
+    """One model version taking traffic (or about to)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        batching: BatchingSettings = BatchingSettings(),
+        triton_url: str = "",
+    ) -> None:
+        self.directory = directory
+        self.metadata = ModelMetadata.load(directory / "metadata.json")
+        self.backend: Backend = create_backend(directory, self.metadata, triton_url=triton_url)
+        limit = self.metadata.max_batch_size if batching.enabled else 1
+        self.batcher = Batcher(
+            self.backend.infer,
+            name=f"{self.metadata.name}:{self.metadata.version}",
+            max_batch_size=limit,
+            max_queue=batching.max_queue,
+            max_concurrent_batches=batching.max_concurrent_batches,
+            max_delay_s=batching.max_delay_s,
+            latency_model=LatencyModel(limit),
+            n_inputs=len(self.metadata.inputs),
+        )
+        onnx = directory / "model.onnx"
+        self.fallback = OnnxBackend(onnx, len(self.metadata.inputs), 1) if onnx.is_file() else None
+        # Warm-up: predicted seconds per batch size (1, 2, 4, ... max_batch_size), from
+        # real batches of the metadata's warm-up rows; set by start().
+        self.warmup_timings: dict[int, float] = {}
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.metadata.name, self.metadata.version
+
+    async def start(self) -> dict[int, float]:
+        """Start the backend, seed the latency model with warm-up batches, open the batcher."""
+        await self.backend.start()
+        try:
+            if self.fallback is not None:
+                await self.fallback.start()
+            timings = await self.batcher.warm_up(self.metadata.warmup_rows())
+            await self.batcher.start()
+        except BaseException:
+            await self.backend.stop()
+            if self.fallback is not None:
+                await self.fallback.stop()
+            raise
+        self.warmup_timings = timings
+        return timings
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop after the calls that started on this version have finished."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        await self.batcher.stop(timeout=drain_timeout)
+        await self.backend.stop()
+        if self.fallback is not None:
+            await self.fallback.stop()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[ServedModel]:
+        """Count a call as running on this version for its whole duration."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+
+    def fallback_score(self, vector: np.ndarray) -> float | None:
+        """The same version in process, unbatched; None when it cannot run."""
+        if self.fallback is None:
+            return None
+        try:
+            return float(self.fallback.run(vector.reshape(1, -1))[0])
+        except Exception:
+            log.exception("fallback model failed")
+            return None
+
+
+class ModelRepository:
+    """A directory of models and versions, Triton's layout: ``<path>/<name>/<version>/``.
+
+    Only numeric version directories count (Triton's rule), so a staging directory
+    such as ``.2.staging`` is invisible until it is renamed into place.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def models(self) -> list[str]:
+        """Names of the models with at least one version."""
+        if not self.path.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and version_dirs(self.path, p.name)
+        )
+
+    def versions(self, name: str) -> list[str]:
+        """A model's versions, oldest first (numeric order: "2" before "10")."""
+        return [p.name for p in version_dirs(self.path, name)]
+
+    def latest_version(self, name: str) -> str:
+        """The highest version; FileNotFoundError when there is none."""
+        return latest_version(self.path, name).name
+
+    def version_path(self, name: str, version: str) -> Path:
+        path = self.path / name / str(version)
+        if not str(version).isdigit() or not path.is_dir():
+            raise FileNotFoundError(f"no version {version!r} of model {name!r} under {self.path}")
+        return path
+
+    def metadata(self, name: str, version: str) -> ModelMetadata:
+        """A version's metadata (defaults for fields an older file lacks); ValueError when
+        it is malformed or names another model or version than its directory."""
+        path = self.version_path(name, version) / "metadata.json"
+        metadata = ModelMetadata.load(path)
+        if (metadata.name, metadata.version) != (name, str(version)):
+            raise ValueError(
+                f"{path} describes {metadata.name} v{metadata.version}, "
+                f"but lies in the directory of {name} v{version}"
+            )
+        return metadata
+
+    def scan(self, name: str | None = None) -> tuple[tuple[str, str, int, str], ...]:
+        """A fingerprint of the repository (or of one model): every version directory
+        with its metadata.json's mtime and a hash of its content. It changes when a
+        version appears or goes or a metadata file changes; compare two scans with ==.
+        A missing or unreadable metadata.json is part of the fingerprint too."""
+        names = self.models() if name is None else [name]
+        entries = []
+        for model in names:
+            for directory in version_dirs(self.path, model):
+                metadata = directory / "metadata.json"
+                try:
+                    mtime = metadata.stat().st_mtime_ns
+                    digest = hashlib.sha256(metadata.read_bytes()).hexdigest()
+                except OSError:
+                    mtime, digest = -1, ""
+                entries.append((model, directory.name, mtime, digest))
+        return tuple(entries)
+
+
+def repository_fingerprint(repository: Path, name: str) -> str:
+    """Changes when a version directory appears or goes, or any metadata.json changes."""
+    digest = hashlib.sha256()
+    for directory in version_dirs(repository, name):
+        metadata = directory / "metadata.json"
+        digest.update(directory.name.encode())
+        if metadata.is_file():
+            digest.update(metadata.read_bytes())
+    return digest.hexdigest()
+
+
+class ModelRegistry:
+    """The primary model version, hot-reloaded from the repository, and any other
+    versions loaded by name and version (canary, shadow: ``load``/``get``/``unload``)."""
+
+    def __init__(
+        self,
+        repository: Path,
+        name: str,
+        *,
+        version: str = "",
+        batching: BatchingSettings = BatchingSettings(),
+        triton_url: str = "",
+        reload_interval_s: float = 1.0,
+    ) -> None:
+        self.repository = repository
+        self.name = name
+        self.pinned_version = version
+        self.batching = batching
+        self.triton_url = triton_url
+        self.reload_interval_s = reload_interval_s
+        self.reloads = 0
+        self.reload_failures = 0
+        self._primary: ServedModel | None = None
+        self._fingerprint = ""
+        self._watcher: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._others: dict[tuple[str, str], ServedModel] = {}
+        self._lock = asyncio.Lock()  # one load/swap at a time (watcher, reload, load)
+
+    @property
+    def primary(self) -> ServedModel:
+        assert self._primary is not None, "registry not started"
+        return self._primary
+
+    def _target_dir(self) -> Path:
+        if self.pinned_version:
+            return self.repository / self.name / self.pinned_version
+        return latest_version(self.repository, self.name)
+
+    async def _load(self) -> ServedModel:
+        served = ServedModel(self._target_dir(), batching=self.batching, triton_url=self.triton_url)
+        timings = await served.start()
+        log.info(
+            "model version ready",
+            extra={
+                "model": served.metadata.name,
+                "version": served.metadata.version,
+                "backend": served.metadata.backend,
+                "warmup_us": {n: round(s * 1e6) for n, s in timings.items() if math.isfinite(s)},
+            },
+        )
+        return served
+
+    async def start(self) -> None:
+        self._fingerprint = repository_fingerprint(self.repository, self.name)
+        self._primary = await self._load()
+        if self.reload_interval_s > 0:
+            self._watcher = asyncio.create_task(self._watch(), name="model-watcher")
+
+    def get(self, name: str, version: str) -> ServedModel:
+        """A loaded version: the primary or one added by ``load``; KeyError otherwise."""
+        primary = self._primary
+        if primary is not None and primary.key == (name, str(version)):
+            return primary
+        try:
+            return self._others[(name, str(version))]
+        except KeyError:
+            raise KeyError(f"model {name!r} version {version!r} is not loaded") from None
+
+    def loaded(self) -> list[tuple[str, str]]:
+        """(name, version) of every loaded version, the primary first."""
+        keys = [] if self._primary is None else [self._primary.key]
+        return keys + [key for key in self._others if key not in keys]
+
+    async def load(self, name: str, version: str) -> ServedModel:
+        """Load, start and warm up a version next to the primary (e.g. a canary or a
+        shadow); the already loaded one if there is one. Not hot-reloaded."""
+        async with self._lock:
+            with contextlib.suppress(KeyError):
+                return self.get(name, version)
+            directory = ModelRepository(self.repository).version_path(name, version)
+            served = ServedModel(directory, batching=self.batching, triton_url=self.triton_url)
+            await served.start()
+            self._others[served.key] = served
+            return served
+
+    async def unload(self, name: str, version: str) -> None:
+        """Stop a version added by ``load`` once its in-flight calls are done."""
+        async with self._lock:
+            served = self._others.pop((name, str(version)), None)
+        if served is not None:
+            await served.stop()
+
+    async def reload(self) -> bool:
+        """Load the repository's target version and swap it in; False if unchanged."""
+        async with self._lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        fingerprint = repository_fingerprint(self.repository, self.name)
+        if fingerprint == self._fingerprint:
+            return False
+        new = await self._load()
+        old, self._primary = self._primary, new  # the atomic swap
+        self._fingerprint = fingerprint
+        self.reloads += 1
+        log.info("model swapped", extra={"version": new.metadata.version})
+        if old is not None:
+            task = asyncio.create_task(old.stop(), name="retire-model")
+            self._retiring.add(task)
+            task.add_done_callback(self._retired)
+        return True
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stopping a retired model version failed", exc_info=task.exception())
+
+    async def _watch(self) -> None:
+        # Polling a few stats a second is cheaper and more portable than inotify, and
+        # a bad new version must never take the server down: log it, keep serving.
+        while True:
+            await asyncio.sleep(self.reload_interval_s)
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.reload_failures += 1
+                # Don't retry the same broken content every second.
+                self._fingerprint = repository_fingerprint(self.repository, self.name)
+                log.exception("model reload failed; still serving the previous version")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        for task in list(self._retiring):
+            await task
+        others, self._others = list(self._others.values()), {}
+        for served in others:
+            await served.stop()
+        if self._primary is not None:
+            await self._primary.stop()
+            self._primary = None

@@ -1,0 +1,367 @@
+"""The model repository, metadata defaults, the training export and the registry:
+loading, warm-up, extra versions, and hot reload under concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from streamscore.server.backends.torch_backend import TorchBackend
+from streamscore.server.batcher import warm_up_sizes
+from streamscore.server.model import ModelMetadata, Thresholds, latest_version
+from streamscore.server.repository import ModelRegistry, ModelRepository, ServedModel
+from streamscore.training import FraudMLP, export_version
+
+MODEL = "fraud_mlp"
+
+
+def write_metadata(repository: Path, name: str, version: str, **fields: object) -> Path:
+    directory = repository / name / version
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {
+        "name": name,
+        "version": version,
+        "inputs": ["a", "b"],
+        "thresholds": {"review": 0.5, "decline": 0.9},
+        **fields,
+    }
+    (directory / "metadata.json").write_text(json.dumps(data))
+    return directory
+
+
+# -- metadata -------------------------------------------------------------------------
+
+
+def test_old_metadata_files_load_with_defaults(tmp_path: Path) -> None:
+    # What the first releases wrote: no output, batching or warm-up fields.
+    directory = write_metadata(tmp_path, "m", "1", backend="torch")
+    metadata = ModelMetadata.load(directory / "metadata.json")
+    assert metadata.backend == "torch"
+    assert metadata.output == "score"
+    assert metadata.max_batch_size == 64
+    assert metadata.max_queue_delay_us == 100
+    assert metadata.warmup == ()
+    np.testing.assert_array_equal(metadata.warmup_rows(), np.zeros((1, 2), np.float32))
+    assert metadata.warmup_rows().dtype == np.float32
+    # No backend at all: the default, onnxruntime.
+    bare = write_metadata(tmp_path, "m", "2")
+    assert ModelMetadata.load(bare / "metadata.json").backend == "onnxruntime"
+
+
+def test_metadata_round_trips_every_field(tmp_path: Path) -> None:
+    metadata = ModelMetadata(
+        "m",
+        "3",
+        ("a", "b"),
+        Thresholds(0.1, 0.5),
+        backend="triton",
+        max_batch_size=16,
+        max_queue_delay_us=250,
+        warmup=((1.0, 2.0), (0.0, -1.5)),
+    )
+    metadata.dump(tmp_path / "metadata.json")
+    assert ModelMetadata.load(tmp_path / "metadata.json") == metadata
+    assert json.loads((tmp_path / "metadata.json").read_text())["warmup"] == [
+        [1.0, 2.0],
+        [0.0, -1.5],
+    ]
+    np.testing.assert_array_equal(metadata.warmup_rows(), [[1.0, 2.0], [0.0, -1.5]])
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"backend": "tensorflow"}, "backend must be one of"),
+        ({"warmup": [[1.0]]}, "warmup row 0 needs 2"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"inputs": ["a", "a"]}, "distinct"),
+        ({"thresholds": {"review": 0.9, "decline": 0.1}}, "thresholds"),
+        ({"thresholds": None}, "malformed"),
+    ],
+)
+def test_bad_metadata_is_refused_naming_the_problem(
+    tmp_path: Path, fields: dict[str, object], problem: str
+) -> None:
+    directory = write_metadata(tmp_path, "m", "1", **fields)
+    with pytest.raises(ValueError, match=problem):
+        ModelMetadata.load(directory / "metadata.json")
+
+
+# -- repository -----------------------------------------------------------------------
+
+
+def test_repository_lists_models_and_numeric_versions(tmp_path: Path) -> None:
+    for version in ("1", "2", "10"):
+        write_metadata(tmp_path, "m", version)
+    write_metadata(tmp_path, "other", "4")
+    (tmp_path / "m" / ".11.staging").mkdir()  # being written: invisible
+    (tmp_path / "m" / "config.pbtxt").write_text("")  # Triton's: ignored
+    (tmp_path / "empty").mkdir()
+    repository = ModelRepository(tmp_path)
+    assert repository.models() == ["m", "other"]
+    assert repository.versions("m") == ["1", "2", "10"]
+    assert repository.latest_version("m") == "10"
+    assert latest_version(tmp_path, "m") == tmp_path / "m" / "10"
+    assert repository.metadata("m", "2").version == "2"
+    with pytest.raises(FileNotFoundError):
+        repository.latest_version("empty")
+    with pytest.raises(FileNotFoundError):
+        repository.metadata("m", "7")
+    assert ModelRepository(tmp_path / "absent").models() == []
+
+
+def test_metadata_must_match_its_directory(tmp_path: Path) -> None:
+    directory = write_metadata(tmp_path, "m", "2")
+    (directory / "metadata.json").write_text(
+        (directory / "metadata.json").read_text().replace('"version": "2"', '"version": "1"')
+    )
+    with pytest.raises(ValueError, match="describes m v1"):
+        ModelRepository(tmp_path).metadata("m", "2")
+
+
+def test_scan_changes_with_versions_and_metadata(tmp_path: Path) -> None:
+    repository = ModelRepository(tmp_path)
+    write_metadata(tmp_path, "m", "1")
+    first = repository.scan()
+    assert repository.scan() == first
+    assert repository.scan("m") == first
+    # Another file in a version directory (model.py for Triton) is not a change.
+    (tmp_path / "m" / "1" / "model.py").write_text("")
+    assert repository.scan() == first
+    write_metadata(tmp_path, "m", "2")
+    second = repository.scan()
+    assert second != first
+    # Same size, same mtime, different content: still a change.
+    path = tmp_path / "m" / "2" / "metadata.json"
+    stat = path.stat()
+    path.write_text(path.read_text().replace("0.5", "0.6"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert repository.scan() != second
+    shutil.rmtree(tmp_path / "m" / "2")
+    assert repository.scan() == first
+
+
+# -- the training export ----------------------------------------------------------------
+
+
+def test_training_exports_onnx_torchscript_and_metadata(trained_model: Path) -> None:
+    directory = trained_model / MODEL / "1"
+    metadata = ModelRepository(trained_model).metadata(MODEL, "1")
+    assert metadata.backend == "onnxruntime"
+    assert metadata.output == "score"
+    assert len(metadata.warmup) >= 1
+    assert (directory / "model.pt").is_file()
+    model = onnx.load(str(directory / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    (graph_input,) = model.graph.input
+    (graph_output,) = model.graph.output
+    assert graph_input.name == "features"
+    assert graph_output.name == "score"
+    in_dims = graph_input.type.tensor_type.shape.dim
+    out_dims = graph_output.type.tensor_type.shape.dim
+    assert in_dims[0].dim_param and in_dims[1].dim_value == len(metadata.inputs)
+    assert out_dims[0].dim_param and out_dims[1].dim_value == 1
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # The ONNX model scores the warm-up rows like the TorchScript one.
+    session = ort.InferenceSession(str(directory / "model.onnx"))
+    rows = metadata.warmup_rows()
+    torchscript = TorchBackend(directory / "model.pt", len(metadata.inputs), len(rows))
+    torchscript.load()
+    want = asyncio.run(torchscript.infer(rows))
+    np.testing.assert_allclose(session.run(None, {"features": rows})[0][:, 0], want, atol=1e-5)
+
+
+# -- the registry -----------------------------------------------------------------------
+
+
+def copy_repository(trained_model: Path, tmp_path: Path) -> Path:
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    return repository
+
+
+def publish_other_model(repository: Path, version: int, seed: int) -> Path:
+    """A new version with other weights (so its scores differ), written the way
+    ``streamscore train`` writes one: staged, then renamed into place."""
+    metadata = ModelRepository(repository).metadata(MODEL, "1")
+    k = len(metadata.inputs)
+    torch.manual_seed(seed)
+    model = FraudMLP(k, torch.zeros(k), torch.full((k,), 3.0)).eval()
+    rows = metadata.warmup_rows()
+    return export_version(
+        repository, version, model, metadata.inputs, Thresholds(0.2, 0.6), warmup=rows, check=rows
+    )
+
+
+def break_a_version(repository: Path, version: int) -> None:
+    staging = repository / MODEL / f".{version}.staging"
+    shutil.copytree(repository / MODEL / "1", staging)
+    metadata = json.loads((staging / "metadata.json").read_text())
+    (staging / "metadata.json").write_text(json.dumps({**metadata, "version": str(version)}))
+    (staging / "model.onnx").write_bytes(b"not a model")
+    staging.rename(repository / MODEL / str(version))
+
+
+def reference_scores(repository: Path, version: str, rows: np.ndarray) -> np.ndarray:
+    path = repository / MODEL / version / "model.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"features": rows})[0].reshape(-1)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_registry_warms_up_every_batch_size_and_holds_extra_versions(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    publish_other_model(repository, 2, seed=11)
+    registry = ModelRegistry(repository, MODEL, version="1", reload_interval_s=0)
+    await registry.start()
+    try:
+        primary = registry.primary
+        assert primary.key == (MODEL, "1")  # pinned, though 2 is newer
+        sizes = warm_up_sizes(primary.metadata.max_batch_size)
+        assert sizes == [1, 2, 4, 8, 16, 32, 64]
+        assert sorted(primary.warmup_timings) == sizes
+        assert all(seconds > 0 for seconds in primary.warmup_timings.values())
+        # A second version next to the primary (canary/shadow), by name and version.
+        canary = await registry.load(MODEL, "2")
+        assert await registry.load(MODEL, "2") is canary
+        assert registry.get(MODEL, "2") is canary
+        assert registry.get(MODEL, "1") is primary
+        assert registry.loaded() == [(MODEL, "1"), (MODEL, "2")]
+        with pytest.raises(KeyError, match="not loaded"):
+            registry.get(MODEL, "3")
+        with pytest.raises(FileNotFoundError):
+            await registry.load(MODEL, "3")
+        rows = primary.metadata.warmup_rows()
+        np.testing.assert_allclose(
+            await canary.backend.infer(rows), reference_scores(repository, "2", rows), atol=1e-6
+        )
+        await registry.unload(MODEL, "2")
+        assert registry.loaded() == [(MODEL, "1")]
+    finally:
+        await registry.stop()
+
+
+async def test_reload_under_concurrent_load_fails_no_call(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05)
+    await registry.start()
+    first = registry.primary
+    metadata = first.metadata
+    rows = np.resize(metadata.warmup_rows(), (8, len(metadata.inputs))).astype(np.float32)
+    rows[:, 0] += np.arange(8, dtype=np.float32)  # rows differ from each other
+    results: list[tuple[int, str, int, np.ndarray]] = []
+    failures: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def call(served: ServedModel, worker: int, i: int) -> np.ndarray:
+        if worker % 2:  # through the version's batcher, as the server does
+            score = await served.batcher.submit(rows[i], served.batcher.clock() + 5.0)
+            return np.array([score], np.float32)
+        return await served.backend.infer(rows[i : i + 1])
+
+    async def worker(w: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i = (i + 1) % len(rows)
+            try:
+                with registry.primary.use() as served:
+                    scores = await call(served, w, i)
+                    await asyncio.sleep(0)  # hold the version across a switch
+                results.append((w, served.metadata.version, i, scores))
+            except Exception as error:
+                failures.append(error)
+            await asyncio.sleep(0)
+
+    workers = [asyncio.create_task(worker(w)) for w in range(16)]
+    try:
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(publish_other_model, repository, 2, 11)
+        await wait_for(lambda: registry.primary.metadata.version == "2")
+        swapped_at = len(results)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*workers)
+        # The old version is stopped once its calls have finished.
+        await wait_for(lambda: not first.backend.started)  # type: ignore[attr-defined]
+    finally:
+        stop.set()
+        await registry.stop()
+    assert failures == []
+    assert registry.reloads == 1 and registry.reload_failures == 0
+    expected = {v: reference_scores(repository, v, rows) for v in ("1", "2")}
+    assert not np.allclose(expected["1"], expected["2"], atol=1e-3)
+    for _, version, i, scores in results:
+        np.testing.assert_allclose(scores, expected[version][i : i + 1], atol=1e-6)
+    versions = [version for _, version, _, _ in results]
+    assert versions.count("1") > 50 and versions[swapped_at:].count("2") > 50
+    # Once a worker saw version 2, it never saw version 1 again.
+    for w in range(16):
+        mine = [version for worker, version, _, _ in results if worker == w]
+        assert "1" not in mine[mine.index("2") :] if "2" in mine else True
+
+
+async def test_the_old_version_stays_up_while_a_call_holds_it(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0)
+    await registry.start()
+    try:
+        old = registry.primary
+        rows = old.metadata.warmup_rows()
+        assert not await registry.reload()  # nothing changed
+        with old.use():
+            publish_other_model(repository, 2, seed=5)
+            assert await registry.reload()
+            assert registry.primary.metadata.version == "2"
+            await asyncio.sleep(0.2)
+            # Swapped out, but a call that started on it can still finish on it.
+            assert old.backend.started  # type: ignore[attr-defined]
+            np.testing.assert_allclose(
+                await old.backend.infer(rows), reference_scores(repository, "1", rows), atol=1e-6
+            )
+        await wait_for(lambda: not old.backend.started)  # type: ignore[attr-defined]
+    finally:
+        await registry.stop()
+
+
+async def test_a_broken_new_version_keeps_the_old_one_serving(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05)
+    await registry.start()
+    try:
+        rows = registry.primary.metadata.warmup_rows()
+        break_a_version(repository, 2)
+        await wait_for(lambda: registry.reload_failures >= 1)
+        await asyncio.sleep(0.2)
+        assert registry.reload_failures == 1  # not retried until the repository changes
+        assert registry.primary.metadata.version == "1"
+        assert (await registry.primary.backend.infer(rows)).shape == (len(rows),)
+        # A good newer version is still picked up afterwards.
+        await asyncio.to_thread(publish_other_model, repository, 3, 7)
+        await wait_for(lambda: registry.primary.metadata.version == "3")
+    finally:
+        await registry.stop()
