@@ -156,9 +156,12 @@ def export_version(
         warmup=tuple(tuple(float(v) for v in row) for row in warmup),
     ).dump(staging / "metadata.json")
     directory = model_dir / str(version)
-    if directory.exists():
-        shutil.rmtree(directory)
+    retired = model_dir / f".{version}.retired"
+    if directory.exists():  # retraining a version: swap in two renames, never absent long
+        shutil.rmtree(retired, ignore_errors=True)
+        directory.rename(retired)
     staging.rename(directory)
+    shutil.rmtree(retired, ignore_errors=True)
     write_triton_model(repository, MODEL_NAME, version, directory / "model.onnx", len(names))
     return directory
 

@@ -190,13 +190,18 @@ class ModelRepository:
 
 
 def repository_fingerprint(repository: Path, name: str) -> str:
-    """Changes when a version directory appears or goes, or any metadata.json changes."""
+    """Changes when a version directory appears or goes, or its metadata or model files change."""
     digest = hashlib.sha256()
     for directory in version_dirs(repository, name):
         metadata = directory / "metadata.json"
         digest.update(directory.name.encode())
         if metadata.is_file():
             digest.update(metadata.read_bytes())
+        # A model file replaced in place (same metadata) is a new model too.
+        for model_file in ("model.onnx", "model.pt"):
+            with contextlib.suppress(FileNotFoundError):
+                stat = (directory / model_file).stat()
+                digest.update(f"{model_file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
