@@ -42,7 +42,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from streamscore._pdeathsig import die_with_parent
+from streamscore.stream.broker import find_free_port
 
 __all__ = [
     "EmbeddedTriton",
@@ -76,12 +76,6 @@ _SETUP_HINT = "run scripts/setup_triton.sh (or point $STREAMSCORE_TRITON_VENV at
 
 class TritonServerError(RuntimeError):
     """tritonserver is not installed, did not start, or a repository call failed."""
-
-
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def default_triton_venv() -> Path:

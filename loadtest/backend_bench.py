@@ -1,0 +1,251 @@
+"""Score through each backend vs a bare grpc.aio echo server, and vs Triton direct.
+
+One run, one open-loop load generator (``openloop.py``), fixed offered rates, targets
+interleaved at each rate (the box is shared and noisy: A and B side by side):
+
+* ``echo``: ``echo_server.py``, the same messages, no features, no model;
+* ``onnxruntime`` / ``torch``, batching on and off: ``streamscore serve`` with a
+  replica of 20k events of synthetic traffic, every request a real Score (features +
+  model + decision);
+* ``triton``: the same server with the version's backend set to Triton, and
+  ``triton-direct``: the same Triton server called straight from tritonclient.
+
+Per target and rate: achieved rate, p50/p99/p99.9 from the intended send time, and
+the server's CPU time per request (from /proc; the steadiest figure).
+
+    python -m loadtest.backend_bench --rates 300,600,1000,1500 --seconds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import uvloop
+from aiokafka import AIOKafkaProducer
+
+from loadtest.openloop import LoadResult, open_loop
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.client import transaction_from_event, wait_serving
+from streamscore.processes import ChildProcess
+from streamscore.stream import kafka_compat
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.events import event_from_dict
+from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout, route_events
+from streamscore.traffic import TrafficConfig, generate_log
+
+MODEL = "fraud_mlp"
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    name: str
+    call: Callable[[int], Awaitable[object]]
+    pid: int
+
+
+def repository_for(base: Path, root: Path, backend: str) -> Path:
+    repository = root / backend
+    if repository.exists():  # one repository per backend, shared by batching on/off
+        return repository
+    shutil.copytree(base, repository)
+    for metadata_path in (repository / MODEL).glob("*/metadata.json"):
+        metadata = json.loads(metadata_path.read_text())
+        metadata_path.write_text(json.dumps({**metadata, "backend": backend}))
+    return repository
+
+
+async def load_features(bootstrap: str, events: list[dict]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, max_request_size=8 << 20, **kafka_compat.producer_kwargs()
+    )
+    await producer.start()
+    try:
+        parsed = [event_from_dict(e) for e in events]
+        for i in range(0, len(parsed), 500):
+            for partition, value in route_events(parsed[i : i + 500], 4).items():
+                await producer.send(ENTITY_EVENTS, value, partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def main(args: argparse.Namespace) -> None:
+    root = Path(tempfile.mkdtemp(prefix="streamscore-backend-bench-"))
+    base = args.model_repository
+    if base is None:
+        from streamscore.training import train
+
+        base = root / "trained"
+        train(base, duration_s=600, epochs=100)
+    now = time.time_ns() // 1_000_000
+    log = [item.event for item in generate_log(TrafficConfig(rate_per_s=50, seed=5), 400)]
+    shift = now - log[-1]["event_time_ms"] - 1000
+    events = [{**e, "event_time_ms": e["event_time_ms"] + shift} for e in log]
+    requests = [
+        pb.ScoreRequest(request_id=f"r-{i}", transaction=transaction_from_event(e))
+        for i, e in enumerate(events)
+    ]
+    children: list[ChildProcess] = []
+    channels: list[grpc.aio.Channel] = []
+    targets: list[Target] = []
+
+    async def grpc_target(name: str, process: ChildProcess, port: int, health: bool) -> None:
+        children.append(process)
+        await process.start()
+        address = f"127.0.0.1:{port}"
+        if health:
+            await wait_serving(address, timeout=120)
+        channel = grpc.aio.insecure_channel(address)
+        channels.append(channel)
+        stub = pb_grpc.ScoringStub(channel)
+        for _ in range(300):  # the echo server has no health service: call until it answers
+            try:
+                await stub.Score(requests[0], timeout=1)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+
+        async def call(i: int) -> object:
+            return await stub.Score(requests[i % len(requests)], timeout=1)
+
+        assert process.process is not None
+        targets.append(Target(name, call, process.process.pid))
+
+    triton = None
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        await load_features(broker.bootstrap, events)
+        try:
+            port = find_free_port()
+            echo = ChildProcess(
+                "echo", [sys.executable, "loadtest/echo_server.py", "--port", str(port)]
+            )
+            await grpc_target("echo", echo, port, health=False)
+            configs = [
+                (b, batching) for b in args.backends.split(",") for batching in (True, False)
+            ]
+            for backend, batching in configs:
+                if backend == "triton" and not batching:
+                    continue  # Triton batches itself; our batcher stays on in front
+                repository = repository_for(base, root, backend)
+                env = {**os.environ, "STREAMSCORE_BATCHING": str(batching).lower()}
+                if backend == "triton":
+                    from streamscore.triton_server import EmbeddedTriton
+
+                    triton = EmbeddedTriton(repository)
+                    await triton.start()
+                    env["STREAMSCORE_TRITON_URL"] = triton.url
+                port = find_free_port()
+                server = ChildProcess.streamscore(
+                    f"{backend}",
+                    "serve",
+                    "--kafka",
+                    broker.bootstrap,
+                    "--port",
+                    str(port),
+                    "--model-repository",
+                    str(repository),
+                    "--log-format",
+                    "text",
+                    "--log-level",
+                    "warning",
+                    env=env,
+                    log_path=str(root / f"{backend}-{batching}.log"),
+                )
+                name = f"{backend} batching {'on' if batching else 'off'}"
+                await grpc_target(name, server, port, health=True)
+            if triton is not None:
+                targets.append(await triton_direct_target(triton, base, requests))
+            rows: list[tuple[str, LoadResult, float]] = []
+            for rate in [float(r) for r in args.rates.split(",")]:
+                for target in targets:
+                    before = cpu_seconds(target.pid)
+                    result = await open_loop(target.call, rate, args.seconds)
+                    cpu_us = (cpu_seconds(target.pid) - before) / max(result.ok, 1) * 1e6
+                    rows.append((target.name, result, cpu_us))
+                    print(
+                        f"{target.name:28s} {result.summary()}  server CPU {cpu_us:.0f} us/req",
+                        flush=True,
+                    )
+            report(rows, args.budget_ms)
+        finally:
+            for channel in channels:
+                await channel.close()
+            for child in reversed(children):
+                await child.stop()
+            if triton is not None:
+                await triton.stop()
+
+
+async def triton_direct_target(
+    triton: object, base: Path, requests: list[pb.ScoreRequest]
+) -> Target:
+    import tritonclient.grpc as triton_types  # type: ignore[import-untyped]
+    import tritonclient.grpc.aio as triton_grpc  # type: ignore[import-untyped]
+
+    metadata = json.loads(next((base / MODEL).glob("*/metadata.json")).read_text())
+    k = len(metadata["inputs"])
+    rows = np.random.default_rng(1).random((len(requests), k), dtype=np.float32) * 100
+    client = triton_grpc.InferenceServerClient(triton.url)  # type: ignore[attr-defined]
+    version = metadata["version"]
+
+    async def call(i: int) -> object:
+        item = triton_types.InferInput("features", [1, k], "FP32")
+        item.set_data_from_numpy(rows[i % len(rows)].reshape(1, k))
+        return await client.infer(MODEL, [item], model_version=version, client_timeout=1)
+
+    return Target("triton-direct", call, triton.pid)  # type: ignore[attr-defined]
+
+
+def report(rows: list[tuple[str, LoadResult, float]], budget_ms: float) -> None:
+    print(
+        "\n| target | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms "
+        "| errors+dropped | server CPU us/req |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r, cpu in rows:
+        print(
+            f"| {name} | {r.offered_rate:,.0f} | {r.achieved_rate:,.0f} | {r.ms(50):.2f} | "
+            f"{r.ms(99):.2f} | {r.ms(99.9):.2f} | {r.errors + r.dropped} | {cpu:.0f} |"
+        )
+    best: dict[str, float] = {}
+    for name, r, _ in rows:
+        if r.ms(99) <= budget_ms and not r.errors and not r.dropped:
+            best[name] = max(best.get(name, 0.0), r.achieved_rate)
+    echo = best.get("echo", 0.0)
+    print(f"\nHighest achieved rate with p99 <= {budget_ms} ms (and no errors):")
+    for name, qps in best.items():
+        ratio = f" ({qps / echo:.0%} of echo)" if echo else ""
+        print(f"  {name}: {qps:,.0f}/s{ratio}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="300,600,1000,1500")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--budget-ms", type=float, default=10.0)
+    parser.add_argument("--backends", default="onnxruntime,torch,triton")
+    parser.add_argument("--model-repository", type=Path)
+    args = parser.parse_args()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(args))
+    sys.exit(0)

@@ -1,0 +1,83 @@
+"""Open-loop load: constant arrival rate, latency from the intended send time.
+
+A closed-loop client (send, wait, send) slows down with the server and so hides its
+worst moments (coordinated omission). Here request i is due at ``start + i / rate``
+whatever happened before; its latency runs from that due time to the answer, so a
+stall shows up in every request that should have been sent during it. Requests still
+in flight beyond ``max_in_flight`` are counted as dropped, not queued forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from hdrh.histogram import HdrHistogram
+
+
+@dataclass
+class LoadResult:
+    offered_rate: float
+    seconds: float
+    ok: int
+    errors: int
+    dropped: int
+    histogram: HdrHistogram  # microseconds
+
+    @property
+    def achieved_rate(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def ms(self, percentile: float) -> float:
+        return self.histogram.get_value_at_percentile(percentile) / 1000
+
+    def summary(self) -> str:
+        return (
+            f"offered {self.offered_rate:,.0f}/s achieved {self.achieved_rate:,.0f}/s  "
+            f"p50 {self.ms(50):.2f}  p90 {self.ms(90):.2f}  p99 {self.ms(99):.2f}  "
+            f"p99.9 {self.ms(99.9):.2f}  max {self.ms(100):.2f} ms  "
+            f"errors {self.errors} dropped {self.dropped}"
+        )
+
+
+async def open_loop(
+    call: Callable[[int], Awaitable[object]],
+    rate: float,
+    seconds: float,
+    *,
+    max_in_flight: int = 512,
+) -> LoadResult:
+    """Call ``call(i)`` at ``rate`` per second for ``seconds``; latency per intended send."""
+    histogram = HdrHistogram(1, 60_000_000, 3)
+    total = int(rate * seconds)
+    ok = errors = dropped = 0
+    in_flight: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+
+    async def one(i: int, due: float) -> None:
+        nonlocal ok, errors
+        try:
+            await call(i)
+        except Exception:
+            errors += 1
+            return
+        ok += 1
+        histogram.record_value(max(1, int((time.perf_counter() - due) * 1e6)))
+
+    for i in range(total):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= max_in_flight:
+            dropped += 1
+            continue
+        task = loop.create_task(one(i, due))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.wait(in_flight, timeout=30)
+    return LoadResult(rate, time.perf_counter() - start, ok, errors, dropped, histogram)
