@@ -35,7 +35,10 @@ log = logging.getLogger("streamscore.models")
 @dataclass(frozen=True)
 class BatchingSettings:
     max_queue: int = 1024
+    # In-process backends compute on the event loop: one batch at a time. A remote
+    # backend (Triton) overlaps network round trips: several batches in flight.
     max_concurrent_batches: int = 1
+    remote_concurrent_batches: int = 4
     max_delay_s: float = 0.0
     # Batching off: every request is its own backend call (for benchmarks).
     enabled: bool = True
@@ -60,7 +63,11 @@ class ServedModel:
             name=f"{self.metadata.name}:{self.metadata.version}",
             max_batch_size=limit,
             max_queue=batching.max_queue,
-            max_concurrent_batches=batching.max_concurrent_batches,
+            max_concurrent_batches=(
+                batching.remote_concurrent_batches
+                if self.metadata.backend == "triton"
+                else batching.max_concurrent_batches
+            ),
             max_delay_s=batching.max_delay_s,
             latency_model=LatencyModel(limit),
             n_inputs=len(self.metadata.inputs),
