@@ -147,14 +147,15 @@ def export_version(
         )
     onnx.checker.check_model(str(staging / "model.onnx"))
     _check_onnx_matches_torch(staging / "model.onnx", model, check)
-    ModelMetadata(
+    metadata = ModelMetadata(
         MODEL_NAME,
         str(version),
         names,
         thresholds,
         backend=backend,
         warmup=tuple(tuple(float(v) for v in row) for row in warmup),
-    ).dump(staging / "metadata.json")
+    )
+    metadata.dump(staging / "metadata.json")
     directory = model_dir / str(version)
     retired = model_dir / f".{version}.retired"
     if directory.exists():  # retraining a version: swap in two renames, never absent long
@@ -162,7 +163,16 @@ def export_version(
         directory.rename(retired)
     staging.rename(directory)
     shutil.rmtree(retired, ignore_errors=True)
-    write_triton_model(repository, MODEL_NAME, version, directory / "model.onnx", len(names))
+    # Triton's dynamic batching from the same metadata streamscore's batcher uses.
+    write_triton_model(
+        repository,
+        MODEL_NAME,
+        version,
+        directory / "model.onnx",
+        len(names),
+        max_batch_size=metadata.max_batch_size,
+        max_queue_delay_us=metadata.max_queue_delay_us,
+    )
     return directory
 
 
