@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -192,6 +193,65 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Talk to the Admin API: show, set, promote, rollback."""
+    import grpc
+
+    from streamscore._proto.v1 import admin_pb2 as apb
+    from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
+
+    token = args.token or os.environ.get("STREAMSCORE_ADMIN_TOKEN", "")
+    if not token:
+        raise SystemExit("rollout needs --token or STREAMSCORE_ADMIN_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(args.target) as channel:
+        stub = apb_grpc.AdminStub(channel)
+        try:
+            if args.action == "show":
+                status = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
+            elif args.action == "set":
+                current = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
+                wanted = current.rollout
+                if args.primary is not None:
+                    wanted.primary_version = args.primary
+                if args.canary is not None:
+                    wanted.canary_version = args.canary
+                if args.percent is not None:
+                    wanted.canary_percent = args.percent
+                if args.shadows is not None:
+                    del wanted.shadow_versions[:]
+                    wanted.shadow_versions.extend(v for v in args.shadows.split(",") if v)
+                status = stub.SetRollout(
+                    apb.SetRolloutRequest(
+                        rollout=wanted, expected_generation=current.rollout.generation
+                    ),
+                    metadata=metadata,
+                    timeout=120,
+                )
+            elif args.action == "promote":
+                status = stub.Promote(apb.PromoteRequest(), metadata=metadata, timeout=60)
+            else:
+                status = stub.Rollback(
+                    apb.RollbackRequest(reason=args.reason), metadata=metadata, timeout=10
+                )
+        except grpc.RpcError as error:
+            print(f"streamscore rollout: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    rollout = status.rollout
+    print(
+        f"{rollout.model_name}: primary {rollout.primary_version}, "
+        f"canary {rollout.canary_version or '-'} at {rollout.canary_percent:g}%, "
+        f"shadows {','.join(rollout.shadow_versions) or '-'} (generation {rollout.generation})"
+    )
+    for candidate in status.candidates:
+        stats = ", ".join(f"{k} {v:.4g}" for k, v in sorted(candidate.stats.items()))
+        print(f"  {candidate.variant} {candidate.version}: {stats}")
+    for event in status.rollbacks:
+        kind = "automatic" if event.automatic else "manual"
+        print(f"  rollback of {event.version} ({kind}) at {event.time_ms}: {event.reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamscore", description="Real-time fraud scoring with streaming features."
@@ -266,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("entity_id")
     features.add_argument("--target", default="127.0.0.1:50051", help="server address")
     features.add_argument("--as-of-ms", type=int, default=0, help="replay mode only")
+
+    rollout = add("rollout", cmd_rollout, "Show or change the model rollout (Admin API).")
+    rollout.add_argument("action", choices=["show", "set", "promote", "rollback"])
+    rollout.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    rollout.add_argument("--token", help="admin bearer token (or STREAMSCORE_ADMIN_TOKEN)")
+    rollout.add_argument("--primary", help="set: primary version ('' = highest)")
+    rollout.add_argument("--canary", help="set: canary version ('' = none)")
+    rollout.add_argument("--percent", type=float, help="set: canary percent of cards")
+    rollout.add_argument("--shadows", help="set: comma-separated shadow versions")
+    rollout.add_argument("--reason", default="manual rollback", help="rollback: why")
     return parser
 
 

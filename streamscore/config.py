@@ -30,6 +30,21 @@ class Settings:
     model_version: str = ""
     # How often the repository is checked for a new version or changed metadata (0: never).
     model_reload_interval_s: float = 1.0
+    # Rollout at start (the Admin API changes it at runtime): a canary version and
+    # its percent of cards, and comma-separated shadow versions.
+    canary_version: str = ""
+    canary_percent: float = 0.0
+    shadow_versions: str = ""
+    # Automatic canary rollback: over at least this many canary requests, when its
+    # error rate exceeds the primary's by the margin, or its p99 both exceeds
+    # ratio x the primary's and the primary's + the margin in ms.
+    rollback_min_requests: int = 200
+    rollback_error_margin: float = 0.02
+    rollback_p99_ratio: float = 2.0
+    rollback_p99_margin_ms: float = 5.0
+    # Bearer token for the Admin API; empty disables it. A secret: set it through
+    # STREAMSCORE_ADMIN_TOKEN, never logged.
+    admin_token: str = ""
     # Triton's gRPC "host:port", for versions whose backend is "triton".
     triton_url: str = ""
     # Score's latency budget: a request's deadline is min(gRPC deadline, this).

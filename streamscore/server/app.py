@@ -9,10 +9,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from streamscore._proto.v1 import admin_pb2 as apb
+from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings, topic_layout
+from streamscore.server.admin import AdminService
 from streamscore.server.repository import BatchingSettings, ModelRegistry
+from streamscore.server.rollout import RolloutManager, RolloutState
+from streamscore.server.rollout_stats import RollbackPolicy
 from streamscore.server.scoring import ScoringService
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
@@ -21,6 +26,7 @@ from streamscore.stream.state import FeatureStore
 log = logging.getLogger("streamscore.server")
 
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
+ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 
@@ -35,6 +41,7 @@ class ScoringServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._ready_task: asyncio.Task[None] | None = None
+        self.rollouts: RolloutManager | None = None
         self.models = ModelRegistry(
             settings.model_repository,
             settings.model_name,
@@ -55,9 +62,26 @@ class ScoringServer:
             # Idempotent: whichever process starts first creates the topics.
             await create_topics(settings.kafka, topic_layout(settings).partitions())
             self.replica = FeatureReplica(settings.kafka, self.store)
+        self.rollouts = RolloutManager(
+            self.models,
+            policy=RollbackPolicy(
+                min_requests=settings.rollback_min_requests,
+                max_error_rate_margin=settings.rollback_error_margin,
+                max_p99_ratio=settings.rollback_p99_ratio,
+                max_p99_margin_s=settings.rollback_p99_margin_ms / 1000,
+            ),
+        )
+        await self.rollouts.start(
+            RolloutState(
+                primary=settings.model_version,
+                canary=settings.canary_version,
+                canary_percent=settings.canary_percent,
+                shadows=tuple(v for v in settings.shadow_versions.split(",") if v),
+            )
+        )
         service = ScoringService(
             self.store,
-            self.models,
+            self.rollouts,
             replica=self.replica,
             replay=settings.replay,
             stale_after_s=settings.stale_after_s,
@@ -72,9 +96,13 @@ class ScoringServer:
             ]
         )
         pb_grpc.add_ScoringServicer_to_server(service, server)
+        apb_grpc.add_AdminServicer_to_server(
+            AdminService(self.rollouts, settings.admin_token), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SCORING_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
         )
         await self._set_serving(False)
         self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
@@ -128,6 +156,8 @@ class ScoringServer:
             self._server = None
         if self.replica is not None:
             await self.replica.stop()
+        if self.rollouts is not None:
+            await self.rollouts.stop()
         await self.models.stop()
 
 

@@ -198,11 +198,14 @@ def check_scores(
     scores: np.ndarray, batch: np.ndarray | int, where: str = "the model"
 ) -> np.ndarray:
     """A (n, 1) or (n,) model output as (n,) float32 scores, n being the batch's row
-    count; ModelOutputError when the model returned a different number."""
+    count; ModelOutputError when the model returned a different number, or a score
+    outside 0..1 (NaN included): a broken model must fail loudly, not decide."""
     n = batch if isinstance(batch, int) else batch.shape[0]
     flat = np.asarray(scores, dtype=np.float32).reshape(-1)
     if flat.shape[0] != n:
         raise ModelOutputError(f"{where} returned {flat.shape[0]} scores for a batch of {n}")
+    if not np.all((flat >= 0.0) & (flat <= 1.0)):
+        raise ModelOutputError(f"{where} returned scores outside 0..1 (or NaN)")
     return flat
 
 

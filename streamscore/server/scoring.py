@@ -15,7 +15,8 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
 from streamscore.server.batcher import BackendFailed, BatcherStopped, DeadlineUnreachable
 from streamscore.server.errors import OutOfRange, ServingError
-from streamscore.server.repository import ModelRegistry, ServedModel
+from streamscore.server.repository import ServedModel
+from streamscore.server.rollout import RolloutManager
 from streamscore.server.validation import validate_features_request, validate_score_request
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.replica import FeatureReplica
@@ -28,7 +29,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     def __init__(
         self,
         store: FeatureStore,
-        models: ModelRegistry,
+        rollouts: RolloutManager,
         *,
         replica: FeatureReplica | None = None,
         replay: bool = False,
@@ -38,7 +39,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.store = store
-        self.models = models
+        self.rollouts = rollouts
         self.replica = replica
         self.replay = replay
         self.stale_after_s = stale_after_s
@@ -96,18 +97,34 @@ class ScoringService(pb_grpc.ScoringServicer):
         degraded: list[int] = []
         # The version is fixed for the whole call: a hot reload swaps the registry's
         # reference, and the old version is stopped only once its calls are done.
-        with self.models.primary.use() as served:
+        # Route (primary, or the canary for its slice of cards); the version is then
+        # fixed for the whole call: a rollout change or hot reload swaps references,
+        # and a version is stopped only once its calls are done.
+        served, variant = self.rollouts.route(txn.card_id)
+        with served.use():
             metadata = served.metadata
             vector = np.fromiter(
                 (features[name] for name in metadata.inputs), np.float32, len(metadata.inputs)
             )
-            score = await self._model_score(served, vector, time_remaining, degraded)
+            try:
+                score = await self._model_score(served, vector, time_remaining, degraded)
+            except Exception:
+                self.rollouts.observe(variant, served, _seconds_since(features_done), ok=False)
+                raise
+        # A fallback answer counts against the version, like an error.
+        self.rollouts.observe(
+            variant, served, _seconds_since(features_done), ok=pb.FALLBACK_MODEL not in degraded
+        )
+        if variant == pb.PRIMARY:
+            self.rollouts.shadow(vector, score)
+        else:
+            self.rollouts.compare_canary(served, vector, score)
         model_done = time.perf_counter_ns()
         response = pb.ScoreResponse(
             request_id=request.request_id,
             score=score,
             decision=metadata.thresholds.decide(score),
-            model=pb.ModelRef(name=metadata.name, version=metadata.version, variant=pb.PRIMARY),
+            model=pb.ModelRef(name=metadata.name, version=metadata.version, variant=variant),
             timings=pb.Timings(
                 # The batcher's queue wait is inside model_us (histogrammed per batch in
                 # streamscore_batch_queue_wait_seconds).
@@ -206,3 +223,7 @@ async def _guard(
     except Exception:
         log.exception("unexpected error while serving")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _seconds_since(perf_ns: int) -> float:
+    return (time.perf_counter_ns() - perf_ns) / 1e9

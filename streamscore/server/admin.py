@@ -1,0 +1,148 @@
+"""The ``Admin`` gRPC service: read and change the rollout. Bearer-token protected.
+
+The token comes from settings (``admin_token``, usually ``STREAMSCORE_ADMIN_TOKEN``)
+and is compared in constant time. With no token configured every call is refused:
+an unauthenticated rollout API on the authorization path is never the default.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from streamscore._proto.v1 import admin_pb2 as apb
+from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
+from streamscore.server.repository import ModelRepository
+from streamscore.server.rollout import RolloutConflict, RolloutManager, RolloutState
+
+log = logging.getLogger("streamscore.admin")
+
+
+class AdminService(apb_grpc.AdminServicer):
+    def __init__(self, rollouts: RolloutManager, token: str) -> None:
+        self.rollouts = rollouts
+        self._token = token.encode()
+
+    async def _authorized(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._token:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "admin API disabled: no admin_token configured"
+            )
+        supplied = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                supplied = value.removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(supplied, self._token):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    async def _call(
+        self, context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        await self._authorized(context)
+        try:
+            return await action()
+        except RolloutConflict as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except Exception as error:  # a version that fails to load or warm up
+            log.exception("rollout change failed")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}"
+            )
+
+    def status(self) -> apb.RolloutStatus:
+        state = self.rollouts.state
+        registry = self.rollouts.registry
+        return apb.RolloutStatus(
+            rollout=apb.Rollout(
+                model_name=registry.name,
+                primary_version=state.primary or registry.primary.metadata.version,
+                canary_version=state.canary,
+                canary_percent=state.canary_percent,
+                shadow_versions=list(state.shadows),
+                generation=state.generation,
+            ),
+            candidates=[
+                apb.CandidateStats(version=version, variant=variant, stats=stats)
+                for version, variant, stats in self.rollouts.candidate_stats()
+            ],
+            rollbacks=[
+                apb.RollbackEvent(
+                    version=r.version, reason=r.reason, time_ms=r.time_ms, automatic=r.automatic
+                )
+                for r in self.rollouts.rollbacks
+            ],
+        )
+
+    async def GetRollout(
+        self, request: apb.GetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> apb.RolloutStatus:
+        async def action() -> apb.RolloutStatus:
+            return self.status()
+
+        return await self._call(context, action)
+
+    async def SetRollout(
+        self, request: apb.SetRolloutRequest, context: grpc.aio.ServicerContext
+    ) -> apb.RolloutStatus:
+        async def action() -> apb.RolloutStatus:
+            wanted = request.rollout
+            if wanted.model_name and wanted.model_name != self.rollouts.registry.name:
+                raise ValueError(f"this server serves {self.rollouts.registry.name!r} only")
+            await self.rollouts.set(
+                RolloutState(
+                    primary=wanted.primary_version,
+                    canary=wanted.canary_version,
+                    canary_percent=wanted.canary_percent,
+                    shadows=tuple(wanted.shadow_versions),
+                ),
+                expected_generation=request.expected_generation,
+            )
+            return self.status()
+
+        return await self._call(context, action)
+
+    async def ListModels(
+        self, request: apb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ListModelsResponse:
+        async def action() -> apb.ListModelsResponse:
+            registry = self.rollouts.registry
+            repository = ModelRepository(registry.repository)
+            loaded = set(registry.loaded())
+            return apb.ListModelsResponse(
+                versions=[
+                    apb.ModelVersionInfo(
+                        name=name,
+                        version=version,
+                        backend=repository.metadata(name, version).backend,
+                        loaded=(name, version) in loaded,
+                    )
+                    for name in repository.models()
+                    for version in repository.versions(name)
+                ]
+            )
+
+        return await self._call(context, action)
+
+    async def Promote(
+        self, request: apb.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> apb.RolloutStatus:
+        async def action() -> apb.RolloutStatus:
+            await self.rollouts.promote()
+            return self.status()
+
+        return await self._call(context, action)
+
+    async def Rollback(
+        self, request: apb.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> apb.RolloutStatus:
+        async def action() -> apb.RolloutStatus:
+            await self.rollouts.roll_back(request.reason)
+            return self.status()
+
+        return await self._call(context, action)

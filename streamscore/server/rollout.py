@@ -1,0 +1,290 @@
+"""Rollouts: which model versions answer (primary, canary) and which only shadow.
+
+``RolloutState`` is immutable; a change builds a new one, loads and warms every
+version it names, then replaces the reference in one assignment, so a request routed
+before the change finishes on the version it started with. Routing: a sticky slice of
+cards (hash of card_id, ``comparison.in_canary``) goes to the canary.
+
+Canary safety: every canary and primary answer feeds a sliding window of latency and
+errors; when the canary's error rate or p99 is worse than the primary's by the
+policy's margin (over at least ``min_requests``), the canary is rolled back to 0 %
+automatically, logged and counted.
+
+Shadows: after the primary answered, the same feature vector is queued (bounded;
+when full the shadow work is dropped and counted, the caller never waits) and a
+background task scores it on each shadow version through that version's own batcher,
+comparing with the primary (score difference, decision agreement, PSI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.repository import ModelRegistry, ServedModel
+from streamscore.server.rollout_stats import (
+    LatencyErrorWindow,
+    PairComparison,
+    RollbackPolicy,
+    in_canary,
+)
+
+log = logging.getLogger("streamscore.rollout")
+
+
+class RolloutConflict(Exception):
+    """The rollout changed since the caller read it (expected generation differs)."""
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    primary: str = ""  # "" = the registry's primary (highest version, hot-reloaded)
+    canary: str = ""
+    canary_percent: float = 0.0
+    shadows: tuple[str, ...] = ()
+    generation: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.canary_percent <= 100.0:
+            raise ValueError("canary_percent must be within 0..100")
+        if self.canary_percent and not self.canary:
+            raise ValueError("canary_percent needs a canary_version")
+
+
+@dataclass(frozen=True)
+class RollbackRecord:
+    version: str
+    reason: str
+    time_ms: int
+    automatic: bool
+
+
+@dataclass
+class _Candidate:
+    """Comparison state of one candidate version against the primary."""
+
+    version: str
+    variant: str
+    comparison: PairComparison
+    window: LatencyErrorWindow
+    errors: int = 0
+    answered: int = 0
+
+
+class RolloutManager:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        policy: RollbackPolicy | None = None,
+        window: int = 2000,
+        shadow_queue: int = 1000,
+        shadow_budget_s: float = 0.5,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy or RollbackPolicy()
+        self.window = window
+        self.shadow_budget_s = shadow_budget_s
+        self.state = RolloutState()
+        self.rollbacks: list[RollbackRecord] = []
+        self.shadow_dropped = 0
+        self.failure: BaseException | None = None
+        self._primary_window = LatencyErrorWindow(window)
+        self._candidates: dict[tuple[str, str], _Candidate] = {}
+        self._queue: asyncio.Queue[tuple[np.ndarray, float, tuple[str, ...]]] = asyncio.Queue(
+            shadow_queue
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._change = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, initial: RolloutState | None = None) -> None:
+        if initial is not None:
+            await self.set(initial)
+        self._task = asyncio.create_task(self._shadow_worker(), name="shadow-worker")
+        self._task.add_done_callback(self._on_done)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            log.error("shadow worker stopped; shadows are dropped", exc_info=self.failure)
+
+    # -- routing (the Score hot path) ------------------------------------------------------
+
+    def route(self, card_id: str) -> tuple[ServedModel, pb.Variant]:
+        state = self.state
+        if state.canary_percent and in_canary(card_id, state.canary_percent):
+            with contextlib.suppress(KeyError):
+                return self.registry.get(self.registry.name, state.canary), pb.CANARY
+        return self.primary_model(state), pb.PRIMARY
+
+    def primary_model(self, state: RolloutState | None = None) -> ServedModel:
+        state = state or self.state
+        if state.primary:
+            with contextlib.suppress(KeyError):
+                return self.registry.get(self.registry.name, state.primary)
+        return self.registry.primary
+
+    def observe(self, variant: pb.Variant, served: ServedModel, latency_s: float, ok: bool) -> None:
+        """One answered (or failed) Score call, for the canary's safety check."""
+        if variant == pb.PRIMARY:
+            self._primary_window.add(latency_s, ok)
+            return
+        candidate = self._candidate(served.metadata.version, "canary")
+        candidate.window.add(latency_s, ok)
+        candidate.answered += 1
+        if not ok:
+            candidate.errors += 1
+        # The check sorts the windows for p99: every 10th canary answer is often enough.
+        if candidate.answered % 10:
+            return
+        reason = self.policy.should_roll_back(self._primary_window, candidate.window)
+        if reason is not None and self.state.canary == served.metadata.version:
+            self._roll_back_now(f"automatic: {reason}", automatic=True)
+
+    def compare_canary(self, served: ServedModel, vector: np.ndarray, canary_score: float) -> None:
+        """Queue the primary's score of a canary answer (off the response path: the
+        primary shadows the canary's slice) for the canary's comparison."""
+        self._enqueue(vector, canary_score, (f"primary-of:{served.metadata.version}",))
+
+    def shadow(self, vector: np.ndarray, primary_score: float) -> None:
+        """Queue shadow scoring of a primary answer; never blocks, drops when full."""
+        shadows = self.state.shadows
+        if shadows:
+            self._enqueue(vector, primary_score, shadows)
+
+    def _enqueue(self, vector: np.ndarray, score: float, versions: tuple[str, ...]) -> None:
+        try:
+            self._queue.put_nowait((vector, score, versions))
+        except asyncio.QueueFull:
+            self.shadow_dropped += 1
+
+    async def _shadow_worker(self) -> None:
+        while True:
+            vector, reference_score, versions = await self._queue.get()
+            for version in versions:
+                await self._shadow_one(vector, reference_score, version)
+
+    async def _shadow_one(self, vector: np.ndarray, reference_score: float, version: str) -> None:
+        name = self.registry.name
+        if version.startswith("primary-of:"):
+            candidate_version = version.removeprefix("primary-of:")
+            served, variant = self.primary_model(), "canary"
+        else:
+            candidate_version = version
+            try:
+                served = self.registry.get(name, version)
+            except KeyError:
+                return  # removed from the rollout meanwhile
+            variant = "shadow"
+        candidate = self._candidate(candidate_version, variant)
+        started = time.perf_counter()
+        try:
+            with served.use():
+                score = await served.batcher.submit(
+                    vector, served.batcher.clock() + self.shadow_budget_s
+                )
+        except Exception:
+            candidate.errors += 1
+            if variant == "shadow":
+                candidate.window.add(time.perf_counter() - started, False)
+            return
+        if variant == "shadow":
+            candidate.window.add(time.perf_counter() - started, True)
+            candidate.comparison.observe(reference_score, score)
+        else:  # the primary's score for a canary answer
+            candidate.comparison.observe(score, reference_score)
+
+    def _candidate(self, version: str, variant: str) -> _Candidate:
+        key = (version, variant)
+        candidate = self._candidates.get(key)
+        if candidate is None:
+            primary = self.primary_model().metadata.thresholds
+            try:
+                thresholds = self.registry.get(self.registry.name, version).metadata.thresholds
+            except KeyError:
+                thresholds = primary
+            candidate = self._candidates[key] = _Candidate(
+                version,
+                variant,
+                PairComparison(primary, thresholds, window=self.window),
+                LatencyErrorWindow(self.window),
+            )
+        return candidate
+
+    # -- changes (Admin) ---------------------------------------------------------------------
+
+    async def set(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
+        async with self._change:
+            current = self.state
+            if expected_generation and expected_generation != current.generation:
+                raise RolloutConflict(
+                    f"rollout is at generation {current.generation}, not {expected_generation}"
+                )
+            name = self.registry.name
+            wanted = {v for v in (new.primary, new.canary, *new.shadows) if v}
+            for version in sorted(wanted):
+                if self.registry.primary.metadata.version != version:
+                    await self.registry.load(name, version)  # loads and warms up first
+            state = dataclasses.replace(new, generation=current.generation + 1)
+            self.state = state  # the atomic switch
+            if state.canary != current.canary:
+                self._candidates.pop((current.canary, "canary"), None)
+                self._primary_window = LatencyErrorWindow(self.window)
+            log.info("rollout changed", extra={"rollout": dataclasses.asdict(state)})
+            stale = {v for v in (current.primary, current.canary, *current.shadows) if v}
+            for version in stale - wanted:
+                if self.registry.primary.metadata.version != version:
+                    await self.registry.unload(name, version)
+            return state
+
+    async def promote(self) -> RolloutState:
+        state = self.state
+        if not state.canary:
+            raise ValueError("there is no canary to promote")
+        return await self.set(
+            dataclasses.replace(state, primary=state.canary, canary="", canary_percent=0.0)
+        )
+
+    async def roll_back(self, reason: str) -> RolloutState:
+        async with self._change:
+            self._roll_back_now(reason or "manual", automatic=False)
+            return self.state
+
+    def _roll_back_now(self, reason: str, *, automatic: bool) -> None:
+        state = self.state
+        if not state.canary_percent:
+            return
+        self.state = dataclasses.replace(state, canary_percent=0.0, generation=state.generation + 1)
+        record = RollbackRecord(state.canary, reason, time.time_ns() // 1_000_000, automatic)
+        self.rollbacks.append(record)
+        log.warning(
+            "canary rolled back",
+            extra={"version": state.canary, "reason": reason, "automatic": automatic},
+        )
+
+    def candidate_stats(self) -> list[tuple[str, str, dict[str, float]]]:
+        out = []
+        for (version, variant), candidate in self._candidates.items():
+            stats = dict(candidate.comparison.summary())
+            stats["p99_s"] = candidate.window.p99()
+            stats["error_rate"] = candidate.window.error_rate()
+            stats["requests"] = float(candidate.window.count)
+            stats["errors_total"] = float(candidate.errors)
+            out.append((version, variant, stats))
+        return out

@@ -1,0 +1,249 @@
+"""Rollouts in the real server: Admin auth, sticky canary, automatic rollback of a
+failing and of a slow candidate with no failed primary request, promote, shadows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from onnx import TensorProto, helper
+
+from streamscore._proto.v1 import admin_pb2 as apb
+from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.cli import main as cli_main
+from streamscore.config import Settings
+from streamscore.server.app import ScoringServer
+from streamscore.server.rollout_stats import in_canary
+
+MODEL = "fraud_mlp"
+TOKEN = "test-admin-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def onnx_bytes(k: int, kind: str) -> bytes:
+    """A real ONNX model with the contract's tensor names that misbehaves on purpose.
+
+    ``nan``: 0 for all-zero rows (so warm-up passes), NaN for real features.
+    ``slow``: tiles each row ~2M-fold before averaging (tens of ms per call)."""
+    features = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", k])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])
+    if kind == "nan":
+        nodes = [
+            helper.make_node("ReduceSum", ["features", "axes"], ["s"], keepdims=1),
+            helper.make_node("Abs", ["s"], ["a"]),
+            helper.make_node("Neg", ["a"], ["n"]),
+            helper.make_node("Log", ["n"], ["l"]),  # log(-|sum|): NaN unless the sum is 0
+            helper.make_node("Sigmoid", ["l"], ["score"]),
+        ]
+        inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    else:
+        nodes = [
+            helper.make_node("Tile", ["features", "repeats"], ["t"]),
+            helper.make_node("ReduceMean", ["t", "axes"], ["m"], keepdims=1),
+            helper.make_node("Mul", ["m", "zero"], ["z"]),
+            helper.make_node("Sigmoid", ["z"], ["score"]),
+        ]
+        inits = [
+            helper.make_tensor("repeats", TensorProto.INT64, [2], [1, 2_000_000]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+        ]
+    graph = helper.make_graph(nodes, kind, [features], [score], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def add_version(repository: Path, version: int, kind: str = "copy") -> None:
+    source, target = repository / MODEL / "1", repository / MODEL / str(version)
+    staging = repository / MODEL / f".{version}.staging"
+    shutil.copytree(source, staging)
+    (staging / "model.pt").unlink()
+    metadata = json.loads((staging / "metadata.json").read_text())
+    metadata["version"] = str(version)
+    if kind != "copy":
+        (staging / "model.onnx").write_bytes(onnx_bytes(len(metadata["inputs"]), kind))
+        metadata.update(warmup=[], max_batch_size=2)
+    (staging / "metadata.json").write_text(json.dumps(metadata))
+    staging.rename(target)
+
+
+def request(i: int, card: str) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        request_id=f"r-{i}",
+        transaction=pb.Transaction(
+            transaction_id=f"t-{i}",
+            card_id=card,
+            merchant_id="m-1",
+            device_id="d-1",
+            ip="198.51.100.7",
+            amount_minor=1_000 + i,
+            currency="EUR",
+            mcc="5411",
+            country="DE",
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    trained_model: Path, tmp_path: Path, **overrides: object
+) -> AsyncIterator[tuple[pb_grpc.ScoringStub, apb_grpc.AdminStub, ScoringServer, Path]]:
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    for version, kind in ((2, "copy"), (3, "nan"), (4, "slow")):
+        add_version(repository, version, kind)
+    settings = Settings(
+        port=0,
+        model_repository=repository,
+        model_version="1",
+        model_reload_interval_s=0,
+        admin_token=TOKEN,
+        rollback_min_requests=30,
+    ).override(dict(overrides))
+    server = ScoringServer(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.ScoringStub(channel), apb_grpc.AdminStub(channel), server, repository
+    finally:
+        await server.stop()
+
+
+async def set_rollout(admin: apb_grpc.AdminStub, **fields: object) -> apb.RolloutStatus:
+    return await admin.SetRollout(
+        apb.SetRolloutRequest(rollout=apb.Rollout(primary_version="1", **fields)), metadata=AUTH
+    )
+
+
+async def drive(scoring: pb_grpc.ScoringStub, cards: int, rounds: int) -> list[pb.ScoreResponse]:
+    """Score every card ``rounds`` times, 16 at a time. Answer i is for card i % cards; a
+    failed call is kept as an empty answer whose request_id says ``failed:CODE``."""
+    semaphore = asyncio.Semaphore(16)
+    answers = [pb.ScoreResponse() for _ in range(cards * rounds)]
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            try:
+                answers[i] = await scoring.Score(request(i, f"card-{i % cards}"), timeout=5)
+            except grpc.aio.AioRpcError as error:
+                answers[i] = pb.ScoreResponse(request_id=f"failed:{error.code().name}")
+
+    await asyncio.gather(*(one(i) for i in range(cards * rounds)))
+    return answers
+
+
+async def test_admin_needs_the_token(trained_model: Path, tmp_path: Path) -> None:
+    async with serving(trained_model, tmp_path) as (_, admin, _, _):
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await admin.GetRollout(apb.GetRolloutRequest(), metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.primary_version == "1"
+        listed = await admin.ListModels(apb.ListModelsRequest(), metadata=AUTH)
+        assert [v.version for v in listed.versions] == ["1", "2", "3", "4"]
+    async with serving(trained_model, tmp_path / "b", admin_token="") as (_, admin, _, _):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert "disabled" in (caught.value.details() or "")
+
+
+async def test_canary_is_a_sticky_slice_then_promoted(trained_model: Path, tmp_path: Path) -> None:
+    async with serving(trained_model, tmp_path) as (scoring, admin, _, _):
+        status = await set_rollout(admin, canary_version="2", canary_percent=30)
+        # Generation 1 is the rollout from config at start.
+        assert status.rollout.canary_version == "2" and status.rollout.generation == 2
+        answers = await drive(scoring, cards=200, rounds=2)
+        by_card: dict[str, set[tuple[str, int]]] = {}
+        for i, answer in enumerate(answers):
+            assert not answer.request_id.startswith("failed"), answer.request_id
+            card = f"card-{i % 200}"
+            by_card.setdefault(card, set()).add((answer.model.version, answer.model.variant))
+        assert all(len(seen) == 1 for seen in by_card.values()), "a card switched variant"
+        canary = sum(1 for seen in by_card.values() if ("2", pb.CANARY) in seen)
+        assert 30 <= canary <= 90  # about 30 % of 200 cards
+        status = await admin.Promote(apb.PromoteRequest(), metadata=AUTH)
+        assert status.rollout.primary_version == "2" and not status.rollout.canary_version
+        reply = await scoring.Score(request(1, "card-1"))
+        assert (reply.model.version, reply.model.variant) == ("2", pb.PRIMARY)
+
+
+@pytest.mark.parametrize("version, what", [("3", "error rate"), ("4", "p99")])
+async def test_bad_canary_is_rolled_back_automatically(
+    trained_model: Path, tmp_path: Path, version: str, what: str
+) -> None:
+    async with serving(trained_model, tmp_path) as (scoring, admin, _, _):
+        await set_rollout(admin, canary_version=version, canary_percent=50)
+        answers = await drive(scoring, cards=100, rounds=3)
+        # Cards outside the canary slice were answered by the primary, every time.
+        primary_answers = [
+            a for i, a in enumerate(answers) if not in_canary(f"card-{i % 100}", 50)
+        ]
+        assert primary_answers and all(
+            not a.request_id.startswith("failed") and not a.degraded for a in primary_answers
+        )
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.canary_percent == 0
+        [event] = status.rollbacks
+        assert event.automatic and event.version == version and what in event.reason
+        # After the rollback every card is answered by the primary, without failures.
+        after = await drive(scoring, cards=50, rounds=1)
+        assert all(a.model.variant == pb.PRIMARY and not a.degraded for a in after)
+        assert not any(a.request_id.startswith("failed") for a in after)
+
+
+async def test_shadows_are_compared_off_the_response_path(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
+        await set_rollout(admin, shadow_versions=["2"])
+        answers = await drive(scoring, cards=100, rounds=2)
+        assert all(a.model.version == "1" and a.model.variant == pb.PRIMARY for a in answers)
+        for _ in range(50):
+            status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+            shadow = [c for c in status.candidates if c.variant == "shadow"]
+            if shadow and shadow[0].stats["requests"] >= 150:
+                break
+            await asyncio.sleep(0.1)
+        [stats] = [c.stats for c in shadow]
+        # Version 2 is version 1's model: identical scores, full agreement.
+        assert stats["agreement"] == pytest.approx(1.0)
+        assert stats["requests"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
+
+
+def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys) -> None:
+    async def scenario() -> None:
+        async with serving(trained_model, tmp_path) as (_, _, server, _):
+            target = f"127.0.0.1:{server.port}"
+            loop = asyncio.get_running_loop()
+            args = [
+                "rollout",
+                "set",
+                "--target",
+                target,
+                "--token",
+                TOKEN,
+                "--canary",
+                "2",
+                "--percent",
+                "10",
+            ]
+            assert await loop.run_in_executor(None, cli_main, args) == 0
+            show = ["rollout", "show", "--target", target, "--token", TOKEN]
+            assert await loop.run_in_executor(None, cli_main, show) == 0
+            wrong = ["rollout", "show", "--target", target, "--token", "nope"]
+            assert await loop.run_in_executor(None, cli_main, wrong) == 1
+
+    asyncio.run(scenario())
+    out = capsys.readouterr()
+    assert "canary 2 at 10%" in out.out
+    assert "UNAUTHENTICATED" in out.err
