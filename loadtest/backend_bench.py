@@ -14,6 +14,7 @@ Per target and rate: achieved rate, p50/p99/p99.9 from the intended send time, a
 the server's CPU time per request (from /proc; the steadiest figure).
 
     python -m loadtest.backend_bench --rates 300,600,1000,1500 --seconds 4
+    python -m loadtest.backend_bench --shadows 2,3 --rates 250,500,750   # shadow isolation
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def repository_for(base: Path, root: Path, backend: str) -> Path:
         metadata = json.loads(metadata_path.read_text())
         metadata_path.write_text(json.dumps({**metadata, "backend": backend}))
     return repository
+
+
+def add_copy(repository: Path, version: str) -> None:
+    """Version ``version`` as a copy of version 1 (a shadow that costs what the primary does)."""
+    target = repository / MODEL / version
+    if target.exists():
+        return
+    shutil.copytree(repository / MODEL / "1", target)
+    metadata_path = target / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**metadata, "version": version}))
 
 
 async def load_features(bootstrap: str, events: list[dict]) -> None:
@@ -141,13 +153,23 @@ async def main(args: argparse.Namespace) -> None:
             )
             await grpc_target("echo", echo, port, health=False)
             configs = [
-                (b, batching) for b in args.backends.split(",") for batching in (True, False)
+                (b, batching, "") for b in args.backends.split(",") for batching in (True, False)
             ]
-            for backend, batching in configs:
+            if args.shadows:
+                # Shadow isolation: the same primary with and without shadow versions.
+                configs = [("onnxruntime", True, ""), ("onnxruntime", True, args.shadows)]
+            for backend, batching, shadows in configs:
                 if backend == "triton" and not batching:
                     continue  # Triton batches itself; our batcher stays on in front
                 repository = repository_for(base, root, backend)
-                env = {**os.environ, "STREAMSCORE_BATCHING": str(batching).lower()}
+                for version in (v for v in shadows.split(",") if v):
+                    add_copy(repository, version)
+                env = {
+                    **os.environ,
+                    "STREAMSCORE_BATCHING": str(batching).lower(),
+                    "STREAMSCORE_SHADOW_VERSIONS": shadows,
+                    "STREAMSCORE_MODEL_VERSION": "1",
+                }
                 if backend == "triton":
                     from streamscore.triton_server import EmbeddedTriton
 
@@ -155,8 +177,9 @@ async def main(args: argparse.Namespace) -> None:
                     await triton.start()
                     env["STREAMSCORE_TRITON_URL"] = triton.url
                 port = find_free_port()
+                label = f"{backend}-{batching}-{shadows or 'none'}"
                 server = ChildProcess.streamscore(
-                    f"{backend}",
+                    label,
                     "serve",
                     "--kafka",
                     broker.bootstrap,
@@ -169,9 +192,11 @@ async def main(args: argparse.Namespace) -> None:
                     "--log-level",
                     "warning",
                     env=env,
-                    log_path=str(root / f"{backend}-{batching}.log"),
+                    log_path=str(root / f"{label}.log"),
                 )
                 name = f"{backend} batching {'on' if batching else 'off'}"
+                if shadows:
+                    name += f", shadows {shadows}"
                 await grpc_target(name, server, port, health=True)
             if triton is not None:
                 targets.append(await triton_direct_target(triton, base, requests))
@@ -245,6 +270,9 @@ if __name__ == "__main__":
     parser.add_argument("--budget-ms", type=float, default=10.0)
     parser.add_argument("--backends", default="onnxruntime,torch,triton")
     parser.add_argument("--model-repository", type=Path)
+    parser.add_argument(
+        "--shadows", default="", help="e.g. 2,3: compare the primary with and without shadows"
+    )
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main(args))

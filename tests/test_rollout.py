@@ -211,13 +211,13 @@ async def test_shadows_are_compared_off_the_response_path(
         for _ in range(50):
             status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
             shadow = [c for c in status.candidates if c.variant == "shadow"]
-            if shadow and shadow[0].stats["requests"] >= 150:
+            if shadow and shadow[0].stats["compared"] >= 150:
                 break
             await asyncio.sleep(0.1)
         [stats] = [c.stats for c in shadow]
         # Version 2 is version 1's model: identical scores, full agreement.
         assert stats["agreement"] == pytest.approx(1.0)
-        assert stats["requests"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
+        assert stats["compared"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
 
 
 def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys) -> None:

@@ -38,6 +38,12 @@ from streamscore.server.rollout_stats import (
 
 log = logging.getLogger("streamscore.rollout")
 
+# Most queued shadow items taken per backend call, and the pause after each round:
+# shadow vectors accumulate meanwhile, so they go out in batches (cheaper per vector)
+# and the Score path gets the loop and the core between rounds.
+SHADOW_BATCH = 256
+SHADOW_LINGER_S = 0.01
+
 
 class RolloutConflict(Exception):
     """The rollout changed since the caller read it (expected generation differs)."""
@@ -86,12 +92,10 @@ class RolloutManager:
         policy: RollbackPolicy | None = None,
         window: int = 2000,
         shadow_queue: int = 1000,
-        shadow_budget_s: float = 0.5,
     ) -> None:
         self.registry = registry
         self.policy = policy or RollbackPolicy()
         self.window = window
-        self.shadow_budget_s = shadow_budget_s
         self.state = RolloutState()
         self.rollbacks: list[RollbackRecord] = []
         self.shadow_dropped = 0
@@ -175,12 +179,25 @@ class RolloutManager:
             self.shadow_dropped += 1
 
     async def _shadow_worker(self) -> None:
+        # Shadow work is batched: take everything queued (up to one backend batch),
+        # score it with one backend call per version, compare, yield. Per vector that
+        # costs microseconds instead of a batcher round trip, and the Score path, which
+        # shares this event loop and this core, gets the loop back after each batch.
+        queue = self._queue
         while True:
-            vector, reference_score, versions = await self._queue.get()
-            for version in versions:
-                await self._shadow_one(vector, reference_score, version)
+            items = [await queue.get()]
+            while len(items) < SHADOW_BATCH and not queue.empty():
+                items.append(queue.get_nowait())
+            groups: dict[tuple[str, ...], list[tuple[np.ndarray, float]]] = {}
+            for vector, reference_score, versions in items:
+                groups.setdefault(versions, []).append((vector, reference_score))
+            for versions, pairs in groups.items():
+                for version in versions:
+                    await self._shadow_batch(pairs, version)
+                    await asyncio.sleep(0)
+            await asyncio.sleep(SHADOW_LINGER_S)
 
-    async def _shadow_one(self, vector: np.ndarray, reference_score: float, version: str) -> None:
+    async def _shadow_batch(self, pairs: list[tuple[np.ndarray, float]], version: str) -> None:
         name = self.registry.name
         if version.startswith("primary-of:"):
             candidate_version = version.removeprefix("primary-of:")
@@ -193,22 +210,26 @@ class RolloutManager:
                 return  # removed from the rollout meanwhile
             variant = "shadow"
         candidate = self._candidate(candidate_version, variant)
-        started = time.perf_counter()
-        try:
-            with served.use():
-                score = await served.batcher.submit(
-                    vector, served.batcher.clock() + self.shadow_budget_s
-                )
-        except Exception:
-            candidate.errors += 1
+        limit = served.backend.max_batch_size
+        for start in range(0, len(pairs), limit):
+            chunk = pairs[start : start + limit]
+            batch = np.stack([vector for vector, _ in chunk])
+            started = time.perf_counter()
+            try:
+                with served.use():
+                    scores = await served.backend.infer(batch)
+            except Exception:
+                candidate.errors += len(chunk)
+                if variant == "shadow":
+                    candidate.window.add(time.perf_counter() - started, False)
+                continue
             if variant == "shadow":
-                candidate.window.add(time.perf_counter() - started, False)
-            return
-        if variant == "shadow":
-            candidate.window.add(time.perf_counter() - started, True)
-            candidate.comparison.observe(reference_score, score)
-        else:  # the primary's score for a canary answer
-            candidate.comparison.observe(score, reference_score)
+                candidate.window.add(time.perf_counter() - started, True)
+                for (_, reference_score), score in zip(chunk, scores.tolist(), strict=True):
+                    candidate.comparison.observe(reference_score, score)
+            else:  # the primary's scores for canary answers
+                for (_, reference_score), score in zip(chunk, scores.tolist(), strict=True):
+                    candidate.comparison.observe(score, reference_score)
 
     def _candidate(self, version: str, variant: str) -> _Candidate:
         key = (version, variant)
