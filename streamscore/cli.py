@@ -45,7 +45,7 @@ async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args, "host", "port", "model_repository", "replay")
+    settings = _settings(args, "host", "port", "model_repository", "replay", "metrics_port")
     if not settings.kafka:
         raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
 
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 50051; 0 picks one)")
     serve.add_argument("--model-repository", type=Path, help="model repository directory")
+    serve.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 0: off)"
+    )
     serve.add_argument(
         "--replay",
         action="store_true",

@@ -180,3 +180,30 @@ async def test_triton_backend_scores_like_onnxruntime_and_falls_back_when_triton
             after = await stub.Score(request(7), timeout=5)
             assert list(after.degraded) == [pb.FALLBACK_MODEL]
             assert after.score == pytest.approx(expected.score, rel=1e-5)
+
+
+async def test_metrics_endpoint_exports_batcher_and_rollout_series(
+    trained_model: Path,
+) -> None:
+    import urllib.request
+
+    from streamscore.stream.broker import find_free_port
+
+    port = find_free_port()
+    settings = Settings(port=0, model_repository=trained_model, metrics_port=port)
+    async with serving(settings) as stub:
+        for i in range(5):
+            await stub.Score(request(i))
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(
+            None, lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read()
+        )
+    text = body.decode()
+    batched = [
+        line
+        for line in text.splitlines()
+        if line.startswith('streamscore_batch_size_count{model="fraud_mlp:1"}')
+    ]
+    assert batched and float(batched[0].split()[-1]) >= 5
+    assert "streamscore_rollout_canary_percent 0.0" in text
+    assert "streamscore_backend_seconds_bucket" in text

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, start_http_server
 
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
@@ -15,6 +17,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings, topic_layout
 from streamscore.server.admin import AdminService
+from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.rollout_stats import RollbackPolicy
@@ -42,6 +45,8 @@ class ScoringServer:
         self._server: grpc.aio.Server | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self.rollouts: RolloutManager | None = None
+        self._metrics_http: WSGIServer | None = None
+        self._collector: ServerCollector | None = None
         self.models = ModelRegistry(
             settings.model_repository,
             settings.model_name,
@@ -110,6 +115,11 @@ class ScoringServer:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
         await server.start()
         self._server = server
+        if settings.metrics_port:
+            self._collector = ServerCollector(self)
+            REGISTRY.register(self._collector)
+            # prometheus_client serves from its own thread: scrapes never wait on the loop.
+            self._metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
         log.info(
             "grpc server listening",
             extra={
@@ -150,6 +160,13 @@ class ScoringServer:
         if self._ready_task is not None:
             self._ready_task.cancel()
             self._ready_task = None
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        if self._collector is not None:
+            REGISTRY.unregister(self._collector)
+            self._collector = None
         if self._server is not None:
             await self._set_serving(False)
             await self._server.stop(grace_s)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the serving process (for now: the batcher's).
+"""Prometheus metrics of the serving process: the batcher's, and gauges of the server.
 
 Defined once, at import, on the default registry; every series carries the ``model``
 label (the batcher's name), so several batchers share these objects. Buckets are sized
@@ -7,7 +7,11 @@ for a sub-millisecond hot path: 25 µs to 1 s for times, powers of two for batch
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 # 25 µs .. 1 s, roughly x2 per step with extra resolution around 0.1-5 ms.
 LATENCY_BUCKETS_S = (
@@ -75,3 +79,76 @@ BACKEND_FAILURES = Counter(
     "Failed backend calls (each fails every request of its batch), by kind.",
     ["model", "kind"],
 )
+
+
+class ServerCollector:
+    """Gauges read at scrape time from the live server: rollout comparison, replica.
+
+    Pulled, not pushed: nothing on the Score path updates them, and a scrape sees the
+    same numbers as ``streamscore rollout show``.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        rollouts = self.server.rollouts
+        if rollouts is not None:
+            stats = GaugeMetricFamily(
+                "streamscore_rollout_candidate",
+                "Candidate (canary/shadow) vs primary: agreement, score diff, PSI, p99, errors.",
+                labels=["version", "variant", "stat"],
+            )
+            for version, variant, values in rollouts.candidate_stats():
+                for name, value in values.items():
+                    stats.add_metric([version, variant, name], value)
+            yield stats
+            state = rollouts.state
+            canary = GaugeMetricFamily(
+                "streamscore_rollout_canary_percent", "Percent of cards sent to the canary."
+            )
+            canary.add_metric([], state.canary_percent)
+            yield canary
+            for name, help_, value in (
+                (
+                    "streamscore_rollout_rollbacks",
+                    "Canary rollbacks so far.",
+                    len(rollouts.rollbacks),
+                ),
+                (
+                    "streamscore_shadow_dropped",
+                    "Shadow requests dropped (queue full).",
+                    rollouts.shadow_dropped,
+                ),
+            ):
+                family = GaugeMetricFamily(name, help_)
+                family.add_metric([], value)
+                yield family
+        replica = self.server.replica
+        if replica is not None:
+            for name, help_, value in (
+                (
+                    "streamscore_replica_entries_folded",
+                    "Fold entries folded.",
+                    replica.entries_folded,
+                ),
+                (
+                    "streamscore_replica_bad_records",
+                    "Unreadable entity-events records.",
+                    replica.bad_records,
+                ),
+                (
+                    "streamscore_replica_seconds_since_fetch",
+                    "Feature freshness: seconds since the last fetch.",
+                    replica.seconds_since_fetch(),
+                ),
+                (
+                    "streamscore_replica_caught_up",
+                    "1 once the replica reached the log end seen at start.",
+                    float(replica.caught_up),
+                ),
+                ("streamscore_entities", "Entities held in memory.", len(self.server.store)),
+            ):
+                family = GaugeMetricFamily(name, help_)
+                family.add_metric([], float(value))
+                yield family
