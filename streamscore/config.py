@@ -45,6 +45,8 @@ class Settings:
     # Bearer token for the Admin API; empty disables it. A secret: set it through
     # STREAMSCORE_ADMIN_TOKEN, never logged.
     admin_token: str = ""
+    # Publish every decision to the streamscore-decisions topic (needs kafka).
+    decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
     metrics_port: int = 0
     # Triton's gRPC "host:port", for versions whose backend is "triton".

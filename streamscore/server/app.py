@@ -17,6 +17,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings, topic_layout
 from streamscore.server.admin import AdminService
+from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
@@ -45,6 +46,7 @@ class ScoringServer:
         self._server: grpc.aio.Server | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self.rollouts: RolloutManager | None = None
+        self.decisions: DecisionLog | None = None
         self._metrics_http: WSGIServer | None = None
         self._collector: ServerCollector | None = None
         self.models = ModelRegistry(
@@ -84,6 +86,10 @@ class ScoringServer:
                 shadows=tuple(v for v in settings.shadow_versions.split(",") if v),
             )
         )
+        if settings.decision_log and settings.kafka:
+            await create_topics(settings.kafka, {DECISIONS_TOPIC: settings.entity_partitions})
+            self.decisions = DecisionLog(settings.kafka)
+            await self.decisions.start()
         service = ScoringService(
             self.store,
             self.rollouts,
@@ -92,6 +98,7 @@ class ScoringServer:
             stale_after_s=settings.stale_after_s,
             budget_s=settings.budget_ms / 1000,
             deadline_fallback=settings.deadline_policy == "fallback",
+            decisions=self.decisions,
         )
         server = grpc.aio.server(
             options=[
@@ -171,6 +178,8 @@ class ScoringServer:
             await self._set_serving(False)
             await self._server.stop(grace_s)
             self._server = None
+        if self.decisions is not None:  # after gRPC: every answered call is in it
+            await self.decisions.stop()
         if self.replica is not None:
             await self.replica.stop()
         if self.rollouts is not None:

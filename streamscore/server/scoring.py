@@ -14,6 +14,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
 from streamscore.server.batcher import BackendFailed, BatcherStopped, DeadlineUnreachable
+from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
@@ -36,6 +37,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         stale_after_s: float = 5.0,
         budget_s: float = 0.05,
         deadline_fallback: bool = True,
+        decisions: DecisionLog | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
         self.store = store
@@ -45,6 +47,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.stale_after_s = stale_after_s
         self.budget_s = budget_s
         self.deadline_fallback = deadline_fallback
+        self.decisions = decisions
         self.clock_ms = clock_ms
 
     def features_stale(self) -> bool:
@@ -120,10 +123,25 @@ class ScoringService(pb_grpc.ScoringServicer):
         else:
             self.rollouts.compare_canary(served, vector, score)
         model_done = time.perf_counter_ns()
+        decision = metadata.thresholds.decide(score)
+        if self.decisions is not None:
+            self.decisions.record(
+                DecisionRecord(
+                    request_id=request.request_id,
+                    time_ms=now_ms,
+                    variant="primary" if variant == pb.PRIMARY else "canary",
+                    model_name=metadata.name,
+                    model_version=metadata.version,
+                    score=score,
+                    decision=pb.Decision.Name(decision),
+                    features_hash=features_hash(vector),
+                    card_hash=card_hash(txn.card_id),
+                )
+            )
         response = pb.ScoreResponse(
             request_id=request.request_id,
             score=score,
-            decision=metadata.thresholds.decide(score),
+            decision=decision,
             model=pb.ModelRef(name=metadata.name, version=metadata.version, variant=variant),
             timings=pb.Timings(
                 # The batcher's queue wait is inside model_us (histogrammed per batch in

@@ -1,0 +1,145 @@
+"""The decision log: every decision published to Kafka, batched and asynchronous.
+
+``record`` is on the Score path: it appends to a bounded deque and sets an event,
+nothing else (no I/O, no await, never raises). One background task drains the deque
+in batches to the ``streamscore-decisions`` topic (JSON, keyed by request id). When
+the broker is slow or down the deque fills and further decisions are dropped and
+counted, never queued without bound and never holding a Score call. Card ids are
+never written in clear: ``card_hash`` is a keyed-free blake2b digest, enough to
+join decisions of one card for labelling without exposing the number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from streamscore.stream import kafka_compat
+
+log = logging.getLogger("streamscore.decisions")
+
+DECISIONS_TOPIC = "streamscore-decisions"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    request_id: str
+    time_ms: int
+    variant: str  # "primary", "canary" or "shadow"
+    model_name: str
+    model_version: str
+    score: float
+    decision: str  # APPROVE / REVIEW / DECLINE
+    features_hash: str
+    card_hash: str
+    primary_score: float | None = None  # shadows: the primary's score, to compare
+
+
+def features_hash(vector: np.ndarray) -> str:
+    return hashlib.blake2b(
+        np.ascontiguousarray(vector, np.float32).tobytes(), digest_size=8
+    ).hexdigest()
+
+
+def card_hash(card_id: str) -> str:
+    return hashlib.blake2b(card_id.encode(), digest_size=8, person=b"ss-card").hexdigest()
+
+
+class DecisionLog:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic: str = DECISIONS_TOPIC,
+        max_queue: int = 10_000,
+        batch_max: int = 500,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.batch_max = batch_max
+        self.published = 0
+        self.dropped = 0
+        self.failed = 0
+        self.failure: BaseException | None = None
+        self._queue: deque[DecisionRecord] = deque()
+        self._max_queue = max_queue
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set when everything queued has been published
+        self._idle.set()
+        self._producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, linger_ms=20, **kafka_compat.producer_kwargs()
+        )
+        await producer.start()
+        self._producer = producer
+        self._task = asyncio.create_task(self._drain(), name="decision-log")
+        self._task.add_done_callback(self._on_done)
+
+    def record(self, decision: DecisionRecord) -> None:
+        """Queue one decision; O(1), never blocks, never raises (drops when full)."""
+        if len(self._queue) >= self._max_queue or self.failure is not None:
+            self.dropped += 1
+            return
+        self._queue.append(decision)
+        self._idle.clear()
+        self._wake.set()
+
+    async def _drain(self) -> None:
+        assert self._producer is not None
+        backoff = 0.1
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+            try:
+                sends = [
+                    await self._producer.send(
+                        self.topic, orjson.dumps(asdict(d)), key=d.request_id.encode()
+                    )
+                    for d in batch
+                ]
+                await asyncio.gather(*sends)
+            except KafkaError as error:
+                # Lost for the log, never for the caller: count, back off, go on.
+                self.failed += len(batch)
+                log.warning("decision log publish failed", extra={"error": repr(error)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            self.published += len(batch)
+            if not self._queue:
+                self._idle.set()
+
+    def _on_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = task.exception()
+            log.error("decision log stopped; decisions are dropped", exc_info=self.failure)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Publish what is queued (within ``timeout``), then stop. Safe to call twice."""
+        if self._task is not None:
+            if self.failure is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), timeout)
+            self._producer = None
