@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from streamscore.server.backends.triton_repo import write_triton_model
+from streamscore.server.drift import BASELINE_FILE, Baseline
 from streamscore.server.model import ModelMetadata, Thresholds
 from streamscore.stream.assembly import all_feature_names
 from streamscore.stream.backfill import backfill
@@ -117,6 +118,7 @@ def export_version(
     warmup: np.ndarray,
     check: np.ndarray,
     backend: str = "onnxruntime",
+    baseline: Baseline | None = None,
 ) -> Path:
     """Write one version (ONNX, TorchScript, metadata, Triton files) atomically.
 
@@ -156,6 +158,8 @@ def export_version(
         warmup=tuple(tuple(float(v) for v in row) for row in warmup),
     )
     metadata.dump(staging / "metadata.json")
+    if baseline is not None:  # training distributions, for drift monitoring
+        baseline.dump(staging / BASELINE_FILE)
     directory = model_dir / str(version)
     retired = model_dir / f".{version}.retired"
     if directory.exists():  # retraining a version: swap in two renames, never absent long
@@ -226,7 +230,14 @@ def train(
         review=float(np.quantile(legit, 0.98)), decline=float(np.quantile(legit, 0.998))
     )
     directory = export_version(
-        repository, version, model, names, thresholds, warmup=x_test[:8], check=x_test[:256]
+        repository,
+        version,
+        model,
+        names,
+        thresholds,
+        warmup=x_test[:8],
+        check=x_test[:256],
+        baseline=Baseline.fit(x_train, names, train_scores),
     )
     return TrainReport(
         path=directory,

@@ -124,6 +124,19 @@ class ServerCollector:
                 family = GaugeMetricFamily(name, help_)
                 family.add_metric([], value)
                 yield family
+        drift = GaugeMetricFamily(
+            "streamscore_drift_psi",
+            'PSI of each input feature and of the score (feature="score") over the '
+            "version's recent requests, against its training baseline.",
+            labels=["version", "feature"],
+        )
+        registry = self.server.models
+        for name, version in registry.loaded():
+            monitor = registry.get(name, version).drift
+            if monitor is not None:
+                for feature, value in monitor.psi().items():
+                    drift.add_metric([version, feature], value)
+        yield drift
         replica = self.server.replica
         if replica is not None:
             for name, help_, value in (

@@ -27,6 +27,7 @@ from streamscore.server.backends.base import Backend
 from streamscore.server.backends.factory import create_backend
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.batcher import Batcher, LatencyModel
+from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
 from streamscore.server.model import ModelMetadata, latest_version, version_dirs
 
 log = logging.getLogger("streamscore.models")
@@ -77,6 +78,8 @@ class ServedModel:
         # Warm-up: predicted seconds per batch size (1, 2, 4, ... max_batch_size), from
         # real batches of the metadata's warm-up rows; set by start().
         self.warmup_timings: dict[int, float] = {}
+        baseline = directory / BASELINE_FILE
+        self.drift = DriftMonitor(Baseline.load(baseline)) if baseline.is_file() else None
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -118,6 +118,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.rollouts.observe(
             variant, served, _seconds_since(features_done), ok=pb.FALLBACK_MODEL not in degraded
         )
+        if served.drift is not None:
+            served.drift.observe(vector, score)
         if variant == pb.PRIMARY:
             self.rollouts.shadow(vector, score)
         else:
