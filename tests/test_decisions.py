@@ -4,11 +4,13 @@ blocks or fails the caller."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
 import grpc
 import orjson
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from streamscore._proto.v1 import scoring_pb2 as pb
@@ -56,12 +58,24 @@ async def consume_all(bootstrap: str, topic: str, expected: int) -> list[dict]:
     return records
 
 
+def with_shadow_copy(trained_model: Path, tmp_path: Path) -> Path:
+    """The trained repository plus version 2, a copy of version 1, to shadow."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    shutil.copytree(repository / "fraud_mlp" / "1", repository / "fraud_mlp" / "2")
+    metadata = repository / "fraud_mlp" / "2" / "metadata.json"
+    metadata.write_text(metadata.read_text().replace('"version": "1"', '"version": "2"'))
+    return repository
+
+
 async def test_every_decision_is_published(trained_model: Path, tmp_path: Path) -> None:
     async with EmbeddedBroker() as broker:
         settings = Settings(
             port=0,
             kafka=broker.bootstrap,
-            model_repository=trained_model,
+            model_repository=with_shadow_copy(trained_model, tmp_path),
+            model_version="1",
+            shadow_versions="2",
             decision_log=True,
             model_reload_interval_s=0,
         )
@@ -71,11 +85,24 @@ async def test_every_decision_is_published(trained_model: Path, tmp_path: Path) 
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = pb_grpc.ScoringStub(channel)
                 replies = await asyncio.gather(*(stub.Score(request(i)) for i in range(60)))
+            assert server.rollouts is not None
+            for _ in range(100):  # shadows are scored off the response path
+                compared = [s["compared"] for _, _, s in server.rollouts.candidate_stats()]
+                if compared and compared[0] >= 60:
+                    break
+                await asyncio.sleep(0.05)
         finally:
             await server.stop()  # flushes the log
-        records = await consume_all(broker.bootstrap, DECISIONS_TOPIC, 60)
-    assert sorted(r["request_id"] for r in records) == sorted(f"req-{i}" for i in range(60))
-    by_id = {r["request_id"]: r for r in records}
+        records = await consume_all(broker.bootstrap, DECISIONS_TOPIC, 120)
+    primary = [r for r in records if r["variant"] == "primary"]
+    shadow = [r for r in records if r["variant"] == "shadow"]
+    assert sorted(r["request_id"] for r in primary) == sorted(f"req-{i}" for i in range(60))
+    assert sorted(r["request_id"] for r in shadow) == sorted(f"req-{i}" for i in range(60))
+    by_id = {r["request_id"]: r for r in primary}
+    for record in shadow:  # version 2 is a copy of 1: the same score, and the primary's
+        assert record["model_version"] == "2"
+        assert record["primary_score"] == by_id[record["request_id"]]["score"]
+        assert record["score"] == pytest.approx(record["primary_score"], abs=1e-6)
     for i, reply in enumerate(replies):
         record = by_id[f"req-{i}"]
         assert record["score"] == reply.score

@@ -90,6 +90,7 @@ class ScoringServer:
             await create_topics(settings.kafka, {DECISIONS_TOPIC: settings.entity_partitions})
             self.decisions = DecisionLog(settings.kafka)
             await self.decisions.start()
+            self.rollouts.decisions = self.decisions
         service = ScoringService(
             self.store,
             self.rollouts,

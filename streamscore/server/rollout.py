@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.repository import ModelRegistry, ServedModel
 from streamscore.server.rollout_stats import (
     LatencyErrorWindow,
@@ -43,6 +44,30 @@ log = logging.getLogger("streamscore.rollout")
 # and the Score path gets the loop and the core between rounds.
 SHADOW_BATCH = 256
 SHADOW_LINGER_S = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class _ShadowItem:
+    vector: np.ndarray
+    reference_score: float  # the primary's (shadows) or the canary's score
+    versions: tuple[str, ...]
+    request_id: str = ""
+    card_id: str = ""
+
+
+def _shadow_decision(served: ServedModel, item: _ShadowItem, score: float) -> DecisionRecord:
+    return DecisionRecord(
+        request_id=item.request_id,
+        time_ms=time.time_ns() // 1_000_000,
+        variant="shadow",
+        model_name=served.metadata.name,
+        model_version=served.metadata.version,
+        score=score,
+        decision=pb.Decision.Name(served.metadata.thresholds.decide(score)),
+        features_hash=features_hash(item.vector),
+        card_hash=card_hash(item.card_id),
+        primary_score=item.reference_score,
+    )
 
 
 class RolloutConflict(Exception):
@@ -99,12 +124,12 @@ class RolloutManager:
         self.state = RolloutState()
         self.rollbacks: list[RollbackRecord] = []
         self.shadow_dropped = 0
+        # Set by the server when the decision log is on: shadow decisions go there too.
+        self.decisions: DecisionLog | None = None
         self.failure: BaseException | None = None
         self._primary_window = LatencyErrorWindow(window)
         self._candidates: dict[tuple[str, str], _Candidate] = {}
-        self._queue: asyncio.Queue[tuple[np.ndarray, float, tuple[str, ...]]] = asyncio.Queue(
-            shadow_queue
-        )
+        self._queue: asyncio.Queue[_ShadowItem] = asyncio.Queue(shadow_queue)
         self._task: asyncio.Task[None] | None = None
         self._change = asyncio.Lock()
 
@@ -164,17 +189,20 @@ class RolloutManager:
     def compare_canary(self, served: ServedModel, vector: np.ndarray, canary_score: float) -> None:
         """Queue the primary's score of a canary answer (off the response path: the
         primary shadows the canary's slice) for the canary's comparison."""
-        self._enqueue(vector, canary_score, (f"primary-of:{served.metadata.version}",))
+        versions = (f"primary-of:{served.metadata.version}",)
+        self._enqueue(_ShadowItem(vector, canary_score, versions))
 
-    def shadow(self, vector: np.ndarray, primary_score: float) -> None:
+    def shadow(
+        self, vector: np.ndarray, primary_score: float, request_id: str = "", card_id: str = ""
+    ) -> None:
         """Queue shadow scoring of a primary answer; never blocks, drops when full."""
         shadows = self.state.shadows
         if shadows:
-            self._enqueue(vector, primary_score, shadows)
+            self._enqueue(_ShadowItem(vector, primary_score, shadows, request_id, card_id))
 
-    def _enqueue(self, vector: np.ndarray, score: float, versions: tuple[str, ...]) -> None:
+    def _enqueue(self, item: _ShadowItem) -> None:
         try:
-            self._queue.put_nowait((vector, score, versions))
+            self._queue.put_nowait(item)
         except asyncio.QueueFull:
             self.shadow_dropped += 1
 
@@ -188,16 +216,16 @@ class RolloutManager:
             items = [await queue.get()]
             while len(items) < SHADOW_BATCH and not queue.empty():
                 items.append(queue.get_nowait())
-            groups: dict[tuple[str, ...], list[tuple[np.ndarray, float]]] = {}
-            for vector, reference_score, versions in items:
-                groups.setdefault(versions, []).append((vector, reference_score))
+            groups: dict[tuple[str, ...], list[_ShadowItem]] = {}
+            for item in items:
+                groups.setdefault(item.versions, []).append(item)
             for versions, pairs in groups.items():
                 for version in versions:
                     await self._shadow_batch(pairs, version)
                     await asyncio.sleep(0)
             await asyncio.sleep(SHADOW_LINGER_S)
 
-    async def _shadow_batch(self, pairs: list[tuple[np.ndarray, float]], version: str) -> None:
+    async def _shadow_batch(self, pairs: list[_ShadowItem], version: str) -> None:
         name = self.registry.name
         if version.startswith("primary-of:"):
             candidate_version = version.removeprefix("primary-of:")
@@ -213,7 +241,7 @@ class RolloutManager:
         limit = served.backend.max_batch_size
         for start in range(0, len(pairs), limit):
             chunk = pairs[start : start + limit]
-            batch = np.stack([vector for vector, _ in chunk])
+            batch = np.stack([item.vector for item in chunk])
             started = time.perf_counter()
             try:
                 with served.use():
@@ -225,11 +253,13 @@ class RolloutManager:
                 continue
             if variant == "shadow":
                 candidate.window.add(time.perf_counter() - started, True)
-                for (_, reference_score), score in zip(chunk, scores.tolist(), strict=True):
-                    candidate.comparison.observe(reference_score, score)
+                for item, score in zip(chunk, scores.tolist(), strict=True):
+                    candidate.comparison.observe(item.reference_score, score)
+                    if self.decisions is not None:
+                        self.decisions.record(_shadow_decision(served, item, score))
             else:  # the primary's scores for canary answers
-                for (_, reference_score), score in zip(chunk, scores.tolist(), strict=True):
-                    candidate.comparison.observe(score, reference_score)
+                for item, score in zip(chunk, scores.tolist(), strict=True):
+                    candidate.comparison.observe(score, item.reference_score)
 
     def _candidate(self, version: str, variant: str) -> _Candidate:
         key = (version, variant)

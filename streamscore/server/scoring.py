@@ -121,7 +121,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         if served.drift is not None:
             served.drift.observe(vector, score)
         if variant == pb.PRIMARY:
-            self.rollouts.shadow(vector, score)
+            self.rollouts.shadow(vector, score, request.request_id, txn.card_id)
         else:
             self.rollouts.compare_canary(served, vector, score)
         model_done = time.perf_counter_ns()
