@@ -25,6 +25,8 @@ import os
 import shutil
 from pathlib import Path
 
+from streamscore.server.model import write_atomic
+
 __all__ = [
     "DEFAULT_MAX_BATCH_SIZE",
     "DEFAULT_MAX_QUEUE_DELAY_US",
@@ -164,17 +166,11 @@ def write_triton_model(
     version_dir.mkdir(parents=True, exist_ok=True)
     target = version_dir / "model.onnx"
     if isinstance(onnx_model, bytes):
-        _write_atomic(target, onnx_model)
+        write_atomic(target, onnx_model)
     elif not target.exists() or not os.path.samefile(onnx_model, target):
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(onnx_model, tmp)
         os.replace(tmp, target)
-    _write_atomic(version_dir / "model.py", MODEL_PY.encode())
-    _write_atomic(model_dir / "config.pbtxt", config.encode())
+    write_atomic(version_dir / "model.py", MODEL_PY.encode())
+    write_atomic(model_dir / "config.pbtxt", config.encode())
     return version_dir
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
