@@ -188,9 +188,12 @@ async def test_bad_canary_is_rolled_back_automatically(
         primary_answers = [
             a for i, a in enumerate(answers) if not in_canary(f"card-{i % 100}", 50)
         ]
-        assert primary_answers and all(
-            not a.request_id.startswith("failed") and not a.degraded for a in primary_answers
-        )
+        bad = [
+            (a.request_id, list(a.degraded))
+            for a in primary_answers
+            if a.request_id.startswith("failed") or a.degraded
+        ]
+        assert primary_answers and not bad, bad
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert status.rollout.canary_percent == 0
         [event] = status.rollbacks

@@ -125,12 +125,12 @@ class ServedModel:
             if not self.in_flight:
                 self._idle.set()
 
-    def fallback_score(self, vector: np.ndarray) -> float | None:
+    async def fallback_score(self, vector: np.ndarray) -> float | None:
         """The same version in process, unbatched; None when it cannot run."""
         if self.fallback is None:
             return None
         try:
-            return float(self.fallback.run(vector.reshape(1, -1))[0])
+            return float((await self.fallback.infer(vector.reshape(1, -1)))[0])
         except Exception:
             log.exception("fallback model failed")
             return None

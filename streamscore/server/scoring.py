@@ -179,7 +179,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         except (BackendFailed, BatcherStopped):
             reason, error = pb.FALLBACK_MODEL, "backend"
             log.warning("model backend failed, using the fallback", exc_info=True)
-        score = served.fallback_score(vector)
+        score = await served.fallback_score(vector)
         if score is None:
             raise BackendFailed(f"no fallback model after a {error} failure")
         degraded.append(reason)

@@ -1,9 +1,10 @@
 """onnxruntime in process, on the CPU: the default backend.
 
 One intra-op thread and sequential execution: a small MLP gains nothing from more
-threads at these batch sizes, and the gRPC loop needs the other core. A call runs
-inline on the event loop (microseconds; a thread hand-off would cost more); only the
-session creation in ``start`` goes to a thread.
+threads at these batch sizes, and the gRPC loop needs the other core. A cheap call
+runs inline on the event loop (microseconds; a thread hand-off would cost more), a
+heavy one in a worker thread (``offload.InlineOrThread``); session creation in
+``start`` always goes to a thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from streamscore.server.backends.base import BackendUnavailable
+from streamscore.server.backends.offload import InlineOrThread
 from streamscore.server.model import INPUT_NAME, OUTPUT_NAME, check_batch, check_scores
 
 __all__ = ["OnnxBackend"]
@@ -35,6 +37,7 @@ class OnnxBackend:
         self._outputs = [output]
         self._where = f"onnxruntime model {onnx_path}"
         self._session: Any = None
+        self._calls = InlineOrThread(f"{onnx_path.parent.parent.name}:{onnx_path.parent.name}")
 
     @property
     def started(self) -> bool:
@@ -84,6 +87,7 @@ class OnnxBackend:
 
     async def stop(self) -> None:
         self._session = None
+        self._calls.close()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Scores, shape (n,), synchronously."""
@@ -95,4 +99,4 @@ class OnnxBackend:
         return check_scores(scores, batch, self._where)
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.run(batch)
+        return await self._calls.call(lambda: self.run(batch))

@@ -1,7 +1,8 @@
 """TorchScript in process, on CUDA when torch sees a GPU, else one CPU thread.
 
-A call runs inline on the event loop (tens of microseconds on the CPU; on CUDA it
-includes the host/device copies and a synchronisation).
+A cheap call runs inline on the event loop (tens of microseconds on the CPU; on CUDA
+it includes the host/device copies and a synchronisation), a heavy one in a worker
+thread (``offload.InlineOrThread``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from streamscore.server.backends.base import BackendUnavailable
+from streamscore.server.backends.offload import InlineOrThread
 from streamscore.server.model import check_batch, check_scores
 
 
@@ -27,6 +29,10 @@ class TorchBackend:
         self.max_batch_size = max_batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._module: Any = None
+        self._calls = InlineOrThread(
+            f"{model_path.parent.parent.name}:{model_path.parent.name}",
+            thread_setup=self._one_thread,
+        )
 
     def load(self) -> None:
         """Load the module (blocking: ``start`` runs it in a thread)."""
@@ -45,7 +51,7 @@ class TorchBackend:
     async def start(self) -> None:
         # Off the event loop: loading takes tens of ms, and a hot reload happens while
         # the loop serves traffic. The thread setting is made here too: OpenMP keeps
-        # it per calling thread, and inference runs on the loop's thread.
+        # it per calling thread, and cheap calls run on the loop's thread.
         self._one_thread()
         if self._module is None:
             await asyncio.to_thread(self.load)
@@ -57,12 +63,16 @@ class TorchBackend:
 
     async def stop(self) -> None:
         self._module = None
+        self._calls.close()
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         module = self._module
         if module is None:
             raise BackendUnavailable("torch backend is not started")
         batch = check_batch(batch, self.n_inputs, self.max_batch_size)
+        return await self._calls.call(lambda: self._run(module, batch))
+
+    def _run(self, module: Any, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             out = module(torch.from_numpy(batch).to(self.device))
         return check_scores(out.cpu().numpy(), batch, f"TorchScript model {self.model_path}")

@@ -1,0 +1,51 @@
+"""In-process model calls: cheap ones stay on the event loop, heavy ones leave it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from streamscore.server.backends.offload import InlineOrThread
+
+
+def burn(seconds: float) -> int:
+    """Spend about ``seconds`` of CPU time on this thread; returns the thread's id."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return threading.get_ident()
+
+
+async def test_cheap_calls_run_inline_once_measured() -> None:
+    calls = InlineOrThread("cheap")
+    loop_thread = threading.get_ident()
+    first = await calls.call(lambda: burn(0))
+    assert first != loop_thread  # unknown cost: the first call goes to the thread
+    assert calls.inline
+    assert [await calls.call(lambda: burn(0)) for _ in range(5)] == [loop_thread] * 5
+    calls.close()
+
+
+async def test_heavy_calls_leave_the_loop_and_it_keeps_ticking() -> None:
+    calls = InlineOrThread("heavy", inline_limit_s=0.001)
+    await calls.call(lambda: burn(0))
+    assert calls.inline
+    # A model that turns heavy: the moving average crosses the limit within a few
+    # calls, and from then on the loop stays free while the model computes.
+    while calls.inline:
+        await calls.call(lambda: burn(0.02))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    thread = await calls.call(lambda: burn(0.1))
+    ticking.cancel()
+    assert thread != threading.get_ident()
+    assert ticks >= 10, ticks  # the loop ran during the 100 ms call
+    calls.close()
