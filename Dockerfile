@@ -24,7 +24,9 @@ WORKDIR /home/streamscore
 # Bake the demo model in so the container needs no training at start.
 RUN streamscore train --log-format text
 EXPOSE 50051
-HEALTHCHECK --interval=10s --timeout=3s --start-period=60s \
-    CMD python -c "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;c=grpc.insecure_channel('127.0.0.1:50051');sys.exit(0 if g.HealthStub(c).Check(h.HealthCheckRequest(),timeout=2).status==1 else 1)"
+# `streamscore health` honours STREAMSCORE_TLS_CA / _CLIENT_CERT / _CLIENT_KEY /
+# _SERVER_NAME, so the check keeps working when TLS or mutual TLS is turned on.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
+    CMD streamscore health --target "127.0.0.1:${STREAMSCORE_PORT:-50051}" --timeout 3
 ENTRYPOINT ["streamscore"]
 CMD ["serve"]

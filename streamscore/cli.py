@@ -12,6 +12,7 @@ from typing import Any
 
 from streamscore.config import Settings, load_settings
 from streamscore.logs import setup_logging
+from streamscore.tls import ClientTls
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
@@ -37,6 +38,29 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     return settings
 
 
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    """Where the server is and how to reach it (TLS flags fall back to the environment)."""
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    parser.add_argument("--tls-ca", help="CA file to trust the server (STREAMSCORE_TLS_CA); TLS on")
+    parser.add_argument(
+        "--tls-cert", help="client certificate for mutual TLS (STREAMSCORE_TLS_CLIENT_CERT)"
+    )
+    parser.add_argument("--tls-key", help="client key for mutual TLS (STREAMSCORE_TLS_CLIENT_KEY)")
+    parser.add_argument(
+        "--tls-server-name", help="name on the server certificate, if not the target's host"
+    )
+
+
+def _client_tls(args: argparse.Namespace) -> ClientTls:
+    env = os.environ
+    return ClientTls(
+        ca_file=args.tls_ca or env.get("STREAMSCORE_TLS_CA", ""),
+        cert_file=args.tls_cert or env.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
+        key_file=args.tls_key or env.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
+        server_name=args.tls_server_name or env.get("STREAMSCORE_TLS_SERVER_NAME", ""),
+    )
+
+
 async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:
     from streamscore.stream.broker import create_topics
 
@@ -45,7 +69,17 @@ async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _settings(args, "host", "port", "model_repository", "replay", "metrics_port")
+    settings = _settings(
+        args,
+        "host",
+        "port",
+        "model_repository",
+        "replay",
+        "metrics_port",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+    )
     if not settings.kafka:
         raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
 
@@ -172,12 +206,11 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    import grpc
 
     from streamscore._proto.v1 import scoring_pb2 as pb
     from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.target) as channel:
+    with _client_tls(args).channel(args.target) as channel:
         reply = pb_grpc.ScoringStub(channel).GetFeatures(
             pb.FeaturesRequest(
                 entity_type=args.entity_type, entity_id=args.entity_id, as_of_ms=args.as_of_ms
@@ -204,7 +237,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if not token:
         raise SystemExit("rollout needs --token or STREAMSCORE_ADMIN_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),)
-    with grpc.insecure_channel(args.target) as channel:
+    with _client_tls(args).channel(args.target) as channel:
         stub = apb_grpc.AdminStub(channel)
         try:
             if args.action == "show":
@@ -252,6 +285,40 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server answers SERVING (the container's health check)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client_tls(args).channel(args.target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{args.target}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the effective settings (defaults < file < environment), secrets masked."""
+    settings = load_settings(args.config)
+    for name, value in settings.redacted().items():
+        print(f"{name} = {_toml_value(value)}")
+    return 0
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamscore", description="Real-time fraud scoring with streaming features."
@@ -281,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", type=Path, help="model repository directory")
     serve.add_argument(
         "--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 0: off)"
+    )
+    serve.add_argument("--tls-cert-file", help="server certificate chain (PEM): TLS on")
+    serve.add_argument("--tls-key-file", help="server private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca-file", help="CA for client certificates (PEM): mutual TLS on"
     )
     serve.add_argument(
         "--replay",
@@ -327,18 +399,26 @@ def build_parser() -> argparse.ArgumentParser:
     features = add("features", cmd_features, "Show an entity's features (GetFeatures).")
     features.add_argument("entity_type", choices=["card", "merchant", "device", "ip"])
     features.add_argument("entity_id")
-    features.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    _client_options(features)
     features.add_argument("--as-of-ms", type=int, default=0, help="replay mode only")
 
     rollout = add("rollout", cmd_rollout, "Show or change the model rollout (Admin API).")
     rollout.add_argument("action", choices=["show", "set", "promote", "rollback"])
-    rollout.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    _client_options(rollout)
     rollout.add_argument("--token", help="admin bearer token (or STREAMSCORE_ADMIN_TOKEN)")
     rollout.add_argument("--primary", help="set: primary version ('' = highest)")
     rollout.add_argument("--canary", help="set: canary version ('' = none)")
     rollout.add_argument("--percent", type=float, help="set: canary percent of cards")
     rollout.add_argument("--shadows", help="set: comma-separated shadow versions")
     rollout.add_argument("--reason", default="manual rollback", help="rollback: why")
+
+    health_check = add("health", cmd_health, "Check a server's gRPC health (exit 0: SERVING).")
+    _client_options(health_check)
+    health_check.add_argument("--service", default="", help="service name ('' = the server)")
+    health_check.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
+    config = add("config", cmd_config, "Print the effective settings, secrets masked.")
+    config.add_argument("--config", type=Path, help="TOML settings file (see README)")
     return parser
 
 

@@ -12,6 +12,8 @@ from typing import Any
 from streamscore.stream.topics import TopicLayout
 
 ENV_PREFIX = "STREAMSCORE_"
+# Settings that are secrets: never printed, logged or echoed in an error.
+SECRET_SETTINGS = ("admin_token",)
 
 
 def default_model_repository() -> Path:
@@ -43,8 +45,17 @@ class Settings:
     rollback_p99_ratio: float = 2.0
     rollback_p99_margin_ms: float = 5.0
     # Bearer token for the Admin API; empty disables it. A secret: set it through
-    # STREAMSCORE_ADMIN_TOKEN, never logged.
-    admin_token: str = ""
+    # STREAMSCORE_ADMIN_TOKEN; never logged, printed or part of repr().
+    admin_token: str = field(default="", repr=False)
+    # TLS for gRPC (Scoring, Admin, health, reflection): the server's certificate
+    # chain and key, PEM files. With a client CA file as well, mutual TLS: a client
+    # must present a certificate that CA signed. All empty: plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Largest gRPC message, either way (a Score request is a few hundred bytes);
+    # a bigger one is refused with RESOURCE_EXHAUSTED before any handler runs.
+    max_message_bytes: int = 256 * 1024
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
@@ -73,6 +84,14 @@ class Settings:
     entity_partitions: int = 4
     log_level: str = "info"
     log_format: str = "json"
+
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, secrets replaced by "***" when set: safe to print or log."""
+        values = dataclasses.asdict(self)
+        for name in SECRET_SETTINGS:
+            if values[name]:
+                values[name] = "***"
+        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
     def override(self, values: dict[str, Any]) -> Settings:
         """A copy with ``values`` (already typed or strings) applied; unknown keys are errors."""

@@ -26,12 +26,12 @@ from streamscore.server.scoring import ScoringService
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
+from streamscore.tls import server_credentials
 
 log = logging.getLogger("streamscore.server")
 
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
-MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 class ScoringServer:
@@ -64,6 +64,10 @@ class ScoringServer:
 
     async def start(self) -> None:
         settings = self.settings
+        # Read first: a bad TLS setting fails the start before anything is running.
+        credentials = server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
         await self.models.start()
         if settings.kafka:
             # Idempotent: whichever process starts first creates the topics.
@@ -104,8 +108,8 @@ class ScoringServer:
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
         pb_grpc.add_ScoringServicer_to_server(service, server)
@@ -118,7 +122,12 @@ class ScoringServer:
             server,
         )
         await self._set_serving(False)
-        self.port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        self.port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
         if not self.port:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}")
         await server.start()
@@ -133,6 +142,11 @@ class ScoringServer:
             extra={
                 "host": settings.host,
                 "port": self.port,
+                "tls": "off"
+                if credentials is None
+                else "mutual"
+                if settings.tls_client_ca_file
+                else "on",
                 "model": self.models.primary.metadata.name,
                 "version": self.models.primary.metadata.version,
                 "backend": self.models.primary.metadata.backend,

@@ -1,0 +1,244 @@
+"""TLS and mutual TLS on the real server with generated certificates; message size
+limits; secrets never echoed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.cli import main as cli_main
+from streamscore.config import Settings, load_settings
+from streamscore.server.app import ScoringServer
+from streamscore.tls import ClientTls, TlsError
+
+TOKEN = "s3cret-admin-token-value"
+
+
+class Authority:
+    """A throwaway certificate authority writing PEM files into a directory."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.name = subject
+        self.cert = (
+            self._builder(subject, self.key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.ca_file = self._write(
+            f"{name}.crt", self.cert.public_bytes(serialization.Encoding.PEM)
+        )
+
+    def _builder(
+        self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(getattr(self, "name", subject))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    def _write(self, name: str, data: bytes) -> str:
+        path = self.directory / name
+        path.write_bytes(data)
+        return str(path)
+
+    def issue(self, name: str, *, server: bool) -> tuple[str, str]:
+        """(certificate file, key file) for localhost / 127.0.0.1 (server) or a client."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = self._builder(subject, key.public_key())
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(self.key, hashes.SHA256())
+        return (
+            self._write(f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM)),
+            self._write(
+                f"{name}.key",
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+            ),
+        )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    directory = tmp_path_factory.mktemp("pki")
+    ca, rogue = Authority(directory, "test-ca"), Authority(directory, "rogue-ca")
+    return {
+        "ca": ca.ca_file,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "rogue_client": rogue.issue("rogue-client", server=False),
+    }
+
+
+@contextlib.asynccontextmanager
+async def serving(trained_model: Path, tmp_path: Path, **overrides: object) -> AsyncIterator[str]:
+    repository = tmp_path / "models"
+    if not repository.exists():
+        shutil.copytree(trained_model, repository)
+    settings = Settings(
+        port=0, model_repository=repository, model_reload_interval_s=0, admin_token=TOKEN
+    ).override(dict(overrides))
+    server = ScoringServer(settings)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        await server.stop()
+
+
+def request(card: str = "card-1", merchant: str = "m-1") -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        request_id="r-1",
+        transaction=pb.Transaction(
+            transaction_id="t-1",
+            card_id=card,
+            merchant_id=merchant,
+            device_id="d-1",
+            ip="198.51.100.7",
+            amount_minor=1_234,
+            currency="EUR",
+            mcc="5411",
+            country="DE",
+        ),
+    )
+
+
+async def score(
+    target: str, tls: ClientTls, req: pb.ScoreRequest | None = None
+) -> pb.ScoreResponse:
+    async with tls.aio_channel(target) as channel:
+        return await pb_grpc.ScoringStub(channel).Score(req or request(), timeout=5)
+
+
+async def refused(target: str, tls: ClientTls) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await score(target, tls)
+    return caught.value.code()
+
+
+async def test_tls_serves_trusting_clients_and_refuses_plaintext(
+    trained_model: Path, tmp_path: Path, pki: dict
+) -> None:
+    cert, key = pki["server"]
+    async with serving(trained_model, tmp_path, tls_cert_file=cert, tls_key_file=key) as target:
+        reply = await score(target, ClientTls(ca_file=pki["ca"]))
+        assert reply.request_id == "r-1" and 0 <= reply.score <= 1
+        assert await refused(target, ClientTls()) == grpc.StatusCode.UNAVAILABLE
+        # A client that trusts another CA does not accept this server.
+        rogue_ca = str(Path(pki["rogue_client"][0]).parent / "rogue-ca.crt")
+        assert await refused(target, ClientTls(ca_file=rogue_ca)) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_refuses_clients_without_a_valid_certificate(
+    trained_model: Path, tmp_path: Path, pki: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = pki["server"]
+    async with serving(
+        trained_model, tmp_path, tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=pki["ca"]
+    ) as target:
+        client_cert, client_key = pki["client"]
+        good = ClientTls(ca_file=pki["ca"], cert_file=client_cert, key_file=client_key)
+        assert (await score(target, good)).request_id == "r-1"
+        assert await refused(target, ClientTls(ca_file=pki["ca"])) == grpc.StatusCode.UNAVAILABLE
+        rogue_cert, rogue_key = pki["rogue_client"]
+        rogue = ClientTls(ca_file=pki["ca"], cert_file=rogue_cert, key_file=rogue_key)
+        assert await refused(target, rogue) == grpc.StatusCode.UNAVAILABLE
+        # The CLI (Admin API and health check) over mutual TLS, flags as a user types them.
+        tls_flags = ["--target", target, "--tls-ca", pki["ca"]]
+        tls_flags += ["--tls-cert", client_cert, "--tls-key", client_key]
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli_main, ["health", *tls_flags]) == 0
+        assert (
+            await asyncio.to_thread(cli_main, ["rollout", "show", "--token", TOKEN, *tls_flags])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert "SERVING" in out and "primary" in out
+        assert (
+            await asyncio.to_thread(cli_main, ["health", "--target", target, "--tls-ca", pki["ca"]])
+            == 1
+        )
+
+
+async def test_bad_tls_settings_fail_the_start_clearly(
+    trained_model: Path, tmp_path: Path, pki: dict
+) -> None:
+    cert, _ = pki["server"]
+    for overrides, message in (
+        ({"tls_cert_file": cert}, "both tls_cert_file and tls_key_file"),
+        ({"tls_client_ca_file": pki["ca"]}, "needs tls_cert_file"),
+        ({"tls_cert_file": cert, "tls_key_file": str(tmp_path / "nope.key")}, "cannot read"),
+    ):
+        with pytest.raises(TlsError, match=message):
+            async with serving(trained_model, tmp_path, **overrides):
+                pass
+
+
+async def test_oversized_messages_are_refused(trained_model: Path, tmp_path: Path) -> None:
+    async with serving(trained_model, tmp_path, max_message_bytes=16 * 1024) as target:
+        assert (await score(target, ClientTls())).request_id == "r-1"
+        huge = request(merchant="m" * 20_000)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await score(target, ClientTls(), huge)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The server is fine afterwards.
+        assert (await score(target, ClientTls())).request_id == "r-1"
+
+
+async def test_secrets_are_never_echoed(
+    trained_model: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings(environ={"STREAMSCORE_ADMIN_TOKEN": TOKEN})
+    assert settings.admin_token == TOKEN
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings.redacted())
+    assert settings.redacted()["admin_token"] == "***"
+    monkeypatch.setenv("STREAMSCORE_ADMIN_TOKEN", TOKEN)
+    assert cli_main(["config"]) == 0
+    printed = capsys.readouterr().out
+    assert 'admin_token = "***"' in printed and TOKEN not in printed
+    caplog.set_level(logging.DEBUG)
+    async with serving(trained_model, tmp_path, log_level="debug") as target:
+        # A wrong token is refused without the server repeating either token.
+        wrong = ["rollout", "show", "--target", target, "--token", "wrong-" + TOKEN]
+        assert await asyncio.to_thread(cli_main, wrong) == 1
+    captured = capsys.readouterr()
+    everything = caplog.text + captured.out + captured.err
+    assert "UNAUTHENTICATED" in captured.err
+    assert TOKEN not in everything
