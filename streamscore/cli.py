@@ -92,8 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await server.start()
         try:
             await stop.wait()
-        finally:
+        except BaseException:
             await server.stop()
+            raise
+        await server.drain()
         return 0
 
     return _run(main())

@@ -80,6 +80,11 @@ class Settings:
     fold_horizon_ms: int = 7_200_000
     skew_ms: int = 300_000
     stale_after_s: float = 5.0
+    # Graceful stop (SIGTERM): health turns NOT_SERVING at once while calls are still
+    # answered for drain_delay_s, so load balancers and clients move away; then new
+    # calls are refused and in-flight ones get up to drain_timeout_s to finish.
+    drain_delay_s: float = 2.0
+    drain_timeout_s: float = 10.0
     payments_partitions: int = 4
     entity_partitions: int = 4
     log_level: str = "info"

@@ -265,8 +265,15 @@ class TrafficGenerator:
         for card in cards:  # a script works through its list of cards one by one
             for _ in range(rng.randint(*_CT_ATTEMPTS)):
                 t += rng.expovariate(1 / 4_000)  # scripted: seconds apart
-                fields = self._fields(card, rng.choice(merchants), device, ip,
-                                      rng.randint(50, 300), country, rng.random() < 0.7)
+                fields = self._fields(
+                    card,
+                    rng.choice(merchants),
+                    device,
+                    ip,
+                    rng.randint(50, 300),
+                    country,
+                    rng.random() < 0.7,
+                )
                 drafts.append((t, "card_testing", fields))
         return drafts
 
@@ -282,8 +289,9 @@ class TrafficGenerator:
             t += rng.expovariate(1 / 40_000)  # cash out before the card is blocked
             amount = max(card.typical_minor * rng.uniform(4, 15), merchant.ticket_minor)
             declined = rng.random() < min(0.5, 0.05 + 0.07 * k)  # the issuer catches up
-            drafts.append((t, "spree",
-                           self._fields(card, merchant, device, ip, amount, country, declined)))
+            drafts.append(
+                (t, "spree", self._fields(card, merchant, device, ip, amount, country, declined))
+            )
         return drafts
 
     def _device_farm(self, rng: random.Random) -> list[_Draft]:
@@ -301,9 +309,15 @@ class TrafficGenerator:
             for _ in range(rng.randint(*_FARM_TXNS_PER_CARD)):
                 t += rng.expovariate(1 / 12_000)
                 amount = card.typical_minor * rng.lognormvariate(0.0, 0.5)  # stay unremarkable
-                fields = self._fields(card, self._pick_merchant(rng),
-                                      device if shared_device else _device(rng),
-                                      rng.choice(ips), amount, country, rng.random() < 0.25)
+                fields = self._fields(
+                    card,
+                    self._pick_merchant(rng),
+                    device if shared_device else _device(rng),
+                    rng.choice(ips),
+                    amount,
+                    country,
+                    rng.random() < 0.25,
+                )
                 drafts.append((t, "device_farm", fields))
         return drafts
 

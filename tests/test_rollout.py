@@ -28,11 +28,11 @@ TOKEN = "test-admin-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
-def onnx_bytes(k: int, kind: str) -> bytes:
+def onnx_bytes(k: int, kind: str, repeats: int = 2_000_000) -> bytes:
     """A real ONNX model with the contract's tensor names that misbehaves on purpose.
 
     ``nan``: 0 for all-zero rows (so warm-up passes), NaN for real features.
-    ``slow``: tiles each row ~2M-fold before averaging (tens of ms per call)."""
+    ``slow``: tiles each row ``repeats``-fold before averaging (2M: tens of ms per call)."""
     features = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", k])
     score = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 1])
     if kind == "nan":
@@ -52,7 +52,7 @@ def onnx_bytes(k: int, kind: str) -> bytes:
             helper.make_node("Sigmoid", ["z"], ["score"]),
         ]
         inits = [
-            helper.make_tensor("repeats", TensorProto.INT64, [2], [1, 2_000_000]),
+            helper.make_tensor("repeats", TensorProto.INT64, [2], [1, repeats]),
             helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
         ]
@@ -62,7 +62,9 @@ def onnx_bytes(k: int, kind: str) -> bytes:
     return model.SerializeToString()
 
 
-def add_version(repository: Path, version: int, kind: str = "copy") -> None:
+def add_version(
+    repository: Path, version: int, kind: str = "copy", repeats: int = 2_000_000
+) -> None:
     source, target = repository / MODEL / "1", repository / MODEL / str(version)
     staging = repository / MODEL / f".{version}.staging"
     shutil.copytree(source, staging)
@@ -70,7 +72,7 @@ def add_version(repository: Path, version: int, kind: str = "copy") -> None:
     metadata = json.loads((staging / "metadata.json").read_text())
     metadata["version"] = str(version)
     if kind != "copy":
-        (staging / "model.onnx").write_bytes(onnx_bytes(len(metadata["inputs"]), kind))
+        (staging / "model.onnx").write_bytes(onnx_bytes(len(metadata["inputs"]), kind, repeats))
         metadata.update(warmup=[], max_batch_size=2)
     (staging / "metadata.json").write_text(json.dumps(metadata))
     staging.rename(target)
@@ -185,9 +187,7 @@ async def test_bad_canary_is_rolled_back_automatically(
         await set_rollout(admin, canary_version=version, canary_percent=50)
         answers = await drive(scoring, cards=100, rounds=3)
         # Cards outside the canary slice were answered by the primary, every time.
-        primary_answers = [
-            a for i, a in enumerate(answers) if not in_canary(f"card-{i % 100}", 50)
-        ]
+        primary_answers = [a for i, a in enumerate(answers) if not in_canary(f"card-{i % 100}", 50)]
         bad = [
             (a.request_id, list(a.degraded))
             for a in primary_answers

@@ -49,6 +49,7 @@ class ScoringServer:
         self.decisions: DecisionLog | None = None
         self._metrics_http: WSGIServer | None = None
         self._collector: ServerCollector | None = None
+        self._service: ScoringService | None = None
         self.models = ModelRegistry(
             settings.model_repository,
             settings.model_name,
@@ -105,6 +106,7 @@ class ScoringServer:
             deadline_fallback=settings.deadline_policy == "fallback",
             decisions=self.decisions,
         )
+        self._service = service
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
@@ -178,6 +180,21 @@ class ScoringServer:
         if self._server is not None:
             await self._server.wait_for_termination()
 
+    async def drain(self) -> None:
+        """Stop gracefully (SIGTERM): NOT_SERVING first, still answering for the drain
+        delay, then refuse new calls, let in-flight ones finish, flush and stop."""
+        log.info(
+            "draining",
+            extra={
+                "delay_s": self.settings.drain_delay_s,
+                "timeout_s": self.settings.drain_timeout_s,
+            },
+        )
+        await self._set_serving(False)
+        await asyncio.sleep(self.settings.drain_delay_s)
+        await self.stop(grace_s=self.settings.drain_timeout_s)
+        log.info("stopped")
+
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._ready_task is not None:
             self._ready_task.cancel()
@@ -191,7 +208,7 @@ class ScoringServer:
             self._collector = None
         if self._server is not None:
             await self._set_serving(False)
-            await self._server.stop(grace_s)
+            await self._stop_grpc(self._server, grace_s)
             self._server = None
         if self.decisions is not None:  # after gRPC: every answered call is in it
             await self.decisions.stop()
@@ -200,6 +217,22 @@ class ScoringServer:
         if self.rollouts is not None:
             await self.rollouts.stop()
         await self.models.stop()
+
+    async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
+        """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut."""
+        service = self._service
+        at_stop = service.calls_in_flight() if service else 0
+        stopping = asyncio.ensure_future(server.stop(grace_s))
+        # grpc cancels whatever is left when the grace ends: count it just before.
+        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace_s - 0.05))
+        cut = 0 if done or service is None else service.calls_in_flight()
+        await stopping
+        log.info(
+            "grpc stopped: %d calls in flight at stop, %d cut off by the grace period",
+            at_stop,
+            cut,
+            extra={"in_flight_at_stop": at_stop, "cut_off": cut, "grace_s": grace_s},
+        )
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

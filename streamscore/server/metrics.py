@@ -1,8 +1,11 @@
-"""Prometheus metrics of the serving process: the batcher's, and gauges of the server.
+"""Prometheus metrics of the serving process: per RPC, per stage, the batcher's, and
+gauges of the server.
 
-Defined once, at import, on the default registry; every series carries the ``model``
+Defined once, at import, on the default registry; batcher series carry the ``model``
 label (the batcher's name), so several batchers share these objects. Buckets are sized
 for a sub-millisecond hot path: 25 µs to 1 s for times, powers of two for batch sizes.
+Hot-path series are bound to their labels once (``RpcMetrics``): ``labels()`` per call
+would cost more than the observation.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 # 25 µs .. 1 s, roughly x2 per step with extra resolution around 0.1-5 ms.
@@ -79,6 +82,91 @@ BACKEND_FAILURES = Counter(
     "Failed backend calls (each fails every request of its batch), by kind.",
     ["model", "kind"],
 )
+
+
+RPC_SECONDS = Histogram(
+    "streamscore_rpc_seconds",
+    "Server time per call (per message for ScoreStream), by RPC and status code; "
+    "_count is the number of calls.",
+    ["rpc", "code"],
+    buckets=LATENCY_BUCKETS_S,
+)
+RPC_IN_FLIGHT = Gauge(
+    "streamscore_rpc_in_flight", "Calls being handled (a ScoreStream counts once).", ["rpc"]
+)
+# stage: features (assembly from the feature store), model (batcher queue + backend
+# call, or the fallback); variant: primary, canary.
+STAGE_SECONDS = Histogram(
+    "streamscore_stage_seconds",
+    "Score time per stage and variant.",
+    ["stage", "variant"],
+    buckets=LATENCY_BUCKETS_S,
+)
+ANSWERS = Counter(
+    "streamscore_answers_total",
+    "Scores answered, by variant and decision.",
+    ["variant", "decision"],
+)
+# reason: FEATURES_STALE, FALLBACK_MODEL, DEADLINE_FALLBACK.
+DEGRADED = Counter("streamscore_degraded_answers_total", "Degraded answers, by reason.", ["reason"])
+
+
+class _Bound:
+    """A metric's children by label values, bound on first use and cached."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = self.metric.labels(*labels)
+        return child
+
+
+class RpcMetrics:
+    """One RPC's series; ``in_flight`` is also kept as a plain count for the drain."""
+
+    def __init__(self, rpc: str) -> None:
+        self.rpc = rpc
+        self.in_flight = 0
+        self._gauge = RPC_IN_FLIGHT.labels(rpc)
+        self._seconds = _Bound(RPC_SECONDS)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._gauge.inc()
+
+    def exit(self) -> None:
+        self.in_flight -= 1
+        self._gauge.dec()
+
+    def observe(self, code: str, seconds: float) -> None:
+        self._seconds(self.rpc, code).observe(seconds)
+
+
+class ScoreMetrics:
+    """Per answered score: stage times, decision and degradation counts."""
+
+    def __init__(self) -> None:
+        self._stages = _Bound(STAGE_SECONDS)
+        self._answers = _Bound(ANSWERS)
+        self._degraded = _Bound(DEGRADED)
+
+    def observe(
+        self,
+        variant: str,
+        decision: str,
+        features_s: float,
+        model_s: float,
+        degraded: list[str],
+    ) -> None:
+        self._stages("features", variant).observe(features_s)
+        self._stages("model", variant).observe(model_s)
+        self._answers(variant, decision).inc()
+        for reason in degraded:
+            self._degraded(reason).inc()
 
 
 class ServerCollector:

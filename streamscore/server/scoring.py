@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from streamscore.clock import wall_clock_ms
 from streamscore.server.batcher import BackendFailed, BatcherStopped, DeadlineUnreachable
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.errors import OutOfRange, ServingError
+from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
 from streamscore.server.validation import validate_features_request, validate_score_request
@@ -49,6 +51,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.deadline_fallback = deadline_fallback
         self.decisions = decisions
         self.clock_ms = clock_ms
+        self.rpc_metrics = {rpc: RpcMetrics(rpc) for rpc in ("Score", "ScoreStream", "GetFeatures")}
+        self.score_metrics = ScoreMetrics()
 
     def features_stale(self) -> bool:
         replica = self.replica
@@ -126,16 +130,18 @@ class ScoringService(pb_grpc.ScoringServicer):
             self.rollouts.compare_canary(served, vector, score)
         model_done = time.perf_counter_ns()
         decision = metadata.thresholds.decide(score)
+        variant_name = "primary" if variant == pb.PRIMARY else "canary"
+        decision_name = pb.Decision.Name(decision)
         if self.decisions is not None:
             self.decisions.record(
                 DecisionRecord(
                     request_id=request.request_id,
                     time_ms=now_ms,
-                    variant="primary" if variant == pb.PRIMARY else "canary",
+                    variant=variant_name,
                     model_name=metadata.name,
                     model_version=metadata.version,
                     score=score,
-                    decision=pb.Decision.Name(decision),
+                    decision=decision_name,
                     features_hash=features_hash(vector),
                     card_hash=card_hash(txn.card_id),
                 )
@@ -159,6 +165,13 @@ class ScoringService(pb_grpc.ScoringServicer):
         if self.features_stale():
             degraded.append(pb.FEATURES_STALE)
         response.degraded.extend(degraded)
+        self.score_metrics.observe(
+            variant_name,
+            decision_name,
+            (features_done - started) / 1e9,
+            (model_done - features_done) / 1e9,
+            [pb.DegradedReason.Name(r) for r in degraded],
+        )
         return response
 
     async def _model_score(
@@ -185,29 +198,48 @@ class ScoringService(pb_grpc.ScoringServicer):
         degraded.append(reason)
         return score
 
+    def calls_in_flight(self) -> int:
+        return sum(m.in_flight for m in self.rpc_metrics.values())
+
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        return await _guard(context, self.score, request, context.time_remaining())
+        metrics = self.rpc_metrics["Score"]
+        metrics.enter()
+        try:
+            return await _guard(context, metrics, self.score, request, context.time_remaining())
+        finally:
+            metrics.exit()
 
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResponse]:
-        async for request in request_iterator:
-            # A bad request ends the stream with INVALID_ARGUMENT naming the field and
-            # the request id: a stream has one status, there is no per-message error.
-            yield await _guard(
-                context,
-                self.score,
-                request,
-                context.time_remaining(),
-                request_id=request.request_id,
-            )
+        metrics = self.rpc_metrics["ScoreStream"]
+        metrics.enter()
+        try:
+            async for request in request_iterator:
+                # A bad request ends the stream with INVALID_ARGUMENT naming the field and
+                # the request id: a stream has one status, there is no per-message error.
+                yield await _guard(
+                    context,
+                    metrics,
+                    self.score,
+                    request,
+                    context.time_remaining(),
+                    request_id=request.request_id,
+                )
+        finally:
+            metrics.exit()
 
     async def GetFeatures(
         self, request: pb.FeaturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.FeaturesResponse:
-        return await _guard(context, self._get_features, request)
+        metrics = self.rpc_metrics["GetFeatures"]
+        metrics.enter()
+        try:
+            return await _guard(context, metrics, self._get_features, request)
+        finally:
+            metrics.exit()
 
     async def _get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
         return self.get_features(request)
@@ -230,19 +262,29 @@ class ScoringService(pb_grpc.ScoringServicer):
 
 async def _guard(
     context: grpc.aio.ServicerContext,
+    metrics: RpcMetrics,
     handler: Callable[..., Awaitable[Any]],
     *args: Any,
     request_id: str = "",
 ) -> Any:
-    """Run a handler, mapping our error taxonomy to gRPC status codes."""
+    """Run a handler, mapping our error taxonomy to gRPC status codes; count and time it."""
+    started = time.perf_counter()
+    code = "OK"
     try:
         return await handler(*args)
     except ServingError as error:
+        code = error.code.name
         suffix = f" (request_id {request_id!r})" if request_id else ""
         await context.abort(error.code, f"{error}{suffix}")
+    except asyncio.CancelledError:
+        code = "CANCELLED"  # the caller went away, or the server stopped
+        raise
     except Exception:
+        code = "INTERNAL"
         log.exception("unexpected error while serving")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    finally:
+        metrics.observe(code, time.perf_counter() - started)
 
 
 def _seconds_since(perf_ns: int) -> float:
