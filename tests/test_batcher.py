@@ -30,6 +30,7 @@ from streamscore.server.batcher import (
     BatcherStopped,
     DeadlineUnreachable,
     LatencyModel,
+    Overloaded,
     QueueFull,
     warm_up,
     warm_up_sizes,
@@ -192,6 +193,8 @@ def scenarios(draw: st.DrawFn, failures: bool = True, tight: bool = True) -> Sce
 class Record:
     deadline: float = 0.0
     queued_before: int = -1
+    # Batches running when it was submitted.
+    running_before: int = -1
     submitted: bool = False
     outcomes: list[tuple[str, object]] = field(default_factory=list)
     cancel_seq: int | None = None
@@ -247,6 +250,7 @@ async def play(sc: Scenario) -> tuple[Batcher, FakeBackend, list[Record], list[s
         try:
             await asyncio.sleep(offset)
             record.queued_before = batcher.queued
+            record.running_before = batcher.in_flight
             record.deadline = batcher.clock() + budget
             record.submitted = True
             score = await batcher.submit(vector(i), record.deadline)
@@ -332,6 +336,9 @@ def check_outcomes(sc: Scenario, backend: FakeBackend, records: list[Record]) ->
             assert record.queued_before >= sc.max_queue
         elif kind == "BatcherStopped":
             assert sc.stop_at_s is not None
+        elif kind == "Overloaded":
+            # Shed for the work ahead of it, never with an idle backend and empty queue.
+            assert record.queued_before > 0 or record.running_before > 0, (i, record)
         elif kind == "DeadlineUnreachable":
             assert isinstance(value, DeadlineUnreachable)
             assert value.stage in {"submit", "queue", "dispatch", "in_flight"}
@@ -488,11 +495,34 @@ async def test_busy_slots_count_at_submit() -> None:
     await batcher.start()
     running = asyncio.create_task(batcher.submit(vector(0), batcher.clock() + 30))
     await asyncio.sleep(0)
-    # Alone it would fit in 0.2 s, but the slot is predicted busy for 0.125 s first.
-    with pytest.raises(DeadlineUnreachable):
+    # Alone it would fit in 0.2 s, but the slot is predicted busy for 0.125 s first:
+    # over capacity, shed at once (RESOURCE_EXHAUSTED), not a deadline fallback.
+    with pytest.raises(Overloaded):
         await batcher.submit(vector(1), batcher.clock() + 0.2)
     backend.gate.set()
     await running
+    await batcher.stop()
+
+
+async def test_queued_batches_ahead_count_at_submit() -> None:
+    backend = FakeBackend([(0.0, "ok")] * 4)
+    backend.gate = asyncio.Event()
+    # predicted(n) = 0.125 for every n (0.1 x the model's margin); batches of 2, one slot.
+    batcher = make(backend, predicted_s=0.1, max_batch_size=2)
+    await batcher.start()
+    first = asyncio.create_task(batcher.submit(vector(0), batcher.clock() + 30))
+    await asyncio.sleep(0)  # running, predicted busy ~0.125 s
+    queued = [asyncio.create_task(batcher.submit(vector(i), batcher.clock() + 30)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    assert batcher.queued == 2
+    # Busy slot (0.125) + one full batch ahead (0.125) + itself (0.125) = 0.375 s.
+    with pytest.raises(Overloaded):
+        await batcher.submit(vector(3), batcher.clock() + 0.35)
+    late = asyncio.create_task(batcher.submit(vector(4), batcher.clock() + 0.45))
+    await asyncio.sleep(0)
+    assert batcher.queued == 3  # admitted
+    backend.gate.set()
+    assert await asyncio.gather(first, *queued, late) == [own_score(i) for i in (0, 1, 2, 4)]
     await batcher.stop()
 
 

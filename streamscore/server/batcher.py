@@ -26,8 +26,11 @@ Dispatch rule:
 
 Requests that cannot make their deadline are answered at once, never run late:
 
-* at submit, if the earliest a slot frees (now, or the predicted end of the running
-  batches) plus ``predicted(1)`` is past the deadline;
+* at submit, if ``now + predicted(1)`` is past the deadline (the budget is too short
+  for the model itself: :class:`DeadlineUnreachable`); or if the earliest a slot frees
+  (now, or the predicted end of the running batches), plus the full batches already
+  queued, plus ``predicted(1)`` is past it (over capacity: :class:`Overloaded`,
+  RESOURCE_EXHAUSTED at once, so that admitted requests keep their budget);
 * while queued, as soon as ``now + predicted(1)`` passes the deadline (the timer,
   within one timer grain);
 * just before the model call, the most urgent requests that ``predicted(batch size)``
@@ -35,7 +38,7 @@ Requests that cannot make their deadline are answered at once, never run late:
 * during the model call, at the deadline (one timer per batch, not per request); the
   late score is then discarded for that request (``streamscore_batch_late_results_total``).
 
-All four raise :class:`DeadlineUnreachable` (``stage`` says which); the scoring service
+All but the overload raise :class:`DeadlineUnreachable` (``stage`` says which); the scoring service
 turns it into a fallback score marked degraded, or DEADLINE_EXCEEDED, by its policy.
 A score is only ever set when the clock, read after the backend returned, is at or
 before the request's deadline.
@@ -47,7 +50,7 @@ batch with :class:`BackendFailed` (the cause chained). :meth:`Batcher.stop` answ
 everything still queued with :class:`BatcherStopped` and waits for running batches.
 
 Errors subclass :class:`~streamscore.server.errors.ServingError`, so each carries its
-gRPC status (QueueFull: RESOURCE_EXHAUSTED, DeadlineUnreachable: DEADLINE_EXCEEDED,
+gRPC status (Overloaded, QueueFull: RESOURCE_EXHAUSTED, DeadlineUnreachable: DEADLINE_EXCEEDED,
 BatcherStopped and BackendFailed: UNAVAILABLE); the service applies its fallback
 policy to DeadlineUnreachable before falling back to that mapping.
 
@@ -93,10 +96,16 @@ class BatcherError(ServingError):
     """A request the batcher answered without a score."""
 
 
-class QueueFull(BatcherError):
-    """The bounded queue is full: overload, shed at once."""
+class Overloaded(BatcherError):
+    """Over capacity: the work already queued would make this request miss its
+    deadline, though it alone would make it. Shed at once, never answered by the
+    fallback (which would add work exactly when there is too much)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueFull(Overloaded):
+    """The bounded queue is full: overload, shed at once."""
 
 
 class DeadlineUnreachable(BatcherError):
@@ -347,6 +356,7 @@ class Batcher:
             reason: metrics.SHED_REQUESTS.labels(name, reason)
             for reason in (
                 "queue_full",
+                "overloaded",
                 "deadline_submit",
                 "deadline_queue",
                 "deadline_dispatch",
@@ -439,13 +449,27 @@ class Batcher:
         if self._queued >= self.max_queue:
             self._m_shed["queue_full"].inc()
             raise QueueFull(f"{self.max_queue} requests already queued for {self.name!r}")
-        start = now
-        if len(self._running) >= self.max_concurrent_batches:
-            start = max(now, min(batch.expected_end for batch in self._running))
-        if start + self.latency_model.predict(1) > deadline:
+        model = self.latency_model
+        alone = now + model.predict(1)
+        if alone > deadline:
             self._m_shed["deadline_submit"].inc()
             raise DeadlineUnreachable(
                 "submit", f"{deadline - now:.6f}s left is less than {self.name!r} needs"
+            )
+        # When it would start: after a slot frees and the full batches queued ahead of
+        # it have run (every queued request counts as ahead: exact with one budget for
+        # all, pessimistic for a caller with a tighter deadline, which EDF serves first).
+        start = now
+        if len(self._running) >= self.max_concurrent_batches:
+            start = max(now, min(batch.expected_end for batch in self._running))
+        ahead = self._queued // self.max_batch_size
+        if ahead:
+            start += ahead * model.predict(self.max_batch_size) / self.max_concurrent_batches
+        if start + model.predict(1) > deadline:
+            self._m_shed["overloaded"].inc()
+            raise Overloaded(
+                f"over capacity: {self._queued} queued for {self.name!r} would take it "
+                f"past its deadline"
             )
         assert self._loop is not None
         request = _Request(vector, deadline, self._loop.create_future(), now)

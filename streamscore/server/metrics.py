@@ -58,7 +58,7 @@ BACKEND_SECONDS = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS_S,
 )
-# reason: queue_full, deadline_submit, deadline_queue, deadline_dispatch,
+# reason: queue_full, overloaded, deadline_submit, deadline_queue, deadline_dispatch,
 # deadline_in_flight, stopped, backend_failed.
 SHED_REQUESTS = Counter(
     "streamscore_batch_shed_requests_total",
