@@ -14,7 +14,6 @@ from prometheus_client import REGISTRY, start_http_server
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings, topic_layout
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
@@ -22,7 +21,7 @@ from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.rollout_stats import RollbackPolicy
-from streamscore.server.scoring import ScoringService
+from streamscore.server.scoring import ScoringService, add_scoring_service
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
@@ -114,7 +113,7 @@ class ScoringServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ]
         )
-        pb_grpc.add_ScoringServicer_to_server(service, server)
+        add_scoring_service(service, server)
         apb_grpc.add_AdminServicer_to_server(
             AdminService(self.rollouts, settings.admin_token), server
         )

@@ -20,7 +20,11 @@ from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
-from streamscore.server.validation import validate_features_request, validate_score_request
+from streamscore.server.validation import (
+    lenient_parser,
+    validate_features_request,
+    validate_score_request,
+)
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
@@ -258,6 +262,33 @@ class ScoringService(pb_grpc.ScoringServicer):
             newest_event_time_ms=(state.recent.newest_ms or 0) if state else 0,
             events_folded=state.folded if state else 0,
         )
+
+
+def add_scoring_service(service: ScoringService, server: grpc.aio.Server) -> None:
+    """Register the service like the generated ``add_ScoringServicer_to_server``, but
+    with request parsers that never raise, so undecodable bytes get INVALID_ARGUMENT
+    (naming the message type) instead of gRPC's UNKNOWN."""
+    score_request = lenient_parser(pb.ScoreRequest)
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            service.Score,
+            request_deserializer=score_request,
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            service.ScoreStream,
+            request_deserializer=score_request,
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "GetFeatures": grpc.unary_unary_rpc_method_handler(
+            service.GetFeatures,
+            request_deserializer=lenient_parser(pb.FeaturesRequest),
+            response_serializer=pb.FeaturesResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 async def _guard(

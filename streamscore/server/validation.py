@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.errors import InvalidRequest
 from streamscore.stream.features import ENTITY_TYPES
@@ -12,12 +16,46 @@ _REQUIRED_IDS = ("card_id", "merchant_id")
 _OPTIONAL_STRINGS = ("transaction_id", "device_id", "ip", "currency", "mcc", "country")
 
 
+class MalformedRequest:
+    """Stands in for a request whose bytes are not the RPC's message type.
+
+    gRPC's own deserializer raises on such bytes and the caller sees UNKNOWN; ours
+    (``lenient_parser``) hands this to the handler instead, which answers
+    INVALID_ARGUMENT saying so."""
+
+    # Read by ScoreStream when it names the request in an error; unknown here.
+    request_id = ""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+
+def lenient_parser(message_type: type[Message]) -> Any:
+    """A request deserializer that never raises (see ``MalformedRequest``)."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(name, str(error))
+
+    return parse
+
+
+def _check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequest("request", f"not a valid {request.type_name} message")
+
+
 def _check_length(field: str, value: str) -> None:
     if len(value) > MAX_ID_LENGTH:
         raise InvalidRequest(field, f"longer than {MAX_ID_LENGTH} characters")
 
 
 def validate_score_request(request: pb.ScoreRequest, *, replay: bool) -> None:
+    _check_parsed(request)
     _check_length("request_id", request.request_id)
     if not request.HasField("transaction"):
         raise InvalidRequest("transaction", "is required")
@@ -38,6 +76,7 @@ def validate_score_request(request: pb.ScoreRequest, *, replay: bool) -> None:
 
 
 def validate_features_request(request: pb.FeaturesRequest) -> None:
+    _check_parsed(request)
     if request.entity_type not in ENTITY_TYPES:
         raise InvalidRequest("entity_type", f"must be one of {', '.join(ENTITY_TYPES)}")
     if not request.entity_id:

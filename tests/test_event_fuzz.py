@@ -1,0 +1,164 @@
+"""Malformed payment events: the validator never fails any other way than InvalidEvent
+(hypothesis, arbitrary bytes and mutated events), and on the real broker every bad
+event of a mutated stream lands in the dead-letter topic while the good ones fold and
+the worker and server stay up."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.stream import kafka_compat
+from streamscore.stream.events import InvalidEvent, parse_event
+from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
+
+from system import make_event, running_system
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats()  # NaN and infinities included: json.dumps writes them as bare tokens
+    | st.text(max_size=300),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def good_event(t_ms: int = 1_700_000_000_000) -> dict:
+    return make_event("card-1", "m-1", "d-1", "198.51.100.7", t_ms, 1_250)
+
+
+@st.composite
+def mutated_events(draw: st.DrawFn) -> bytes:
+    event = good_event()
+    for name in draw(st.sets(st.sampled_from(sorted(event)), max_size=4)):
+        if draw(st.booleans()):
+            del event[name]
+        else:
+            event[name] = draw(JSON_VALUES)
+    # The stdlib, not orjson: it writes integers past 64 bits and NaN / Infinity.
+    return json.dumps(event).encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(raw=st.one_of(st.binary(max_size=400), mutated_events(), st.text(max_size=200)))
+def test_the_validator_only_ever_raises_invalid_event(raw: bytes | str) -> None:
+    try:
+        event = parse_event(raw)
+    except InvalidEvent as error:
+        assert error.reason and " " not in error.reason
+        return
+    # Whatever passed is a well-formed event.
+    assert event.amount_minor >= 0 and event.event_time_ms >= 0
+    assert event.status in ("approved", "declined")
+    assert all(
+        isinstance(v, str) and 0 < len(v) <= 256
+        for v in (event.event_id, event.card_id, event.merchant_id, event.currency)
+    )
+
+
+def _without(event: dict, name: str) -> dict:
+    return {k: v for k, v in event.items() if k != name}
+
+
+def bad_payloads(rng: random.Random, now_ms: int, n: int) -> list[bytes]:
+    """n events each broken in one unambiguous way (DESIGN.md "Events")."""
+    makers = [
+        lambda e: b"",
+        lambda e: b"\xff\xfe not utf-8 \x80",
+        lambda e: orjson.dumps(e)[: rng.randint(1, 40)],  # truncated
+        lambda e: b"[" + orjson.dumps(e) + b"]",  # not an object
+        lambda e: b"42",
+        lambda e: orjson.dumps(e).replace(b'"amount_minor":1250', b'"amount_minor":NaN'),
+        lambda e: orjson.dumps(e).replace(b'"amount_minor":1250', b'"amount_minor":Infinity'),
+        lambda e: orjson.dumps({**e, "amount_minor": -rng.randint(1, 10**6)}),
+        lambda e: orjson.dumps({**e, "amount_minor": 1250.5}),
+        lambda e: orjson.dumps({**e, "amount_minor": "1250"}),
+        lambda e: orjson.dumps({**e, "amount_minor": True}),
+        lambda e: orjson.dumps(e).replace(b"1250", b"100000000000000000000000"),  # > int64
+        lambda e: orjson.dumps(_without(e, rng.choice(sorted(e)))),
+        lambda e: orjson.dumps({**e, "card_id": ""}),
+        lambda e: orjson.dumps({**e, "card_id": "c" * 10_000}),
+        lambda e: orjson.dumps({**e, "merchant_id": 7}),
+        lambda e: orjson.dumps({**e, "status": "maybe"}),
+        lambda e: orjson.dumps({**e, "event_time_ms": -5}),
+        lambda e: orjson.dumps({**e, "event_time_ms": now_ms + 10 * 24 * 3_600_000}),  # future
+        lambda e: orjson.dumps({**e, "device_id": {"nested": [1, 2, {"deep": None}]}}),
+    ]
+    payloads = []
+    for i in range(n):
+        event = make_event("card-bad", "m-bad", "d-bad", "192.0.2.1", now_ms - i, 1_250)
+        payloads.append(makers[i % len(makers)](event))
+    return payloads
+
+
+async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    rng = random.Random(11)
+    now_ms = int(time.time() * 1000)
+    bad = bad_payloads(rng, now_ms, 300)
+    good = [
+        orjson.dumps(
+            make_event("card-good", "m-1", "d-1", "198.51.100.7", now_ms - 1000 + i, 100 + i)
+        )
+        for i in range(50)
+    ]
+    mixed = bad + good
+    rng.shuffle(mixed)
+    async with running_system(tmp_path, trained_model) as (bootstrap, [target]):
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
+        await producer.start()
+        try:
+            for payload in mixed:
+                await producer.send(PAYMENTS, payload, key=b"k" + bytes([rng.randrange(256)]))
+            await producer.flush()
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(
+            DEAD_LETTER,
+            bootstrap_servers=bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        letters: list[dict] = []
+        try:
+            deadline = time.monotonic() + 60
+            while len(letters) < len(bad) and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    letters.extend(orjson.loads(r.value) for r in records)
+        finally:
+            await consumer.stop()
+        reasons = Counter(letter["reason"] for letter in letters)
+        counts = dict(sorted(reasons.items()))
+        print(f"{len(bad)} bad events sent, {len(letters)} dead-lettered: {counts}")
+        # Kept verbatim (as text) with the reason: nothing about them is lost.
+        sent = Counter(p.decode("utf-8", errors="replace") for p in bad)
+        lettered = Counter(letter["payload"] for letter in letters)
+        assert lettered == sent, (sent - lettered, lettered - sent)
+        # The good events folded; the server answers about them.
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                reply = await stub.GetFeatures(
+                    pb.FeaturesRequest(entity_type="card", entity_id="card-good"), timeout=5
+                )
+                if reply.events_folded == len(good) or time.monotonic() > deadline:
+                    break
+            assert reply.events_folded == len(good)
