@@ -68,6 +68,11 @@ class Settings:
     # answer marked DEADLINE_FALLBACK) or "error" (DEADLINE_EXCEEDED).
     deadline_policy: str = "fallback"
     batching: bool = True
+    # Circuit breaker per model version: this many consecutive backend failures send
+    # calls straight to the fallback for breaker_cooldown_s, then one probe call tests
+    # the backend (the cooldown doubles per failed probe, up to 10 s).
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 1.0
     batch_max_queue: int = 1024
     batch_max_delay_us: int = 0
     # Replay mode: features as of each request's event_time_ms (tests, backtests).

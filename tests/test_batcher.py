@@ -778,3 +778,35 @@ async def test_warm_up_seeds_every_size() -> None:
 
     with pytest.raises(BackendFailed):
         await warm_up(wrong, np.ones(K, dtype=np.float32), LatencyModel(2))
+
+
+async def test_one_slow_call_does_not_refuse_requests_forever() -> None:
+    # A cold start measured one 10 ms call; the budget is 5 ms. Without expiry the
+    # model would refuse every request and so never measure the backend again.
+    backend = FakeBackend([(0.0, "ok")] * 4)
+    model = LatencyModel(1, max_age_s=0.05)
+    model.observe(1, 0.010)
+    batcher = Batcher(
+        backend.infer, name="unit", max_batch_size=1, max_queue=8, latency_model=model, n_inputs=K
+    )
+    await batcher.start()
+    with pytest.raises(DeadlineUnreachable):
+        await batcher.submit(vector(0), batcher.clock() + 0.005)
+    await asyncio.sleep(0.06)  # the slow measurement is now stale
+    assert await batcher.submit(vector(1), batcher.clock() + 0.005) == own_score(1)
+    assert model.predict(1) < 0.005  # measured again, fast
+    await batcher.stop()
+
+
+def test_expire_drops_only_old_observations() -> None:
+    clock = [0.0]
+    model = LatencyModel(4, max_age_s=10.0, margin=1.0, clock=lambda: clock[0])
+    model.observe(1, 0.5)
+    clock[0] = 8.0
+    model.observe(1, 0.001)
+    model.observe(4, 0.002)
+    assert model.predict(1) == 0.5 and not model.expire()
+    clock[0] = 10.5
+    assert model.expire() and model.predict(1) == 0.001 and model.predict(4) == 0.002
+    clock[0] = 30.0
+    assert model.expire() and model.measured() == {}

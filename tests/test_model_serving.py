@@ -71,9 +71,7 @@ async def serving(settings: Settings) -> AsyncIterator[pb_grpc.ScoringStub]:
         await server.stop()
 
 
-async def test_hot_reload_under_load_fails_no_request(
-    trained_model: Path, tmp_path: Path
-) -> None:
+async def test_hot_reload_under_load_fails_no_request(trained_model: Path, tmp_path: Path) -> None:
     repository = copy_repository(trained_model, tmp_path)
     settings = Settings(port=0, model_repository=repository, model_reload_interval_s=0.1)
     versions: Counter[str] = Counter()
@@ -207,3 +205,58 @@ async def test_metrics_endpoint_exports_batcher_and_rollout_series(
     assert batched and float(batched[0].split()[-1]) >= 5
     assert "streamscore_rollout_canary_percent 0.0" in text
     assert "streamscore_backend_seconds_bucket" in text
+
+
+@pytest.mark.skipif(bool(NO_TRITON), reason=f"no tritonserver: {NO_TRITON}")
+async def test_triton_killed_opens_the_breaker_and_recovers_when_it_returns(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    metadata_path = repository / MODEL / "1" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**metadata, "backend": "triton"}))
+    triton = EmbeddedTriton(repository)
+    await triton.start()
+    port = int(triton.url.rsplit(":", 1)[1])
+    settings = Settings(
+        port=0,
+        model_repository=repository,
+        triton_url=triton.url,
+        model_reload_interval_s=0,
+        breaker_failures=3,
+        breaker_cooldown_s=0.5,
+    )
+    server = ScoringServer(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            assert not (await stub.Score(request(1), timeout=5)).degraded
+            breaker = server.models.primary.breaker
+            triton.kill()
+            # Every call is still answered, by the fallback; after 3 failures the
+            # breaker opens and calls stop trying the dead server.
+            replies = [await stub.Score(request(i), timeout=5) for i in range(20)]
+            assert all(list(r.degraded) == [pb.FALLBACK_MODEL] for r in replies)
+            assert breaker.state != "closed" and breaker.times_opened >= 1
+            # Triton comes back on the same address: a probe finds it, the breaker
+            # closes and answers are whole again.
+            await triton.stop()
+            triton = EmbeddedTriton(repository, port=port)
+            await triton.start()
+            recovered = False
+            seen: Counter[str] = Counter()
+            for i in range(300):  # the cooldown may have grown to 10 s meanwhile
+                reply = await stub.Score(request(i), timeout=5)
+                if not reply.degraded:
+                    recovered = True
+                    break
+                seen.update(pb.DegradedReason.Name(r) for r in reply.degraded)
+                await asyncio.sleep(0.1)
+            assert recovered, f"never recovered after Triton came back: {seen}, {breaker.state}"
+            assert breaker.state == "closed"
+            replies = [await stub.Score(request(i), timeout=5) for i in range(5)]
+            assert not any(r.degraded for r in replies)
+    finally:
+        await server.stop()
+        await triton.stop()

@@ -57,6 +57,8 @@ class ScoringServer:
                 max_queue=settings.batch_max_queue,
                 max_delay_s=settings.batch_max_delay_us / 1e6,
                 enabled=settings.batching,
+                breaker_failures=settings.breaker_failures,
+                breaker_cooldown_s=settings.breaker_cooldown_s,
             ),
             triton_url=settings.triton_url,
             reload_interval_s=settings.model_reload_interval_s,

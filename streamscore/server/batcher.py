@@ -148,6 +148,11 @@ class LatencyModel:
     before any observation. Floor buckets make it conservative (a bucket's estimate
     includes its larger sizes). Set the parameters at construction: predictions are
     cached until the next observation changes an estimate.
+
+    Observations older than ``max_age_s`` are dropped by :meth:`expire`, which the
+    batcher calls when a prediction is about to refuse a request outright. Without it
+    one slow call (a cold start, a pause) could predict "too slow for the budget"
+    forever: nothing would be dispatched, so nothing would ever be measured again.
     """
 
     def __init__(
@@ -159,6 +164,8 @@ class LatencyModel:
         margin: float = 1.25,
         extra_s: float = 0.0,
         default_s: float = 0.0,
+        max_age_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or window < 1 or not 0.0 < quantile <= 1.0:
             raise ValueError("max_batch_size >= 1, window >= 1 and 0 < quantile <= 1")
@@ -168,8 +175,11 @@ class LatencyModel:
         self.margin = margin
         self.extra_s = extra_s
         self.default_s = default_s
+        self.max_age_s = max_age_s
+        self.clock = clock
         n_buckets = max_batch_size.bit_length()
         self._observations: list[deque[float]] = [deque(maxlen=window) for _ in range(n_buckets)]
+        self._times: list[deque[float]] = [deque(maxlen=window) for _ in range(n_buckets)]
         self._sorted: list[list[float]] = [[] for _ in range(n_buckets)]  # same, in order
         self._estimates: list[float | None] = [None] * n_buckets
         # Per bucket: (anchor size, seconds at the anchor, seconds per extra request).
@@ -184,14 +194,37 @@ class LatencyModel:
         if len(window) == self.window:
             del ordered[bisect.bisect_left(ordered, window[0])]
         window.append(seconds)
+        self._times[b].append(self.clock())
         bisect.insort(ordered, seconds)
-        rank = math.ceil(self.quantile * len(ordered)) - 1
-        estimate = ordered[max(0, min(len(ordered) - 1, rank))]
-        if estimate != self._estimates[b]:
-            self._estimates[b] = estimate
-            self._rebuild()
+        self._update(b)
 
     seed = observe
+
+    def _update(self, b: int) -> bool:
+        ordered = self._sorted[b]
+        estimate = None
+        if ordered:
+            rank = math.ceil(self.quantile * len(ordered)) - 1
+            estimate = ordered[max(0, min(len(ordered) - 1, rank))]
+        if estimate == self._estimates[b]:
+            return False
+        self._estimates[b] = estimate
+        self._rebuild()
+        return True
+
+    def expire(self) -> bool:
+        """Drop observations older than ``max_age_s``; True if a prediction changed."""
+        cutoff = self.clock() - self.max_age_s
+        changed = False
+        for b, times in enumerate(self._times):
+            if not times or times[0] >= cutoff:
+                continue
+            window, ordered = self._observations[b], self._sorted[b]
+            while times and times[0] < cutoff:
+                times.popleft()
+                del ordered[bisect.bisect_left(ordered, window.popleft())]
+            changed |= self._update(b)
+        return changed
 
     def predict(self, batch_size: int) -> float:
         """Seconds a batch of this size is expected to take (high quantile, with margin)."""
@@ -451,6 +484,8 @@ class Batcher:
             raise QueueFull(f"{self.max_queue} requests already queued for {self.name!r}")
         model = self.latency_model
         alone = now + model.predict(1)
+        if alone > deadline and model.expire():
+            alone = now + model.predict(1)  # stale measurements no longer refuse it
         if alone > deadline:
             self._m_shed["deadline_submit"].inc()
             raise DeadlineUnreachable(

@@ -218,13 +218,27 @@ class ServerCollector:
             "version's recent requests, against its training baseline.",
             labels=["version", "feature"],
         )
+        breaker_open = GaugeMetricFamily(
+            "streamscore_backend_breaker_open",
+            "1 while a version's circuit breaker sends its calls to the fallback.",
+            labels=["version"],
+        )
+        breaker_opened = GaugeMetricFamily(
+            "streamscore_backend_breaker_openings",
+            "Times a version's circuit breaker opened.",
+            labels=["version"],
+        )
         registry = self.server.models
         for name, version in registry.loaded():
-            monitor = registry.get(name, version).drift
-            if monitor is not None:
-                for feature, value in monitor.psi().items():
+            served = registry.get(name, version)
+            if served.drift is not None:
+                for feature, value in served.drift.psi().items():
                     drift.add_metric([version, feature], value)
+            breaker_open.add_metric([version], float(served.breaker.state != "closed"))
+            breaker_opened.add_metric([version], served.breaker.times_opened)
         yield drift
+        yield breaker_open
+        yield breaker_opened
         replica = self.server.replica
         if replica is not None:
             for name, help_, value in (

@@ -27,6 +27,7 @@ from streamscore.server.backends.base import Backend
 from streamscore.server.backends.factory import create_backend
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.batcher import Batcher, LatencyModel
+from streamscore.server.breaker import CircuitBreaker
 from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
 from streamscore.server.model import ModelMetadata, latest_version, version_dirs
 
@@ -43,6 +44,10 @@ class BatchingSettings:
     max_delay_s: float = 0.0
     # Batching off: every request is its own backend call (for benchmarks).
     enabled: bool = True
+    # Circuit breaker: consecutive backend failures that open it, and its first
+    # cooldown before a probe (doubling per failed probe, up to 10 s).
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 1.0
 
 
 class ServedModel:
@@ -72,6 +77,11 @@ class ServedModel:
             max_delay_s=batching.max_delay_s,
             latency_model=LatencyModel(limit),
             n_inputs=len(self.metadata.inputs),
+        )
+        self.breaker = CircuitBreaker(
+            failures_to_open=batching.breaker_failures,
+            cooldown_s=batching.breaker_cooldown_s,
+            max_cooldown_s=max(10.0, batching.breaker_cooldown_s),
         )
         onnx = directory / "model.onnx"
         self.fallback = OnnxBackend(onnx, len(self.metadata.inputs), 1) if onnx.is_file() else None

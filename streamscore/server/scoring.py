@@ -187,20 +187,37 @@ class ScoringService(pb_grpc.ScoringServicer):
     ) -> float:
         """The batched score, or the fallback by policy (DESIGN.md "Errors")."""
         budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
-        try:
-            return await served.batcher.submit(vector, served.batcher.clock() + budget)
-        except DeadlineUnreachable:
-            if not self.deadline_fallback:
+        breaker = served.breaker
+        if breaker.allow():
+            try:
+                score = await served.batcher.submit(vector, served.batcher.clock() + budget)
+            except DeadlineUnreachable:
+                breaker.release()
+                if not self.deadline_fallback:
+                    raise
+                reason, error = pb.DEADLINE_FALLBACK, "deadline"
+            except (BackendFailed, BatcherStopped):
+                breaker.record_failure()
+                reason, error = pb.FALLBACK_MODEL, "backend"
+                log.warning(
+                    "model backend failed, using the fallback",
+                    exc_info=True,
+                    extra={"breaker": breaker.state},
+                )
+            except BaseException:
+                breaker.release()  # shed or cancelled: says nothing about the backend
                 raise
-            reason, error = pb.DEADLINE_FALLBACK, "deadline"
-        except (BackendFailed, BatcherStopped):
-            reason, error = pb.FALLBACK_MODEL, "backend"
-            log.warning("model backend failed, using the fallback", exc_info=True)
-        score = await served.fallback_score(vector)
-        if score is None:
+            else:
+                breaker.record_success()
+                return score
+        else:
+            # The backend is known down: straight to the fallback, no wasted call.
+            reason, error = pb.FALLBACK_MODEL, "circuit open"
+        fallback = await served.fallback_score(vector)
+        if fallback is None:
             raise BackendFailed(f"no fallback model after a {error} failure")
         degraded.append(reason)
-        return score
+        return fallback
 
     def calls_in_flight(self) -> int:
         return sum(m.in_flight for m in self.rpc_metrics.values())

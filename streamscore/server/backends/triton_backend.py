@@ -33,6 +33,21 @@ from streamscore.server.backends.triton_repo import INPUT_NAME, OUTPUT_NAME
 
 __all__ = ["TritonBackend", "TritonInferenceError"]
 
+# Reconnect quickly when Triton comes back: gRPC's default backoff grows to 120 s, so
+# a restarted server would sit unused (the breaker's probes failing at once) for
+# minutes. Keepalive as tritonclient's defaults; messages of any size Triton sends.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+]
+
 # gRPC codes that mean "the server (or the model) is not there right now".
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -96,7 +111,7 @@ class TritonBackend:
         if self._client is not None:
             return
         where = f"Triton at {self.url}, model {self.model_name!r} version {self.model_version}"
-        client = grpcclient.InferenceServerClient(self.url)
+        client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_OPTIONS)
         try:
             t = self.start_timeout_s
             try:

@@ -1,0 +1,94 @@
+"""The circuit breaker's state machine on a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamscore.server.breaker import CircuitBreaker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_opens_after_consecutive_failures_probes_and_closes() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=3, cooldown_s=1.0, max_cooldown_s=4.0, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    breaker.record_success()  # not consecutive: the count starts again
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now += 1.0
+    assert breaker.state == "half_open"
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one at a time
+    breaker.record_failure()  # probe failed: open for twice as long
+    assert breaker.state == "open" and breaker.cooldown_s == 2.0
+    clock.now += 1.5
+    assert not breaker.allow()
+    clock.now += 0.5
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state == "closed" and breaker.cooldown_s == 1.0 and breaker.allow()
+    assert breaker.times_opened == 2
+
+
+def test_a_released_or_lost_probe_is_replaced() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=1, cooldown_s=1.0, clock=clock)
+    breaker.record_failure()
+    clock.now += 1.0
+    assert breaker.allow()
+    breaker.release()  # shed: tells nothing, another caller may probe
+    assert breaker.allow()
+    clock.now += 1.0  # that probe never came back: after a cooldown, a new one
+    assert breaker.allow()
+
+
+def test_cooldown_is_capped() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=1, cooldown_s=1.0, max_cooldown_s=3.0, clock=clock)
+    breaker.record_failure()
+    for _ in range(5):
+        clock.now += breaker.cooldown_s
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.cooldown_s == 3.0
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker(failures_to_open=0)
+    with pytest.raises(ValueError):
+        CircuitBreaker(cooldown_s=2.0, max_cooldown_s=1.0)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["ok", "fail", "release"]), st.floats(0, 3)), max_size=60)
+)
+def test_while_open_at_most_one_probe_per_cooldown(steps: list[tuple[str, float]]) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=2, cooldown_s=1.0, max_cooldown_s=8.0, clock=clock)
+    for outcome, wait in steps:
+        clock.now += wait
+        was_closed = breaker.state == "closed"
+        allowed = breaker.allow()
+        assert allowed or not was_closed  # closed always lets calls through
+        if allowed and not was_closed:
+            # A probe is out: nobody else gets through until it reports or a cooldown passes.
+            assert not breaker.allow()
+        if allowed:
+            {"ok": breaker.record_success, "fail": breaker.record_failure}.get(
+                outcome, breaker.release
+            )()
+        assert 1.0 <= breaker.cooldown_s <= 8.0
