@@ -14,4 +14,7 @@ fi
 # A real tritonserver (nvidia-pytriton) in its own venv, for the Triton backend and
 # its tests; it pins numpy<2 and an older protobuf, so it cannot share .venv.
 ./scripts/setup_triton.sh
+# A real Prometheus server (Debian's package) for the metrics integration test; when
+# it cannot be installed (not root, no apt) that test skips and says why.
+./scripts/setup_prometheus.sh
 echo "streamscore installed in .venv (tritonserver in .venv-triton)"

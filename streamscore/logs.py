@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import logging
 import sys
 import time
 
 import orjson
+
+# The request being served by the current task: (request_id, card_id). Every log line
+# written while serving it carries the request id and a hash of the card id, never
+# the card id itself. Set per request by the scoring service (a ContextVar: each gRPC
+# call runs in its own task, so concurrent requests never see each other's).
+CURRENT_REQUEST: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "streamscore_request", default=None
+)
+
+
+def hash_id(value: str) -> str:
+    """A stable, non-reversible stand-in for an identifier (card, device, ip) in logs."""
+    return hashlib.blake2b(value.encode(), digest_size=8, person=b"ss-log").hexdigest()
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -21,6 +36,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request = CURRENT_REQUEST.get()
+        if request is not None:
+            entry["request_id"], entry["card_hash"] = request[0], hash_id(request[1])
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -254,8 +254,14 @@ class ServerCollector:
                 ),
                 (
                     "streamscore_replica_seconds_since_fetch",
-                    "Feature freshness: seconds since the last fetch.",
+                    "Feature freshness: seconds since the broker last answered a fetch "
+                    "for every partition.",
                     replica.seconds_since_fetch(),
+                ),
+                (
+                    "streamscore_replica_lag_records",
+                    "Consumer lag: entity-events records in the log not folded yet.",
+                    replica.lag(),
                 ),
                 (
                     "streamscore_replica_caught_up",

@@ -14,6 +14,7 @@ import numpy as np
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
+from streamscore.logs import CURRENT_REQUEST
 from streamscore.server.batcher import BackendFailed, BatcherStopped, DeadlineUnreachable
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.errors import OutOfRange, ServingError
@@ -82,6 +83,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         self, request: pb.ScoreRequest, time_remaining: float | None = None
     ) -> pb.ScoreResponse:
         started = time.perf_counter_ns()
+        # Every log line written while serving it names it (the card id hashed).
+        if isinstance(request, pb.ScoreRequest):
+            CURRENT_REQUEST.set((request.request_id, request.transaction.card_id))
         validate_score_request(request, replay=self.replay)
         txn = request.transaction
         now_ms = self.clock_ms()
@@ -322,6 +326,9 @@ async def _guard(
         return await handler(*args)
     except ServingError as error:
         code = error.code.name
+        # Debug only: refusals can come thousands a second under overload; the
+        # streamscore_rpc_seconds_count{code} series counts them.
+        log.debug("request refused", extra={"code": code, "reason": str(error)})
         suffix = f" (request_id {request_id!r})" if request_id else ""
         await context.abort(error.code, f"{error}{suffix}")
     except asyncio.CancelledError:

@@ -56,23 +56,55 @@ class FeatureReplica:
         self.records_folded = 0
         self.entries_folded = 0
         self.bad_records = 0
-        self.last_fetch_monotonic = 0.0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._targets: dict[TopicPartition, int] = {}
         self._positions: dict[TopicPartition, int] = {}
         self._caught_up = asyncio.Event()
         self.failure: BaseException | None = None
+        self._freshness = float("inf")
+        self._freshness_at = float("-inf")
 
     @property
     def caught_up(self) -> bool:
         return self._caught_up.is_set()
 
     def seconds_since_fetch(self) -> float:
-        """Seconds since the last successful fetch from the broker (inf before the first)."""
-        if not self.last_fetch_monotonic:
-            return float("inf")
-        return time.monotonic() - self.last_fetch_monotonic
+        """Seconds since the broker last answered a fetch for every partition (inf
+        before the first answer).
+
+        From the consumer's per-partition fetch-response time, not from our own loop:
+        ``getmany`` returns (empty) on its timeout even when the broker hangs, so
+        "the loop ran" says nothing about the broker. Cached for 50 ms: Score asks
+        on every call."""
+        now = time.monotonic()
+        if now - self._freshness_at < 0.05:
+            return self._freshness
+        consumer = self._consumer
+        oldest_ms: float | None = None
+        for tp in consumer.assignment() if consumer is not None else ():
+            polled = consumer.last_poll_timestamp(tp)  # type: ignore[union-attr]
+            if polled is None:
+                oldest_ms = None
+                break
+            oldest_ms = polled if oldest_ms is None else min(oldest_ms, polled)
+        self._freshness = (
+            float("inf") if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
+        )
+        self._freshness_at = now
+        return self._freshness
+
+    def lag(self) -> int:
+        """Records in the log not folded yet (known high watermarks minus positions)."""
+        consumer = self._consumer
+        if consumer is None:
+            return 0
+        total = 0
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                total += max(0, highwater - self._positions.get(tp, 0))
+        return total
 
     async def start(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -137,7 +169,6 @@ class FeatureReplica:
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
-            self.last_fetch_monotonic = time.monotonic()
             for tp, records in batches.items():
                 await self._fold(records)
                 if records:

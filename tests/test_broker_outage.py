@@ -1,0 +1,105 @@
+"""The broker goes away under load: Score keeps answering (features marked stale),
+ingestion resumes when it is back, nothing is lost or counted twice.
+
+The embedded tansu keeps its log in memory, so a restarted tansu is a new, empty
+broker; the outage here is a hung broker (SIGSTOP, then SIGCONT), which for the
+server and the worker looks like a broker restart on a persistent engine or a network
+partition: connections stall, requests time out, clients reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from test_rollout import request
+
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.topics import TopicLayout
+
+import reference
+from system import System, assert_features_match, make_event, print_logs, publish, wait_folded
+
+OUTAGE_S = 6.0
+STALE_AFTER_S = 2.0
+
+
+async def test_a_hung_broker_degrades_scores_and_loses_nothing(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    t0 = int(time.time() * 1000) - 60_000
+    before = [make_event("card-A", "m-1", "d-1", "ip-1", t0 + i * 10, 100 + i) for i in range(100)]
+    during = [
+        make_event("card-A", "m-1", "d-1", "ip-1", t0 + 5_000 + i * 10, 300 + i) for i in range(100)
+    ]
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        os.environ["STREAMSCORE_STALE_AFTER_S"] = str(STALE_AFTER_S)
+        system = System(broker.bootstrap, tmp_path, trained_model)
+        try:
+            await system.add_worker()
+            _, target = await system.add_server()
+        finally:
+            del os.environ["STREAMSCORE_STALE_AFTER_S"]
+        try:
+            await publish(broker.bootstrap, before)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                reply = await wait_folded(stub, "card", "card-A", len(before))
+                assert reply.events_folded == len(before)
+                outcomes: list[tuple[float, str, bool]] = []
+                stop_load = asyncio.Event()
+
+                async def load() -> None:
+                    i = 0
+                    while not stop_load.is_set():
+                        i += 1
+                        sent = time.monotonic()
+                        try:
+                            answer = await stub.Score(request(i, f"card-{i % 20}"), timeout=2)
+                            outcomes.append((sent, "OK", bool(answer.degraded)))
+                        except grpc.aio.AioRpcError as error:
+                            outcomes.append((sent, error.code().name, False))
+                        await asyncio.sleep(0.02)
+
+                loader = asyncio.create_task(load())
+                await asyncio.sleep(1.0)
+                assert broker.pid is not None
+                os.kill(broker.pid, signal.SIGSTOP)
+                paused = time.monotonic()
+                # Events produced during the outage wait in the producer and arrive.
+                producing = asyncio.create_task(publish(broker.bootstrap, during))
+                await asyncio.sleep(OUTAGE_S)
+                os.kill(broker.pid, signal.SIGCONT)
+                resumed = time.monotonic()
+                await asyncio.wait_for(producing, 60)
+                reply = await wait_folded(stub, "card", "card-A", len(before) + len(during), 90)
+                await asyncio.sleep(STALE_AFTER_S + 1.0)
+                stop_load.set()
+                await loader
+                # Nothing lost, nothing twice: the features equal the reference of the
+                # whole log.
+                assert reply.events_folded == len(before) + len(during)
+                assert_features_match(
+                    dict(reply.features),
+                    reference.features(before + during, "card", "card-A", reply.as_of_ms),
+                )
+            for child in system.children:
+                child.check_running()
+        finally:
+            await system.stop()
+            print_logs(tmp_path)
+    codes = {code for _, code, _ in outcomes}
+    assert codes == {"OK"}, codes  # every Score was answered
+    stale_during = [d for sent, _, d in outcomes if paused + STALE_AFTER_S + 1 < sent < resumed]
+    fresh_after = [d for sent, _, d in outcomes if sent > outcomes[-1][0] - 0.5]
+    print(
+        f"{len(outcomes)} scores; during the outage {sum(stale_during)}/{len(stale_during)} "
+        f"marked stale; last 0.5 s {sum(fresh_after)}/{len(fresh_after)} stale"
+    )
+    assert stale_during and all(stale_during), "answers during the outage not marked stale"
+    assert fresh_after and not any(fresh_after), "still stale after the broker came back"

@@ -1,0 +1,75 @@
+"""Structured logs: JSON lines, each written while serving a request names it, and
+card numbers never appear in clear (hashed)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from pathlib import Path
+
+import grpc
+import orjson
+import pytest
+from test_rollout import add_version
+
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.config import Settings
+from streamscore.logs import JsonFormatter, hash_id
+from streamscore.server.app import ScoringServer
+
+CARD = "4111111111111111"  # a card number, as a careless client might send
+
+
+def score_request(request_id: str, **fields: object) -> pb.ScoreRequest:
+    transaction = {"card_id": CARD, "merchant_id": "m-1", "amount_minor": 500, **fields}
+    return pb.ScoreRequest(request_id=request_id, transaction=pb.Transaction(**transaction))
+
+
+async def test_logs_are_json_name_the_request_and_hash_the_card(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 3, "nan")  # scores NaN for real features: backend and fallback fail
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    server = ScoringServer(
+        Settings(port=0, model_repository=repository, model_version="3", model_reload_interval_s=0)
+    )
+    try:
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Score(score_request("r-broken-model"), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Score(score_request("r-bad-amount", amount_minor=-1), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop()
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = captured.getvalue()
+    entries = [orjson.loads(line) for line in text.splitlines() if line.strip()]
+    assert entries, "nothing logged"
+    assert CARD not in text
+    by_request: dict[str, list[dict]] = {}
+    for entry in entries:
+        assert {"ts", "level", "logger", "msg"} <= set(entry)
+        if "request_id" in entry:
+            assert entry["card_hash"] == hash_id(CARD)
+            by_request.setdefault(entry["request_id"], []).append(entry)
+    broken = {e["msg"] for e in by_request["r-broken-model"]}
+    assert "model backend failed, using the fallback" in broken
+    assert "fallback model failed" in broken
+    assert [e["code"] for e in by_request["r-bad-amount"]] == ["INVALID_ARGUMENT"]
+    # Lines outside any request carry no request fields.
+    assert any("request_id" not in e for e in entries)
