@@ -82,6 +82,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not settings.kafka:
         raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+    if args.workers > 1:
+        from streamscore.supervisor import serve_workers
+
+        return _run(serve_workers(settings, args.workers))
 
     async def main() -> int:
         from streamscore.processes import stop_on_signals
@@ -350,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", type=Path, help="model repository directory")
     serve.add_argument(
         "--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 0: off)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), each with all features (default 1)",
     )
     serve.add_argument("--tls-cert-file", help="server certificate chain (PEM): TLS on")
     serve.add_argument("--tls-key-file", help="server private key (PEM)")

@@ -23,6 +23,7 @@ def hash_id(value: str) -> str:
     """A stable, non-reversible stand-in for an identifier (card, device, ip) in logs."""
     return hashlib.blake2b(value.encode(), digest_size=8, person=b"ss-log").hexdigest()
 
+
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 

@@ -1,0 +1,68 @@
+"""``streamscore serve --workers N``: N server processes on one port.
+
+Each worker is a full ``streamscore serve`` process: its own event loop, model
+backends and feature replica. The replica folds every entity-events partition, so
+every worker answers every entity exactly (the feature engine's design: the state is
+small and replicated, not sharded; see README "Scaling"). The kernel spreads new
+connections over the workers' listening sockets (SO_REUSEPORT); a gRPC channel keeps
+its connection, so spread comes from many clients (or channels), as behind a load
+balancer.
+
+The supervisor resolves the settings once and hands them to the workers through
+``STREAMSCORE_*`` variables (so a config file, environment and flags mean the same
+in every worker); worker i serves metrics on ``metrics_port + i``. SIGTERM / SIGINT
+are passed on (each worker drains); when a worker dies on its own, the others are
+stopped and the supervisor exits non-zero, so the process manager restarts the set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from streamscore.config import ENV_PREFIX, Settings
+from streamscore.processes import ChildProcess, stop_on_signals
+
+log = logging.getLogger("streamscore.supervisor")
+
+
+def worker_environment(settings: Settings, index: int) -> dict[str, str]:
+    env = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.name == "metrics_port" and value:
+            value += index
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        env[ENV_PREFIX + field.name.upper()] = text
+    return env
+
+
+async def serve_workers(settings: Settings, workers: int) -> int:
+    if not settings.port:
+        raise SystemExit("--workers needs a fixed --port (port 0 would differ per worker)")
+    stop = stop_on_signals()
+    children = [
+        ChildProcess.streamscore(
+            f"server-{i}", "serve", "--workers", "1", env=worker_environment(settings, i)
+        )
+        for i in range(workers)
+    ]
+    for child in children:
+        await child.start()
+    log.info("workers started", extra={"workers": workers, "port": settings.port})
+    stopped = asyncio.ensure_future(stop.wait())
+    died = [asyncio.ensure_future(child.exited.wait()) for child in children]
+    await asyncio.wait([stopped, *died], return_when=asyncio.FIRST_COMPLETED)
+    crashed = [c.name for c in children if c.exited.is_set()]
+    if crashed:
+        log.error("worker exited, stopping the others", extra={"workers": crashed})
+    # Each worker drains on SIGTERM; allow for its drain delay and timeout.
+    timeout = settings.drain_delay_s + settings.drain_timeout_s + 10
+    await asyncio.gather(*(child.stop(timeout=timeout) for child in children))
+    for task in (stopped, *died):
+        task.cancel()
+    return 1 if crashed else 0
+
+
+__all__ = ["serve_workers", "worker_environment"]

@@ -1,0 +1,101 @@
+"""`streamscore serve --workers 2`: two processes share the port, both answer, both
+have the features, and SIGTERM stops the set cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import urllib.request
+from pathlib import Path
+
+import grpc
+from test_rollout import request
+
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.client import wait_serving
+from streamscore.processes import ChildProcess
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.topics import TopicLayout
+
+from system import make_event, print_logs, publish, wait_folded
+
+
+def served_by(metrics_port: int) -> float:
+    """Score calls a worker answered, from its own /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+    total = 0.0
+    for line in text.decode().splitlines():
+        if line.startswith('streamscore_rpc_seconds_count{code="OK",rpc="Score"}'):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_two_workers_share_the_port_and_both_serve_features(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    port, metrics = find_free_port(), find_free_port()
+    while metrics + 1 == port:
+        metrics = find_free_port()
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        await publish(
+            broker.bootstrap,
+            [make_event("card-W", "m-1", "d-1", "ip-1", 1_000 + i, 100) for i in range(30)],
+        )
+        supervisor = ChildProcess.streamscore(
+            "supervisor",
+            "serve",
+            "--workers",
+            "2",
+            "--kafka",
+            broker.bootstrap,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics),
+            "--model-repository",
+            str(trained_model),
+            "--log-format",
+            "text",
+            env={"STREAMSCORE_DRAIN_DELAY_S": "0"},
+            log_path=str(tmp_path / "supervisor.log"),
+        )
+        worker = ChildProcess.streamscore(
+            "worker",
+            "worker",
+            "--kafka",
+            broker.bootstrap,
+            "--log-format",
+            "text",
+            log_path=str(tmp_path / "worker.log"),
+        )
+        await worker.start()
+        await supervisor.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            await wait_serving(target, timeout=90)
+            # New connections spread over the two listening sockets: many channels.
+            for attempt in range(40):
+                async with grpc.aio.insecure_channel(
+                    target, options=[("grpc.use_local_subchannel_pool", 1)]
+                ) as channel:
+                    stub = pb_grpc.ScoringStub(channel)
+                    await wait_serving(target, timeout=90)
+                    reply = await stub.Score(request(attempt, f"card-{attempt}"), timeout=10)
+                    assert reply.score >= 0
+                    # Every worker folds every partition: the same features whichever
+                    # answers (once the stream worker has routed the events).
+                    features = await wait_folded(stub, "card", "card-W", 30, timeout=30)
+                    assert features.events_folded == 30
+                if min(served_by(metrics), served_by(metrics + 1)) > 0:
+                    break
+            counts = (served_by(metrics), served_by(metrics + 1))
+            assert min(counts) > 0, f"one worker served nothing: {counts}"
+            assert supervisor.process is not None
+            supervisor.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(supervisor.exited.wait(), 40)
+            assert supervisor.returncode == 0
+        finally:
+            await supervisor.stop()
+            await worker.stop()
+            print_logs(tmp_path)
