@@ -2,6 +2,16 @@
 # Run a server:  docker run -p 50051:50051 streamscore serve --kafka KAFKA:9092 --host 0.0.0.0
 # Run a worker:  docker run streamscore worker --kafka KAFKA:9092
 # Everything in one container (embedded broker): docker run streamscore demo --duration 60
+#
+# Configuration is by environment (every setting is STREAMSCORE_<NAME>; the full list
+# with defaults: `docker run streamscore config`, README "Configuration"). The ones a
+# deployment sets: STREAMSCORE_KAFKA (bootstrap, required by serve and worker),
+# STREAMSCORE_PORT (gRPC, 50051), STREAMSCORE_METRICS_PORT (Prometheus, 0 = off),
+# STREAMSCORE_ADMIN_TOKEN (a secret: enables the Admin API), STREAMSCORE_TLS_CERT_FILE /
+# _TLS_KEY_FILE / _TLS_CLIENT_CA_FILE (TLS, mutual TLS), STREAMSCORE_TRITON_URL,
+# STREAMSCORE_BUDGET_MS, STREAMSCORE_DRAIN_DELAY_S / _DRAIN_TIMEOUT_S (SIGTERM drain:
+# set the orchestrator's grace period above their sum), STREAMSCORE_LOG_FORMAT.
+# Lint: .venv/bin/hadolint Dockerfile (run by .ci/run).
 
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -13,13 +23,13 @@ RUN python -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip \
     && /opt/venv/bin/pip install .
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 streamscore
+RUN useradd --create-home --uid 10001 --user-group streamscore
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     STREAMSCORE_HOST=0.0.0.0 \
     STREAMSCORE_MODEL_REPOSITORY=/home/streamscore/models
-USER streamscore
+USER 10001:10001
 WORKDIR /home/streamscore
 # Bake the demo model in so the container needs no training at start.
 RUN streamscore train --log-format text
@@ -27,6 +37,6 @@ EXPOSE 50051
 # `streamscore health` honours STREAMSCORE_TLS_CA / _CLIENT_CERT / _CLIENT_KEY /
 # _SERVER_NAME, so the check keeps working when TLS or mutual TLS is turned on.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
-    CMD streamscore health --target "127.0.0.1:${STREAMSCORE_PORT:-50051}" --timeout 3
+    CMD ["sh", "-c", "streamscore health --target 127.0.0.1:${STREAMSCORE_PORT:-50051} --timeout 3"]
 ENTRYPOINT ["streamscore"]
 CMD ["serve"]
