@@ -106,13 +106,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, "metrics_port")
     if not settings.kafka:
         raise SystemExit("worker needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
     from streamscore.config import topic_layout
     from streamscore.stream.worker import run_worker
 
     _run(_create_topics(settings.kafka, topic_layout(settings).partitions()))
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        # Served from its own thread for the life of the process.
+        start_http_server(settings.metrics_port, addr=settings.host)
     run_worker(
         settings.kafka,
         loglevel=settings.log_level,
@@ -375,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = add("worker", cmd_worker, "Run a stream worker (Faust): validate and route events.")
     _common(worker, kafka_help="Kafka bootstrap server (required)")
+    worker.add_argument(
+        "--metrics-port", type=int, help="Prometheus /metrics HTTP port (default 0: off)"
+    )
 
     broker = add("broker", cmd_broker, "Run the embedded Kafka-compatible broker (tansu).")
     _common(broker, kafka_help="(ignored)")

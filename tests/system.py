@@ -71,10 +71,10 @@ class System:
     def _common(self) -> list[str]:
         return ["--kafka", self.bootstrap, "--log-format", "text"]
 
-    async def add_worker(self) -> ChildProcess:
+    async def add_worker(self, *args: str) -> ChildProcess:
         name = f"worker-{len(self.children)}"
         child = ChildProcess.streamscore(
-            name, "worker", *self._common(), log_path=str(self.logdir / f"{name}.log")
+            name, "worker", *self._common(), *args, log_path=str(self.logdir / f"{name}.log")
         )
         await child.start()
         self.children.append(child)
@@ -126,11 +126,12 @@ async def running_system(
     workers: int = 1,
     servers: int = 1,
     server_args: tuple[str, ...] = (),
+    worker_args: tuple[str, ...] = (),
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """Broker + topics + worker processes + server processes; yields (bootstrap, targets)."""
     async with system_on_broker(logdir, model_repository) as system:
         for _ in range(workers):
-            await system.add_worker()
+            await system.add_worker(*worker_args)
         targets = [(await system.add_server(*server_args))[1] for _ in range(servers)]
         yield system.bootstrap, targets
         for child in system.children:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
+from streamscore.stream.broker import find_free_port
 from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
 
@@ -71,6 +73,16 @@ def test_the_validator_only_ever_raises_invalid_event(raw: bytes | str) -> None:
     )
 
 
+def worker_dead_letters(port: int) -> Counter[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("streamscore_worker_dead_lettered_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            counts[reason] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
 def _without(event: dict, name: str) -> dict:
     return {k: v for k, v in event.items() if k != name}
 
@@ -120,7 +132,10 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
     ]
     mixed = bad + good
     rng.shuffle(mixed)
-    async with running_system(tmp_path, trained_model) as (bootstrap, [target]):
+    metrics_port = find_free_port()
+    async with running_system(
+        tmp_path, trained_model, worker_args=("--metrics-port", str(metrics_port))
+    ) as (bootstrap, [target]):
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
         await producer.start()
         try:
@@ -151,6 +166,9 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
         sent = Counter(p.decode("utf-8", errors="replace") for p in bad)
         lettered = Counter(letter["payload"] for letter in letters)
         assert lettered == sent, (sent - lettered, lettered - sent)
+        # The worker's /metrics counts them by the same reasons.
+        exported = worker_dead_letters(metrics_port)
+        assert exported == reasons, (exported, reasons)
         # The good events folded; the server answers about them.
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.ScoringStub(channel)

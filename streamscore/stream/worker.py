@@ -18,6 +18,7 @@ from typing import Any
 
 import faust
 import orjson
+from prometheus_client import Counter
 
 from streamscore.stream import kafka_compat
 from streamscore.stream.events import InvalidEvent, parse_event
@@ -31,6 +32,19 @@ log = logging.getLogger("streamscore.worker")
 # dominate a per-event pipeline. 10 ms bounds the freshness cost of waiting for more.
 BATCH_MAX = 500
 BATCH_WITHIN_S = 0.01
+
+
+# Exported on /metrics when the worker runs with a metrics port.
+EVENTS = Counter(
+    "streamscore_worker_events_total",
+    "Payment events read, by outcome (routed or dead_lettered).",
+    ["outcome"],
+)
+DEAD_LETTERS = Counter(
+    "streamscore_worker_dead_lettered_total",
+    "Events sent to the dead-letter topic, by reason (bad_json, missing_field, too_late, ...).",
+    ["reason"],
+)
 
 
 @dataclass
@@ -105,6 +119,8 @@ def create_app(
                     event_gate.admit(payment, event.message.partition)
                 except InvalidEvent as error:
                     stats.dead_lettered += 1
+                    DEAD_LETTERS.labels(error.reason).inc()
+                    EVENTS.labels("dead_lettered").inc()
                     message = event.message
                     source = {
                         "topic": message.topic,
@@ -120,6 +136,7 @@ def create_app(
             for partition, value in route_events(valid, entity_events_partitions).items():
                 await entity_events.send(value=value, partition=partition)
             stats.valid += len(valid)
+            EVENTS.labels("routed").inc(len(valid))
 
     return app, stats
 
