@@ -60,6 +60,9 @@ class Settings:
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
     metrics_port: int = 0
+    # OpenTelemetry spans per Score (stages as child spans) to the global tracer
+    # provider; needs the otel extra (pip install 'streamscore[otel]').
+    tracing: bool = False
     # Triton's gRPC "host:port", for versions whose backend is "triton".
     triton_url: str = ""
     # Score's latency budget: a request's deadline is min(gRPC deadline, this).

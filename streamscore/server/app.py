@@ -22,6 +22,7 @@ from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.rollout_stats import RollbackPolicy
 from streamscore.server.scoring import ScoringService, add_scoring_service
+from streamscore.server.tracing import ScoreTracer
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
@@ -106,6 +107,7 @@ class ScoringServer:
             budget_s=settings.budget_ms / 1000,
             deadline_fallback=settings.deadline_policy == "fallback",
             decisions=self.decisions,
+            tracer=ScoreTracer() if settings.tracing else None,
         )
         self._service = service
         server = grpc.aio.server(

@@ -21,6 +21,7 @@ from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
+from streamscore.server.tracing import ScoreTracer
 from streamscore.server.validation import (
     lenient_parser,
     validate_features_request,
@@ -46,6 +47,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         deadline_fallback: bool = True,
         decisions: DecisionLog | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
+        tracer: ScoreTracer | None = None,
     ) -> None:
         self.store = store
         self.rollouts = rollouts
@@ -58,6 +60,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.clock_ms = clock_ms
         self.rpc_metrics = {rpc: RpcMetrics(rpc) for rpc in ("Score", "ScoreStream", "GetFeatures")}
         self.score_metrics = ScoreMetrics()
+        self.tracer = tracer
 
     def features_stale(self) -> bool:
         replica = self.replica
@@ -80,7 +83,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             )
 
     async def score(
-        self, request: pb.ScoreRequest, time_remaining: float | None = None
+        self,
+        request: pb.ScoreRequest,
+        time_remaining: float | None = None,
+        trace_parent: Any = None,
     ) -> pb.ScoreResponse:
         started = time.perf_counter_ns()
         # Every log line written while serving it names it (the card id hashed).
@@ -180,6 +186,21 @@ class ScoringService(pb_grpc.ScoringServicer):
             (model_done - features_done) / 1e9,
             [pb.DegradedReason.Name(r) for r in degraded],
         )
+        if self.tracer is not None:
+            self.tracer.record(
+                trace_parent,
+                {
+                    "streamscore.request_id": request.request_id,
+                    "streamscore.variant": variant_name,
+                    "streamscore.model_version": metadata.version,
+                    "streamscore.decision": decision_name,
+                    "streamscore.degraded": [pb.DegradedReason.Name(r) for r in degraded],
+                },
+                started,
+                features_done,
+                model_done,
+                time.perf_counter_ns(),
+            )
         return response
 
     async def _model_score(
@@ -223,6 +244,11 @@ class ScoringService(pb_grpc.ScoringServicer):
         degraded.append(reason)
         return fallback
 
+    def _trace_parent(self, context: grpc.aio.ServicerContext) -> Any:
+        if self.tracer is None:
+            return None
+        return self.tracer.parent(context.invocation_metadata())
+
     def calls_in_flight(self) -> int:
         return sum(m.in_flight for m in self.rpc_metrics.values())
 
@@ -232,7 +258,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics = self.rpc_metrics["Score"]
         metrics.enter()
         try:
-            return await _guard(context, metrics, self.score, request, context.time_remaining())
+            return await _guard(
+                context,
+                metrics,
+                self.score,
+                request,
+                context.time_remaining(),
+                self._trace_parent(context),
+            )
         finally:
             metrics.exit()
 
@@ -241,6 +274,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     ) -> AsyncIterator[pb.ScoreResponse]:
         metrics = self.rpc_metrics["ScoreStream"]
         metrics.enter()
+        parent = self._trace_parent(context)
         try:
             async for request in request_iterator:
                 # A bad request ends the stream with INVALID_ARGUMENT naming the field and
@@ -251,6 +285,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                     self.score,
                     request,
                     context.time_remaining(),
+                    parent,
                     request_id=request.request_id,
                 )
         finally:
