@@ -26,8 +26,12 @@ T = TypeVar("T")
 # Above this CPU time per call a model leaves the event loop: 0.5 ms is a fifth of a
 # typical 2-3 ms p99 budget share for features + model, and about 20 hand-offs' cost.
 INLINE_LIMIT_S = 0.0005
-# Weight of the newest sample in the moving average.
-ALPHA = 0.2
+# Weight of the newest sample in the moving average; a sample counts at most
+# SPIKE_CAP x the limit, so one pause (a GC pass, a preemption) inside a cheap call
+# cannot send the model to the thread, while a model that is really heavy crosses the
+# limit within about six calls.
+ALPHA = 0.05
+SPIKE_CAP = 4.0
 
 
 class InlineOrThread:
