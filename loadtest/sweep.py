@@ -1,0 +1,573 @@
+"""Open-loop rate sweep from several client processes; finds the highest rate in budget.
+
+One Python process of grpc.aio saturates a core well before a fast server does, and
+then its own lateness shows up as server latency. This runs the open-loop generator
+(``openloop.open_loop``; ``streamload.open_loop_streams`` for ``ScoreStream``) in
+``--clients`` processes (multiprocessing, spawn), each at ``rate / clients`` with its
+schedule shifted by ``k / rate`` so the merged arrivals stay evenly spaced, for the
+same seconds; their HdrHistograms are merged. Latency runs from each request's
+intended send time. The client processes start once and serve every step.
+
+Per offered rate: achieved rate, p50/p90/p99/p99.9/max, errors (failed calls),
+dropped (not sent: too many in flight), the busiest client's CPU (near 100 % means
+add clients) and, with ``--server-pid``, the server's CPU time per answered request
+(utime + stime from /proc over the step). The rates are tried in increasing order
+until one misses the budget (p99 over it, or any error or drop); ``--refine N``
+then bisects N times between the last passing and the first failing rate.
+
+    python -m loadtest.sweep --target 127.0.0.1:50051 --rpc score \\
+        --rates 200,400,800 --seconds 5 --clients 2 --budget-p99-ms 10 --json sweep.json
+
+``--rpc``: ``score`` (unary Score), ``stream`` (ScoreStream, ``--streams`` long-lived
+streams per client), ``echo`` (unary Score against ``loadtest/echo_server.py``: the
+same messages, labelled as the baseline). Requests are realistic payments from
+``streamscore.traffic`` (backend_bench's seed), stamped with the current time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+from hdrh.histogram import HdrHistogram
+
+from loadtest.openloop import LoadResult, open_loop
+from loadtest.streamload import open_loop_streams, request_ids, stream_opener
+from streamscore._proto.v1 import scoring_pb2 as pb
+
+SCORE = "/streamscore.v1.Scoring/Score"
+RPCS = ("score", "stream", "echo")
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+def realistic_events(seconds: float = 400.0, rate: float = 50.0, seed: int = 5) -> list[dict]:
+    """backend_bench's traffic (``streamscore.traffic``, seed 5, 50/s over 400 s: about
+    20k payments over a skewed card, merchant, device and IP population), shifted so
+    the last one happened a second ago."""
+    from streamscore.traffic import TrafficConfig, generate_log
+
+    log = [item.event for item in generate_log(TrafficConfig(rate_per_s=rate, seed=seed), seconds)]
+    shift = time.time_ns() // 1_000_000 - log[-1]["event_time_ms"] - 1000
+    return [{**e, "event_time_ms": e["event_time_ms"] + shift} for e in log]
+
+
+def score_requests(events: Sequence[dict], prefix: str = "r") -> list[bytes]:
+    """Serialized ScoreRequests, one per event, with distinct request ids."""
+    from streamscore.client import transaction_from_event
+
+    return [
+        pb.ScoreRequest(
+            request_id=f"{prefix}-{i}", transaction=transaction_from_event(e)
+        ).SerializeToString()
+        for i, e in enumerate(events)
+    ]
+
+
+# -- client processes --------------------------------------------------------------------
+
+
+class _Client:
+    """Inside a client process: channels per target, warm-up, one load step per job."""
+
+    def __init__(self, requests: list[bytes], index: int, clients: int) -> None:
+        self.requests = requests
+        self.ids = request_ids(requests)
+        self.index = index
+        self.clients = clients
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.warm: set[tuple[str, str]] = set()
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        if target not in self.channels:
+            self.channels[target] = grpc.aio.insecure_channel(target)
+        return self.channels[target]
+
+    async def prepare(self, target: str, rpc: str) -> str:
+        """Connect and warm up (untimed); '' or why it failed."""
+        if (target, rpc) in self.warm:
+            return ""
+        channel = self.channel(target)
+        unary = channel.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
+        deadline = time.monotonic() + 30
+        while True:  # the echo server has no health service: call until it answers
+            try:
+                await unary(self.requests[0], timeout=1)
+                break
+            except grpc.aio.AioRpcError as error:
+                if time.monotonic() > deadline:
+                    return f"{target} did not answer Score: {error.code().name} {error.details()}"
+                await asyncio.sleep(0.1)
+        try:
+            if rpc == "stream":
+                call = stream_opener(channel)()
+                for request in self.requests[:20]:
+                    await call.write(request)
+                    await call.read()
+                await call.done_writing()
+                await call.read()  # EOF: the stream ended cleanly
+            else:
+                for request in self.requests[:20]:
+                    await unary(request, timeout=1)
+        except grpc.aio.AioRpcError as error:
+            return f"warm-up {rpc} on {target}: {error.code().name} {error.details()}"
+        self.warm.add((target, rpc))
+        return ""
+
+    async def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        rate = job["rate"] / self.clients
+        channel = self.channel(job["target"])
+        offset = self.index * len(self.requests) // self.clients
+        # Evenly spaced merged arrivals: client k starts k / total_rate later.
+        start_at = job["start_at"] + self.index / job["rate"]
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu_before = time.process_time()
+        first_error = ""
+        if job["rpc"] == "stream":
+            result, first_error = await open_loop_streams(
+                stream_opener(channel),
+                self.requests,
+                rate,
+                job["seconds"],
+                streams=job["streams"],
+                offset=offset,
+                max_in_flight=max(1, job["max_in_flight"] // job["streams"]),
+                drain_timeout=job["drain_timeout"],
+                ids=self.ids,
+            )
+        else:
+            unary = channel.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
+            requests, n, timeout = self.requests, len(self.requests), job["timeout_s"]
+
+            async def call(i: int) -> object:
+                nonlocal first_error
+                try:
+                    return await unary(requests[(offset + i) % n], timeout=timeout)
+                except Exception as error:
+                    if not first_error:
+                        first_error = str(error)[:300]
+                    raise
+
+            result = await open_loop(call, rate, job["seconds"], max_in_flight=job["max_in_flight"])
+        cpu = time.process_time() - cpu_before
+        return {
+            "ok": result.ok,
+            "errors": result.errors,
+            "dropped": result.dropped,
+            "seconds": result.seconds,
+            "histogram": result.histogram.encode(),
+            "cpu": cpu / result.seconds if result.seconds else 0.0,
+            "first_error": first_error,
+        }
+
+    async def serve(self, conn: Connection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    job = await loop.run_in_executor(None, conn.recv)
+                except EOFError:  # the parent is gone
+                    return
+                if job is None:
+                    return
+                try:
+                    if job["kind"] == "prepare":
+                        reply: dict[str, Any] = {
+                            "error": await self.prepare(job["target"], job["rpc"])
+                        }
+                    else:
+                        reply = await self.run(job)
+                except Exception as error:  # reported to the parent, never a hang
+                    reply = {"error": f"{type(error).__name__}: {error}"}
+                conn.send(reply)
+        finally:
+            for channel in self.channels.values():
+                await channel.close()
+
+
+def _client_main(conn: Connection, requests: list[bytes], index: int, clients: int) -> None:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_Client(requests, index, clients).serve(conn))
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One load step: every client's result merged."""
+
+    target: str
+    rpc: str
+    offered_rate: float
+    achieved_rate: float
+    ok: int
+    errors: int
+    dropped: int
+    seconds: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    server_cpu_us: float | None
+    client_cpu: float  # the busiest client's CPU, as a fraction of one core
+    clients: int
+    first_error: str = ""
+    passed: bool | None = None
+    phase: str = "step"
+    histogram: str = field(default="", repr=False)  # HdrHistogram.encode(), microseconds
+
+    @classmethod
+    def of(
+        cls,
+        target: str,
+        rpc: str,
+        result: LoadResult,
+        server_cpu_us: float | None,
+        client_cpu: float,
+        clients: int,
+        first_error: str = "",
+    ) -> Row:
+        return cls(
+            target=target,
+            rpc=rpc,
+            offered_rate=result.offered_rate,
+            achieved_rate=result.achieved_rate,
+            ok=result.ok,
+            errors=result.errors,
+            dropped=result.dropped,
+            seconds=result.seconds,
+            p50_ms=result.ms(50),
+            p90_ms=result.ms(90),
+            p99_ms=result.ms(99),
+            p999_ms=result.ms(99.9),
+            max_ms=result.ms(100),
+            server_cpu_us=server_cpu_us,
+            client_cpu=client_cpu,
+            clients=clients,
+            first_error=first_error,
+            histogram=result.histogram.encode().decode("ascii"),
+        )
+
+    def meets(self, budget_p99_ms: float) -> bool:
+        return self.ok > 0 and self.p99_ms <= budget_p99_ms and not self.errors and not self.dropped
+
+    def hdr(self) -> HdrHistogram:
+        return HdrHistogram.decode(self.histogram.encode("ascii"))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def merge(results: Sequence[dict[str, Any]], offered: float, seconds: float) -> LoadResult:
+    """One result from the clients' results: counts summed, histograms added; the
+    duration is the step's (or the slowest client's, when draining took longer), so
+    the achieved rate never exceeds the offered one by rounding."""
+    histogram = HdrHistogram(1, 60_000_000, 3)
+    for result in results:
+        histogram.add(HdrHistogram.decode(result["histogram"]))
+    return LoadResult(
+        offered,
+        max(seconds, *(r["seconds"] for r in results)),
+        sum(r["ok"] for r in results),
+        sum(r["errors"] for r in results),
+        sum(r["dropped"] for r in results),
+        histogram,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    from loadtest.backend_bench import cpu_seconds as read
+
+    return read(pid)
+
+
+class ClientPool:
+    """``clients`` load-generator processes (spawned once) driven step by step."""
+
+    def __init__(self, clients: int, requests: list[bytes]) -> None:
+        if clients < 1:
+            raise ValueError("clients must be >= 1")
+        if len(requests) < 2:
+            raise ValueError("need at least two requests")
+        self.clients = clients
+        self.requests = requests
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.conns: list[Connection] = []
+
+    def start(self) -> ClientPool:
+        context = multiprocessing.get_context("spawn")
+        for index in range(self.clients):
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_client_main,
+                args=(child, self.requests, index, self.clients),
+                name=f"loadtest-client-{index}",
+                daemon=True,
+            )
+            process.start()
+            child.close()
+            self.processes.append(process)
+            self.conns.append(parent)
+        return self
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.processes, self.conns = [], []
+
+    def __enter__(self) -> ClientPool:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _all(self, jobs: Sequence[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+        for conn, job in zip(self.conns, jobs, strict=True):
+            conn.send(job)
+        replies = []
+        deadline = time.monotonic() + timeout
+        for index, conn in enumerate(self.conns):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"load client {index} did not answer within {timeout:.0f} s")
+            replies.append(conn.recv())
+        return replies
+
+    def run(
+        self,
+        target: str,
+        rpc: str,
+        rate: float,
+        seconds: float,
+        *,
+        streams: int = 1,
+        timeout_s: float = 1.0,
+        max_in_flight: int = 512,
+        drain_timeout: float = 10.0,
+        server_pid: int | None = None,
+    ) -> Row:
+        """One open-loop step at ``rate`` (all clients together) for ``seconds``."""
+        if rpc not in RPCS:
+            raise ValueError(f"rpc must be one of {RPCS}")
+        prepare = {"kind": "prepare", "target": target, "rpc": rpc}
+        for reply in self._all([prepare] * self.clients, timeout=90):
+            if reply["error"]:
+                raise RuntimeError(reply["error"])
+        cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+        job = {
+            "kind": "run",
+            "target": target,
+            "rpc": rpc,
+            "rate": rate,
+            "seconds": seconds,
+            "streams": streams,
+            "timeout_s": timeout_s,
+            "max_in_flight": max(1, max_in_flight // self.clients),
+            "drain_timeout": drain_timeout,
+            "start_at": time.time() + 0.05 + 0.01 * self.clients,
+        }
+        replies = self._all([job] * self.clients, timeout=seconds + drain_timeout + 90)
+        for reply in replies:
+            if "error" in reply:
+                raise RuntimeError(reply["error"])
+        result = merge(replies, rate, seconds)
+        server_cpu_us = None
+        if server_pid:
+            server_cpu_us = (cpu_seconds(server_pid) - cpu_before) / max(result.ok, 1) * 1e6
+        first_error = next((r["first_error"] for r in replies if r["first_error"]), "")
+        return Row.of(
+            target,
+            rpc,
+            result,
+            server_cpu_us,
+            max(r["cpu"] for r in replies),
+            self.clients,
+            first_error,
+        )
+
+
+# -- the sweep ---------------------------------------------------------------------------
+
+
+def sweep(
+    pool: ClientPool,
+    target: str,
+    rpc: str,
+    rates: Sequence[float],
+    seconds: float,
+    budget_p99_ms: float,
+    *,
+    refine: int = 0,
+    keep_going: bool = False,
+    on_row: Callable[[Row], None] = lambda row: None,
+    **run: Any,
+) -> tuple[list[Row], float | None]:
+    """Step through ``rates`` (ascending) until one misses the budget, then bisect
+    ``refine`` times; returns every row and the highest passing offered rate."""
+    rows: list[Row] = []
+    best: float | None = None
+    first_fail: float | None = None
+
+    def step(rate: float, phase: str) -> bool:
+        row = pool.run(target, rpc, rate, seconds, **run)
+        row.passed = row.meets(budget_p99_ms)
+        row.phase = phase
+        rows.append(row)
+        on_row(row)
+        return row.passed
+
+    for rate in sorted(set(rates)):
+        if step(rate, "step"):
+            best = rate if best is None else max(best, rate)
+        else:
+            first_fail = rate if first_fail is None else min(first_fail, rate)
+            if not keep_going:
+                break
+    if first_fail is not None:
+        low, high = (best if best is not None and best < first_fail else 0.0), first_fail
+        for _ in range(refine):
+            mid = round((low + high) / 2)
+            if mid <= low or mid >= high:
+                break
+            if step(float(mid), "refine"):
+                low = float(mid)
+                best = max(best or 0.0, low)
+            else:
+                high = float(mid)
+    return rows, best
+
+
+HEADER = (
+    "| offered/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | dropped "
+    "| server CPU us/req | client CPU | in budget |"
+)
+
+
+def table_row(row: Row) -> str:
+    cpu = "" if row.server_cpu_us is None else f"{row.server_cpu_us:.0f}"
+    verdict = {True: "yes", False: "no", None: ""}[row.passed]
+    return (
+        f"| {row.offered_rate:,.0f} | {row.achieved_rate:,.0f} | {row.p50_ms:.2f} | "
+        f"{row.p90_ms:.2f} | {row.p99_ms:.2f} | {row.p999_ms:.2f} | {row.max_ms:.2f} | "
+        f"{row.errors} | {row.dropped} | {cpu} | {row.client_cpu:.0%} | {verdict} |"
+    )
+
+
+def parse_rates(text: str) -> list[float]:
+    rates = [float(r) for r in text.split(",") if r.strip()]
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError("rates: comma-separated positive numbers")
+    return rates
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True, help="HOST:PORT")
+    parser.add_argument("--rpc", choices=RPCS, default="score")
+    parser.add_argument("--rates", type=parse_rates, required=True, help="e.g. 200,400,800")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per step (default 5)")
+    parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    parser.add_argument(
+        "--streams", type=int, default=2, help="ScoreStreams per client (rpc stream; default 2)"
+    )
+    parser.add_argument("--budget-p99-ms", type=float, default=10.0)
+    parser.add_argument("--refine", type=int, default=0, help="bisection steps after the sweep")
+    parser.add_argument(
+        "--keep-going", action="store_true", help="try every rate, not only up to the first miss"
+    )
+    parser.add_argument("--server-pid", type=int, help="server process: CPU per request")
+    parser.add_argument("--timeout-s", type=float, default=1.0, help="unary deadline (default 1)")
+    parser.add_argument("--max-in-flight", type=int, default=512, help="all clients together")
+    parser.add_argument(
+        "--requests", type=int, default=4000, help="distinct requests, cycled (default 4000)"
+    )
+    parser.add_argument("--json", type=Path, help="write rows and the max rate here")
+    args = parser.parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, "-m", "loadtest.sweep", *sys.argv[1:]])
+
+    events = realistic_events(seconds=max(args.requests / 50 + 10, 40))[-args.requests :]
+    requests = score_requests(events, prefix="sweep")
+    print(
+        f"sweep {args.rpc} on {args.target}: {args.clients} client processes, "
+        f"{args.seconds:g} s per rate, budget p99 <= {args.budget_p99_ms:g} ms",
+        flush=True,
+    )
+    print(HEADER, flush=True)
+    print("|---" * (HEADER.count("|") - 1) + "|", flush=True)
+    with ClientPool(args.clients, requests) as pool:
+        try:
+            rows, best = sweep(
+                pool,
+                args.target,
+                args.rpc,
+                args.rates,
+                args.seconds,
+                args.budget_p99_ms,
+                refine=args.refine,
+                keep_going=args.keep_going,
+                on_row=lambda row: print(table_row(row), flush=True),
+                streams=args.streams,
+                timeout_s=args.timeout_s,
+                max_in_flight=args.max_in_flight,
+                server_pid=args.server_pid,
+            )
+        except (RuntimeError, TimeoutError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    errors = [row.first_error for row in rows if row.first_error]
+    if errors:
+        print(f"first error: {errors[0]}")
+    busy = max((row.client_cpu for row in rows), default=0.0)
+    if busy > 0.8:
+        print(f"note: a client process used {busy:.0%} of a core; add --clients")
+    verdict = "none of the rates" if best is None else f"{best:,.0f}/s"
+    print(f"highest offered rate with p99 <= {args.budget_p99_ms:g} ms, no errors: {verdict}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "target": args.target,
+                    "rpc": args.rpc,
+                    "clients": args.clients,
+                    "streams": args.streams if args.rpc == "stream" else None,
+                    "seconds": args.seconds,
+                    "budget_p99_ms": args.budget_p99_ms,
+                    "command": command,
+                    "rows": [row.to_json() for row in rows],
+                    "max_rate": best,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
