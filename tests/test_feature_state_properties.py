@@ -9,10 +9,12 @@ at several query times, and fold outcomes with the reference lateness/duplicate 
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import streamscore.stream.state as state_module
 from streamscore.stream.features import (
     DAY,
     DEFAULT_PACK,
@@ -324,3 +326,27 @@ def test_sweep_keeps_newest_time_and_refuses_unverifiable_redeliveries():
     assert store.fold("ip", "i", FoldRecord(**ip)) is Fold.TOO_LATE
     assert store.fold("ip", "i", FoldRecord(**later)) is Fold.APPLIED
     assert store.features("ip", "i", t)["ip_txn_count_5m"] == 1.0
+
+
+@settings(BASE, max_examples=60)
+@given(events=event_logs(max_events=30), repeats=st.integers(1, 3))
+def test_cached_feature_values_equal_the_reference(events, repeats):
+    """The per-entity cache of windowed values (normally only for busy entities), on
+    for every entity: the replay above, with each entity read several times as of the
+    same instant and after each fold as of the next one, still equals the reference."""
+    ordered = sorted(events, key=lambda e: (e["event_time_ms"], e["event_id"]))
+    with mock.patch.object(state_module, "CACHE_MIN_FOLDED", 0):
+        store = FeatureStore()
+        for i, event in enumerate(ordered):
+            t = event["event_time_ms"]
+            before = ordered[:i]
+            for entity_type in ENTITY_TYPES:
+                entity_id = event[ENTITY_FIELD[entity_type]]
+                want = reference.features(before, entity_type, entity_id, t)
+                for _ in range(repeats):
+                    got = store.features(entity_type, entity_id, t)
+                    assert_features_equal(got, want, f"event {i} {entity_type}={entity_id}")
+                    got["card_txn_count_1h"] = -5.0  # a caller's change never leaks back
+            record = fold_record(event)
+            for entity_type in ENTITY_TYPES:
+                store.fold(entity_type, event[ENTITY_FIELD[entity_type]], record)

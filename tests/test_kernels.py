@@ -6,7 +6,7 @@ import math
 import statistics
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamscore.kernels.recent import RecentEvents
@@ -29,15 +29,15 @@ def tiles_with(times: list[int], r: int = R, amount: int = 1) -> Tiles:
 def test_event_exactly_on_bucket_boundary_belongs_to_that_bucket():
     tiles = tiles_with([5 * R])
     assert set(tiles.buckets) == {5}
-    assert tiles.window(5 * R, W).count == 1  # t on the same boundary
-    assert tiles.window(5 * R - 1, W).count == 0  # t one ms before: previous bucket is b(t)
-    assert tiles.window(6 * R - 1, W).count == 1  # t at the end of the same bucket
+    assert tiles.window(5 * R, W).events == 1  # t on the same boundary
+    assert tiles.window(5 * R - 1, W).events == 0  # t one ms before: previous bucket is b(t)
+    assert tiles.window(6 * R - 1, W).events == 1  # t at the end of the same bucket
 
 
 def test_events_later_in_the_current_bucket_count():
     # DESIGN filters on buckets only: b(e) <= b(t), so an event after t but in b(t) counts.
     tiles = tiles_with([5 * R + R - 1])
-    assert tiles.window(5 * R, W).count == 1
+    assert tiles.window(5 * R, W).events == 1
 
 
 def test_t_on_bucket_boundary_window_covers_w_minus_r_of_history():
@@ -45,41 +45,41 @@ def test_t_on_bucket_boundary_window_covers_w_minus_r_of_history():
     # Oldest bucket in the window is b(t) - W/r + 1, which starts at t - W + r.
     tiles = tiles_with([t - W + R, t - W + R - 1, t - W, t])
     agg = tiles.window(t, W)
-    assert agg.count == 2  # t - W + R and t itself
+    assert agg.events == 2  # t - W + R and t itself
 
 
 def test_t_at_end_of_bucket_window_covers_almost_w_of_history():
     t = 100 * R + R - 1
     # Oldest included time is still (b(t) - W/r + 1) * r = t - W + 1: W - 1 ms back.
     tiles = tiles_with([t - W + 1, t - W, t])
-    assert tiles.window(t, W).count == 2
+    assert tiles.window(t, W).events == 2
     # One ms later the window slides by a whole bucket.
-    assert tiles.window(t + 1, W).count == 1
+    assert tiles.window(t + 1, W).events == 1
 
 
 def test_window_equal_to_resolution_is_the_current_bucket_only():
     tiles = tiles_with([0, R - 1, R, 2 * R - 1, 2 * R])
-    assert tiles.window(R, R).count == 2
-    assert tiles.window(2 * R - 1, R).count == 2
-    assert tiles.window(0, R).count == 2
+    assert tiles.window(R, R).events == 2
+    assert tiles.window(2 * R - 1, R).events == 2
+    assert tiles.window(0, R).events == 2
 
 
 @pytest.mark.parametrize("shift", [0, -7 * R, -(10**12)])
 def test_zero_and_negative_times_use_floor_buckets(shift):
     # -1 ms is in bucket -1, not bucket 0 (floor, not truncation).
     tiles = tiles_with([shift - 1, shift, shift + R - 1])
-    assert tiles.window(shift, R).count == 2
-    assert tiles.window(shift - 1, R).count == 1
-    assert tiles.window(shift - R, R).count == 1  # same bucket as shift - 1
-    assert tiles.window(shift - R - 1, R).count == 0
-    assert tiles.window(shift, 2 * R).count == 3
+    assert tiles.window(shift, R).events == 2
+    assert tiles.window(shift - 1, R).events == 1
+    assert tiles.window(shift - R, R).events == 1  # same bucket as shift - 1
+    assert tiles.window(shift - R - 1, R).events == 0
+    assert tiles.window(shift, 2 * R).events == 3
 
 
 def test_negative_resolution_window_edges():
     tiles = tiles_with([-R, -R - 1])  # buckets -1 and -2
     assert set(tiles.buckets) == {-1, -2}
-    assert tiles.window(-1, R).count == 1
-    assert tiles.window(-1, 2 * R).count == 2
+    assert tiles.window(-1, R).events == 1
+    assert tiles.window(-1, 2 * R).events == 2
 
 
 # --- aggregates -----------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_negative_resolution_window_edges():
 
 def test_empty_windows_give_zeros():
     empty = WindowAgg()
-    assert (empty.count, empty.declined, empty.amount_sum, empty.amount_max) == (0, 0, 0, 0)
+    assert (empty.events, empty.declined, empty.amount_sum, empty.amount_max) == (0, 0, 0, 0)
     assert empty.amount_mean == 0.0
     assert empty.amount_std == 0.0
     assert empty.decline_rate == 0.0
@@ -110,7 +110,7 @@ def test_aggregates_over_several_buckets():
     tiles.add(R, 0, True, ("m1", "c1"))  # next bucket, same values again
     tiles.add(2 * R, 50, False, ("m2", "c1"))
     agg = tiles.window(2 * R, 3 * R)
-    assert agg.count == 4
+    assert agg.events == 4
     assert agg.declined == 2
     assert agg.amount_sum == 450
     assert agg.amount_sumsq == 100**2 + 300**2 + 50**2
@@ -124,7 +124,7 @@ def test_aggregates_over_several_buckets():
 def test_max_of_zero_amounts_is_zero():
     tiles = tiles_with([0, 1], amount=0)
     agg = tiles.window(0, R)
-    assert agg.count == 2
+    assert agg.events == 2
     assert agg.amount_max == 0
 
 
@@ -244,7 +244,7 @@ def test_window_matches_brute_force(times, t, n_buckets, keep_from):
         kept = [(i, x) for i, x in kept if x // R >= keep_from // R]
     window = [(i, x) for i, x in kept if t // R - n_buckets < x // R <= t // R]
     agg = tiles.window(t, n_buckets * R)
-    assert agg.count == len(window)
+    assert agg.events == len(window)
     assert agg.declined == sum(1 for i, _ in window if i % 3 == 0)
     assert agg.amount_sum == sum(i * 10**11 for i, _ in window)
     assert agg.amount_max == max((i * 10**11 for i, _ in window), default=0)
@@ -347,3 +347,66 @@ def test_recent_newest_at_or_before_with_a_key_left_behind_by_lazy_pruning():
     assert recent.newest_at_or_before(45) == 40
     assert recent.newest_at_or_before(52) == 50  # the pruned a, not the older c
     assert recent.newest_at_or_before(130) == 120
+
+
+def _uncached(tiles: Tiles, t: int, window_ms: int) -> WindowAgg:
+    last = t // tiles.resolution_ms
+    first = last - window_ms // tiles.resolution_ms + 1
+    count, declined, total, sumsq, high, sets = tiles._partial(first, last)
+    return WindowAgg(count, declined, total, sumsq, high, tuple(len(s) for s in sets))
+
+
+ADD = st.tuples(
+    st.just("add"),
+    st.integers(0, 40 * R),
+    st.integers(0, 1000),
+    st.booleans(),
+    st.sampled_from("abcdefgh"),
+)
+OPS = st.lists(
+    st.one_of(
+        ADD,
+        # Few distinct query times and window lengths, so cached parts get reused
+        # (and must be invalidated) often; plus any time at all.
+        st.tuples(
+            st.just("window"),
+            st.one_of(
+                st.sampled_from([20 * R, 20 * R + 5, 33 * R, 40 * R + 1]), st.integers(0, 45 * R)
+            ),
+            st.sampled_from([4, 9, 12, 30]),
+        ),
+        st.tuples(st.just("expire"), st.integers(0, 15 * R)),
+        st.just(("again",)),  # the previous query once more: a cached part reused
+    ),
+    min_size=5,
+    max_size=120,
+)
+
+
+BUSY = [("add", b * R, 10, False, "a") for b in range(41)]
+
+
+@settings(max_examples=300)
+@given(st.lists(ADD, min_size=10, max_size=60), OPS)
+# A late event into a cached closed part, and an expiry inside one: both must be seen.
+@example(BUSY, [("window", 20 * R + 5, 12), ("add", 15 * R, 5, False, "z"), ("again",)])
+@example(BUSY, [("window", 20 * R + 5, 12), ("expire", 12 * R), ("again",)])
+def test_cached_windows_equal_a_fresh_scan_under_any_interleaving(
+    history: list[tuple], ops: list[tuple]
+) -> None:
+    """The closed-part cache (long windows of busy entities) gives exactly what a
+    scan of the buckets gives, whatever order adds (late ones included), queries at
+    moving times and expiries come in."""
+    tiles = Tiles(R, n_distinct=1)
+    last_query = ("window", 20 * R, 12)
+    for op in history + ops:
+        if op[0] == "again":
+            op = last_query
+        if op[0] == "add":
+            _, time_ms, amount, declined, value = op
+            tiles.add(time_ms, amount, declined, (value,))
+        elif op[0] == "window":
+            _, t, n_buckets = last_query = op
+            assert tiles.window(t, n_buckets * R) == _uncached(tiles, t, n_buckets * R), op
+        else:
+            tiles.expire(op[1])

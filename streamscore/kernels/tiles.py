@@ -7,13 +7,22 @@ value as of time ``t`` over a window ``W`` aggregates the events with
 Only non-empty buckets are stored. Sums are Python ints, so sums and sums of squares
 of int64 amounts are exact; mean and population std are derived from them with a
 single rounding, which keeps them bit-reproducible between online and offline paths.
+
+Serving cost. A busy entity (a large merchant) has a bucket in most of a long
+window, and its distinct sets are large: scanning 168 hourly buckets and uniting
+their sets on every request dominated Score. So a window over many buckets is split
+into its closed part (every bucket before the current one), aggregated once and kept
+per window length, and the current bucket, added on every call. Events arrive almost
+always in the newest bucket, which is outside every cached closed part; an event
+that lands in or before a cached closed part (late, or into the bucket a cached
+window already closed), and every expiry, invalidates the cache (``_version``). The
+result is the same integers and sets, so values stay exact.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # A bucket is a plain list, the cheapest mutable record in CPython (fold is the hot
 # path: about eleven bucket updates per event for the default pack):
@@ -22,43 +31,61 @@ COUNT, DECLINED, SUM, SUMSQ, MAX = range(5)
 DISTINCT0 = 5
 
 
-@dataclass(slots=True, frozen=True)
-class WindowAgg:
-    """Aggregates over a window of buckets; empty windows give zeros."""
+class WindowAgg(NamedTuple):
+    """Aggregates over a window of buckets; empty windows give zeros.
 
-    count: int = 0
+    A NamedTuple, not a frozen dataclass: eleven are built per Score request, and a
+    frozen dataclass's ``__init__`` costs several times more."""
+
+    events: int = 0
     declined: int = 0
     amount_sum: int = 0
     amount_sumsq: int = 0
     amount_max: int = 0
-    distinct: tuple[int, ...] = field(default=())
+    distinct: tuple[int, ...] = ()
 
     @property
     def amount_mean(self) -> float:
-        return self.amount_sum / self.count if self.count else 0.0
+        return self.amount_sum / self.events if self.events else 0.0
 
     @property
     def amount_std(self) -> float:
         """Population standard deviation, from exact integer moments."""
-        if not self.count:
+        if not self.events:
             return 0.0
         # n^2 * var = n * sum(x^2) - (sum x)^2, exact in integers, never negative.
-        numerator = self.count * self.amount_sumsq - self.amount_sum * self.amount_sum
-        return math.sqrt(numerator / (self.count * self.count))
+        numerator = self.events * self.amount_sumsq - self.amount_sum * self.amount_sum
+        return math.sqrt(numerator / (self.events * self.events))
 
     @property
     def decline_rate(self) -> float:
-        return self.declined / self.count if self.count else 0.0
+        return self.declined / self.events if self.events else 0.0
 
 
 def _singleton(value: str) -> set[str]:
     return {value}
 
 
+# Windows over fewer buckets than this are scanned on every call: caching them saves
+# less than it costs (in time and memory, for the many small entities).
+CACHE_MIN_BUCKETS = 8
+
+# (count, declined, amount_sum, amount_sumsq, amount_max, distinct sets)
+_Partial = tuple[int, int, int, int, int, list[set[str]]]
+
+
 class Tiles:
     """Non-empty buckets of one entity at resolution ``resolution_ms``."""
 
-    __slots__ = ("_oldest", "buckets", "n_distinct", "resolution_ms")
+    __slots__ = (
+        "_cache",
+        "_closed_upto",
+        "_oldest",
+        "_version",
+        "buckets",
+        "n_distinct",
+        "resolution_ms",
+    )
 
     def __init__(self, resolution_ms: int, n_distinct: int = 0) -> None:
         if resolution_ms <= 0:
@@ -68,12 +95,19 @@ class Tiles:
         self.buckets: dict[int, list[Any]] = {}
         # Lowest stored bucket index (or None): lets ``expire`` return at once mostly.
         self._oldest: int | None = None
+        # Closed-part cache: window_ms -> (first, last, version, partial aggregate).
+        self._cache: dict[int, tuple[int, int, int, _Partial]] | None = None
+        # Highest bucket index inside any cached closed part; bumped version on change.
+        self._closed_upto: int | None = None
+        self._version = 0
 
     def add(
         self, time_ms: int, amount: int, declined: bool, distinct_values: tuple[str, ...] = ()
     ) -> bool:
         """Fold one event in; returns True when it opened a new bucket."""
         index = time_ms // self.resolution_ms
+        if self._closed_upto is not None and index <= self._closed_upto:
+            self._version += 1  # a cached closed part changes
         bucket = self.buckets.get(index)
         if bucket is not None and len(bucket) == DISTINCT0 + len(distinct_values):
             bucket[0] += 1
@@ -107,6 +141,53 @@ class Tiles:
             raise ValueError(f"window {window_ms} ms is not a positive multiple of {r} ms")
         last = t_ms // r
         first = last - window_ms // r + 1
+        if last - first < CACHE_MIN_BUCKETS or len(self.buckets) < CACHE_MIN_BUCKETS:
+            count, declined, amount_sum, amount_sumsq, amount_max, distinct = self._partial(
+                first, last
+            )
+            return WindowAgg(
+                count,
+                declined,
+                amount_sum,
+                amount_sumsq,
+                amount_max,
+                tuple(len(s) for s in distinct),
+            )
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        entry = cache.get(window_ms)
+        if entry is None or entry[0] != first or entry[1] != last or entry[2] != self._version:
+            entry = (first, last, self._version, self._partial(first, last - 1))
+            cache[window_ms] = entry
+            if self._closed_upto is None or last - 1 > self._closed_upto:
+                self._closed_upto = last - 1
+        count, declined, amount_sum, amount_sumsq, amount_max, closed_sets = entry[3]
+        current = self.buckets.get(last)
+        if current is None:
+            return WindowAgg(
+                count,
+                declined,
+                amount_sum,
+                amount_sumsq,
+                amount_max,
+                tuple(len(s) for s in closed_sets),
+            )
+        distinct_counts = tuple(
+            len(closed) + sum(1 for value in values if value not in closed)
+            for closed, values in zip(closed_sets, current[DISTINCT0:], strict=True)
+        )
+        return WindowAgg(
+            count + current[0],
+            declined + current[1],
+            amount_sum + current[2],
+            amount_sumsq + current[3],
+            max(amount_max, current[4]),
+            distinct_counts,
+        )
+
+    def _partial(self, first: int, last: int) -> _Partial:
+        """Sums, max and distinct unions of the stored buckets in ``[first, last]``."""
         count = declined = amount_sum = amount_sumsq = amount_max = 0
         distinct: list[set[str]] = [set() for _ in range(self.n_distinct)]
         buckets = self.buckets
@@ -124,9 +205,7 @@ class Tiles:
                 amount_max = bucket[4]
             for union, values in zip(distinct, bucket[DISTINCT0:], strict=True):
                 union |= values
-        return WindowAgg(
-            count, declined, amount_sum, amount_sumsq, amount_max, tuple(len(s) for s in distinct)
-        )
+        return count, declined, amount_sum, amount_sumsq, amount_max, distinct
 
     def expire(self, keep_from_ms: int) -> int:
         """Drop buckets wholly before ``keep_from_ms``; returns how many were dropped."""
@@ -137,6 +216,8 @@ class Tiles:
         for index in stale:
             del self.buckets[index]
         self._oldest = min(self.buckets, default=None)
+        if stale and self._cache:
+            self._version += 1
         return len(stale)
 
     def __len__(self) -> int:

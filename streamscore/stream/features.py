@@ -60,7 +60,7 @@ class FeatureDef:
         """This feature's value from the window aggregate of its (entity, W, r)."""
         match self.agg:
             case Agg.COUNT:
-                return float(agg.count)
+                return float(agg.events)
             case Agg.COUNT_DECLINED:
                 return float(agg.declined)
             case Agg.SUM:
@@ -124,6 +124,10 @@ class EntityLayout:
 
     # Feature name -> index of its field among its tiles' distinct sets (-1: none).
     distinct_slots: dict[str, int]
+    # The features computed from tiles, and the names of those from the newest event
+    # time (seconds since last), precomputed for the serving path.
+    windowed: tuple[FeatureDef, ...] = ()
+    since_last_names: tuple[str, ...] = ()
 
 
 def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> EntityLayout:
@@ -145,7 +149,16 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
         f.name: distinct[f.resolution_ms].index(f.distinct_field) if f.distinct_field else -1
         for f in windowed
     }
-    return EntityLayout(entity, features, resolutions, distinct, max_window, slots)
+    return EntityLayout(
+        entity,
+        features,
+        resolutions,
+        distinct,
+        max_window,
+        slots,
+        windowed=tuple(windowed),
+        since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
+    )
 
 
 def feature_names(pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> tuple[str, ...]:

@@ -18,7 +18,6 @@ from streamscore.stream.features import (
     ENTITY_TYPES,
     HOUR,
     MINUTE,
-    Agg,
     EntityLayout,
     FeatureDef,
     entity_layout,
@@ -53,13 +52,21 @@ class FoldRecord:
     card_id: str
 
 
+# Entities with at least this many events folded keep their last windowed feature
+# values (see ``FeatureStore.features``); the many sparse ones are cheap to compute
+# and would only cost memory.
+CACHE_MIN_FOLDED = 32
+
+
 class EntityState:
-    __slots__ = ("folded", "recent", "tiles")
+    __slots__ = ("cached", "folded", "recent", "tiles")
 
     def __init__(self, layout: EntityLayout, horizon_ms: int) -> None:
         self.tiles = {r: Tiles(r, len(layout.distinct_fields[r])) for r in layout.resolutions}
         self.recent = RecentEvents(horizon_ms)
         self.folded = 0
+        # (key, windowed values): key = (folded, t // r for each resolution).
+        self.cached: tuple[tuple[int, ...], dict[str, float]] | None = None
 
 
 def _fold_plan(
@@ -219,24 +226,41 @@ class FeatureStore:
         return self.entities[entity_type].get(entity_id)
 
     def features(self, entity_type: str, entity_id: str, t_ms: int) -> dict[str, float]:
-        """The entity's feature values as of ``t_ms`` (zeros / -1 for an unknown entity)."""
+        """The entity's feature values as of ``t_ms`` (zeros / -1 for an unknown entity).
+
+        Windowed values depend on ``t`` only through its bucket at each resolution, and
+        change only when an event is folded: a busy entity (a large merchant, asked
+        about on most requests) keeps them keyed by (events folded, buckets of t) and
+        recomputes only ``seconds_since_last``, which depends on ``t`` itself."""
         layout = self.layouts[entity_type]
         state = self.entities[entity_type].get(entity_id)
+        if state is None:
+            values = {f.name: 0.0 for f in layout.windowed}
+        elif state.folded >= CACHE_MIN_FOLDED:
+            key = (state.folded, *[t_ms // r for r in layout.resolutions])
+            cached = state.cached
+            if cached is not None and cached[0] == key:
+                values = dict(cached[1])
+            else:
+                values = self._windowed(layout, state, t_ms)
+                state.cached = (key, dict(values))
+        else:
+            values = self._windowed(layout, state, t_ms)
+        for name in layout.since_last_names:
+            if state is not None:
+                newest = state.recent.newest_at_or_before(t_ms)
+            else:
+                newest = self.idle_newest[entity_type].get(entity_id)
+                if newest is not None and newest > t_ms:
+                    newest = None
+            values[name] = -1.0 if newest is None else (t_ms - newest) / 1000
+        return {f.name: values[f.name] for f in layout.features}  # in the pack's order
+
+    @staticmethod
+    def _windowed(layout: EntityLayout, state: EntityState, t_ms: int) -> dict[str, float]:
         values: dict[str, float] = {}
         windows: dict[tuple[int, int], WindowAgg] = {}
-        for feature in layout.features:
-            if feature.agg is Agg.SECONDS_SINCE_LAST:
-                if state is not None:
-                    newest = state.recent.newest_at_or_before(t_ms)
-                else:
-                    newest = self.idle_newest[entity_type].get(entity_id)
-                    if newest is not None and newest > t_ms:
-                        newest = None
-                values[feature.name] = -1.0 if newest is None else (t_ms - newest) / 1000
-                continue
-            if state is None:
-                values[feature.name] = 0.0
-                continue
+        for feature in layout.windowed:
             key = (feature.resolution_ms, feature.window_ms)
             agg = windows.get(key)
             if agg is None:
