@@ -1,0 +1,88 @@
+"""Score in process, without gRPC: CPU per call on a populated feature store, and
+optionally the cProfile of it. The Python half of Score's cost, measured steadily.
+
+    python -m loadtest.score_profile --model-repository DIR [--events 50000]
+        [--requests 5000] [--profile tottime|cumulative]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+from pathlib import Path
+
+import uvloop
+
+from loadtest.feature_bench import synthetic
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.repository import BatchingSettings, ModelRegistry
+from streamscore.server.rollout import RolloutManager, RolloutState
+from streamscore.server.scoring import ScoringService
+from streamscore.stream.state import FeatureStore
+from streamscore.stream.topics import decode_fold_batch, route_events
+
+
+async def main(args: argparse.Namespace) -> None:
+    events = synthetic(args.events)
+    store = FeatureStore()
+    for value in route_events(events, 4).values():
+        for entry in decode_fold_batch(value):
+            store.fold_fields(*entry)
+    models = ModelRegistry(
+        args.model_repository, "fraud_mlp", batching=BatchingSettings(), reload_interval_s=0
+    )
+    await models.start()
+    rollouts = RolloutManager(models)
+    await rollouts.start(RolloutState(primary=models.primary.metadata.version))
+    now = max(e.event_time_ms for e in events) + 1000
+    service = ScoringService(store, rollouts, clock_ms=lambda: now)
+    requests = [
+        pb.ScoreRequest(
+            request_id=f"r{i}",
+            transaction=pb.Transaction(
+                transaction_id=f"t{i}",
+                card_id=e.card_id,
+                merchant_id=e.merchant_id,
+                device_id=e.device_id,
+                ip=e.ip,
+                amount_minor=e.amount_minor,
+                currency="EUR",
+                mcc="5411",
+                country="DE",
+            ),
+        )
+        for i, e in enumerate(events[: args.requests])
+    ]
+    try:
+        for request in requests[:500]:  # warm up
+            await service.score(request)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for request in requests:
+            await service.score(request)
+        n = len(requests)
+        print(
+            f"Score in process: {(time.perf_counter() - wall) / n * 1e6:.0f} us wall, "
+            f"{(time.process_time() - cpu) / n * 1e6:.0f} us CPU per call "
+            f"({args.events} events folded, {n} calls)"
+        )
+        if args.profile:
+            profile = cProfile.Profile()
+            profile.enable()
+            for request in requests:
+                await service.score(request)
+            profile.disable()
+            pstats.Stats(profile).sort_stats(args.profile).print_stats(30)
+    finally:
+        await rollouts.stop()
+        await models.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--requests", type=int, default=5_000)
+    parser.add_argument("--profile", choices=["tottime", "cumulative"])
+    uvloop.run(main(parser.parse_args()))
