@@ -280,16 +280,19 @@ async def warm_up(
     *,
     sizes: Iterable[int] | None = None,
     repeats: int = 3,
+    untimed: int = 1,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[int, float]:
-    """Run real batches of each size (rows of ``inputs`` repeated to fill them): one
-    untimed call, then ``repeats`` timed ones fed to ``model``. Returns the predicted
-    seconds per size. Call it before the batcher serves (it calls ``infer`` directly)."""
+    """Run real batches of each size (rows of ``inputs`` repeated to fill them):
+    ``untimed`` calls, then ``repeats`` timed ones fed to ``model``. Returns the
+    predicted seconds per size. Call it before the batcher serves (it calls ``infer``
+    directly)."""
     rows = np.atleast_2d(np.asarray(inputs, dtype=np.float32))
     predicted: dict[int, float] = {}
     for size in warm_up_sizes(model.max_batch_size) if sizes is None else sizes:
         batch = np.resize(rows, (size, rows.shape[1]))
-        await infer(batch)
+        for _ in range(untimed):
+            await infer(batch)
         for _ in range(repeats):
             started = clock()
             scores = await infer(batch)
@@ -428,10 +431,17 @@ class Batcher:
     # -- lifecycle -----------------------------------------------------------------
 
     async def warm_up(
-        self, inputs: np.ndarray, *, sizes: Iterable[int] | None = None, repeats: int = 3
+        self,
+        inputs: np.ndarray,
+        *,
+        sizes: Iterable[int] | None = None,
+        repeats: int = 3,
+        untimed: int = 1,
     ) -> dict[int, float]:
         """Seed the latency model with real batches (see :func:`warm_up`); before start."""
-        return await warm_up(self._infer, inputs, self.latency_model, sizes=sizes, repeats=repeats)
+        return await warm_up(
+            self._infer, inputs, self.latency_model, sizes=sizes, repeats=repeats, untimed=untimed
+        )
 
     async def start(self) -> None:
         if self._state != _NEW:

@@ -104,7 +104,10 @@ class ServedModel:
         try:
             if self.fallback is not None:
                 await self.fallback.start()
-            timings = await self.batcher.warm_up(self.metadata.warmup_rows())
+            # Three untimed calls per size: TorchScript's profiling executor specialises
+            # over its first calls (here 125 ms, then 3.5 ms, then ~0.1 ms), which
+            # would otherwise seed the latency model with a cold start.
+            timings = await self.batcher.warm_up(self.metadata.warmup_rows(), untimed=3)
             await self.batcher.start()
         except BaseException:
             await self.backend.stop()
