@@ -59,6 +59,28 @@ async def publish(bootstrap: str, events: list[dict]) -> None:
         await producer.stop()
 
 
+def serve_process(
+    bootstrap: str, port: int, repository: Path, logdir: Path, *args: str, **env: str
+) -> ChildProcess:
+    """A `streamscore serve` child on ``port`` logging to ``logdir/server.log``;
+    ``env`` are settings (``budget_ms="100"`` becomes STREAMSCORE_BUDGET_MS)."""
+    return ChildProcess.streamscore(
+        "server",
+        "serve",
+        "--kafka",
+        bootstrap,
+        "--port",
+        str(port),
+        "--model-repository",
+        str(repository),
+        "--log-format",
+        "text",
+        *args,
+        env={f"STREAMSCORE_{name.upper()}": value for name, value in env.items()},
+        log_path=str(logdir / "server.log"),
+    )
+
+
 class System:
     """The real processes of one test, on one embedded broker; stopped in reverse order."""
 

@@ -16,12 +16,11 @@ from test_rollout import MODEL, add_version, request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
-from streamscore.processes import ChildProcess
 from streamscore.server.decisions import DECISIONS_TOPIC
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
 
-from system import print_logs
+from system import print_logs, serve_process
 
 RATE = 100  # calls per second, each on its own task (open loop)
 DRAIN_DELAY_S = 1.0
@@ -39,25 +38,16 @@ async def test_sigterm_drains_without_failing_an_admitted_call(
     target = f"127.0.0.1:{port}"
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, {**TopicLayout().partitions(), DECISIONS_TOPIC: 4})
-        server = ChildProcess.streamscore(
-            "server",
-            "serve",
-            "--kafka",
+        server = serve_process(
             broker.bootstrap,
-            "--port",
-            str(port),
-            "--model-repository",
-            str(repository),
-            "--log-format",
-            "text",
-            env={
-                "STREAMSCORE_MODEL_VERSION": "5",
-                "STREAMSCORE_DECISION_LOG": "true",
-                "STREAMSCORE_BUDGET_MS": "5000",
-                "STREAMSCORE_DRAIN_DELAY_S": str(DRAIN_DELAY_S),
-                "STREAMSCORE_DRAIN_TIMEOUT_S": "10",
-            },
-            log_path=str(tmp_path / "server.log"),
+            port,
+            repository,
+            tmp_path,
+            model_version="5",
+            decision_log="true",
+            budget_ms="5000",
+            drain_delay_s=str(DRAIN_DELAY_S),
+            drain_timeout_s="10",
         )
         await server.start()
         try:

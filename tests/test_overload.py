@@ -14,10 +14,9 @@ from test_rollout import add_version, request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
-from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, find_free_port
 
-from system import print_logs
+from system import print_logs, serve_process
 
 BUDGET_MS = 100.0
 
@@ -31,23 +30,14 @@ async def test_three_times_capacity_sheds_fast_and_keeps_the_budget(
     add_version(repository, 6, "slow", repeats=300_000)
     port = find_free_port()
     target = f"127.0.0.1:{port}"
-    server = ChildProcess.streamscore(
-        "server",
-        "serve",
-        "--kafka",
+    server = serve_process(
         broker.bootstrap,
-        "--port",
-        str(port),
-        "--model-repository",
-        str(repository),
-        "--log-format",
-        "text",
-        env={
-            "STREAMSCORE_MODEL_VERSION": "6",
-            "STREAMSCORE_BUDGET_MS": str(BUDGET_MS),
-            "STREAMSCORE_DRAIN_DELAY_S": "0",
-        },
-        log_path=str(tmp_path / "server.log"),
+        port,
+        repository,
+        tmp_path,
+        model_version="6",
+        budget_ms=str(BUDGET_MS),
+        drain_delay_s="0",
     )
     await server.start()
     try:

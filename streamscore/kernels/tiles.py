@@ -74,6 +74,13 @@ CACHE_MIN_BUCKETS = 8
 _Partial = tuple[int, int, int, int, int, list[set[str]]]
 
 
+def _agg(partial: _Partial) -> WindowAgg:
+    count, declined, amount_sum, amount_sumsq, amount_max, distinct = partial
+    return WindowAgg(
+        count, declined, amount_sum, amount_sumsq, amount_max, tuple(len(s) for s in distinct)
+    )
+
+
 class Tiles:
     """Non-empty buckets of one entity at resolution ``resolution_ms``."""
 
@@ -142,17 +149,7 @@ class Tiles:
         last = t_ms // r
         first = last - window_ms // r + 1
         if last - first < CACHE_MIN_BUCKETS or len(self.buckets) < CACHE_MIN_BUCKETS:
-            count, declined, amount_sum, amount_sumsq, amount_max, distinct = self._partial(
-                first, last
-            )
-            return WindowAgg(
-                count,
-                declined,
-                amount_sum,
-                amount_sumsq,
-                amount_max,
-                tuple(len(s) for s in distinct),
-            )
+            return _agg(self._partial(first, last))
         cache = self._cache
         if cache is None:
             cache = self._cache = {}
@@ -162,17 +159,10 @@ class Tiles:
             cache[window_ms] = entry
             if self._closed_upto is None or last - 1 > self._closed_upto:
                 self._closed_upto = last - 1
-        count, declined, amount_sum, amount_sumsq, amount_max, closed_sets = entry[3]
         current = self.buckets.get(last)
         if current is None:
-            return WindowAgg(
-                count,
-                declined,
-                amount_sum,
-                amount_sumsq,
-                amount_max,
-                tuple(len(s) for s in closed_sets),
-            )
+            return _agg(entry[3])
+        count, declined, amount_sum, amount_sumsq, amount_max, closed_sets = entry[3]
         distinct_counts = tuple(
             len(closed) + sum(1 for value in values if value not in closed)
             for closed, values in zip(closed_sets, current[DISTINCT0:], strict=True)
