@@ -17,6 +17,14 @@ from dataclasses import dataclass
 from hdrh.histogram import HdrHistogram
 
 
+def describe_error(error: object) -> str:
+    """One line for a failed call: the gRPC status and details, not the whole repr."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):
+        return f"{code().name}: {details()}"[:300]
+    return " ".join(str(error).split())[:300]
+
+
 @dataclass
 class LoadResult:
     offered_rate: float

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from loadtest.openloop import LoadResult
+from loadtest.openloop import LoadResult, describe_error
 from streamscore._proto.v1 import scoring_pb2 as pb
 
 SCORE_STREAM = "/streamscore.v1.Scoring/ScoreStream"
@@ -50,7 +50,7 @@ class _Counts:
     def error(self, n: int, what: BaseException | str) -> None:
         self.errors += n
         if n and not self.first_error:
-            self.first_error = str(what)[:300]
+            self.first_error = describe_error(what)
 
 
 class _Stream:

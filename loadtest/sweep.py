@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from loadtest.openloop import LoadResult, open_loop
+from loadtest.openloop import LoadResult, describe_error, open_loop
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from streamscore._proto.v1 import scoring_pb2 as pb
 
@@ -157,7 +157,7 @@ class _Client:
                     return await unary(requests[(offset + i) % n], timeout=timeout)
                 except Exception as error:
                     if not first_error:
-                        first_error = str(error)[:300]
+                        first_error = describe_error(error)
                     raise
 
             result = await open_loop(call, rate, job["seconds"], max_in_flight=job["max_in_flight"])
