@@ -15,7 +15,12 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
 from streamscore.logs import CURRENT_REQUEST
-from streamscore.server.batcher import BackendFailed, BatcherStopped, DeadlineUnreachable
+from streamscore.server.batcher import (
+    BackendFailed,
+    BatcherStopped,
+    DeadlineUnreachable,
+    Overloaded,
+)
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
@@ -122,20 +127,23 @@ class ScoringService(pb_grpc.ScoringServicer):
         # fixed for the whole call: a rollout change or hot reload swaps references,
         # and a version is stopped only once its calls are done.
         served, variant = self.rollouts.route(txn.card_id)
-        with served.use():
-            metadata = served.metadata
-            vector = np.fromiter(
-                (features[name] for name in metadata.inputs), np.float32, len(metadata.inputs)
+        try:
+            score, vector = await self._score_on(
+                served, variant, features, time_remaining, degraded, features_done
             )
-            try:
-                score = await self._model_score(served, vector, time_remaining, degraded)
-            except Exception:
-                self.rollouts.observe(variant, served, _seconds_since(features_done), ok=False)
+        except (Overloaded, BackendFailed, BatcherStopped):
+            if variant == pb.PRIMARY:
                 raise
-        # A fallback answer counts against the version, like an error.
-        self.rollouts.observe(
-            variant, served, _seconds_since(features_done), ok=pb.FALLBACK_MODEL not in degraded
-        )
+            # A candidate that cannot keep up or cannot answer (and whose own fallback
+            # could not either): the primary answers its slice, marked FALLBACK_MODEL.
+            # The failure counted against the candidate, so a slow or broken canary is
+            # rolled back without its cards ever seeing an error.
+            served, variant = self.rollouts.primary_model(), pb.PRIMARY
+            score, vector = await self._score_on(
+                served, variant, features, time_remaining, degraded, features_done
+            )
+            degraded.append(pb.FALLBACK_MODEL)
+        metadata = served.metadata
         if served.drift is not None:
             served.drift.observe(vector, score)
         if variant == pb.PRIMARY:
@@ -202,6 +210,32 @@ class ScoringService(pb_grpc.ScoringServicer):
                 time.perf_counter_ns(),
             )
         return response
+
+    async def _score_on(
+        self,
+        served: ServedModel,
+        variant: pb.Variant,
+        features: dict[str, float],
+        time_remaining: float | None,
+        degraded: list[int],
+        features_done: int,
+    ) -> tuple[float, np.ndarray]:
+        """Score on one version, counted for the rollout's safety check."""
+        with served.use():
+            metadata = served.metadata
+            vector = np.fromiter(
+                (features[name] for name in metadata.inputs), np.float32, len(metadata.inputs)
+            )
+            try:
+                score = await self._model_score(served, vector, time_remaining, degraded)
+            except Exception:
+                self.rollouts.observe(variant, served, _seconds_since(features_done), ok=False)
+                raise
+        # A fallback answer counts against the version, like an error.
+        self.rollouts.observe(
+            variant, served, _seconds_since(features_done), ok=pb.FALLBACK_MODEL not in degraded
+        )
+        return score, vector
 
     async def _model_score(
         self,
