@@ -20,8 +20,10 @@ CURRENT_REQUEST: contextvars.ContextVar[tuple[str, str] | None] = contextvars.Co
 
 
 def hash_id(value: str) -> str:
-    """A stable, non-reversible stand-in for an identifier (card, device, ip) in logs."""
-    return hashlib.blake2b(value.encode(), digest_size=8, person=b"ss-log").hexdigest()
+    """A stable, non-reversible stand-in for an identifier (card, device, ip) in logs
+    and in the decision log: the same value in both, so a log line and a decision
+    about the same card can be matched without either holding the card number."""
+    return hashlib.blake2b(value.encode(), digest_size=8, person=b"ss-card").hexdigest()
 
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.

@@ -23,6 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from streamscore.logs import hash_id
 from streamscore.stream import kafka_compat
 
 log = logging.getLogger("streamscore.decisions")
@@ -50,8 +51,8 @@ def features_hash(vector: np.ndarray) -> str:
     ).hexdigest()
 
 
-def card_hash(card_id: str) -> str:
-    return hashlib.blake2b(card_id.encode(), digest_size=8, person=b"ss-card").hexdigest()
+# One hash for card ids everywhere (logs too).
+card_hash = hash_id
 
 
 class DecisionLog:

@@ -193,23 +193,11 @@ class ModelRepository:
             )
         return metadata
 
-    def scan(self, name: str | None = None) -> tuple[tuple[str, str, int, str], ...]:
-        """A fingerprint of the repository (or of one model): every version directory
-        with its metadata.json's mtime and a hash of its content. It changes when a
-        version appears or goes or a metadata file changes; compare two scans with ==.
-        A missing or unreadable metadata.json is part of the fingerprint too."""
+    def scan(self, name: str | None = None) -> tuple[tuple[str, str], ...]:
+        """A fingerprint of the repository (or of one model), per model: see
+        ``repository_fingerprint``; compare two scans with ==."""
         names = self.models() if name is None else [name]
-        entries = []
-        for model in names:
-            for directory in version_dirs(self.path, model):
-                metadata = directory / "metadata.json"
-                try:
-                    mtime = metadata.stat().st_mtime_ns
-                    digest = hashlib.sha256(metadata.read_bytes()).hexdigest()
-                except OSError:
-                    mtime, digest = -1, ""
-                entries.append((model, directory.name, mtime, digest))
-        return tuple(entries)
+        return tuple((model, repository_fingerprint(self.path, model)) for model in names)
 
 
 def repository_fingerprint(repository: Path, name: str) -> str:

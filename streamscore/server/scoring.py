@@ -121,8 +121,6 @@ class ScoringService(pb_grpc.ScoringServicer):
         )
         features_done = time.perf_counter_ns()
         degraded: list[int] = []
-        # The version is fixed for the whole call: a hot reload swaps the registry's
-        # reference, and the old version is stopped only once its calls are done.
         # Route (primary, or the canary for its slice of cards); the version is then
         # fixed for the whole call: a rollout change or hot reload swaps references,
         # and a version is stopped only once its calls are done.
@@ -187,12 +185,13 @@ class ScoringService(pb_grpc.ScoringServicer):
         if self.features_stale():
             degraded.append(pb.FEATURES_STALE)
         response.degraded.extend(degraded)
+        degraded_names = [pb.DegradedReason.Name(r) for r in degraded]
         self.score_metrics.observe(
             variant_name,
             decision_name,
             (features_done - started) / 1e9,
             (model_done - features_done) / 1e9,
-            [pb.DegradedReason.Name(r) for r in degraded],
+            degraded_names,
         )
         if self.tracer is not None:
             self.tracer.record(
@@ -202,7 +201,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                     "streamscore.variant": variant_name,
                     "streamscore.model_version": metadata.version,
                     "streamscore.decision": decision_name,
-                    "streamscore.degraded": [pb.DegradedReason.Name(r) for r in degraded],
+                    "streamscore.degraded": degraded_names,
                 },
                 started,
                 features_done,

@@ -103,6 +103,11 @@ class FeatureStore:
         self.skew_ms = skew_ms
         self.layouts = {entity: entity_layout(entity, pack) for entity in ENTITY_TYPES}
         self.entities: dict[str, dict[str, EntityState]] = {e: {} for e in ENTITY_TYPES}
+        # Windowed values of an entity never seen (read only).
+        self._zeros = {
+            entity: {f.name: 0.0 for f in layout.windowed}
+            for entity, layout in self.layouts.items()
+        }
         self._plans = {
             entity: _fold_plan(layout, lateness_ms + skew_ms)
             for entity, layout in self.layouts.items()
@@ -234,27 +239,31 @@ class FeatureStore:
         recomputes only ``seconds_since_last``, which depends on ``t`` itself."""
         layout = self.layouts[entity_type]
         state = self.entities[entity_type].get(entity_id)
+        # Windowed values (read only here: they may be the cached ones).
         if state is None:
-            values = {f.name: 0.0 for f in layout.windowed}
+            windowed = self._zeros[entity_type]
         elif state.folded >= CACHE_MIN_FOLDED:
             key = (state.folded, *[t_ms // r for r in layout.resolutions])
             cached = state.cached
             if cached is not None and cached[0] == key:
-                values = dict(cached[1])
+                windowed = cached[1]
             else:
-                values = self._windowed(layout, state, t_ms)
-                state.cached = (key, dict(values))
+                windowed = self._windowed(layout, state, t_ms)
+                state.cached = (key, windowed)
         else:
-            values = self._windowed(layout, state, t_ms)
-        for name in layout.since_last_names:
+            windowed = self._windowed(layout, state, t_ms)
+        since_last = -1.0
+        if layout.since_last_names:
             if state is not None:
                 newest = state.recent.newest_at_or_before(t_ms)
             else:
                 newest = self.idle_newest[entity_type].get(entity_id)
                 if newest is not None and newest > t_ms:
                     newest = None
-            values[name] = -1.0 if newest is None else (t_ms - newest) / 1000
-        return {f.name: values[f.name] for f in layout.features}  # in the pack's order
+            if newest is not None:
+                since_last = (t_ms - newest) / 1000
+        # A fresh dict in the pack's order; every name not windowed is a since-last one.
+        return {f.name: windowed.get(f.name, since_last) for f in layout.features}
 
     @staticmethod
     def _windowed(layout: EntityLayout, state: EntityState, t_ms: int) -> dict[str, float]:
