@@ -49,7 +49,7 @@ class ScoringServer:
         self.decisions: DecisionLog | None = None
         self._metrics_http: WSGIServer | None = None
         self._collector: ServerCollector | None = None
-        self._service: ScoringService | None = None
+        self.service: ScoringService | None = None
         self.models = ModelRegistry(
             settings.model_repository,
             settings.model_name,
@@ -109,7 +109,7 @@ class ScoringServer:
             decisions=self.decisions,
             tracer=ScoreTracer() if settings.tracing else None,
         )
-        self._service = service
+        self.service = service
         server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
@@ -223,7 +223,7 @@ class ScoringServer:
 
     async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
         """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut."""
-        service = self._service
+        service = self.service
         at_stop = service.calls_in_flight() if service else 0
         stopping = asyncio.ensure_future(server.stop(grace_s))
         # grpc cancels whatever is left when the grace ends: count it just before.

@@ -1,0 +1,131 @@
+"""Histograms and counters for the Score hot path, cheaper than prometheus_client's.
+
+prometheus_client takes a lock per value update and finds a histogram's bucket with a
+Python loop over the bounds: about 2.5 µs per observation, and Score makes about ten
+of them per request (RPC time, two stage times, the batcher's size, queue wait and
+backend time, the answer count). These keep plain Python numbers per label set: one
+``bisect`` and two additions per observation (about 0.3 µs). They are collected at
+scrape time into the same metric families, so names, labels and buckets are
+unchanged for Prometheus and for ``REGISTRY.get_sample_value``.
+
+Not thread-safe by design: every observation comes from the serving event loop's
+thread (the Score path and the batcher run there; model worker threads never
+observe). A scrape runs in the HTTP server's thread and reads the numbers without a
+lock: it may see one observation in the count and not yet in the sum, which the next
+scrape corrects; Prometheus tolerates that, and nothing is ever lost.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+
+class HistogramChild:
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        # counts[i]: observations in (bounds[i-1], bounds[i]]; the last one is +Inf.
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+
+class CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _Family(Collector):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], object] = {}
+        if registry is not None:
+            registry.register(self)
+
+
+class FastHistogram(_Family):
+    """Like ``prometheus_client.Histogram`` (``labels(...).observe(v)``), lock-free."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self.bounds = tuple(float(b) for b in buckets)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError("buckets must be strictly increasing")
+        super().__init__(name, documentation, labelnames, registry)
+
+    def labels(self, *values: str) -> HistogramChild:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = HistogramChild(self.bounds)
+        assert isinstance(child, HistogramChild)
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            assert isinstance(child, HistogramChild)
+            counts, total = list(child.counts), child.sum
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append((_bound_label(bound), cumulative))
+            family.add_metric(list(values), buckets, total)
+        yield family
+
+
+class FastCounter(_Family):
+    """Like ``prometheus_client.Counter`` (``labels(...).inc()``), lock-free."""
+
+    def labels(self, *values: str) -> CounterChild:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = CounterChild()
+        assert isinstance(child, CounterChild)
+        return child
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        # prometheus_client appends "_total" to a counter family's samples.
+        name = self.name.removesuffix("_total")
+        family = CounterMetricFamily(name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            assert isinstance(child, CounterChild)
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+def _bound_label(bound: float) -> str:
+    """The ``le`` label exactly as prometheus_client writes it ("0.005", "+Inf")."""
+    return str(floatToGoString(bound))
