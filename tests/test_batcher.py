@@ -69,7 +69,12 @@ class Call:
 
 class FakeBackend:
     """Latency and outcome per call from ``plan`` (cycled): ``ok`` returns ``id + 0.5``
-    per row, ``fail`` raises, ``short``/``long`` return one score too few/many."""
+    per row, ``fail`` raises, ``short``/``long`` return one score too few/many.
+
+    ``infer_inline`` is the in-process twin (it blocks the loop for the latency, like
+    a model computing on it), except for ``defer``: it declines (None, nothing run), as
+    a backend whose calls moved to a thread does, and ``infer`` then runs it as ``ok``.
+    """
 
     def __init__(
         self,
@@ -99,6 +104,26 @@ class FakeBackend:
         finally:
             self.in_flight -= 1
         call.end = self.clock()
+        return self._result(batch, mode)
+
+    def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
+        assert batch.dtype == np.float32 and batch.ndim == 2 and batch.shape[1] == K
+        latency, mode = self.plan[len(self.calls) % len(self.plan)]
+        if mode == "defer":
+            return None
+        call = Call([int(x) for x in batch[:, 0]], next(self.events), self.clock(), mode)
+        self.calls.append(call)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(latency)
+        finally:
+            self.in_flight -= 1
+        call.end = self.clock()
+        return self._result(batch, mode)
+
+    @staticmethod
+    def _result(batch: np.ndarray, mode: str) -> np.ndarray:
         scores = batch[:, 0] + np.float32(0.5)
         if mode == "fail":
             raise RuntimeError("backend down")
@@ -139,14 +164,22 @@ class Scenario:
     # (arrival offset s, budget s, cancel after s or None)
     requests: list[tuple[float, float, float | None]]
     stop_at_s: float | None
+    # The backend has ``infer_inline`` (an in-process model); plans may then ``defer``.
+    inline: bool = False
 
 
 MS = 0.001
 
 
 @st.composite
-def scenarios(draw: st.DrawFn, failures: bool = True, tight: bool = True) -> Scenario:
+def scenarios(
+    draw: st.DrawFn, failures: bool = True, tight: bool = True, inline: bool | None = None
+) -> Scenario:
+    if inline is None:
+        inline = draw(st.booleans())
     modes = ["ok"] * 10 + (["fail", "short", "long"] if failures else [])
+    if inline:
+        modes += ["defer"] * 3
     budgets = [0, 1, 2, 3, 5, 8, 12, 20, 30, 40, 60, 80] if tight else [2000]
     n = draw(st.integers(1, 24))
     requests = draw(
@@ -186,6 +219,7 @@ def scenarios(draw: st.DrawFn, failures: bool = True, tight: bool = True) -> Sce
         stop_at_s=draw(st.integers(0, 120).map(lambda ms: ms * MS if ms <= 40 else None))
         if tight
         else None,
+        inline=inline,
     )
 
 
@@ -218,6 +252,7 @@ async def play(sc: Scenario) -> tuple[Batcher, FakeBackend, list[Record], list[s
             sc.max_batch_size, sc.predicted_s, sc.predicted_per_row_s, margin=1.0
         ),
         n_inputs=K,
+        infer_inline=backend.infer_inline if sc.inline else None,
     )
     await batcher.start()
     records = [Record() for _ in sc.requests]
@@ -231,6 +266,8 @@ async def play(sc: Scenario) -> tuple[Batcher, FakeBackend, list[Record], list[s
         if in_flight > sc.max_concurrent or backend.in_flight > sc.max_concurrent:
             violations.append(f"{in_flight} batches in flight > {sc.max_concurrent}")
         if batcher.running and queued and in_flight < sc.max_concurrent:
+            if batcher.dispatch_pending:
+                return  # an inline batch goes on the next loop turn
             # Waiting with a free slot: only to grow a batch that can still grow, and
             # with the timer armed no later than max_delay from now.
             wakeup = batcher.next_wakeup
@@ -328,10 +365,10 @@ def check_outcomes(sc: Scenario, backend: FakeBackend, records: list[Record]) ->
         if kind == "score":
             # Its own score, from a good call that finished by the deadline.
             assert value == own_score(i)
-            assert call is not None and call.mode == "ok"
+            assert call is not None and call.mode in ("ok", "defer")
             assert call.end is not None and call.end <= record.deadline
         elif kind == "BackendFailed":
-            assert call is not None and call.mode != "ok"
+            assert call is not None and call.mode not in ("ok", "defer")
         elif kind == "QueueFull":
             assert record.queued_before >= sc.max_queue
         elif kind == "BatcherStopped":
@@ -674,6 +711,57 @@ async def test_not_started_and_bad_vectors() -> None:
     with pytest.raises(ValueError):
         await learning.submit(np.zeros(K - 1, dtype=np.float32), learning.clock() + 1)
     await learning.stop()
+
+
+async def test_inline_backend_batches_the_requests_of_one_loop_turn() -> None:
+    backend = FakeBackend([(0.0, "ok")])
+    batcher = make(backend, max_batch_size=4, infer_inline=backend.infer_inline)
+    await batcher.start()
+    deadline = batcher.clock() + 5
+    tasks = [asyncio.create_task(batcher.submit(vector(i), deadline)) for i in range(6)]
+    await asyncio.sleep(0)  # every submit ran up to its await, in this one turn
+    # Nothing ran yet: the batch waits for the next turn, so the six share batches.
+    assert batcher.queued == 6 and batcher.dispatch_pending and not backend.calls
+    assert await asyncio.gather(*tasks) == [own_score(i) for i in range(6)]
+    assert [c.ids for c in backend.calls] == [[0, 1, 2, 3], [4, 5]]
+    # Inline: no task, so nothing is ever "in flight" between loop turns.
+    assert batcher.in_flight == 0 and not batcher.dispatch_pending
+    await batcher.stop()
+
+
+async def test_inline_backend_that_declines_runs_its_batch_in_a_task_once() -> None:
+    def count() -> float:
+        labels = {"model": "declines"}
+        return REGISTRY.get_sample_value("streamscore_batch_size_count", labels) or 0.0
+
+    backend = FakeBackend([(0.0, "defer")])
+    before = count()
+    batcher = Batcher(
+        backend.infer,
+        name="declines",
+        max_batch_size=4,
+        max_queue=8,
+        infer_inline=backend.infer_inline,
+        latency_model=seeded_model(4, 0.001),
+    )
+    await batcher.start()
+    deadline = batcher.clock() + 5
+    scores = await asyncio.gather(*(batcher.submit(vector(i), deadline) for i in range(3)))
+    assert scores == [own_score(i) for i in range(3)]
+    assert [c.ids for c in backend.calls] == [[0, 1, 2]]  # by infer, after the decline
+    assert count() - before == 1  # admitted once, not again by the task
+    await batcher.stop()
+
+
+async def test_inline_score_after_the_deadline_is_refused() -> None:
+    backend = FakeBackend([(0.03, "ok")])  # blocks the loop 30 ms; predicted 1 ms
+    batcher = make(backend, infer_inline=backend.infer_inline)
+    await batcher.start()
+    with pytest.raises(DeadlineUnreachable) as caught:
+        await batcher.submit(vector(1), batcher.clock() + 0.01)
+    assert caught.value.stage == "in_flight"
+    assert len(backend.calls) == 1  # it ran: the late score was discarded
+    await batcher.stop()
 
 
 async def test_metrics_are_recorded() -> None:

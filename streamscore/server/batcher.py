@@ -57,7 +57,10 @@ policy to DeadlineUnreachable before falling back to that mapping.
 Hot path per request: one future, one heap push, a few float comparisons and one
 histogram observation; per batch one task, one ``np.concatenate`` (``np.stack`` costs
 several times more), one deadline timer, a few histogram observations and one
-``tolist()``. Predictions are cached per size until the latency model changes.
+``tolist()``. An in-process backend whose calls are cheap (``infer_inline``: it runs
+them on the event loop anyway) skips the task, the timer and the coroutines: its
+batch runs synchronously on the loop turn after the submit, so the requests submitted
+in the same turn share it. Predictions are cached per size until the latency model changes.
 Timers use ``loop.call_later``; uvloop rounds them to whole milliseconds and may fire
 up to ~1 ms early, so waits shorter than ``TIMER_GRAIN_S`` are not armed (the batch
 goes now) and the in-flight deadline timer answers requests within one grain of
@@ -79,6 +82,7 @@ import grpc
 import numpy as np
 
 from streamscore.server import metrics
+from streamscore.server.backends.base import InferInline
 from streamscore.server.errors import ServingError
 
 Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -87,6 +91,13 @@ Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 TIMER_GRAIN_S = 0.001
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
+
+
+def _rows(requests: list[_Request]) -> np.ndarray:
+    """The requests' vectors as one contiguous (n, k) float32 batch (a single copy;
+    far cheaper than ``np.stack``)."""
+    rows = np.concatenate([r.vector for r in requests], dtype=np.float32)
+    return rows.reshape(len(requests), -1)
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -357,6 +368,7 @@ class Batcher:
         n_inputs: int | None = None,
         timer_slack_s: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
+        infer_inline: InferInline | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1:
             raise ValueError("max_batch_size, max_queue and max_concurrent_batches must be >= 1")
@@ -372,6 +384,9 @@ class Batcher:
         self.timer_slack_s = timer_slack_s
         self.clock = clock
         self._infer = infer
+        self._infer_inline = infer_inline
+        # The pending next-loop-turn dispatch of inline batches (see ``_schedule``).
+        self._flush: asyncio.Handle | None = None
         self._state = _NEW
         self._loop: asyncio.AbstractEventLoop | None = None
         # (deadline, arrival sequence, request); entries no longer queued are skipped.
@@ -424,6 +439,11 @@ class Batcher:
         return self._state == _RUNNING
 
     @property
+    def dispatch_pending(self) -> bool:
+        """Inline batches are due on the next loop turn (see ``_schedule``)."""
+        return self._flush is not None
+
+    @property
     def next_wakeup(self) -> float | None:
         """When the batcher's one timer fires (on :attr:`clock`), or None if not armed."""
         return None if self._timer is None else self._timer_at
@@ -459,6 +479,9 @@ class Batcher:
             return
         self._state = _STOPPING
         self._cancel_timer()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         while self._heap:
             request = heapq.heappop(self._heap)[2]
             if request.queued:
@@ -522,7 +545,7 @@ class Batcher:
             self._window_start = now
         self._queued += 1
         heapq.heappush(self._heap, (deadline, next(self._sequence), request))
-        self._schedule(now)
+        self._schedule(now, from_submit=True)
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -546,8 +569,13 @@ class Batcher:
             heapq.heappop(heap)
         return None
 
-    def _schedule(self, now: float) -> None:
-        """Expire, dispatch, or arm the one timer; called on every change."""
+    def _schedule(self, now: float, *, from_submit: bool = False) -> None:
+        """Expire, dispatch, or arm the one timer; called on every change.
+
+        With an inline backend a submit does not dispatch at once: the batch runs on
+        the next loop turn (``_on_flush``), so the requests submitted in this turn (the
+        calls gRPC handed over together) share it. Otherwise an inline call, which
+        blocks the loop, would always be a batch of one."""
         model = self.latency_model
         one = model.predict(1)
         # Queued requests that could not make it even alone, now.
@@ -575,6 +603,11 @@ class Batcher:
                 if due - now > TIMER_GRAIN_S:
                     self._arm(due, now)
                     return
+            if from_submit and self._infer_inline is not None:
+                if self._flush is None:
+                    assert self._loop is not None
+                    self._flush = self._loop.call_soon(self._on_flush)
+                return
             self._dispatch(now)
         if self._queued:
             # All slots busy: wake when the most urgent request becomes unreachable.
@@ -597,6 +630,11 @@ class Batcher:
             self._timer = None
             self._timer_at = math.inf
 
+    def _on_flush(self) -> None:
+        self._flush = None
+        if self._state == _RUNNING:
+            self._schedule(self.clock())
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = math.inf
@@ -615,9 +653,15 @@ class Batcher:
         if self._queued and self.max_delay_s > 0.0:
             self._window_start = min(entry[2].arrival for entry in heap if entry[2].queued)
         batch = _Batch(requests, now + self.latency_model.predict(len(requests)))
+        admitted = False
+        if self._infer_inline is not None:
+            live = self._admit(batch, now)
+            if not live or self._call_inline(live):
+                return
+            admitted = True  # the backend wants its thread now: a task awaits it
         self._running.add(batch)
         assert self._loop is not None
-        task = self._loop.create_task(self._run(batch))
+        task = self._loop.create_task(self._run(batch, admitted))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -627,9 +671,9 @@ class Batcher:
 
     # -- one batch -----------------------------------------------------------------
 
-    async def _run(self, batch: _Batch) -> None:
+    async def _run(self, batch: _Batch, admitted: bool = False) -> None:
         try:
-            await self._call(batch)
+            await self._call(batch, admitted)
         finally:
             # Left unanswered only if the call was cancelled (stop's timeout, or the
             # backend raised CancelledError itself) or by a bug here.
@@ -644,15 +688,16 @@ class Batcher:
             if self._state == _RUNNING:
                 self._schedule(self.clock())
 
-    async def _call(self, batch: _Batch) -> None:
-        now = self.clock()
+    def _admit(self, batch: _Batch, now: float) -> list[_Request]:
+        """The batch's requests still worth running: callers still waiting, less the
+        most urgent ones that would miss even in this batch (answered at once)."""
         live: list[_Request] = []
         for request in batch.requests:
             if not request.future.done():
                 live.append(request)
             elif request.future.cancelled():
                 self._m_cancelled_before.inc()
-        # The most urgent ones that would miss even in this batch (a prefix: deadline order).
+        # A prefix: the batch is in deadline order.
         model = self.latency_model
         n, k = len(live), 0
         while k < n and now + model.predict(n - k) > live[k].deadline:
@@ -664,29 +709,58 @@ class Batcher:
             k += 1
         live = live[k:]
         batch.requests = live
+        if live:
+            self._m_size.observe(len(live))
+            for request in live:
+                self._m_wait.observe(now - request.arrival)
+        return live
+
+    def _call_inline(self, live: list[_Request]) -> bool:
+        """Run an admitted batch synchronously; False (nothing run) if the backend
+        says its calls now belong in a thread. No deadline timer: nothing can answer
+        a request while the loop is blocked in the call, so a late score is refused
+        after it (``_finish``)."""
+        assert self._infer_inline is not None
+        started = self.clock()
+        try:
+            scores = self._infer_inline(_rows(live))
+        except Exception as exc:
+            self._backend_error(live, exc, started)
+            return True
+        if scores is None:
+            return False
+        self._finish(live, scores, started)
+        return True
+
+    async def _call(self, batch: _Batch, admitted: bool = False) -> None:
+        now = self.clock()
+        live = batch.requests if admitted else self._admit(batch, now)
         if not live:
             return
-        n = len(live)
-        self._m_size.observe(n)
-        for request in live:
-            self._m_wait.observe(now - request.arrival)
         assert self._loop is not None
         batch.guard = self._loop.call_later(
             max(live[0].deadline - now, 0.0), self._on_deadline, batch
         )
         started = self.clock()
         try:
-            # One copy into a contiguous (n, k) batch; far cheaper than np.stack.
-            rows = np.concatenate([r.vector for r in live], dtype=np.float32)
-            scores = await self._infer(rows.reshape(n, -1))
+            scores = await self._infer(_rows(live))
         except Exception as exc:
-            self._m_backend.observe(self.clock() - started)
-            self._m_failures["error"].inc()
-            self._fail_batch(live, exc)
+            self._backend_error(live, exc, started)
             return
+        self._finish(live, scores, started)
+
+    def _backend_error(self, live: list[_Request], exc: Exception, started: float) -> None:
+        self._m_backend.observe(self.clock() - started)
+        self._m_failures["error"].inc()
+        self._fail_batch(live, exc)
+
+    def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:
+        """Answer a batch from its scores: each request in time gets its score."""
         ended = self.clock()
         elapsed = ended - started
         self._m_backend.observe(elapsed)
+        n = len(live)
+        model = self.latency_model
         if np.shape(scores) != (n,):
             self._m_failures["wrong_count"].inc()
             self._fail_batch(

@@ -17,12 +17,14 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
+from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.base import Backend
 from streamscore.server.backends.factory import create_backend
 from streamscore.server.backends.onnx_backend import OnnxBackend
@@ -77,6 +79,7 @@ class ServedModel:
             max_delay_s=batching.max_delay_s,
             latency_model=LatencyModel(limit),
             n_inputs=len(self.metadata.inputs),
+            infer_inline=getattr(self.backend, "infer_inline", None),
         )
         self.breaker = CircuitBreaker(
             failures_to_open=batching.breaker_failures,
@@ -90,6 +93,19 @@ class ServedModel:
         self.warmup_timings: dict[int, float] = {}
         baseline = directory / BASELINE_FILE
         self.drift = DriftMonitor(Baseline.load(baseline)) if baseline.is_file() else None
+        # Score path helpers, built once: the model's inputs picked from a features
+        # dict (a tuple, in input order) and the response's model reference per variant.
+        inputs = self.metadata.inputs
+        pick = itemgetter(*inputs)
+        self.inputs_of: Callable[[dict[str, float]], tuple[float, ...]] = (
+            pick if len(inputs) > 1 else lambda features: (pick(features),)
+        )
+        self.model_refs = {
+            variant: pb.ModelRef(
+                name=self.metadata.name, version=self.metadata.version, variant=variant
+            )
+            for variant in (pb.PRIMARY, pb.CANARY)
+        }
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()

@@ -8,6 +8,7 @@ model's input order, into n float32 scores in 0..1. In-process backends compute 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -15,6 +16,13 @@ import numpy as np
 
 class BackendUnavailable(Exception):
     """The backend cannot run here (no GPU, no runtime) or its server is unreachable."""
+
+
+# In-process backends also have ``infer_inline(batch) -> scores | None``: the scores
+# computed synchronously, right now, while a call is cheap enough to run on the event
+# loop, or None (nothing run) when it belongs in a worker thread. The batcher uses it
+# to run a cheap batch without a task, a timer and a coroutine per batch.
+InferInline = Callable[[np.ndarray], "np.ndarray | None"]
 
 
 class Backend(Protocol):

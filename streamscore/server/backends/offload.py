@@ -64,6 +64,14 @@ class InlineOrThread:
             )
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn)
 
+    def call_inline(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` now, on the calling thread, while calls are cheap enough to run
+        inline; None, without calling it, once they belong in the worker thread (then
+        ``await call(fn)``). Lets the batcher run a cheap batch without a task."""
+        if not self.inline:
+            return None
+        return self._timed(fn)
+
     def _timed(self, fn: Callable[[], T]) -> T:
         started = time.thread_time()
         try:

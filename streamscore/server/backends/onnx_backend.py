@@ -100,3 +100,7 @@ class OnnxBackend:
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         return await self._calls.call(lambda: self.run(batch))
+
+    def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
+        """Scores now while the model is cheap enough for the event loop, else None."""
+        return self._calls.call_inline(lambda: self.run(batch))

@@ -72,6 +72,14 @@ class TorchBackend:
         batch = check_batch(batch, self.n_inputs, self.max_batch_size)
         return await self._calls.call(lambda: self._run(module, batch))
 
+    def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
+        """Scores now while the model is cheap enough for the event loop, else None."""
+        module = self._module
+        if module is None:
+            raise BackendUnavailable("torch backend is not started")
+        batch = check_batch(batch, self.n_inputs, self.max_batch_size)
+        return self._calls.call_inline(lambda: self._run(module, batch))
+
     def _run(self, module: Any, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             out = module(torch.from_numpy(batch).to(self.device))
