@@ -22,6 +22,7 @@ from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version
+from streamscore.server.scoring import STREAM_READ_AHEAD
 from streamscore.stream.backfill import fold_event
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
@@ -243,6 +244,23 @@ async def test_score_stream_answers_in_order_and_stops_at_a_bad_request(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "transaction.card_id" in (caught.value.details() or "")
     assert "bad-one" in (caught.value.details() or "")
+
+
+async def test_score_stream_reads_ahead_and_still_answers_in_order(
+    replay_stub: pb_grpc.ScoringStub,
+) -> None:
+    # More messages than the read-ahead, sent at once: they are scored concurrently
+    # (and may share batches) but answered one for one, in order, each its own score.
+    requests = [
+        pb.ScoreRequest(request_id=f"ra-{i}", transaction=transaction(amount_minor=100 + i))
+        for i in range(3 * STREAM_READ_AHEAD)
+    ]
+    answers = [r async for r in replay_stub.ScoreStream(iter(requests))]
+    assert [a.request_id for a in answers] == [r.request_id for r in requests]
+    singles = [await replay_stub.Score(r) for r in requests[:: STREAM_READ_AHEAD // 2]]
+    # Batched or not, the same score (up to float rounding of batched kernels).
+    expected = [a.score for a in answers[:: STREAM_READ_AHEAD // 2]]
+    assert [a.score for a in singles] == pytest.approx(expected, abs=1e-6)
 
 
 def test_thresholds_decide() -> None:

@@ -38,6 +38,15 @@ from streamscore.stream.state import FeatureStore
 
 log = logging.getLogger("streamscore.scoring")
 
+# ScoreStream: messages read and being scored ahead of the one being answered.
+STREAM_READ_AHEAD = 64
+# (request id, when it was read on time.perf_counter, its answer to come)
+_StreamItem = tuple[str, float, "asyncio.Future[pb.ScoreResponse]"]
+
+# Enum names by value, without protobuf's Python-level lookup per request.
+_DECISION_NAMES = {value: name for name, value in pb.Decision.items()}
+_DEGRADED_NAMES = {value: name for name, value in pb.DegradedReason.items()}
+
 
 class ScoringService(pb_grpc.ScoringServicer):
     def __init__(
@@ -151,7 +160,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         model_done = time.perf_counter_ns()
         decision = metadata.thresholds.decide(score)
         variant_name = "primary" if variant == pb.PRIMARY else "canary"
-        decision_name = pb.Decision.Name(decision)
+        decision_name = _DECISION_NAMES[decision]
         if self.decisions is not None:
             self.decisions.record(
                 DecisionRecord(
@@ -170,7 +179,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             request_id=request.request_id,
             score=score,
             decision=decision,
-            model=pb.ModelRef(name=metadata.name, version=metadata.version, variant=variant),
+            model=served.model_refs[variant],
             timings=pb.Timings(
                 # The batcher's queue wait is inside model_us (histogrammed per batch in
                 # streamscore_batch_queue_wait_seconds).
@@ -185,7 +194,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         if self.features_stale():
             degraded.append(pb.FEATURES_STALE)
         response.degraded.extend(degraded)
-        degraded_names = [pb.DegradedReason.Name(r) for r in degraded]
+        degraded_names = [_DEGRADED_NAMES[r] for r in degraded] if degraded else []
         self.score_metrics.observe(
             variant_name,
             decision_name,
@@ -221,10 +230,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     ) -> tuple[float, np.ndarray]:
         """Score on one version, counted for the rollout's safety check."""
         with served.use():
-            metadata = served.metadata
-            vector = np.fromiter(
-                (features[name] for name in metadata.inputs), np.float32, len(metadata.inputs)
-            )
+            vector = np.array(served.inputs_of(features), np.float32)
             try:
                 score = await self._model_score(served, vector, time_remaining, degraded)
             except Exception:
@@ -305,24 +311,73 @@ class ScoringService(pb_grpc.ScoringServicer):
     async def ScoreStream(
         self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ScoreResponse]:
+        """Answers in request order, each message scored as soon as it is read.
+
+        The stream reads ahead (up to ``STREAM_READ_AHEAD`` messages unanswered): while
+        one message waits for its model batch the next ones are read and scored, so
+        they can share the batch, and reading overlaps writing. An error ends the stream
+        with its status, naming the request id (a stream has one status, there is no
+        per-message error), after the answers to every earlier message. An invalid
+        request stops the reading at once: nothing after it is scored."""
         metrics = self.rpc_metrics["ScoreStream"]
         metrics.enter()
         parent = self._trace_parent(context)
+        scoring: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
+        room = asyncio.Semaphore(STREAM_READ_AHEAD)
+        reader = asyncio.create_task(
+            self._read_stream(request_iterator, context, parent, scoring, room)
+        )
         try:
-            async for request in request_iterator:
-                # A bad request ends the stream with INVALID_ARGUMENT naming the field and
-                # the request id: a stream has one status, there is no per-message error.
+            while (item := await scoring.get()) is not None:
+                request_id, started, answer = item
                 yield await _guard(
-                    context,
-                    metrics,
-                    self.score,
-                    request,
-                    context.time_remaining(),
-                    parent,
-                    request_id=request.request_id,
+                    context, metrics, _wait, answer, request_id=request_id, started=started
                 )
+                room.release()
+            await reader  # a failed read ends the call with its error
         finally:
+            reader.cancel()
+            # Unanswered after an error or a cancel: stop their work, and mark the
+            # failures of those already done as seen (they were never sent).
+            while not scoring.empty():
+                item = scoring.get_nowait()
+                if item is None:
+                    continue
+                answer = item[2]
+                if not answer.done():
+                    answer.cancel()
+                elif not answer.cancelled():
+                    answer.exception()
             metrics.exit()
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[pb.ScoreRequest],
+        context: grpc.aio.ServicerContext,
+        parent: Any,
+        scoring: asyncio.Queue[_StreamItem | None],
+        room: asyncio.Semaphore,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await room.acquire()
+                try:
+                    request = await anext(request_iterator)
+                except StopAsyncIteration:
+                    return
+                started = time.perf_counter()
+                try:
+                    validate_score_request(request, replay=self.replay)
+                except ServingError as error:
+                    refused: asyncio.Future[pb.ScoreResponse] = loop.create_future()
+                    refused.set_exception(error)
+                    scoring.put_nowait((request.request_id, started, refused))
+                    return
+                answer = loop.create_task(self.score(request, context.time_remaining(), parent))
+                scoring.put_nowait((request.request_id, started, answer))
+        finally:
+            scoring.put_nowait(None)
 
     async def GetFeatures(
         self, request: pb.FeaturesRequest, context: grpc.aio.ServicerContext
@@ -386,9 +441,12 @@ async def _guard(
     handler: Callable[..., Awaitable[Any]],
     *args: Any,
     request_id: str = "",
+    started: float | None = None,
 ) -> Any:
-    """Run a handler, mapping our error taxonomy to gRPC status codes; count and time it."""
-    started = time.perf_counter()
+    """Run a handler, mapping our error taxonomy to gRPC status codes; count and time it
+    (from ``started``, on ``time.perf_counter``, when the work began before the call)."""
+    if started is None:
+        started = time.perf_counter()
     code = "OK"
     try:
         return await handler(*args)
@@ -408,6 +466,10 @@ async def _guard(
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
     finally:
         metrics.observe(code, time.perf_counter() - started)
+
+
+async def _wait(answer: asyncio.Future[pb.ScoreResponse]) -> pb.ScoreResponse:
+    return await answer
 
 
 def _seconds_since(perf_ns: int) -> float:
