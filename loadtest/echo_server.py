@@ -1,8 +1,11 @@
 """A bare grpc.aio echo server with streamscore's API: the baseline for ratios.
 
-It answers Score with a canned ScoreResponse of the same shape streamscore sends
-(no features, no model), on uvloop, with the same server options: everything
-streamscore adds on top of it is our cost.
+It answers Score, and each message of a ScoreStream, with a canned ScoreResponse of
+the same shape streamscore sends (no features, no model), on uvloop, with the same
+server options: everything streamscore adds on top of it is our cost. ScoreStream
+is a plain ``async for ... yield`` handler (answers in request order, like
+streamscore's async generator, without its read-ahead), so ScoreStream rows have a
+streaming baseline rather than the unary one.
 
     python loadtest/echo_server.py --port 50099
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
@@ -19,24 +23,41 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 
 
+def canned(request_id: str) -> pb.ScoreResponse:
+    """The echo's answer: streamscore's response shape, nothing computed."""
+    return pb.ScoreResponse(
+        request_id=request_id,
+        score=0.01,
+        decision=pb.APPROVE,
+        model=pb.ModelRef(name="echo", version="1", variant=pb.PRIMARY),
+        timings=pb.Timings(queue_us=0, features_us=1, model_us=1, total_us=2),
+    )
+
+
 class Echo(pb_grpc.ScoringServicer):
     async def Score(
         self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> pb.ScoreResponse:
-        return pb.ScoreResponse(
-            request_id=request.request_id,
-            score=0.01,
-            decision=pb.APPROVE,
-            model=pb.ModelRef(name="echo", version="1", variant=pb.PRIMARY),
-            timings=pb.Timings(queue_us=0, features_us=1, model_us=1, total_us=2),
-        )
+        return canned(request.request_id)
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        async for request in request_iterator:
+            yield canned(request.request_id)
+
+
+async def start(port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """The echo server, started on 127.0.0.1 (``port`` 0: a free one); it and its port."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_ScoringServicer_to_server(Echo(), server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, port
 
 
 async def serve(port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ScoringServicer_to_server(Echo(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    server, port = await start(port)
     print(f"echo server on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
 

@@ -6,21 +6,25 @@
 What it starts (all its own processes, stopped at the end): a freshly trained model
 (``streamscore train``) unless ``--model-repository`` is given; the embedded broker
 with a replica's worth of synthetic traffic (``backend_bench.load_features``); the
-bare grpc.aio echo server (``echo_server.py``, the baseline); one ``streamscore
-serve`` per configuration: each backend (onnxruntime, torch; triton when
-``backend_bench`` can start a tritonserver here) with batching on and off
-(``STREAMSCORE_BATCHING``), onnxruntime with two shadow versions (copies of the
-primary, ``backend_bench.add_copy``), and ScoreStream on onnxruntime; then the open
-loop of ``sweep.py`` (client processes, latency from the intended send time,
-HdrHistogram) at fixed offered rates, configurations interleaved (order rotated each
-round), ``--rounds`` times; medians are quoted. Server CPU per request comes from
-/proc. Last, ``pipeline_bench.py`` (ingestion and freshness) runs alone.
+bare grpc.aio echo server (``echo_server.py``, the baseline: measured on unary Score
+as ``echo`` and, when ScoreStream configurations run, on ScoreStream as
+``echo, ScoreStream``); one ``streamscore serve`` per configuration: each backend
+(onnxruntime, torch; triton when ``backend_bench`` can start a tritonserver here)
+with batching on and off (``STREAMSCORE_BATCHING``), onnxruntime with two shadow
+versions (copies of the primary, ``backend_bench.add_copy``), and ScoreStream on
+onnxruntime; then the open loop of ``sweep.py`` (client processes, latency from the
+intended send time, HdrHistogram) at fixed offered rates, configurations interleaved
+(order rotated each round), ``--rounds`` times; medians are quoted. Server CPU per
+request comes from /proc. The "vs echo" ratios compare unary rows with ``echo`` and
+ScoreStream rows with ``echo, ScoreStream`` at the same offered rate. Last,
+``pipeline_bench.py`` (ingestion and freshness) runs alone.
 
 Output: the markdown section between ``<!-- report:begin -->`` and
 ``<!-- report:end -->`` of ``--out`` (appended with the markers when they are
 absent; the rest of the file is left byte for byte), PNG plots and ``report.json``
 (every row) under ``--plots``. ``--quick``: 1 round, 2 low rates, 2 s each,
-onnxruntime only, no pipeline bench.
+onnxruntime only (unary Score: no ScoreStream rows, so no echo ScoreStream either),
+no pipeline bench.
 """
 
 from __future__ import annotations
@@ -50,12 +54,20 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
-from loadtest.sweep import ClientPool, Row, parse_rates, realistic_events, score_requests
+from loadtest.sweep import (
+    STREAM_RPCS,
+    ClientPool,
+    Row,
+    parse_rates,
+    realistic_events,
+    score_requests,
+)
 
 BEGIN = "<!-- report:begin -->"
 END = "<!-- report:end -->"
 HERE = Path(__file__).resolve().parent
-ECHO = "echo"
+ECHO = "echo"  # the echo server's key, and its unary Score configuration
+ECHO_STREAM = "echo, ScoreStream"  # the echo server's ScoreStream configuration
 PLOTS = {
     "latency": "latency_vs_rate.png",
     "cdf": "latency_cdf.png",
@@ -68,7 +80,7 @@ class Config:
     """One measured configuration: a server and the RPC used on it."""
 
     name: str
-    rpc: str  # score | stream | echo | triton-direct
+    rpc: str  # score | stream | echo | echo-stream | triton-direct
     server: str  # key of the process it talks to
     backend: str = ""
     batching: bool = True
@@ -112,6 +124,12 @@ def server_key(backend: str, batching: bool, shadows: str) -> str:
     return f"{backend}-{'on' if batching else 'off'}-{shadows.replace(',', '+') or 'none'}"
 
 
+def baseline(rpc: str) -> str:
+    """The echo configuration a row's "vs echo" ratios compare with: ScoreStream rows
+    with the echo's ScoreStream, every other row with its unary Score."""
+    return ECHO_STREAM if rpc in STREAM_RPCS else ECHO
+
+
 def plan(backends: Sequence[str], quick: bool, shadows: str) -> list[Config]:
     configs = [Config(ECHO, "echo", ECHO)]
     for backend in backends:
@@ -139,6 +157,8 @@ def plan(backends: Sequence[str], quick: bool, shadows: str) -> list[Config]:
                     shadows,
                 )
             )
+        # The ScoreStream rows' baseline: the same echo server process, on ScoreStream.
+        configs.append(Config(ECHO_STREAM, "echo-stream", ECHO))
         for batching in (True, False):
             configs.append(
                 Config(
@@ -580,7 +600,11 @@ class Suite:
             f"configurations interleaved (order rotated each round), {args.rounds} round(s); "
             "the tables quote the median over rounds (p99 range: lowest and highest round), "
             "errors and dropped are totals. Server CPU: utime + stime of the server process "
-            "over the step, per answered request (includes its idle replica polling). Every "
+            "over the step, per answered request (includes its idle replica polling). "
+            "Baseline: the bare grpc.aio echo server (`loadtest/echo_server.py`, a canned "
+            'answer per request); the "vs echo" ratios compare unary rows with `echo` '
+            "(its Score) and ScoreStream rows with `echo, ScoreStream` (its ScoreStream, "
+            "the same streaming load) at the same offered rate. Every "
             "server, the broker and the load generator share this machine's cores, so compare "
             "rows within this run. Model: "
             f"{self.train_line}. Replica: {args.replica_seconds:g} s of synthetic traffic "
@@ -593,9 +617,9 @@ class Suite:
             "| p99 vs echo | CPU vs echo |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        echo = {s.rate: s for s in summaries if s.config == ECHO}
+        echo = {(s.config, s.rate): s for s in summaries if s.config in (ECHO, ECHO_STREAM)}
         for s in summaries:
-            base = echo.get(s.rate)
+            base = echo.get((baseline(s.rpc), s.rate))
             p99_ratio = f"{s.p99 / base.p99:.2f}" if base and base.p99 else ""
             cpu_ratio = (
                 f"{s.cpu_us / base.cpu_us:.2f}"
@@ -609,7 +633,7 @@ class Suite:
                 f"{s.max:.2f} | {s.errors} | {s.dropped} | {cpu} | {p99_ratio} | {cpu_ratio} |"
             )
         best = self.best_rates(summaries)
-        echo_best = best.get(ECHO)
+        rpcs = {c.name: c.rpc for c in self.configs}
         lines += [
             "",
             f"### Highest offered rate with median p99 <= {budget:g} ms and no errors "
@@ -619,12 +643,13 @@ class Suite:
             "|---|---|---|",
         ]
         for name, rate in best.items():
+            echo_best = best.get(baseline(rpcs[name]))
             ratio = f"{rate / echo_best:.0%}" if rate and echo_best else ""
             lines.append(f"| {name} | {'' if rate is None else f'{rate:.0f}'} | {ratio} |")
         lines.append("")
         lines.append(
-            "(empty: none of the rates met the budget; the echo server answers Score only, "
-            "so ScoreStream rows compare with its unary figures)"
+            '(empty: none of the rates met the budget; "vs echo": unary rows against '
+            "`echo`, ScoreStream rows against `echo, ScoreStream`)"
         )
         if self.pipeline_output:
             pipeline_command = shlex.join(

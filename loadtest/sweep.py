@@ -20,8 +20,10 @@ then bisects N times between the last passing and the first failing rate.
 
 ``--rpc``: ``score`` (unary Score), ``stream`` (ScoreStream, ``--streams`` long-lived
 streams per client), ``echo`` (unary Score against ``loadtest/echo_server.py``: the
-same messages, labelled as the baseline). Requests are realistic payments from
-``streamscore.traffic`` (backend_bench's seed), stamped with the current time.
+same messages, labelled as the baseline), ``echo-stream`` (ScoreStream against the
+echo server, the same load as ``stream``: the ScoreStream baseline). Requests are
+realistic payments from ``streamscore.traffic`` (backend_bench's seed), stamped with
+the current time.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from streamscore._proto.v1 import scoring_pb2 as pb
 
 SCORE = "/streamscore.v1.Scoring/Score"
-RPCS = ("score", "stream", "echo")
+RPCS = ("score", "stream", "echo", "echo-stream")
+STREAM_RPCS = ("stream", "echo-stream")  # ScoreStream load (streamload.open_loop_streams)
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -111,7 +114,7 @@ class _Client:
                     return f"{target} did not answer Score: {error.code().name} {error.details()}"
                 await asyncio.sleep(0.1)
         try:
-            if rpc == "stream":
+            if rpc in STREAM_RPCS:
                 call = stream_opener(channel)()
                 for request in self.requests[:20]:
                     await call.write(request)
@@ -135,7 +138,7 @@ class _Client:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu_before = time.process_time()
         first_error = ""
-        if job["rpc"] == "stream":
+        if job["rpc"] in STREAM_RPCS:
             result, first_error = await open_loop_streams(
                 stream_opener(channel),
                 self.requests,
@@ -488,12 +491,22 @@ def parse_rates(text: str) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT")
-    parser.add_argument("--rpc", choices=RPCS, default="score")
+    parser.add_argument(
+        "--rpc",
+        choices=RPCS,
+        default="score",
+        help="score: unary Score; stream: ScoreStream; echo: unary Score on "
+        "loadtest/echo_server.py (the baseline); echo-stream: ScoreStream on the echo "
+        "server (the stream baseline). Default score",
+    )
     parser.add_argument("--rates", type=parse_rates, required=True, help="e.g. 200,400,800")
     parser.add_argument("--seconds", type=float, default=5.0, help="per step (default 5)")
     parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     parser.add_argument(
-        "--streams", type=int, default=2, help="ScoreStreams per client (rpc stream; default 2)"
+        "--streams",
+        type=int,
+        default=2,
+        help="ScoreStreams per client (rpc stream and echo-stream; default 2)",
     )
     parser.add_argument("--budget-p99-ms", type=float, default=10.0)
     parser.add_argument("--refine", type=int, default=0, help="bisection steps after the sweep")
@@ -555,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "target": args.target,
                     "rpc": args.rpc,
                     "clients": args.clients,
-                    "streams": args.streams if args.rpc == "stream" else None,
+                    "streams": args.streams if args.rpc in STREAM_RPCS else None,
                     "seconds": args.seconds,
                     "budget_p99_ms": args.budget_p99_ms,
                     "command": command,

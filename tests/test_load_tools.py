@@ -1,29 +1,43 @@
-"""Smoke tests of the load tools: ``loadtest.sweep`` and ``loadtest.report --quick``.
+"""Smoke tests of the load tools: ``loadtest.sweep``, the echo server and
+``loadtest.report --quick``.
 
 The sweep runs as a subprocess (its client processes are spawned from there) against
-a real server in this process (as in test_server.py), for about two seconds per RPC
-at low rates; the report runs its whole quick suite (its own broker, echo server and
-two ``streamscore serve`` processes) with the session's trained model.
+a real server in this process (as in test_server.py), or the echo server
+(``loadtest/echo_server.py``, also in this process) for ``--rpc echo-stream``, for
+about two seconds per RPC at low rates; the report runs its whole quick suite (its
+own broker, echo server and two ``streamscore serve`` processes) with the session's
+trained model; the report's pairing of rows with their echo baseline is checked on
+made-up figures.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
+from hdrh.histogram import HdrHistogram
 
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
+# loadtest/ is not an installed package: `python -m pytest` (CI) finds it in the
+# working directory, bare `pytest` does not.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 PNG = b"\x89PNG\r\n\x1a\n"
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 
@@ -36,6 +50,17 @@ async def target(trained_model: Path) -> AsyncIterator[str]:
         yield f"127.0.0.1:{server.port}"
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def echo_target() -> AsyncIterator[str]:
+    from loadtest.echo_server import start
+
+    server, port = await start(0)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
 
 
 async def run_module(*argv: str, timeout: float) -> str:
@@ -59,8 +84,21 @@ async def run_module(*argv: str, timeout: float) -> str:
     return output
 
 
-@pytest.mark.parametrize("rpc", ["score", "stream"])
-async def test_sweep_two_clients_json(target: str, tmp_path: Path, rpc: str) -> None:
+async def test_echo_server_score_stream(echo_target: str) -> None:
+    """ScoreStream on the echo: one answer per message, in order, shaped like Score's."""
+    async with grpc.aio.insecure_channel(echo_target) as channel:
+        stub = pb_grpc.ScoringStub(channel)
+        unary = await stub.Score(pb.ScoreRequest(request_id="u-1"), timeout=10)
+        requests = [pb.ScoreRequest(request_id=f"s-{i}") for i in range(50)]
+        answers = [a async for a in stub.ScoreStream(iter(requests), timeout=10)]
+    assert [a.request_id for a in answers] == [r.request_id for r in requests]
+    for answer in answers:
+        answer.request_id = unary.request_id
+        assert answer == unary
+
+
+async def check_sweep(target: str, tmp_path: Path, rpc: str) -> None:
+    """Two one-second steps (40/s, 80/s) from two client processes, all answered."""
     out = tmp_path / "sweep.json"
     output = await run_module(
         "loadtest.sweep",
@@ -86,6 +124,7 @@ async def test_sweep_two_clients_json(target: str, tmp_path: Path, rpc: str) -> 
     )
     report = json.loads(out.read_text())
     assert report["rpc"] == rpc and report["clients"] == 2, output
+    assert report["streams"] == (2 if rpc in ("stream", "echo-stream") else None), output
     rows = report["rows"]
     assert [row["offered_rate"] for row in rows] == [40.0, 80.0], output
     for row in rows:
@@ -97,6 +136,15 @@ async def test_sweep_two_clients_json(target: str, tmp_path: Path, rpc: str) -> 
         assert row["server_cpu_us"] > 0 and row["passed"] is True, row
     assert report["max_rate"] == 80.0, output
     assert "highest offered rate" in output
+
+
+@pytest.mark.parametrize("rpc", ["score", "stream"])
+async def test_sweep_two_clients_json(target: str, tmp_path: Path, rpc: str) -> None:
+    await check_sweep(target, tmp_path, rpc)
+
+
+async def test_sweep_echo_stream_json(echo_target: str, tmp_path: Path) -> None:
+    await check_sweep(echo_target, tmp_path, "echo-stream")
 
 
 def markdown_tables(text: str) -> list[list[list[str]]]:
@@ -174,3 +222,96 @@ def test_report_section_replaces_only_between_markers(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         write_section(path, "x\n")
     assert path.read_text() == f"{END}\n{BEGIN}\n"
+
+
+def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
+    """Made-up figures through the report's tables: unary rows against ``echo``,
+    ScoreStream rows against ``echo, ScoreStream`` at the same rate (no processes)."""
+    from loadtest.report import ECHO, ECHO_STREAM, Suite, Summary, plan
+
+    assert ECHO_STREAM not in {c.name for c in plan(["onnxruntime"], True, "")}
+    configs = plan(["onnxruntime"], False, "")
+    echo_stream = next(c for c in configs if c.name == ECHO_STREAM)
+    assert (echo_stream.rpc, echo_stream.server) == ("echo-stream", ECHO)
+    # p99 ms and server CPU us per rpc and rate; the budget is 10 ms.
+    figures = {
+        "echo": {100.0: (2.0, 100.0), 200.0: (20.0, 100.0)},
+        "echo-stream": {100.0: (1.0, 50.0), 200.0: (1.5, 40.0)},
+        "score": {100.0: (4.0, 400.0), 200.0: (30.0, 300.0)},
+        "stream": {100.0: (3.0, 200.0), 200.0: (12.0, 160.0)},
+    }
+    summaries = [
+        Summary(
+            config=c.name,
+            rpc=c.rpc,
+            rate=rate,
+            rounds=1,
+            achieved=rate,
+            p50=p99 / 4,
+            p90=p99 / 2,
+            p99=p99,
+            p99_low=p99,
+            p99_high=p99,
+            p999=p99,
+            max=p99,
+            errors=0,
+            dropped=0,
+            cpu_us=cpu,
+            histogram=HdrHistogram(1, 60_000_000, 3),
+        )
+        for rate in (100.0, 200.0)
+        for c in configs
+        for p99, cpu in [figures[c.rpc][rate]]
+    ]
+    machine = dict.fromkeys(
+        ["cpus", "cpu_model", "memory", "os", "commit"]
+        + [f"version_{p}" for p in ("python", "grpcio", "onnxruntime", "torch", "protobuf")],
+        "x",
+    )
+    args = argparse.Namespace(
+        out=tmp_path / "B.md",
+        budget_p99_ms=10.0,
+        quick=False,
+        command="python -m loadtest.report",
+        machine=machine,
+        clients=1,
+        seconds=1.0,
+        rounds=1,
+        replica_seconds=60.0,
+    )
+    suite = Suite(args)
+    shutil.rmtree(suite.root)
+    suite.configs = configs
+    text = suite.markdown(summaries, {}, 100.0)
+    assert "answers Score only" not in text
+
+    latency, best = markdown_tables(text)[:2]
+    column = {name: i for i, name in enumerate(latency[0])}
+    ratios = {
+        (row[column["rpc"]], float(row[column["offered/s"]])): (
+            row[column["p99 vs echo"]],
+            row[column["CPU vs echo"]],
+        )
+        for row in latency[1:]
+    }
+    assert ratios == {
+        ("echo", 100.0): ("1.00", "1.00"),
+        ("echo", 200.0): ("1.00", "1.00"),
+        ("echo-stream", 100.0): ("1.00", "1.00"),
+        ("echo-stream", 200.0): ("1.00", "1.00"),
+        ("score", 100.0): ("2.00", "4.00"),
+        ("score", 200.0): ("1.50", "3.00"),
+        ("stream", 100.0): ("3.00", "4.00"),
+        ("stream", 200.0): ("8.00", "4.00"),
+    }
+    # Highest rate in budget: ScoreStream's 100/s is half the echo's ScoreStream 200/s
+    # (and would read 100 % against the unary echo's 100/s).
+    expected = {
+        "echo": ("100", "100%"),
+        "echo-stream": ("200", "100%"),
+        "score": ("100", "100%"),
+        "stream": ("100", "50%"),
+    }
+    assert {row[0]: (row[1], row[2]) for row in best[1:]} == {
+        c.name: expected[c.rpc] for c in configs
+    }
