@@ -691,12 +691,7 @@ class Batcher:
     def _admit(self, batch: _Batch, now: float) -> list[_Request]:
         """The batch's requests still worth running: callers still waiting, less the
         most urgent ones that would miss even in this batch (answered at once)."""
-        live: list[_Request] = []
-        for request in batch.requests:
-            if not request.future.done():
-                live.append(request)
-            elif request.future.cancelled():
-                self._m_cancelled_before.inc()
+        live = self._waiting(batch.requests)
         # A prefix: the batch is in deadline order.
         model = self.latency_model
         n, k = len(live), 0
@@ -713,6 +708,16 @@ class Batcher:
             self._m_size.observe(len(live))
             for request in live:
                 self._m_wait.observe(now - request.arrival)
+        return live
+
+    def _waiting(self, requests: list[_Request]) -> list[_Request]:
+        """Those whose caller still waits; the others were cancelled or answered."""
+        live: list[_Request] = []
+        for request in requests:
+            if not request.future.done():
+                live.append(request)
+            elif request.future.cancelled():
+                self._m_cancelled_before.inc()
         return live
 
     def _call_inline(self, live: list[_Request]) -> bool:
@@ -734,7 +739,12 @@ class Batcher:
 
     async def _call(self, batch: _Batch, admitted: bool = False) -> None:
         now = self.clock()
-        live = batch.requests if admitted else self._admit(batch, now)
+        if admitted:
+            # Admitted at dispatch (an inline backend declined it): callers that went
+            # away since still leave before the model call.
+            live = batch.requests = self._waiting(batch.requests)
+        else:
+            live = self._admit(batch, now)
         if not live:
             return
         assert self._loop is not None
