@@ -2,7 +2,7 @@
 optionally the cProfile of it. The Python half of Score's cost, measured steadily.
 
     python -m loadtest.score_profile --model-repository DIR [--events 50000]
-        [--requests 5000] [--profile tottime|cumulative]
+        [--requests 5000] [--profile tottime|cumulative] [--breakdown]
 """
 
 from __future__ import annotations
@@ -13,15 +13,68 @@ import pstats
 import time
 from pathlib import Path
 
+import numpy as np
 import uvloop
 
 from loadtest.feature_bench import synthetic
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.repository import BatchingSettings, ModelRegistry
+from streamscore.server.repository import BatchingSettings, ModelRegistry, ServedModel
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.scoring import ScoringService
+from streamscore.stream.assembly import assemble_features
 from streamscore.stream.state import FeatureStore
 from streamscore.stream.topics import decode_fold_batch, route_events
+
+
+def _best_us(runs: list[float], n: int) -> str:
+    return f"{min(runs) / n * 1e6:7.1f} us"
+
+
+async def breakdown(
+    service: ScoringService,
+    store: FeatureStore,
+    served: ServedModel,
+    requests: list[pb.ScoreRequest],
+    now: int,
+) -> None:
+    """CPU per call of Score's parts alone (best of 5 passes over the requests)."""
+    n = len(requests)
+    vector = np.ones(len(served.metadata.inputs), np.float32)
+    batch = vector.reshape(1, -1)
+    parts: dict[str, list[float]] = {}
+
+    def timed(name: str, started: float) -> None:
+        parts.setdefault(name, []).append(time.process_time() - started)
+
+    for _ in range(5):
+        started = time.process_time()
+        for request in requests:
+            t = request.transaction
+            assemble_features(
+                store,
+                card_id=t.card_id,
+                merchant_id=t.merchant_id,
+                device_id=t.device_id,
+                ip=t.ip,
+                amount_minor=t.amount_minor,
+                event_time_ms=now,
+                t_ms=now,
+            )
+        timed("features (assemble_features)", started)
+        started = time.process_time()
+        for _ in range(n):
+            await served.backend.infer(batch)
+        timed("model call alone (backend.infer, batch 1)", started)
+        started = time.process_time()
+        for _ in range(n):
+            await served.batcher.submit(vector, served.batcher.clock() + 0.05)
+        timed("batcher round trip (submit, incl. model)", started)
+        started = time.process_time()
+        for request in requests:
+            await service.score(request)
+        timed("whole Score body (ScoringService.score)", started)
+    for name, runs in parts.items():
+        print(f"  {name:45s} {_best_us(runs, n)}")
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -67,6 +120,8 @@ async def main(args: argparse.Namespace) -> None:
             f"{(time.process_time() - cpu) / n * 1e6:.0f} us CPU per call "
             f"({args.events} events folded, {n} calls)"
         )
+        if args.breakdown:
+            await breakdown(service, store, models.primary, requests, now)
         if args.profile:
             profile = cProfile.Profile()
             profile.enable()
@@ -85,4 +140,7 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--profile", choices=["tottime", "cumulative"])
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time features, model, batcher alone"
+    )
     uvloop.run(main(parser.parse_args()))

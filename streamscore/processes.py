@@ -39,11 +39,13 @@ class ChildProcess:
         *,
         env: dict[str, str] | None = None,
         log_path: str | None = None,
+        cwd: str | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = env
         self.log_path = log_path
+        self.cwd = cwd
         self.process: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
@@ -64,6 +66,7 @@ class ChildProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output or asyncio.subprocess.DEVNULL,
                 stderr=output or None,
+                cwd=self.cwd,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
                 preexec_fn=die_with_parent,
             )

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -315,3 +316,66 @@ def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
     assert {row[0]: (row[1], row[2]) for row in best[1:]} == {
         c.name: expected[c.rpc] for c in configs
     }
+
+
+async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
+    # Base = HEAD: both servers are the same code, so both must answer everything.
+    out = await run_module(
+        "loadtest.ab",
+        "--base",
+        "HEAD",
+        "--model-repository",
+        str(trained_model),
+        "--rates",
+        "40",
+        "--seconds",
+        "1",
+        "--rounds",
+        "2",
+        "--replica-seconds",
+        "20",
+        timeout=240,
+    )
+    table = markdown_tables(out)[0]
+    column = {name: i for i, name in enumerate(table[0])}
+    rows = {row[0]: row for row in table[1:]}
+    assert set(rows) == {"echo", "base HEAD", "this tree"}, out
+    for name, row in rows.items():
+        assert row[column["achieved/s"]].startswith("40 ("), (name, row)
+        assert row[column["errors+dropped"]] == "0", (name, row)
+        median_cpu = float(row[column["server CPU us/req"]].split()[0])
+        assert median_cpu > 0, (name, row)
+    # The temporary worktree is gone again.
+    worktrees = await asyncio.to_thread(
+        subprocess.run,
+        ["git", "-C", str(ROOT), "worktree", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "streamscore-ab-" not in worktrees.stdout
+
+
+async def test_score_profile_breakdown(trained_model: Path) -> None:
+    out = await run_module(
+        "loadtest.score_profile",
+        "--model-repository",
+        str(trained_model),
+        "--events",
+        "2000",
+        "--requests",
+        "600",
+        "--breakdown",
+        timeout=120,
+    )
+    per_call = {
+        line.split("  ")[1].strip(): float(line.split()[-2])
+        for line in out.splitlines()
+        if line.startswith("  ") and line.endswith(" us")
+    }
+    assert len(per_call) == 4, out
+    assert all(value > 0 for value in per_call.values()), out
+    # The whole body includes the features and the batcher round trip.
+    whole = per_call["whole Score body (ScoringService.score)"]
+    assert whole > per_call["features (assemble_features)"], out
+    assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out

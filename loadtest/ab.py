@@ -1,0 +1,189 @@
+"""A/B: this working tree's server against another commit's, interleaved, repeated.
+
+The machine is shared and noisy (one server's max rate at p99 swung 5x between runs),
+so a change is judged only against its base measured in the same minutes: both
+servers (and the bare echo server, the reference) run side by side on one broker
+with the same features folded in, and every round offers each of them the same
+open-loop load in turn (order rotated per round). The table quotes medians over the
+rounds, with ranges; server CPU per request is the steadiest figure.
+
+    python -m loadtest.ab --base HEAD~3 --model-repository DIR --rpc score \\
+        --rates 500 --seconds 6 --rounds 5
+
+``--base`` is checked out into a temporary git worktree (removed afterwards) and
+served with the same interpreter and settings. ``--rpc stream`` compares ScoreStream
+(the echo then answers ScoreStream too). Needs a trained repository
+(``streamscore train --model-repository DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+
+from loadtest.sweep import ClientPool, Row, parse_rates, realistic_events, score_requests
+from streamscore.client import wait_serving
+from streamscore.processes import ChildProcess
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.topics import TopicLayout
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    name: str
+    rpc: str
+    target: str
+    process: ChildProcess
+
+    @property
+    def pid(self) -> int:
+        assert self.process.process is not None
+        return self.process.process.pid
+
+
+def _median_range(values: list[float], fmt: str) -> str:
+    if not values:
+        return ""
+    median = format(statistics.median(values), fmt)
+    return f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def summarize(rows: dict[tuple[str, float], list[Row]]) -> str:
+    lines = [
+        "| server | rpc | offered/s | achieved/s | p50 ms | p99 ms | server CPU us/req "
+        "| errors+dropped |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (name, rate), group in rows.items():
+        cpu = [r.server_cpu_us for r in group if r.server_cpu_us is not None]
+        lines.append(
+            f"| {name} | {group[0].rpc} | {rate:,.0f} "
+            f"| {_median_range([r.achieved_rate for r in group], ',.0f')} "
+            f"| {_median_range([r.p50_ms for r in group], '.2f')} "
+            f"| {_median_range([r.p99_ms for r in group], '.2f')} "
+            f"| {_median_range(cpu, '.0f')} "
+            f"| {sum(r.errors + r.dropped for r in group)} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the base out into a worktree, compare, and remove the worktree."""
+    work = Path(tempfile.mkdtemp(prefix="streamscore-ab-"))
+    worktree = work / "base"
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.base],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main(args, work, worktree))
+    finally:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+            check=False,
+            capture_output=True,
+        )
+
+
+async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
+    events = realistic_events(seconds=args.replica_seconds)
+    pool = ClientPool(args.clients, score_requests(events)).start()
+    servers: list[Server] = []
+    try:
+        async with EmbeddedBroker() as broker:
+            from loadtest.backend_bench import load_features
+
+            await create_topics(broker.bootstrap, TopicLayout().partitions())
+            await load_features(broker.bootstrap, events)
+            echo_port = find_free_port()
+            echo_server = str(REPO / "loadtest" / "echo_server.py")
+            echo = ChildProcess("echo", [sys.executable, echo_server, "--port", str(echo_port)])
+            echo_rpc = "echo-stream" if args.rpc == "stream" else "echo"
+            servers.append(Server("echo", echo_rpc, f"127.0.0.1:{echo_port}", echo))
+            env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
+            for name, cwd in ((f"base {args.base}", worktree), ("this tree", REPO)):
+                port = find_free_port()
+                process = ChildProcess.streamscore(
+                    name,
+                    "serve",
+                    "--kafka",
+                    broker.bootstrap,
+                    "--port",
+                    str(port),
+                    "--model-repository",
+                    str(args.model_repository),
+                    "--log-format",
+                    "text",
+                    "--log-level",
+                    "warning",
+                    env=env,
+                    cwd=str(cwd),  # `python -m` imports streamscore from the working dir
+                    log_path=str(work / f"{port}.log"),
+                )
+                servers.append(Server(name, args.rpc, f"127.0.0.1:{port}", process))
+            for server in servers:
+                await server.process.start()
+            for server in servers[1:]:
+                await wait_serving(server.target, timeout=120)
+            rows: dict[tuple[str, float], list[Row]] = {}
+            rates = parse_rates(args.rates)
+            for round_ in range(args.rounds):
+                order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+                for rate in rates:
+                    for server in order:
+                        row = await asyncio.to_thread(
+                            pool.run,
+                            server.target,
+                            server.rpc,
+                            rate,
+                            args.seconds,
+                            streams=args.streams,
+                            server_pid=server.pid,
+                        )
+                        rows.setdefault((server.name, rate), []).append(row)
+                        cpu = f"{row.server_cpu_us:.0f}" if row.server_cpu_us else "?"
+                        print(
+                            f"round {round_ + 1}/{args.rounds} {server.name:>16} {rate:>7,.0f}/s: "
+                            f"p99 {row.p99_ms:.2f} ms, server CPU {cpu} us/req",
+                            flush=True,
+                        )
+            ordered = {key: rows[key] for key in sorted(rows, key=lambda k: (k[1], k[0]))}
+            print(f"\nmedians over {args.rounds} rounds (range), {args.clients} client processes:")
+            print(summarize(ordered))
+    finally:
+        for server in reversed(servers):
+            await server.process.stop()
+        pool.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="commit to compare against (e.g. HEAD~1)")
+    p.add_argument("--model-repository", type=Path, required=True)
+    p.add_argument("--model-version", default="1")
+    p.add_argument("--rpc", choices=["score", "stream"], default="score")
+    p.add_argument("--rates", default="500", help="offered rates, e.g. 300,600")
+    p.add_argument("--seconds", type=float, default=6.0, help="per step (default 6)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
+    p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
+    p.add_argument("--replica-seconds", type=float, default=400.0)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run(parser().parse_args()))
