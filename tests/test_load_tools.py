@@ -35,10 +35,6 @@ from streamscore.server.app import ScoringServer
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-# loadtest/ is not an installed package: `python -m pytest` (CI) finds it in the
-# working directory, bare `pytest` does not.
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 PNG = b"\x89PNG\r\n\x1a\n"
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 
