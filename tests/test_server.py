@@ -194,6 +194,8 @@ async def test_live_mode_uses_server_clock(live_stub: pb_grpc.ScoringStub) -> No
         (pb.ScoreRequest(transaction=transaction(event_time_ms=-1)), "transaction.event_time_ms"),
         (pb.ScoreRequest(transaction=transaction(event_time_ms=0)), "transaction.event_time_ms"),
         (pb.ScoreRequest(transaction=transaction(ip="x" * 1000)), "transaction.ip"),
+        (pb.ScoreRequest(transaction=transaction(card_id="c" * 257)), "transaction.card_id"),
+        (pb.ScoreRequest(transaction=transaction(country="D" * 300)), "transaction.country"),
         (pb.ScoreRequest(request_id="r" * 1000, transaction=transaction()), "request_id"),
     ],
 )

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -142,17 +142,20 @@ class ServedModel:
         if self.fallback is not None:
             await self.fallback.stop()
 
-    @contextlib.contextmanager
-    def use(self) -> Iterator[ServedModel]:
-        """Count a call as running on this version for its whole duration."""
+    def use(self) -> ServedModel:
+        """``with served.use():`` counts a call as running on this version for its
+        whole duration (``__enter__``/``__exit__``: no generator per request)."""
+        return self
+
+    def __enter__(self) -> ServedModel:
         self.in_flight += 1
         self._idle.clear()
-        try:
-            yield self
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
 
     async def fallback_score(self, vector: np.ndarray) -> float | None:
         """The same version in process, unbatched; None when it cannot run."""

@@ -165,8 +165,10 @@ class RolloutManager:
     def primary_model(self, state: RolloutState | None = None) -> ServedModel:
         state = state or self.state
         if state.primary:
-            with contextlib.suppress(KeyError):
+            try:  # not contextlib.suppress: this runs on every request
                 return self.registry.get(self.registry.name, state.primary)
+            except KeyError:
+                pass
         return self.registry.primary
 
     def observe(self, variant: pb.Variant, served: ServedModel, latency_s: float, ok: bool) -> None:

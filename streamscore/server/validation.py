@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -14,6 +15,7 @@ MAX_ID_LENGTH = 256
 _REQUIRED_IDS = ("card_id", "merchant_id")
 # Card-present payments may have no IP, and not every channel has a device id.
 _OPTIONAL_STRINGS = ("transaction_id", "device_id", "ip", "currency", "mcc", "country")
+_string_fields = attrgetter(*_REQUIRED_IDS, *_OPTIONAL_STRINGS)
 
 
 class MalformedRequest:
@@ -61,12 +63,13 @@ def validate_score_request(request: pb.ScoreRequest, *, replay: bool) -> None:
         raise InvalidRequest("transaction", "is required")
     txn = request.transaction
     for name in _REQUIRED_IDS:
-        value = getattr(txn, name)
-        if not value:
+        if not getattr(txn, name):
             raise InvalidRequest(f"transaction.{name}", "is required")
-        _check_length(f"transaction.{name}", value)
-    for name in _OPTIONAL_STRINGS:
-        _check_length(f"transaction.{name}", getattr(txn, name))
+    # One pass over the lengths (this runs on every request); name the field only
+    # when one is too long.
+    if max(map(len, _string_fields(txn))) > MAX_ID_LENGTH:
+        for name in (*_REQUIRED_IDS, *_OPTIONAL_STRINGS):
+            _check_length(f"transaction.{name}", getattr(txn, name))
     if txn.amount_minor < 0:
         raise InvalidRequest("transaction.amount_minor", "must not be negative")
     if txn.event_time_ms < 0:
