@@ -104,34 +104,25 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
     servers: list[Server] = []
     try:
         async with EmbeddedBroker() as broker:
-            from loadtest.backend_bench import load_features
+            from loadtest.backend_bench import echo_process, load_features, serve_process
 
             await create_topics(broker.bootstrap, TopicLayout().partitions())
             await load_features(broker.bootstrap, events)
             echo_port = find_free_port()
-            echo_server = str(REPO / "loadtest" / "echo_server.py")
-            echo = ChildProcess("echo", [sys.executable, echo_server, "--port", str(echo_port)])
+            echo = echo_process(echo_port)
             echo_rpc = "echo-stream" if args.rpc == "stream" else "echo"
             servers.append(Server("echo", echo_rpc, f"127.0.0.1:{echo_port}", echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
             for name, cwd in ((f"base {args.base}", worktree), ("this tree", REPO)):
                 port = find_free_port()
-                process = ChildProcess.streamscore(
+                process = serve_process(
                     name,
-                    "serve",
-                    "--kafka",
                     broker.bootstrap,
-                    "--port",
-                    str(port),
-                    "--model-repository",
-                    str(args.model_repository),
-                    "--log-format",
-                    "text",
-                    "--log-level",
-                    "warning",
+                    port,
+                    args.model_repository,
                     env=env,
-                    cwd=str(cwd),  # `python -m` imports streamscore from the working dir
                     log_path=str(work / f"{port}.log"),
+                    cwd=str(cwd),  # `python -m` imports streamscore from the working dir
                 )
                 servers.append(Server(name, args.rpc, f"127.0.0.1:{port}", process))
             for server in servers:

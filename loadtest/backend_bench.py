@@ -50,6 +50,45 @@ from streamscore.traffic import TrafficConfig, generate_log
 MODEL = "fraud_mlp"
 
 
+def echo_process(port: int, log_path: str | None = None) -> ChildProcess:
+    """The bare grpc.aio echo server (the baseline) on ``port``."""
+    echo_server = str(Path(__file__).resolve().parent / "echo_server.py")
+    return ChildProcess(
+        "echo", [sys.executable, echo_server, "--port", str(port)], log_path=log_path
+    )
+
+
+def serve_process(
+    name: str,
+    bootstrap: str,
+    port: int,
+    repository: Path,
+    *,
+    env: dict[str, str],
+    log_path: str,
+    cwd: str | None = None,
+) -> ChildProcess:
+    """A quiet ``streamscore serve`` under load (warnings only, text logs), with ``env``
+    on top of this process's environment; ``cwd`` picks the checkout it imports."""
+    return ChildProcess.streamscore(
+        name,
+        "serve",
+        "--kafka",
+        bootstrap,
+        "--port",
+        str(port),
+        "--model-repository",
+        str(repository),
+        "--log-format",
+        "text",
+        "--log-level",
+        "warning",
+        env=env,
+        log_path=log_path,
+        cwd=cwd,
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
@@ -148,10 +187,7 @@ async def main(args: argparse.Namespace) -> None:
         await load_features(broker.bootstrap, events)
         try:
             port = find_free_port()
-            echo = ChildProcess(
-                "echo", [sys.executable, "loadtest/echo_server.py", "--port", str(port)]
-            )
-            await grpc_target("echo", echo, port, health=False)
+            await grpc_target("echo", echo_process(port), port, health=False)
             configs = [
                 (b, batching, "") for b in args.backends.split(",") for batching in (True, False)
             ]
@@ -178,19 +214,11 @@ async def main(args: argparse.Namespace) -> None:
                     env["STREAMSCORE_TRITON_URL"] = triton.url
                 port = find_free_port()
                 label = f"{backend}-{batching}-{shadows or 'none'}"
-                server = ChildProcess.streamscore(
+                server = serve_process(
                     label,
-                    "serve",
-                    "--kafka",
                     broker.bootstrap,
-                    "--port",
-                    str(port),
-                    "--model-repository",
-                    str(repository),
-                    "--log-format",
-                    "text",
-                    "--log-level",
-                    "warning",
+                    port,
+                    repository,
                     env=env,
                     log_path=str(root / f"{label}.log"),
                 )
@@ -224,8 +252,8 @@ async def main(args: argparse.Namespace) -> None:
 async def triton_direct_target(
     triton: object, base: Path, requests: list[pb.ScoreRequest]
 ) -> Target:
-    import tritonclient.grpc as triton_types  # type: ignore[import-untyped]
-    import tritonclient.grpc.aio as triton_grpc  # type: ignore[import-untyped]
+    import tritonclient.grpc as triton_types
+    import tritonclient.grpc.aio as triton_grpc
 
     metadata = json.loads(next((base / MODEL).glob("*/metadata.json")).read_text())
     k = len(metadata["inputs"])

@@ -260,7 +260,13 @@ class Suite:
         return repository
 
     async def run(self) -> None:
-        from loadtest.backend_bench import add_copy, load_features, repository_for
+        from loadtest.backend_bench import (
+            add_copy,
+            echo_process,
+            load_features,
+            repository_for,
+            serve_process,
+        )
         from streamscore.client import wait_serving
         from streamscore.processes import ChildProcess
         from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -307,11 +313,7 @@ class Suite:
                             continue
                         port = find_free_port()
                         if config.server == ECHO:
-                            child = ChildProcess(
-                                ECHO,
-                                [sys.executable, str(HERE / "echo_server.py"), "--port", str(port)],
-                                log_path=str(self.root / "echo.log"),
-                            )
+                            child = echo_process(port, log_path=str(self.root / "echo.log"))
                         else:
                             repository = repository_for(base, self.root, config.backend)
                             for version in (v for v in config.shadows.split(",") if v):
@@ -325,19 +327,11 @@ class Suite:
                             }
                             if triton is not None:
                                 env["STREAMSCORE_TRITON_URL"] = triton.url
-                            child = ChildProcess.streamscore(
+                            child = serve_process(
                                 config.server,
-                                "serve",
-                                "--kafka",
                                 broker.bootstrap,
-                                "--port",
-                                str(port),
-                                "--model-repository",
-                                str(repository),
-                                "--log-format",
-                                "text",
-                                "--log-level",
-                                "warning",
+                                port,
+                                repository,
                                 env=env,
                                 log_path=str(self.root / f"{config.server}.log"),
                             )
