@@ -652,13 +652,13 @@ class Batcher:
         self._queued -= len(requests)
         if self._queued and self.max_delay_s > 0.0:
             self._window_start = min(entry[2].arrival for entry in heap if entry[2].queued)
-        batch = _Batch(requests, now + self.latency_model.predict(len(requests)))
         admitted = False
         if self._infer_inline is not None:
-            live = self._admit(batch, now)
-            if not live or self._call_inline(live):
+            requests = self._admit(requests, now)
+            if not requests or self._call_inline(requests):
                 return
             admitted = True  # the backend wants its thread now: a task awaits it
+        batch = _Batch(requests, now + self.latency_model.predict(len(requests)))
         self._running.add(batch)
         assert self._loop is not None
         task = self._loop.create_task(self._run(batch, admitted))
@@ -688,10 +688,10 @@ class Batcher:
             if self._state == _RUNNING:
                 self._schedule(self.clock())
 
-    def _admit(self, batch: _Batch, now: float) -> list[_Request]:
-        """The batch's requests still worth running: callers still waiting, less the
-        most urgent ones that would miss even in this batch (answered at once)."""
-        live = self._waiting(batch.requests)
+    def _admit(self, requests: list[_Request], now: float) -> list[_Request]:
+        """The requests still worth running as one batch: callers still waiting, less
+        the most urgent ones that would miss even in this batch (answered at once)."""
+        live = self._waiting(requests)
         # A prefix: the batch is in deadline order.
         model = self.latency_model
         n, k = len(live), 0
@@ -703,7 +703,6 @@ class Batcher:
             )
             k += 1
         live = live[k:]
-        batch.requests = live
         if live:
             self._m_size.observe(len(live))
             for request in live:
@@ -739,12 +738,10 @@ class Batcher:
 
     async def _call(self, batch: _Batch, admitted: bool = False) -> None:
         now = self.clock()
-        if admitted:
-            # Admitted at dispatch (an inline backend declined it): callers that went
-            # away since still leave before the model call.
-            live = batch.requests = self._waiting(batch.requests)
-        else:
-            live = self._admit(batch, now)
+        # Admitted at dispatch when an inline backend declined it; callers that went
+        # away since still leave before the model call.
+        live = self._waiting(batch.requests) if admitted else self._admit(batch.requests, now)
+        batch.requests = live
         if not live:
             return
         assert self._loop is not None

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
+
+ChildT = TypeVar("ChildT")
 
 
 class HistogramChild:
@@ -49,7 +52,9 @@ class CounterChild:
         self.value += amount
 
 
-class _Family(Collector):
+class _Family(Collector, Generic[ChildT]):
+    """Children by label values, created on first use, registered for scrapes."""
+
     def __init__(
         self,
         name: str,
@@ -60,12 +65,23 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], object] = {}
+        self._children: dict[tuple[str, ...], ChildT] = {}
         if registry is not None:
             registry.register(self)
 
+    def labels(self, *values: str) -> ChildT:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._new_child()
+        return child
 
-class FastHistogram(_Family):
+    def _new_child(self) -> ChildT:
+        raise NotImplementedError
+
+
+class FastHistogram(_Family[HistogramChild]):
     """Like ``prometheus_client.Histogram`` (``labels(...).observe(v)``), lock-free."""
 
     def __init__(
@@ -82,19 +98,12 @@ class FastHistogram(_Family):
             raise ValueError("buckets must be strictly increasing")
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> HistogramChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = HistogramChild(self.bounds)
-        assert isinstance(child, HistogramChild)
-        return child
+    def _new_child(self) -> HistogramChild:
+        return HistogramChild(self.bounds)
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in list(self._children.items()):
-            assert isinstance(child, HistogramChild)
             counts, total = list(child.counts), child.sum
             cumulative, buckets = 0, []
             for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
@@ -104,24 +113,17 @@ class FastHistogram(_Family):
         yield family
 
 
-class FastCounter(_Family):
+class FastCounter(_Family[CounterChild]):
     """Like ``prometheus_client.Counter`` (``labels(...).inc()``), lock-free."""
 
-    def labels(self, *values: str) -> CounterChild:
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = CounterChild()
-        assert isinstance(child, CounterChild)
-        return child
+    def _new_child(self) -> CounterChild:
+        return CounterChild()
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         # prometheus_client appends "_total" to a counter family's samples.
         name = self.name.removesuffix("_total")
         family = CounterMetricFamily(name, self.documentation, labels=self.labelnames)
         for values, child in list(self._children.items()):
-            assert isinstance(child, CounterChild)
             family.add_metric(list(values), child.value)
         yield family
 

@@ -4,9 +4,9 @@ gauges of the server.
 Defined once, at import, on the default registry; batcher series carry the ``model``
 label (the batcher's name), so several batchers share these objects. Buckets are sized
 for a sub-millisecond hot path: 25 µs to 1 s for times, powers of two for batch sizes.
-Hot-path series are ``fastmetrics`` ones (lock-free, observed on the event loop only)
-bound to their labels once (``RpcMetrics``): ``labels()`` per call would cost more than
-the observation. Rare events (sheds, failures) stay prometheus_client counters.
+Hot-path series are ``fastmetrics`` ones: lock-free, observed on the event loop only,
+and their ``labels()`` is one dict lookup. Rare events (sheds, failures) stay
+prometheus_client counters, bound to their labels once by their users.
 """
 
 from __future__ import annotations
@@ -113,20 +113,6 @@ DEGRADED = FastCounter(
 )
 
 
-class _Bound:
-    """A metric's children by label values, bound on first use and cached."""
-
-    def __init__(self, metric: Any) -> None:
-        self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *labels: str) -> Any:
-        child = self.children.get(labels)
-        if child is None:
-            child = self.children[labels] = self.metric.labels(*labels)
-        return child
-
-
 class RpcMetrics:
     """One RPC's series; ``in_flight`` is a plain count, read by the drain and, at
     scrape time, by ``ServerCollector`` (``streamscore_rpc_in_flight``)."""
@@ -134,7 +120,6 @@ class RpcMetrics:
     def __init__(self, rpc: str) -> None:
         self.rpc = rpc
         self.in_flight = 0
-        self._seconds = _Bound(RPC_SECONDS)
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -143,16 +128,11 @@ class RpcMetrics:
         self.in_flight -= 1
 
     def observe(self, code: str, seconds: float) -> None:
-        self._seconds(self.rpc, code).observe(seconds)
+        RPC_SECONDS.labels(self.rpc, code).observe(seconds)
 
 
 class ScoreMetrics:
     """Per answered score: stage times, decision and degradation counts."""
-
-    def __init__(self) -> None:
-        self._stages = _Bound(STAGE_SECONDS)
-        self._answers = _Bound(ANSWERS)
-        self._degraded = _Bound(DEGRADED)
 
     def observe(
         self,
@@ -162,11 +142,11 @@ class ScoreMetrics:
         model_s: float,
         degraded: list[str],
     ) -> None:
-        self._stages("features", variant).observe(features_s)
-        self._stages("model", variant).observe(model_s)
-        self._answers(variant, decision).inc()
+        STAGE_SECONDS.labels("features", variant).observe(features_s)
+        STAGE_SECONDS.labels("model", variant).observe(model_s)
+        ANSWERS.labels(variant, decision).inc()
         for reason in degraded:
-            self._degraded(reason).inc()
+            DEGRADED.labels(reason).inc()
 
 
 class ServerCollector:

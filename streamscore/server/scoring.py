@@ -101,12 +101,17 @@ class ScoringService(pb_grpc.ScoringServicer):
         request: pb.ScoreRequest,
         time_remaining: float | None = None,
         trace_parent: Any = None,
+        *,
+        validated: bool = False,
     ) -> pb.ScoreResponse:
+        """One request's answer; ``validated``: the caller checked it already
+        (ScoreStream's reader does, to stop reading at an invalid one)."""
         started = time.perf_counter_ns()
         # Every log line written while serving it names it (the card id hashed).
         if isinstance(request, pb.ScoreRequest):
             CURRENT_REQUEST.set((request.request_id, request.transaction.card_id))
-        validate_score_request(request, replay=self.replay)
+        if not validated:
+            validate_score_request(request, replay=self.replay)
         txn = request.transaction
         now_ms = self.clock_ms()
         t_ms = txn.event_time_ms if self.replay else now_ms
@@ -300,10 +305,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             return await _guard(
                 context,
                 metrics,
-                self.score,
-                request,
-                context.time_remaining(),
-                self._trace_parent(context),
+                self.score(request, context.time_remaining(), self._trace_parent(context)),
             )
         finally:
             metrics.exit()
@@ -330,9 +332,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             while (item := await scoring.get()) is not None:
                 request_id, started, answer = item
-                yield await _guard(
-                    context, metrics, _wait, answer, request_id=request_id, started=started
-                )
+                yield await _guard(context, metrics, answer, request_id=request_id, started=started)
                 room.release()
             await reader  # a failed read ends the call with its error
         finally:
@@ -374,7 +374,9 @@ class ScoringService(pb_grpc.ScoringServicer):
                     refused.set_exception(error)
                     scoring.put_nowait((request.request_id, started, refused))
                     return
-                answer = loop.create_task(self.score(request, context.time_remaining(), parent))
+                answer = loop.create_task(
+                    self.score(request, context.time_remaining(), parent, validated=True)
+                )
                 scoring.put_nowait((request.request_id, started, answer))
         finally:
             scoring.put_nowait(None)
@@ -385,7 +387,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics = self.rpc_metrics["GetFeatures"]
         metrics.enter()
         try:
-            return await _guard(context, metrics, self._get_features, request)
+            return await _guard(context, metrics, self._get_features(request))
         finally:
             metrics.exit()
 
@@ -438,18 +440,18 @@ def add_scoring_service(service: ScoringService, server: grpc.aio.Server) -> Non
 async def _guard(
     context: grpc.aio.ServicerContext,
     metrics: RpcMetrics,
-    handler: Callable[..., Awaitable[Any]],
-    *args: Any,
+    work: Awaitable[Any],
+    *,
     request_id: str = "",
     started: float | None = None,
 ) -> Any:
-    """Run a handler, mapping our error taxonomy to gRPC status codes; count and time it
-    (from ``started``, on ``time.perf_counter``, when the work began before the call)."""
+    """Await a call's work, mapping our error taxonomy to gRPC status codes; count and
+    time it (from ``started``, on ``time.perf_counter``, when the work began earlier)."""
     if started is None:
         started = time.perf_counter()
     code = "OK"
     try:
-        return await handler(*args)
+        return await work
     except ServingError as error:
         code = error.code.name
         # Debug only: refusals can come thousands a second under overload; the
@@ -466,10 +468,6 @@ async def _guard(
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
     finally:
         metrics.observe(code, time.perf_counter() - started)
-
-
-async def _wait(answer: asyncio.Future[pb.ScoreResponse]) -> pb.ScoreResponse:
-    return await answer
 
 
 def _seconds_since(perf_ns: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +67,19 @@ class TorchBackend:
         self._calls.close()
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
-        module = self._module
-        if module is None:
-            raise BackendUnavailable("torch backend is not started")
-        batch = check_batch(batch, self.n_inputs, self.max_batch_size)
-        return await self._calls.call(lambda: self._run(module, batch))
+        return await self._calls.call(self._call(batch))
 
     def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
         """Scores now while the model is cheap enough for the event loop, else None."""
+        return self._calls.call_inline(self._call(batch))
+
+    def _call(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """The checked call of this batch on the loaded module, to run here or there."""
         module = self._module
         if module is None:
             raise BackendUnavailable("torch backend is not started")
         batch = check_batch(batch, self.n_inputs, self.max_batch_size)
-        return self._calls.call_inline(lambda: self._run(module, batch))
+        return lambda: self._run(module, batch)
 
     def _run(self, module: Any, batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
