@@ -14,6 +14,11 @@
 # Lint: .venv/bin/hadolint Dockerfile (run by .ci/run).
 
 FROM python:3.11-slim AS build
+# gcc builds the compiled window kernel (streamscore/kernels/_windows.c); the runtime
+# stage copies the built venv and carries no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # CPU-only torch keeps the image small; pyproject pins torch==2.13.0.
 ENV PIP_NO_CACHE_DIR=1 PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu

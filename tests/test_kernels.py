@@ -10,7 +10,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from streamscore.kernels.recent import RecentEvents
-from streamscore.kernels.tiles import Tiles, WindowAgg
+from streamscore.kernels.tiles import (
+    Tiles,
+    WindowAgg,
+    _window_agg_py,
+    _window_partial_py,
+)
 
 R = 10_000  # 10 s resolution
 W = 5 * 60_000  # 5 min window: 30 buckets
@@ -352,8 +357,7 @@ def test_recent_newest_at_or_before_with_a_key_left_behind_by_lazy_pruning():
 def _uncached(tiles: Tiles, t: int, window_ms: int) -> WindowAgg:
     last = t // tiles.resolution_ms
     first = last - window_ms // tiles.resolution_ms + 1
-    count, declined, total, sumsq, high, sets = tiles._partial(first, last)
-    return WindowAgg(count, declined, total, sumsq, high, tuple(len(s) for s in sets))
+    return _window_agg_py(WindowAgg, tiles.buckets, first, last, tiles.n_distinct)
 
 
 ADD = st.tuples(
@@ -410,3 +414,70 @@ def test_cached_windows_equal_a_fresh_scan_under_any_interleaving(
             assert tiles.window(t, n_buckets * R) == _uncached(tiles, t, n_buckets * R), op
         else:
             tiles.expire(op[1])
+
+
+def test_the_compiled_window_kernel_is_built():
+    """`pip install` builds it (a missing compiler falls back to the Python quietly,
+    which would leave the tests below comparing the Python with itself)."""
+    from streamscore.kernels import _windows, tiles
+
+    assert tiles.window_agg is _windows.window_agg
+    assert tiles.window_partial is _windows.window_partial
+
+
+# Amounts up to and beyond int64, so the compiled sums overflow into Python ints.
+AMOUNT = st.one_of(st.integers(-1000, 1000), st.integers(-(2**70), 2**70))
+BUCKET_ROWS = st.dictionaries(
+    st.integers(-50, 50),
+    st.tuples(
+        st.lists(st.tuples(AMOUNT, st.booleans(), st.sampled_from("abcdef")), min_size=1),
+        st.lists(st.sampled_from("uvwxyz"), min_size=1),
+    ),
+    max_size=30,
+)
+
+
+def _buckets(rows: dict, n_distinct: int) -> dict[int, list]:
+    """Buckets as ``Tiles.add`` builds them, from each index's events."""
+    tiles = Tiles(1, n_distinct)
+    for index, (events, others) in rows.items():
+        for i, (amount, declined, value) in enumerate(events):
+            other = others[i % len(others)]
+            tiles.add(index, amount, declined, (value, other)[:n_distinct])
+    return tiles.buckets
+
+
+@settings(max_examples=300)
+@given(BUCKET_ROWS, st.integers(-60, 60), st.integers(-5, 120), st.integers(0, 2))
+@example({}, 0, 10, 1)
+@example({3: ([(2**63 - 1, False, "a"), (2**63 - 1, True, "b")], ["u"])}, 0, 10, 2)
+def test_compiled_window_kernel_equals_the_python(
+    rows: dict, first: int, length: int, n_distinct: int
+) -> None:
+    """Same integers, sets and counts as the Python, whichever way the window is
+    visited (range longer or shorter than the stored buckets, empty, inverted)."""
+    from streamscore.kernels import _windows
+
+    buckets = _buckets(rows, n_distinct)
+    last = first + length - 5  # a few windows end before they start: empty
+    assert _windows.window_agg(WindowAgg, buckets, first, last, n_distinct) == _window_agg_py(
+        WindowAgg, buckets, first, last, n_distinct
+    )
+    agg = _windows.window_agg(WindowAgg, buckets, first, last, n_distinct)
+    assert type(agg) is WindowAgg and agg.events == agg[0]
+    partial = _windows.window_partial(buckets, first, last, n_distinct)
+    assert partial == _window_partial_py(buckets, first, last, n_distinct)
+    # The sets are new: keeping them (the closed-part cache does) is safe.
+    for kept in partial[5]:
+        assert all(kept is not b[5 + j] for b in buckets.values() for j in range(n_distinct))
+
+
+def test_compiled_window_kernel_rejects_a_malformed_bucket():
+    from streamscore.kernels import _windows
+
+    with pytest.raises(TypeError, match="list of 6 fields"):
+        _windows.window_agg(WindowAgg, {1: [1, 0, 5, 25, 5]}, 0, 3, 1)
+    with pytest.raises(TypeError, match="must be a set"):
+        _windows.window_partial({1: [1, 0, 5, 25, 5, ["a"]]}, 0, 3, 1)
+    with pytest.raises(TypeError, match="tuple subclass"):
+        _windows.window_agg(dict, {}, 0, 3, 0)

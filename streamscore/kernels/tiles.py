@@ -74,11 +74,53 @@ CACHE_MIN_BUCKETS = 8
 _Partial = tuple[int, int, int, int, int, list[set[str]]]
 
 
-def _agg(partial: _Partial) -> WindowAgg:
-    count, declined, amount_sum, amount_sumsq, amount_max, distinct = partial
-    return WindowAgg(
+def _window_partial_py(
+    buckets: dict[int, list[Any]], first: int, last: int, n_distinct: int
+) -> _Partial:
+    """Sums, max and (new) distinct unions of the stored buckets in ``[first, last]``."""
+    # Visit whichever is smaller: the stored buckets, or the window's bucket range.
+    if len(buckets) <= last - first + 1:
+        selected = [b for i, b in buckets.items() if first <= i <= last]
+    else:
+        selected = [b for b in map(buckets.get, range(first, last + 1)) if b is not None]
+    if not selected:
+        return 0, 0, 0, 0, 0, [set() for _ in range(n_distinct)]
+    # Column-wise over the buckets (zip transposes in C): one pass per field.
+    columns = tuple(zip(*selected, strict=True))
+    return (
+        sum(columns[COUNT]),
+        sum(columns[DECLINED]),
+        sum(columns[SUM]),
+        sum(columns[SUMSQ]),
+        max(columns[MAX]),
+        [set().union(*sets) for sets in columns[DISTINCT0:]],
+    )
+
+
+def _window_agg_py(
+    result_type: type[WindowAgg],
+    buckets: dict[int, list[Any]],
+    first: int,
+    last: int,
+    n_distinct: int,
+) -> WindowAgg:
+    """The ``WindowAgg`` of the stored buckets in ``[first, last]``."""
+    count, declined, amount_sum, amount_sumsq, amount_max, distinct = _window_partial_py(
+        buckets, first, last, n_distinct
+    )
+    return result_type(
         count, declined, amount_sum, amount_sumsq, amount_max, tuple(map(len, distinct))
     )
+
+
+# The compiled kernel (streamscore/kernels/_windows.c, built by `pip install`) computes
+# the same integers and sets without the interpreter's per-bucket overhead; the
+# property tests hold the two to each other. A checkout that was not built (or a
+# machine without a C compiler) reads windows with the Python above.
+try:
+    from streamscore.kernels._windows import window_agg, window_partial
+except ImportError:  # pragma: no cover - exercised where no compiler was found
+    window_agg, window_partial = _window_agg_py, _window_partial_py
 
 
 class Tiles:
@@ -149,20 +191,22 @@ class Tiles:
         last = t_ms // r
         first = last - window_ms // r + 1
         if last - first < CACHE_MIN_BUCKETS or len(self.buckets) < CACHE_MIN_BUCKETS:
-            return _agg(self._partial(first, last))
+            return window_agg(WindowAgg, self.buckets, first, last, self.n_distinct)
         cache = self._cache
         if cache is None:
             cache = self._cache = {}
         entry = cache.get(window_ms)
         if entry is None or entry[0] != first or entry[1] != last or entry[2] != self._version:
-            entry = (first, last, self._version, self._partial(first, last - 1))
+            closed = window_partial(self.buckets, first, last - 1, self.n_distinct)
+            entry = (first, last, self._version, closed)
             cache[window_ms] = entry
             if self._closed_upto is None or last - 1 > self._closed_upto:
                 self._closed_upto = last - 1
+        count, declined, amount_sum, amount_sumsq, amount_max, closed_sets = entry[3]
         current = self.buckets.get(last)
         if current is None:
-            return _agg(entry[3])
-        count, declined, amount_sum, amount_sumsq, amount_max, closed_sets = entry[3]
+            distinct = tuple(map(len, closed_sets))
+            return WindowAgg(count, declined, amount_sum, amount_sumsq, amount_max, distinct)
         distinct_counts = tuple(
             len(closed) + sum(1 for value in values if value not in closed)
             for closed, values in zip(closed_sets, current[DISTINCT0:], strict=True)
@@ -174,27 +218,6 @@ class Tiles:
             amount_sumsq + current[3],
             max(amount_max, current[4]),
             distinct_counts,
-        )
-
-    def _partial(self, first: int, last: int) -> _Partial:
-        """Sums, max and distinct unions of the stored buckets in ``[first, last]``."""
-        buckets = self.buckets
-        # Visit whichever is smaller: the stored buckets, or the window's bucket range.
-        if len(buckets) <= last - first + 1:
-            selected = [b for i, b in buckets.items() if first <= i <= last]
-        else:
-            selected = [b for b in map(buckets.get, range(first, last + 1)) if b is not None]
-        if not selected:
-            return 0, 0, 0, 0, 0, [set() for _ in range(self.n_distinct)]
-        # Column-wise over the buckets (zip transposes in C): one pass per field.
-        columns = tuple(zip(*selected, strict=True))
-        return (
-            sum(columns[COUNT]),
-            sum(columns[DECLINED]),
-            sum(columns[SUM]),
-            sum(columns[SUMSQ]),
-            max(columns[MAX]),
-            [set().union(*sets) for sets in columns[DISTINCT0:]],
         )
 
     def expire(self, keep_from_ms: int) -> int:

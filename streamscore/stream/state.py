@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from streamscore.kernels.recent import RecentEvents
-from streamscore.kernels.tiles import Tiles, WindowAgg
+from streamscore.kernels.tiles import Tiles
 from streamscore.stream.features import (
     DEFAULT_PACK,
     ENTITY_TYPES,
@@ -103,9 +103,10 @@ class FeatureStore:
         self.skew_ms = skew_ms
         self.layouts = {entity: entity_layout(entity, pack) for entity in ENTITY_TYPES}
         self.entities: dict[str, dict[str, EntityState]] = {e: {} for e in ENTITY_TYPES}
-        # Windowed values of an entity never seen (read only).
+        # Every feature of an entity never seen, in the pack's order (read only): its
+        # windowed values are 0; the since-last ones are filled in by ``features``.
         self._zeros = {
-            entity: {f.name: 0.0 for f in layout.windowed}
+            entity: dict.fromkeys(layout.feature_names, 0.0)
             for entity, layout in self.layouts.items()
         }
         self._plans = {
@@ -239,7 +240,8 @@ class FeatureStore:
         recomputes only ``seconds_since_last``, which depends on ``t`` itself."""
         layout = self.layouts[entity_type]
         state = self.entities[entity_type].get(entity_id)
-        # Windowed values (read only here: they may be the cached ones).
+        # The values with the windowed ones filled in (read only here: they may be the
+        # cached ones).
         if state is None:
             windowed = self._zeros[entity_type]
         elif state.folded >= CACHE_MIN_FOLDED:
@@ -262,21 +264,21 @@ class FeatureStore:
                     newest = None
             if newest is not None:
                 since_last = (t_ms - newest) / 1000
-        # A fresh dict in the pack's order; every name not windowed is a since-last one.
-        return {f.name: windowed.get(f.name, since_last) for f in layout.features}
+        values = windowed.copy()  # a fresh dict: ``windowed`` may be the cache's
+        for name in layout.since_last_names:
+            values[name] = since_last
+        return values
 
     @staticmethod
     def _windowed(layout: EntityLayout, state: EntityState, t_ms: int) -> dict[str, float]:
-        values: dict[str, float] = {}
-        windows: dict[tuple[int, int], WindowAgg] = {}
-        for feature in layout.windowed:
-            key = (feature.resolution_ms, feature.window_ms)
-            agg = windows.get(key)
-            if agg is None:
-                agg = windows[key] = state.tiles[feature.resolution_ms].window(
-                    t_ms, feature.window_ms
-                )
-            values[feature.name] = feature.value(agg, layout.distinct_slots[feature.name])
+        """Every feature of the entity in the pack's order, the since-last ones not yet
+        filled in (``features`` sets them)."""
+        values = dict.fromkeys(layout.feature_names, -1.0)
+        tiles = state.tiles
+        for resolution_ms, window_ms, reads in layout.window_reads:
+            agg = tiles[resolution_ms].window(t_ms, window_ms)
+            for name, read in reads:
+                values[name] = read(agg)
         return values
 
     def __len__(self) -> int:
