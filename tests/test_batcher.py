@@ -713,6 +713,23 @@ async def test_not_started_and_bad_vectors() -> None:
     await learning.stop()
 
 
+async def test_a_batch_of_one_is_a_float32_copy_of_its_vector() -> None:
+    seen: list[np.ndarray] = []
+
+    async def infer(batch: np.ndarray) -> np.ndarray:
+        seen.append(batch)
+        return np.full(len(batch), 0.5, dtype=np.float32)
+
+    batcher = Batcher(infer, name="unit", max_batch_size=4, max_queue=4, n_inputs=K)
+    await batcher.start()
+    submitted = np.array([1.0, 2.0, 3.0])  # float64: the batch converts it
+    assert await batcher.submit(submitted, batcher.clock() + 5) == 0.5
+    (batch,) = seen
+    assert batch.shape == (1, K) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    assert batch.tolist() == [[1.0, 2.0, 3.0]] and not np.shares_memory(batch, submitted)
+    await batcher.stop()
+
+
 async def test_inline_backend_batches_the_requests_of_one_loop_turn() -> None:
     backend = FakeBackend([(0.0, "ok")])
     batcher = make(backend, max_batch_size=4, infer_inline=backend.infer_inline)

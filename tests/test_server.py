@@ -21,8 +21,10 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 from streamscore.server.backends.onnx_backend import OnnxBackend
+from streamscore.server.errors import InvalidRequest
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version
 from streamscore.server.scoring import STREAM_READ_AHEAD
+from streamscore.server.validation import MAX_ID_LENGTH, validate_score_request
 from streamscore.stream.backfill import fold_event
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
@@ -206,6 +208,21 @@ async def test_invalid_score_requests_name_the_field(
         await replay_stub.Score(request_)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (caught.value.details() or "").startswith(f"{field}:")
+
+
+def test_lengths_are_checked_per_field_in_characters() -> None:
+    # Every field at the limit (in characters; "é" is two bytes in UTF-8): the whole
+    # request is several times the limit, which alone must not refuse it.
+    at_limit = pb.ScoreRequest(
+        request_id="r" * MAX_ID_LENGTH,
+        transaction=transaction(card_id="c" * MAX_ID_LENGTH, ip="é" * MAX_ID_LENGTH),
+    )
+    assert at_limit.ByteSize() > 4 * MAX_ID_LENGTH
+    validate_score_request(at_limit, replay=True)
+    over = pb.ScoreRequest(transaction=transaction(device_id="é" * (MAX_ID_LENGTH + 1)))
+    with pytest.raises(InvalidRequest) as refused:
+        validate_score_request(over, replay=True)
+    assert refused.value.field == "transaction.device_id"
 
 
 @pytest.mark.parametrize(

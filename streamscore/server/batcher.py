@@ -95,7 +95,10 @@ _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
 def _rows(requests: list[_Request]) -> np.ndarray:
     """The requests' vectors as one contiguous (n, k) float32 batch (a single copy;
-    far cheaper than ``np.stack``)."""
+    far cheaper than ``np.stack``). A batch of one, the usual one on a lightly loaded
+    server, is copied by one ``np.array`` call: a third of ``np.concatenate``'s cost."""
+    if len(requests) == 1:
+        return np.array(requests[0].vector, dtype=np.float32, ndmin=2)
     rows = np.concatenate([r.vector for r in requests], dtype=np.float32)
     return rows.reshape(len(requests), -1)
 
@@ -193,6 +196,9 @@ class LatencyModel:
         self._times: list[deque[float]] = [deque(maxlen=window) for _ in range(n_buckets)]
         self._sorted: list[list[float]] = [[] for _ in range(n_buckets)]  # same, in order
         self._estimates: list[float | None] = [None] * n_buckets
+        # Index of the quantile in a sorted window, by the window's length: computed
+        # once, not per observation.
+        self._rank = [max(0, min(n - 1, math.ceil(quantile * n) - 1)) for n in range(window + 1)]
         # Per bucket: (anchor size, seconds at the anchor, seconds per extra request).
         self._lines: list[tuple[int, float, float]] = []
         self._cache: dict[int, float] = {}  # predictions by size, until the next change
@@ -213,10 +219,7 @@ class LatencyModel:
 
     def _update(self, b: int) -> bool:
         ordered = self._sorted[b]
-        estimate = None
-        if ordered:
-            rank = math.ceil(self.quantile * len(ordered)) - 1
-            estimate = ordered[max(0, min(len(ordered) - 1, rank))]
+        estimate = ordered[self._rank[len(ordered)]] if ordered else None
         if estimate == self._estimates[b]:
             return False
         self._estimates[b] = estimate
@@ -516,10 +519,10 @@ class Batcher:
             self._m_shed["queue_full"].inc()
             raise QueueFull(f"{self.max_queue} requests already queued for {self.name!r}")
         model = self.latency_model
-        alone = now + model.predict(1)
-        if alone > deadline and model.expire():
-            alone = now + model.predict(1)  # stale measurements no longer refuse it
-        if alone > deadline:
+        one = model.predict(1)
+        if now + one > deadline and model.expire():
+            one = model.predict(1)  # stale measurements no longer refuse it
+        if now + one > deadline:
             self._m_shed["deadline_submit"].inc()
             raise DeadlineUnreachable(
                 "submit", f"{deadline - now:.6f}s left is less than {self.name!r} needs"
@@ -533,7 +536,7 @@ class Batcher:
         ahead = self._queued // self.max_batch_size
         if ahead:
             start += ahead * model.predict(self.max_batch_size) / self.max_concurrent_batches
-        if start + model.predict(1) > deadline:
+        if start + one > deadline:
             self._m_shed["overloaded"].inc()
             raise Overloaded(
                 f"over capacity: {self._queued} queued for {self.name!r} would take it "
@@ -767,15 +770,15 @@ class Batcher:
         elapsed = ended - started
         self._m_backend.observe(elapsed)
         n = len(live)
-        model = self.latency_model
-        if np.shape(scores) != (n,):
+        scores = np.asarray(scores)
+        if scores.shape != (n,):
             self._m_failures["wrong_count"].inc()
             self._fail_batch(
-                live, ValueError(f"backend returned {np.shape(scores)} scores for {n} requests")
+                live, ValueError(f"backend returned {scores.shape} scores for {n} requests")
             )
             return
-        model.observe(n, elapsed)
-        for request, score in zip(live, np.asarray(scores).tolist(), strict=True):
+        self.latency_model.observe(n, elapsed)
+        for request, score in zip(live, scores.tolist(), strict=True):
             future = request.future
             if future.done():
                 if future.cancelled():

@@ -94,15 +94,18 @@ class ServedModel:
         baseline = directory / BASELINE_FILE
         self.drift = DriftMonitor(Baseline.load(baseline)) if baseline.is_file() else None
         # Score path helpers, built once: the model's inputs picked from a features
-        # dict (a tuple, in input order) and the response's model reference per variant.
+        # dict (a tuple, in input order) and, per variant, the part of a response that
+        # names the model (copying it is half the cost of building the reference).
         inputs = self.metadata.inputs
         pick = itemgetter(*inputs)
         self.inputs_of: Callable[[dict[str, float]], tuple[float, ...]] = (
             pick if len(inputs) > 1 else lambda features: (pick(features),)
         )
-        self.model_refs = {
-            variant: pb.ModelRef(
-                name=self.metadata.name, version=self.metadata.version, variant=variant
+        self.response_templates = {
+            variant: pb.ScoreResponse(
+                model=pb.ModelRef(
+                    name=self.metadata.name, version=self.metadata.version, variant=variant
+                )
             )
             for variant in (pb.PRIMARY, pb.CANARY)
         }

@@ -112,12 +112,14 @@ class ScoringService(pb_grpc.ScoringServicer):
             CURRENT_REQUEST.set((request.request_id, request.transaction.card_id))
         if not validated:
             validate_score_request(request, replay=self.replay)
-        txn = request.transaction
+        # Read once: every read of a protobuf field builds a new Python object.
+        request_id, txn = request.request_id, request.transaction
+        card_id = txn.card_id
         now_ms = self.clock_ms()
         t_ms = txn.event_time_ms if self.replay else now_ms
         if self.replay:
             for entity_type, entity_id in (
-                ("card", txn.card_id),
+                ("card", card_id),
                 ("merchant", txn.merchant_id),
                 ("device", txn.device_id),
                 ("ip", txn.ip),
@@ -125,7 +127,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                 self._check_exact(entity_type, entity_id, t_ms, "transaction.event_time_ms")
         features = assemble_features(
             self.store,
-            card_id=txn.card_id,
+            card_id=card_id,
             merchant_id=txn.merchant_id,
             device_id=txn.device_id,
             ip=txn.ip,
@@ -138,7 +140,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         # Route (primary, or the canary for its slice of cards); the version is then
         # fixed for the whole call: a rollout change or hot reload swaps references,
         # and a version is stopped only once its calls are done.
-        served, variant = self.rollouts.route(txn.card_id)
+        served, variant = self.rollouts.route(card_id)
         try:
             score, vector = await self._score_on(
                 served, variant, features, time_remaining, degraded, features_done
@@ -159,7 +161,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         if served.drift is not None:
             served.drift.observe(vector, score)
         if variant == pb.PRIMARY:
-            self.rollouts.shadow(vector, score, request.request_id, txn.card_id)
+            self.rollouts.shadow(vector, score, request_id, card_id)
         else:
             self.rollouts.compare_canary(served, vector, score)
         model_done = time.perf_counter_ns()
@@ -169,7 +171,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         if self.decisions is not None:
             self.decisions.record(
                 DecisionRecord(
-                    request_id=request.request_id,
+                    request_id=request_id,
                     time_ms=now_ms,
                     variant=variant_name,
                     model_name=metadata.name,
@@ -177,28 +179,28 @@ class ScoringService(pb_grpc.ScoringServicer):
                     score=score,
                     decision=decision_name,
                     features_hash=features_hash(vector),
-                    card_hash=card_hash(txn.card_id),
+                    card_hash=card_hash(card_id),
                 )
             )
-        response = pb.ScoreResponse(
-            request_id=request.request_id,
-            score=score,
-            decision=decision,
-            model=served.model_refs[variant],
-            timings=pb.Timings(
-                # The batcher's queue wait is inside model_us (histogrammed per batch in
-                # streamscore_batch_queue_wait_seconds).
-                queue_us=0,
-                features_us=(features_done - started) // 1000,
-                model_us=(model_done - features_done) // 1000,
-                total_us=(time.perf_counter_ns() - started) // 1000,
-            ),
-        )
+        # Filled in place, from a copy of the version's template (the model reference):
+        # messages built apart and passed as keywords would be copied in once more.
+        response = pb.ScoreResponse()
+        response.CopyFrom(served.response_templates[variant])
+        response.request_id = request_id
+        response.score = score
+        response.decision = decision
+        # queue_us stays 0: the batcher's queue wait is inside model_us (histogrammed
+        # per batch in streamscore_batch_queue_wait_seconds).
+        timings = response.timings
+        timings.features_us = (features_done - started) // 1000
+        timings.model_us = (model_done - features_done) // 1000
+        timings.total_us = (time.perf_counter_ns() - started) // 1000
         if request.include_features:
             response.features.update(features)
         if self.features_stale():
             degraded.append(pb.FEATURES_STALE)
-        response.degraded.extend(degraded)
+        if degraded:
+            response.degraded.extend(degraded)
         degraded_names = [_DEGRADED_NAMES[r] for r in degraded] if degraded else []
         self.score_metrics.observe(
             variant_name,
@@ -211,7 +213,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             self.tracer.record(
                 trace_parent,
                 {
-                    "streamscore.request_id": request.request_id,
+                    "streamscore.request_id": request_id,
                     "streamscore.variant": variant_name,
                     "streamscore.model_version": metadata.version,
                     "streamscore.decision": decision_name,
