@@ -233,6 +233,21 @@ static int parse_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t offset
     return 0;
 }
 
+/* Parse (buckets, first, last, n_distinct) from args[offset:], add up the window into
+ * w and fill items[0..4]. The caller calls window_clear(w) whatever the outcome. */
+static int window_collect(Window *w, PyObject *const *args, Py_ssize_t nargs,
+                          Py_ssize_t offset, PyObject **items)
+{
+    memset(w, 0, sizeof(*w));
+    long long first, last;
+    Py_ssize_t n_distinct;
+    if (parse_args(args, nargs, offset, &first, &last, &n_distinct) < 0
+        || window_init(w, n_distinct) < 0 || window_scan(w, args[offset], first, last) < 0) {
+        return -1;
+    }
+    return window_fixed_items(w, items);
+}
+
 PyDoc_STRVAR(window_partial_doc,
 "window_partial(buckets, first, last, n_distinct)\n--\n\n"
 "(count, declined, amount_sum, amount_sumsq, amount_max, [distinct sets]) of the\n"
@@ -240,23 +255,17 @@ PyDoc_STRVAR(window_partial_doc,
 
 static PyObject *window_partial(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    long long first, last;
-    Py_ssize_t n_distinct;
-    if (parse_args(args, nargs, 0, &first, &last, &n_distinct) < 0) {
-        return NULL;
-    }
     Window w;
     PyObject *items[FIXED_FIELDS] = {NULL};
     PyObject *sets = NULL, *result = NULL;
-    if (window_init(&w, n_distinct) < 0 || window_scan(&w, args[0], first, last) < 0
-        || window_fixed_items(&w, items) < 0) {
+    if (window_collect(&w, args, nargs, 0, items) < 0) {
         goto done;
     }
-    sets = PyList_New(n_distinct);
+    sets = PyList_New(w.n_distinct);
     if (sets == NULL) {
         goto done;
     }
-    for (Py_ssize_t j = 0; j < n_distinct; j++) {
+    for (Py_ssize_t j = 0; j < w.n_distinct; j++) {
         PyObject *set;
         if (w.merged[j] != NULL) {
             set = Py_NewRef(w.merged[j]);
@@ -287,29 +296,23 @@ PyDoc_STRVAR(window_agg_doc,
 
 static PyObject *window_agg(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    long long first, last;
-    Py_ssize_t n_distinct;
-    if (parse_args(args, nargs, 1, &first, &last, &n_distinct) < 0) {
-        return NULL;
-    }
-    PyObject *result_type = args[0];
-    if (!PyType_Check(result_type)
-        || !PyType_IsSubtype((PyTypeObject *)result_type, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "result_type must be a tuple subclass");
-        return NULL;
-    }
     Window w;
     PyObject *items[FIXED_FIELDS] = {NULL};
     PyObject *counts = NULL, *result = NULL;
-    if (window_init(&w, n_distinct) < 0 || window_scan(&w, args[1], first, last) < 0
-        || window_fixed_items(&w, items) < 0) {
+    if (window_collect(&w, args, nargs, 1, items) < 0) {
         goto done;
     }
-    counts = PyTuple_New(n_distinct);
+    PyObject *result_type = args[0]; /* there: window_collect checked nargs */
+    if (!PyType_Check(result_type)
+        || !PyType_IsSubtype((PyTypeObject *)result_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "result_type must be a tuple subclass");
+        goto done;
+    }
+    counts = PyTuple_New(w.n_distinct);
     if (counts == NULL) {
         goto done;
     }
-    for (Py_ssize_t j = 0; j < n_distinct; j++) {
+    for (Py_ssize_t j = 0; j < w.n_distinct; j++) {
         PyObject *set = w.merged[j] != NULL ? w.merged[j] : w.single[j];
         PyObject *count = PyLong_FromSsize_t(set != NULL ? PySet_GET_SIZE(set) : 0);
         if (count == NULL) {

@@ -57,7 +57,7 @@ class FeatureDef:
         if (self.agg is Agg.DISTINCT) != bool(self.distinct_field):
             raise ValueError(f"{self.name}: distinct_field goes with Agg.DISTINCT only")
 
-    def reader(self, distinct_slot: int = -1) -> Callable[[WindowAgg], float]:
+    def reader(self, distinct_slot: int) -> Callable[[WindowAgg], float]:
         """This feature's value from the window aggregate of its (entity, W, r).
 
         Chosen once per layout, not per read: serving reads about twenty values per
@@ -129,15 +129,12 @@ class EntityLayout:
     distinct_fields: dict[int, tuple[str, ...]]
     max_window_ms: dict[int, int]
 
-    # Feature name -> index of its field among its tiles' distinct sets (-1: none).
-    distinct_slots: dict[str, int]
-    # The features computed from tiles, and the names of those from the newest event
-    # time (seconds since last), precomputed for the serving path.
-    windowed: tuple[FeatureDef, ...] = ()
-    since_last_names: tuple[str, ...] = ()
-    # What serving reads: per (resolution, window), the names and readers of the
-    # features over that one window aggregate.
+    # Precomputed for the serving path: what it reads per (resolution, window), the
+    # names and readers of the features over that one window aggregate; the names of
+    # the features from the newest event time (seconds since last); all names, in
+    # the pack's order.
     window_reads: tuple[WindowRead, ...] = ()
+    since_last_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
 
 
@@ -156,25 +153,19 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
     max_window = {
         r: max(f.window_ms for f in windowed if f.resolution_ms == r) for r in resolutions
     }
-    slots = {
-        f.name: distinct[f.resolution_ms].index(f.distinct_field) if f.distinct_field else -1
-        for f in windowed
-    }
     reads: dict[tuple[int, int], list[tuple[str, Callable[[WindowAgg], float]]]] = {}
     for f in windowed:
-        reads.setdefault((f.resolution_ms, f.window_ms), []).append(
-            (f.name, f.reader(slots[f.name]))
-        )
+        # The index of its field among its tiles' distinct sets (-1: none).
+        slot = distinct[f.resolution_ms].index(f.distinct_field) if f.distinct_field else -1
+        reads.setdefault((f.resolution_ms, f.window_ms), []).append((f.name, f.reader(slot)))
     return EntityLayout(
         entity,
         features,
         resolutions,
         distinct,
         max_window,
-        slots,
-        windowed=tuple(windowed),
-        since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         window_reads=tuple((r, w, tuple(named)) for (r, w), named in reads.items()),
+        since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         feature_names=tuple(f.name for f in features),
     )
 
