@@ -125,6 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         entity_events_partitions=settings.entity_partitions,
         lateness_ms=settings.lateness_ms,
         skew_ms=settings.skew_ms,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
     )
     return 0
 

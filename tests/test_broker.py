@@ -450,6 +450,48 @@ async def test_waiting_fetch_is_not_woken_by_new_records(broker: EmbeddedBroker)
     assert max(fast) < 400, fast
 
 
+async def _replica_fetches_per_s(bootstrap: str, topic: str, fetch_max_wait_ms: int) -> float:
+    """Fetch requests per second a caught-up replica sends while no records come."""
+    from aiokafka.protocol.fetch import FetchRequest
+
+    from streamscore.stream.replica import FeatureReplica
+    from streamscore.stream.state import FeatureStore
+
+    replica = FeatureReplica(
+        bootstrap, FeatureStore(), topic=topic, fetch_max_wait_ms=fetch_max_wait_ms
+    )
+    await replica.start()
+    try:
+        await replica.wait_caught_up(timeout=30)
+        client = replica._consumer._client  # type: ignore[union-attr]
+        send, fetches = client.send, 0
+
+        async def counting_send(node_id: int, request: Any, **kwargs: Any) -> Any:
+            nonlocal fetches
+            fetches += isinstance(request, FetchRequest)
+            return await send(node_id, request, **kwargs)
+
+        client.send = counting_send
+        await asyncio.sleep(1.5)
+        return fetches / 1.5
+    finally:
+        await replica.stop()
+
+
+async def test_replica_fetch_wait_setting_sets_the_idle_fetch_rate(
+    broker: EmbeddedBroker,
+) -> None:
+    """tansu answers an idle Fetch when its wait runs out, so the wait sets how often an
+    idle replica asks (and pays ~1 ms of CPU): kafka_fetch_max_wait_ms reaches it."""
+    topic = _name("replicawait")
+    await create_topics(broker.bootstrap, {topic: 4})
+    short = await _replica_fetches_per_s(broker.bootstrap, topic, kafka_compat.FETCH_MAX_WAIT_MS)
+    long = await _replica_fetches_per_s(broker.bootstrap, topic, 250)
+    print(f"idle fetches per second: {short:.1f} at 20 ms, {long:.1f} at 250 ms")
+    assert 0 < long <= 1 / 0.25 + 1, long
+    assert short >= 3 * long, (short, long)
+
+
 async def test_patched_faust_highwaters_reads_true_ends(
     broker: EmbeddedBroker, consumer: AIOKafkaConsumer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,21 @@ def test_bad_values_are_clear_errors(tmp_path: Path) -> None:
         load_settings(config, environ={})
 
 
+def test_fetch_wait_is_bounded_by_what_tansu_and_staleness_allow() -> None:
+    assert load_settings(environ={}).kafka_fetch_max_wait_ms == 20
+    real_kafka = load_settings(environ={"STREAMSCORE_KAFKA_FETCH_MAX_WAIT_MS": "500"})
+    assert real_kafka.kafka_fetch_max_wait_ms == 500
+    # 0 would make tansu answer with no partitions; a wait near stale_after_s would
+    # mark every Score stale between two answers of an idle broker.
+    for bad in (
+        {"STREAMSCORE_KAFKA_FETCH_MAX_WAIT_MS": "0"},
+        {"STREAMSCORE_KAFKA_FETCH_MAX_WAIT_MS": "2500"},
+        {"STREAMSCORE_KAFKA_FETCH_MAX_WAIT_MS": "500", "STREAMSCORE_STALE_AFTER_S": "1"},
+    ):
+        with pytest.raises(ValueError, match="kafka_fetch_max_wait_ms"):
+            load_settings(environ=bad)
+
+
 def test_model_repository_is_a_path() -> None:
     settings = load_settings(environ={"STREAMSCORE_MODEL_REPOSITORY": "/tmp/models"})
     assert settings.model_repository == Path("/tmp/models")

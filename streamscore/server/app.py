@@ -75,7 +75,9 @@ class ScoringServer:
         if settings.kafka:
             # Idempotent: whichever process starts first creates the topics.
             await create_topics(settings.kafka, topic_layout(settings).partitions())
-            self.replica = FeatureReplica(settings.kafka, self.store)
+            self.replica = FeatureReplica(
+                settings.kafka, self.store, fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms
+            )
         self.rollouts = RolloutManager(
             self.models,
             policy=RollbackPolicy(

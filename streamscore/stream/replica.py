@@ -44,6 +44,8 @@ class FeatureReplica:
         entries_per_step: int = 128,
         # How often idle entities are swept out of memory (0: never).
         sweep_interval_s: float = 60.0,
+        # The Fetch wait (the kafka_fetch_max_wait_ms setting; see kafka_compat, 7).
+        fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
     ) -> None:
         self.bootstrap = bootstrap
         self.store = store
@@ -51,6 +53,7 @@ class FeatureReplica:
         self.max_records = max_records
         self.entries_per_step = entries_per_step
         self.sweep_interval_s = sweep_interval_s
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.entities_swept = 0
         self._last_sweep = time.monotonic()
         self.records_folded = 0
@@ -111,7 +114,7 @@ class FeatureReplica:
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=kafka_compat.FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         await consumer.start()

@@ -68,9 +68,10 @@ def create_app(
     payments_partitions: int = 4,
     entity_events_partitions: int = 4,
     gate: EventTimeGate | None = None,
+    fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
 ) -> tuple[faust.App, WorkerStats]:
     """Build the Faust app; the caller runs it (``faust.Worker``) or starts it in tests."""
-    kafka_compat.install_faust_fixes()
+    kafka_compat.install_faust_fixes(fetch_max_wait_ms)
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
@@ -149,6 +150,7 @@ def run_worker(
     entity_events_partitions: int = 4,
     lateness_ms: int = DEFAULT_LATENESS_MS,
     skew_ms: int = DEFAULT_SKEW_MS,
+    fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
 ) -> None:
     """Run one worker in the foreground until SIGTERM/SIGINT (Faust handles signals)."""
     app, _ = create_app(
@@ -156,6 +158,7 @@ def run_worker(
         payments_partitions=payments_partitions,
         entity_events_partitions=entity_events_partitions,
         gate=EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
+        fetch_max_wait_ms=fetch_max_wait_ms,
     )
     # Our logging (structured JSON, set up by the CLI) stays in charge.
     worker = faust.Worker(
