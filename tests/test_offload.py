@@ -27,6 +27,23 @@ async def test_cheap_calls_run_inline_once_measured() -> None:
     calls.close()
 
 
+async def test_one_slow_call_does_not_send_a_cheap_model_away() -> None:
+    """A pause inside one cheap call (a GC pass, a preemption) counts at most
+    SPIKE_CAP x the limit: the model stays on the loop; a model that really turned
+    heavy still leaves within about six calls."""
+    calls = InlineOrThread("spiky", inline_limit_s=0.001)
+    await calls.call(lambda: burn(0))
+    assert calls.inline
+    await calls.call(lambda: burn(0.05))  # 50x the limit, once
+    assert calls.inline, calls.cost_s
+    heavy_calls = 0
+    while calls.inline:
+        await calls.call(lambda: burn(0.005))
+        heavy_calls += 1
+    assert heavy_calls <= 7, heavy_calls
+    calls.close()
+
+
 async def test_heavy_calls_leave_the_loop_and_it_keeps_ticking() -> None:
     calls = InlineOrThread("heavy", inline_limit_s=0.001)
     await calls.call(lambda: burn(0))

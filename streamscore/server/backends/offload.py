@@ -44,6 +44,7 @@ class InlineOrThread:
     ) -> None:
         self.name = name
         self.inline_limit_s = inline_limit_s
+        self._spike_cap_s = SPIKE_CAP * inline_limit_s
         self._thread_setup = thread_setup
         self._executor: ThreadPoolExecutor | None = None
         # Moving average of CPU seconds per call; unknown until the first one.
@@ -77,7 +78,8 @@ class InlineOrThread:
         try:
             return fn()
         finally:
-            spent = time.thread_time() - started
+            # Capped: one pause inside a cheap call must not send the model away.
+            spent = min(time.thread_time() - started, self._spike_cap_s)
             # A float store is atomic under the GIL; losing one sample to a race between
             # the loop and the thread only delays the average by a call.
             self.cost_s = (
