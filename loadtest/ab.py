@@ -11,9 +11,10 @@ rounds, with ranges; server CPU per request is the steadiest figure.
         --rates 500 --seconds 6 --rounds 5
 
 ``--base`` is checked out into a temporary git worktree (removed afterwards) and
-served with the same interpreter and settings. ``--rpc stream`` compares ScoreStream
-(the echo then answers ScoreStream too). Needs a trained repository
-(``streamscore train --model-repository DIR``).
+served with the same interpreter and settings (``--this-env NAME=VALUE`` changes a
+setting for this tree's server only: with ``--base HEAD`` it A/Bs the setting).
+``--rpc stream`` compares ScoreStream (the echo then answers ScoreStream too). Needs
+a trained repository (``streamscore train --model-repository DIR``).
 """
 
 from __future__ import annotations
@@ -113,14 +114,18 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
             echo_rpc = "echo-stream" if args.rpc == "stream" else "echo"
             servers.append(Server("echo", echo_rpc, f"127.0.0.1:{echo_port}", echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
-            for name, cwd in ((f"base {args.base}", worktree), ("this tree", REPO)):
+            this_env = {**env, **dict(item.split("=", 1) for item in args.this_env)}
+            for name, cwd, server_env in (
+                (f"base {args.base}", worktree, env),
+                ("this tree", REPO, this_env),
+            ):
                 port = find_free_port()
                 process = serve_process(
                     name,
                     broker.bootstrap,
                     port,
                     args.model_repository,
-                    env=env,
+                    env=server_env,
                     log_path=str(work / f"{port}.log"),
                     cwd=str(cwd),  # `python -m` imports streamscore from the working dir
                 )
@@ -173,6 +178,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
     p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
     p.add_argument("--replica-seconds", type=float, default=400.0)
+    p.add_argument(
+        "--this-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment for this tree's server only (repeatable): A/B a setting "
+        "with --base HEAD, e.g. STREAMSCORE_KAFKA_FETCH_MAX_WAIT_MS=500",
+    )
     return p
 
 
