@@ -352,6 +352,34 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
     assert "streamscore-ab-" not in worktrees.stdout
 
 
+async def test_load_profile_sorts_a_real_servers_samples(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    samples = tmp_path / "samples.txt"
+    out = await run_module(
+        "loadtest.load_profile",
+        "--model-repository",
+        str(trained_model),
+        "--rate",
+        "100",
+        "--seconds",
+        "2",
+        "--replica-seconds",
+        "20",
+        "--out",
+        str(samples),
+        timeout=180,
+    )
+    assert re.search(r"score at 100/s offered, \d+/s achieved, .* us/req; \d+ samples", out), out
+    rows = {row[0]: row for row in markdown_tables(out)[0][1:]}
+    shares = {name: float(row[1].rstrip("%")) for name, row in rows.items()}
+    assert abs(sum(shares.values()) - 100) < 1, out
+    # A real server scored: gRPC's native work, our handler and the features all ran.
+    for part in ("event loop, native", "rest of the server's Python", "features"):
+        assert any(name.startswith(part) and share > 0 for name, share in shares.items()), out
+    assert samples.stat().st_size > 0
+
+
 async def test_score_profile_breakdown(trained_model: Path) -> None:
     out = await run_module(
         "loadtest.score_profile",

@@ -1,0 +1,144 @@
+"""Where a real `streamscore serve` spends its CPU under open-loop load (py-spy).
+
+Starts tansu, folds the same features as ``loadtest.ab``, starts the server, warms it
+for 3 s, then offers ``--rate`` for ``--seconds`` while py-spy samples the server
+(``--nonblocking``: the server is never paused). Prints the server CPU per request and
+the samples sorted into parts of the path:
+
+    python -m loadtest.load_profile --model-repository DIR --rpc score --rate 1000
+
+The raw samples (py-spy's "raw" format, one stack per line) stay in ``--out``. Frames
+of coroutines resumed by the event loop have no parents in py-spy's stacks, so parts
+are told apart by the code a stack contains, not by its root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import uvloop
+
+from loadtest.backend_bench import load_features, serve_process
+from loadtest.sweep import ClientPool, realistic_events, score_requests
+from streamscore.client import wait_serving
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.topics import TopicLayout
+
+# First match wins, top to bottom.
+PARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("feature replica: fetch polling and folding", re.compile(r"aiokafka|stream/replica\.py")),
+    (
+        "event loop, native: gRPC core, uvloop, protobuf, syscalls",
+        re.compile(r"Runner\.run \(asyncio/runners\.py:\d+\)$"),
+    ),
+    ("features: assembly, state, window kernel", re.compile(r"streamscore/(stream|kernels)/")),
+    ("model call: onnxruntime/torch and its glue", re.compile(r"server/backends/")),
+    (
+        "rest of the server's Python: handler, batcher, rollout, response, metrics",
+        re.compile(r"streamscore/server/"),
+    ),
+    ("asyncio tasks and waits", re.compile(r"asyncio/(tasks|locks|queues)\.py|_weakrefset")),
+    ("other threads, native (gRPC's poller)", re.compile(r"threading\.py")),
+)
+
+
+def parts(raw: Path) -> tuple[int, Counter[str]]:
+    """Samples in all, and per part of the path."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        total += int(n)
+        stack = stack.rstrip()
+        name = next((name for name, pattern in PARTS if pattern.search(stack)), "other")
+        counts[name] += int(n)
+    return total, counts
+
+
+async def main(args: argparse.Namespace) -> int:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = args.out or Path(tempfile.mkdtemp(prefix="streamscore-profile-")) / "samples.txt"
+    events = realistic_events(seconds=args.replica_seconds)
+    pool = ClientPool(args.clients, score_requests(events)).start()
+    try:
+        async with EmbeddedBroker() as broker:
+            await create_topics(broker.bootstrap, TopicLayout().partitions())
+            await load_features(broker.bootstrap, events)
+            port = find_free_port()
+            server = serve_process(
+                "profiled",
+                broker.bootstrap,
+                port,
+                args.model_repository,
+                env={**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version},
+                log_path=str(out.with_suffix(".log")),
+            )
+            await server.start()
+            try:
+                target = f"127.0.0.1:{port}"
+                await wait_serving(target, timeout=120)
+                assert server.process is not None
+                pid = server.process.pid
+                await asyncio.to_thread(
+                    pool.run, target, args.rpc, args.rate, 3.0, streams=args.streams, server_pid=pid
+                )
+                spy = await asyncio.create_subprocess_exec(
+                    py_spy, "record", "--pid", str(pid), "--duration", str(args.seconds),
+                    "--format", "raw", "--output", str(out), "--rate", "500", "--nonblocking",
+                    stdout=asyncio.subprocess.DEVNULL,
+                )  # fmt: skip
+                row = await asyncio.to_thread(
+                    pool.run,
+                    target,
+                    args.rpc,
+                    args.rate,
+                    float(args.seconds),
+                    streams=args.streams,
+                    server_pid=pid,
+                )
+                if await spy.wait() != 0:
+                    print("py-spy failed (it needs ptrace rights over the server)")
+                    return 1
+            finally:
+                await server.stop()
+    finally:
+        pool.close()
+    total, counts = parts(out)
+    cpu = row.server_cpu_us or 0.0
+    print(
+        f"{args.rpc} at {args.rate:,.0f}/s offered, {row.achieved_rate:,.0f}/s achieved, "
+        f"p99 {row.p99_ms:.1f} ms; server CPU {cpu:.0f} us/req; {total} samples in {out}"
+    )
+    print("| part | share of samples | ~us per request |\n|---|---|---|")
+    for name, n in counts.most_common():
+        print(f"| {name} | {n / total:.1%} | {cpu * n / total:.0f} |")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-repository", type=Path, required=True)
+    p.add_argument("--model-version", default="1")
+    p.add_argument("--rpc", choices=["score", "stream"], default="score")
+    p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s")
+    p.add_argument("--seconds", type=int, default=12, help="profiled seconds (default 12)")
+    p.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
+    p.add_argument("--replica-seconds", type=float, default=400.0, help="of events folded")
+    p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
+    p.add_argument("--out", type=Path, help="py-spy's raw samples (default: a temp file)")
+    return p
+
+
+if __name__ == "__main__":
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        sys.exit(runner.run(main(parser().parse_args())))
