@@ -406,6 +406,29 @@ def test_faust_shims_patch_what_they_claim(monkeypatch: pytest.MonkeyPatch) -> N
     kafka_compat.install_faust_fixes()  # all already in: no-op
 
 
+def test_faust_consumers_get_the_configured_fetch_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's setting reaches the consumers Faust builds from then on (Faust's
+    own builder replaced by a stand-in: only the shim's wrapping is under test)."""
+    from types import SimpleNamespace
+
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    def faust_builder(self: Any, transport: Any) -> Any:
+        return SimpleNamespace(_fetch_max_wait_ms=1500)  # Faust's hard-coded wait
+
+    # The other shims install_faust_fixes puts in come out again after the test.
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_highwaters", AIOKafkaConsumerThread._highwaters)
+    monkeypatch.setattr(GroupCoordinator, "_maybe_leave_group", GroupCoordinator._maybe_leave_group)
+    monkeypatch.setattr(AIOKafkaConsumerThread, "_create_worker_consumer", faust_builder)
+    monkeypatch.setattr(kafka_compat, "_faust_fetch_max_wait_ms", kafka_compat.FETCH_MAX_WAIT_MS)
+    assert kafka_compat.install_faust_fetch_wait_fix(300) is True
+    build = AIOKafkaConsumerThread._create_worker_consumer
+    assert build(None, None)._fetch_max_wait_ms == 300
+    kafka_compat.install_faust_fixes(fetch_max_wait_ms=40)  # installed: only the wait changes
+    assert AIOKafkaConsumerThread._create_worker_consumer is build
+    assert build(None, None)._fetch_max_wait_ms == 40
+
+
 async def _delivery_ms(bootstrap: str, fetch_max_wait_ms: int) -> list[float]:
     """Produce records while a consumer's Fetch is waiting; ms until each is consumed."""
     topic = _name("fetchwait")
