@@ -47,7 +47,9 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        # Non-string keys (a dict of batch size -> time) become strings, as json does;
+        # without the option orjson refuses them and the whole line is lost.
+        return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:

@@ -73,3 +73,7 @@ async def test_logs_are_json_name_the_request_and_hash_the_card(
     assert [e["code"] for e in by_request["r-bad-amount"]] == ["INVALID_ARGUMENT"]
     # Lines outside any request carry no request fields.
     assert any("request_id" not in e for e in entries)
+    # Extras with non-string keys are logged too (warm-up time per batch size).
+    ready = [e for e in entries if e["msg"] == "model version ready"]
+    assert ready and ready[0]["version"] == "3", entries
+    assert ready[0]["warmup_us"] and all(size.isdigit() for size in ready[0]["warmup_us"])
