@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -365,3 +366,34 @@ async def test_a_broken_new_version_keeps_the_old_one_serving(
         await wait_for(lambda: registry.primary.metadata.version == "3")
     finally:
         await registry.stop()
+
+
+async def test_a_version_without_onnx_serves_and_warns_it_has_no_fallback(
+    trained_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TorchScript-only version (as an older `streamscore train` wrote them) serves,
+    but its missed deadlines cannot degrade to the in-process fallback: said at load."""
+    repository = copy_repository(trained_model, tmp_path)
+    version = repository / MODEL / "1"
+    (version / "model.onnx").unlink()
+    metadata = json.loads((version / "metadata.json").read_text())
+    (version / "metadata.json").write_text(json.dumps({**metadata, "backend": "torch"}))
+    with_onnx = ServedModel(trained_model / MODEL / "1")
+    torch_only = ServedModel(version)
+    caplog.set_level(logging.WARNING, logger="streamscore.models")
+    await with_onnx.start()
+    await torch_only.start()
+    try:
+        warned = [r for r in caplog.records if "no in-process fallback" in r.getMessage()]
+        assert [(r.model, r.version) for r in warned] == [(MODEL, "1")]  # type: ignore[attr-defined]
+        assert torch_only.fallback is None and with_onnx.fallback is not None
+        rows = torch_only.metadata.warmup_rows()
+        np.testing.assert_allclose(
+            await torch_only.backend.infer(rows),
+            reference_scores(trained_model, "1", rows),
+            atol=1e-5,
+        )
+        assert await torch_only.fallback_score(rows[0]) is None
+    finally:
+        await torch_only.stop()
+        await with_onnx.stop()

@@ -123,6 +123,12 @@ class ServedModel:
         try:
             if self.fallback is not None:
                 await self.fallback.start()
+            else:
+                log.warning(
+                    "model version has no in-process fallback (no model.onnx): a missed "
+                    "deadline or a failed backend is answered with an error, not degraded",
+                    extra={"model": self.metadata.name, "version": self.metadata.version},
+                )
             # Three untimed calls per size: TorchScript's profiling executor specialises
             # over its first calls (here 125 ms, then 3.5 ms, then ~0.1 ms), which
             # would otherwise seed the latency model with a cold start.
