@@ -112,6 +112,18 @@ async def ensure_model(settings: Settings) -> None:
 
     model_dir = settings.model_repository / settings.model_name
     if model_dir.exists() and any(p.name.isdigit() for p in model_dir.iterdir()):
+        latest = max(
+            (p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+        )
+        if not (latest / "model.onnx").is_file():
+            # Written by an older streamscore (TorchScript only): it serves, but a missed
+            # deadline cannot fall back in process. Kept: it may be the user's own model.
+            print(
+                f"note: {latest} has no model.onnx, so no in-process fallback; for the "
+                f"current demo model: streamscore train --model-repository "
+                f"{settings.model_repository} --version {int(latest.name) + 1}",
+                flush=True,
+            )
         return
     print(f"training the demo model into {settings.model_repository} ...", flush=True)
     report = await asyncio.to_thread(train, settings.model_repository)

@@ -92,3 +92,23 @@ def test_demo_stops_cleanly_on_ctrl_c(trained_model: Path) -> None:
         pid = int(child.split()[0])
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_demo_keeps_an_existing_model_and_notes_a_missing_fallback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamscore.config import Settings
+    from streamscore.demo import ensure_model
+
+    settings = Settings(model_repository=tmp_path)
+    old = tmp_path / settings.model_name / "3"
+    old.mkdir(parents=True)
+    (old / "model.pt").write_bytes(b"kept as it is")
+    await ensure_model(settings)  # no training: a version is there
+    out = capsys.readouterr().out
+    assert "training" not in out
+    assert f"{old} has no model.onnx" in out and "--version 4" in out, out
+    assert sorted(p.name for p in old.iterdir()) == ["model.pt"]
+    (old / "model.onnx").write_bytes(b"")
+    await ensure_model(settings)
+    assert capsys.readouterr().out == ""
