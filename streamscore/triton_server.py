@@ -5,10 +5,12 @@ virtual environment (``.venv-triton``, made by ``scripts/setup_triton.sh``) beca
 that package pins numpy<2 and an older protobuf. Only the server runs from there; we
 talk to it with ``tritonclient`` from our own environment.
 
-``EmbeddedTriton`` mirrors ``stream.broker.EmbeddedBroker``: start on a free port
-(retrying when the port turns out to be taken), wait until the server is ready,
-SIGTERM then SIGKILL on stop, output to a log file (never an undrained pipe), killed
-with its parent (PR_SET_PDEATHSIG) even if we are SIGKILLed.
+``EmbeddedTriton`` shares its lifecycle with ``stream.broker.EmbeddedBroker``
+(``loopback_process.LoopbackServerProcess``): start on a free port (retrying when the
+port turns out to be taken), wait until the server is ready, SIGTERM then SIGKILL (of
+its whole process group: the python-backend stubs too) on stop, output to a log file
+(never an undrained pipe), killed with its parent (PR_SET_PDEATHSIG) even if we are
+SIGKILLed.
 
 What the bare binary needs, found the hard way:
 
@@ -40,21 +42,21 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any
 
-from streamscore._pdeathsig import die_with_parent
-from streamscore.stream.broker import find_free_port
+from streamscore.loopback_process import (
+    LOOPBACK,
+    LoopbackServerProcess,
+    accepts_tcp,
+    find_free_port,
+)
 
 __all__ = [
     "EmbeddedTriton",
@@ -66,7 +68,6 @@ __all__ = [
 
 logger = logging.getLogger("streamscore.triton")
 
-_LOOPBACK = "127.0.0.1"
 _ADDR_IN_USE = "already in use"  # "Socket '127.0.0.1:PORT' already in use"
 _PROBE_S = 1.0
 _ERROR_LINE = re.compile(r"^(E\d{4} |error: )")
@@ -168,8 +169,13 @@ def _locate(venv: Path) -> TritonInstall:
     return install
 
 
-class EmbeddedTriton:
+class EmbeddedTriton(LoopbackServerProcess):
     """One tritonserver process serving ``model_repository`` over gRPC on loopback."""
+
+    label = "tritonserver"
+    log_name = "tritonserver"
+    error = TritonServerError
+    logger = logger
 
     def __init__(
         self,
@@ -203,25 +209,19 @@ class EmbeddedTriton:
             log_verbose: tritonserver's ``--log-verbose`` level.
             extra_args: more tritonserver flags, appended last.
         """
-        if port_attempts < 1:
-            raise ValueError("port_attempts must be >= 1")
+        super().__init__(
+            port=port,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+            port_attempts=port_attempts,
+            log_dir=log_dir,
+        )
         self.model_repository = Path(model_repository).absolute()
         self._venv = venv
-        self._fixed_port = port
         self._models = list(models) if models is not None else None
-        self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
         self._exit_timeout_s = exit_timeout_s
-        self._port_attempts = port_attempts if port is None else 1
-        self._log_dir = Path(log_dir) if log_dir is not None else None
-        self._owns_log_dir = log_dir is None
         self._log_verbose = log_verbose
         self._extra_args = list(extra_args)
-        self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-        self._log_path: Path | None = None
-        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], EmbeddedTriton] | None = None
         self._server_id = ""
         self._shm_prefix = ""
         self.startup_s: float | None = None  # launch to ready, of the last start()
@@ -229,27 +229,9 @@ class EmbeddedTriton:
     # -- properties ---------------------------------------------------------------
 
     @property
-    def port(self) -> int:
-        if self._port is None or self._proc is None:
-            raise TritonServerError("tritonserver is not running")
-        return self._port
-
-    @property
     def url(self) -> str:
         """``"127.0.0.1:PORT"``, the gRPC address for tritonclient."""
-        return f"{_LOOPBACK}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._log_path
+        return f"{LOOPBACK}:{self.port}"
 
     def log_errors(self, max_lines: int = 20) -> list[str]:
         """The server's error lines (``E...`` log records, ``error: ...``) so far."""
@@ -265,13 +247,7 @@ class EmbeddedTriton:
         return lines[-max_lines:]
 
     def log_tail(self, max_chars: int = 3000) -> str:
-        if self._log_path is None:
-            return ""
-        try:
-            data = self._log_path.read_bytes()[-max_chars:]
-        except OSError:
-            return ""
-        return data.decode("utf-8", "replace")
+        return self._log_bytes(max_chars).decode("utf-8", "replace")
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -288,11 +264,13 @@ class EmbeddedTriton:
         install = await asyncio.to_thread(TritonInstall.locate, self._venv)
         last_error = ""
         for attempt in range(1, self._port_attempts + 1):
-            port = self._fixed_port if self._fixed_port is not None else find_free_port()
+            port = self._next_port()
             t0 = time.monotonic()
+            self._server_id = f"streamscore-{os.getpid()}-{secrets.token_hex(4)}"
+            self._shm_prefix = f"{self._server_id}-shm-"
             # In this (the loop's) thread: PDEATHSIG fires when the forking *thread*
-            # ends, so never launch from a worker thread.
-            self._launch(install, port)
+            # ends, so never launch from a worker thread. Its cwd is the log directory.
+            self._launch(self._argv(install, port), port, env=install.env(), cwd_log_dir=True)
             try:
                 outcome = await self._wait_ready(port)
             except BaseException:  # cancelled (or a bug): leave nothing running
@@ -302,7 +280,7 @@ class EmbeddedTriton:
                 self.startup_s = time.monotonic() - t0
                 logger.info(
                     "tritonserver ready on %s:%d (pid %s) in %.2fs",
-                    _LOOPBACK,
+                    LOOPBACK,
                     port,
                     self.pid,
                     self.startup_s,
@@ -319,15 +297,6 @@ class EmbeddedTriton:
         self._remove_log_dir()
         raise TritonServerError(f"could not start tritonserver: {last_error}")
 
-    async def stop(self) -> None:
-        """SIGTERM, wait ``stop_timeout``, then SIGKILL. Idempotent."""
-        if self._proc is None:
-            return
-        pid = self._proc.pid
-        await self._terminate()
-        self._remove_log_dir()
-        logger.info("tritonserver (pid %s) stopped", pid)
-
     def kill(self) -> None:
         """SIGKILL the server and its model processes, as a crash would (tests).
 
@@ -341,18 +310,6 @@ class EmbeddedTriton:
 
     async def unload_model(self, name: str, *, timeout: float = 30.0) -> None:
         await self._repository_call("unload_model", name, timeout)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     # -- internals ------------------------------------------------------------------
 
@@ -375,7 +332,7 @@ class EmbeddedTriton:
             f"--backend-directory={install.backends}",
             "--allow-http=false",
             "--allow-metrics=false",
-            f"--grpc-address={_LOOPBACK}",
+            f"--grpc-address={LOOPBACK}",
             f"--grpc-port={port}",
             # Without SO_REUSEPORT a taken port is an error, not a shared socket.
             "--reuse-grpc-port=false",
@@ -391,30 +348,6 @@ class EmbeddedTriton:
         models = ["*"] if self._models is None else self._models
         argv += [f"--load-model={name}" for name in models]
         return argv + self._extra_args
-
-    def _launch(self, install: TritonInstall, port: int) -> None:
-        self._server_id = f"streamscore-{os.getpid()}-{secrets.token_hex(4)}"
-        self._shm_prefix = f"{self._server_id}-shm-"
-        argv = self._argv(install, port)
-        if self._log_dir is None:
-            self._log_dir = Path(tempfile.mkdtemp(prefix="streamscore-triton-"))
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        self._log_path = self._log_dir / f"tritonserver-{port}.log"
-        self._log_file = open(self._log_path, "wb")  # closed in _terminate()
-        self._proc = subprocess.Popen(
-            argv,
-            env=install.env(),
-            cwd=self._log_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        self._port = port
-        self._finalizer = weakref.finalize(self, _kill_quietly, self._proc)
-        logger.debug("launched %s (pid %d)", " ".join(argv), self._proc.pid)
 
     async def _wait_ready(self, port: int) -> str | None:
         """``None`` once the server (and so its startup models) is ready, else why not."""
@@ -436,9 +369,9 @@ class EmbeddedTriton:
                     return f"timeout: not ready within {self._start_timeout}s"
                 # gRPC starts listening after the startup models have loaded, so
                 # probe with a plain connect first (no client error logging).
-                if await _accepts_tcp(port, min(remaining, _PROBE_S)):
+                if await accepts_tcp(port, min(remaining, _PROBE_S)):
                     if client is None:
-                        client = grpcclient.InferenceServerClient(f"{_LOOPBACK}:{port}")
+                        client = grpcclient.InferenceServerClient(f"{LOOPBACK}:{port}")
                     with contextlib.suppress(InferenceServerException):
                         probe_s = min(remaining, _PROBE_S)
                         metadata = await client.get_server_metadata(client_timeout=probe_s)
@@ -455,50 +388,21 @@ class EmbeddedTriton:
 
     def _abandon(self) -> None:
         """Synchronous cleanup for a start() that did not finish."""
-        proc, self._proc = self._proc, None
-        self._port = None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
+        proc = self._detach()
         if proc is not None:
             _kill_group(proc)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=2)  # SIGKILLed: gone within milliseconds
             _remove_shm(self._shm_prefix)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        self._close_log()
         self._remove_log_dir()
 
-    def _remove_log_dir(self) -> None:
-        if self._owns_log_dir and self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
-            self._log_path = None
+    @staticmethod
+    def _kill(proc: subprocess.Popen[bytes]) -> None:
+        _kill_group(proc)
 
-    async def _terminate(self) -> None:
-        proc, self._proc = self._proc, None
-        self._port = None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                if not await _wait_exit(proc, self._stop_timeout):
-                    logger.warning(
-                        "tritonserver (pid %d) ignored SIGTERM for %.1fs; killing it",
-                        proc.pid,
-                        self._stop_timeout,
-                    )
-                    _kill_group(proc)
-                    await _wait_exit(proc, self._stop_timeout)
-        finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
-            if proc is not None and proc.returncode is not None:
-                _remove_shm(self._shm_prefix)
+    def _after_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        _remove_shm(self._shm_prefix)
 
 
 def _remove_shm(prefix: str) -> None:
@@ -524,29 +428,3 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         proc.kill()
-
-
-def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
-    _kill_group(proc)
-
-
-async def _wait_exit(proc: subprocess.Popen[bytes], wait_s: float) -> bool:
-    deadline = time.monotonic() + wait_s
-    while proc.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
-async def _accepts_tcp(port: int, wait_s: float) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(_LOOPBACK, port), timeout=min(wait_s, 1.0)
-        )
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True

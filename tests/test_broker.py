@@ -103,6 +103,25 @@ async def test_broker_starts_serves_and_stops() -> None:
         _ = b.bootstrap
 
 
+async def test_a_forgotten_broker_is_killed_when_collected() -> None:
+    """The finalizer (for an owner that never calls stop()) holds no reference to the
+    broker, so dropping the last one kills tansu."""
+    import gc
+
+    b = EmbeddedBroker()
+    await b.start()
+    pid, log_path = b.pid, b.log_path
+    assert pid is not None and _pid_alive(pid) and log_path is not None
+    del b
+    gc.collect()
+    for _ in range(100):
+        if not _pid_alive(pid):
+            break
+        await asyncio.sleep(0.02)
+    assert not _pid_alive(pid), "tansu outlived its collected owner"
+    assert not log_path.parent.exists()  # its log closed, the temp directory removed
+
+
 async def test_two_brokers_side_by_side() -> None:
     async with EmbeddedBroker() as one, EmbeddedBroker() as two:
         assert one.port != two.port

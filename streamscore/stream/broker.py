@@ -10,8 +10,9 @@ Things about tansu 0.6.0 that shape this module (see also ``kafka_compat``):
   We pick a port by binding port 0, but another process can grab it before tansu
   binds, so an early exit (or an ``AddrInUse`` line in its log) means "try another
   port", a few times.
-- It prints little (a banner, then errors), but its stdout/stderr still go to a file,
-  never to an undrained pipe, so a chatty broker can never block on a full pipe.
+- It prints little (a banner, then errors); its output goes to a file like any
+  child server's here (``loopback_process.LoopbackServerProcess``, the lifecycle it
+  shares with embedded Triton).
 - All data lives in memory and is lost when the process stops.
 
 ``create_topics`` creates topics that are missing; tansu supports CreateTopics and
@@ -23,33 +24,27 @@ Metadata request, so create topics before clients use them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import time
-import weakref
 from collections.abc import Mapping
-from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from streamscore._pdeathsig import die_with_parent
+from streamscore.loopback_process import (
+    LOOPBACK,
+    LoopbackServerProcess,
+    accepts_tcp,
+    find_free_port,
+)
 
 __all__ = ["BrokerError", "EmbeddedBroker", "create_topics", "find_free_port"]
 
 logger = logging.getLogger("streamscore.broker")
 
-_LOOPBACK = "127.0.0.1"
 _TOPIC_ALREADY_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # tansu colours its log lines
 _ADDR_IN_USE = "AddrInUse"
@@ -60,27 +55,7 @@ class BrokerError(RuntimeError):
     """The embedded broker could not be started (or a broker call failed)."""
 
 
-def find_free_port(host: str = _LOOPBACK) -> int:
-    """Return a port that was free on ``host`` a moment ago (bind port 0, close).
-
-    Another process may take it before the broker binds it; callers must cope.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
-    """Last-resort cleanup (GC or interpreter exit) so no tansu outlives its owner."""
-    if proc.poll() is None:
-        with contextlib.suppress(OSError):
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-            proc.wait(timeout=2.0)
-
-
-class EmbeddedBroker:
+class EmbeddedBroker(LoopbackServerProcess):
     """A tansu broker process on ``127.0.0.1`` with in-memory storage.
 
     Usage::
@@ -93,6 +68,11 @@ class EmbeddedBroker:
     then SIGKILLs. ``stop()`` is idempotent; a stopped broker can be started again
     (on a new port when none was given, with empty storage).
     """
+
+    label = "tansu broker"
+    log_name = "tansu"
+    error = BrokerError
+    logger = logger
 
     def __init__(
         self,
@@ -116,62 +96,25 @@ class EmbeddedBroker:
             silent: pass ``--silent`` to tansu (drops even its error log).
             log_dir: where tansu's output file goes; default: a fresh temp directory.
         """
-        if port_attempts < 1:
-            raise ValueError("port_attempts must be >= 1")
-        self._fixed_port = port
+        super().__init__(
+            port=port,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+            port_attempts=port_attempts,
+            log_dir=log_dir,
+        )
         self._binary = binary
-        self._start_timeout = start_timeout
-        self._stop_timeout = stop_timeout
-        self._port_attempts = port_attempts if port is None else 1
         self._silent = silent
-        self._log_dir = Path(log_dir) if log_dir is not None else None
-        self._owns_log_dir = log_dir is None  # a temp dir we made, and remove on stop()
-        self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-        self._log_path: Path | None = None
-        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], EmbeddedBroker] | None = None
-
-    # -- properties ---------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The port the running broker listens on."""
-        if self._port is None or self._proc is None:
-            raise BrokerError("broker is not running")
-        return self._port
 
     @property
     def bootstrap(self) -> str:
         """``"127.0.0.1:PORT"``, for ``bootstrap_servers`` (Faust: ``kafka://`` + this)."""
-        return f"{_LOOPBACK}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the running tansu, ``None`` when not running."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the tansu process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path | None:
-        """File holding tansu's stdout+stderr; removed by ``stop()`` unless ``log_dir``."""
-        return self._log_path
+        return f"{LOOPBACK}:{self.port}"
 
     def log_tail(self, max_chars: int = 2000) -> str:
         """The last ``max_chars`` of tansu's output, colour codes stripped."""
-        if self._log_path is None:
-            return ""
-        try:
-            data = self._log_path.read_bytes()[-max_chars * 2 :]
-        except OSError:
-            return ""
+        data = self._log_bytes(max_chars * 2)
         return _ANSI.sub("", data.decode("utf-8", "replace"))[-max_chars:]
-
-    # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start tansu and wait until it serves Kafka metadata requests.
@@ -185,14 +128,14 @@ class EmbeddedBroker:
         binary = self._binary or _resolve_binary()
         last_error = ""
         for attempt in range(1, self._port_attempts + 1):
-            port = self._fixed_port if self._fixed_port is not None else find_free_port()
-            self._launch(binary, port)
+            port = self._next_port()
+            self._launch(self._argv(binary, port), port, cwd_log_dir=False)
             t0 = time.monotonic()
             outcome = await self._wait_ready(port)
             if outcome is None:
                 logger.info(
                     "tansu broker ready on %s:%d (pid %s) in %.2fs",
-                    _LOOPBACK,
+                    LOOPBACK,
                     port,
                     self.pid,
                     time.monotonic() - t0,
@@ -213,37 +156,10 @@ class EmbeddedBroker:
         self._remove_log_dir()
         raise BrokerError(f"could not start tansu broker: {last_error}")
 
-    async def stop(self) -> None:
-        """Stop the broker: SIGTERM, wait ``stop_timeout``, then SIGKILL. Idempotent."""
-        if self._proc is None:
-            return
-        pid = self._proc.pid
-        await self._terminate()
-        self._remove_log_dir()
-        logger.info("tansu broker (pid %s) stopped", pid)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
     # -- internals ------------------------------------------------------------------
 
-    def _remove_log_dir(self) -> None:
-        if self._owns_log_dir and self._log_dir is not None:
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            self._log_dir = None
-            self._log_path = None
-
-    def _launch(self, binary: str, port: int) -> None:
-        url = f"tcp://{_LOOPBACK}:{port}"
+    def _argv(self, binary: str, port: int) -> list[str]:
+        url = f"tcp://{LOOPBACK}:{port}"
         argv = [
             binary,
             "broker",
@@ -256,27 +172,7 @@ class EmbeddedBroker:
         ]
         if self._silent:
             argv.append("--silent")
-        if self._log_dir is None:
-            self._log_dir = Path(tempfile.mkdtemp(prefix="streamscore-tansu-"))
-        self._log_dir.mkdir(parents=True, exist_ok=True)
-        self._log_path = self._log_dir / f"tansu-{port}.log"
-        # A file, not a pipe: nobody has to drain it, so tansu can never block on write.
-        self._log_file = open(self._log_path, "wb")  # closed in _terminate()
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            close_fds=True,
-            # Its own session: a Ctrl-C at the terminal reaches our process group only,
-            # and we stop tansu last, after the clients that still need it.
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        self._port = port
-        # If the owner forgets stop() (or the interpreter exits), still kill tansu.
-        self._finalizer = weakref.finalize(self, _kill_quietly, self._proc)
-        logger.debug("launched %s (pid %d)", " ".join(argv), self._proc.pid)
+        return argv
 
     async def _wait_ready(self, port: int) -> str | None:
         """Return ``None`` once tansu answers metadata, else why it failed.
@@ -309,28 +205,6 @@ class EmbeddedBroker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    async def _terminate(self) -> None:
-        proc, self._proc = self._proc, None
-        self._port = None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        try:
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                if not await _wait_exit(proc, self._stop_timeout):
-                    logger.warning(
-                        "tansu (pid %d) ignored SIGTERM for %.1fs; killing it",
-                        proc.pid,
-                        self._stop_timeout,
-                    )
-                    proc.kill()
-                    await _wait_exit(proc, self._stop_timeout)
-        finally:
-            if self._log_file is not None:
-                self._log_file.close()
-                self._log_file = None
-
 
 def _resolve_binary() -> str:
     try:
@@ -343,31 +217,14 @@ def _resolve_binary() -> str:
         raise BrokerError(f"no tansu binary: {exc}") from exc
 
 
-async def _wait_exit(proc: subprocess.Popen[bytes], wait_s: float) -> bool:
-    """Poll (loop-agnostic, no child watcher) until ``proc`` exits; True if it did."""
-    deadline = time.monotonic() + wait_s
-    while proc.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
 async def _accepts_kafka(port: int, wait_s: float) -> bool:
     """True when a Kafka client can bootstrap (ApiVersions + Metadata) from ``port``."""
     # A plain TCP connect first: cheap, and keeps aiokafka's connection-error logging
     # out of the way while tansu is still starting.
-    try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(_LOOPBACK, port), timeout=min(wait_s, 1.0)
-        )
-    except (OSError, TimeoutError):
+    if not await accepts_tcp(port, wait_s):
         return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
     client = AIOKafkaClient(
-        bootstrap_servers=f"{_LOOPBACK}:{port}",
+        bootstrap_servers=f"{LOOPBACK}:{port}",
         request_timeout_ms=max(int(wait_s * 1000), 1000),
     )
     try:
