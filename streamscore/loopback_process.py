@@ -184,9 +184,17 @@ class LoopbackServerProcess:
         """Cleanup once the child has exited (Triton removes its shared memory)."""
 
     def _launch(
-        self, argv: list[str], port: int, *, env: dict[str, str] | None = None, cwd_log_dir: bool
+        self,
+        argv: list[str],
+        port: int,
+        *,
+        env: dict[str, str] | None = None,
+        cwd_log_dir: bool,
+        when_forgotten: Callable[[], None] | None = None,
     ) -> None:
-        """Start ``argv`` (meant to listen on ``port``), its output in the log file."""
+        """Start ``argv`` (meant to listen on ``port``), its output in the log file;
+        ``when_forgotten`` also runs if the owner is collected without ``stop()``
+        (after the kill; it must not refer to the owner)."""
         if self._log_dir is None:
             self._log_dir = Path(tempfile.mkdtemp(prefix=f"streamscore-{self.log_name}-"))
         self._log_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +222,7 @@ class LoopbackServerProcess:
             self._proc,
             self._log_file,
             self._log_dir if self._owns_log_dir else None,
+            when_forgotten,
         )
         self.logger.debug("launched %s (pid %d)", " ".join(argv), self._proc.pid)
 
@@ -262,6 +271,7 @@ def _clean_up_forgotten(
     proc: subprocess.Popen[bytes],
     log_file: IO[bytes],
     owned_dir: Path | None,
+    when_forgotten: Callable[[], None] | None,
 ) -> None:
     """Last-resort cleanup (GC or interpreter exit) so no child outlives its owner."""
     if proc.poll() is None:
@@ -272,3 +282,5 @@ def _clean_up_forgotten(
     log_file.close()
     if owned_dir is not None:
         shutil.rmtree(owned_dir, ignore_errors=True)
+    if when_forgotten is not None:
+        when_forgotten()

@@ -270,7 +270,13 @@ class EmbeddedTriton(LoopbackServerProcess):
             self._shm_prefix = f"{self._server_id}-shm-"
             # In this (the loop's) thread: PDEATHSIG fires when the forking *thread*
             # ends, so never launch from a worker thread. Its cwd is the log directory.
-            self._launch(self._argv(install, port), port, env=install.env(), cwd_log_dir=True)
+            self._launch(
+                self._argv(install, port),
+                port,
+                env=install.env(),
+                cwd_log_dir=True,
+                when_forgotten=functools.partial(_remove_shm, self._shm_prefix),
+            )
             try:
                 outcome = await self._wait_ready(port)
             except BaseException:  # cancelled (or a bug): leave nothing running

@@ -7,6 +7,8 @@ onnxruntime loading dominate); the crash test runs its own servers.
 from __future__ import annotations
 
 import asyncio
+import gc
+import glob
 import os
 import signal
 import sys
@@ -327,3 +329,30 @@ async def test_cancelled_start_leaves_nothing_running(repo: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not server.running and not _alive(pid)
+
+
+def _shm_regions(prefix: str) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(glob.escape(prefix) + "*"))
+
+
+@needs_triton
+async def test_killed_or_forgotten_servers_leave_no_shared_memory(repo: Path) -> None:
+    """The python backend keeps a shared-memory region per model instance; a graceful
+    stop removes them itself, a killed server leaves them behind. stop() after a
+    kill removes them, and so does the finalizer of a server its owner forgot."""
+    killed = EmbeddedTriton(repo, models=[MODEL])
+    await killed.start()
+    prefix = killed._shm_prefix  # our own names for the regions (--backend-config)
+    assert _shm_regions(prefix), "the model instance has no region: nothing tested"
+    killed.kill()
+    await killed.stop()
+    assert not _shm_regions(prefix)
+
+    forgotten = EmbeddedTriton(repo, models=[MODEL])
+    await forgotten.start()
+    pid, prefix = forgotten.pid, forgotten._shm_prefix
+    assert pid is not None and _shm_regions(prefix)
+    del forgotten
+    gc.collect()
+    assert not _alive(pid), "tritonserver outlived its collected owner"
+    assert not _shm_regions(prefix)
