@@ -4,6 +4,7 @@ their latency budget and the rest are refused fast with RESOURCE_EXHAUSTED."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import time
 from pathlib import Path
@@ -82,13 +83,24 @@ async def test_three_times_capacity_sheds_fast_and_keeps_the_budget(
                     (code, (end - due) * 1000, (end - sent) * 1000, server_ms, degraded)
                 )
 
-            start = time.monotonic()
-            calls = []
-            for i in range(int(rate * seconds)):
-                due = start + i / rate
-                await asyncio.sleep(max(0.0, due - time.monotonic()))
-                calls.append(asyncio.create_task(one(i, due)))
-            await asyncio.gather(*calls)
+            # No collector pauses in the load generator: in a long pytest session a
+            # full collection of everything the earlier tests left can stall this
+            # loop for hundreds of ms (CI once sent ~0.5 s late), which is not the
+            # server's doing.
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+            try:
+                start = time.monotonic()
+                calls = []
+                for i in range(int(rate * seconds)):
+                    due = start + i / rate
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    calls.append(asyncio.create_task(one(i, due)))
+                await asyncio.gather(*calls)
+            finally:
+                gc.enable()
+                gc.unfreeze()
         server.check_running()
     finally:
         await server.stop()
@@ -97,6 +109,7 @@ async def test_three_times_capacity_sheds_fast_and_keeps_the_budget(
     for code, *_ in outcomes:
         codes[code] = codes.get(code, 0) + 1
     ok_ms = np.array([ms for code, ms, *_ in outcomes if code == "OK"])
+    ok_sent_ms = np.array([ms for code, _, ms, _, _ in outcomes if code == "OK"])
     # Scored by the model (not degraded): the batcher's promise is about these. The
     # few deadline fallbacks (degraded, counted below) run this same heavy model
     # unbatched and can finish late: a known limit, see BENCHMARKS.md.
@@ -111,7 +124,8 @@ async def test_three_times_capacity_sheds_fast_and_keeps_the_budget(
     print(
         f"capacity {capacity:.0f}/s, offered {rate:.0f}/s: {codes}, degraded {degraded}; "
         f"admitted p50 {np.percentile(ok_ms, 50):.1f} p99 {np.percentile(ok_ms, 99):.1f} ms "
-        f"(server p99 {np.percentile(ok_server_ms, 99):.1f}); "
+        f"(from the actual send p99 {np.percentile(ok_sent_ms, 99):.1f}, "
+        f"server p99 {np.percentile(ok_server_ms, 99):.1f}); "
         f"shed p50 {np.percentile(shed_ms, 50):.1f} p99 {np.percentile(shed_ms, 99):.1f} ms "
         f"(from the actual send p99 {np.percentile(shed_sent_ms, 99):.1f})"
     )
@@ -120,12 +134,13 @@ async def test_three_times_capacity_sheds_fast_and_keeps_the_budget(
     assert len(ok_ms) >= 0.5 * capacity * seconds, (len(ok_ms), capacity)
     assert len(shed_ms) >= 0.3 * rate * seconds, (len(shed_ms), rate)
     # Admitted calls made their budget, as the server measured them (the client's view
-    # adds the load generator's own delays on the same 2 cores: checked loosely);
+    # adds the client's own delays on the same 2 cores: checked loosely, and from the
+    # actual send, since the generator itself can fall behind its schedule);
     # refusals came much faster than an answer.
     # A score is only ever set by its deadline; what follows it (decision, response)
     # runs on the loaded loop too: 10 % over is allowed for that.
     assert np.percentile(ok_server_ms, 99) <= 1.1 * BUDGET_MS, np.percentile(ok_server_ms, 99)
-    assert np.percentile(ok_ms, 99) <= 3 * BUDGET_MS, np.percentile(ok_ms, 99)
+    assert np.percentile(ok_sent_ms, 99) <= 3 * BUDGET_MS, np.percentile(ok_sent_ms, 99)
     assert np.median(shed_ms) <= 0.25 * BUDGET_MS, np.median(shed_ms)
     assert np.percentile(shed_sent_ms, 99) <= BUDGET_MS, np.percentile(shed_sent_ms, 99)
     # Admission is a prediction: under CPU contention a few admitted calls still miss
