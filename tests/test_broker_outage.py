@@ -103,12 +103,24 @@ async def test_a_hung_broker_degrades_scores_and_loses_nothing(
             print_logs(tmp_path)
     codes = {code for _, code, _ in outcomes}
     assert codes == {"OK"}, codes  # every Score was answered
-    stale_during = [d for sent, _, d in outcomes if paused + STALE_AFTER_S + 1 < sent < resumed]
+    # Sent in the outage, and not in its last 100 ms: a call sent just before SIGCONT
+    # may be judged by the server after the woken broker has answered the replica's
+    # pending fetch (CI saw one such answer, rightly fresh, out of 131).
+    stale_during = [
+        d for sent, _, d in outcomes if paused + STALE_AFTER_S + 1 < sent < resumed - 0.1
+    ]
     fresh_after = [d for sent, _, d in outcomes if sent > fresh_since]
     print(
         f"{len(outcomes)} scores; during the outage {sum(stale_during)}/{len(stale_during)} "
         f"marked stale; fresh again {fresh_since - resumed:.1f} s after; "
         f"then {sum(fresh_after)}/{len(fresh_after)} stale"
     )
-    assert stale_during and all(stale_during), "answers during the outage not marked stale"
+    fresh_in_outage = [
+        round(sent - resumed, 3)
+        for sent, _, d in outcomes
+        if paused + STALE_AFTER_S + 1 < sent < resumed - 0.1 and not d
+    ]
+    assert stale_during and not fresh_in_outage, (
+        f"answers during the outage not marked stale, sent at {fresh_in_outage} s from resume"
+    )
     assert fresh_after and not any(fresh_after), "still stale after the broker came back"
