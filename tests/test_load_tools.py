@@ -60,8 +60,9 @@ async def echo_target() -> AsyncIterator[str]:
         await server.stop(None)
 
 
-async def run_module(*argv: str, timeout: float) -> str:
-    """``python -m ARGV`` from the repository root; its output, asserting exit 0."""
+async def run_module(*argv: str, timeout: float, expect_exit_0: bool = True) -> str:
+    """``python -m ARGV`` from the repository root; its output, asserting exit 0 (or,
+    with ``expect_exit_0=False``, not 0)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -77,7 +78,7 @@ async def run_module(*argv: str, timeout: float) -> str:
         await process.wait()
         raise
     output = out.decode(errors="replace")
-    assert process.returncode == 0, output
+    assert (process.returncode == 0) == expect_exit_0, output
     return output
 
 
@@ -350,6 +351,36 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         check=True,
     )
     assert "streamscore-ab-" not in worktrees.stdout
+
+
+async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -> None:
+    # A budget nothing can meet, answered as an error: this tree's server refuses the
+    # load tool's first Score (which ends the run), the base's and the echo's answer.
+    out = await run_module(
+        "loadtest.ab",
+        "--base",
+        "HEAD",
+        "--model-repository",
+        str(trained_model),
+        "--rates",
+        "40",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--replica-seconds",
+        "20",
+        "--this-env",
+        "STREAMSCORE_BUDGET_MS=0.001",
+        "--this-env",
+        "STREAMSCORE_DEADLINE_POLICY=error",
+        timeout=240,
+        expect_exit_0=False,
+    )
+    assert re.search(r"round 1/1 +base HEAD +40/s: p99", out), out
+    assert re.search(r"round 1/1 +echo +40/s: p99", out), out
+    assert re.search(r"did not answer Score: DEADLINE_EXCEEDED", out), out
+    assert not re.search(r"round 1/1 +this tree", out), out
 
 
 async def test_load_profile_sorts_a_real_servers_samples(
