@@ -114,7 +114,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
             echo_rpc = "echo-stream" if args.rpc == "stream" else "echo"
             servers.append(Server("echo", echo_rpc, f"127.0.0.1:{echo_port}", echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
-            this_env = {**env, **dict(item.split("=", 1) for item in args.this_env)}
+            this_env = {**env, **dict(args.this_env)}
             for name, cwd, server_env in (
                 (f"base {args.base}", worktree, env),
                 ("this tree", REPO, this_env),
@@ -166,6 +166,13 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
     return 0
 
 
+def _env_item(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="commit to compare against (e.g. HEAD~1)")
@@ -182,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
         "--this-env",
         action="append",
         default=[],
+        type=_env_item,
         metavar="NAME=VALUE",
         help="environment for this tree's server only (repeatable): A/B a setting "
         "with --base HEAD, e.g. STREAMSCORE_KAFKA_FETCH_MAX_WAIT_MS=500",

@@ -111,10 +111,9 @@ async def ensure_model(settings: Settings) -> None:
     from streamscore.training import train
 
     model_dir = settings.model_repository / settings.model_name
-    if model_dir.exists() and any(p.name.isdigit() for p in model_dir.iterdir()):
-        latest = max(
-            (p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-        )
+    versions = [p for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.exists() else []
+    if versions:
+        latest = max(versions, key=lambda p: int(p.name))
         if not (latest / "model.onnx").is_file():
             # Written by an older streamscore (TorchScript only): it serves, but a missed
             # deadline cannot fall back in process. Kept: it may be the user's own model.
