@@ -50,12 +50,14 @@ from streamscore.traffic import TrafficConfig, generate_log
 MODEL = "fraud_mlp"
 
 
-def echo_process(port: int, log_path: str | None = None) -> ChildProcess:
-    """The bare grpc.aio echo server (the baseline) on ``port``."""
+def echo_process(
+    port: int, log_path: str | None = None, *, reuseport: bool = False, name: str = "echo"
+) -> ChildProcess:
+    """The bare grpc.aio echo server (the baseline) on ``port`` (``reuseport``: one of
+    several echo processes sharing it)."""
     echo_server = str(Path(__file__).resolve().parent / "echo_server.py")
-    return ChildProcess(
-        "echo", [sys.executable, echo_server, "--port", str(port)], log_path=log_path
-    )
+    argv = [sys.executable, echo_server, "--port", str(port)]
+    return ChildProcess(name, [*argv, "--reuseport"] if reuseport else argv, log_path=log_path)
 
 
 def serve_process(

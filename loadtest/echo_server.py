@@ -8,6 +8,9 @@ streamscore's async generator, without its read-ahead), so ScoreStream rows have
 streaming baseline rather than the unary one.
 
     python loadtest/echo_server.py --port 50099
+
+``--reuseport`` lets several echo processes share one port (the baseline for
+``serve --workers N``; see ``loadtest/scaling.py``).
 """
 
 from __future__ import annotations
@@ -47,17 +50,18 @@ class Echo(pb_grpc.ScoringServicer):
             yield canned(request.request_id)
 
 
-async def start(port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """The echo server, started on 127.0.0.1 (``port`` 0: a free one); it and its port."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+async def start(port: int = 0, reuseport: bool = False) -> tuple[grpc.aio.Server, int]:
+    """The echo server, started on 127.0.0.1 (``port`` 0: a free one); it and its port.
+    Without ``reuseport`` a port already taken is an error, not a silent share."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuseport))])
     pb_grpc.add_ScoringServicer_to_server(Echo(), server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, port
 
 
-async def serve(port: int) -> None:
-    server, port = await start(port)
+async def serve(port: int, reuseport: bool) -> None:
+    server, port = await start(port, reuseport)
     print(f"echo server on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
 
@@ -65,5 +69,9 @@ async def serve(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--reuseport", action="store_true", help="share the port with other echo processes"
+    )
+    args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(parser.parse_args().port))
+        runner.run(serve(args.port, args.reuseport))

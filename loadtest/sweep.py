@@ -85,18 +85,30 @@ def score_requests(events: Sequence[dict], prefix: str = "r") -> list[bytes]:
 class _Client:
     """Inside a client process: channels per target, warm-up, one load step per job."""
 
-    def __init__(self, requests: list[bytes], index: int, clients: int) -> None:
+    def __init__(
+        self, requests: list[bytes], index: int, clients: int, connections: int = 1
+    ) -> None:
         self.requests = requests
         self.ids = request_ids(requests)
         self.index = index
         self.clients = clients
-        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.connections = connections
+        self.channels: dict[str, list[grpc.aio.Channel]] = {}
         self.warm: set[tuple[str, str]] = set()
 
-    def channel(self, target: str) -> grpc.aio.Channel:
+    def channel_set(self, target: str) -> list[grpc.aio.Channel]:
+        """``connections`` channels to ``target``, each on its own TCP connection (a
+        local subchannel pool), so that ``serve --workers N`` behind one port is spread
+        over its processes (the kernel hashes each new connection to one of them)."""
         if target not in self.channels:
-            self.channels[target] = grpc.aio.insecure_channel(target)
+            options = [("grpc.use_local_subchannel_pool", 1)] if self.connections > 1 else []
+            self.channels[target] = [
+                grpc.aio.insecure_channel(target, options=options) for _ in range(self.connections)
+            ]
         return self.channels[target]
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        return self.channel_set(target)[0]
 
     async def prepare(self, target: str, rpc: str) -> str:
         """Connect and warm up (untimed); '' or why it failed."""
@@ -105,14 +117,20 @@ class _Client:
         channel = self.channel(target)
         unary = channel.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
         deadline = time.monotonic() + 30
-        while True:  # the echo server has no health service: call until it answers
-            try:
-                await unary(self.requests[0], timeout=1)
-                break
-            except grpc.aio.AioRpcError as error:
-                if time.monotonic() > deadline:
-                    return f"{target} did not answer Score: {error.code().name} {error.details()}"
-                await asyncio.sleep(0.1)
+        for each in self.channel_set(target):
+            # The echo server has no health service: call until each connection answers.
+            while True:
+                try:
+                    await each.unary_unary(
+                        SCORE, request_serializer=None, response_deserializer=None
+                    )(self.requests[0], timeout=1)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if time.monotonic() > deadline:
+                        return (
+                            f"{target} did not answer Score: {error.code().name} {error.details()}"
+                        )
+                    await asyncio.sleep(0.1)
         try:
             if rpc in STREAM_RPCS:
                 call = stream_opener(channel)()
@@ -151,13 +169,17 @@ class _Client:
                 ids=self.ids,
             )
         else:
-            unary = channel.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
+            unaries = [
+                each.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
+                for each in self.channel_set(job["target"])
+            ]
             requests, n, timeout = self.requests, len(self.requests), job["timeout_s"]
+            k = len(unaries)
 
             async def call(i: int) -> object:
                 nonlocal first_error
                 try:
-                    return await unary(requests[(offset + i) % n], timeout=timeout)
+                    return await unaries[i % k](requests[(offset + i) % n], timeout=timeout)
                 except Exception as error:
                     if not first_error:
                         first_error = describe_error(error)
@@ -196,15 +218,18 @@ class _Client:
                     reply = {"error": f"{type(error).__name__}: {error}"}
                 conn.send(reply)
         finally:
-            for channel in self.channels.values():
-                await channel.close()
+            for channels in self.channels.values():
+                for channel in channels:
+                    await channel.close()
 
 
-def _client_main(conn: Connection, requests: list[bytes], index: int, clients: int) -> None:
+def _client_main(
+    conn: Connection, requests: list[bytes], index: int, clients: int, connections: int
+) -> None:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_Client(requests, index, clients).serve(conn))
+        runner.run(_Client(requests, index, clients, connections).serve(conn))
 
 
 # -- results -----------------------------------------------------------------------------
@@ -301,14 +326,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 class ClientPool:
-    """``clients`` load-generator processes (spawned once) driven step by step."""
+    """``clients`` load-generator processes (spawned once) driven step by step; each
+    spreads its unary calls over ``connections`` TCP connections per target."""
 
-    def __init__(self, clients: int, requests: list[bytes]) -> None:
+    def __init__(self, clients: int, requests: list[bytes], connections: int = 1) -> None:
         if clients < 1:
             raise ValueError("clients must be >= 1")
+        if connections < 1:
+            raise ValueError("connections must be >= 1")
         if len(requests) < 2:
             raise ValueError("need at least two requests")
         self.clients = clients
+        self.connections = connections
         self.requests = requests
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.conns: list[Connection] = []
@@ -319,7 +348,7 @@ class ClientPool:
             parent, child = context.Pipe()
             process = context.Process(
                 target=_client_main,
-                args=(child, self.requests, index, self.clients),
+                args=(child, self.requests, index, self.clients, self.connections),
                 name=f"loadtest-client-{index}",
                 daemon=True,
             )
@@ -373,15 +402,18 @@ class ClientPool:
         max_in_flight: int = 512,
         drain_timeout: float = 10.0,
         server_pid: int | None = None,
+        server_pids: Sequence[int] = (),
     ) -> Row:
-        """One open-loop step at ``rate`` (all clients together) for ``seconds``."""
+        """One open-loop step at ``rate`` (all clients together) for ``seconds``; the
+        server CPU per request is summed over ``server_pids`` (or ``server_pid``)."""
         if rpc not in RPCS:
             raise ValueError(f"rpc must be one of {RPCS}")
         prepare = {"kind": "prepare", "target": target, "rpc": rpc}
         for reply in self._all([prepare] * self.clients, timeout=90):
             if reply["error"]:
                 raise RuntimeError(reply["error"])
-        cpu_before = cpu_seconds(server_pid) if server_pid else 0.0
+        pids = list(server_pids) or ([server_pid] if server_pid else [])
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
         job = {
             "kind": "run",
             "target": target,
@@ -400,8 +432,9 @@ class ClientPool:
                 raise RuntimeError(reply["error"])
         result = merge(replies, rate, seconds)
         server_cpu_us = None
-        if server_pid:
-            server_cpu_us = (cpu_seconds(server_pid) - cpu_before) / max(result.ok, 1) * 1e6
+        if pids:
+            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+            server_cpu_us = cpu / max(result.ok, 1) * 1e6
         first_error = next((r["first_error"] for r in replies if r["first_error"]), "")
         return Row.of(
             target,

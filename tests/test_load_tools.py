@@ -434,3 +434,59 @@ async def test_score_profile_breakdown(trained_model: Path) -> None:
     whole = per_call["whole Score body (ScoringService.score)"]
     assert whole > per_call["features (assemble_features)"], out
     assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out
+
+
+async def test_scaling_sweeps_echo_and_serve_sets_of_processes(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """One and two processes of each (echo, ``serve --workers``) on a shared port,
+    one step each: the report parses, every set answered, and the load and the CPU
+    are attributed to each serving process."""
+    report_path, plot_path = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    out = await run_module(
+        "loadtest.scaling",
+        "--model-repository",
+        str(trained_model),
+        "--workers",
+        "2,1",
+        "--rates",
+        "60",
+        "--seconds",
+        "1",
+        "--clients",
+        "1",
+        "--connections",
+        "6",
+        "--refine",
+        "0",
+        "--budget-p99-ms",
+        "5000",
+        "--replica-seconds",
+        "20",
+        "--logs",
+        str(tmp_path / "logs"),
+        "--json",
+        str(report_path),
+        "--plot",
+        str(plot_path),
+        timeout=240,
+    )
+    report = json.loads(report_path.read_text())
+    sets = {(r["kind"], r["workers"]): r for r in report["results"]}
+    assert sorted(sets) == [("echo", 1), ("echo", 2), ("score", 1), ("score", 2)], out
+    for (kind, workers), result in sets.items():
+        assert result["max_rate"] == 60.0, (kind, workers, out)
+        (row,) = result["rows"]
+        assert row["ok"] == 60 and row["errors"] == 0 and row["dropped"] == 0, row
+        assert row["server_cpu_us"] > 0, row
+        # CPU is read per serving process: the echo processes, or the workers.
+        assert len(result["cpu_seconds_per_process"]) == workers, result
+        assert sum(result["cpu_seconds_per_process"]) > 0, result
+        if kind == "score":
+            # Each worker's own /metrics: the warm-up calls and the step, all counted.
+            assert len(result["served_per_worker"]) == workers, result
+            assert sum(result["served_per_worker"]) >= 60, result
+    table = markdown_tables(out)[-1]
+    assert [row[0] for row in table[1:]] == ["1", "2"], out
+    assert table[1][4] == "1.00x" and table[1][5] == "1.00x", out
+    assert plot_path.read_bytes().startswith(PNG)
