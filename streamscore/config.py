@@ -20,6 +20,9 @@ def default_model_repository() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamscore" / "models"
 
 
+TORCH_DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class Settings:
     # Kafka bootstrap "host:port"; empty means start the embedded tansu broker.
@@ -71,6 +74,11 @@ class Settings:
     tracing: bool = False
     # Triton's gRPC "host:port", for versions whose backend is "triton".
     triton_url: str = ""
+    # Where versions whose backend is "torch" run: "auto" (CUDA when torch sees a
+    # GPU), "cpu" or "cuda". A small MLP is cheaper on the CPU even on a GPU machine:
+    # each CUDA call's copies, launches and synchronisation cost more CPU than the
+    # model itself (BENCHMARKS.md, the 16-core GPU machine).
+    torch_device: str = "auto"
     # Score's latency budget: a request's deadline is min(gRPC deadline, this).
     budget_ms: float = 50.0
     # When the deadline cannot be met: "fallback" (the version's ONNX in process,
@@ -126,6 +134,8 @@ class Settings:
         updated = dataclasses.replace(self, **changes)
         if updated.deadline_policy not in ("fallback", "error"):
             raise ValueError("deadline_policy must be 'fallback' or 'error'")
+        if updated.torch_device not in TORCH_DEVICES:
+            raise ValueError(f"torch_device must be one of {', '.join(TORCH_DEVICES)}")
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,
         # quirk 4). A wait as long as stale_after_s would mark features stale between
         # two answers of an idle broker.

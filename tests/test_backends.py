@@ -83,6 +83,41 @@ async def test_torch_on_the_cpu_uses_one_thread(version_dir: Path, metadata: Mod
         await backend.stop()
 
 
+async def test_torch_device_setting_places_the_model(
+    version_dir: Path, metadata: ModelMetadata
+) -> None:
+    """"cpu" keeps a torch model on the CPU even where a GPU is seen (a small MLP is
+    cheaper there); "cuda" runs it on the GPU, or refuses to start without one."""
+    k = len(metadata.inputs)
+    rows = feature_rows(metadata, 8)
+    reference = await started(OnnxBackend(version_dir / "model.onnx", k, 8))
+    torch_metadata = dataclasses.replace(metadata, backend="torch")
+    try:
+        on_cpu = create_backend(version_dir, torch_metadata, torch_device="cpu")
+        assert isinstance(on_cpu, TorchBackend) and on_cpu.device.type == "cpu"
+        await on_cpu.start()
+        np.testing.assert_allclose(
+            await on_cpu.infer(rows), await reference.infer(rows), rtol=0, atol=1e-5
+        )
+        await on_cpu.stop()
+        on_cuda = TorchBackend(version_dir / "model.pt", k, 8, device="cuda")
+        if torch.cuda.is_available():
+            await on_cuda.start()
+            np.testing.assert_allclose(
+                await on_cuda.infer(rows), await reference.infer(rows), rtol=0, atol=1e-5
+            )
+            await on_cuda.stop()
+        else:
+            with pytest.raises(BackendUnavailable, match="torch sees no CUDA GPU"):
+                await on_cuda.start()
+        expected = "cuda" if torch.cuda.is_available() else "cpu"
+        assert TorchBackend(version_dir / "model.pt", k, 8).device.type == expected
+        with pytest.raises(ValueError, match="auto, cpu or cuda"):
+            TorchBackend(version_dir / "model.pt", k, 8, device="gpu")
+    finally:
+        await reference.stop()
+
+
 async def test_the_factory_builds_the_backend_the_metadata_names(
     version_dir: Path, metadata: ModelMetadata
 ) -> None:

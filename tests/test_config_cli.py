@@ -55,6 +55,13 @@ def test_fetch_wait_is_bounded_by_what_tansu_and_staleness_allow() -> None:
             load_settings(environ=bad)
 
 
+def test_torch_device_is_auto_cpu_or_cuda() -> None:
+    assert load_settings(environ={}).torch_device == "auto"
+    assert load_settings(environ={"STREAMSCORE_TORCH_DEVICE": "cpu"}).torch_device == "cpu"
+    with pytest.raises(ValueError, match="torch_device must be one of auto, cpu, cuda"):
+        load_settings(environ={"STREAMSCORE_TORCH_DEVICE": "gpu"})
+
+
 def test_model_repository_is_a_path() -> None:
     settings = load_settings(environ={"STREAMSCORE_MODEL_REPOSITORY": "/tmp/models"})
     assert settings.model_repository == Path("/tmp/models")

@@ -397,3 +397,21 @@ async def test_a_version_without_onnx_serves_and_warns_it_has_no_fallback(
     finally:
         await torch_only.stop()
         await with_onnx.stop()
+
+
+async def test_registry_places_torch_versions_on_the_configured_device(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The torch_device setting reaches every version the registry loads."""
+    repository = copy_repository(trained_model, tmp_path)
+    metadata_path = repository / MODEL / "1" / "metadata.json"
+    metadata_path.write_text(
+        json.dumps({**json.loads(metadata_path.read_text()), "backend": "torch"})
+    )
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0, torch_device="cpu")
+    await registry.start()
+    try:
+        backend = registry.primary.backend
+        assert isinstance(backend, TorchBackend) and backend.device.type == "cpu"
+    finally:
+        await registry.stop()

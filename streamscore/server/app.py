@@ -62,6 +62,7 @@ class ScoringServer:
                 breaker_cooldown_s=settings.breaker_cooldown_s,
             ),
             triton_url=settings.triton_url,
+            torch_device=settings.torch_device,
             reload_interval_s=settings.model_reload_interval_s,
         )
 

@@ -61,10 +61,13 @@ class ServedModel:
         *,
         batching: BatchingSettings = BatchingSettings(),
         triton_url: str = "",
+        torch_device: str = "auto",
     ) -> None:
         self.directory = directory
         self.metadata = ModelMetadata.load(directory / "metadata.json")
-        self.backend: Backend = create_backend(directory, self.metadata, triton_url=triton_url)
+        self.backend: Backend = create_backend(
+            directory, self.metadata, triton_url=triton_url, torch_device=torch_device
+        )
         limit = self.metadata.max_batch_size if batching.enabled else 1
         self.batcher = Batcher(
             self.backend.infer,
@@ -256,6 +259,7 @@ class ModelRegistry:
         version: str = "",
         batching: BatchingSettings = BatchingSettings(),
         triton_url: str = "",
+        torch_device: str = "auto",
         reload_interval_s: float = 1.0,
     ) -> None:
         self.repository = repository
@@ -263,6 +267,7 @@ class ModelRegistry:
         self.pinned_version = version
         self.batching = batching
         self.triton_url = triton_url
+        self.torch_device = torch_device
         self.reload_interval_s = reload_interval_s
         self.reloads = 0
         self.reload_failures = 0
@@ -278,13 +283,21 @@ class ModelRegistry:
         assert self._primary is not None, "registry not started"
         return self._primary
 
+    def _served(self, directory: Path) -> ServedModel:
+        return ServedModel(
+            directory,
+            batching=self.batching,
+            triton_url=self.triton_url,
+            torch_device=self.torch_device,
+        )
+
     def _target_dir(self) -> Path:
         if self.pinned_version:
             return self.repository / self.name / self.pinned_version
         return latest_version(self.repository, self.name)
 
     async def _load(self) -> ServedModel:
-        served = ServedModel(self._target_dir(), batching=self.batching, triton_url=self.triton_url)
+        served = self._served(self._target_dir())
         timings = await served.start()
         log.info(
             "model version ready",
@@ -325,7 +338,7 @@ class ModelRegistry:
             with contextlib.suppress(KeyError):
                 return self.get(name, version)
             directory = ModelRepository(self.repository).version_path(name, version)
-            served = ServedModel(directory, batching=self.batching, triton_url=self.triton_url)
+            served = self._served(directory)
             await served.start()
             self._others[served.key] = served
             return served

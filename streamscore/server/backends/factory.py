@@ -9,14 +9,20 @@ from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.model import ModelMetadata
 
 
-def create_backend(version_dir: Path, metadata: ModelMetadata, *, triton_url: str = "") -> Backend:
+def create_backend(
+    version_dir: Path,
+    metadata: ModelMetadata,
+    *,
+    triton_url: str = "",
+    torch_device: str = "auto",
+) -> Backend:
     k, limit = len(metadata.inputs), metadata.max_batch_size
     if metadata.backend == "onnxruntime":
         return OnnxBackend(version_dir / "model.onnx", k, limit)
     if metadata.backend == "torch":
         from streamscore.server.backends.torch_backend import TorchBackend
 
-        return TorchBackend(version_dir / "model.pt", k, limit)
+        return TorchBackend(version_dir / "model.pt", k, limit, device=torch_device)
     if metadata.backend == "triton":
         if not triton_url:
             raise BackendUnavailable(

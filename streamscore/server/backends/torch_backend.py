@@ -1,4 +1,5 @@
-"""TorchScript in process, on CUDA when torch sees a GPU, else one CPU thread.
+"""TorchScript in process: on CUDA or on one CPU thread (``device``; "auto": CUDA
+when torch sees a GPU).
 
 A cheap call runs inline on the event loop (tens of microseconds on the CPU; on CUDA
 it includes the host/device copies and a synchronisation), a heavy one in a worker
@@ -24,11 +25,17 @@ from streamscore.server.model import check_batch, check_scores
 class TorchBackend:
     kind = "torch"
 
-    def __init__(self, model_path: Path, n_inputs: int, max_batch_size: int) -> None:
+    def __init__(
+        self, model_path: Path, n_inputs: int, max_batch_size: int, *, device: str = "auto"
+    ) -> None:
         self.model_path = model_path
         self.n_inputs = n_inputs
         self.max_batch_size = max_batch_size
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device not in ("cpu", "cuda"):
+            raise ValueError(f"torch device must be auto, cpu or cuda, not {device!r}")
+        self.device = torch.device(device)
         self._module: Any = None
         self._calls = InlineOrThread(
             f"{model_path.parent.parent.name}:{model_path.parent.name}",
@@ -41,6 +48,8 @@ class TorchBackend:
             return
         if not self.model_path.is_file():
             raise BackendUnavailable(f"no TorchScript model at {self.model_path}")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("torch_device is cuda, but torch sees no CUDA GPU")
         self._one_thread()
         with warnings.catch_warnings():
             # Deprecated in torch 2.13, still the fastest in-process torch path.
