@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from streamscore.server.batcher import (
+    DEFER_MIN_S,
     BackendFailed,
     Batcher,
     BatcherError,
@@ -166,6 +167,9 @@ class Scenario:
     stop_at_s: float | None
     # The backend has ``infer_inline`` (an in-process model); plans may then ``defer``.
     inline: bool = False
+    # Inline calls of one cheaper than this run in the submit (0: always hold a turn;
+    # 1 s: never, once a call of one was measured).
+    defer_min_s: float = DEFER_MIN_S
 
 
 MS = 0.001
@@ -220,6 +224,7 @@ def scenarios(
         if tight
         else None,
         inline=inline,
+        defer_min_s=draw(st.sampled_from([DEFER_MIN_S, 0.0, 1.0])),
     )
 
 
@@ -253,6 +258,7 @@ async def play(sc: Scenario) -> tuple[Batcher, FakeBackend, list[Record], list[s
         ),
         n_inputs=K,
         infer_inline=backend.infer_inline if sc.inline else None,
+        defer_min_s=sc.defer_min_s,
     )
     await batcher.start()
     records = [Record() for _ in sc.requests]
@@ -743,6 +749,51 @@ async def test_inline_backend_batches_the_requests_of_one_loop_turn() -> None:
     assert [c.ids for c in backend.calls] == [[0, 1, 2, 3], [4, 5]]
     # Inline: no task, so nothing is ever "in flight" between loop turns.
     assert batcher.in_flight == 0 and not batcher.dispatch_pending
+    await batcher.stop()
+
+
+async def test_cheap_inline_backend_answers_in_the_submit_without_a_loop_turn() -> None:
+    backend = FakeBackend([(0.0, "ok")])
+    # Cheap next to the bar: a fake's call of one takes ~0.1 ms, loaded CI more.
+    batcher = make(backend, max_batch_size=4, infer_inline=backend.infer_inline, defer_min_s=0.05)
+    await batcher.start()
+    deadline = batcher.clock() + 5
+    assert batcher.holds_for_a_batch  # cost unknown: hold, as for a costly model
+    assert await batcher.submit(vector(0), deadline) == own_score(0)
+    assert batcher.single_call_s < 0.05 and not batcher.holds_for_a_batch
+    turned: list[bool] = []
+    asyncio.get_running_loop().call_soon(turned.append, True)
+    assert await batcher.submit(vector(1), deadline) == own_score(1)
+    assert not turned  # answered without giving up the loop
+    # Concurrent callers each run alone: holding them would cost more than it saves.
+    tasks = [asyncio.create_task(batcher.submit(vector(i), deadline)) for i in range(2, 6)]
+    assert await asyncio.gather(*tasks) == [own_score(i) for i in range(2, 6)]
+    assert [c.ids for c in backend.calls] == [[i] for i in range(6)]
+    await batcher.stop()
+
+
+async def test_costly_inline_backend_holds_a_loop_turn_to_batch() -> None:
+    backend = FakeBackend([(3 * DEFER_MIN_S, "ok")])  # blocks the loop 300 us a call
+    batcher = make(backend, max_batch_size=4, infer_inline=backend.infer_inline)
+    await batcher.start()
+    deadline = batcher.clock() + 5
+    assert await batcher.submit(vector(0), deadline) == own_score(0)
+    assert batcher.single_call_s >= DEFER_MIN_S and batcher.holds_for_a_batch
+    tasks = [asyncio.create_task(batcher.submit(vector(i), deadline)) for i in range(1, 7)]
+    assert await asyncio.gather(*tasks) == [own_score(i) for i in range(1, 7)]
+    assert [c.ids for c in backend.calls] == [[0], [1, 2, 3, 4], [5, 6]]
+    await batcher.stop()
+
+
+async def test_without_batching_an_inline_call_never_waits_for_a_turn() -> None:
+    backend = FakeBackend([(3 * DEFER_MIN_S, "ok")])  # costly, but batches are of one
+    batcher = make(backend, max_batch_size=1, infer_inline=backend.infer_inline)
+    await batcher.start()
+    assert not batcher.holds_for_a_batch
+    turned: list[bool] = []
+    asyncio.get_running_loop().call_soon(turned.append, True)
+    assert await batcher.submit(vector(0), batcher.clock() + 5) == own_score(0)
+    assert not turned and [c.ids for c in backend.calls] == [[0]]
     await batcher.stop()
 
 

@@ -89,6 +89,16 @@ Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 # uvloop's timers have millisecond resolution (and may fire up to ~1 ms early).
 TIMER_GRAIN_S = 0.001
+# An inline backend whose calls of one take less than this runs each submit at once,
+# in the submit, instead of holding it a loop turn so that co-arriving requests share
+# its batch: the hold costs every caller a suspension and a resumption (100-150 us of
+# server CPU per Score under gRPC; A/B in BENCHMARKS.md), more than batching can save
+# on a call that cheap (onnxruntime's demo MLP: ~45 us).
+DEFER_MIN_S = 0.0001
+# Moving average of those calls: weight of the newest, and its cap (x DEFER_MIN_S), so
+# one pause inside a cheap call (a GC pass, a preemption) does not start the holds.
+_SINGLE_ALPHA = 0.05
+_SINGLE_CAP = 4.0
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
@@ -372,6 +382,7 @@ class Batcher:
         timer_slack_s: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
         infer_inline: InferInline | None = None,
+        defer_min_s: float = DEFER_MIN_S,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1:
             raise ValueError("max_batch_size, max_queue and max_concurrent_batches must be >= 1")
@@ -388,6 +399,10 @@ class Batcher:
         self.clock = clock
         self._infer = infer
         self._infer_inline = infer_inline
+        self.defer_min_s = defer_min_s
+        # Moving average of inline calls of one request (unknown: hold, as for a
+        # costly model, until one is measured).
+        self.single_call_s = math.inf
         # The pending next-loop-turn dispatch of inline batches (see ``_schedule``).
         self._flush: asyncio.Handle | None = None
         self._state = _NEW
@@ -578,7 +593,9 @@ class Batcher:
         With an inline backend a submit does not dispatch at once: the batch runs on
         the next loop turn (``_on_flush``), so the requests submitted in this turn (the
         calls gRPC handed over together) share it. Otherwise an inline call, which
-        blocks the loop, would always be a batch of one."""
+        blocks the loop, would always be a batch of one. Unless waiting cannot pay
+        (``holds_for_a_batch``): then the call runs in the submit, and the caller gets
+        its answer without giving up the loop."""
         model = self.latency_model
         one = model.predict(1)
         # Queued requests that could not make it even alone, now.
@@ -606,7 +623,7 @@ class Batcher:
                 if due - now > TIMER_GRAIN_S:
                     self._arm(due, now)
                     return
-            if from_submit and self._infer_inline is not None:
+            if from_submit and self._infer_inline is not None and self.holds_for_a_batch:
                 if self._flush is None:
                     assert self._loop is not None
                     self._flush = self._loop.call_soon(self._on_flush)
@@ -617,6 +634,13 @@ class Batcher:
             top = self._top()
             assert top is not None
             self._arm(top.deadline - one, now)
+
+    @property
+    def holds_for_a_batch(self) -> bool:
+        """Whether an inline submit waits a loop turn for others to share its batch:
+        not without batching (batches of one), nor while a call of one costs less
+        than ``defer_min_s`` (see ``DEFER_MIN_S``)."""
+        return self.max_batch_size > 1 and self.single_call_s >= self.defer_min_s
 
     def _arm(self, when: float, now: float) -> None:
         if self._timer is not None:
@@ -736,6 +760,14 @@ class Batcher:
             return True
         if scores is None:
             return False
+        if len(live) == 1:
+            spent = min(self.clock() - started, _SINGLE_CAP * self.defer_min_s)
+            average = self.single_call_s
+            self.single_call_s = (
+                spent
+                if math.isinf(average)
+                else _SINGLE_ALPHA * spent + (1 - _SINGLE_ALPHA) * average
+            )
         self._finish(live, scores, started)
         return True
 
