@@ -117,7 +117,9 @@ class FakeBackend:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            time.sleep(latency)
+            spin_until = time.perf_counter() + latency  # computes: CPU time, as a model's
+            while time.perf_counter() < spin_until:
+                pass
         finally:
             self.in_flight -= 1
         call.end = self.clock()
@@ -773,7 +775,8 @@ async def test_cheap_inline_backend_answers_in_the_submit_without_a_loop_turn() 
 
 
 async def test_costly_inline_backend_holds_a_loop_turn_to_batch() -> None:
-    backend = FakeBackend([(3 * DEFER_MIN_S, "ok")])  # blocks the loop 300 us a call
+    # Computes on the loop 2 ms a call: far over the bar, even with CI's preemptions.
+    backend = FakeBackend([(20 * DEFER_MIN_S, "ok")])
     batcher = make(backend, max_batch_size=4, infer_inline=backend.infer_inline)
     await batcher.start()
     deadline = batcher.clock() + 5

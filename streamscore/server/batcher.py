@@ -95,8 +95,8 @@ TIMER_GRAIN_S = 0.001
 # server CPU per Score under gRPC; A/B in BENCHMARKS.md), more than batching can save
 # on a call that cheap (onnxruntime's demo MLP: ~45 us).
 DEFER_MIN_S = 0.0001
-# Moving average of those calls: weight of the newest, and its cap (x DEFER_MIN_S), so
-# one pause inside a cheap call (a GC pass, a preemption) does not start the holds.
+# Moving average of those calls' CPU time: weight of the newest, and its cap (x the
+# bar), so one pause inside a cheap call (a GC pass) does not start the holds.
 _SINGLE_ALPHA = 0.05
 _SINGLE_CAP = 4.0
 
@@ -752,7 +752,7 @@ class Batcher:
         a request while the loop is blocked in the call, so a late score is refused
         after it (``_finish``)."""
         assert self._infer_inline is not None
-        started = self.clock()
+        started, cpu_started = self.clock(), time.thread_time()
         try:
             scores = self._infer_inline(_rows(live))
         except Exception as exc:
@@ -761,7 +761,8 @@ class Batcher:
         if scores is None:
             return False
         if len(live) == 1:
-            spent = min(self.clock() - started, _SINGLE_CAP * self.defer_min_s)
+            # CPU time: a preemption inside the call (a loaded box) is not its cost.
+            spent = min(time.thread_time() - cpu_started, _SINGLE_CAP * self.defer_min_s)
             average = self.single_call_s
             self.single_call_s = (
                 spent
