@@ -86,7 +86,7 @@ async def test_torch_on_the_cpu_uses_one_thread(version_dir: Path, metadata: Mod
 async def test_torch_device_setting_places_the_model(
     version_dir: Path, metadata: ModelMetadata
 ) -> None:
-    """"cpu" keeps a torch model on the CPU even where a GPU is seen (a small MLP is
+    """ "cpu" keeps a torch model on the CPU even where a GPU is seen (a small MLP is
     cheaper there); "cuda" runs it on the GPU, or refuses to start without one."""
     k = len(metadata.inputs)
     rows = feature_rows(metadata, 8)
