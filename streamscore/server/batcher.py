@@ -89,12 +89,14 @@ Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 # uvloop's timers have millisecond resolution (and may fire up to ~1 ms early).
 TIMER_GRAIN_S = 0.001
-# An inline backend whose calls of one take less than this runs each submit at once,
-# in the submit, instead of holding it a loop turn so that co-arriving requests share
-# its batch: the hold costs every caller a suspension and a resumption (100-150 us of
-# server CPU per Score under gRPC; A/B in BENCHMARKS.md), more than batching can save
-# on a call that cheap (onnxruntime's demo MLP: ~45 us).
-DEFER_MIN_S = 0.0001
+# An inline backend whose calls of one take less CPU than this runs each submit at
+# once, in the submit, instead of holding it a loop turn so that co-arriving requests
+# share its batch. The hold costs every caller a suspension and a resumption, d = 100-
+# 150 us of server CPU per Score under gRPC (A/B in BENCHMARKS.md); a batch of n saves
+# each of its requests about c * (1 - 1/n) of a call's cost c. So holding pays only
+# where c > d * n / (n - 1): about 2d for the batches of two that moderate load makes.
+# The demo MLP on onnxruntime costs 45-160 us a call, and runs at once.
+DEFER_MIN_S = 0.00025
 # Moving average of those calls' CPU time: weight of the newest, and its cap (x the
 # bar), so one pause inside a cheap call (a GC pass) does not start the holds.
 _SINGLE_ALPHA = 0.05
