@@ -60,7 +60,9 @@ several times more), one deadline timer, a few histogram observations and one
 ``tolist()``. An in-process backend whose calls are cheap (``infer_inline``: it runs
 them on the event loop anyway) skips the task, the timer and the coroutines: its
 batch runs synchronously on the loop turn after the submit, so the requests submitted
-in the same turn share it. Predictions are cached per size until the latency model changes.
+in the same turn share it; or, where a call of one is cheaper than holding a request
+for that turn (``DEFER_MIN_S``), in the submit itself, and the caller never waits.
+Predictions are cached per size until the latency model changes.
 Timers use ``loop.call_later``; uvloop rounds them to whole milliseconds and may fire
 up to ~1 ms early, so waits shorter than ``TIMER_GRAIN_S`` are not armed (the batch
 goes now) and the in-flight deadline timer answers requests within one grain of
