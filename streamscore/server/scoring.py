@@ -22,6 +22,7 @@ from streamscore.server.batcher import (
     Overloaded,
 )
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
+from streamscore.server.eager import start_eagerly
 from streamscore.server.errors import OutOfRange, ServingError
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
@@ -376,7 +377,9 @@ class ScoringService(pb_grpc.ScoringServicer):
                     refused.set_exception(error)
                     scoring.put_nowait((request.request_id, started, refused))
                     return
-                answer = loop.create_task(
+                # Started now: a Score that never waits (a cheap model, answered in
+                # the batcher's submit) is done here, with no task and no loop turn.
+                answer = start_eagerly(
                     self.score(request, context.time_remaining(), parent, validated=True)
                 )
                 scoring.put_nowait((request.request_id, started, answer))

@@ -1,0 +1,69 @@
+"""Start a coroutine now, on the caller's turn; a task carries it on only if it waits.
+
+Python 3.12's ``asyncio.eager_task_factory`` in miniature, for the one place that
+needs it on 3.11: ScoreStream starts each message's Score this way. A Score whose
+model call runs inside the batcher's submit (a cheap in-process model) finishes
+without waiting, so it costs no task and no loop turn; one that does wait (a batch in
+a worker thread, Triton) is carried on by a task, as before.
+
+The coroutine runs in its own copy of the caller's context, as a task's would, so
+what it sets there (the request id that log lines carry) stays out of the caller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["start_eagerly"]
+
+T = TypeVar("T")
+
+
+def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+    """Run ``coro`` up to its first wait: a done future when it never waits, else a
+    task that runs the rest (cancel it to cancel the coroutine, as with any task)."""
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    try:
+        waiting = context.run(coro.send, None)
+    except StopIteration as finished:
+        done: asyncio.Future[T] = loop.create_future()
+        done.set_result(finished.value)
+        return done
+    except asyncio.CancelledError:
+        cancelled: asyncio.Future[T] = loop.create_future()
+        cancelled.cancel()
+        return cancelled
+    except Exception as error:
+        failed: asyncio.Future[T] = loop.create_future()
+        failed.set_exception(error)
+        return failed
+    return loop.create_task(_carry_on(coro, waiting), context=context)
+
+
+async def _carry_on(coro: Coroutine[Any, Any, T], waiting: Any) -> T:
+    """What a task's steps do: wait for what the coroutine waits for, then resume it
+    (a cancel of this task reaches the coroutine where it waits)."""
+    while True:
+        throw: BaseException | None = None
+        try:
+            if waiting is None:  # a bare yield (asyncio.sleep(0)): one loop turn
+                await asyncio.sleep(0)
+            elif not asyncio.isfuture(waiting):
+                throw = RuntimeError(f"coroutine yielded {waiting!r}, not a future")
+            else:
+                waiting._asyncio_future_blocking = False  # taken, as a task takes it
+                if not waiting.done():
+                    await asyncio.wait((waiting,))
+        except asyncio.CancelledError as cancel:
+            # Cancel what it waits for, so that it sees the cancel there; if that is
+            # already over, throw the cancel in instead.
+            if not (asyncio.isfuture(waiting) and waiting.cancel()):
+                throw = cancel
+        try:
+            waiting = coro.send(None) if throw is None else coro.throw(throw)
+        except StopIteration as finished:
+            return finished.value
