@@ -8,6 +8,9 @@ a worker thread, Triton) is carried on by a task, as before.
 
 The coroutine runs in its own copy of the caller's context, as a task's would, so
 what it sets there (the request id that log lines carry) stays out of the caller's.
+Until its first wait it runs inside the caller's task: code started this way must not
+bind to the current task before waiting (``asyncio.timeout``, ``current_task``); the
+Score path does neither.
 """
 
 from __future__ import annotations
