@@ -235,6 +235,18 @@ class LoopbackServerProcess:
             self._finalizer = None
         return proc
 
+    def _abandon(self) -> None:
+        """Synchronous cleanup for a start() that did not finish (cancelled, or a
+        bug): nothing may be left running, so kill rather than ask."""
+        proc = self._detach()
+        if proc is not None:
+            self._kill(proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=2)  # SIGKILLed: gone within milliseconds
+            self._after_exit(proc)
+        self._close_log()
+        self._remove_log_dir()
+
     def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()

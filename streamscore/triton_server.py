@@ -392,17 +392,6 @@ class EmbeddedTriton(LoopbackServerProcess):
             if client is not None:
                 await client.close()
 
-    def _abandon(self) -> None:
-        """Synchronous cleanup for a start() that did not finish."""
-        proc = self._detach()
-        if proc is not None:
-            _kill_group(proc)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=2)  # SIGKILLed: gone within milliseconds
-            _remove_shm(self._shm_prefix)
-        self._close_log()
-        self._remove_log_dir()
-
     @staticmethod
     def _kill(proc: subprocess.Popen[bytes]) -> None:
         _kill_group(proc)

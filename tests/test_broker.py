@@ -122,6 +122,30 @@ async def test_a_forgotten_broker_is_killed_when_collected() -> None:
     assert not log_path.parent.exists()  # its log closed, the temp directory removed
 
 
+async def test_a_cancelled_start_leaves_nothing_running(tmp_path: Path) -> None:
+    """A start cancelled while it waits for the broker (here one that never gets
+    ready: a stand-in binary that only sleeps, so the cancel always lands in the
+    wait) kills the process and removes its temp directory at once, not at
+    collection."""
+    hangs = tmp_path / "hanging-broker"
+    hangs.write_text("#!/bin/sh\nexec sleep 60\n")
+    hangs.chmod(0o755)
+    b = EmbeddedBroker(binary=str(hangs))
+    task = asyncio.create_task(b.start())
+    for _ in range(500):
+        if b.pid is not None:
+            break
+        await asyncio.sleep(0.01)
+    pid, log_path = b.pid, b.log_path
+    assert pid is not None and log_path is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not b.running and b.pid is None
+    assert not _pid_alive(pid), "the half-started broker is still running"
+    assert not log_path.parent.exists()
+
+
 async def test_two_brokers_side_by_side() -> None:
     async with EmbeddedBroker() as one, EmbeddedBroker() as two:
         assert one.port != two.port

@@ -131,7 +131,11 @@ class EmbeddedBroker(LoopbackServerProcess):
             port = self._next_port()
             self._launch(self._argv(binary, port), port, cwd_log_dir=False)
             t0 = time.monotonic()
-            outcome = await self._wait_ready(port)
+            try:
+                outcome = await self._wait_ready(port)
+            except BaseException:  # cancelled (or a bug): leave nothing running
+                self._abandon()
+                raise
             if outcome is None:
                 logger.info(
                     "tansu broker ready on %s:%d (pid %s) in %.2fs",
