@@ -147,7 +147,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                             rate,
                             args.seconds,
                             streams=args.streams,
-                            server_pid=server.pid,
+                            server_pids=[server.pid],
                         )
                         rows.setdefault((server.name, rate), []).append(row)
                         cpu = f"{row.server_cpu_us:.0f}" if row.server_cpu_us else "?"

@@ -90,7 +90,13 @@ async def main(args: argparse.Namespace) -> int:
                 assert server.process is not None
                 pid = server.process.pid
                 await asyncio.to_thread(
-                    pool.run, target, args.rpc, args.rate, 3.0, streams=args.streams, server_pid=pid
+                    pool.run,
+                    target,
+                    args.rpc,
+                    args.rate,
+                    3.0,
+                    streams=args.streams,
+                    server_pids=[pid],
                 )
                 spy = await asyncio.create_subprocess_exec(
                     py_spy, "record", "--pid", str(pid), "--duration", str(args.seconds),
@@ -104,7 +110,7 @@ async def main(args: argparse.Namespace) -> int:
                     args.rate,
                     float(args.seconds),
                     streams=args.streams,
-                    server_pid=pid,
+                    server_pids=[pid],
                 )
                 if await spy.wait() != 0:
                     print("py-spy failed (it needs ptrace rights over the server)")

@@ -432,7 +432,7 @@ class Suite:
                                 args.seconds,
                                 streams=args.streams,
                                 timeout_s=args.timeout_s,
-                                server_pid=server.pid,
+                                server_pids=[server.pid],
                             )
                     except (RuntimeError, TimeoutError) as error:
                         self.notes.append(f"{config.name} at {rate:g}/s failed: {error}")

@@ -155,7 +155,7 @@ def served_per_worker(metrics_port: int, workers: int) -> list[int]:
 
 
 async def start_set(
-    kind: str, workers: int, bootstrap: str, args: argparse.Namespace, logs: Path
+    kind: str, workers: int, bootstrap: str, args: argparse.Namespace
 ) -> tuple[str, list[ChildProcess], int]:
     """``workers`` echo processes, or one ``serve --workers``, on a fresh port; the
     target, the processes and (Score) the first worker's metrics port."""
@@ -165,7 +165,7 @@ async def start_set(
     if kind == "echo":
         processes = [
             echo_process(
-                port, str(logs / f"echo-{workers}-{i}.log"), reuseport=True, name=f"echo-{i}"
+                port, str(args.logs / f"echo-{workers}-{i}.log"), reuseport=True, name=f"echo-{i}"
             )
             for i in range(workers)
         ]
@@ -176,7 +176,7 @@ async def start_set(
             port,
             args.model_repository,
             env={**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version},
-            log_path=str(logs / f"serve-{workers}.log"),
+            log_path=str(args.logs / f"serve-{workers}.log"),
         )
         metrics_port = free_port_run(workers)
         server.argv += ["--workers", str(workers), "--metrics-port", str(metrics_port)]
@@ -197,10 +197,10 @@ def pids_of(processes: list[ChildProcess]) -> list[int]:
 def serving_pids(kind: str, workers: int, processes: list[ChildProcess]) -> list[int]:
     """The processes that answer calls: each echo, or each worker (``serve --workers
     1`` is its own worker; with more, the supervisor's children answer)."""
+    pids = [process.process.pid for process in processes if process.process is not None]
     if kind == "echo" or workers == 1:
-        return pids_of(processes)[:workers]
-    assert processes[0].process is not None
-    pid = processes[0].process.pid
+        return pids
+    pid = pids[0]
     with open(f"/proc/{pid}/task/{pid}/children") as children:
         return [int(child) for child in children.read().split()]
 
@@ -303,7 +303,7 @@ async def measure(
     args: argparse.Namespace,
 ) -> Result:
     """Start one set, sweep it, read how the load spread, stop it."""
-    target, processes, metrics_port = await start_set(kind, workers, bootstrap, args, args.logs)
+    target, processes, metrics_port = await start_set(kind, workers, bootstrap, args)
     try:
         if kind == "score":
             await wait_all_serving(target, workers)

@@ -110,20 +110,26 @@ class _Client:
     def channel(self, target: str) -> grpc.aio.Channel:
         return self.channel_set(target)[0]
 
+    def unaries(self, target: str) -> list[grpc.aio.UnaryUnaryMultiCallable]:
+        """Score on each of ``target``'s connections (raw bytes both ways)."""
+        return [
+            channel.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
+            for channel in self.channel_set(target)
+        ]
+
     async def prepare(self, target: str, rpc: str) -> str:
         """Connect and warm up (untimed); '' or why it failed."""
         if (target, rpc) in self.warm:
             return ""
         channel = self.channel(target)
-        unary = channel.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
+        unaries = self.unaries(target)
+        unary = unaries[0]
         deadline = time.monotonic() + 30
-        for each in self.channel_set(target):
+        for each in unaries:
             # The echo server has no health service: call until each connection answers.
             while True:
                 try:
-                    await each.unary_unary(
-                        SCORE, request_serializer=None, response_deserializer=None
-                    )(self.requests[0], timeout=1)
+                    await each(self.requests[0], timeout=1)
                     break
                 except grpc.aio.AioRpcError as error:
                     if time.monotonic() > deadline:
@@ -169,10 +175,7 @@ class _Client:
                 ids=self.ids,
             )
         else:
-            unaries = [
-                each.unary_unary(SCORE, request_serializer=None, response_deserializer=None)
-                for each in self.channel_set(job["target"])
-            ]
+            unaries = self.unaries(job["target"])
             requests, n, timeout = self.requests, len(self.requests), job["timeout_s"]
             k = len(unaries)
 
@@ -401,19 +404,17 @@ class ClientPool:
         timeout_s: float = 1.0,
         max_in_flight: int = 512,
         drain_timeout: float = 10.0,
-        server_pid: int | None = None,
         server_pids: Sequence[int] = (),
     ) -> Row:
         """One open-loop step at ``rate`` (all clients together) for ``seconds``; the
-        server CPU per request is summed over ``server_pids`` (or ``server_pid``)."""
+        server CPU per request is summed over ``server_pids``."""
         if rpc not in RPCS:
             raise ValueError(f"rpc must be one of {RPCS}")
         prepare = {"kind": "prepare", "target": target, "rpc": rpc}
         for reply in self._all([prepare] * self.clients, timeout=90):
             if reply["error"]:
                 raise RuntimeError(reply["error"])
-        pids = list(server_pids) or ([server_pid] if server_pid else [])
-        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
         job = {
             "kind": "run",
             "target": target,
@@ -432,8 +433,8 @@ class ClientPool:
                 raise RuntimeError(reply["error"])
         result = merge(replies, rate, seconds)
         server_cpu_us = None
-        if pids:
-            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        if server_pids:
+            cpu = sum(cpu_seconds(pid) for pid in server_pids) - cpu_before
             server_cpu_us = cpu / max(result.ok, 1) * 1e6
         first_error = next((r["first_error"] for r in replies if r["first_error"]), "")
         return Row.of(
@@ -580,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 streams=args.streams,
                 timeout_s=args.timeout_s,
                 max_in_flight=args.max_in_flight,
-                server_pid=args.server_pid,
+                server_pids=[args.server_pid] if args.server_pid else [],
             )
         except (RuntimeError, TimeoutError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -183,6 +183,19 @@ class LoopbackServerProcess:
     def _after_exit(self, proc: subprocess.Popen[bytes]) -> None:
         """Cleanup once the child has exited (Triton removes its shared memory)."""
 
+    async def _wait_ready(self, port: int) -> str | None:
+        """``None`` once the child serves on ``port``, else why it failed."""
+        raise NotImplementedError
+
+    async def _ready_or_abandon(self, port: int) -> str | None:
+        """``_wait_ready``; a start cancelled (or broken) in the wait leaves nothing
+        running."""
+        try:
+            return await self._wait_ready(port)
+        except BaseException:
+            self._abandon()
+            raise
+
     def _launch(
         self,
         argv: list[str],

@@ -277,11 +277,7 @@ class EmbeddedTriton(LoopbackServerProcess):
                 cwd_log_dir=True,
                 when_forgotten=functools.partial(_remove_shm, self._shm_prefix),
             )
-            try:
-                outcome = await self._wait_ready(port)
-            except BaseException:  # cancelled (or a bug): leave nothing running
-                self._abandon()
-                raise
+            outcome = await self._ready_or_abandon(port)
             if outcome is None:
                 self.startup_s = time.monotonic() - t0
                 logger.info(

@@ -131,11 +131,7 @@ class EmbeddedBroker(LoopbackServerProcess):
             port = self._next_port()
             self._launch(self._argv(binary, port), port, cwd_log_dir=False)
             t0 = time.monotonic()
-            try:
-                outcome = await self._wait_ready(port)
-            except BaseException:  # cancelled (or a bug): leave nothing running
-                self._abandon()
-                raise
+            outcome = await self._ready_or_abandon(port)
             if outcome is None:
                 logger.info(
                     "tansu broker ready on %s:%d (pid %s) in %.2fs",

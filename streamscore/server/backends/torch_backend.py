@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamscore.config import TORCH_DEVICES
 from streamscore.server.backends.base import BackendUnavailable
 from streamscore.server.backends.offload import InlineOrThread
 from streamscore.server.model import check_batch, check_scores
@@ -31,10 +32,10 @@ class TorchBackend:
         self.model_path = model_path
         self.n_inputs = n_inputs
         self.max_batch_size = max_batch_size
+        if device not in TORCH_DEVICES:
+            raise ValueError(f"torch device must be auto, cpu or cuda, not {device!r}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device not in ("cpu", "cuda"):
-            raise ValueError(f"torch device must be auto, cpu or cuda, not {device!r}")
         self.device = torch.device(device)
         self._module: Any = None
         self._calls = InlineOrThread(
