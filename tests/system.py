@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import orjson
 from aiokafka import AIOKafkaProducer
 
@@ -185,3 +188,13 @@ def assert_features_match(served: dict, expected: dict) -> None:
             served[name],
             value,
         )
+
+
+def model_score(repository: Path, model: str, version: str, features: dict) -> float:
+    """The score the model file itself gives to the features a server says it used:
+    an independent check of the served score, whatever the features were."""
+    directory = repository / model / version
+    inputs = json.loads((directory / "metadata.json").read_text())["inputs"]
+    session = ort.InferenceSession(str(directory / "model.onnx"))
+    vector = np.array([[features[name] for name in inputs]], dtype=np.float32)
+    return float(session.run(None, {"features": vector})[0][0, 0])

@@ -26,19 +26,26 @@ from streamscore.stream.features import MINUTE
 from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
 
 import reference
-from system import assert_features_match, make_event, publish, running_system, wait_folded
+from system import (
+    assert_features_match,
+    make_event,
+    model_score,
+    publish,
+    running_system,
+    wait_folded,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
-async def system(tmp_path: Path, trained_model: Path) -> AsyncIterator[tuple[str, str]]:
+async def system(tmp_path: Path, trained_model: Path) -> AsyncIterator[tuple[str, str, Path]]:
     async with running_system(tmp_path, trained_model) as (bootstrap, targets):
-        yield bootstrap, targets[0]
+        yield bootstrap, targets[0], trained_model
 
 
 async def test_events_in_features_and_scores_out(system) -> None:
-    bootstrap, target = system
+    bootstrap, target, model_repository = system
     now = time.time_ns() // 1_000_000
     # Times well inside the windows (and away from window edges) so that the
     # windowed values cannot change while the test runs; seconds-since-last is
@@ -130,15 +137,28 @@ async def test_events_in_features_and_scores_out(system) -> None:
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "transaction.amount_minor" in (caught.value.details() or "")
 
-        # ScoreStream answers the same as Score for each request on one stream.
+        # ScoreStream answers as Score does for each request on one stream: the same
+        # windowed features, and the model's score of them. Seconds-since-last moves
+        # with the clock between the calls (by seconds on a loaded CI machine), so the
+        # score is checked against the model file, not against the unary answer.
         requests = [
-            pb.ScoreRequest(request_id=f"s-{i}", transaction=transaction_from_event(txn))
+            pb.ScoreRequest(
+                request_id=f"s-{i}", transaction=transaction_from_event(txn), include_features=True
+            )
             for i in range(3)
         ]
         call = stub.ScoreStream(iter(requests), timeout=5)
         answers = [r async for r in call]
         assert [a.request_id for a in answers] == ["s-0", "s-1", "s-2"]
-        assert all(a.score == pytest.approx(response.score, rel=1e-6) for a in answers)
+        for answer in answers:
+            assert list(answer.degraded) == []
+            streamed = dict(answer.features)
+            assert streamed["card_seconds_since_last"] >= served["card_seconds_since_last"]
+            assert_features_match(streamed, windowed)
+            assert answer.score == pytest.approx(
+                model_score(model_repository, "fraud_mlp", answer.model.version, streamed),
+                rel=1e-5,
+            )
 
     # Malformed events went to the dead-letter topic with a reason.
     consumer = AIOKafkaConsumer(
@@ -165,7 +185,7 @@ async def test_events_in_features_and_scores_out(system) -> None:
 
 
 async def test_health_and_reflection(system) -> None:
-    _, target = system
+    _, target, _ = system
     with grpc.insecure_channel(target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())

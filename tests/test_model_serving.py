@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import numpy as np
-import onnxruntime as ort
 import pytest
 
 from streamscore._proto.v1 import scoring_pb2 as pb
@@ -22,6 +20,8 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 from streamscore.triton_server import EmbeddedTriton, TritonInstall, TritonServerError
+
+from system import model_score
 
 MODEL = "fraud_mlp"
 
@@ -132,10 +132,9 @@ async def test_deadline_policy_fallback_marks_the_answer(trained_model: Path) ->
     async with serving(settings) as stub:
         reply = await stub.Score(request(1))
     assert list(reply.degraded) == [pb.DEADLINE_FALLBACK]
-    session = ort.InferenceSession(str(trained_model / MODEL / "1" / "model.onnx"))
-    inputs = json.loads((trained_model / MODEL / "1" / "metadata.json").read_text())["inputs"]
-    vector = np.array([[reply.features[name] for name in inputs]], dtype=np.float32)
-    assert reply.score == pytest.approx(float(session.run(None, {"features": vector})[0][0, 0]))
+    assert reply.score == pytest.approx(
+        model_score(trained_model, MODEL, "1", dict(reply.features))
+    )
 
 
 async def test_deadline_policy_error_gives_deadline_exceeded(trained_model: Path) -> None:
