@@ -98,8 +98,15 @@ class System:
 
     async def add_worker(self, *args: str) -> ChildProcess:
         name = f"worker-{len(self.children)}"
+        # Run in the log directory, so running_system can check that a worker leaves
+        # nothing in its working directory.
         child = ChildProcess.streamscore(
-            name, "worker", *self._common(), *args, log_path=str(self.logdir / f"{name}.log")
+            name,
+            "worker",
+            *self._common(),
+            *args,
+            log_path=str(self.logdir / f"{name}.log"),
+            cwd=str(self.logdir),
         )
         await child.start()
         self.children.append(child)
@@ -161,6 +168,8 @@ async def running_system(
         yield system.bootstrap, targets
         for child in system.children:
             child.check_running()
+        # Faust makes an (unused) table directory; ours goes to a temp directory.
+        assert not (logdir / "streamscore-worker-data").exists()
 
 
 async def wait_folded(

@@ -13,6 +13,7 @@ partitions between them (Faust's consumer group).
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,18 @@ def create_app(
     entity_events_partitions: int = 4,
     gate: EventTimeGate | None = None,
     fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
+    datadir: str | None = None,
 ) -> tuple[faust.App, WorkerStats]:
-    """Build the Faust app; the caller runs it (``faust.Worker``) or starts it in tests."""
+    """Build the Faust app; the caller runs it (``faust.Worker``) or starts it in tests.
+
+    ``datadir``: where Faust keeps its table files. The worker holds no tables, but
+    Faust creates the directory anyway, by default in the working directory."""
     kafka_compat.install_faust_fixes(fetch_max_wait_ms)
     app = faust.App(
         app_id,
         broker=f"kafka://{bootstrap}",
         store="memory://",
+        datadir=datadir,  # None: Faust's default
         # FAUST_BROKER_SETTINGS sets processing_guarantee="at_least_once": tansu has
         # no idempotent/transactional producer; the state de-duplicates by event id.
         topic_partitions=payments_partitions,
@@ -153,15 +159,19 @@ def run_worker(
     fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
 ) -> None:
     """Run one worker in the foreground until SIGTERM/SIGINT (Faust handles signals)."""
-    app, _ = create_app(
-        bootstrap,
-        payments_partitions=payments_partitions,
-        entity_events_partitions=entity_events_partitions,
-        gate=EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
-        fetch_max_wait_ms=fetch_max_wait_ms,
-    )
-    # Our logging (structured JSON, set up by the CLI) stays in charge.
-    worker = faust.Worker(
-        app, loglevel=loglevel, quiet=True, override_logging=False, redirect_stdouts=False
-    )
-    worker.execute_from_commandline()
+    # A throwaway data directory, so that running a worker leaves no empty
+    # "streamscore-worker-data" behind in the user's working directory.
+    with tempfile.TemporaryDirectory(prefix="streamscore-worker-") as datadir:
+        app, _ = create_app(
+            bootstrap,
+            payments_partitions=payments_partitions,
+            entity_events_partitions=entity_events_partitions,
+            gate=EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            datadir=datadir,
+        )
+        # Our logging (structured JSON, set up by the CLI) stays in charge.
+        worker = faust.Worker(
+            app, loglevel=loglevel, quiet=True, override_logging=False, redirect_stdouts=False
+        )
+        worker.execute_from_commandline()
