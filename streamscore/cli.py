@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "model_repository",
         "replay",
         "metrics_port",
+        "worker_port_base",
         "tls_cert_file",
         "tls_key_file",
         "tls_client_ca_file",
@@ -366,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="server processes sharing the port (SO_REUSEPORT), each with all features (default 1)",
+    )
+    serve.add_argument(
+        "--worker-port-base",
+        type=int,
+        help="worker i also listens on this port + i, its own, for clients that spread "
+        "their calls (round_robin) evenly over the workers (default 0: off)",
     )
     serve.add_argument("--tls-cert-file", help="server certificate chain (PEM): TLS on")
     serve.add_argument("--tls-key-file", help="server private key (PEM)")

@@ -69,6 +69,11 @@ class Settings:
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
     metrics_port: int = 0
+    # A second gRPC port that this process alone listens on; with serve --workers N,
+    # worker i listens on worker_port_base + i. The shared port spreads connections
+    # (the kernel's choice, uneven with few clients); these let a client spread its
+    # calls itself, evenly: round_robin over the list (README "Scaling"). 0: off.
+    worker_port_base: int = 0
     # OpenTelemetry spans per Score (stages as child spans) to the global tracer
     # provider; needs the otel extra (pip install 'streamscore[otel]').
     tracing: bool = False

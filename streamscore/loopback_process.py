@@ -52,6 +52,27 @@ def find_free_port(host: str = LOOPBACK) -> int:
         return port
 
 
+def find_free_ports(count: int, host: str = LOOPBACK) -> int:
+    """The first of ``count`` consecutive ports that were all free on ``host`` a moment
+    ago (``serve --worker-port-base``); as racy as :func:`find_free_port`."""
+    for _ in range(100):
+        with contextlib.ExitStack() as held:
+            first = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            first.bind((host, 0))
+            base: int = first.getsockname()[1]
+            if base + count - 1 > 65535:
+                continue
+            try:
+                for port in range(base + 1, base + count):
+                    held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)).bind(
+                        (host, port)
+                    )
+            except OSError:
+                continue
+            return base
+    raise OSError(f"found no {count} consecutive free ports on {host}")
+
+
 async def wait_exit(proc: subprocess.Popen[bytes], wait_s: float) -> bool:
     """Poll (loop-agnostic, no child watcher) until ``proc`` exits; True if it did."""
     deadline = time.monotonic() + wait_s

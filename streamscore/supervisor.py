@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 
 from streamscore.config import ENV_PREFIX, Settings
@@ -26,21 +27,38 @@ from streamscore.processes import ChildProcess, stop_on_signals
 
 log = logging.getLogger("streamscore.supervisor")
 
+# Settings that name a port of worker 0; worker i gets that port + i.
+_PER_WORKER_PORTS = ("metrics_port", "worker_port_base")
+
 
 def worker_environment(settings: Settings, index: int) -> dict[str, str]:
     env = {}
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
-        if field.name == "metrics_port" and value:
+        if field.name in _PER_WORKER_PORTS and value:
             value += index
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         env[ENV_PREFIX + field.name.upper()] = text
     return env
 
 
+def spread_target(host: str, port_base: int, workers: int) -> str:
+    """The gRPC target naming every worker's own port on ``host`` (an IP address; a
+    wildcard listen address stands for loopback), for a client that spreads its
+    calls over them: channel option ``("grpc.lb_policy_name", "round_robin")``."""
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    text = f"[{address}]" if address.version == 6 else str(address)
+    ports = ",".join(f"{text}:{port_base + i}" for i in range(workers))
+    return f"ipv{address.version}:{ports}"
+
+
 async def serve_workers(settings: Settings, workers: int) -> int:
     if not settings.port:
         raise SystemExit("--workers needs a fixed --port (port 0 would differ per worker)")
+    if settings.worker_port_base and settings.worker_port_base + workers - 1 > 65535:
+        raise SystemExit(f"--worker-port-base leaves no room for {workers} ports")
     stop = stop_on_signals()
     children = [
         ChildProcess.streamscore(
@@ -50,7 +68,17 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     ]
     for child in children:
         await child.start()
-    log.info("workers started", extra={"workers": workers, "port": settings.port})
+    extra: dict[str, object] = {"workers": workers, "port": settings.port}
+    if settings.worker_port_base:
+        try:
+            extra["spread_target"] = spread_target(
+                settings.host, settings.worker_port_base, workers
+            )
+        except ValueError:  # a host name: clients list its ports themselves
+            extra["worker_ports"] = (
+                f"{settings.worker_port_base}-{settings.worker_port_base + workers - 1}"
+            )
+    log.info("workers started", extra=extra)
     stopped = asyncio.ensure_future(stop.wait())
     died = [asyncio.ensure_future(child.exited.wait()) for child in children]
     await asyncio.wait([stopped, *died], return_when=asyncio.FIRST_COMPLETED)
@@ -65,4 +93,4 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     return 1 if crashed else 0
 
 
-__all__ = ["serve_workers", "worker_environment"]
+__all__ = ["serve_workers", "spread_target", "worker_environment"]

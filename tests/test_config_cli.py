@@ -10,6 +10,7 @@ import pytest
 
 from streamscore.cli import build_parser
 from streamscore.config import Settings, load_settings
+from streamscore.supervisor import spread_target, worker_environment
 
 SUBCOMMANDS = ("demo", "serve", "worker", "broker", "train", "features")
 
@@ -93,3 +94,21 @@ def test_serve_without_kafka_says_what_is_missing() -> None:
     )
     assert result.returncode != 0
     assert "--kafka" in result.stderr
+
+
+def test_each_worker_gets_its_own_ports() -> None:
+    settings = Settings(port=50051, metrics_port=9100, worker_port_base=50100)
+    second = worker_environment(settings, 1)
+    assert second["STREAMSCORE_PORT"] == "50051"  # shared
+    assert second["STREAMSCORE_METRICS_PORT"] == "9101"
+    assert second["STREAMSCORE_WORKER_PORT_BASE"] == "50101"
+    # Off stays off in every worker.
+    assert worker_environment(Settings(), 3)["STREAMSCORE_WORKER_PORT_BASE"] == "0"
+
+
+def test_spread_target_lists_every_workers_port() -> None:
+    assert spread_target("10.0.0.5", 7000, 3) == "ipv4:10.0.0.5:7000,10.0.0.5:7001,10.0.0.5:7002"
+    assert spread_target("0.0.0.0", 7000, 2) == "ipv4:127.0.0.1:7000,127.0.0.1:7001"
+    assert spread_target("::", 7000, 2) == "ipv6:[::1]:7000,[::1]:7001"
+    with pytest.raises(ValueError):
+        spread_target("scoring.internal", 7000, 2)

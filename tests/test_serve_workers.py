@@ -1,5 +1,6 @@
 """`streamscore serve --workers 2`: two processes share the port, both answer, both
-have the features, and SIGTERM stops the set cleanly."""
+have the features, each has its own port for clients that spread their calls, and
+SIGTERM stops the set cleanly."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from test_rollout import request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
+from streamscore.loopback_process import find_free_ports
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
+from streamscore.supervisor import spread_target
 
 from system import make_event, print_logs, publish, wait_folded
 
@@ -33,9 +36,11 @@ def served_by(metrics_port: int) -> float:
 async def test_two_workers_share_the_port_and_both_serve_features(
     trained_model: Path, tmp_path: Path
 ) -> None:
-    port, metrics = find_free_port(), find_free_port()
-    while metrics + 1 == port:
-        metrics = find_free_port()
+    metrics = find_free_ports(2)
+    own = find_free_ports(2)
+    port = find_free_port()
+    while port in (metrics, metrics + 1, own, own + 1) or own in (metrics, metrics + 1):
+        port, own = find_free_port(), find_free_ports(2)
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, TopicLayout().partitions())
         await publish(
@@ -53,6 +58,8 @@ async def test_two_workers_share_the_port_and_both_serve_features(
             str(port),
             "--metrics-port",
             str(metrics),
+            "--worker-port-base",
+            str(own),
             "--model-repository",
             str(trained_model),
             "--log-format",
@@ -91,6 +98,26 @@ async def test_two_workers_share_the_port_and_both_serve_features(
                     break
             counts = (served_by(metrics), served_by(metrics + 1))
             assert min(counts) > 0, f"one worker served nothing: {counts}"
+
+            # Each worker's own port: a round_robin client spreads its calls evenly,
+            # over one channel (the shared port would give all of them to one worker).
+            target = spread_target("127.0.0.1", own, 2)
+            assert target == f"ipv4:127.0.0.1:{own},127.0.0.1:{own + 1}"
+            async with grpc.aio.insecure_channel(
+                target, options=[("grpc.lb_policy_name", "round_robin")]
+            ) as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                # round_robin calls only the workers whose connection is up: call until
+                # both have answered once.
+                for i in range(200):
+                    await stub.Score(request(i, f"card-up-{i}"), timeout=10)
+                    before = (served_by(metrics), served_by(metrics + 1))
+                    if min(before[0] - counts[0], before[1] - counts[1]) > 0:
+                        break
+                for i in range(20):
+                    await stub.Score(request(i, f"card-rr-{i}"), timeout=10)
+            after = (served_by(metrics), served_by(metrics + 1))
+            assert (after[0] - before[0], after[1] - before[1]) == (10, 10)
             assert supervisor.process is not None
             supervisor.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(supervisor.exited.wait(), 40)

@@ -43,6 +43,7 @@ class ScoringServer:
         self.replica: FeatureReplica | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.own_port = 0
         self._server: grpc.aio.Server | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self.rollouts: RolloutManager | None = None
@@ -130,14 +131,14 @@ class ScoringServer:
             server,
         )
         await self._set_serving(False)
-        address = f"{settings.host}:{settings.port}"
-        self.port = (
-            server.add_secure_port(address, credentials)
-            if credentials is not None
-            else server.add_insecure_port(address)
+        self.port = _listen(server, settings.host, settings.port, credentials)
+        # This process's own port (serve --workers: worker i's is the base + i), for
+        # clients that spread calls over the workers themselves.
+        self.own_port = (
+            _listen(server, settings.host, settings.worker_port_base, credentials)
+            if settings.worker_port_base
+            else 0
         )
-        if not self.port:
-            raise OSError(f"cannot listen on {settings.host}:{settings.port}")
         await server.start()
         self._server = server
         if settings.metrics_port:
@@ -150,6 +151,7 @@ class ScoringServer:
             extra={
                 "host": settings.host,
                 "port": self.port,
+                "own_port": self.own_port or None,
                 "tls": "off"
                 if credentials is None
                 else "mutual"
@@ -239,6 +241,24 @@ class ScoringServer:
             cut,
             extra={"in_flight_at_stop": at_stop, "cut_off": cut, "grace_s": grace_s},
         )
+
+
+def _listen(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None,
+) -> int:
+    """Add a listening port (0: a free one); the port bound."""
+    address = f"{host}:{port}"
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if not bound:
+        raise OSError(f"cannot listen on {address}")
+    return bound
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
