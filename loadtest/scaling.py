@@ -14,6 +14,11 @@ the processes of the set, supervisor included.
         --rates 1000,2000,4000,6000,8000,12000,16000 --clients 6 --connections 8 \\
         --seconds 3 --refine 2 --json scaling.json --plot scaling.png
 
+``--spread client`` measures the other way to reach the workers: each process also
+listens on a port of its own (``serve --worker-port-base``; echo i on base + i) and
+each client channel names them all with gRPC's ``round_robin`` policy, so calls, not
+connections, are spread, evenly whatever the number of connections.
+
 The table gives, per worker count, the highest rate within budget for each, the ratio
 Score / echo, the speed-up over one worker, and the CPU per request at the highest
 rate both passed. Needs a trained repository (``streamscore train``) and cores to
@@ -28,7 +33,6 @@ import asyncio
 import json
 import os
 import shlex
-import socket
 import sys
 import time
 import urllib.request
@@ -51,9 +55,11 @@ from loadtest.sweep import (
     score_requests,
     sweep,
 )
+from streamscore.loopback_process import find_free_ports
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
+from streamscore.supervisor import spread_target
 
 
 @dataclass
@@ -122,21 +128,6 @@ async def wait_all_serving(target: str, workers: int, timeout: float = 180.0) ->
             await asyncio.sleep(0.2)
 
 
-def free_port_run(count: int) -> int:
-    """A port P with P .. P + count - 1 all free on loopback (worker i's metrics port
-    is metrics_port + i)."""
-    for _ in range(100):
-        base = find_free_port()
-        try:
-            for offset in range(count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise OSError(f"no run of {count} free ports found")
-
-
 def served_per_worker(metrics_port: int, workers: int) -> list[int]:
     """Score calls each worker answered, from its own /metrics: how evenly the kernel
     spread the connections."""
@@ -158,14 +149,22 @@ async def start_set(
     kind: str, workers: int, bootstrap: str, args: argparse.Namespace
 ) -> tuple[str, list[ChildProcess], int]:
     """``workers`` echo processes, or one ``serve --workers``, on a fresh port; the
-    target, the processes and (Score) the first worker's metrics port."""
+    target, the processes and (Score) the first worker's metrics port. With
+    ``--spread client`` the target lists a port per process (see the module doc)."""
     port = find_free_port()
     metrics_port = 0
     target = f"127.0.0.1:{port}"
+    own_ports = args.spread == "client"
+    base = find_free_ports(workers) if own_ports else 0
+    if own_ports:
+        target = spread_target("127.0.0.1", base, workers)
     if kind == "echo":
         processes = [
             echo_process(
-                port, str(args.logs / f"echo-{workers}-{i}.log"), reuseport=True, name=f"echo-{i}"
+                base + i if own_ports else port,
+                str(args.logs / f"echo-{workers}-{i}.log"),
+                reuseport=not own_ports,
+                name=f"echo-{i}",
             )
             for i in range(workers)
         ]
@@ -178,8 +177,10 @@ async def start_set(
             env={**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version},
             log_path=str(args.logs / f"serve-{workers}.log"),
         )
-        metrics_port = free_port_run(workers)
+        metrics_port = find_free_ports(workers)
         server.argv += ["--workers", str(workers), "--metrics-port", str(metrics_port)]
+        if own_ports:
+            server.argv += ["--worker-port-base", str(base)]
         processes = [server]
     for process in processes:
         await process.start()
@@ -306,7 +307,11 @@ async def measure(
     target, processes, metrics_port = await start_set(kind, workers, bootstrap, args)
     try:
         if kind == "score":
-            await wait_all_serving(target, workers)
+            if args.spread == "client":  # each worker on its own port
+                for address in target.removeprefix("ipv4:").split(","):
+                    await wait_all_serving(address, 1)
+            else:
+                await wait_all_serving(target, workers)
         serving = serving_pids(kind, workers, processes)
         cpu_before = [cpu_seconds(pid) for pid in serving]
         result = Result(kind, workers)
@@ -362,9 +367,14 @@ async def main(args: argparse.Namespace) -> int:
                     best[kind] = result.max_rate or 0.0
                     results.append(result)
     table = summary(results, args.budget_p99_ms)
+    spread = (
+        "calls spread by the clients (round_robin over a port per process)"
+        if args.spread == "client"
+        else "connections spread by the kernel (one shared port)"
+    )
     print(
         f"\n{args.clients} client processes x {args.connections} connections, "
-        f"{args.seconds:g} s per step, {os.cpu_count()} cores:"
+        f"{args.seconds:g} s per step, {os.cpu_count()} cores, {spread}:"
     )
     print(table)
     if args.json:
@@ -374,6 +384,7 @@ async def main(args: argparse.Namespace) -> int:
             "budget_p99_ms": args.budget_p99_ms,
             "clients": args.clients,
             "connections": args.connections,
+            "spread": args.spread,
             "results": [r.to_json() for r in results],
             "table": table,
         }
@@ -403,6 +414,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=4, help="load processes (default 4)")
     p.add_argument(
         "--connections", type=int, default=8, help="TCP connections per client (default 8)"
+    )
+    p.add_argument(
+        "--spread",
+        choices=["kernel", "client"],
+        default="kernel",
+        help="kernel: one shared port (SO_REUSEPORT spreads connections); client: a port "
+        "per process, calls spread by round_robin (default kernel)",
     )
     p.add_argument("--budget-p99-ms", type=float, default=10.0)
     p.add_argument("--refine", type=int, default=2, help="bisection steps after each sweep")

@@ -101,7 +101,11 @@ class _Client:
         local subchannel pool), so that ``serve --workers N`` behind one port is spread
         over its processes (the kernel hashes each new connection to one of them)."""
         if target not in self.channels:
-            options = [("grpc.use_local_subchannel_pool", 1)] if self.connections > 1 else []
+            options: list[tuple[str, int | str]] = []
+            if self.connections > 1:
+                options.append(("grpc.use_local_subchannel_pool", 1))
+            if "," in target:  # several addresses (loadtest.scaling --spread client)
+                options.append(("grpc.lb_policy_name", "round_robin"))
             self.channels[target] = [
                 grpc.aio.insecure_channel(target, options=options) for _ in range(self.connections)
             ]

@@ -490,3 +490,50 @@ async def test_scaling_sweeps_echo_and_serve_sets_of_processes(
     assert [row[0] for row in table[1:]] == ["1", "2"], out
     assert table[1][4] == "1.00x" and table[1][5] == "1.00x", out
     assert plot_path.read_bytes().startswith(PNG)
+
+
+async def test_scaling_with_client_spread_reaches_every_process_evenly(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """``--spread client``: each process on a port of its own, and one connection per
+    worker from a round_robin channel; both workers answer about half the calls (the
+    shared port would hand a single channel's calls all to one of them)."""
+    report_path = tmp_path / "scaling.json"
+    out = await run_module(
+        "loadtest.scaling",
+        "--model-repository",
+        str(trained_model),
+        "--workers",
+        "2",
+        "--spread",
+        "client",
+        "--rates",
+        "100",
+        "--seconds",
+        "1",
+        "--clients",
+        "1",
+        "--connections",
+        "1",
+        "--refine",
+        "0",
+        "--budget-p99-ms",
+        "5000",
+        "--replica-seconds",
+        "20",
+        "--logs",
+        str(tmp_path / "logs"),
+        "--json",
+        str(report_path),
+        timeout=240,
+    )
+    report = json.loads(report_path.read_text())
+    assert report["spread"] == "client"
+    sets = {r["kind"]: r for r in report["results"]}
+    assert sorted(sets) == ["echo", "score"], out
+    for result in sets.values():
+        (row,) = result["rows"]
+        assert row["ok"] == 100 and row["errors"] == 0 and row["dropped"] == 0, row
+        assert min(result["cpu_seconds_per_process"]) > 0, result
+    served = sets["score"]["served_per_worker"]
+    assert len(served) == 2 and min(served) >= 0.4 * sum(served), (served, out)
