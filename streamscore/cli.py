@@ -83,6 +83,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if not settings.kafka:
         raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+    from streamscore.supervisor import check_ports
+
+    check_ports(settings, args.workers)
     if args.workers > 1:
         from streamscore.supervisor import serve_workers
 

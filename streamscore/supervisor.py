@@ -54,11 +54,38 @@ def spread_target(host: str, port_base: int, workers: int) -> str:
     return f"ipv{address.version}:{ports}"
 
 
-async def serve_workers(settings: Settings, workers: int) -> int:
-    if not settings.port:
+def check_ports(settings: Settings, workers: int) -> None:
+    """Refuse, with the reason, ports that ``workers`` processes could not all bind
+    apart: each worker's own port and metrics port must be no other port of the set
+    (SO_REUSEPORT would let a clash bind, silently)."""
+    if workers > 1 and not settings.port:
         raise SystemExit("--workers needs a fixed --port (port 0 would differ per worker)")
-    if settings.worker_port_base and settings.worker_port_base + workers - 1 > 65535:
-        raise SystemExit(f"--worker-port-base leaves no room for {workers} ports")
+    ranges = {"--port": range(settings.port, settings.port + 1)}
+    for name, base in (
+        ("--metrics-port", settings.metrics_port),
+        ("--worker-port-base", settings.worker_port_base),
+    ):
+        if not base:
+            continue
+        if base + workers - 1 > 65535:
+            raise SystemExit(f"{name} {base} leaves no room for {workers} ports")
+        ranges[name] = range(base, base + workers)
+    names = list(ranges)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            if set(ranges[first]) & set(ranges[second]):
+                raise SystemExit(
+                    f"{first} and {second} overlap (ports {_span(ranges[first])} and "
+                    f"{_span(ranges[second])})"
+                )
+
+
+def _span(ports: range) -> str:
+    return str(ports.start) if len(ports) == 1 else f"{ports.start}-{ports[-1]}"
+
+
+async def serve_workers(settings: Settings, workers: int) -> int:
+    check_ports(settings, workers)
     stop = stop_on_signals()
     children = [
         ChildProcess.streamscore(
@@ -93,4 +120,4 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     return 1 if crashed else 0
 
 
-__all__ = ["serve_workers", "spread_target", "worker_environment"]
+__all__ = ["check_ports", "serve_workers", "spread_target", "worker_environment"]

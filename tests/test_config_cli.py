@@ -10,7 +10,7 @@ import pytest
 
 from streamscore.cli import build_parser
 from streamscore.config import Settings, load_settings
-from streamscore.supervisor import spread_target, worker_environment
+from streamscore.supervisor import check_ports, spread_target, worker_environment
 
 SUBCOMMANDS = ("demo", "serve", "worker", "broker", "train", "features")
 
@@ -112,3 +112,16 @@ def test_spread_target_lists_every_workers_port() -> None:
     assert spread_target("::", 7000, 2) == "ipv6:[::1]:7000,[::1]:7001"
     with pytest.raises(ValueError):
         spread_target("scoring.internal", 7000, 2)
+
+
+def test_ports_that_would_clash_are_refused_with_the_reason() -> None:
+    check_ports(Settings(port=7000, metrics_port=9100, worker_port_base=7001), 4)  # apart
+    check_ports(Settings(port=0), 1)  # one process may take any free port
+    with pytest.raises(SystemExit, match="--port and --worker-port-base overlap"):
+        check_ports(Settings(port=7002, worker_port_base=7000), 4)
+    with pytest.raises(SystemExit, match=r"ports 9100-9103 and 9102-9105"):
+        check_ports(Settings(port=7000, metrics_port=9100, worker_port_base=9102), 4)
+    with pytest.raises(SystemExit, match="no room for 4 ports"):
+        check_ports(Settings(port=7000, worker_port_base=65534), 4)
+    with pytest.raises(SystemExit, match="needs a fixed --port"):
+        check_ports(Settings(port=0), 2)
