@@ -7,6 +7,7 @@ the stream pipeline, which the end-to-end test covers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,7 @@ from streamscore.server.app import ScoringServer
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.errors import InvalidRequest
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version
-from streamscore.server.scoring import STREAM_READ_AHEAD
+from streamscore.server.scoring import READ_AHEAD_TASK, STREAM_READ_AHEAD
 from streamscore.server.validation import MAX_ID_LENGTH, validate_score_request
 from streamscore.stream.backfill import fold_event
 from streamscore.stream.events import event_from_dict
@@ -61,7 +62,9 @@ EVENTS = [
 
 
 @contextlib.asynccontextmanager
-async def served(repository: Path, replay: bool) -> AsyncIterator[pb_grpc.ScoringStub]:
+async def served_server(
+    repository: Path, replay: bool
+) -> AsyncIterator[tuple[ScoringServer, pb_grpc.ScoringStub]]:
     """A started server with EVENTS folded in, and a stub talking to it over loopback."""
     server = ScoringServer(Settings(port=0, model_repository=repository, replay=replay))
     await server.start()
@@ -69,9 +72,15 @@ async def served(repository: Path, replay: bool) -> AsyncIterator[pb_grpc.Scorin
         for raw in EVENTS:
             fold_event(server.store, event_from_dict(raw))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ScoringStub(channel)
+            yield server, pb_grpc.ScoringStub(channel)
     finally:
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def served(repository: Path, replay: bool) -> AsyncIterator[pb_grpc.ScoringStub]:
+    async with served_server(repository, replay) as (_, stub):
+        yield stub
 
 
 @pytest.fixture
@@ -280,6 +289,47 @@ async def test_score_stream_reads_ahead_and_still_answers_in_order(
     # Batched or not, the same score (up to float rounding of batched kernels).
     expected = [a.score for a in answers[:: STREAM_READ_AHEAD // 2]]
     assert [a.score for a in singles] == pytest.approx(expected, abs=1e-6)
+
+
+def read_ahead_running() -> bool:
+    return any(task.get_name() == READ_AHEAD_TASK for task in asyncio.all_tasks())
+
+
+async def test_score_stream_answers_in_turn_then_reads_ahead_once_answers_wait(
+    trained_model: Path,
+) -> None:
+    # A cheap model answers each message as it is read: no read-ahead task. Then the
+    # model moves to its worker thread mid-stream (every answer now waits): the rest
+    # of the stream is read ahead, and the answers stay in order, one per message.
+    async with served_server(trained_model, replay=True) as (server, stub):
+        calls = server.models.primary.backend._calls  # type: ignore[attr-defined]
+        requests = [
+            pb.ScoreRequest(request_id=f"m-{i}", transaction=transaction(amount_minor=100 + i))
+            for i in range(3 * STREAM_READ_AHEAD)
+        ]
+        expected = [(await stub.Score(r)).score for r in requests]
+        five_answered = asyncio.Event()
+
+        async def sent() -> AsyncIterator[pb.ScoreRequest]:
+            for i, request in enumerate(requests):
+                if i == 5:
+                    await five_answered.wait()
+                    calls.inline_limit_s = 0.0  # from now on in the worker thread
+                yield request
+
+        answers: list[pb.ScoreResponse] = []
+        read_ahead_seen = []
+        async for answer in stub.ScoreStream(sent()):
+            answers.append(answer)
+            read_ahead_seen.append(read_ahead_running())
+            if len(answers) == 5:
+                five_answered.set()
+        assert [a.request_id for a in answers] == [r.request_id for r in requests]
+        assert [a.score for a in answers] == pytest.approx(expected, abs=1e-6)
+        assert not any(read_ahead_seen[:5])  # answered in turn
+        assert any(read_ahead_seen[5:])  # read ahead once answers waited
+        assert calls._executor is not None  # they did: the model ran in its thread
+        assert not read_ahead_running()  # and the reader ended with the stream
 
 
 def test_thresholds_decide() -> None:
