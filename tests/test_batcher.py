@@ -774,6 +774,23 @@ async def test_cheap_inline_backend_answers_in_the_submit_without_a_loop_turn() 
     await batcher.stop()
 
 
+async def test_warm_up_measures_a_call_of_one_for_the_hold_rule() -> None:
+    rows = np.stack([vector(i) for i in range(4)])
+    cheap = FakeBackend([(0.0, "ok")])
+    batcher = make(cheap, max_batch_size=4, infer_inline=cheap.infer_inline, defer_min_s=0.05)
+    assert batcher.holds_for_a_batch  # unknown
+    await batcher.warm_up(rows, sizes=[1, 2, 4])
+    assert batcher.single_call_s < 0.05 and not batcher.holds_for_a_batch
+    costly = FakeBackend([(20 * DEFER_MIN_S, "ok")])
+    batcher = make(costly, max_batch_size=4, infer_inline=costly.infer_inline)
+    await batcher.warm_up(rows, sizes=[1, 2, 4])
+    assert batcher.single_call_s >= DEFER_MIN_S and batcher.holds_for_a_batch
+    # Without a size-1 warm-up batch nothing is known: hold, as before.
+    unknown = make(cheap, max_batch_size=4, infer_inline=cheap.infer_inline, defer_min_s=0.05)
+    await unknown.warm_up(rows, sizes=[4])
+    assert unknown.holds_for_a_batch
+
+
 async def test_costly_inline_backend_holds_a_loop_turn_to_batch() -> None:
     # Computes on the loop 2 ms a call: far over the bar, even with CI's preemptions.
     backend = FakeBackend([(20 * DEFER_MIN_S, "ok")])

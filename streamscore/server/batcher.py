@@ -480,10 +480,19 @@ class Batcher:
         repeats: int = 3,
         untimed: int = 1,
     ) -> dict[int, float]:
-        """Seed the latency model with real batches (see :func:`warm_up`); before start."""
-        return await warm_up(
+        """Seed the latency model with real batches (see :func:`warm_up`); before start.
+
+        The warm-up's call of one also seeds ``single_call_s`` (by wall time, which is
+        never below the CPU time it stands in for): a cheap model's first requests
+        then need not hold a loop turn each, nor does a ScoreStream opened after a
+        reload see its first answer wait (which puts it into read-ahead for good)."""
+        predicted = await warm_up(
             self._infer, inputs, self.latency_model, sizes=sizes, repeats=repeats, untimed=untimed
         )
+        one = predicted.get(1, math.inf)
+        if math.isinf(self.single_call_s) and math.isfinite(one):
+            self.single_call_s = one
+        return predicted
 
     async def start(self) -> None:
         if self._state != _NEW:
