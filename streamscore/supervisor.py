@@ -10,9 +10,12 @@ balancer.
 
 The supervisor resolves the settings once and hands them to the workers through
 ``STREAMSCORE_*`` variables (so a config file, environment and flags mean the same
-in every worker); worker i serves metrics on ``metrics_port + i``. SIGTERM / SIGINT
-are passed on (each worker drains); when a worker dies on its own, the others are
-stopped and the supervisor exits non-zero, so the process manager restarts the set.
+in every worker); worker i serves metrics on ``metrics_port + i`` and, with
+``worker_port_base``, also gRPC on a port of its own, ``worker_port_base + i``, so that
+a client with the ``round_robin`` policy can spread its calls evenly over the workers
+(``spread_target``). SIGTERM / SIGINT are passed on (each worker drains); when a
+worker dies on its own, the others are stopped and the supervisor exits non-zero, so
+the process manager restarts the set.
 """
 
 from __future__ import annotations

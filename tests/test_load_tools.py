@@ -436,27 +436,18 @@ async def test_score_profile_breakdown(trained_model: Path) -> None:
     assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out
 
 
-async def test_scaling_sweeps_echo_and_serve_sets_of_processes(
-    trained_model: Path, tmp_path: Path
-) -> None:
-    """One and two processes of each (echo, ``serve --workers``) on a shared port,
-    one step each: the report parses, every set answered, and the load and the CPU
-    are attributed to each serving process."""
-    report_path, plot_path = tmp_path / "scaling.json", tmp_path / "scaling.png"
+async def run_scaling(trained_model: Path, tmp_path: Path, *args: str) -> tuple[str, dict]:
+    """``loadtest.scaling`` for a smoke test: one 1 s step from one client process, a
+    budget nothing misses; its output and its JSON report."""
+    report_path = tmp_path / "scaling.json"
     out = await run_module(
         "loadtest.scaling",
         "--model-repository",
         str(trained_model),
-        "--workers",
-        "2,1",
-        "--rates",
-        "60",
         "--seconds",
         "1",
         "--clients",
         "1",
-        "--connections",
-        "6",
         "--refine",
         "0",
         "--budget-p99-ms",
@@ -467,11 +458,31 @@ async def test_scaling_sweeps_echo_and_serve_sets_of_processes(
         str(tmp_path / "logs"),
         "--json",
         str(report_path),
-        "--plot",
-        str(plot_path),
+        *args,
         timeout=240,
     )
-    report = json.loads(report_path.read_text())
+    return out, json.loads(report_path.read_text())
+
+
+async def test_scaling_sweeps_echo_and_serve_sets_of_processes(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """One and two processes of each (echo, ``serve --workers``) on a shared port,
+    one step each: the report parses, every set answered, and the load and the CPU
+    are attributed to each serving process."""
+    plot_path = tmp_path / "scaling.png"
+    out, report = await run_scaling(
+        trained_model,
+        tmp_path,
+        "--workers",
+        "2,1",
+        "--rates",
+        "60",
+        "--connections",
+        "6",
+        "--plot",
+        str(plot_path),
+    )
     sets = {(r["kind"], r["workers"]): r for r in report["results"]}
     assert sorted(sets) == [("echo", 1), ("echo", 2), ("score", 1), ("score", 2)], out
     for (kind, workers), result in sets.items():
@@ -498,36 +509,18 @@ async def test_scaling_with_client_spread_reaches_every_process_evenly(
     """``--spread client``: each process on a port of its own, and one connection per
     worker from a round_robin channel; both workers answer about half the calls (the
     shared port would hand a single channel's calls all to one of them)."""
-    report_path = tmp_path / "scaling.json"
-    out = await run_module(
-        "loadtest.scaling",
-        "--model-repository",
-        str(trained_model),
+    out, report = await run_scaling(
+        trained_model,
+        tmp_path,
         "--workers",
         "2",
         "--spread",
         "client",
         "--rates",
         "100",
-        "--seconds",
-        "1",
-        "--clients",
-        "1",
         "--connections",
         "1",
-        "--refine",
-        "0",
-        "--budget-p99-ms",
-        "5000",
-        "--replica-seconds",
-        "20",
-        "--logs",
-        str(tmp_path / "logs"),
-        "--json",
-        str(report_path),
-        timeout=240,
     )
-    report = json.loads(report_path.read_text())
     assert report["spread"] == "client"
     sets = {r["kind"]: r for r in report["results"]}
     assert sorted(sets) == ["echo", "score"], out
