@@ -295,26 +295,27 @@ def read_ahead_running() -> bool:
     return any(task.get_name() == READ_AHEAD_TASK for task in asyncio.all_tasks())
 
 
-async def test_score_stream_answers_in_turn_then_reads_ahead_once_answers_wait(
-    trained_model: Path,
-) -> None:
+async def test_score_stream_reads_ahead_only_while_answers_wait(trained_model: Path) -> None:
     # A cheap model answers each message as it is read: no read-ahead task. Then the
-    # model moves to its worker thread mid-stream (every answer now waits): the rest
-    # of the stream is read ahead, and the answers stay in order, one per message.
+    # model moves to its worker thread mid-stream (every answer now waits): the stream
+    # is read ahead. Then it moves back: the stream is answered in turn again. The
+    # answers stay in order, one per message, each its unary score.
     async with served_server(trained_model, replay=True) as (server, stub):
         calls = server.models.primary.backend._calls  # type: ignore[attr-defined]
+        inline_limit_s = calls.inline_limit_s
         requests = [
             pb.ScoreRequest(request_id=f"m-{i}", transaction=transaction(amount_minor=100 + i))
-            for i in range(3 * STREAM_READ_AHEAD)
+            for i in range(60)
         ]
         expected = [(await stub.Score(r)).score for r in requests]
-        five_answered = asyncio.Event()
+        answered = {5: asyncio.Event(), 30: asyncio.Event()}
 
         async def sent() -> AsyncIterator[pb.ScoreRequest]:
             for i, request in enumerate(requests):
-                if i == 5:
-                    await five_answered.wait()
-                    calls.inline_limit_s = 0.0  # from now on in the worker thread
+                if i in answered:
+                    await answered[i].wait()  # every earlier message answered
+                    # To the worker thread at 5, back on the loop at 30.
+                    calls.inline_limit_s = 0.0 if i == 5 else inline_limit_s
                 yield request
 
         answers: list[pb.ScoreResponse] = []
@@ -322,14 +323,15 @@ async def test_score_stream_answers_in_turn_then_reads_ahead_once_answers_wait(
         async for answer in stub.ScoreStream(sent()):
             answers.append(answer)
             read_ahead_seen.append(read_ahead_running())
-            if len(answers) == 5:
-                five_answered.set()
+            if len(answers) in answered:
+                answered[len(answers)].set()
         assert [a.request_id for a in answers] == [r.request_id for r in requests]
         assert [a.score for a in answers] == pytest.approx(expected, abs=1e-6)
-        assert not any(read_ahead_seen[:5])  # answered in turn
-        assert any(read_ahead_seen[5:])  # read ahead once answers waited
-        assert calls._executor is not None  # they did: the model ran in its thread
-        assert not read_ahead_running()  # and the reader ended with the stream
+        assert calls._executor is not None  # answers did wait: the model ran in its thread
+        assert not any(read_ahead_seen[:5])  # in turn
+        assert any(read_ahead_seen[5:30])  # read ahead while answers waited
+        assert not any(read_ahead_seen[31:])  # handed back: in turn again
+        assert not read_ahead_running()
 
 
 def test_thresholds_decide() -> None:

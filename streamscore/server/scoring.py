@@ -50,6 +50,37 @@ _DECISION_NAMES = {value: name for name, value in pb.Decision.items()}
 _DEGRADED_NAMES = {value: name for name, value in pb.DegradedReason.items()}
 
 
+class _ReadAhead:
+    """One stretch of a ScoreStream read ahead: the answers to come, in order (None:
+    no more), room to read more, and how many read messages are still unanswered."""
+
+    def __init__(self, first: _StreamItem) -> None:
+        self.answers: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
+        self.answers.put_nowait(first)
+        self.room = asyncio.Semaphore(STREAM_READ_AHEAD - 1)
+        self.unanswered = 1
+        self.reader: asyncio.Task[bool] | None = None
+
+    def answered(self) -> None:
+        self.unanswered -= 1
+        self.room.release()
+
+    def abandon(self) -> None:
+        """After an error or a cancel: stop the reader and the work of the answers
+        never sent, and mark the failures of those already done as seen."""
+        if self.reader is not None:
+            self.reader.cancel()
+        while not self.answers.empty():
+            item = self.answers.get_nowait()
+            if item is None:
+                continue
+            answer = item[2]
+            if not answer.done():
+                answer.cancel()
+            elif not answer.cancelled():
+                answer.exception()
+
+
 class ScoringService(pb_grpc.ScoringServicer):
     def __init__(
         self,
@@ -321,11 +352,12 @@ class ScoringService(pb_grpc.ScoringServicer):
 
         While every answer is ready the moment its message is read (a cheap in-process
         model, answered inside the batcher's submit), the handler reads and answers in
-        turn, in this one task, like a bare handler. From the first answer that has to
-        wait (a model in a worker thread, Triton, a hold for a batch) to the end of the
-        stream, it reads ahead (up to ``STREAM_READ_AHEAD`` messages unanswered): while
-        one message waits for its model batch the next ones are read and scored, so
-        they can share the batch, and reading overlaps writing.
+        turn, in this one task, like a bare handler. While answers have to wait (a
+        model in a worker thread, Triton, a hold for a batch), it reads ahead (up to
+        ``STREAM_READ_AHEAD`` messages unanswered): while one message waits for its
+        model batch the next ones are read and scored, so they can share the batch, and
+        reading overlaps writing. Reading ahead starts at the first answer that waits
+        and ends when one is ready at once with none before it unanswered.
 
         An error ends the stream with its status, naming the request id (a stream has
         one status, there is no per-message error), after the answers to every earlier
@@ -334,44 +366,40 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics = self.rpc_metrics["ScoreStream"]
         metrics.enter()
         parent = self._trace_parent(context)
-        scoring: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
-        reader: asyncio.Task[None] | None = None
+        ahead: _ReadAhead | None = None
         try:
-            # In turn: no reader task and no queue, one wake-up per message. (Measured:
-            # the read-ahead machinery costs 10-14 % of a cheap message's CPU.)
-            while (item := await self._read_one(request_iterator, context, parent)) is not None:
-                request_id, started, answer = item
-                if not answer.done():
-                    break
-                yield await _guard(context, metrics, answer, request_id=request_id, started=started)
-            else:
-                return
-            # Read ahead from here on; the waiting answer is the first in the queue.
-            scoring.put_nowait(item)
-            room = asyncio.Semaphore(STREAM_READ_AHEAD - 1)
-            reader = asyncio.create_task(
-                self._read_ahead(request_iterator, context, parent, scoring, room),
-                name=READ_AHEAD_TASK,
-            )
-            while (item := await scoring.get()) is not None:
-                request_id, started, answer = item
-                yield await _guard(context, metrics, answer, request_id=request_id, started=started)
-                room.release()
-            await reader  # a failed read ends the call with its error
+            while True:
+                # In turn: no reader task and no queue, one wake-up per message.
+                # (Measured: the read-ahead machinery costs 10-14 % of a cheap
+                # message's CPU.)
+                while (item := await self._read_one(request_iterator, context, parent)) is not None:
+                    request_id, started, answer = item
+                    if not answer.done():
+                        break
+                    yield await _guard(
+                        context, metrics, answer, request_id=request_id, started=started
+                    )
+                else:
+                    return
+                # Read ahead; the waiting answer is the first in the queue.
+                ahead = _ReadAhead(item)
+                ahead.reader = asyncio.create_task(
+                    self._read_ahead(request_iterator, context, parent, ahead),
+                    name=READ_AHEAD_TASK,
+                )
+                while (item := await ahead.answers.get()) is not None:
+                    request_id, started, answer = item
+                    yield await _guard(
+                        context, metrics, answer, request_id=request_id, started=started
+                    )
+                    ahead.answered()
+                # A failed read ends the call with its error; False: the stream ended.
+                if not await ahead.reader:
+                    return
+                ahead = None  # handed back: in turn again
         finally:
-            if reader is not None:
-                reader.cancel()
-            # Unanswered after an error or a cancel: stop their work, and mark the
-            # failures of those already done as seen (they were never sent).
-            while not scoring.empty():
-                item = scoring.get_nowait()
-                if item is None:
-                    continue
-                answer = item[2]
-                if not answer.done():
-                    answer.cancel()
-                elif not answer.cancelled():
-                    answer.exception()
+            if ahead is not None:
+                ahead.abandon()
             metrics.exit()
 
     async def _read_one(
@@ -405,21 +433,27 @@ class ScoringService(pb_grpc.ScoringServicer):
         request_iterator: AsyncIterator[pb.ScoreRequest],
         context: grpc.aio.ServicerContext,
         parent: Any,
-        scoring: asyncio.Queue[_StreamItem | None],
-        room: asyncio.Semaphore,
-    ) -> None:
+        ahead: _ReadAhead,
+    ) -> bool:
+        """Read messages and start their Scores while the handler answers earlier ones.
+        True: the stream is handed back to be read in turn (an answer was ready at
+        once with none before it unanswered); False: it ended, or ends with an error."""
         try:
             while True:
-                await room.acquire()
+                await ahead.room.acquire()
                 item = await self._read_one(request_iterator, context, parent)
                 if item is None:
-                    return
-                scoring.put_nowait(item)
+                    return False
+                ahead.answers.put_nowait(item)
+                ahead.unanswered += 1
                 answer = item[2]
-                if answer.done() and not answer.cancelled() and answer.exception() is not None:
-                    return  # the stream ends with this error: read no further
+                if answer.done():
+                    if answer.cancelled() or answer.exception() is not None:
+                        return False  # the stream ends with this error: read no further
+                    if ahead.unanswered == 1:
+                        return True
         finally:
-            scoring.put_nowait(None)
+            ahead.answers.put_nowait(None)
 
     async def GetFeatures(
         self, request: pb.FeaturesRequest, context: grpc.aio.ServicerContext
