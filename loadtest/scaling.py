@@ -147,17 +147,20 @@ def served_per_worker(metrics_port: int, workers: int) -> list[int]:
 
 async def start_set(
     kind: str, workers: int, bootstrap: str, args: argparse.Namespace
-) -> tuple[str, list[ChildProcess], int]:
+) -> tuple[str, list[tuple[str, int]], list[ChildProcess], int]:
     """``workers`` echo processes, or one ``serve --workers``, on a fresh port; the
-    target, the processes and (Score) the first worker's metrics port. With
-    ``--spread client`` the target lists a port per process (see the module doc)."""
+    target, the addresses to wait on (each with the workers behind it), the processes
+    and (Score) the first worker's metrics port. With ``--spread client`` the target
+    lists a port per process (see the module doc)."""
     port = find_free_port()
     metrics_port = 0
     target = f"127.0.0.1:{port}"
+    ready = [(target, workers)]
     own_ports = args.spread == "client"
     base = find_free_ports(workers) if own_ports else 0
     if own_ports:
         target = spread_target("127.0.0.1", base, workers)
+        ready = [(f"127.0.0.1:{base + i}", 1) for i in range(workers)]
     if kind == "echo":
         processes = [
             echo_process(
@@ -184,7 +187,7 @@ async def start_set(
         processes = [server]
     for process in processes:
         await process.start()
-    return target, processes, metrics_port
+    return target, ready, processes, metrics_port
 
 
 def pids_of(processes: list[ChildProcess]) -> list[int]:
@@ -304,14 +307,11 @@ async def measure(
     args: argparse.Namespace,
 ) -> Result:
     """Start one set, sweep it, read how the load spread, stop it."""
-    target, processes, metrics_port = await start_set(kind, workers, bootstrap, args)
+    target, ready, processes, metrics_port = await start_set(kind, workers, bootstrap, args)
     try:
         if kind == "score":
-            if args.spread == "client":  # each worker on its own port
-                for address in target.removeprefix("ipv4:").split(","):
-                    await wait_all_serving(address, 1)
-            else:
-                await wait_all_serving(target, workers)
+            for address, behind in ready:
+                await wait_all_serving(address, behind)
         serving = serving_pids(kind, workers, processes)
         cpu_before = [cpu_seconds(pid) for pid in serving]
         result = Result(kind, workers)

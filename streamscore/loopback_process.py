@@ -46,10 +46,7 @@ def find_free_port(host: str = LOOPBACK) -> int:
 
     Another process may take it before the server binds it; callers must cope.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return find_free_ports(1, host)
 
 
 def find_free_ports(count: int, host: str = LOOPBACK) -> int:

@@ -88,7 +88,8 @@ def _span(ports: range) -> str:
 
 
 async def serve_workers(settings: Settings, workers: int) -> int:
-    check_ports(settings, workers)
+    """Run the set until a signal or a worker's death; the caller checked the ports
+    (``check_ports``) before anything started."""
     stop = stop_on_signals()
     children = [
         ChildProcess.streamscore(

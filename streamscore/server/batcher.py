@@ -491,7 +491,7 @@ class Batcher:
         )
         one = predicted.get(1, math.inf)
         if math.isinf(self.single_call_s) and math.isfinite(one):
-            self.single_call_s = one
+            self._observe_single_call(one)
         return predicted
 
     async def start(self) -> None:
@@ -775,15 +775,18 @@ class Batcher:
             return False
         if len(live) == 1:
             # CPU time: a preemption inside the call (a loaded box) is not its cost.
-            spent = min(time.thread_time() - cpu_started, _SINGLE_CAP * self.defer_min_s)
-            average = self.single_call_s
-            self.single_call_s = (
-                spent
-                if math.isinf(average)
-                else _SINGLE_ALPHA * spent + (1 - _SINGLE_ALPHA) * average
-            )
+            self._observe_single_call(time.thread_time() - cpu_started)
         self._finish(live, scores, started)
         return True
+
+    def _observe_single_call(self, seconds: float) -> None:
+        """Fold one call of one request's cost into ``single_call_s`` (capped, so one
+        pause inside a cheap call does not start the holds)."""
+        spent = min(seconds, _SINGLE_CAP * self.defer_min_s)
+        average = self.single_call_s
+        self.single_call_s = (
+            spent if math.isinf(average) else _SINGLE_ALPHA * spent + (1 - _SINGLE_ALPHA) * average
+        )
 
     async def _call(self, batch: _Batch, admitted: bool = False) -> None:
         now = self.clock()
