@@ -791,6 +791,77 @@ async def test_warm_up_measures_a_call_of_one_for_the_hold_rule() -> None:
     assert unknown.holds_for_a_batch
 
 
+BATCHER_SERIES = (
+    ("streamscore_batch_size_count", {}),
+    ("streamscore_batch_size_sum", {}),
+    ("streamscore_batch_queue_wait_seconds_count", {}),
+    ("streamscore_backend_seconds_count", {}),
+    ("streamscore_batch_late_results_total", {}),
+    ("streamscore_backend_failures_total", {"kind": "error"}),
+    ("streamscore_backend_failures_total", {"kind": "wrong_count"}),
+    ("streamscore_batch_shed_requests_total", {"reason": "backend_failed"}),
+    ("streamscore_batch_shed_requests_total", {"reason": "deadline_in_flight"}),
+)
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail", "short", "long", "late"])
+async def test_a_call_alone_answers_like_the_queued_path(mode: str) -> None:
+    """An idle batcher runs a cheap inline call of one without its queue (no request
+    record, future or heap entry); the caller sees the same score or error, and the
+    same series move, as when the request goes through the queue (a batcher that
+    holds for a batch: there the call runs on the next loop turn)."""
+
+    def series(name: str) -> list[float]:
+        return [
+            REGISTRY.get_sample_value(metric, {"model": name, **labels}) or 0.0
+            for metric, labels in BATCHER_SERIES
+        ]
+
+    async def outcome(name: str, alone: bool) -> tuple[object, list[float], bool]:
+        # "late": the call blocks the loop 30 ms against a 10 ms budget.
+        backend = FakeBackend([(0.03, "ok")] if mode == "late" else [(0.0, mode)])
+        batcher = Batcher(
+            backend.infer,
+            name=name,
+            max_batch_size=4,
+            max_queue=8,
+            n_inputs=K,
+            latency_model=seeded_model(4, 0.001),
+            infer_inline=backend.infer_inline,
+            defer_min_s=1.0 if alone else 0.0,
+        )
+        batcher.single_call_s = 0.0  # measured cheap: holds only where the bar is 0
+        assert batcher.holds_for_a_batch is not alone
+        await batcher.start()
+        before = series(name)
+        turned: list[bool] = []
+        asyncio.get_running_loop().call_soon(turned.append, True)
+        budget = 0.01 if mode == "late" else 5.0
+        try:
+            result: object = await batcher.submit(vector(7), batcher.clock() + budget)
+        except BatcherError as error:
+            cause = error.__cause__
+            result = (type(error).__name__, getattr(error, "stage", None), type(cause).__name__)
+        moved = [a - b for a, b in zip(series(name), before, strict=True)]
+        assert [c.ids for c in backend.calls] == [[7]]
+        await batcher.stop()
+        return result, moved, bool(turned)
+
+    alone, alone_moved, alone_turned = await outcome(f"alone-{mode}", alone=True)
+    queued, queued_moved, queued_turned = await outcome(f"queued-{mode}", alone=False)
+    assert alone == queued and alone_moved == queued_moved
+    assert not alone_turned and queued_turned  # alone: answered without a loop turn
+    expected = {
+        "ok": own_score(7),
+        "fail": ("BackendFailed", None, "RuntimeError"),
+        "short": ("BackendFailed", None, "ValueError"),
+        "long": ("BackendFailed", None, "ValueError"),
+        "late": ("DeadlineUnreachable", "in_flight", "NoneType"),
+    }
+    assert alone == expected[mode]
+    assert alone_moved[:4] == [1, 1, 1, 1]  # one batch of one, one wait, one call
+
+
 async def test_costly_inline_backend_holds_a_loop_turn_to_batch() -> None:
     # Computes on the loop 2 ms a call: far over the bar, even with CI's preemptions.
     backend = FakeBackend([(20 * DEFER_MIN_S, "ok")])

@@ -61,7 +61,9 @@ several times more), one deadline timer, a few histogram observations and one
 them on the event loop anyway) skips the task, the timer and the coroutines: its
 batch runs synchronously on the loop turn after the submit, so the requests submitted
 in the same turn share it; or, where a call of one is cheaper than holding a request
-for that turn (``DEFER_MIN_S``), in the submit itself, and the caller never waits.
+for that turn (``DEFER_MIN_S``), in the submit itself, and the caller never waits. Then,
+with nothing queued or running, the request skips the queue too (``_call_alone``: no
+future, no heap entry), the usual case on a server that is not saturated.
 Predictions are cached per size until the latency model changes.
 Timers use ``loop.call_later``; uvloop rounds them to whole milliseconds and may fire
 up to ~1 ms early, so waits shorter than ``TIMER_GRAIN_S`` are not armed (the batch
@@ -555,6 +557,17 @@ class Batcher:
             raise DeadlineUnreachable(
                 "submit", f"{deadline - now:.6f}s left is less than {self.name!r} needs"
             )
+        if (
+            not self._queued
+            and not self._running
+            and self._infer_inline is not None
+            and not self.holds_for_a_batch
+        ):
+            # Nothing queued or running, and no reason to hold: the request is a batch
+            # of one, run now, without the queue's bookkeeping (see ``_call_alone``).
+            score = self._call_alone(vector, deadline)
+            if score is not None:
+                return score
         # When it would start: after a slot frees and the full batches queued ahead of
         # it have run (every queued request counts as ahead: exact with one budget for
         # all, pessimistic for a caller with a tighter deadline, which EDF serves first).
@@ -779,6 +792,41 @@ class Batcher:
         self._finish(live, scores, started)
         return True
 
+    def _call_alone(self, vector: np.ndarray, deadline: float) -> float | None:
+        """One request's score from a batch of its own, run now, on the loop: what
+        ``_dispatch``, ``_admit``, ``_call_inline`` and ``_finish`` do for a batch of one
+        submitted to an idle batcher, less its request record, future and heap entry
+        (a fifth of the batcher's CPU per request). The same metrics and errors, raised
+        instead of set on a future; None, nothing run, when the backend says its calls
+        now belong in a thread (then the request goes the queued way)."""
+        assert self._infer_inline is not None
+        started, cpu_started = self.clock(), time.thread_time()
+        try:
+            scores = self._infer_inline(np.array(vector, dtype=np.float32, ndmin=2))
+        except Exception as exc:
+            self._observe_admitted_alone()
+            self._observe_backend_error(started)
+            self._m_shed["backend_failed"].inc()
+            raise self._backend_failed(exc) from exc
+        if scores is None:
+            return None
+        self._observe_single_call(time.thread_time() - cpu_started)
+        self._observe_admitted_alone()
+        checked, ended = self._checked_scores(1, scores, started)
+        if checked is None:
+            self._m_shed["backend_failed"].inc()
+            raise self._backend_failed(_wrong_count(scores, 1))
+        if ended > deadline:
+            self._m_late.inc()
+            self._m_shed["deadline_in_flight"].inc()
+            raise _finished_late()
+        return float(checked[0])
+
+    def _observe_admitted_alone(self) -> None:
+        """``_admit``'s metrics for a batch of one that never queued."""
+        self._m_size.observe(1)
+        self._m_wait.observe(0.0)
+
     def _observe_single_call(self, seconds: float) -> None:
         """Fold one call of one request's cost into ``single_call_s`` (capped, so one
         pause inside a cheap call does not start the holds)."""
@@ -809,25 +857,36 @@ class Batcher:
         self._finish(live, scores, started)
 
     def _backend_error(self, live: list[_Request], exc: Exception, started: float) -> None:
-        self._m_backend.observe(self.clock() - started)
-        self._m_failures["error"].inc()
+        self._observe_backend_error(started)
         self._fail_batch(live, exc)
 
-    def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:
-        """Answer a batch from its scores: each request in time gets its score."""
+    def _observe_backend_error(self, started: float) -> None:
+        self._m_backend.observe(self.clock() - started)
+        self._m_failures["error"].inc()
+
+    def _checked_scores(
+        self, n: int, scores: np.ndarray, started: float
+    ) -> tuple[np.ndarray | None, float]:
+        """Account for a backend call of ``n`` that returned: its scores (None when not
+        ``(n,)``, counted as a wrong count) and the clock when it ended."""
         ended = self.clock()
         elapsed = ended - started
         self._m_backend.observe(elapsed)
-        n = len(live)
         scores = np.asarray(scores)
         if scores.shape != (n,):
             self._m_failures["wrong_count"].inc()
-            self._fail_batch(
-                live, ValueError(f"backend returned {scores.shape} scores for {n} requests")
-            )
-            return
+            return None, ended
         self.latency_model.observe(n, elapsed)
-        for request, score in zip(live, scores.tolist(), strict=True):
+        return scores, ended
+
+    def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:
+        """Answer a batch from its scores: each request in time gets its score."""
+        n = len(live)
+        checked, ended = self._checked_scores(n, scores, started)
+        if checked is None:
+            self._fail_batch(live, _wrong_count(scores, n))
+            return
+        for request, score in zip(live, checked.tolist(), strict=True):
             future = request.future
             if future.done():
                 if future.cancelled():
@@ -836,11 +895,7 @@ class Batcher:
                     self._m_late.inc()  # answered at its deadline already
             elif ended > request.deadline:
                 self._m_late.inc()
-                self._answer_error(
-                    request,
-                    DeadlineUnreachable("in_flight", "the backend finished after the deadline"),
-                    "deadline_in_flight",
-                )
+                self._answer_error(request, _finished_late(), "deadline_in_flight")
             else:
                 future.set_result(score)
 
@@ -867,11 +922,22 @@ class Batcher:
     def _fail_batch(self, requests: list[_Request], cause: BaseException) -> None:
         for request in requests:
             if not request.future.done():
-                error = BackendFailed(f"backend {self.name!r} failed: {cause!r}")
-                error.__cause__ = cause
-                self._answer_error(request, error, "backend_failed")
+                self._answer_error(request, self._backend_failed(cause), "backend_failed")
+
+    def _backend_failed(self, cause: BaseException) -> BackendFailed:
+        error = BackendFailed(f"backend {self.name!r} failed: {cause!r}")
+        error.__cause__ = cause
+        return error
 
     def _answer_error(self, request: _Request, error: BatcherError, reason: str) -> None:
         if not request.future.done():
             request.future.set_exception(error)
             self._m_shed[reason].inc()
+
+
+def _wrong_count(scores: np.ndarray, n: int) -> ValueError:
+    return ValueError(f"backend returned {np.shape(scores)} scores for {n} requests")
+
+
+def _finished_late() -> DeadlineUnreachable:
+    return DeadlineUnreachable("in_flight", "the backend finished after the deadline")
