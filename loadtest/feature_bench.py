@@ -97,12 +97,13 @@ def memory(events: list[PaymentEvent], sparse_cards: int) -> None:
     )
 
 
-def card_log(cards: int) -> list[PaymentEvent]:
-    """One event per card, merchants/devices/ips from pools: N card entities."""
+def card_log(cards: int, first: int = 0, time_ms: int | None = None) -> list[PaymentEvent]:
+    """One event per card, merchants/devices/ips from pools: cards ``first`` to
+    ``cards - 1``, card c at START_MS + c (or all at ``time_ms``)."""
     return [
         PaymentEvent(
             event_id=f"r-{c}",
-            event_time_ms=START_MS + c,
+            event_time_ms=START_MS + c if time_ms is None else time_ms,
             card_id=f"card-{c:08d}",
             merchant_id=f"m-{c % 1000}",
             device_id=f"d-{c % 100_000}",
@@ -113,7 +114,7 @@ def card_log(cards: int) -> list[PaymentEvent]:
             country="DE",
             status="declined" if c % 50 == 0 else "approved",
         )
-        for c in range(cards)
+        for c in range(first, cards)
     ]
 
 

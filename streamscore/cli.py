@@ -94,16 +94,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> int:
         from streamscore.processes import stop_on_signals
         from streamscore.server.app import ScoringServer
+        from streamscore.server.gc_policy import LongLivedFreezer
 
-        server = ScoringServer(settings)
+        # The process's policy, not the server's: it freezes everything the process
+        # holds, the feature state above all (server/gc_policy.py). First, so that the
+        # replica's catch-up is frozen as it folds.
+        freezer = LongLivedFreezer(settings.gc_freeze_interval_s)
+        server = ScoringServer(settings, gc_freezer=freezer)
         stop = stop_on_signals()
-        await server.start()
+        await freezer.start()
         try:
-            await stop.wait()
-        except BaseException:
-            await server.stop()
-            raise
-        await server.drain()
+            await server.start()
+            try:
+                await stop.wait()
+            except BaseException:
+                await server.stop()
+                raise
+            await server.drain()
+        finally:
+            await freezer.stop()
         return 0
 
     return _run(main())

@@ -107,6 +107,10 @@ class Settings:
     fold_horizon_ms: int = 7_200_000
     skew_ms: int = 300_000
     stale_after_s: float = 5.0
+    # Server: every this many seconds, collect the young GC generations and freeze the
+    # survivors (the feature state), so no collection traverses millions of state
+    # objects with the loop stopped (server/gc_policy.py). 0: CPython's collector alone.
+    gc_freeze_interval_s: float = 0.25
     # Graceful stop (SIGTERM): health turns NOT_SERVING at once while calls are still
     # answered for drain_delay_s, so load balancers and clients move away; then new
     # calls are refused and in-flight ones get up to drain_timeout_s to finish.
@@ -139,6 +143,8 @@ class Settings:
         updated = dataclasses.replace(self, **changes)
         if updated.deadline_policy not in ("fallback", "error"):
             raise ValueError("deadline_policy must be 'fallback' or 'error'")
+        if updated.gc_freeze_interval_s < 0:
+            raise ValueError("gc_freeze_interval_s must be >= 0 (0: off)")
         if updated.torch_device not in TORCH_DEVICES:
             raise ValueError(f"torch_device must be one of {', '.join(TORCH_DEVICES)}")
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,

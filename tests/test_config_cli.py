@@ -63,6 +63,14 @@ def test_torch_device_is_auto_cpu_or_cuda() -> None:
         load_settings(environ={"STREAMSCORE_TORCH_DEVICE": "gpu"})
 
 
+def test_gc_freeze_interval_is_a_non_negative_number_of_seconds() -> None:
+    assert load_settings(environ={}).gc_freeze_interval_s == 0.25
+    off = load_settings(environ={"STREAMSCORE_GC_FREEZE_INTERVAL_S": "0"})
+    assert off.gc_freeze_interval_s == 0.0
+    with pytest.raises(ValueError, match="gc_freeze_interval_s must be >= 0"):
+        load_settings(environ={"STREAMSCORE_GC_FREEZE_INTERVAL_S": "-1"})
+
+
 def test_model_repository_is_a_path() -> None:
     settings = load_settings(environ={"STREAMSCORE_MODEL_REPOSITORY": "/tmp/models"})
     assert settings.model_repository == Path("/tmp/models")

@@ -530,3 +530,31 @@ async def test_scaling_with_client_spread_reaches_every_process_evenly(
         assert min(result["cpu_seconds_per_process"]) > 0, result
     served = sets["score"]["served_per_worker"]
     assert len(served) == 2 and min(served) >= 0.4 * sum(served), (served, out)
+
+
+async def test_gc_pauses_runs_both_policies_and_reports_them(tmp_path: Path) -> None:
+    report = tmp_path / "gc.json"
+    out = await run_module(
+        "loadtest.gc_pauses",
+        "--cards",
+        "3000",
+        "--seconds",
+        "1",
+        "--events-per-s",
+        "500",
+        "--interval",
+        "0.1",
+        "--json",
+        str(report),
+        timeout=120,
+    )
+    off, on = json.loads(report.read_text())
+    assert (off["policy"], on["policy"]) == ("off", "on")
+    for result in (off, on):
+        assert result["entities"] > 3000 and result["reads"] == 500, result
+        assert result["read_ms"]["max"] >= result["read_ms"]["p99"] > 0, result
+    # Only the policy froze anything, and it did while serving (collecting gen 1 first).
+    assert off["frozen_objects"] == 0 and on["frozen_objects"] > 30_000
+    assert on["serve_pauses"]["1"]["count"] >= 5
+    (table,) = markdown_tables(out)
+    assert [row[0] for row in table[1:]] == ["off", "on"]

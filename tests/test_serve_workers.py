@@ -23,14 +23,19 @@ from streamscore.supervisor import spread_target
 from system import make_event, print_logs, publish, wait_folded
 
 
-def served_by(metrics_port: int) -> float:
-    """Score calls a worker answered, from its own /metrics."""
+def scraped(metrics_port: int, series: str) -> float:
+    """The sum of a worker's /metrics lines that start with ``series``."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     total = 0.0
     for line in text.decode().splitlines():
-        if line.startswith('streamscore_rpc_seconds_count{code="OK",rpc="Score"}'):
+        if line.startswith(series):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def served_by(metrics_port: int) -> float:
+    """Score calls a worker answered, from its own /metrics."""
+    return scraped(metrics_port, 'streamscore_rpc_seconds_count{code="OK",rpc="Score"}')
 
 
 async def test_two_workers_share_the_port_and_both_serve_features(
@@ -98,6 +103,11 @@ async def test_two_workers_share_the_port_and_both_serve_features(
                     break
             counts = (served_by(metrics), served_by(metrics + 1))
             assert min(counts) > 0, f"one worker served nothing: {counts}"
+            # Each worker runs the GC policy (server/gc_policy.py): its state is frozen
+            # out of the collector's generations, and every collection is timed.
+            for port_ in (metrics, metrics + 1):
+                assert scraped(port_, "streamscore_gc_frozen_objects") > 10_000
+                assert scraped(port_, 'streamscore_gc_pause_seconds_count{generation="1"}') > 0
 
             # Each worker's own port: a round_robin client spreads its calls evenly,
             # over one channel (the shared port would give all of them to one worker).

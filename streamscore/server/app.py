@@ -17,6 +17,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.config import Settings, topic_layout
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
+from streamscore.server.gc_policy import LongLivedFreezer
 from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
@@ -35,10 +36,15 @@ ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class ScoringServer:
-    """Start: model, replica, gRPC (NOT_SERVING until the replica caught up). Stop: reverse."""
+    """Start: model, replica, gRPC (NOT_SERVING until the replica caught up). Stop: reverse.
 
-    def __init__(self, settings: Settings) -> None:
+    ``gc_freezer``: the process's GC policy, when it has one (``streamscore serve``);
+    the state the replica folded while catching up is then frozen just before
+    SERVING, rather than in a pause of the first freeze while serving."""
+
+    def __init__(self, settings: Settings, *, gc_freezer: LongLivedFreezer | None = None) -> None:
         self.settings = settings
+        self.gc_freezer = gc_freezer
         self.store = FeatureStore(lateness_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
         self.replica: FeatureReplica | None = None
         self.health = health.aio.HealthServicer()
@@ -163,7 +169,7 @@ class ScoringServer:
             },
         )
         if self.replica is None:
-            await self._set_serving(True)
+            await self._start_serving()
             return
         await self.replica.start()
         self._ready_task = asyncio.create_task(self._serve_when_caught_up(), name="ready")
@@ -172,6 +178,11 @@ class ScoringServer:
     async def _serve_when_caught_up(self) -> None:
         assert self.replica is not None
         await self.replica.wait_caught_up(timeout=600)
+        await self._start_serving()
+
+    async def _start_serving(self) -> None:
+        if self.gc_freezer is not None:
+            self.gc_freezer.freeze_now()
         await self._set_serving(True)
         log.info("serving", extra={"entities": len(self.store)})
 

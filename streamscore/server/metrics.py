@@ -11,6 +11,7 @@ prometheus_client counters, bound to their labels once by their users.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,6 +85,17 @@ BACKEND_FAILURES = Counter(
     "streamscore_backend_failures_total",
     "Failed backend calls (each fails every request of its batch), by kind.",
     ["model", "kind"],
+)
+
+# generation: 0, 1, 2. Observed from gc.callbacks, in whichever thread collects:
+# lock-free is safe there (collections never overlap, so neither do observations),
+# and a lock would deadlock when a collection starts inside its own observe.
+GC_PAUSE_SECONDS = FastHistogram(
+    "streamscore_gc_pause_seconds",
+    "Pauses of the cyclic garbage collector (every thread of the process waits), by "
+    "generation collected.",
+    ["generation"],
+    buckets=(*LATENCY_BUCKETS_S, 2.5, 5.0, 10.0),
 )
 
 
@@ -219,6 +231,13 @@ class ServerCollector:
         yield drift
         yield breaker_open
         yield breaker_opened
+        frozen = GaugeMetricFamily(
+            "streamscore_gc_frozen_objects",
+            "Objects in the garbage collector's permanent generation, which no collection "
+            "traverses (the frozen feature state; server/gc_policy.py).",
+        )
+        frozen.add_metric([], gc.get_freeze_count())
+        yield frozen
         service = self.server.service
         if service is not None:
             in_flight = GaugeMetricFamily(
