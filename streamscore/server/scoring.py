@@ -376,9 +376,12 @@ class ScoringService(pb_grpc.ScoringServicer):
                     request_id, started, answer = item
                     if not answer.done():
                         break
-                    yield await _guard(
+                    response = await _guard(
                         context, metrics, answer, request_id=request_id, started=started
                     )
+                    if response is None:
+                        return  # refused: the stream ends with the status _guard set
+                    yield response
                 else:
                     return
                 # Read ahead; the waiting answer is the first in the queue.
@@ -389,9 +392,12 @@ class ScoringService(pb_grpc.ScoringServicer):
                 )
                 while (item := await ahead.answers.get()) is not None:
                     request_id, started, answer = item
-                    yield await _guard(
+                    response = await _guard(
                         context, metrics, answer, request_id=request_id, started=started
                     )
+                    if response is None:
+                        return
+                    yield response
                     ahead.answered()
                 # A failed read ends the call with its error; False: the stream ended.
                 if not await ahead.reader:
@@ -401,6 +407,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             if ahead is not None:
                 ahead.abandon()
             metrics.exit()
+            await _close_requests(request_iterator, ahead)
 
     async def _read_one(
         self,
@@ -520,7 +527,13 @@ async def _guard(
     started: float | None = None,
 ) -> Any:
     """Await a call's work, mapping our error taxonomy to gRPC status codes; count and
-    time it (from ``started``, on ``time.perf_counter``, when the work began earlier)."""
+    time it (from ``started``, on ``time.perf_counter``, when the work began earlier).
+
+    A refused call's status is set on the context and None returned (the handler then
+    returns, and grpc sends that status), rather than ``context.abort()``: abort keeps
+    its exception in the call's state, whose traceback leads back to that state, a
+    reference cycle per refused call that only the cyclic collector frees; one caught
+    by a GC freeze in flight would never be (server/gc_policy.py, loadtest/gc_leaks.py)."""
     if started is None:
         started = time.perf_counter()
     code = "OK"
@@ -532,16 +545,37 @@ async def _guard(
         # streamscore_rpc_seconds_count{code} series counts them.
         log.debug("request refused", extra={"code": code, "reason": str(error)})
         suffix = f" (request_id {request_id!r})" if request_id else ""
-        await context.abort(error.code, f"{error}{suffix}")
+        context.set_code(error.code)
+        context.set_details(f"{error}{suffix}")
     except asyncio.CancelledError:
         code = "CANCELLED"  # the caller went away, or the server stopped
         raise
     except Exception:
         code = "INTERNAL"
         log.exception("unexpected error while serving")
-        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        context.set_code(grpc.StatusCode.INTERNAL)
+        context.set_details("internal error")
     finally:
         metrics.observe(code, time.perf_counter() - started)
+    return None
+
+
+async def _close_requests(
+    request_iterator: AsyncIterator[pb.ScoreRequest], ahead: _ReadAhead | None
+) -> None:
+    """End a ScoreStream without reference cycles, which only the cyclic collector
+    frees, and never once a GC freeze caught the stream open (server/gc_policy.py;
+    loadtest/gc_leaks.py finds them). grpc's request reader is an async generator that
+    refers back to its owner: closed, it lets go. An abandoned read-ahead reader's
+    task keeps its cancellation's traceback, whose frames hold the read-ahead: that
+    edge is dropped."""
+    if ahead is not None and (reader := ahead.reader) is not None:
+        ahead.reader = None
+        if not reader.done():
+            await asyncio.wait((reader,))  # cancelled by abandon(): let it stop reading
+    close = getattr(request_iterator.__aiter__(), "aclose", None)
+    if close is not None:
+        await close()
 
 
 def _seconds_since(perf_ns: int) -> float:
