@@ -24,11 +24,15 @@ permanent generation (``gc.freeze()``), which no collection visits:
   catch-up's.
 
 The cost: an object frozen while alive that later dies inside a reference cycle is
-never freed. Request-scoped objects die within their call, and the young collection
-before each freeze frees cycles of calls already over; only a call in flight at the
-freeze can be frozen. Measured under Score and ScoreStream load (12.8k calls, freezes
-every 10 ms to 1 s): nothing frozen was left as cyclic garbage. ``gc_freeze_interval_s
-= 0`` turns this off (CPython's collector as configured by ``gc_tuning``).
+never freed. The young collection before each freeze frees the cycles of calls
+already over, so only a call in flight at a freeze is at risk, and only if it ends in
+a cycle. Two kinds of call did: a refused one (``context.abort()`` keeps its exception
+in grpc's call state, whose traceback leads back to it) and every ScoreStream (grpc's
+request reader refers back to its owner); the scoring service now ends both without
+a cycle. ``python -m loadtest.gc_leaks`` checks it: answered, refused, timed-out and
+cancelled calls, unary and streamed, with a freeze every 10 ms, leave 0 objects (they
+left 100-700 per 100 rounds before). ``gc_freeze_interval_s = 0`` turns the policy
+off (CPython's collector as configured by ``gc_tuning``).
 
 Every collection's pause is timed through ``gc.callbacks`` into
 ``streamscore_gc_pause_seconds{generation}``, whatever started it; the permanent
