@@ -38,7 +38,7 @@ from hdrh.histogram import HdrHistogram
 from loadtest.feature_bench import START_MS, card_log
 from streamscore.gc_tuning import tune_for_large_state
 from streamscore.server.gc_policy import LongLivedFreezer
-from streamscore.stream.assembly import assemble_features
+from streamscore.stream.assembly import event_features
 from streamscore.stream.events import PaymentEvent
 from streamscore.stream.state import FeatureStore
 from streamscore.stream.topics import decode_fold_batch, route_events
@@ -105,16 +105,7 @@ async def serve(
             if (wait := due - clock()) > 0:
                 await asyncio.sleep(wait)
             event = known[rng.randrange(len(known))]
-            assemble_features(
-                store,
-                card_id=event.card_id,
-                merchant_id=event.merchant_id,
-                device_id=event.device_id,
-                ip=event.ip,
-                amount_minor=event.amount_minor,
-                event_time_ms=now_ms,
-                t_ms=now_ms,
-            )
+            event_features(store, event, now_ms)
             latencies.record_value(max(1, int((clock() - due) * 1e6)))
             i += 1
 

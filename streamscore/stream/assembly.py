@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from streamscore.stream.events import PaymentEvent
 from streamscore.stream.features import REQUEST_FEATURES, request_features
 from streamscore.stream.state import FeatureStore
 
@@ -28,3 +29,18 @@ def assemble_features(
     values.update(store.features("ip", ip, t_ms))
     values.update(request_features(amount_minor, event_time_ms, values["card_amount_mean_7d"]))
     return values
+
+
+def event_features(store: FeatureStore, event: PaymentEvent, t_ms: int) -> dict[str, float]:
+    """``assemble_features`` for a payment event's transaction, as if made at ``t_ms``
+    (backfill: the event's own time)."""
+    return assemble_features(
+        store,
+        card_id=event.card_id,
+        merchant_id=event.merchant_id,
+        device_id=event.device_id,
+        ip=event.ip,
+        amount_minor=event.amount_minor,
+        event_time_ms=t_ms,
+        t_ms=t_ms,
+    )

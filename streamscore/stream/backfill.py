@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from streamscore.stream.assembly import assemble_features
+from streamscore.stream.assembly import event_features
 from streamscore.stream.events import PaymentEvent
 from streamscore.stream.state import FeatureStore
 from streamscore.stream.topics import fold_entries
@@ -39,15 +39,6 @@ def backfill(
         if event.event_id in seen:
             continue
         seen.add(event.event_id)
-        features = assemble_features(
-            store,
-            card_id=event.card_id,
-            merchant_id=event.merchant_id,
-            device_id=event.device_id,
-            ip=event.ip,
-            amount_minor=event.amount_minor,
-            event_time_ms=event.event_time_ms,
-            t_ms=event.event_time_ms,
-        )
+        features = event_features(store, event, event.event_time_ms)
         yield event, features
         fold_event(store, event)
