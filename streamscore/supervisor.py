@@ -106,9 +106,8 @@ async def serve_workers(settings: Settings, workers: int) -> int:
                 settings.host, settings.worker_port_base, workers
             )
         except ValueError:  # a host name: clients list its ports themselves
-            extra["worker_ports"] = (
-                f"{settings.worker_port_base}-{settings.worker_port_base + workers - 1}"
-            )
+            base = settings.worker_port_base
+            extra["worker_ports"] = _span(range(base, base + workers))
     log.info("workers started", extra=extra)
     stopped = asyncio.ensure_future(stop.wait())
     died = [asyncio.ensure_future(child.exited.wait()) for child in children]

@@ -109,12 +109,17 @@ _SINGLE_CAP = 4.0
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
 
+def _row(vector: np.ndarray) -> np.ndarray:
+    """A batch of one: a (1, k) float32 copy of the vector, in one ``np.array`` call."""
+    return np.array(vector, dtype=np.float32, ndmin=2)
+
+
 def _rows(requests: list[_Request]) -> np.ndarray:
     """The requests' vectors as one contiguous (n, k) float32 batch (a single copy;
     far cheaper than ``np.stack``). A batch of one, the usual one on a lightly loaded
     server, is copied by one ``np.array`` call: a third of ``np.concatenate``'s cost."""
     if len(requests) == 1:
-        return np.array(requests[0].vector, dtype=np.float32, ndmin=2)
+        return _row(requests[0].vector)
     rows = np.concatenate([r.vector for r in requests], dtype=np.float32)
     return rows.reshape(len(requests), -1)
 
@@ -802,7 +807,7 @@ class Batcher:
         assert self._infer_inline is not None
         started, cpu_started = self.clock(), time.thread_time()
         try:
-            scores = self._infer_inline(np.array(vector, dtype=np.float32, ndmin=2))
+            scores = self._infer_inline(_row(vector))
         except Exception as exc:
             self._observe_admitted_alone()
             self._observe_backend_error(started)

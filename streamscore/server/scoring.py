@@ -65,11 +65,15 @@ class _ReadAhead:
         self.unanswered -= 1
         self.room.release()
 
-    def abandon(self) -> None:
-        """After an error or a cancel: stop the reader and the work of the answers
-        never sent, and mark the failures of those already done as seen."""
-        if self.reader is not None:
-            self.reader.cancel()
+    async def abandon(self) -> None:
+        """At the stream's end: stop the reader and the work of the answers never sent
+        (after an error or a cancel), and mark the failures of those already done as
+        seen. The reader is waited for and let go: its task keeps its cancellation's
+        traceback, whose frames hold this read-ahead, a reference cycle otherwise (see
+        ``_close_requests``)."""
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.cancel()
         while not self.answers.empty():
             item = self.answers.get_nowait()
             if item is None:
@@ -79,6 +83,8 @@ class _ReadAhead:
                 answer.cancel()
             elif not answer.cancelled():
                 answer.exception()
+        if reader is not None and not reader.done():
+            await asyncio.wait((reader,))  # let it stop reading before the reader closes
 
 
 class ScoringService(pb_grpc.ScoringServicer):
@@ -404,10 +410,10 @@ class ScoringService(pb_grpc.ScoringServicer):
                     return
                 ahead = None  # handed back: in turn again
         finally:
-            if ahead is not None:
-                ahead.abandon()
             metrics.exit()
-            await _close_requests(request_iterator, ahead)
+            if ahead is not None:
+                await ahead.abandon()
+            await _close_requests(request_iterator)
 
     async def _read_one(
         self,
@@ -560,19 +566,12 @@ async def _guard(
     return None
 
 
-async def _close_requests(
-    request_iterator: AsyncIterator[pb.ScoreRequest], ahead: _ReadAhead | None
-) -> None:
-    """End a ScoreStream without reference cycles, which only the cyclic collector
-    frees, and never once a GC freeze caught the stream open (server/gc_policy.py;
-    loadtest/gc_leaks.py finds them). grpc's request reader is an async generator that
-    refers back to its owner: closed, it lets go. An abandoned read-ahead reader's
-    task keeps its cancellation's traceback, whose frames hold the read-ahead: that
-    edge is dropped."""
-    if ahead is not None and (reader := ahead.reader) is not None:
-        ahead.reader = None
-        if not reader.done():
-            await asyncio.wait((reader,))  # cancelled by abandon(): let it stop reading
+async def _close_requests(request_iterator: AsyncIterator[pb.ScoreRequest]) -> None:
+    """Close a ScoreStream's request iterator at its end, so that the stream leaves no
+    reference cycle, which only the cyclic collector frees, and never once a GC freeze
+    caught the stream open (server/gc_policy.py; loadtest/gc_leaks.py finds them).
+    grpc's request reader is an async generator that refers back to its owner:
+    closed, it lets go."""
     close = getattr(request_iterator.__aiter__(), "aclose", None)
     if close is not None:
         await close()
