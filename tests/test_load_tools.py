@@ -575,3 +575,38 @@ async def test_gc_leaks_finds_no_frozen_cycle_left_by_any_kind_of_call(
     freezes = int(re.search(r"(\d+) freezes", out).group(1))  # type: ignore[union-attr]
     assert freezes >= 10, out
     assert "left as cyclic garbage (leaked): 0 objects" in out, out
+
+
+async def test_ingest_cost_measures_a_flow_the_replica_keeps_up_with(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "ingest.json"
+    out = await run_module(
+        "loadtest.ingest_cost",
+        "--model-repository", str(trained_model),
+        "--flows", "0,300",
+        "--score-rate", "100",
+        "--seconds", "1.5",
+        "--settle-s", "0.5",
+        "--rounds", "1",
+        "--clients", "1",
+        "--replica-seconds", "60",
+        "--json", str(report),
+        timeout=240,
+    )  # fmt: skip
+    result = json.loads(report.read_text())
+    idle, flowing = result["rows"]
+    assert (idle["flow"], flowing["flow"]) == (0, 300)
+    # The flow really ran at its rate, and every entry it sent was folded (exit 0 says
+    # the same; the tool exits 1 when the replica fell behind).
+    assert 200 <= flowing["achieved_flow"] <= 400, flowing
+    for step in result["steps"]:
+        assert step["entries_folded"] == step["entries_sent"], step
+    assert max(s["entries_sent"] for s in result["steps"]) >= 4 * 300, result["steps"]
+    # Folding costs CPU: the server works harder with the flow than without it.
+    assert flowing["flow_core"] > idle["flow_core"] > 0, result["rows"]
+    assert flowing["replica_us_per_event"] > 0 and idle["replica_us_per_event"] is None
+    for row in result["rows"]:
+        assert row["score_rate"] > 0 and row["score_cpu_us"] > 0 and row["errors"] == 0, row
+    (table,) = markdown_tables(out)
+    assert [row[0].split()[0] for row in table[1:]] == ["0", "300"], table
