@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -298,6 +299,11 @@ async def main(args: argparse.Namespace) -> int:
                     await flow.stop()
             finally:
                 await server.stop()
+    except BaseException:
+        print(f"server log kept: {work / 'server.log'}", file=sys.stderr)
+        raise
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     finally:
         pool.close()
     rows = summarize(steps)
