@@ -111,6 +111,9 @@ class Settings:
     # survivors (the feature state), so no collection traverses millions of state
     # objects with the loop stopped (server/gc_policy.py). 0: CPython's collector alone.
     gc_freeze_interval_s: float = 0.25
+    # Server: how often a probe checks how late the event loop runs what is due, and
+    # why (streamscore_event_loop_* metrics; server/loop_lag.py). 0: no probe.
+    loop_lag_interval_s: float = 0.02
     # Graceful stop (SIGTERM): health turns NOT_SERVING at once while calls are still
     # answered for drain_delay_s, so load balancers and clients move away; then new
     # calls are refused and in-flight ones get up to drain_timeout_s to finish.
@@ -145,6 +148,8 @@ class Settings:
             raise ValueError("deadline_policy must be 'fallback' or 'error'")
         if updated.gc_freeze_interval_s < 0:
             raise ValueError("gc_freeze_interval_s must be >= 0 (0: off)")
+        if updated.loop_lag_interval_s < 0:
+            raise ValueError("loop_lag_interval_s must be >= 0 (0: off)")
         if updated.torch_device not in TORCH_DEVICES:
             raise ValueError(f"torch_device must be one of {', '.join(TORCH_DEVICES)}")
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,

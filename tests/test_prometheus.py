@@ -76,6 +76,11 @@ EXPECTED: dict[str, Check] = {
     'streamscore_rpc_in_flight{rpc="Score"}': equals(0),
     "streamscore_rollout_canary_percent": equals(0),
     "sum(streamscore_backend_breaker_open)": equals(0),
+    # The loop-lag probe runs every 20 ms whatever the load (server/loop_lag.py).
+    "streamscore_event_loop_lag_seconds_count": increased_between(5, 10_000),
+    'streamscore_event_loop_thread_seconds_total{state="running"}': (
+        lambda now, before: now is not None and now > (before or 0.0)
+    ),
 }
 
 

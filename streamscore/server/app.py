@@ -18,6 +18,7 @@ from streamscore.config import Settings, topic_layout
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.gc_policy import LongLivedFreezer
+from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
@@ -57,6 +58,7 @@ class ScoringServer:
         self._metrics_http: WSGIServer | None = None
         self._collector: ServerCollector | None = None
         self.service: ScoringService | None = None
+        self.loop_lag = LoopLagMonitor(settings.loop_lag_interval_s)
         self.models = ModelRegistry(
             settings.model_repository,
             settings.model_name,
@@ -79,6 +81,8 @@ class ScoringServer:
         credentials = server_credentials(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
         )
+        # First, so that catch-up's folds are seen too; stopped last.
+        await self.loop_lag.start()
         await self.models.start()
         if settings.kafka:
             # Idempotent: whichever process starts first creates the topics.
@@ -236,6 +240,7 @@ class ScoringServer:
         if self.rollouts is not None:
             await self.rollouts.stop()
         await self.models.stop()
+        await self.loop_lag.stop()
 
     async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
         """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut."""
