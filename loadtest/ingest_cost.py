@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import uvloop
 from aiokafka import AIOKafkaProducer
 
 from loadtest.backend_bench import load_features, serve_process
+from loadtest.scrape import Samples, histogram_quantile, scrape, total
 from loadtest.sweep import ClientPool, cpu_seconds, realistic_events, score_requests
 from streamscore.client import wait_serving
 from streamscore.stream import kafka_compat
@@ -129,6 +129,12 @@ class Step:
     errors: int
     entries_sent: int  # in this step
     entries_folded: int  # in this step, by its end (after a short drain)
+    # The serving loop during the Score phase (server/loop_lag.py): p99 of its probe's
+    # lateness (a bucket bound), and that lateness per second by cause.
+    loop_lag_p99_ms: float
+    late_busy_ms_per_s: float
+    late_cpu_wait_ms_per_s: float
+    steal_pct: float  # of the machine's CPU time in the Score phase, taken by the host
 
 
 def parse_flows(text: str) -> list[float]:
@@ -141,16 +147,34 @@ def parse_flows(text: str) -> list[float]:
     return flows
 
 
-def scrape(metrics_url: str, name: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise RuntimeError(f"{name} not on {metrics_url}")
+def cpu_jiffies() -> tuple[int, int]:
+    """(stolen, total) CPU time of the machine so far, from /proc/stat ((0, 0) where
+    there is none): steal is what the host gave to other guests, which no process
+    here can see in its own numbers."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
-async def folded_entries(metrics_url: str) -> int:
-    return int(await asyncio.to_thread(scrape, metrics_url, "streamscore_replica_entries_folded"))
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100 * (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
+async def scrape_server(metrics_url: str) -> Samples:
+    return await asyncio.to_thread(scrape, metrics_url)
+
+
+def folded_entries(samples: Samples) -> int:
+    return int(total(samples, "streamscore_replica_entries_folded"))
+
+
+def late_ms_per_s(before: Samples, after: Samples, cause: str, seconds: float) -> float:
+    name = "streamscore_event_loop_late_seconds_total"
+    late = total(after, name, cause=cause) - total(before, name, cause=cause)
+    return 1000 * late / seconds
 
 
 async def measure_flow(
@@ -163,7 +187,8 @@ async def measure_flow(
     rate: float,
 ) -> Step:
     # The previous step ended with its flow folded, so the replica starts in step.
-    folded_before, sent_before = await folded_entries(metrics_url), flow.sent
+    folded_before = folded_entries(await scrape_server(metrics_url))
+    sent_before = flow.sent
     flow.rate = rate
     await asyncio.sleep(args.settle_s)
     sent, cpu, started = flow.sent, cpu_seconds(pid), time.monotonic()
@@ -171,9 +196,13 @@ async def measure_flow(
     elapsed = time.monotonic() - started
     flow_core = (cpu_seconds(pid) - cpu) / elapsed
     achieved_flow = (flow.sent - sent) / elapsed
+    before, started, jiffies = await scrape_server(metrics_url), time.monotonic(), cpu_jiffies()
     row = await asyncio.to_thread(
         pool.run, target, "score", args.score_rate, args.seconds, server_pids=[pid]
     )
+    after, elapsed = await scrape_server(metrics_url), time.monotonic() - started
+    stolen = steal_pct(jiffies, cpu_jiffies())
+    lag_p99 = histogram_quantile(before, after, "streamscore_event_loop_lag_seconds", 0.99)
     flow.check()
     flow.rate = 0.0
     await asyncio.sleep(args.settle_s)  # the last records of the flow reach the replica
@@ -188,7 +217,11 @@ async def measure_flow(
         p99_ms=row.p99_ms,
         errors=row.errors + row.dropped,
         entries_sent=entries_sent,
-        entries_folded=await folded_entries(metrics_url) - folded_before,
+        entries_folded=folded_entries(await scrape_server(metrics_url)) - folded_before,
+        loop_lag_p99_ms=1000 * lag_p99 if lag_p99 is not None else float("nan"),
+        late_busy_ms_per_s=late_ms_per_s(before, after, "busy", elapsed),
+        late_cpu_wait_ms_per_s=late_ms_per_s(before, after, "cpu_wait", elapsed),
+        steal_pct=stolen,
     )
 
 
@@ -220,6 +253,10 @@ def summarize(steps: list[Step]) -> list[dict[str, Any]]:
                 "score_rate": med(f, "score_rate"),
                 "p50_ms": med(f, "p50_ms"),
                 "p99_ms": med(f, "p99_ms"),
+                "loop_lag_p99_ms": med(f, "loop_lag_p99_ms"),
+                "late_busy_ms_per_s": med(f, "late_busy_ms_per_s"),
+                "late_cpu_wait_ms_per_s": med(f, "late_cpu_wait_ms_per_s"),
+                "steal_pct": med(f, "steal_pct"),
                 "errors": sum(s.errors for s in by_flow[f]),
                 "rounds": len(by_flow[f]),
             }
@@ -234,15 +271,17 @@ def table(rows: list[dict[str, Any]], score_rate: float) -> str:
     lines = [
         f"| flow events/s (achieved) | server CPU, flow alone | replica CPU per event "
         f"| Score at {score_rate:,.0f}/s: server CPU us/req | vs no flow | p50 ms | p99 ms "
-        f"| errors+dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| loop lag p99 ms | loop late ms/s: busy, cpu wait | CPU steal | errors+dropped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['flow']:,.0f} ({r['achieved_flow']:,.0f}) | {100 * r['flow_core']:.1f} % "
             f"| {fmt(r['replica_us_per_event'], ',.0f', ' us')} "
             f"| {r['score_cpu_us']:,.0f} | {fmt(r['score_cpu_vs_no_flow'], '.2f', 'x')} "
-            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |"
+            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['loop_lag_p99_ms']:.1f} "
+            f"| {r['late_busy_ms_per_s']:.1f}, {r['late_cpu_wait_ms_per_s']:.1f} "
+            f"| {r['steal_pct']:.1f} % | {r['errors']} |"
         )
     return "\n".join(lines)
 
@@ -291,7 +330,11 @@ async def main(args: argparse.Namespace) -> int:
                                 f"round {round_ + 1}/{args.rounds} flow {rate:>6,.0f}/s: "
                                 f"server {100 * step.flow_core:.1f} % of a core alone; "
                                 f"Score {step.score_cpu_us:,.0f} us/req, "
-                                f"p99 {step.p99_ms:.2f} ms; folded "
+                                f"p99 {step.p99_ms:.2f} ms, loop lag p99 "
+                                f"{step.loop_lag_p99_ms:.1f} ms (late ms/s: busy "
+                                f"{step.late_busy_ms_per_s:.1f}, cpu wait "
+                                f"{step.late_cpu_wait_ms_per_s:.1f}), steal "
+                                f"{step.steal_pct:.1f} %; folded "
                                 f"{step.entries_folded}/{step.entries_sent} entries",
                                 flush=True,
                             )

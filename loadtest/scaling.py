@@ -35,7 +35,6 @@ import os
 import shlex
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.backend_bench import echo_process, load_features, serve_process
+from loadtest.scrape import scrape, total
 from loadtest.sweep import (
     ClientPool,
     Row,
@@ -131,18 +131,17 @@ async def wait_all_serving(target: str, workers: int, timeout: float = 180.0) ->
 def served_per_worker(metrics_port: int, workers: int) -> list[int]:
     """Score calls each worker answered, from its own /metrics: how evenly the kernel
     spread the connections."""
-    served = []
-    for i in range(workers):
-        url = f"http://127.0.0.1:{metrics_port + i}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        served.append(
-            sum(
-                int(float(line.rsplit(" ", 1)[1]))
-                for line in text.splitlines()
-                if line.startswith("streamscore_rpc_seconds_count{") and 'rpc="Score"' in line
+    return [
+        int(
+            total(
+                scrape(f"http://127.0.0.1:{metrics_port + i}/metrics"),
+                "streamscore_rpc_seconds_count",
+                default=0,
+                rpc="Score",
             )
         )
-    return served
+        for i in range(workers)
+    ]
 
 
 async def start_set(

@@ -608,5 +608,10 @@ async def test_ingest_cost_measures_a_flow_the_replica_keeps_up_with(
     assert flowing["replica_us_per_event"] > 0 and idle["replica_us_per_event"] is None
     for row in result["rows"]:
         assert row["score_rate"] > 0 and row["score_cpu_us"] > 0 and row["errors"] == 0, row
+        # The server's loop-lag probe ran through the Score phase (a NaN p99 would
+        # mean no probe was seen), and its lateness splits into non-negative parts.
+        assert 0 <= row["loop_lag_p99_ms"] < 5000, row
+        assert row["late_busy_ms_per_s"] >= 0 and row["late_cpu_wait_ms_per_s"] >= 0, row
+        assert 0 <= row["steal_pct"] <= 100, row
     (table,) = markdown_tables(out)
     assert [row[0].split()[0] for row in table[1:]] == ["0", "300"], table
