@@ -307,6 +307,8 @@ async def main(args: argparse.Namespace) -> int:
                     **os.environ,
                     "STREAMSCORE_MODEL_VERSION": args.model_version,
                     "STREAMSCORE_METRICS_PORT": str(metrics_port),
+                    # Enough probes in a few seconds' step for a p99 of the loop's lag.
+                    "STREAMSCORE_LOOP_LAG_INTERVAL_S": "0.02",
                 },
                 log_path=str(work / "server.log"),
             )
