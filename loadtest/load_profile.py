@@ -10,6 +10,17 @@ the samples sorted into parts of the path:
 The raw samples (py-spy's "raw" format, one stack per line) stay in ``--out``. Frames
 of coroutines resumed by the event loop have no parents in py-spy's stacks, so parts
 are told apart by the code a stack contains, not by its root.
+
+Two more views of the same window, for comparing with the echo server (whose gRPC
+work is the same):
+
+* CPU per request by thread (Linux schedstat): the event loop's thread against
+  gRPC's own threads;
+* with ``--perf``, the event loop thread's CPU by library (``perf record`` on that
+  thread): the interpreter (``libpython``: our code, asyncio, gRPC's Python glue),
+  gRPC's compiled core (``cygrpc``), the kernel (syscalls, context switches),
+  onnxruntime, numpy... py-spy sees only Python stacks and puts all native time under
+  the loop's ``Runner.run``; perf tells what that native time is.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import asyncio
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -36,7 +48,8 @@ from streamscore.stream.topics import TopicLayout
 PARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("feature replica: fetch polling and folding", re.compile(r"aiokafka|stream/replica\.py")),
     (
-        "event loop, native: gRPC core, uvloop, protobuf, syscalls",
+        "event loop, no Python frame: gRPC, uvloop, protobuf, the interpreter's work "
+        "for them, syscalls",
         re.compile(r"Runner\.run \(asyncio/runners\.py:\d+\)$"),
     ),
     ("features: assembly, state, window kernel", re.compile(r"streamscore/(stream|kernels)/")),
@@ -48,6 +61,53 @@ PARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("asyncio tasks and waits", re.compile(r"asyncio/(tasks|locks|queues)\.py|_weakrefset")),
     ("other threads, native (gRPC's poller)", re.compile(r"threading\.py")),
 )
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of ``pid``: its name and seconds on a CPU so far (schedstat)."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            on_cpu = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+        threads[int(tid)] = (name, on_cpu / 1e9)
+    return threads
+
+
+def per_thread(
+    pid: int,
+    before: dict[int, tuple[str, float]],
+    after: dict[int, tuple[str, float]],
+    requests: float,
+) -> dict[str, float]:
+    """us of CPU per request: the event loop's thread (the main one), the others by name."""
+    rows: dict[str, float] = {}
+    for tid, (name, seconds) in after.items():
+        label = "event loop (main thread)" if tid == pid else f"{name} threads"
+        used = (seconds - before.get(tid, (name, 0.0))[1]) / requests * 1e6
+        rows[label] = rows.get(label, 0.0) + used
+    return dict(sorted(rows.items(), key=lambda item: -item[1]))
+
+
+DSO_LINE = re.compile(r"^\s*([\d.]+)%\s+(\S.*?)\s*$")
+
+
+def perf_by_library(data: Path) -> dict[str, float]:
+    """Share (%) of ``perf record`` samples by shared library."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shares: dict[str, float] = {}
+    for line in report.splitlines():
+        match = DSO_LINE.match(line)
+        if match and not line.startswith("#"):
+            shares[match.group(2)] = float(match.group(1))
+    return shares
 
 
 def parts(raw: Path) -> tuple[int, Counter[str]]:
@@ -68,6 +128,10 @@ def parts(raw: Path) -> tuple[int, Counter[str]]:
 async def main(args: argparse.Namespace) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = args.out or Path(tempfile.mkdtemp(prefix="streamscore-profile-")) / "samples.txt"
+    perf_data = out.with_suffix(".perf")
+    if args.perf and shutil.which("perf") is None:
+        print("--perf needs perf on PATH (Debian: linux-perf)")
+        return 2
     events = realistic_events(seconds=args.replica_seconds)
     pool = ClientPool(args.clients, score_requests(events)).start()
     try:
@@ -98,6 +162,14 @@ async def main(args: argparse.Namespace) -> int:
                     streams=args.streams,
                     server_pids=[pid],
                 )
+                perf = None
+                if args.perf:
+                    perf = await asyncio.create_subprocess_exec(
+                        "perf", "record", "-F", "999", "-t", str(pid), "-o", str(perf_data),
+                        "--", "sleep", str(args.seconds),
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    )  # fmt: skip
+                threads_before = thread_cpu(pid)
                 spy = await asyncio.create_subprocess_exec(
                     py_spy, "record", "--pid", str(pid), "--duration", str(args.seconds),
                     "--format", "raw", "--output", str(out), "--rate", "500", "--nonblocking",
@@ -112,8 +184,12 @@ async def main(args: argparse.Namespace) -> int:
                     streams=args.streams,
                     server_pids=[pid],
                 )
+                threads_after = thread_cpu(pid)
                 if await spy.wait() != 0:
                     print("py-spy failed (it needs ptrace rights over the server)")
+                    return 1
+                if perf is not None and await perf.wait() != 0:
+                    print("perf record failed (it needs perf_event rights over the server)")
                     return 1
             finally:
                 await server.stop()
@@ -128,6 +204,17 @@ async def main(args: argparse.Namespace) -> int:
     print("| part | share of samples | ~us per request |\n|---|---|---|")
     for name, n in counts.most_common():
         print(f"| {name} | {n / total:.1%} | {cpu * n / total:.0f} |")
+    requests = row.achieved_rate * args.seconds
+    threads = per_thread(pid, threads_before, threads_after, requests)
+    print("\n| thread | us of CPU per request |\n|---|---|")
+    for label, us in threads.items():
+        print(f"| {label} | {us:.0f} |")
+    if args.perf:
+        loop_us = threads["event loop (main thread)"]
+        print(f"\n| event loop thread, by library (perf, {perf_data}) | share | ~us per request |")
+        print("|---|---|---|")
+        for library, share in perf_by_library(perf_data).items():
+            print(f"| {library} | {share:.1f}% | {loop_us * share / 100:.0f} |")
     return 0
 
 
@@ -142,6 +229,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-seconds", type=float, default=400.0, help="of events folded")
     p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
     p.add_argument("--out", type=Path, help="py-spy's raw samples (default: a temp file)")
+    p.add_argument(
+        "--perf",
+        action="store_true",
+        help="also sample the event loop thread with perf: its CPU by library",
+    )
     return p
 
 

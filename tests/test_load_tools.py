@@ -383,32 +383,53 @@ async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -
     assert not re.search(r"round 1/1 +this tree", out), out
 
 
+@pytest.mark.parametrize(
+    "perf",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                shutil.which("perf") is None, reason="no perf on PATH (Debian: linux-perf)"
+            ),
+        ),
+    ],
+    ids=["py-spy", "py-spy+perf"],
+)
 async def test_load_profile_sorts_a_real_servers_samples(
-    trained_model: Path, tmp_path: Path
+    trained_model: Path, tmp_path: Path, perf: bool
 ) -> None:
     samples = tmp_path / "samples.txt"
     out = await run_module(
         "loadtest.load_profile",
-        "--model-repository",
-        str(trained_model),
-        "--rate",
-        "100",
-        "--seconds",
-        "2",
-        "--replica-seconds",
-        "20",
-        "--out",
-        str(samples),
+        "--model-repository", str(trained_model),
+        "--rate", "100",
+        "--seconds", "2",
+        "--replica-seconds", "20",
+        "--out", str(samples),
+        *(["--perf"] if perf else []),
         timeout=180,
-    )
+    )  # fmt: skip
     assert re.search(r"score at 100/s offered, \d+/s achieved, .* us/req; \d+ samples", out), out
-    rows = {row[0]: row for row in markdown_tables(out)[0][1:]}
+    tables = markdown_tables(out)
+    rows = {row[0]: row for row in tables[0][1:]}
     shares = {name: float(row[1].rstrip("%")) for name, row in rows.items()}
     assert abs(sum(shares.values()) - 100) < 1, out
     # A real server scored: gRPC's native work, our handler and the features all ran.
-    for part in ("event loop, native", "rest of the server's Python", "features"):
+    for part in ("event loop, no Python frame", "rest of the server's Python", "features"):
         assert any(name.startswith(part) and share > 0 for name, share in shares.items()), out
     assert samples.stat().st_size > 0
+    # CPU per request by thread: the loop's thread did most of it, gRPC's threads some.
+    threads = {row[0]: float(row[1]) for row in tables[1][1:]}
+    assert threads["event loop (main thread)"] > 0, out
+    assert threads["event loop (main thread)"] == max(threads.values()), out
+    assert threads.get("event_engine threads", 0) > 0, out
+    if perf:
+        libraries = {row[0]: float(row[1].rstrip("%")) for row in tables[2][1:]}
+        assert 95 < sum(libraries.values()) <= 100.5, out
+        # The interpreter and gRPC's compiled core both ran on the loop's thread.
+        assert any(name.startswith("libpython") and share > 5 for name, share in libraries.items())
+        assert any(name.startswith("cygrpc") and share > 1 for name, share in libraries.items())
 
 
 async def test_score_profile_breakdown(trained_model: Path) -> None:
