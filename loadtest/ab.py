@@ -31,7 +31,14 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest.sweep import ClientPool, Row, parse_rates, realistic_events, score_requests
+from loadtest.sweep import (
+    ClientPool,
+    Row,
+    format_steal,
+    parse_rates,
+    realistic_events,
+    score_requests,
+)
 from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -63,17 +70,19 @@ def _median_range(values: list[float], fmt: str) -> str:
 def summarize(rows: dict[tuple[str, float], list[Row]]) -> str:
     lines = [
         "| server | rpc | offered/s | achieved/s | p50 ms | p99 ms | server CPU us/req "
-        "| errors+dropped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU steal % | errors+dropped |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for (name, rate), group in rows.items():
         cpu = [r.server_cpu_us for r in group if r.server_cpu_us is not None]
+        steal = [r.steal_pct for r in group if r.steal_pct is not None]
         lines.append(
             f"| {name} | {group[0].rpc} | {rate:,.0f} "
             f"| {_median_range([r.achieved_rate for r in group], ',.0f')} "
             f"| {_median_range([r.p50_ms for r in group], '.2f')} "
             f"| {_median_range([r.p99_ms for r in group], '.2f')} "
             f"| {_median_range(cpu, '.0f')} "
+            f"| {_median_range(steal, '.1f')} "
             f"| {sum(r.errors + r.dropped for r in group)} |"
         )
     return "\n".join(lines)
@@ -153,7 +162,8 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                         cpu = f"{row.server_cpu_us:.0f}" if row.server_cpu_us else "?"
                         print(
                             f"round {round_ + 1}/{args.rounds} {server.name:>16} {rate:>7,.0f}/s: "
-                            f"p99 {row.p99_ms:.2f} ms, server CPU {cpu} us/req",
+                            f"p99 {row.p99_ms:.2f} ms, server CPU {cpu} us/req, "
+                            f"steal {format_steal(row.steal_pct) or '?'}",
                             flush=True,
                         )
             ordered = {key: rows[key] for key in sorted(rows, key=lambda k: (k[1], k[0]))}

@@ -147,22 +147,6 @@ def parse_flows(text: str) -> list[float]:
     return flows
 
 
-def cpu_jiffies() -> tuple[int, int]:
-    """(stolen, total) CPU time of the machine so far, from /proc/stat ((0, 0) where
-    there is none): steal is what the host gave to other guests, which no process
-    here can see in its own numbers."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
-
-
-def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
-    total = after[1] - before[1]
-    return 100 * (after[0] - before[0]) / total if total > 0 else float("nan")
-
-
 async def scrape_server(metrics_url: str) -> Samples:
     return await asyncio.to_thread(scrape, metrics_url)
 
@@ -196,12 +180,11 @@ async def measure_flow(
     elapsed = time.monotonic() - started
     flow_core = (cpu_seconds(pid) - cpu) / elapsed
     achieved_flow = (flow.sent - sent) / elapsed
-    before, started, jiffies = await scrape_server(metrics_url), time.monotonic(), cpu_jiffies()
+    before, started = await scrape_server(metrics_url), time.monotonic()
     row = await asyncio.to_thread(
         pool.run, target, "score", args.score_rate, args.seconds, server_pids=[pid]
     )
     after, elapsed = await scrape_server(metrics_url), time.monotonic() - started
-    stolen = steal_pct(jiffies, cpu_jiffies())
     lag_p99 = histogram_quantile(before, after, "streamscore_event_loop_lag_seconds", 0.99)
     flow.check()
     flow.rate = 0.0
@@ -221,7 +204,7 @@ async def measure_flow(
         loop_lag_p99_ms=1000 * lag_p99 if lag_p99 is not None else float("nan"),
         late_busy_ms_per_s=late_ms_per_s(before, after, "busy", elapsed),
         late_cpu_wait_ms_per_s=late_ms_per_s(before, after, "cpu_wait", elapsed),
-        steal_pct=stolen,
+        steal_pct=row.steal_pct if row.steal_pct is not None else float("nan"),
     )
 
 

@@ -58,6 +58,7 @@ from loadtest.sweep import (
     STREAM_RPCS,
     ClientPool,
     Row,
+    format_steal,
     parse_rates,
     realistic_events,
     score_requests,
@@ -113,6 +114,7 @@ class Summary:
     errors: int
     dropped: int
     cpu_us: float | None
+    steal_pct: float | None  # the host's CPU steal, median over rounds
     histogram: HdrHistogram = field(repr=False)
 
     @property
@@ -448,7 +450,7 @@ class Suite:
                         )
                     cpu = (
                         "" if row.server_cpu_us is None else f" cpu {row.server_cpu_us:.0f} us/req"
-                    )
+                    ) + ("" if row.steal_pct is None else f" steal {row.steal_pct:.1f} %")
                     self.log(
                         f"{config.name:44s} {rate:7g}/s  achieved {row.achieved_rate:7.0f}/s  "
                         f"p50 {row.p50_ms:6.2f}  p99 {row.p99_ms:7.2f}  p99.9 {row.p999_ms:7.2f} ms"
@@ -504,6 +506,7 @@ class Suite:
             for row in rows:
                 histogram.add(row.hdr())
             cpus = [r.server_cpu_us for r in rows if r.server_cpu_us is not None]
+            steals = [r.steal_pct for r in rows if r.steal_pct is not None]
             out.append(
                 Summary(
                     config=name,
@@ -521,6 +524,7 @@ class Suite:
                     errors=sum(r.errors for r in rows),
                     dropped=sum(r.dropped for r in rows),
                     cpu_us=statistics.median(cpus) if cpus else None,
+                    steal_pct=statistics.median(steals) if steals else None,
                     histogram=histogram,
                 )
             )
@@ -594,7 +598,9 @@ class Suite:
             f"configurations interleaved (order rotated each round), {args.rounds} round(s); "
             "the tables quote the median over rounds (p99 range: lowest and highest round), "
             "errors and dropped are totals. Server CPU: utime + stime of the server process "
-            "over the step, per answered request (includes its idle replica polling). "
+            "over the step, per answered request (includes its idle replica polling). CPU "
+            "steal: the share of the machine's CPU time the host gave to other guests "
+            "during the step (/proc/stat), median over rounds; a step with steal is noisy. "
             "Baseline: the bare grpc.aio echo server (`loadtest/echo_server.py`, a canned "
             'answer per request); the "vs echo" ratios compare unary rows with `echo` '
             "(its Score) and ScoreStream rows with `echo, ScoreStream` (its ScoreStream, "
@@ -608,8 +614,8 @@ class Suite:
             "",
             "| configuration | rpc | offered/s | achieved/s | p50 ms | p90 ms | p99 ms "
             "| p99 range ms | p99.9 ms | max ms | errors | dropped | server CPU us/req "
-            "| p99 vs echo | CPU vs echo |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| p99 vs echo | CPU vs echo | CPU steal |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         echo = {(s.config, s.rate): s for s in summaries if s.config in (ECHO, ECHO_STREAM)}
         for s in summaries:
@@ -624,7 +630,8 @@ class Suite:
             lines.append(
                 f"| {s.config} | {s.rpc} | {s.rate:.0f} | {s.achieved:.0f} | {s.p50:.2f} | "
                 f"{s.p90:.2f} | {s.p99:.2f} | {s.p99_low:.2f}-{s.p99_high:.2f} | {s.p999:.2f} | "
-                f"{s.max:.2f} | {s.errors} | {s.dropped} | {cpu} | {p99_ratio} | {cpu_ratio} |"
+                f"{s.max:.2f} | {s.errors} | {s.dropped} | {cpu} | {p99_ratio} | {cpu_ratio} | "
+                f"{format_steal(s.steal_pct)} |"
             )
         best = self.best_rates(summaries)
         rpcs = {c.name: c.rpc for c in self.configs}

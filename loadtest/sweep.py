@@ -263,6 +263,10 @@ class Row:
     client_cpu: float  # the busiest client's CPU, as a fraction of one core
     clients: int
     first_error: str = ""
+    # Of the machine's CPU time during the step, the share the host gave to other
+    # guests (/proc/stat steal): a noisy neighbour, which no process here can see in
+    # its own numbers. None where unknown.
+    steal_pct: float | None = None
     passed: bool | None = None
     phase: str = "step"
     histogram: str = field(default="", repr=False)  # HdrHistogram.encode(), microseconds
@@ -277,6 +281,7 @@ class Row:
         client_cpu: float,
         clients: int,
         first_error: str = "",
+        steal_pct: float | None = None,
     ) -> Row:
         return cls(
             target=target,
@@ -296,6 +301,7 @@ class Row:
             client_cpu=client_cpu,
             clients=clients,
             first_error=first_error,
+            steal_pct=steal_pct,
             histogram=result.histogram.encode().decode("ascii"),
         )
 
@@ -324,6 +330,24 @@ def merge(results: Sequence[dict[str, Any]], offered: float, seconds: float) -> 
         sum(r["dropped"] for r in results),
         histogram,
     )
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """The machine's (stolen, total) CPU time so far, from /proc/stat; None where
+    there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Percent of the machine's CPU time stolen between two ``cpu_jiffies()``."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100 * (after[0] - before[0]) / (after[1] - before[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -419,6 +443,7 @@ class ClientPool:
             if reply["error"]:
                 raise RuntimeError(reply["error"])
         cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
+        jiffies_before = cpu_jiffies()
         job = {
             "kind": "run",
             "target": target,
@@ -436,6 +461,7 @@ class ClientPool:
             if "error" in reply:
                 raise RuntimeError(reply["error"])
         result = merge(replies, rate, seconds)
+        stolen = steal_pct(jiffies_before, cpu_jiffies())
         server_cpu_us = None
         if server_pids:
             cpu = sum(cpu_seconds(pid) for pid in server_pids) - cpu_before
@@ -449,6 +475,7 @@ class ClientPool:
             max(r["cpu"] for r in replies),
             self.clients,
             first_error,
+            stolen,
         )
 
 
@@ -505,7 +532,7 @@ def sweep(
 
 HEADER = (
     "| offered/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | dropped "
-    "| server CPU us/req | client CPU | in budget |"
+    "| server CPU us/req | client CPU | CPU steal | in budget |"
 )
 
 
@@ -515,8 +542,13 @@ def table_row(row: Row) -> str:
     return (
         f"| {row.offered_rate:,.0f} | {row.achieved_rate:,.0f} | {row.p50_ms:.2f} | "
         f"{row.p90_ms:.2f} | {row.p99_ms:.2f} | {row.p999_ms:.2f} | {row.max_ms:.2f} | "
-        f"{row.errors} | {row.dropped} | {cpu} | {row.client_cpu:.0%} | {verdict} |"
+        f"{row.errors} | {row.dropped} | {cpu} | {row.client_cpu:.0%} | "
+        f"{format_steal(row.steal_pct)} | {verdict} |"
     )
+
+
+def format_steal(pct: float | None) -> str:
+    return "" if pct is None else f"{pct:.1f} %"
 
 
 def parse_rates(text: str) -> list[float]:

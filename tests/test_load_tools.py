@@ -27,6 +27,7 @@ import grpc
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from loadtest.sweep import cpu_jiffies, steal_pct
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
@@ -132,6 +133,8 @@ async def check_sweep(target: str, tmp_path: Path, rpc: str) -> None:
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
         assert row["p99_ms"] <= row["p999_ms"] <= row["max_ms"], row
         assert row["server_cpu_us"] > 0 and row["passed"] is True, row
+        # Linux: the host's steal over the step, a share of the machine's CPU time.
+        assert row["steal_pct"] is not None and 0 <= row["steal_pct"] <= 100, row
     assert report["max_rate"] == 80.0, output
     assert "highest offered rate" in output
 
@@ -143,6 +146,15 @@ async def test_sweep_two_clients_json(target: str, tmp_path: Path, rpc: str) -> 
 
 async def test_sweep_echo_stream_json(echo_target: str, tmp_path: Path) -> None:
     await check_sweep(echo_target, tmp_path, "echo-stream")
+
+
+def test_steal_pct_is_the_stolen_share_of_the_machines_cpu_time() -> None:
+    assert steal_pct((10, 1000), (30, 1400)) == pytest.approx(5.0)
+    assert steal_pct((10, 1000), (10, 1400)) == 0.0
+    assert steal_pct(None, (10, 1400)) is None  # no /proc/stat
+    assert steal_pct((10, 1000), (10, 1000)) is None  # no time passed
+    now = cpu_jiffies()
+    assert now is not None and 0 <= now[0] <= now[1], now  # Linux
 
 
 def markdown_tables(text: str) -> list[list[list[str]]]:
@@ -195,6 +207,7 @@ async def test_report_quick(trained_model: Path, tmp_path: Path) -> None:
         assert float(row[column["achieved/s"]]) > 0, row
         assert int(row[column["errors"]]) == 0, row
         assert float(row[column["server CPU us/req"]]) > 0, row
+        assert 0 <= float(row[column["CPU steal"]].removesuffix(" %")) <= 100, row
     assert {row[0] for row in best[1:]} == configs
 
     links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section)
@@ -255,6 +268,7 @@ def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
             errors=0,
             dropped=0,
             cpu_us=cpu,
+            steal_pct=None,
             histogram=HdrHistogram(1, 60_000_000, 3),
         )
         for rate in (100.0, 200.0)
@@ -342,6 +356,7 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         assert row[column["errors+dropped"]] == "0", (name, row)
         median_cpu = float(row[column["server CPU us/req"]].split()[0])
         assert median_cpu > 0, (name, row)
+        assert 0 <= float(row[column["CPU steal %"]].split()[0]) <= 100, (name, row)
     # The temporary worktree is gone again.
     worktrees = await asyncio.to_thread(
         subprocess.run,
