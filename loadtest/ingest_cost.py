@@ -11,7 +11,10 @@ round, for each flow (order rotated per round):
 1. the flow alone for ``--seconds``: the server's CPU (share of a core), the replica's
    cost; above flow 0, per event;
 2. Score unary at ``--score-rate`` (open loop, ``--clients`` processes) while the same
-   flow goes on: server CPU per Score, p50 and p99.
+   flow goes on: server CPU per Score, p50 and p99; the server's event-loop lag p99 and
+   that lateness per second by cause, ``busy`` (the loop's own work: a fold, a fetch)
+   or ``cpu_wait`` (no CPU free for it: the machine), from its loop-lag probe
+   (``server/loop_lag.py``, every 20 ms here); the host's CPU steal.
 
 The flow is what stream workers write: every 10 ms, the events due are routed into one
 entity-events record per partition (``topics.route_events``), stamped with the current

@@ -10,7 +10,8 @@ seconds``): that lateness is what any call arriving at that moment waited too.
 Lateness has two causes that call for different fixes:
 
 * **busy**: the loop thread was running (one long callback, or more work than the
-  loop can do); the fix is in this process;
+  loop can do) or blocked in a call that should not be on the loop (a blocking read,
+  a lock): either way this process's doing, and the fix is in it;
 * **cpu_wait**: the thread was ready to run but waited for a CPU (other processes on
   the machine, CPU steal); the fix is more or quieter cores.
 
@@ -44,8 +45,8 @@ LOOP_LAG_SECONDS = FastHistogram(
 )
 LOOP_LATE_SECONDS = FastCounter(
     "streamscore_event_loop_late_seconds_total",
-    "The probes' lateness, split by cause: busy (the loop thread was running) or "
-    "cpu_wait (it was ready but waited for a CPU).",
+    "The probes' lateness, split by cause: busy (the loop thread was running, or "
+    "blocked: this process's doing) or cpu_wait (it was ready but waited for a CPU).",
     ["cause"],
 )
 LOOP_THREAD_SECONDS = FastCounter(
@@ -81,7 +82,8 @@ def _read_schedstat(fd: int) -> tuple[float, float] | None:
 def split_lateness(lateness_s: float, cpu_wait_s: float) -> tuple[float, float]:
     """(busy, cpu_wait) parts of a probe's lateness, given the thread's run-queue wait
     since the last probe: the wait counts first, up to the lateness (the loop was not
-    idle while late, so any time not waiting was spent running)."""
+    idle while late, so any time not waiting for a CPU was its own: running or
+    blocked)."""
     lateness_s = max(0.0, lateness_s)
     waited = min(lateness_s, max(0.0, cpu_wait_s))
     return lateness_s - waited, waited
