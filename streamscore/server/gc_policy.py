@@ -48,6 +48,7 @@ import time
 from typing import Any
 
 from streamscore.server.metrics import GC_PAUSE_SECONDS
+from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.gc")
 
@@ -97,14 +98,15 @@ class LongLivedFreezer:
             return
         gc.collect()
         gc.freeze()
-        self._task = asyncio.create_task(self._run(), name="gc-freezer")
-        self._task.add_done_callback(self._on_done)
+        # Should it fail, serving goes on; pauses grow back to CPython's (logged, and
+        # visible in streamscore_gc_pause_seconds).
+        self._task = start_background(
+            self._run(), name="gc-freezer", log=log, failure="the gc freezer stopped"
+        )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
     def freeze_now(self) -> None:
         """Freeze the young survivors now (nothing when the policy is off)."""
@@ -116,9 +118,3 @@ class LongLivedFreezer:
         while True:
             await asyncio.sleep(self.interval_s)
             self.freeze_now()
-
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            # Serving goes on; pauses grow back to CPython's (logged, and visible in
-            # streamscore_gc_pause_seconds).
-            log.error("the gc freezer stopped", exc_info=task.exception())

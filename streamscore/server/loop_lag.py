@@ -33,6 +33,7 @@ import threading
 
 from streamscore.server.fastmetrics import FastCounter, FastHistogram
 from streamscore.server.metrics import LATENCY_BUCKETS_S
+from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.loop")
 
@@ -108,14 +109,13 @@ class LoopLagMonitor:
             return
         # Opened on the loop's own thread: schedstat is per thread.
         self._schedstat = _open_schedstat()
-        self._task = asyncio.create_task(self._run(), name="loop-lag")
-        self._task.add_done_callback(self._on_done)
+        self._task = start_background(
+            self._run(), name="loop-lag", log=log, failure="the event-loop lag probe stopped"
+        )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
         fd, self._schedstat = self._schedstat, None
         if fd is not None:
             os.close(fd)
@@ -146,7 +146,3 @@ class LoopLagMonitor:
             late_busy, late_waiting = split_lateness(lateness, waited)
             busy.inc(late_busy)
             cpu_wait.inc(late_waiting)
-
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("the event-loop lag probe stopped", exc_info=task.exception())
