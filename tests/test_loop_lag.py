@@ -8,11 +8,14 @@ import multiprocessing
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streamscore.config import Settings
+from streamscore.server.app import ScoringServer
 from streamscore.server.loop_lag import (
     LOOP_LAG_SECONDS,
     LOOP_LATE_SECONDS,
@@ -124,3 +127,28 @@ async def test_a_loop_that_waits_for_a_cpu_is_late_by_cpu_wait(one_cpu: int) -> 
     assert busy >= 0.1, f"cpu wait {waited:.3f} s, busy {busy:.3f} s"
     assert LOOP_THREAD_SECONDS.labels("running").value - running_before >= 0.1
     assert LOOP_THREAD_SECONDS.labels("cpu_wait").value - thread_wait_before >= waited
+
+
+async def test_a_server_whose_start_fails_leaves_no_probe_running(tmp_path: Path) -> None:
+    server = ScoringServer(Settings(port=0, model_repository=tmp_path / "no-models"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the missing repository raises
+        await server.start()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "loop-lag"]
+
+
+async def test_a_running_server_probes_its_loop(trained_model: Path) -> None:
+    server = ScoringServer(
+        Settings(
+            port=0,
+            model_repository=trained_model,
+            loop_lag_interval_s=0.01,
+            model_reload_interval_s=0,
+        )
+    )
+    await server.start()
+    try:
+        await asyncio.sleep(0.2)
+        assert server.loop_lag.probes >= 5
+    finally:
+        await server.stop()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "loop-lag"]

@@ -81,8 +81,18 @@ class ScoringServer:
         credentials = server_credentials(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
         )
-        # First, so that catch-up's folds are seen too; stopped last.
+        # First, so that catch-up's folds are seen too; stopped last, and at once if
+        # the start fails (its caller then has no server to stop).
         await self.loop_lag.start()
+        try:
+            await self._start_parts(settings, credentials)
+        except BaseException:
+            await self.loop_lag.stop()
+            raise
+
+    async def _start_parts(
+        self, settings: Settings, credentials: grpc.ServerCredentials | None
+    ) -> None:
         await self.models.start()
         if settings.kafka:
             # Idempotent: whichever process starts first creates the topics.
