@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError
 
 from streamscore.logs import hash_id
 from streamscore.stream import kafka_compat
+from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.decisions")
 
@@ -85,8 +86,13 @@ class DecisionLog:
         )
         await producer.start()
         self._producer = producer
-        self._task = asyncio.create_task(self._drain(), name="decision-log")
-        self._task.add_done_callback(self._on_done)
+        self._task = start_background(
+            self._drain(),
+            name="decision-log",
+            log=log,
+            failure="decision log stopped; decisions are dropped",
+            on_failure=self._failed,
+        )
 
     def record(self, decision: DecisionRecord) -> None:
         """Queue one decision; O(1), never blocks, never raises (drops when full)."""
@@ -125,10 +131,8 @@ class DecisionLog:
             if not self._queue:
                 self._idle.set()
 
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = task.exception()
-            log.error("decision log stopped; decisions are dropped", exc_info=self.failure)
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Publish what is queued (within ``timeout``), then stop. Safe to call twice."""
@@ -136,10 +140,8 @@ class DecisionLog:
             if self.failure is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._idle.wait(), timeout)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            await cancel_and_wait(task)
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), timeout)

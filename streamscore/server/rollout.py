@@ -36,6 +36,7 @@ from streamscore.server.rollout_stats import (
     RollbackPolicy,
     in_canary,
 )
+from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.rollout")
 
@@ -138,20 +139,20 @@ class RolloutManager:
     async def start(self, initial: RolloutState | None = None) -> None:
         if initial is not None:
             await self.set(initial)
-        self._task = asyncio.create_task(self._shadow_worker(), name="shadow-worker")
-        self._task.add_done_callback(self._on_done)
+        self._task = start_background(
+            self._shadow_worker(),
+            name="shadow-worker",
+            log=log,
+            failure="shadow worker stopped; shadows are dropped",
+            on_failure=self._failed,
+        )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = task.exception()
-            log.error("shadow worker stopped; shadows are dropped", exc_info=self.failure)
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
 
     # -- routing (the Score hot path) ------------------------------------------------------
 

@@ -23,6 +23,7 @@ from aiokafka.errors import KafkaError
 from streamscore.stream import kafka_compat
 from streamscore.stream.state import FeatureStore
 from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_batch
+from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.replica")
 
@@ -127,8 +128,13 @@ class FeatureReplica:
         self._targets = {tp: end for tp, end in ends.items() if end > 0}
         if not self._targets:
             self._caught_up.set()
-        self._task = asyncio.create_task(self._run(), name="feature-replica")
-        self._task.add_done_callback(self._on_done)
+        self._task = start_background(
+            self._run(),
+            name="feature-replica",
+            log=log,
+            failure="feature replica stopped",
+            on_failure=self._failed,
+        )
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         deadline = time.monotonic() + 30
@@ -153,10 +159,8 @@ class FeatureReplica:
         if not self.caught_up:
             raise TimeoutError(f"replica did not catch up within {timeout} s")
 
-    def _on_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failure = task.exception()
-            log.error("feature replica stopped", exc_info=self.failure)
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
 
     async def _run(self) -> None:
         consumer = self._consumer
@@ -229,13 +233,8 @@ class FeatureReplica:
         self._caught_up.set()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
