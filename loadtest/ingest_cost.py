@@ -52,6 +52,7 @@ from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_p
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import ENTITY_TYPES
 from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout, route_events
+from streamscore.tasks import cancel_and_wait
 
 TICK_S = 0.01
 
@@ -109,10 +110,8 @@ class EventFlow:
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None

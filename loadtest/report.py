@@ -450,7 +450,7 @@ class Suite:
                         )
                     cpu = (
                         "" if row.server_cpu_us is None else f" cpu {row.server_cpu_us:.0f} us/req"
-                    ) + ("" if row.steal_pct is None else f" steal {row.steal_pct:.1f} %")
+                    ) + f" steal {format_steal(row.steal_pct) or '?'}"
                     self.log(
                         f"{config.name:44s} {rate:7g}/s  achieved {row.achieved_rate:7.0f}/s  "
                         f"p50 {row.p50_ms:6.2f}  p99 {row.p99_ms:7.2f}  p99.9 {row.p999_ms:7.2f} ms"

@@ -137,10 +137,10 @@ class LoopLagMonitor:
             lag.observe(lateness)
             self.probes += 1
             now = _read_schedstat(fd) if fd is not None else None
-            if now is None or last is None:
+            previous, last = last, now if now is not None else last
+            if now is None or previous is None:
                 continue  # no schedstat: the lag alone, its cause unknown
-            ran, waited = now[0] - last[0], now[1] - last[1]
-            last = now
+            ran, waited = now[0] - previous[0], now[1] - previous[1]
             running.inc(ran)
             waiting.inc(waited)
             late_busy, late_waiting = split_lateness(lateness, waited)
