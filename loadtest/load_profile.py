@@ -21,6 +21,12 @@ work is the same):
   gRPC's compiled core (``cygrpc``), the kernel (syscalls, context switches),
   onnxruntime, numpy... py-spy sees only Python stacks and puts all native time under
   the loop's ``Runner.run``; perf tells what that native time is.
+
+``--echo`` profiles the echo server (``loadtest/echo_server.py``) the same way, with
+the same load (``echo``/``echo-stream``), for those comparisons:
+
+    python -m loadtest.load_profile --model-repository DIR --rate 500 --perf
+    python -m loadtest.load_profile --model-repository DIR --rate 500 --perf --echo
 """
 
 from __future__ import annotations
@@ -33,13 +39,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import uvloop
 
-from loadtest.backend_bench import load_features, serve_process
+from loadtest.backend_bench import echo_process, load_features, serve_process
 from loadtest.sweep import ClientPool, realistic_events, score_requests
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
@@ -110,6 +120,24 @@ def perf_by_library(data: Path) -> dict[str, float]:
     return shares
 
 
+async def wait_answering(target: str, timeout: float = 60.0) -> None:
+    """Until ``target`` answers a Score (the echo server has no health service)."""
+    request = pb.ScoreRequest(
+        request_id="probe", transaction=pb.Transaction(card_id="c", amount_minor=1)
+    )
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.ScoringStub(channel)
+        while True:
+            try:
+                await stub.Score(request, timeout=1)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+
 def parts(raw: Path) -> tuple[int, Counter[str]]:
     """Samples in all, and per part of the path."""
     counts: Counter[str] = Counter()
@@ -129,6 +157,8 @@ async def main(args: argparse.Namespace) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = args.out or Path(tempfile.mkdtemp(prefix="streamscore-profile-")) / "samples.txt"
     perf_data = out.with_suffix(".perf")
+    # The echo server answers the same calls under its own rpc names (loadtest.sweep).
+    rpc = {"score": "echo", "stream": "echo-stream"}[args.rpc] if args.echo else args.rpc
     if args.perf and shutil.which("perf") is None:
         print("--perf needs perf on PATH (Debian: linux-perf)")
         return 2
@@ -139,24 +169,27 @@ async def main(args: argparse.Namespace) -> int:
             await create_topics(broker.bootstrap, TopicLayout().partitions())
             await load_features(broker.bootstrap, events)
             port = find_free_port()
-            server = serve_process(
-                "profiled",
-                broker.bootstrap,
-                port,
-                args.model_repository,
-                env={**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version},
-                log_path=str(out.with_suffix(".log")),
-            )
+            target = f"127.0.0.1:{port}"
+            if args.echo:
+                server = echo_process(port, str(out.with_suffix(".log")))
+            else:
+                server = serve_process(
+                    "profiled",
+                    broker.bootstrap,
+                    port,
+                    args.model_repository,
+                    env={**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version},
+                    log_path=str(out.with_suffix(".log")),
+                )
             await server.start()
             try:
-                target = f"127.0.0.1:{port}"
-                await wait_serving(target, timeout=120)
+                await (wait_answering(target) if args.echo else wait_serving(target, timeout=120))
                 assert server.process is not None
                 pid = server.process.pid
                 await asyncio.to_thread(
                     pool.run,
                     target,
-                    args.rpc,
+                    rpc,
                     args.rate,
                     3.0,
                     streams=args.streams,
@@ -178,7 +211,7 @@ async def main(args: argparse.Namespace) -> int:
                 row = await asyncio.to_thread(
                     pool.run,
                     target,
-                    args.rpc,
+                    rpc,
                     args.rate,
                     float(args.seconds),
                     streams=args.streams,
@@ -198,7 +231,7 @@ async def main(args: argparse.Namespace) -> int:
     total, counts = parts(out)
     cpu = row.server_cpu_us or 0.0
     print(
-        f"{args.rpc} at {args.rate:,.0f}/s offered, {row.achieved_rate:,.0f}/s achieved, "
+        f"{rpc} at {args.rate:,.0f}/s offered, {row.achieved_rate:,.0f}/s achieved, "
         f"p99 {row.p99_ms:.1f} ms; server CPU {cpu:.0f} us/req; {total} samples in {out}"
     )
     print("| part | share of samples | ~us per request |\n|---|---|---|")
@@ -229,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-seconds", type=float, default=400.0, help="of events folded")
     p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
     p.add_argument("--out", type=Path, help="py-spy's raw samples (default: a temp file)")
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="profile the echo server instead, under the same load (the baseline)",
+    )
     p.add_argument(
         "--perf",
         action="store_true",

@@ -447,6 +447,29 @@ async def test_load_profile_sorts_a_real_servers_samples(
         assert any(name.startswith("cygrpc") and share > 1 for name, share in libraries.items())
 
 
+async def test_load_profile_echo_profiles_the_baseline_the_same_way(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    out = await run_module(
+        "loadtest.load_profile",
+        "--model-repository", str(trained_model),
+        "--rate", "100",
+        "--seconds", "2",
+        "--replica-seconds", "20",
+        "--out", str(tmp_path / "samples.txt"),
+        "--echo",
+        timeout=180,
+    )  # fmt: skip
+    assert re.search(r"echo at 100/s offered, \d+/s achieved, .* us/req; \d+ samples", out), out
+    tables = markdown_tables(out)
+    shares = {row[0]: float(row[1].rstrip("%")) for row in tables[0][1:]}
+    assert abs(sum(shares.values()) - 100) < 1, out
+    # The echo server runs none of our scoring code: no features, no model call.
+    assert not any(name.startswith(("features", "model call")) for name in shares), out
+    threads = {row[0]: float(row[1]) for row in tables[1][1:]}
+    assert threads["event loop (main thread)"] > 0, out
+
+
 async def test_score_profile_breakdown(trained_model: Path) -> None:
     out = await run_module(
         "loadtest.score_profile",
