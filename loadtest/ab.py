@@ -122,6 +122,15 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
             echo = echo_process(echo_port)
             echo_rpc = "echo-stream" if args.rpc == "stream" else "echo"
             servers.append(Server("echo", echo_rpc, f"127.0.0.1:{echo_port}", echo))
+            if args.model_echo:
+                port = find_free_port()
+                model_echo = echo_process(
+                    port,
+                    name="model echo",
+                    model_repository=args.model_repository,
+                    model_version=args.model_version,
+                )
+                servers.append(Server("model echo", echo_rpc, f"127.0.0.1:{port}", model_echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
             this_env = {**env, **dict(args.this_env)}
             for name, cwd, server_env in (
@@ -141,7 +150,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                 servers.append(Server(name, args.rpc, f"127.0.0.1:{port}", process))
             for server in servers:
                 await server.process.start()
-            for server in servers[1:]:
+            for server in servers:
                 await wait_serving(server.target, timeout=120)
             rows: dict[tuple[str, float], list[Row]] = {}
             rates = parse_rates(args.rates)
@@ -195,6 +204,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=2, help="load processes (default 2)")
     p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
     p.add_argument("--replica-seconds", type=float, default=400.0)
+    p.add_argument(
+        "--model-echo",
+        action="store_true",
+        help="also measure the model echo (the echo plus Score's one model call)",
+    )
     p.add_argument(
         "--this-env",
         action="append",

@@ -51,13 +51,24 @@ MODEL = "fraud_mlp"
 
 
 def echo_process(
-    port: int, log_path: str | None = None, *, reuseport: bool = False, name: str = "echo"
+    port: int,
+    log_path: str | None = None,
+    *,
+    reuseport: bool = False,
+    name: str = "echo",
+    model_repository: Path | None = None,
+    model_version: str = "",
 ) -> ChildProcess:
     """The bare grpc.aio echo server (the baseline) on ``port`` (``reuseport``: one of
-    several echo processes sharing it)."""
+    several echo processes sharing it; ``model_repository``: the model echo, which also
+    calls that repository's model once per answer)."""
     echo_server = str(Path(__file__).resolve().parent / "echo_server.py")
     argv = [sys.executable, echo_server, "--port", str(port)]
-    return ChildProcess(name, [*argv, "--reuseport"] if reuseport else argv, log_path=log_path)
+    if reuseport:
+        argv.append("--reuseport")
+    if model_repository is not None:
+        argv += ["--model-repository", str(model_repository), "--model-version", model_version]
+    return ChildProcess(name, argv, log_path=log_path)
 
 
 def serve_process(

@@ -96,6 +96,46 @@ async def test_echo_server_score_stream(echo_target: str) -> None:
         assert answer == unary
 
 
+async def test_model_echo_answers_with_its_models_score(trained_model: Path) -> None:
+    """The model echo calls the served model once per answer (unary and each stream
+    message), on its fixed row: its score is the backend's own for that row."""
+    import numpy as np
+
+    from loadtest.echo_server import model_call, start
+    from streamscore.server.repository import ModelRegistry
+
+    models = ModelRegistry(trained_model, "fraud_mlp", reload_interval_s=0)
+    await models.start()
+    try:
+        served = models.primary
+        n_inputs = len(served.metadata.inputs)
+        (expected,) = await served.backend.infer(np.full((1, n_inputs), 0.5, np.float32))
+        calls = 0
+        call_model = model_call(served.backend, n_inputs)
+
+        def counted() -> float:
+            nonlocal calls
+            calls += 1
+            return call_model()
+
+        server, port = await start(0, score=counted)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                unary = await stub.Score(pb.ScoreRequest(request_id="u-1"), timeout=10)
+                requests = [pb.ScoreRequest(request_id=f"s-{i}") for i in range(5)]
+                answers = [a async for a in stub.ScoreStream(iter(requests), timeout=10)]
+        finally:
+            await server.stop(None)
+    finally:
+        await models.stop()
+    assert calls == 6
+    for answer in [unary, *answers]:
+        # The proto's score is a float32, like the backend's.
+        assert answer.score == pytest.approx(float(expected), rel=1e-6), answer
+    assert unary.score != 0.01  # not the plain echo's canned score
+
+
 async def check_sweep(target: str, tmp_path: Path, rpc: str) -> None:
     """Two one-second steps (40/s, 80/s) from two client processes, all answered."""
     out = tmp_path / "sweep.json"
@@ -345,12 +385,13 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         "2",
         "--replica-seconds",
         "20",
+        "--model-echo",
         timeout=240,
     )
     table = markdown_tables(out)[0]
     column = {name: i for i, name in enumerate(table[0])}
     rows = {row[0]: row for row in table[1:]}
-    assert set(rows) == {"echo", "base HEAD", "this tree"}, out
+    assert set(rows) == {"echo", "model echo", "base HEAD", "this tree"}, out
     for name, row in rows.items():
         assert row[column["achieved/s"]].startswith("40 ("), (name, row)
         assert row[column["errors+dropped"]] == "0", (name, row)
