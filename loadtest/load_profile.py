@@ -23,10 +23,12 @@ work is the same):
   the loop's ``Runner.run``; perf tells what that native time is.
 
 ``--echo`` profiles the echo server (``loadtest/echo_server.py``) the same way, with
-the same load (``echo``/``echo-stream``), for those comparisons:
+the same load (``echo``/``echo-stream``), for those comparisons; ``--model-echo`` the
+model echo (the echo plus Score's one model call: the floor of Score's cost):
 
     python -m loadtest.load_profile --model-repository DIR --rate 500 --perf
     python -m loadtest.load_profile --model-repository DIR --rate 500 --perf --echo
+    python -m loadtest.load_profile --model-repository DIR --rate 500 --perf --model-echo
 """
 
 from __future__ import annotations
@@ -39,17 +41,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import uvloop
 
 from loadtest.backend_bench import echo_process, load_features, serve_process
 from loadtest.sweep import ClientPool, realistic_events, score_requests
-from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
@@ -120,24 +118,6 @@ def perf_by_library(data: Path) -> dict[str, float]:
     return shares
 
 
-async def wait_answering(target: str, timeout: float = 60.0) -> None:
-    """Until ``target`` answers a Score (the echo server has no health service)."""
-    request = pb.ScoreRequest(
-        request_id="probe", transaction=pb.Transaction(card_id="c", amount_minor=1)
-    )
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ScoringStub(channel)
-        while True:
-            try:
-                await stub.Score(request, timeout=1)
-                return
-            except grpc.aio.AioRpcError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-
-
 def parts(raw: Path) -> tuple[int, Counter[str]]:
     """Samples in all, and per part of the path."""
     counts: Counter[str] = Counter()
@@ -158,7 +138,8 @@ async def main(args: argparse.Namespace) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="streamscore-profile-")) / "samples.txt"
     perf_data = out.with_suffix(".perf")
     # The echo server answers the same calls under its own rpc names (loadtest.sweep).
-    rpc = {"score": "echo", "stream": "echo-stream"}[args.rpc] if args.echo else args.rpc
+    echo = args.echo or args.model_echo
+    rpc = {"score": "echo", "stream": "echo-stream"}[args.rpc] if echo else args.rpc
     if args.perf and shutil.which("perf") is None:
         print("--perf needs perf on PATH (Debian: linux-perf)")
         return 2
@@ -170,8 +151,13 @@ async def main(args: argparse.Namespace) -> int:
             await load_features(broker.bootstrap, events)
             port = find_free_port()
             target = f"127.0.0.1:{port}"
-            if args.echo:
-                server = echo_process(port, str(out.with_suffix(".log")))
+            if echo:
+                server = echo_process(
+                    port,
+                    str(out.with_suffix(".log")),
+                    model_repository=args.model_repository if args.model_echo else None,
+                    model_version=args.model_version,
+                )
             else:
                 server = serve_process(
                     "profiled",
@@ -183,7 +169,7 @@ async def main(args: argparse.Namespace) -> int:
                 )
             await server.start()
             try:
-                await (wait_answering(target) if args.echo else wait_serving(target, timeout=120))
+                await wait_serving(target, timeout=120)
                 assert server.process is not None
                 pid = server.process.pid
                 await asyncio.to_thread(
@@ -230,8 +216,9 @@ async def main(args: argparse.Namespace) -> int:
         pool.close()
     total, counts = parts(out)
     cpu = row.server_cpu_us or 0.0
+    label = f"model echo, {rpc}" if args.model_echo else rpc
     print(
-        f"{rpc} at {args.rate:,.0f}/s offered, {row.achieved_rate:,.0f}/s achieved, "
+        f"{label} at {args.rate:,.0f}/s offered, {row.achieved_rate:,.0f}/s achieved, "
         f"p99 {row.p99_ms:.1f} ms; server CPU {cpu:.0f} us/req; {total} samples in {out}"
     )
     print("| part | share of samples | ~us per request |\n|---|---|---|")
@@ -266,6 +253,11 @@ def parser() -> argparse.ArgumentParser:
         "--echo",
         action="store_true",
         help="profile the echo server instead, under the same load (the baseline)",
+    )
+    p.add_argument(
+        "--model-echo",
+        action="store_true",
+        help="profile the model echo instead (the echo plus Score's one model call)",
     )
     p.add_argument(
         "--perf",

@@ -488,8 +488,9 @@ async def test_load_profile_sorts_a_real_servers_samples(
         assert any(name.startswith("cygrpc") and share > 1 for name, share in libraries.items())
 
 
+@pytest.mark.parametrize("server", ["--echo", "--model-echo"])
 async def test_load_profile_echo_profiles_the_baseline_the_same_way(
-    trained_model: Path, tmp_path: Path
+    trained_model: Path, tmp_path: Path, server: str
 ) -> None:
     out = await run_module(
         "loadtest.load_profile",
@@ -498,15 +499,19 @@ async def test_load_profile_echo_profiles_the_baseline_the_same_way(
         "--seconds", "2",
         "--replica-seconds", "20",
         "--out", str(tmp_path / "samples.txt"),
-        "--echo",
+        server,
         timeout=180,
     )  # fmt: skip
-    assert re.search(r"echo at 100/s offered, \d+/s achieved, .* us/req; \d+ samples", out), out
+    label = "model echo, echo" if server == "--model-echo" else "echo"
+    pattern = rf"^{label} at 100/s offered, \d+/s achieved, .* us/req; \d+ samples"
+    assert re.search(pattern, out, re.MULTILINE), out
     tables = markdown_tables(out)
     shares = {row[0]: float(row[1].rstrip("%")) for row in tables[0][1:]}
     assert abs(sum(shares.values()) - 100) < 1, out
-    # The echo server runs none of our scoring code: no features, no model call.
-    assert not any(name.startswith(("features", "model call")) for name in shares), out
+    # The echo servers run none of our scoring code but the model echo's model call.
+    assert not any(name.startswith("features") for name in shares), out
+    if server == "--echo":
+        assert not any(name.startswith("model call") for name in shares), out
     threads = {row[0]: float(row[1]) for row in tables[1][1:]}
     assert threads["event loop (main thread)"] > 0, out
 
