@@ -8,7 +8,9 @@ What it starts (all its own processes, stopped at the end): a freshly trained mo
 with a replica's worth of synthetic traffic (``backend_bench.load_features``); the
 bare grpc.aio echo server (``echo_server.py``, the baseline: measured on unary Score
 as ``echo`` and, when ScoreStream configurations run, on ScoreStream as
-``echo, ScoreStream``); one ``streamscore serve`` per configuration: each backend
+``echo, ScoreStream``); the model echo (``echo_server.py --model-repository``: the
+echo plus Score's one onnxruntime model call, the floor of Score's cost, as ``model
+echo`` and ``model echo, ScoreStream``); one ``streamscore serve`` per configuration: each backend
 (onnxruntime, torch; triton when ``backend_bench`` can start a tritonserver here)
 with batching on and off (``STREAMSCORE_BATCHING``), onnxruntime with two shadow
 versions (copies of the primary, ``backend_bench.add_copy``), and ScoreStream on
@@ -23,7 +25,8 @@ Output: the markdown section between ``<!-- report:begin -->`` and
 ``<!-- report:end -->`` of ``--out`` (appended with the markers when they are
 absent; the rest of the file is left byte for byte), PNG plots and ``report.json``
 (every row) under ``--plots``. ``--quick``: 1 round, 2 low rates, 2 s each,
-onnxruntime only (unary Score: no ScoreStream rows, so no echo ScoreStream either),
+onnxruntime only (unary Score: no ScoreStream rows, so no echo ScoreStream either;
+the model echo's unary row is kept),
 no pipeline bench.
 """
 
@@ -69,6 +72,10 @@ END = "<!-- report:end -->"
 HERE = Path(__file__).resolve().parent
 ECHO = "echo"  # the echo server's key, and its unary Score configuration
 ECHO_STREAM = "echo, ScoreStream"  # the echo server's ScoreStream configuration
+# The model echo (echo_server.py --model-repository): the echo plus Score's one model
+# call, on onnxruntime. Its rows are the floor of any Score's cost, read against the echo.
+MODEL_ECHO = "model echo"
+MODEL_ECHO_STREAM = "model echo, ScoreStream"
 PLOTS = {
     "latency": "latency_vs_rate.png",
     "cdf": "latency_cdf.png",
@@ -134,6 +141,8 @@ def baseline(rpc: str) -> str:
 
 def plan(backends: Sequence[str], quick: bool, shadows: str) -> list[Config]:
     configs = [Config(ECHO, "echo", ECHO)]
+    if "onnxruntime" in backends:
+        configs.append(Config(MODEL_ECHO, "echo", MODEL_ECHO))
     for backend in backends:
         for batching in (True,) if backend == "triton" else (True, False):
             configs.append(
@@ -161,6 +170,7 @@ def plan(backends: Sequence[str], quick: bool, shadows: str) -> list[Config]:
             )
         # The ScoreStream rows' baseline: the same echo server process, on ScoreStream.
         configs.append(Config(ECHO_STREAM, "echo-stream", ECHO))
+        configs.append(Config(MODEL_ECHO_STREAM, "echo-stream", MODEL_ECHO))
         for batching in (True, False):
             configs.append(
                 Config(
@@ -316,6 +326,14 @@ class Suite:
                         port = find_free_port()
                         if config.server == ECHO:
                             child = echo_process(port, log_path=str(self.root / "echo.log"))
+                        elif config.server == MODEL_ECHO:
+                            child = echo_process(
+                                port,
+                                log_path=str(self.root / "model-echo.log"),
+                                name=MODEL_ECHO,
+                                model_repository=repository_for(base, self.root, "onnxruntime"),
+                                model_version="1",
+                            )
                         else:
                             repository = repository_for(base, self.root, config.backend)
                             for version in (v for v in config.shadows.split(",") if v):
@@ -347,7 +365,6 @@ class Suite:
                         *(
                             self.wait_up(child, self.servers[child.name].address, wait_serving)
                             for child in children
-                            if child.name != ECHO
                         )
                     )
                     self.done()
@@ -604,7 +621,10 @@ class Suite:
             "Baseline: the bare grpc.aio echo server (`loadtest/echo_server.py`, a canned "
             'answer per request); the "vs echo" ratios compare unary rows with `echo` '
             "(its Score) and ScoreStream rows with `echo, ScoreStream` (its ScoreStream, "
-            "the same streaming load) at the same offered rate. Every "
+            "the same streaming load) at the same offered rate. `model echo`: the echo "
+            "plus the one onnxruntime model call every Score makes (the served model, "
+            "a batch of one, inline), nothing else: the floor of Score's cost, whose own "
+            '"vs echo" says how much of the budget the model call alone takes. Every '
             "server, the broker and the load generator share this machine's cores, so compare "
             "rows within this run. Model: "
             f"{self.train_line}. Replica: {args.replica_seconds:g} s of synthetic traffic "

@@ -239,7 +239,12 @@ async def test_report_quick(trained_model: Path, tmp_path: Path) -> None:
     column = {name: i for i, name in enumerate(header)}
     assert {"configuration", "offered/s", "p50 ms", "p99 ms", "server CPU us/req"} <= set(header)
     configs = {row[0] for row in latency[1:]}
-    assert configs == {"echo", "onnxruntime, batching on", "onnxruntime, batching off"}
+    assert configs == {
+        "echo",
+        "model echo",
+        "onnxruntime, batching on",
+        "onnxruntime, batching off",
+    }
     assert {float(row[column["offered/s"]]) for row in latency[1:]} == {100.0, 200.0}
     for row in latency[1:]:
         p50, p99 = float(row[column["p50 ms"]]), float(row[column["p99 ms"]])
@@ -278,12 +283,26 @@ def test_report_section_replaces_only_between_markers(tmp_path: Path) -> None:
 def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
     """Made-up figures through the report's tables: unary rows against ``echo``,
     ScoreStream rows against ``echo, ScoreStream`` at the same rate (no processes)."""
-    from loadtest.report import ECHO, ECHO_STREAM, Suite, Summary, plan
+    from loadtest.report import (
+        ECHO,
+        ECHO_STREAM,
+        MODEL_ECHO,
+        MODEL_ECHO_STREAM,
+        Suite,
+        Summary,
+        plan,
+    )
 
     assert ECHO_STREAM not in {c.name for c in plan(["onnxruntime"], True, "")}
     configs = plan(["onnxruntime"], False, "")
     echo_stream = next(c for c in configs if c.name == ECHO_STREAM)
     assert (echo_stream.rpc, echo_stream.server) == ("echo-stream", ECHO)
+    # The model echo answers both RPCs from one process and reads against the echo.
+    model_echo = {c.name: (c.rpc, c.server) for c in configs if c.server == MODEL_ECHO}
+    assert model_echo == {
+        MODEL_ECHO: ("echo", MODEL_ECHO),
+        MODEL_ECHO_STREAM: ("echo-stream", MODEL_ECHO),
+    }
     # p99 ms and server CPU us per rpc and rate; the budget is 10 ms.
     figures = {
         "echo": {100.0: (2.0, 100.0), 200.0: (20.0, 100.0)},
