@@ -249,12 +249,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replica-seconds", type=float, default=400.0, help="of events folded")
     p.add_argument("--streams", type=int, default=2, help="ScoreStreams per client")
     p.add_argument("--out", type=Path, help="py-spy's raw samples (default: a temp file)")
-    p.add_argument(
+    baseline = p.add_mutually_exclusive_group()
+    baseline.add_argument(
         "--echo",
         action="store_true",
         help="profile the echo server instead, under the same load (the baseline)",
     )
-    p.add_argument(
+    baseline.add_argument(
         "--model-echo",
         action="store_true",
         help="profile the model echo instead (the echo plus Score's one model call)",
