@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,50 @@ async def test_cancel_and_wait_stops_a_running_task_and_logs_nothing(
     assert task.cancelled()
     assert not [r for r in caplog.records if r.name == log.name]
     await cancel_and_wait(None)
+
+
+async def test_a_server_whose_replica_never_catches_up_says_so_and_still_stops(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's ready task (wait for the replica, then SERVING) fails: the failure
+    is logged, health stays NOT_SERVING, and stop() still stops everything."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from streamscore.config import Settings
+    from streamscore.server.app import ScoringServer
+    from streamscore.stream.broker import EmbeddedBroker
+    from streamscore.stream.replica import FeatureReplica, ReplicaFailed
+
+    async def fails(self: FeatureReplica, timeout: float) -> None:
+        raise ReplicaFailed("replica failed while catching up")
+
+    monkeypatch.setattr(FeatureReplica, "wait_caught_up", fails)
+
+    def never_ready() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "server never became ready"]
+
+    async with EmbeddedBroker() as broker:
+        settings = Settings(
+            port=0,
+            kafka=broker.bootstrap,
+            model_repository=trained_model,
+            model_reload_interval_s=0,
+        )
+        server = ScoringServer(settings)
+        with caplog.at_level(logging.ERROR, logger="streamscore.server"):
+            await server.start()
+            try:
+                for _ in range(500):
+                    if never_ready():
+                        break
+                    await asyncio.sleep(0.01)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=10
+                    )
+            finally:
+                await server.stop()  # returns: the failed task is awaited quietly
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    (record,) = never_ready()
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ReplicaFailed)

@@ -28,6 +28,7 @@ from streamscore.server.tracing import ScoreTracer
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
+from streamscore.tasks import cancel_and_wait, start_background
 from streamscore.tls import server_credentials
 
 log = logging.getLogger("streamscore.server")
@@ -186,8 +187,9 @@ class ScoringServer:
             await self._start_serving()
             return
         await self.replica.start()
-        self._ready_task = asyncio.create_task(self._serve_when_caught_up(), name="ready")
-        self._ready_task.add_done_callback(_log_failure)
+        self._ready_task = start_background(
+            self._serve_when_caught_up(), name="ready", log=log, failure="server never became ready"
+        )
 
     async def _serve_when_caught_up(self) -> None:
         assert self.replica is not None
@@ -229,9 +231,8 @@ class ScoringServer:
         log.info("stopped")
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        if self._ready_task is not None:
-            self._ready_task.cancel()
-            self._ready_task = None
+        ready, self._ready_task = self._ready_task, None
+        await cancel_and_wait(ready)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -285,8 +286,3 @@ def _listen(
     if not bound:
         raise OSError(f"cannot listen on {address}")
     return bound
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("server never became ready", exc_info=task.exception())
