@@ -558,6 +558,13 @@ async def test_score_profile_breakdown(trained_model: Path) -> None:
     whole = per_call["whole Score body (ScoringService.score)"]
     assert whole > per_call["features (assemble_features)"], out
     assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out
+    inline = re.search(
+        r"inline model call \(backend.infer_inline, batch 1\): ([\d.]+) us CPU, "
+        r"([\d.]+) us of it in the kernel",
+        out,
+    )
+    assert inline is not None, out
+    assert 0 < float(inline[1]) and 0 <= float(inline[2]) <= float(inline[1]), out
 
 
 async def run_scaling(trained_model: Path, tmp_path: Path, *args: str) -> tuple[str, dict]:
