@@ -34,6 +34,7 @@ import uvloop
 from loadtest.sweep import (
     ClientPool,
     Row,
+    echo_rpc,
     format_steal,
     parse_rates,
     realistic_events,
@@ -120,8 +121,8 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
             await load_features(broker.bootstrap, events)
             echo_port = find_free_port()
             echo = echo_process(echo_port)
-            echo_rpc = "echo-stream" if args.rpc == "stream" else "echo"
-            servers.append(Server("echo", echo_rpc, f"127.0.0.1:{echo_port}", echo))
+            baseline_rpc = echo_rpc(args.rpc)
+            servers.append(Server("echo", baseline_rpc, f"127.0.0.1:{echo_port}", echo))
             if args.model_echo:
                 port = find_free_port()
                 model_echo = echo_process(
@@ -130,7 +131,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                     model_repository=args.model_repository,
                     model_version=args.model_version,
                 )
-                servers.append(Server("model echo", echo_rpc, f"127.0.0.1:{port}", model_echo))
+                servers.append(Server("model echo", baseline_rpc, f"127.0.0.1:{port}", model_echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
             this_env = {**env, **dict(args.this_env)}
             for name, cwd, server_env in (

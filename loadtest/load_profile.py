@@ -47,7 +47,7 @@ from pathlib import Path
 import uvloop
 
 from loadtest.backend_bench import echo_process, load_features, serve_process
-from loadtest.sweep import ClientPool, realistic_events, score_requests
+from loadtest.sweep import ClientPool, echo_rpc, realistic_events, score_requests
 from streamscore.client import wait_serving
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
@@ -137,9 +137,8 @@ async def main(args: argparse.Namespace) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out = args.out or Path(tempfile.mkdtemp(prefix="streamscore-profile-")) / "samples.txt"
     perf_data = out.with_suffix(".perf")
-    # The echo server answers the same calls under its own rpc names (loadtest.sweep).
     echo = args.echo or args.model_echo
-    rpc = {"score": "echo", "stream": "echo-stream"}[args.rpc] if echo else args.rpc
+    rpc = echo_rpc(args.rpc) if echo else args.rpc
     if args.perf and shutil.which("perf") is None:
         print("--perf needs perf on PATH (Debian: linux-perf)")
         return 2

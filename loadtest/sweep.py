@@ -53,6 +53,11 @@ RPCS = ("score", "stream", "echo", "echo-stream")
 STREAM_RPCS = ("stream", "echo-stream")  # ScoreStream load (streamload.open_loop_streams)
 
 
+def echo_rpc(rpc: str) -> str:
+    """The echo servers' name for the same load as ``rpc`` (score or stream)."""
+    return "echo-stream" if rpc in STREAM_RPCS else "echo"
+
+
 # -- requests ----------------------------------------------------------------------------
 
 
