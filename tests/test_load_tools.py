@@ -458,6 +458,20 @@ async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -
     assert not re.search(r"round 1/1 +this tree", out), out
 
 
+async def run_load_profile(trained_model: Path, samples: Path, *extra: str) -> str:
+    """``loadtest.load_profile`` for a smoke test: 2 s at 100/s, a small replica."""
+    return await run_module(
+        "loadtest.load_profile",
+        "--model-repository", str(trained_model),
+        "--rate", "100",
+        "--seconds", "2",
+        "--replica-seconds", "20",
+        "--out", str(samples),
+        *extra,
+        timeout=180,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "perf",
     [
@@ -475,16 +489,7 @@ async def test_load_profile_sorts_a_real_servers_samples(
     trained_model: Path, tmp_path: Path, perf: bool
 ) -> None:
     samples = tmp_path / "samples.txt"
-    out = await run_module(
-        "loadtest.load_profile",
-        "--model-repository", str(trained_model),
-        "--rate", "100",
-        "--seconds", "2",
-        "--replica-seconds", "20",
-        "--out", str(samples),
-        *(["--perf"] if perf else []),
-        timeout=180,
-    )  # fmt: skip
+    out = await run_load_profile(trained_model, samples, *(["--perf"] if perf else []))
     assert re.search(r"score at 100/s offered, \d+/s achieved, .* us/req; \d+ samples", out), out
     tables = markdown_tables(out)
     rows = {row[0]: row for row in tables[0][1:]}
@@ -511,16 +516,7 @@ async def test_load_profile_sorts_a_real_servers_samples(
 async def test_load_profile_echo_profiles_the_baseline_the_same_way(
     trained_model: Path, tmp_path: Path, server: str
 ) -> None:
-    out = await run_module(
-        "loadtest.load_profile",
-        "--model-repository", str(trained_model),
-        "--rate", "100",
-        "--seconds", "2",
-        "--replica-seconds", "20",
-        "--out", str(tmp_path / "samples.txt"),
-        server,
-        timeout=180,
-    )  # fmt: skip
+    out = await run_load_profile(trained_model, tmp_path / "samples.txt", server)
     label = "model echo, echo" if server == "--model-echo" else "echo"
     pattern = rf"^{label} at 100/s offered, \d+/s achieved, .* us/req; \d+ samples"
     assert re.search(pattern, out, re.MULTILINE), out
