@@ -14,7 +14,7 @@
 # Lint: .venv/bin/hadolint Dockerfile (run by .ci/run).
 
 FROM python:3.11-slim AS build
-# gcc builds the compiled window kernel (streamscore/kernels/_windows.c); the runtime
+# gcc builds the compiled kernels (streamscore/kernels/_windows.c, _dense.c); the runtime
 # stage copies the built venv and carries no compiler.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -21,6 +21,8 @@ def default_model_repository() -> Path:
 
 
 TORCH_DEVICES = ("auto", "cpu", "cuda")
+# As the ONNX backend's KERNELS (not imported: settings load without the server).
+ONNX_KERNELS = ("auto", "onnxruntime")
 
 
 @dataclass
@@ -84,6 +86,11 @@ class Settings:
     # each CUDA call's copies, launches and synchronisation cost more CPU than the
     # model itself (BENCHMARKS.md, the 16-core GPU machine).
     torch_device: str = "auto"
+    # How versions whose backend is "onnxruntime" compute small batches: "auto" (the
+    # compiled dense kernel where it translates the model and matches onnxruntime on
+    # check rows at load, several times cheaper per call: BENCHMARKS.md) or
+    # "onnxruntime" (onnxruntime for every batch).
+    onnx_kernel: str = "auto"
     # Score's latency budget: a request's deadline is min(gRPC deadline, this).
     budget_ms: float = 50.0
     # When the deadline cannot be met: "fallback" (the version's ONNX in process,
@@ -153,6 +160,8 @@ class Settings:
             raise ValueError("loop_lag_interval_s must be >= 0 (0: off)")
         if updated.torch_device not in TORCH_DEVICES:
             raise ValueError(f"torch_device must be one of {', '.join(TORCH_DEVICES)}")
+        if updated.onnx_kernel not in ONNX_KERNELS:
+            raise ValueError(f"onnx_kernel must be one of {', '.join(ONNX_KERNELS)}")
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,
         # quirk 4). A wait as long as stale_after_s would mark features stale between
         # two answers of an idle broker.

@@ -73,6 +73,7 @@ class ScoringServer:
             ),
             triton_url=settings.triton_url,
             torch_device=settings.torch_device,
+            onnx_kernel=settings.onnx_kernel,
             reload_interval_s=settings.model_reload_interval_s,
         )
 

@@ -62,11 +62,16 @@ class ServedModel:
         batching: BatchingSettings = BatchingSettings(),
         triton_url: str = "",
         torch_device: str = "auto",
+        onnx_kernel: str = "auto",
     ) -> None:
         self.directory = directory
         self.metadata = ModelMetadata.load(directory / "metadata.json")
         self.backend: Backend = create_backend(
-            directory, self.metadata, triton_url=triton_url, torch_device=torch_device
+            directory,
+            self.metadata,
+            triton_url=triton_url,
+            torch_device=torch_device,
+            onnx_kernel=onnx_kernel,
         )
         limit = self.metadata.max_batch_size if batching.enabled else 1
         self.batcher = Batcher(
@@ -90,7 +95,17 @@ class ServedModel:
             max_cooldown_s=max(10.0, batching.breaker_cooldown_s),
         )
         onnx = directory / "model.onnx"
-        self.fallback = OnnxBackend(onnx, len(self.metadata.inputs), 1) if onnx.is_file() else None
+        self.fallback = (
+            OnnxBackend(
+                onnx,
+                len(self.metadata.inputs),
+                1,
+                kernel=onnx_kernel,
+                sample_rows=self.metadata.warmup_rows(),
+            )
+            if onnx.is_file()
+            else None
+        )
         # Warm-up: predicted seconds per batch size (1, 2, 4, ... max_batch_size), from
         # real batches of the metadata's warm-up rows; set by start().
         self.warmup_timings: dict[int, float] = {}
@@ -260,6 +275,7 @@ class ModelRegistry:
         batching: BatchingSettings = BatchingSettings(),
         triton_url: str = "",
         torch_device: str = "auto",
+        onnx_kernel: str = "auto",
         reload_interval_s: float = 1.0,
     ) -> None:
         self.repository = repository
@@ -268,6 +284,7 @@ class ModelRegistry:
         self.batching = batching
         self.triton_url = triton_url
         self.torch_device = torch_device
+        self.onnx_kernel = onnx_kernel
         self.reload_interval_s = reload_interval_s
         self.reloads = 0
         self.reload_failures = 0
@@ -289,6 +306,7 @@ class ModelRegistry:
             batching=self.batching,
             triton_url=self.triton_url,
             torch_device=self.torch_device,
+            onnx_kernel=self.onnx_kernel,
         )
 
     def _target_dir(self) -> Path:

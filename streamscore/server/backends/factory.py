@@ -15,10 +15,17 @@ def create_backend(
     *,
     triton_url: str = "",
     torch_device: str = "auto",
+    onnx_kernel: str = "auto",
 ) -> Backend:
     k, limit = len(metadata.inputs), metadata.max_batch_size
     if metadata.backend == "onnxruntime":
-        return OnnxBackend(version_dir / "model.onnx", k, limit)
+        return OnnxBackend(
+            version_dir / "model.onnx",
+            k,
+            limit,
+            kernel=onnx_kernel,
+            sample_rows=metadata.warmup_rows(),
+        )
     if metadata.backend == "torch":
         from streamscore.server.backends.torch_backend import TorchBackend
 
