@@ -14,8 +14,8 @@ streaming baseline rather than the unary one.
 
 ``--model-repository DIR`` makes it the *model echo*: each answer also costs the one
 call of the served model that no Score can avoid (the primary version, loaded and
-called the way ``serve`` loads and calls it inline, batch 1, on a fixed vector; its
-score is in the answer). The model echo over the echo is the model's own cost on the
+called the way ``serve`` loads and calls it inline, batch 1, on a fixed vector, with
+the same ``onnx_kernel`` setting; its score is in the answer). The model echo over the echo is the model's own cost on the
 serving loop; Score over the model echo is everything else Score does (features,
 batcher, rollout, response, metrics): the most a faster Score body could save.
 
@@ -36,6 +36,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.config import load_settings
 from streamscore.server.backends.base import Backend
 from streamscore.server.repository import ModelRegistry
 
@@ -123,7 +124,11 @@ async def serve(
         print(f"echo server on 127.0.0.1:{port}", flush=True)
         await server.wait_for_termination()
         return
-    models = ModelRegistry(repository, model, version=version, reload_interval_s=0)
+    # As ``serve`` loads it: the same onnx_kernel setting (STREAMSCORE_ONNX_KERNEL).
+    onnx_kernel = load_settings().onnx_kernel
+    models = ModelRegistry(
+        repository, model, version=version, reload_interval_s=0, onnx_kernel=onnx_kernel
+    )
     await models.start()
     try:
         served = models.primary
