@@ -15,9 +15,10 @@ streaming baseline rather than the unary one.
 ``--model-repository DIR`` makes it the *model echo*: each answer also costs the one
 call of the served model that no Score can avoid (the primary version, loaded and
 called the way ``serve`` loads and calls it inline, batch 1, on a fixed vector, with
-the same ``onnx_kernel`` setting; its score is in the answer). The model echo over the echo is the model's own cost on the
-serving loop; Score over the model echo is everything else Score does (features,
-batcher, rollout, response, metrics): the most a faster Score body could save.
+the same ``onnx_kernel`` setting; its score is in the answer). The model echo over
+the echo is the model's own cost on the serving loop; Score over the model echo is
+everything else Score does (features, batcher, rollout, response, metrics): the most
+a faster Score body could save.
 
     python loadtest/echo_server.py --port 50099 --model-repository DIR
 """

@@ -3,6 +3,7 @@ optionally the cProfile of it. The Python half of Score's cost, measured steadil
 
     python -m loadtest.score_profile --model-repository DIR [--events 50000]
         [--requests 5000] [--profile tottime|cumulative] [--breakdown]
+        [--onnx-kernel auto|onnxruntime]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uvloop
 
 from loadtest.feature_bench import synthetic
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.backends.onnx_backend import KERNELS
 from streamscore.server.repository import BatchingSettings, ModelRegistry, ServedModel
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.scoring import ScoringService
@@ -104,7 +106,11 @@ async def main(args: argparse.Namespace) -> None:
         for entry in decode_fold_batch(value):
             store.fold_fields(*entry)
     models = ModelRegistry(
-        args.model_repository, "fraud_mlp", batching=BatchingSettings(), reload_interval_s=0
+        args.model_repository,
+        "fraud_mlp",
+        batching=BatchingSettings(),
+        reload_interval_s=0,
+        onnx_kernel=args.onnx_kernel,
     )
     await models.start()
     rollouts = RolloutManager(models)
@@ -162,5 +168,11 @@ if __name__ == "__main__":
     parser.add_argument("--profile", choices=["tottime", "cumulative"])
     parser.add_argument(
         "--breakdown", action="store_true", help="also time features, model, batcher alone"
+    )
+    parser.add_argument(
+        "--onnx-kernel",
+        choices=KERNELS,
+        default="auto",
+        help="the onnx_kernel setting: the dense kernel where it fits, or onnxruntime",
     )
     uvloop.run(main(parser.parse_args()))
