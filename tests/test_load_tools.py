@@ -563,6 +563,43 @@ async def test_score_profile_breakdown(trained_model: Path) -> None:
     assert 0 < float(inline[1]) and 0 <= float(inline[2]) <= float(inline[1]), out
 
 
+async def test_score_profile_runs_on_either_onnx_kernel(trained_model: Path) -> None:
+    out = await run_module(
+        "loadtest.score_profile",
+        "--model-repository",
+        str(trained_model),
+        "--events",
+        "2000",
+        "--requests",
+        "300",
+        "--onnx-kernel",
+        "onnxruntime",
+        timeout=120,
+    )
+    assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out
+
+
+async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: Path) -> None:
+    out = await run_module(
+        "loadtest.model_call_cost",
+        "--model-repository",
+        str(trained_model),
+        "--sizes",
+        "1,40",
+        "--calls",
+        "50",
+        "--repeat",
+        "1",
+        timeout=120,
+    )
+    (table,) = markdown_tables(out)
+    assert [row[0] for row in table[1:]] == ["1", "40"], out
+    for row in table[1:]:
+        times = [float(cell.removesuffix(" us")) for cell in row[1:3] + row[4:6]]
+        assert all(t > 0 for t in times), out
+        assert float(row[3].removesuffix("x")) == pytest.approx(times[0] / times[1], rel=0.05)
+
+
 async def run_scaling(trained_model: Path, tmp_path: Path, *args: str) -> tuple[str, dict]:
     """``loadtest.scaling`` for a smoke test: one 1 s step from one client process, a
     budget nothing misses; its output and its JSON report."""

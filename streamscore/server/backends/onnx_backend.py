@@ -37,7 +37,7 @@ log = logging.getLogger("streamscore.models")
 KERNELS = ("auto", "onnxruntime")
 # Batches up to this many rows go to the dense kernel. It has ~1 us of fixed cost
 # against onnxruntime's 10-20, but computes row by row where onnxruntime's blocked
-# GEMM takes many rows at once: onnxruntime overtakes it at about 48 rows of the demo
+# GEMM takes many rows at once: they cross at about 32-40 rows of the demo
 # model (BENCHMARKS.md, "The dense kernel").
 DENSE_MAX_ROWS = 32
 # How close the dense kernel must come to onnxruntime on the sample rows: the
