@@ -325,6 +325,7 @@ async def test_the_backend_runs_small_batches_on_the_kernel_and_large_on_onnxrun
     reference = await backend_for(version_dir, kernel="onnxruntime")
     try:
         assert backend.dense is not None and reference.dense is None
+        assert (backend.compute, reference.compute) == ("dense", "onnxruntime")
         calls: list[int] = []
         kernel = backend.dense
 

@@ -76,6 +76,8 @@ EXPECTED: dict[str, Check] = {
     'streamscore_rpc_in_flight{rpc="Score"}': equals(0),
     "streamscore_rollout_canary_percent": equals(0),
     "sum(streamscore_backend_breaker_open)": equals(0),
+    # The demo model is an MLP the dense kernel computes (kernels/dense.py).
+    'sum(streamscore_model_compute_info{backend="onnxruntime", compute="dense"})': equals(1),
     # The loop-lag probe runs every 20 ms whatever the load (server/loop_lag.py).
     "streamscore_event_loop_lag_seconds_count": increased_between(5, 10_000),
     'streamscore_event_loop_thread_seconds_total{state="running"}': (

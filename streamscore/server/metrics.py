@@ -220,14 +220,25 @@ class ServerCollector:
             "Times a version's circuit breaker opened.",
             labels=["version"],
         )
+        compute = GaugeMetricFamily(
+            "streamscore_model_compute_info",
+            "1 per loaded version: its backend, and what computes its small batches "
+            '(compute="dense": the compiled dense kernel; otherwise the backend itself).',
+            labels=["version", "backend", "compute"],
+        )
         registry = self.server.models
         for name, version in registry.loaded():
             served = registry.get(name, version)
+            backend = served.backend
+            compute.add_metric(
+                [version, backend.kind, getattr(backend, "compute", backend.kind)], 1.0
+            )
             if served.drift is not None:
                 for feature, value in served.drift.psi().items():
                     drift.add_metric([version, feature], value)
             breaker_open.add_metric([version], float(served.breaker.state != "closed"))
             breaker_opened.add_metric([version], served.breaker.times_opened)
+        yield compute
         yield drift
         yield breaker_open
         yield breaker_opened

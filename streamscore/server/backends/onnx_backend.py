@@ -79,6 +79,12 @@ class OnnxBackend:
         self._calls = InlineOrThread(f"{onnx_path.parent.parent.name}:{onnx_path.parent.name}")
 
     @property
+    def compute(self) -> str:
+        """What computes small batches: "dense" (the compiled dense kernel) or
+        "onnxruntime" (exported as streamscore_model_compute_info)."""
+        return "dense" if self.dense is not None else "onnxruntime"
+
+    @property
     def started(self) -> bool:
         return self._session is not None
 
