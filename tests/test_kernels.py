@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from streamscore.kernels import tiles as tiles_module
 from streamscore.kernels.recent import RecentEvents
 from streamscore.kernels.tiles import (
     Tiles,
@@ -481,3 +482,87 @@ def test_compiled_window_kernel_rejects_a_malformed_bucket():
         _windows.window_partial({1: [1, 0, 5, 25, 5, ["a"]]}, 0, 3, 1)
     with pytest.raises(TypeError, match="tuple subclass"):
         _windows.window_agg(dict, {}, 0, 3, 0)
+
+
+# One entity's tiles at two resolutions, as the feature store keeps them: fine ones
+# with two distinct sets, coarse ones with none; and every read code over windows of
+# both, long ones (the closed-part cache path) included.
+FINE, COARSE = 2, 8
+EVENT = st.tuples(
+    st.integers(-40 * COARSE, 40 * COARSE),
+    AMOUNT,
+    st.booleans(),
+    st.sampled_from("abcdef"),
+    st.sampled_from("uvwxyz"),
+)
+READS = st.lists(
+    st.tuples(st.sampled_from(range(8)), st.sampled_from([0, 1])), min_size=1, max_size=6
+)
+PLAN = st.lists(
+    st.tuples(st.sampled_from([FINE, COARSE]), st.integers(1, 40), READS), min_size=1, max_size=5
+)
+
+
+def _plan(drawn: list) -> tuple:
+    plan = []
+    for i, (resolution, n_buckets, reads) in enumerate(drawn):
+        n_distinct = 2 if resolution == FINE else 0
+        named = tuple(
+            (f"f{i}_{j}", code, slot if code == tiles_module.READ_DISTINCT else -1)
+            for j, (code, slot) in enumerate(reads)
+            if code != tiles_module.READ_DISTINCT or n_distinct
+        )
+        plan.append((resolution, n_buckets * resolution, n_distinct, named))
+    return tuple(plan)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(EVENT, max_size=80),
+    PLAN,
+    st.lists(st.integers(-45 * COARSE, 45 * COARSE), min_size=1, max_size=4),
+)
+def test_compiled_windowed_values_equal_the_python_reads(
+    events: list, drawn_plan: list, times: list[int]
+) -> None:
+    """Every read, through the scan or through the closed-part cache, is the same float
+    as the Python readers give, at any query time (repeated: cached parts reused)."""
+    from streamscore.kernels import _windows
+
+    by_resolution = {FINE: Tiles(FINE, 2), COARSE: Tiles(COARSE, 0)}
+    for time_ms, amount, declined, merchant, card in events:
+        by_resolution[FINE].add(time_ms, amount, declined, (merchant, card))
+        by_resolution[COARSE].add(time_ms, amount, declined)
+    plan = _plan(drawn_plan)
+    for t in [*times, *times]:
+        compiled: dict[str, float] = {}
+        python: dict[str, float] = {}
+        _windows.windowed_values(compiled, by_resolution, t, plan, tiles_module.CACHE_MIN_BUCKETS)
+        tiles_module._windowed_values_py(
+            python, by_resolution, t, plan, tiles_module.CACHE_MIN_BUCKETS
+        )
+        assert {k: repr(v) for k, v in compiled.items()} == {
+            k: repr(v) for k, v in python.items()
+        }, t
+
+
+def test_windowed_values_is_what_the_store_uses_and_it_refuses_bad_plans():
+    from streamscore.kernels import _windows
+
+    assert tiles_module.windowed_values is _windows.windowed_values
+    tiles = {FINE: Tiles(FINE, 1)}
+    tiles[FINE].add(3, 10, False, ("a",))
+    read = _windows.windowed_values
+    with pytest.raises(ValueError, match="unknown read code 9"):
+        read({}, tiles, 4, ((FINE, 4, 1, (("x", 9, -1),)),), 8)
+    with pytest.raises(ValueError, match="distinct slot 1 out of range"):
+        read({}, tiles, 4, ((FINE, 4, 1, (("x", tiles_module.READ_DISTINCT, 1),)),), 8)
+    with pytest.raises(ValueError, match="not a positive multiple"):
+        read({}, tiles, 4, ((FINE, 5, 1, ()),), 8)
+    with pytest.raises(KeyError, match="no tiles at resolution 3"):
+        read({}, tiles, 4, ((3, 6, 0, ()),), 8)
+    with pytest.raises(TypeError, match="plan item"):
+        read({}, tiles, 4, ((FINE, 4),), 8)
+    values: dict[str, float] = {}
+    read(values, tiles, 4, ((FINE, 4, 1, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),), 8)
+    assert values == {"n": 1.0, "d": 1.0, "m": 10.0}

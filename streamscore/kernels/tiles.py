@@ -22,6 +22,7 @@ result is the same integers and sets, so values stay exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # A bucket is a plain list, the cheapest mutable record in CPython (fold is the hot
@@ -113,14 +114,50 @@ def _window_agg_py(
     )
 
 
+# What a feature reads from its window's aggregate: ``windowed_values``'s read codes.
+READ_COUNT, READ_DECLINED, READ_SUM, READ_MAX, READ_MEAN, READ_STD = range(6)
+READ_DECLINE_RATE, READ_DISTINCT = 6, 7
+# Each code's value of a WindowAgg (``slot``: which distinct count).
+WINDOW_READS: tuple[Callable[[WindowAgg, int], float], ...] = (
+    lambda agg, _slot: float(agg.events),
+    lambda agg, _slot: float(agg.declined),
+    lambda agg, _slot: float(agg.amount_sum),
+    lambda agg, _slot: float(agg.amount_max),
+    lambda agg, _slot: agg.amount_mean,
+    lambda agg, _slot: agg.amount_std,
+    lambda agg, _slot: agg.decline_rate,
+    lambda agg, slot: float(agg.distinct[slot]),
+)
+
+# One window of an entity's reads: (resolution_ms, window_ms, n_distinct of those
+# tiles, ((feature name, read code, distinct slot), ...)).
+WindowPlan = tuple[int, int, int, tuple[tuple[str, int, int], ...]]
+
+
+def _windowed_values_py(
+    values: dict[str, float],
+    tiles_by_resolution: dict[int, Tiles],
+    t_ms: int,
+    plan: tuple[WindowPlan, ...],
+    cache_min_buckets: int,
+) -> None:
+    """Set ``values[name]`` for every read of ``plan``, from the windows as of ``t_ms``."""
+    for resolution_ms, window_ms, _n_distinct, reads in plan:
+        agg = tiles_by_resolution[resolution_ms].window(t_ms, window_ms)
+        for name, code, slot in reads:
+            values[name] = WINDOW_READS[code](agg, slot)
+
+
 # The compiled kernel (streamscore/kernels/_windows.c, built by `pip install`) computes
-# the same integers and sets without the interpreter's per-bucket overhead; the
-# property tests hold the two to each other. A checkout that was not built (or a
-# machine without a C compiler) reads windows with the Python above.
+# the same integers, sets and floats without the interpreter's per-bucket (and, in
+# ``windowed_values``, per-window and per-read) overhead; the property tests hold the
+# two to each other. A checkout that was not built (or a machine without a C
+# compiler) reads windows with the Python above.
 try:
-    from streamscore.kernels._windows import window_agg, window_partial
+    from streamscore.kernels._windows import window_agg, window_partial, windowed_values
 except ImportError:  # pragma: no cover - exercised where no compiler was found
     window_agg, window_partial = _window_agg_py, _window_partial_py
+    windowed_values = _windowed_values_py
 
 
 class Tiles:

@@ -8,13 +8,10 @@ Each stateful feature is entity x aggregation x window W x resolution r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from streamscore.kernels.tiles import WindowAgg
+from streamscore.kernels import tiles
 
 SECOND = 1_000
 MINUTE = 60 * SECOND
@@ -57,27 +54,24 @@ class FeatureDef:
         if (self.agg is Agg.DISTINCT) != bool(self.distinct_field):
             raise ValueError(f"{self.name}: distinct_field goes with Agg.DISTINCT only")
 
-    def reader(self, distinct_slot: int) -> Callable[[WindowAgg], float]:
-        """This feature's value from the window aggregate of its (entity, W, r).
-
-        Chosen once per layout, not per read: serving reads about twenty values per
-        request, and dispatching on the aggregation each time cost a tenth of it."""
-        if self.agg is Agg.DISTINCT:
-            return lambda agg: float(agg.distinct[distinct_slot])
-        reader = _WINDOW_READERS.get(self.agg)
-        if reader is None:
+    def read_code(self) -> int:
+        """What this feature reads from the aggregate of its (entity, W, r) window:
+        one of the kernel's read codes (kernels/tiles.py, ``windowed_values``)."""
+        code = _READ_CODES.get(self.agg)
+        if code is None:
             raise ValueError(f"{self.name}: {self.agg} has no window value")
-        return reader
+        return code
 
 
-_WINDOW_READERS: dict[Agg, Callable[[WindowAgg], float]] = {
-    Agg.COUNT: lambda agg: float(agg.events),
-    Agg.COUNT_DECLINED: lambda agg: float(agg.declined),
-    Agg.SUM: lambda agg: float(agg.amount_sum),
-    Agg.MAX: lambda agg: float(agg.amount_max),
-    Agg.MEAN: lambda agg: agg.amount_mean,
-    Agg.STD: lambda agg: agg.amount_std,
-    Agg.DECLINE_RATE: lambda agg: agg.decline_rate,
+_READ_CODES: dict[Agg, int] = {
+    Agg.COUNT: tiles.READ_COUNT,
+    Agg.COUNT_DECLINED: tiles.READ_DECLINED,
+    Agg.SUM: tiles.READ_SUM,
+    Agg.MAX: tiles.READ_MAX,
+    Agg.MEAN: tiles.READ_MEAN,
+    Agg.STD: tiles.READ_STD,
+    Agg.DECLINE_RATE: tiles.READ_DECLINE_RATE,
+    Agg.DISTINCT: tiles.READ_DISTINCT,
 }
 
 
@@ -110,10 +104,6 @@ DEFAULT_PACK: tuple[FeatureDef, ...] = (
 )
 
 
-# (resolution_ms, window_ms, ((feature name, its reader), ...))
-WindowRead = tuple[int, int, tuple[tuple[str, "Callable[[WindowAgg], float]"], ...]]
-
-
 @dataclass(frozen=True, slots=True)
 class EntityLayout:
     """How one entity type's state is laid out for a feature pack.
@@ -130,10 +120,10 @@ class EntityLayout:
     max_window_ms: dict[int, int]
 
     # Precomputed for the serving path: what it reads per (resolution, window), the
-    # names and readers of the features over that one window aggregate; the names of
-    # the features from the newest event time (seconds since last); all names, in
-    # the pack's order.
-    window_reads: tuple[WindowRead, ...] = ()
+    # names, read codes and distinct slots of the features over that one window
+    # aggregate (``tiles.windowed_values``'s plan); the names of the features from the
+    # newest event time (seconds since last); all names, in the pack's order.
+    window_plan: tuple[tiles.WindowPlan, ...] = ()
     since_last_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
 
@@ -153,18 +143,22 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
     max_window = {
         r: max(f.window_ms for f in windowed if f.resolution_ms == r) for r in resolutions
     }
-    reads: dict[tuple[int, int], list[tuple[str, Callable[[WindowAgg], float]]]] = {}
+    reads: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
     for f in windowed:
         # The index of its field among its tiles' distinct sets (-1: none).
         slot = distinct[f.resolution_ms].index(f.distinct_field) if f.distinct_field else -1
-        reads.setdefault((f.resolution_ms, f.window_ms), []).append((f.name, f.reader(slot)))
+        reads.setdefault((f.resolution_ms, f.window_ms), []).append(
+            (f.name, f.read_code(), slot)
+        )
     return EntityLayout(
         entity,
         features,
         resolutions,
         distinct,
         max_window,
-        window_reads=tuple((r, w, tuple(named)) for (r, w), named in reads.items()),
+        window_plan=tuple(
+            (r, w, len(distinct[r]), tuple(named)) for (r, w), named in reads.items()
+        ),
         since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         feature_names=tuple(f.name for f in features),
     )

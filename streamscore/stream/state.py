@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from streamscore.kernels.recent import RecentEvents
-from streamscore.kernels.tiles import Tiles
+from streamscore.kernels.tiles import CACHE_MIN_BUCKETS, Tiles, windowed_values
 from streamscore.stream.features import (
     DEFAULT_PACK,
     ENTITY_TYPES,
@@ -274,11 +274,7 @@ class FeatureStore:
         """Every feature of the entity in the pack's order, the since-last ones not yet
         filled in (``features`` sets them)."""
         values = dict.fromkeys(layout.feature_names, -1.0)
-        tiles = state.tiles
-        for resolution_ms, window_ms, reads in layout.window_reads:
-            agg = tiles[resolution_ms].window(t_ms, window_ms)
-            for name, read in reads:
-                values[name] = read(agg)
+        windowed_values(values, state.tiles, t_ms, layout.window_plan, CACHE_MIN_BUCKETS)
         return values
 
     def __len__(self) -> int:
