@@ -147,9 +147,7 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
     for f in windowed:
         # The index of its field among its tiles' distinct sets (-1: none).
         slot = distinct[f.resolution_ms].index(f.distinct_field) if f.distinct_field else -1
-        reads.setdefault((f.resolution_ms, f.window_ms), []).append(
-            (f.name, f.read_code(), slot)
-        )
+        reads.setdefault((f.resolution_ms, f.window_ms), []).append((f.name, f.read_code(), slot))
     return EntityLayout(
         entity,
         features,
