@@ -10,8 +10,9 @@ rounds, with ranges; server CPU per request is the steadiest figure.
     python -m loadtest.ab --base HEAD~3 --model-repository DIR --rpc score \\
         --rates 500 --seconds 6 --rounds 5
 
-``--base`` is checked out into a temporary git worktree (removed afterwards) and
-served with the same interpreter and settings (``--this-env NAME=VALUE`` changes a
+``--base`` is checked out into a temporary git worktree (removed afterwards), its C
+kernels compiled as ``pip install`` compiles this tree's, and served with the same
+interpreter and settings (``--this-env NAME=VALUE`` changes a
 setting for this tree's server only: with ``--base HEAD`` it A/Bs the setting).
 ``--rpc stream`` compares ScoreStream (the echo then answers ScoreStream too). Needs
 a trained repository (``streamscore train --model-repository DIR``).
@@ -89,6 +90,24 @@ def summarize(rows: dict[tuple[str, float], list[Row]]) -> str:
     return "\n".join(lines)
 
 
+def build_extensions(checkout: Path) -> None:
+    """Compile a checkout's C kernels in place, as ``pip install`` does for this tree.
+
+    A fresh worktree has none (built files are not in git), and the base would quietly
+    run its Python fallbacks (the window reads in Python, onnxruntime for every batch)
+    and look slower than it is. Commits from before the kernels have no setup.py."""
+    if not (checkout / "setup.py").is_file():
+        return
+    built = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+    )
+    if built.returncode != 0:
+        raise SystemExit(f"building the base's C kernels failed:\n{built.stdout}{built.stderr}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the base out into a worktree, compare, and remove the worktree."""
     work = Path(tempfile.mkdtemp(prefix="streamscore-ab-"))
@@ -99,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         capture_output=True,
     )
     try:
+        build_extensions(worktree)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(main(args, work, worktree))
     finally:

@@ -1,7 +1,8 @@
 """Feature-engine benchmark: fold and backfill speed, memory per entity, recovery.
 
 1. fold: the replica's hot path (decode entity-events batches + fold) and the offline
-   backfill, in process, as events per CPU-second (one core);
+   backfill, in process, as events per CPU-second (one core); then Score's window
+   reads per entity, compiled against the Python readers;
 2. memory: bytes per entity from tracemalloc, per entity type, for state built from
    synthetic traffic, and for sparse cards (a few events a week each);
 3. recovery: a log holding N card entities is written to the embedded broker in the
@@ -24,11 +25,12 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from streamscore.gc_tuning import tune_for_large_state
+from streamscore.kernels.tiles import CACHE_MIN_BUCKETS, _windowed_values_py, windowed_values
 from streamscore.stream import kafka_compat
 from streamscore.stream.backfill import backfill, sort_events
 from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.events import PaymentEvent, event_from_dict
-from streamscore.stream.features import DAY, ENTITY_TYPES
+from streamscore.stream.features import DAY, ENTITY_FIELD, ENTITY_TYPES
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
 from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout, decode_fold_batch, route_events
@@ -64,6 +66,37 @@ def fold_speed(events: list[PaymentEvent]) -> None:
     print(f"backfill (features as of each event + fold): {rows / seconds:,.0f} events/s per core")
 
 
+def read_speed(events: list[PaymentEvent], n_requests: int = 5_000) -> None:
+    """Score's feature reads, per entity type: the window reads of each request's
+    entity through the compiled ``windowed_values`` and through the Python readers
+    (``_windowed_values_py``), alternating, best of five, on the same entities."""
+    store = FeatureStore()
+    for value in route_events(events, 4).values():
+        for entry in decode_fold_batch(value):
+            store.fold_fields(*entry)
+    t_ms = max(e.event_time_ms for e in events) + 1_000
+    requests = events[:n_requests]
+    for entity_type in ENTITY_TYPES:
+        layout = store.layouts[entity_type]
+        field = ENTITY_FIELD[entity_type]
+        states = [store.entities[entity_type].get(getattr(e, field)) for e in requests]
+        tiles = [state.tiles for state in states if state is not None]
+        best = {"compiled": float("inf"), "python": float("inf")}
+        for _ in range(5):
+            for name, read in (("compiled", windowed_values), ("python", _windowed_values_py)):
+                started = time.perf_counter()
+                for by_resolution in tiles:
+                    values = dict.fromkeys(layout.feature_names, -1.0)
+                    read(values, by_resolution, t_ms, layout.window_plan, CACHE_MIN_BUCKETS)
+                per_read = (time.perf_counter() - started) / max(1, len(tiles)) * 1e6
+                best[name] = min(best[name], per_read)
+        print(
+            f"window reads, {entity_type} ({len(tiles)} of {len(requests)} requests' "
+            f"entities known): compiled {best['compiled']:.1f} us, "
+            f"python {best['python']:.1f} us per entity"
+        )
+
+
 def memory(events: list[PaymentEvent], sparse_cards: int) -> None:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -91,6 +124,8 @@ def memory(events: list[PaymentEvent], sparse_cards: int) -> None:
             )
     used = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
+    if not sparse_cards:
+        return
     print(
         f"memory, {sparse_cards} cards with 5 events over 5 days: "
         f"{used / sparse_cards:,.0f} bytes per card entity"
@@ -161,6 +196,7 @@ def main() -> None:
     tune_for_large_state()
     events = synthetic(args.events)
     fold_speed(events)
+    read_speed(events)
     memory(events, args.sparse_cards)
     if args.recovery_cards:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

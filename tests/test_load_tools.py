@@ -428,6 +428,37 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
     assert "streamscore-ab-" not in worktrees.stdout
 
 
+def test_ab_builds_the_bases_c_kernels(tmp_path: Path) -> None:
+    """A fresh worktree has no compiled kernels (they are not in git): unbuilt, the
+    base would run its Python fallbacks and look slower than it is."""
+    from loadtest.ab import build_extensions
+
+    checkout = tmp_path / "base"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(checkout), "HEAD"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        probe = [
+            sys.executable,
+            "-c",
+            "import streamscore.kernels._windows, streamscore.kernels._dense",
+        ]
+        unbuilt = subprocess.run(probe, cwd=checkout, capture_output=True, text=True)
+        assert unbuilt.returncode != 0 and "ModuleNotFoundError" in unbuilt.stderr
+        build_extensions(checkout)
+        built = subprocess.run(probe, cwd=checkout, capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
+            check=False,
+            capture_output=True,
+        )
+    build_extensions(tmp_path)  # no setup.py (a commit from before the kernels): nothing
+
+
 async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -> None:
     # A budget nothing can meet, answered as an error: this tree's server refuses the
     # load tool's first Score (which ends the run), the base's and the echo's answer.
