@@ -363,6 +363,28 @@ async def test_a_graph_the_kernel_refuses_stays_with_onnxruntime(
         await backend.stop()
 
 
+async def test_a_model_the_check_cannot_run_still_serves_on_onnxruntime(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fixed batch size in the graph (4 rows): onnxruntime refuses the check rows, so
+    the kernel is not used, and the model serves as before."""
+    g = GraphBuilder(3)
+    g.node("Sigmoid", g.node("Gemm", "features", g.constant(np.ones((3, 1)))))
+    model = g.model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    backend = OnnxBackend(tmp_path / "model.onnx", 3, 4)
+    with caplog.at_level(logging.WARNING, logger="streamscore.models"):
+        await backend.start()
+    try:
+        assert backend.dense is None
+        assert "the dense kernel's check failed" in caplog.text
+        rows = np.zeros((4, 3), np.float32)
+        np.testing.assert_allclose(backend.run(rows), [0.5] * 4)
+    finally:
+        await backend.stop()
+
+
 async def test_a_kernel_that_disagrees_with_onnxruntime_is_not_used(
     version_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
