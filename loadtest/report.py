@@ -622,8 +622,9 @@ class Suite:
             'answer per request); the "vs echo" ratios compare unary rows with `echo` '
             "(its Score) and ScoreStream rows with `echo, ScoreStream` (its ScoreStream, "
             "the same streaming load) at the same offered rate. `model echo`: the echo "
-            "plus the one onnxruntime model call every Score makes (the served model, "
-            "a batch of one, inline), nothing else: the floor of Score's cost, whose own "
+            "plus the one model call every Score makes (the served model as `serve` "
+            "loads it, the dense kernel included, a batch of one, inline), nothing "
+            "else: the floor of Score's cost, whose own "
             '"vs echo" says how much of the budget the model call alone takes. Every '
             "server, the broker and the load generator share this machine's cores, so compare "
             "rows within this run. Model: "

@@ -295,6 +295,8 @@ def test_the_program_refuses_batches_of_the_wrong_type_or_shape() -> None:
         program.run(np.ones((3, 3), np.float32), scores)
     program.run(np.ones((2, 3), np.float32), scores)
     assert scores.tolist() == [3.0, 3.0]
+    with pytest.raises(TypeError, match="not initialised"):
+        dense.Program.__new__(dense.Program).run(np.ones((2, 0), np.float32), scores)
 
 
 # -- in the backend ------------------------------------------------------------------
@@ -344,15 +346,23 @@ async def test_the_backend_runs_small_batches_on_the_kernel_and_large_on_onnxrun
         await reference.stop()
 
 
+async def started_from(
+    model: onnx.ModelProto, tmp_path: Path, max_batch_size: int, caplog: pytest.LogCaptureFixture
+) -> OnnxBackend:
+    """The ONNX backend of ``model`` (3 inputs), started with its log captured."""
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    backend = OnnxBackend(tmp_path / "model.onnx", 3, max_batch_size)
+    with caplog.at_level(logging.INFO, logger="streamscore.models"):
+        await backend.start()
+    return backend
+
+
 async def test_a_graph_the_kernel_refuses_stays_with_onnxruntime(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     g = GraphBuilder(3)
     g.node("Sigmoid", g.node("Gemm", g.node("LeakyRelu", "features"), g.constant(np.ones((3, 1)))))
-    onnx.save(g.model(), str(tmp_path / "model.onnx"))
-    backend = OnnxBackend(tmp_path / "model.onnx", 3, 8)
-    with caplog.at_level(logging.INFO, logger="streamscore.models"):
-        await backend.start()
+    backend = await started_from(g.model(), tmp_path, 8, caplog)
     try:
         assert backend.dense is None
         assert "dense kernel: op LeakyRelu" in caplog.text
@@ -372,10 +382,7 @@ async def test_a_model_the_check_cannot_run_still_serves_on_onnxruntime(
     g.node("Sigmoid", g.node("Gemm", "features", g.constant(np.ones((3, 1)))))
     model = g.model()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
-    onnx.save(model, str(tmp_path / "model.onnx"))
-    backend = OnnxBackend(tmp_path / "model.onnx", 3, 4)
-    with caplog.at_level(logging.WARNING, logger="streamscore.models"):
-        await backend.start()
+    backend = await started_from(model, tmp_path, 4, caplog)
     try:
         assert backend.dense is None
         assert "the dense kernel's check failed" in caplog.text

@@ -562,7 +562,8 @@ async def test_load_profile_echo_profiles_the_baseline_the_same_way(
     assert threads["event loop (main thread)"] > 0, out
 
 
-async def test_score_profile_breakdown(trained_model: Path) -> None:
+@pytest.mark.parametrize("onnx_kernel", ["auto", "onnxruntime"])
+async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) -> None:
     out = await run_module(
         "loadtest.score_profile",
         "--model-repository",
@@ -572,6 +573,8 @@ async def test_score_profile_breakdown(trained_model: Path) -> None:
         "--requests",
         "600",
         "--breakdown",
+        "--onnx-kernel",
+        onnx_kernel,
         timeout=120,
     )
     per_call = {
@@ -592,22 +595,6 @@ async def test_score_profile_breakdown(trained_model: Path) -> None:
     )
     assert inline is not None, out
     assert 0 < float(inline[1]) and 0 <= float(inline[2]) <= float(inline[1]), out
-
-
-async def test_score_profile_runs_on_either_onnx_kernel(trained_model: Path) -> None:
-    out = await run_module(
-        "loadtest.score_profile",
-        "--model-repository",
-        str(trained_model),
-        "--events",
-        "2000",
-        "--requests",
-        "300",
-        "--onnx-kernel",
-        "onnxruntime",
-        timeout=120,
-    )
-    assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out
 
 
 async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: Path) -> None:

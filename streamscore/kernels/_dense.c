@@ -412,6 +412,10 @@ static PyObject *program_run(Program *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "run(batch, scores) takes two arguments");
         return NULL;
     }
+    if (self->register_offset == NULL) { /* Program.__new__ without __init__ */
+        PyErr_SetString(PyExc_TypeError, "Program is not initialised");
+        return NULL;
+    }
     Py_buffer in, out;
     if (PyObject_GetBuffer(args[0], &in, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         return NULL;
