@@ -99,7 +99,8 @@ TIMER_GRAIN_S = 0.001
 # 150 us of server CPU per Score under gRPC (A/B in BENCHMARKS.md); a batch of n saves
 # each of its requests about c * (1 - 1/n) of a call's cost c. So holding pays only
 # where c > d * n / (n - 1): about 2d for the batches of two that moderate load makes.
-# The demo MLP on onnxruntime costs 45-160 us a call, and runs at once.
+# The demo MLP costs 45-160 us a call on onnxruntime under load, ~8 us in process on
+# the dense kernel (kernels/dense.py): it runs at once either way.
 DEFER_MIN_S = 0.00025
 # Moving average of those calls' CPU time: weight of the newest, and its cap (x the
 # bar), so one pause inside a cheap call (a GC pass) does not start the holds.
