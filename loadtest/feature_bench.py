@@ -44,6 +44,13 @@ def synthetic(n: int) -> list[PaymentEvent]:
     return sort_events(event_from_dict(item.event) for item in generate_log(config, n / 200))
 
 
+def fold(store: FeatureStore, events: list[PaymentEvent]) -> None:
+    """Fold ``events`` into ``store`` the way the replica does (entity-events batches)."""
+    for value in route_events(events, 4).values():
+        for entry in decode_fold_batch(value):
+            store.fold_fields(*entry)
+
+
 def fold_speed(events: list[PaymentEvent]) -> None:
     records = [
         value
@@ -71,9 +78,7 @@ def read_speed(events: list[PaymentEvent], n_requests: int = 5_000) -> None:
     entity through the compiled ``windowed_values`` and through the Python readers
     (``_windowed_values_py``), alternating, best of five, on the same entities."""
     store = FeatureStore()
-    for value in route_events(events, 4).values():
-        for entry in decode_fold_batch(value):
-            store.fold_fields(*entry)
+    fold(store, events)
     t_ms = max(e.event_time_ms for e in events) + 1_000
     requests = events[:n_requests]
     for entity_type in ENTITY_TYPES:
@@ -101,9 +106,7 @@ def memory(events: list[PaymentEvent], sparse_cards: int) -> None:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     store = FeatureStore()
-    for value in route_events(events, 4).values():
-        for entry in decode_fold_batch(value):
-            store.fold_fields(*entry)
+    fold(store, events)
     used = tracemalloc.get_traced_memory()[0] - before
     counts = {entity: len(store.entities[entity]) for entity in ENTITY_TYPES}
     print(

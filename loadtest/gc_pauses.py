@@ -35,13 +35,12 @@ from typing import Any
 import uvloop
 from hdrh.histogram import HdrHistogram
 
-from loadtest.feature_bench import START_MS, card_log
+from loadtest.feature_bench import START_MS, card_log, fold
 from streamscore.gc_tuning import tune_for_large_state
 from streamscore.server.gc_policy import LongLivedFreezer
 from streamscore.stream.assembly import event_features
 from streamscore.stream.events import PaymentEvent
 from streamscore.stream.state import FeatureStore
-from streamscore.stream.topics import decode_fold_batch, route_events
 
 FOLD_BATCH = 5000
 FOLD_TICK_S = 0.01
@@ -70,12 +69,6 @@ class PauseLog:
                 "total_ms": sum(times) * 1000,
             }
         return by_generation
-
-
-def fold(store: FeatureStore, events: list[PaymentEvent]) -> None:
-    for value in route_events(events, 4).values():
-        for entry in decode_fold_batch(value):
-            store.fold_fields(*entry)
 
 
 async def build(store: FeatureStore, events: list[PaymentEvent]) -> float:

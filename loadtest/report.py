@@ -9,7 +9,7 @@ with a replica's worth of synthetic traffic (``backend_bench.load_features``); t
 bare grpc.aio echo server (``echo_server.py``, the baseline: measured on unary Score
 as ``echo`` and, when ScoreStream configurations run, on ScoreStream as
 ``echo, ScoreStream``); the model echo (``echo_server.py --model-repository``: the
-echo plus Score's one onnxruntime model call, the floor of Score's cost, as ``model
+echo plus Score's one model call as ``serve`` makes it, the floor of Score's cost, as ``model
 echo`` and ``model echo, ScoreStream``); one ``streamscore serve`` per configuration: each backend
 (onnxruntime, torch; triton when ``backend_bench`` can start a tritonserver here)
 with batching on and off (``STREAMSCORE_BATCHING``), onnxruntime with two shadow
@@ -73,7 +73,7 @@ HERE = Path(__file__).resolve().parent
 ECHO = "echo"  # the echo server's key, and its unary Score configuration
 ECHO_STREAM = "echo, ScoreStream"  # the echo server's ScoreStream configuration
 # The model echo (echo_server.py --model-repository): the echo plus Score's one model
-# call, on onnxruntime. Its rows are the floor of any Score's cost, read against the echo.
+# call, as ``serve`` makes it. Its rows are the floor of any Score's cost, read against the echo.
 MODEL_ECHO = "model echo"
 MODEL_ECHO_STREAM = "model echo, ScoreStream"
 PLOTS = {

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import uvloop
 
-from loadtest.feature_bench import synthetic
+from loadtest.feature_bench import fold, synthetic
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.onnx_backend import KERNELS
 from streamscore.server.repository import BatchingSettings, ModelRegistry, ServedModel
@@ -26,7 +26,6 @@ from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.scoring import ScoringService
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.state import FeatureStore
-from streamscore.stream.topics import decode_fold_batch, route_events
 
 
 def _best_us(runs: list[float], n: int) -> str:
@@ -102,9 +101,7 @@ async def breakdown(
 async def main(args: argparse.Namespace) -> None:
     events = synthetic(args.events)
     store = FeatureStore()
-    for value in route_events(events, 4).values():
-        for entry in decode_fold_batch(value):
-            store.fold_fields(*entry)
+    fold(store, events)
     models = ModelRegistry(
         args.model_repository,
         "fraud_mlp",

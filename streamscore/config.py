@@ -21,7 +21,7 @@ def default_model_repository() -> Path:
 
 
 TORCH_DEVICES = ("auto", "cpu", "cuda")
-# As the ONNX backend's KERNELS (not imported: settings load without the server).
+# How "onnxruntime" versions compute small batches (the ONNX backend's ``kernel``).
 ONNX_KERNELS = ("auto", "onnxruntime")
 
 

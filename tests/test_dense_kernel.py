@@ -86,7 +86,7 @@ def onnxruntime_scores(model: onnx.ModelProto, rows: np.ndarray) -> np.ndarray:
 
 def kernel_scores(model: onnx.ModelProto, rows: np.ndarray) -> np.ndarray:
     translation = dense.translate(model, "features", "score", rows.shape[1])
-    return dense.DenseModel(translation.program(), rows.shape[1])(rows)
+    return dense.DenseModel(translation.program())(rows)
 
 
 def assert_close(got: np.ndarray, want: np.ndarray) -> None:

@@ -24,8 +24,7 @@
 #include <string.h>
 
 enum {
-    OP_COPY = 0,
-    OP_SIGN,
+    OP_SIGN = 0,
     OP_ABS,
     OP_LOG,
     OP_EXP,
@@ -307,10 +306,8 @@ static void run_unary(int code, float *restrict dst, const float *restrict a, in
         EACH(-x);
     case OP_TANH:
         EACH(tanhf(x));
-    case OP_SQRT:
-        EACH(sqrtf(x));
     default:
-        EACH(x); /* OP_COPY */
+        EACH(sqrtf(x)); /* OP_SQRT */
     }
 }
 

@@ -23,7 +23,7 @@ import numpy as np
 __all__ = ["DenseModel", "Unsupported", "compile_onnx", "kernel_available", "translate"]
 
 # Step codes, as in _dense.c.
-COPY, SIGN, ABS, LOG, EXP, RELU, SIGMOID, NEG, TANH, SQRT, ADD, SUB, MUL, DIV, GEMM = range(15)
+SIGN, ABS, LOG, EXP, RELU, SIGMOID, NEG, TANH, SQRT, ADD, SUB, MUL, DIV, GEMM = range(14)
 UNARY = {
     "Sign": SIGN,
     "Abs": ABS,
@@ -77,7 +77,6 @@ class Translation:
     values: list[np.ndarray] = field(default_factory=list)
     widths: list[int] = field(default_factory=list)
     output: int = -1
-    n_values: int = 0
 
     def register(self, width: int) -> int:
         self.widths.append(width)
@@ -86,9 +85,9 @@ class Translation:
     def constant(self, values: np.ndarray) -> int:
         """The operand naming a new constant (negative, as the kernel reads it)."""
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-        self.constants.append((self.n_values, flat.size))
+        offset = sum(v.size for v in self.values)
+        self.constants.append((offset, flat.size))
         self.values.append(flat)
-        self.n_values += flat.size
         return -len(self.constants)
 
     def program(self) -> Any:
@@ -271,12 +270,11 @@ def _gemm(program: Translation, operands: list[Any], attributes: dict[str, Any])
 class DenseModel:
     """A compiled program, called like onnxruntime's run for one input and output."""
 
-    def __init__(self, program: Any, n_inputs: int) -> None:
+    def __init__(self, program: Any) -> None:
         self._run = program.run
-        self.n_inputs = n_inputs
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Scores, shape (n,), for a C-contiguous float32 (n, n_inputs) batch."""
+        """Scores, shape (n,), for a C-contiguous float32 (n, inputs) batch."""
         scores = np.empty(batch.shape[0], dtype=np.float32)
         self._run(batch, scores)
         return scores
@@ -287,7 +285,5 @@ def compile_onnx(path: Path, input_name: str, output_name: str, n_inputs: int) -
     graph cannot be translated or the kernel is not built here."""
     import onnx
 
-    if Program is None:
-        raise Unsupported("the compiled dense kernel is not built here")
     translation = translate(onnx.load(str(path)), input_name, output_name, n_inputs)
-    return DenseModel(translation.program(), n_inputs)
+    return DenseModel(translation.program())

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from streamscore.config import ONNX_KERNELS as KERNELS
 from streamscore.kernels import dense
 from streamscore.server.backends.base import BackendUnavailable
 from streamscore.server.backends.offload import InlineOrThread
@@ -32,9 +33,6 @@ __all__ = ["KERNELS", "OnnxBackend", "check_rows"]
 
 log = logging.getLogger("streamscore.models")
 
-# "auto": the compiled dense kernel for small batches where it fits the model;
-# "onnxruntime": onnxruntime for every batch.
-KERNELS = ("auto", "onnxruntime")
 # Batches up to this many rows go to the dense kernel. It has ~1 us of fixed cost
 # against onnxruntime's 10-20, but computes row by row where onnxruntime's blocked
 # GEMM takes many rows at once: they cross at about 32-40 rows of the demo
@@ -62,6 +60,8 @@ class OnnxBackend:
             raise ValueError("n_inputs and max_batch_size must be >= 1")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+        # "auto": the compiled dense kernel for small batches where it fits the model;
+        # "onnxruntime": onnxruntime for every batch.
         self.kernel = kernel
         # Rows the dense kernel is checked on besides generated ones (the warm-up's).
         self._sample_rows = sample_rows
