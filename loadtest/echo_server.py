@@ -102,6 +102,15 @@ def model_call(backend: Backend, n_inputs: int) -> Callable[[], float]:
     return score
 
 
+def model_registry(repository: Path, model: str, version: str) -> ModelRegistry:
+    """The model echo's models, as ``serve`` loads them: with the same onnx_kernel
+    setting (STREAMSCORE_ONNX_KERNEL), no hot reload."""
+    onnx_kernel = load_settings().onnx_kernel
+    return ModelRegistry(
+        repository, model, version=version, reload_interval_s=0, onnx_kernel=onnx_kernel
+    )
+
+
 async def start(
     port: int = 0, reuseport: bool = False, score: Callable[[], float] | None = None
 ) -> tuple[grpc.aio.Server, int]:
@@ -125,11 +134,7 @@ async def serve(
         print(f"echo server on 127.0.0.1:{port}", flush=True)
         await server.wait_for_termination()
         return
-    # As ``serve`` loads it: the same onnx_kernel setting (STREAMSCORE_ONNX_KERNEL).
-    onnx_kernel = load_settings().onnx_kernel
-    models = ModelRegistry(
-        repository, model, version=version, reload_interval_s=0, onnx_kernel=onnx_kernel
-    )
+    models = model_registry(repository, model, version)
     await models.start()
     try:
         served = models.primary

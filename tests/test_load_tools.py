@@ -96,6 +96,47 @@ async def test_echo_server_score_stream(echo_target: str) -> None:
         assert answer == unary
 
 
+@pytest.mark.parametrize(("setting", "dense"), [(None, True), ("onnxruntime", False)])
+async def test_model_echo_loads_its_model_with_serves_onnx_kernel_setting(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch, setting: str | None, dense: bool
+) -> None:
+    from loadtest.echo_server import model_registry
+    from streamscore.server.backends.onnx_backend import OnnxBackend
+
+    if setting is None:
+        monkeypatch.delenv("STREAMSCORE_ONNX_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("STREAMSCORE_ONNX_KERNEL", setting)
+    models = model_registry(trained_model, "fraud_mlp", "")
+    await models.start()
+    try:
+        backend = models.primary.backend
+        assert isinstance(backend, OnnxBackend)
+        assert (backend.dense is not None) is dense
+    finally:
+        await models.stop()
+
+
+def test_feature_bench_times_both_ways_of_reading_windows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loadtest.feature_bench import read_speed, synthetic
+
+    read_speed(synthetic(3000), n_requests=200)
+    lines = capsys.readouterr().out.splitlines()
+    times = [
+        re.fullmatch(
+            r"window reads, (\w+) \((\d+) of 200 requests' entities known\): "
+            r"compiled ([\d.]+) us, python ([\d.]+) us per entity",
+            line,
+        )
+        for line in lines
+    ]
+    assert all(times) and [m[1] for m in times if m] == ["card", "merchant", "device", "ip"]
+    for m in times:
+        assert m is not None and int(m[2]) > 0 and float(m[3]) > 0 and float(m[4]) > 0
+
+
 async def test_model_echo_answers_with_its_models_score(trained_model: Path) -> None:
     """The model echo calls the served model once per answer (unary and each stream
     message), on its fixed row: its score is the backend's own for that row."""
