@@ -60,8 +60,12 @@ PARTS: tuple[tuple[str, re.Pattern[str]], ...] = (
         "for them, syscalls",
         re.compile(r"Runner\.run \(asyncio/runners\.py:\d+\)$"),
     ),
+    # Before features: the dense kernel (kernels/dense.py) is part of the model call.
+    (
+        "model call: onnxruntime/torch/dense kernel and its glue",
+        re.compile(r"server/backends/|kernels/dense\.py"),
+    ),
     ("features: assembly, state, window kernel", re.compile(r"streamscore/(stream|kernels)/")),
-    ("model call: onnxruntime/torch and its glue", re.compile(r"server/backends/")),
     (
         "rest of the server's Python: handler, batcher, rollout, response, metrics",
         re.compile(r"streamscore/server/"),

@@ -584,6 +584,29 @@ async def test_load_profile_sorts_a_real_servers_samples(
         assert any(name.startswith("cygrpc") and share > 1 for name, share in libraries.items())
 
 
+def test_load_profile_counts_the_dense_kernel_as_the_model_call(tmp_path: Path) -> None:
+    """The dense kernel lives under streamscore/kernels/, beside the window kernel, but
+    its samples are the model call's, not the features'."""
+    from loadtest.load_profile import parts
+
+    loop = "<module> (streamscore/__main__.py:3);run (asyncio/runners.py:118)"
+    scoring = f"{loop};score (streamscore/server/scoring.py:180)"
+    samples = tmp_path / "samples.txt"
+    samples.write_text(
+        f"{scoring};submit (streamscore/server/batcher.py:540);"
+        "run (streamscore/server/backends/onnx_backend.py:183);"
+        "__call__ (streamscore/kernels/dense.py:281) 3\n"
+        f"{scoring};features (streamscore/stream/state.py:240);"
+        "window (streamscore/kernels/tiles.py:190) 2\n"
+    )
+    total, counts = parts(samples)
+    assert total == 5
+    assert {name.split(":")[0]: n for name, n in counts.items()} == {
+        "model call": 3,
+        "features": 2,
+    }
+
+
 @pytest.mark.parametrize("server", ["--echo", "--model-echo"])
 async def test_load_profile_echo_profiles_the_baseline_the_same_way(
     trained_model: Path, tmp_path: Path, server: str
