@@ -41,8 +41,8 @@ async def breakdown(
 ) -> None:
     """CPU per call of Score's parts alone (best of 5 passes over the requests)."""
     n = len(requests)
-    vector = np.ones(len(served.metadata.inputs), np.float32)
-    batch = vector.reshape(1, -1)
+    row = (1.0,) * len(served.metadata.inputs)  # a row as Score makes it: a tuple
+    batch = np.ones((1, len(row)), np.float32)
     parts: dict[str, list[float]] = {}
 
     def timed(name: str, started: float) -> None:
@@ -69,7 +69,7 @@ async def breakdown(
         timed("model call alone (backend.infer, batch 1)", started)
         started = time.process_time()
         for _ in range(n):
-            await served.batcher.submit(vector, served.batcher.clock() + 0.05)
+            await served.batcher.submit(row, served.batcher.clock() + 0.05)
         timed("batcher round trip (submit, incl. model)", started)
         started = time.process_time()
         for request in requests:

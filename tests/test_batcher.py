@@ -90,6 +90,7 @@ class FakeBackend:
         self.in_flight = 0
         self.max_in_flight = 0
         self.gate: asyncio.Event | None = None  # when set, calls also wait for it
+        self.row_calls = 0  # calls of score_row_inline that ran
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         assert batch.dtype == np.float32 and batch.ndim == 2 and batch.shape[1] == K
@@ -112,7 +113,25 @@ class FakeBackend:
         latency, mode = self.plan[len(self.calls) % len(self.plan)]
         if mode == "defer":
             return None
-        call = Call([int(x) for x in batch[:, 0]], next(self.events), self.clock(), mode)
+        self._compute([int(x) for x in batch[:, 0]], latency, mode)
+        return self._result(batch, mode)
+
+    def score_row_inline(self, row: tuple[float, ...]) -> float | None:
+        """``infer_inline`` of one row as it is (a tuple of floats), its score a float;
+        declines (None) the modes only a batch shows (``short``, ``long``) and
+        ``defer``: ``infer_inline`` then has them."""
+        assert type(row) is tuple and len(row) == K
+        latency, mode = self.plan[len(self.calls) % len(self.plan)]
+        if mode not in ("ok", "fail"):
+            return None
+        self.row_calls += 1
+        self._compute([int(row[0])], latency, mode)
+        if mode == "fail":
+            raise RuntimeError("backend down")
+        return row[0] + 0.5
+
+    def _compute(self, ids: list[int], latency: float, mode: str) -> None:
+        call = Call(ids, next(self.events), self.clock(), mode)
         self.calls.append(call)
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -123,7 +142,6 @@ class FakeBackend:
         finally:
             self.in_flight -= 1
         call.end = self.clock()
-        return self._result(batch, mode)
 
     @staticmethod
     def _result(batch: np.ndarray, mode: str) -> np.ndarray:
@@ -804,12 +822,16 @@ BATCHER_SERIES = (
 )
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["arrays", "rows"])
 @pytest.mark.parametrize("mode", ["ok", "fail", "short", "long", "late"])
-async def test_a_call_alone_answers_like_the_queued_path(mode: str) -> None:
+async def test_a_call_alone_answers_like_the_queued_path(mode: str, rows: bool) -> None:
     """An idle batcher runs a cheap inline call of one without its queue (no request
     record, future or heap entry); the caller sees the same score or error, and the
     same series move, as when the request goes through the queue (a batcher that
-    holds for a batch: there the call runs on the next loop turn)."""
+    holds for a batch: there the call runs on the next loop turn). ``rows``: the
+    vector is a tuple of floats and the backend scores a row as it is
+    (``score_row_inline``): a call alone goes that way, unless the backend declines
+    it, and a queued one makes its batch of the tuple."""
 
     def series(name: str) -> list[float]:
         return [
@@ -828,6 +850,7 @@ async def test_a_call_alone_answers_like_the_queued_path(mode: str) -> None:
             n_inputs=K,
             latency_model=seeded_model(4, 0.001),
             infer_inline=backend.infer_inline,
+            score_row_inline=backend.score_row_inline if rows else None,
             defer_min_s=1.0 if alone else 0.0,
         )
         batcher.single_call_s = 0.0  # measured cheap: holds only where the bar is 0
@@ -837,18 +860,22 @@ async def test_a_call_alone_answers_like_the_queued_path(mode: str) -> None:
         turned: list[bool] = []
         asyncio.get_running_loop().call_soon(turned.append, True)
         budget = 0.01 if mode == "late" else 5.0
+        submitted = tuple(vector(7).tolist()) if rows else vector(7)
         try:
-            result: object = await batcher.submit(vector(7), batcher.clock() + budget)
+            result: object = await batcher.submit(submitted, batcher.clock() + budget)
         except BatcherError as error:
             cause = error.__cause__
             result = (type(error).__name__, getattr(error, "stage", None), type(cause).__name__)
         moved = [a - b for a, b in zip(series(name), before, strict=True)]
         assert [c.ids for c in backend.calls] == [[7]]
+        row_path = rows and alone and mode in ("ok", "fail", "late")
+        assert backend.row_calls == (1 if row_path else 0)
         await batcher.stop()
         return result, moved, bool(turned)
 
-    alone, alone_moved, alone_turned = await outcome(f"alone-{mode}", alone=True)
-    queued, queued_moved, queued_turned = await outcome(f"queued-{mode}", alone=False)
+    tag = f"{mode}-{'rows' if rows else 'arrays'}"
+    alone, alone_moved, alone_turned = await outcome(f"alone-{tag}", alone=True)
+    queued, queued_moved, queued_turned = await outcome(f"queued-{tag}", alone=False)
     assert alone == queued and alone_moved == queued_moved
     assert not alone_turned and queued_turned  # alone: answered without a loop turn
     expected = {

@@ -9,6 +9,7 @@ and only after it matched onnxruntime at load.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ from streamscore.config import load_settings
 from streamscore.kernels import dense
 from streamscore.server.backends import onnx_backend
 from streamscore.server.backends.onnx_backend import DENSE_MAX_ROWS, OnnxBackend
-from streamscore.server.model import ModelMetadata
+from streamscore.server.model import ModelMetadata, ModelOutputError
 from streamscore.server.repository import ModelRegistry
 
 pytestmark = pytest.mark.skipif(
@@ -182,6 +183,15 @@ def test_the_kernel_scores_random_networks_as_onnxruntime_does(
 ) -> None:
     model, rows = network
     assert_close(kernel_scores(model, rows), onnxruntime_scores(model, rows))
+    # One row given as Python floats (each rounded to float32 on the way in, as
+    # numpy's cast rounds it) scores exactly as that row of a batch does.
+    program = dense.translate(model, "features", "score", rows.shape[1]).program()
+    values = rows.astype(np.float64) * 1.0000001  # most no longer float32 values
+    batch = values.astype(np.float32)
+    scores = np.empty(len(batch), np.float32)
+    program.run(batch, scores)
+    by_row = [program.score_row(tuple(row)) for row in values.tolist()]
+    assert by_row == scores.tolist()
 
 
 def test_the_demo_model_translates_and_matches_onnxruntime(trained_model: Path) -> None:
@@ -299,6 +309,39 @@ def test_the_program_refuses_batches_of_the_wrong_type_or_shape() -> None:
         dense.Program.__new__(dense.Program).run(np.ones((2, 0), np.float32), scores)
 
 
+def test_a_row_of_numbers_is_scored_and_anything_else_refused() -> None:
+    g = GraphBuilder(3)
+    g.node("Gemm", "features", g.constant(np.ones((3, 1))))
+    program = dense.translate(g.model(), "features", "score", 3).program()
+    assert program.score_row((1.0, 2, np.float32(0.5))) == 3.5  # any numbers, any sequence
+    assert program.score_row([0.1, 0.2, 0.3]) == float(
+        np.float32(0.1) + np.float32(0.2) + np.float32(0.3)
+    )
+    assert program.score_row(np.ones(3)) == 3.0
+    with pytest.raises(ValueError, match="expected 3 values, got 2"):
+        program.score_row((1.0, 2.0))
+    with pytest.raises(TypeError, match="must be real number"):
+        program.score_row((1.0, "2", 3.0))
+    with pytest.raises(TypeError, match="expected a sequence"):
+        program.score_row(3.0)
+    with pytest.raises(TypeError, match="not initialised"):
+        dense.Program.__new__(dense.Program).score_row((1.0,))
+
+
+def test_a_network_wider_than_the_stack_row_scores_rows_too() -> None:
+    """Registers beyond the 4,096 floats kept on the stack are allocated per call."""
+    g = GraphBuilder(3)
+    rng = np.random.default_rng(1)
+    g.node("Gemm", "features", g.constant(rng.normal(size=(3, 5000)) / 100))
+    g.node("Relu", g.last)
+    g.node("Gemm", g.last, g.constant(rng.normal(size=(5000, 1)) / 100))
+    program = dense.translate(g.model(), "features", "score", 3).program()
+    rows = rng.normal(size=(4, 3)).astype(np.float32)
+    scores = np.empty(4, np.float32)
+    program.run(rows, scores)
+    assert [program.score_row(tuple(row)) for row in rows.tolist()] == scores.tolist()
+
+
 # -- in the backend ------------------------------------------------------------------
 
 
@@ -344,6 +387,47 @@ async def test_the_backend_runs_small_batches_on_the_kernel_and_large_on_onnxrun
     finally:
         await backend.stop()
         await reference.stop()
+
+
+async def test_the_backend_scores_one_row_of_floats_as_a_batch_of_one(
+    version_dir: Path,
+) -> None:
+    """``score_row_inline``: the dense kernel's score of a tuple of floats, exactly
+    ``infer_inline``'s for that row; None (nothing run) on onnxruntime, or once the
+    model's calls belong in the worker thread."""
+    backend = await backend_for(version_dir)
+    reference = await backend_for(version_dir, kernel="onnxruntime")
+    try:
+        backend._calls.cost_s = 0.0  # measured cheap: inline
+        values = onnx_backend.check_rows(backend.n_inputs)[:64].astype(np.float64) * 1.0000001
+        for row in values:
+            want = backend.infer_inline(np.array(row, np.float32, ndmin=2))
+            assert want is not None
+            assert backend.score_row_inline(tuple(row.tolist())) == float(want[0])
+        assert reference.score_row_inline(tuple(values[0].tolist())) is None
+        backend._calls.cost_s = 1.0  # measured heavy: its calls go to the thread
+        assert backend.score_row_inline(tuple(values[0].tolist())) is None
+    finally:
+        await backend.stop()
+        await reference.stop()
+    assert backend.score_row_inline(tuple(values[0].tolist())) is None  # stopped
+
+
+async def test_a_row_scored_outside_0_to_1_fails_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    g = GraphBuilder(3)
+    g.node("Gemm", "features", g.constant(np.ones((3, 1))))  # the row's sum
+    backend = await started_from(g.model(), tmp_path, 8, caplog)
+    try:
+        assert backend.dense is not None
+        backend._calls.cost_s = 0.0  # measured cheap: inline
+        assert backend.score_row_inline((0.25, 0.25, 0.25)) == 0.75
+        for bad in ((1.0, 1.0, 1.0), (-1.0, 0.0, 0.0), (math.nan, 0.0, 0.0)):
+            with pytest.raises(ModelOutputError, match=r"outside 0\.\.1"):
+                backend.score_row_inline(bad)
+    finally:
+        await backend.stop()
 
 
 async def started_from(

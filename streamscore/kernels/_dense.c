@@ -455,8 +455,64 @@ done:
     return result;
 }
 
+/* Registers of one row on the stack up to this many floats (16 KiB); a larger network
+ * allocates them. */
+#define STACK_ROW_FLOATS 4096
+
+PyDoc_STRVAR(program_score_row_doc,
+             "score_row(values, /)\n--\n\n"
+             "The score of one row given as a sequence of n_inputs Python numbers, each "
+             "rounded to float32 as numpy's cast rounds it: what run() gives for that "
+             "row, without a numpy array on either side.");
+
+static PyObject *program_score_row(Program *self, PyObject *values)
+{
+    if (self->register_offset == NULL) { /* Program.__new__ without __init__ */
+        PyErr_SetString(PyExc_TypeError, "Program is not initialised");
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(values, "score_row: expected a sequence of numbers");
+    if (fast == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    float stack_row[STACK_ROW_FLOATS];
+    float *row = stack_row;
+    if (PySequence_Fast_GET_SIZE(fast) != self->n_inputs) {
+        PyErr_Format(PyExc_ValueError, "score_row: expected %zd values, got %zd",
+                     self->n_inputs, PySequence_Fast_GET_SIZE(fast));
+        goto done;
+    }
+    if (self->scratch_floats > STACK_ROW_FLOATS) {
+        row = PyMem_Malloc(sizeof(float) * (size_t)self->scratch_floats);
+        if (row == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t i = 0; i < self->n_inputs; i++) {
+        const double value = PyFloat_AsDouble(items[i]);
+        if (value == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+        row[i] = (float)value; /* round to nearest, as numpy's float64 -> float32 */
+    }
+    for (Py_ssize_t i = 0; i < self->n_steps; i++) {
+        run_step(self, &self->steps[i], row);
+    }
+    result = PyFloat_FromDouble(row[self->register_offset[self->output]]);
+done:
+    if (row != stack_row) {
+        PyMem_Free(row);
+    }
+    Py_DECREF(fast);
+    return result;
+}
+
 static PyMethodDef program_methods[] = {
     {"run", (PyCFunction)(void (*)(void))program_run, METH_FASTCALL, program_run_doc},
+    {"score_row", (PyCFunction)program_score_row, METH_O, program_score_row_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,5 @@
 # Types of the compiled dense kernel (_dense.c); kernels/dense.py builds its programs.
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from typing_extensions import Buffer
 
@@ -13,3 +13,4 @@ class Program:
         output: int,
     ) -> None: ...
     def run(self, batch: Buffer, scores: Buffer, /) -> None: ...
+    def score_row(self, values: Iterable[float], /) -> float: ...

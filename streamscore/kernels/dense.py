@@ -14,6 +14,7 @@ against onnxruntime on sample rows before it uses it (``matches``).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,8 @@ class DenseModel:
 
     def __init__(self, program: Any) -> None:
         self._run = program.run
+        # The score of one row (a sequence of numbers: no array needed), as a float.
+        self.score_row: Callable[[Iterable[float]], float] = program.score_row
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Scores, shape (n,), for a C-contiguous float32 (n, inputs) batch."""

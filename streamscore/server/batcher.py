@@ -55,7 +55,7 @@ BatcherStopped and BackendFailed: UNAVAILABLE); the service applies its fallback
 policy to DeadlineUnreachable before falling back to that mapping.
 
 Hot path per request: one future, one heap push, a few float comparisons and one
-histogram observation; per batch one task, one ``np.concatenate`` (``np.stack`` costs
+histogram observation; per batch one task, one ``np.array`` (``np.stack`` costs
 several times more), one deadline timer, a few histogram observations and one
 ``tolist()``. An in-process backend whose calls are cheap (``infer_inline``: it runs
 them on the event loop anyway) skips the task, the timer and the coroutines: its
@@ -63,7 +63,8 @@ batch runs synchronously on the loop turn after the submit, so the requests subm
 in the same turn share it; or, where a call of one is cheaper than holding a request
 for that turn (``DEFER_MIN_S``), in the submit itself, and the caller never waits. Then,
 with nothing queued or running, the request skips the queue too (``_call_alone``: no
-future, no heap entry), the usual case on a server that is not saturated.
+future, no heap entry), the usual case on a server that is not saturated; a backend
+that scores a row as it is (``score_row_inline``) then needs no numpy array either.
 Predictions are cached per size until the latency model changes.
 Timers use ``loop.call_later``; uvloop rounds them to whole milliseconds and may fire
 up to ~1 ms early, so waits shorter than ``TIMER_GRAIN_S`` are not armed (the batch
@@ -86,7 +87,7 @@ import grpc
 import numpy as np
 
 from streamscore.server import metrics
-from streamscore.server.backends.base import InferInline
+from streamscore.server.backends.base import InferInline, Row, ScoreRowInline
 from streamscore.server.errors import ServingError
 
 Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
@@ -110,19 +111,24 @@ _SINGLE_CAP = 4.0
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
 
-def _row(vector: np.ndarray) -> np.ndarray:
+def _row(vector: Row) -> np.ndarray:
     """A batch of one: a (1, k) float32 copy of the vector, in one ``np.array`` call."""
     return np.array(vector, dtype=np.float32, ndmin=2)
 
 
 def _rows(requests: list[_Request]) -> np.ndarray:
-    """The requests' vectors as one contiguous (n, k) float32 batch (a single copy;
-    far cheaper than ``np.stack``). A batch of one, the usual one on a lightly loaded
-    server, is copied by one ``np.array`` call: a third of ``np.concatenate``'s cost."""
+    """The requests' vectors as one contiguous (n, k) float32 batch, in one
+    ``np.array`` call (a single copy; for arrays cheaper than ``np.concatenate``, and
+    several times cheaper than ``np.stack``)."""
     if len(requests) == 1:
         return _row(requests[0].vector)
-    rows = np.concatenate([r.vector for r in requests], dtype=np.float32)
-    return rows.reshape(len(requests), -1)
+    return np.array([r.vector for r in requests], dtype=np.float32)
+
+
+def _array_length(vector: Row) -> int | None:
+    """An array's length; None when it is not one-dimensional."""
+    shape = np.shape(vector)
+    return shape[0] if len(shape) == 1 else None
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -347,7 +353,7 @@ class _Request:
     __slots__ = ("arrival", "deadline", "future", "queued", "vector")
 
     def __init__(
-        self, vector: np.ndarray, deadline: float, future: asyncio.Future[float], arrival: float
+        self, vector: Row, deadline: float, future: asyncio.Future[float], arrival: float
     ) -> None:
         self.vector = vector
         self.deadline = deadline
@@ -394,6 +400,7 @@ class Batcher:
         timer_slack_s: float = 0.005,
         clock: Callable[[], float] = time.monotonic,
         infer_inline: InferInline | None = None,
+        score_row_inline: ScoreRowInline | None = None,
         defer_min_s: float = DEFER_MIN_S,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_concurrent_batches < 1:
@@ -411,6 +418,8 @@ class Batcher:
         self.clock = clock
         self._infer = infer
         self._infer_inline = infer_inline
+        # Tried first for a request run alone (``_call_alone``), when there is one.
+        self._score_row_inline = score_row_inline if infer_inline is not None else None
         self.defer_min_s = defer_min_s
         # Moving average of inline calls of one request (unknown: hold, as for a
         # costly model, until one is measured).
@@ -537,19 +546,21 @@ class Batcher:
 
     # -- the hot path --------------------------------------------------------------
 
-    async def submit(self, vector: np.ndarray, deadline: float) -> float:
-        """The score of one ``(k,)`` feature vector, by ``deadline`` (on :attr:`clock`).
+    async def submit(self, vector: Row, deadline: float) -> float:
+        """The score of one feature vector of length k (a tuple of floats, or a
+        ``(k,)`` array), by ``deadline`` (on :attr:`clock`).
 
         Raises :class:`QueueFull`, :class:`DeadlineUnreachable`, :class:`BackendFailed`
         or :class:`BatcherStopped`; ``CancelledError`` when the caller is cancelled."""
         if self._state != _RUNNING:
             raise BatcherStopped(f"batcher {self.name!r} is {self._state}")
-        if vector.shape != (self.n_inputs,):
-            if self.n_inputs is not None or vector.ndim != 1:
+        length = len(vector) if type(vector) is tuple else _array_length(vector)
+        if length != self.n_inputs or length is None:
+            if self.n_inputs is not None or length is None:
                 raise ValueError(
-                    f"expected a vector of shape ({self.n_inputs},), got {vector.shape}"
+                    f"expected a vector of shape ({self.n_inputs},), got {np.shape(vector)}"
                 )
-            self.n_inputs = vector.shape[0]
+            self.n_inputs = length
         now = self.clock()
         if self._queued >= self.max_queue:
             self._m_shed["queue_full"].inc()
@@ -798,35 +809,42 @@ class Batcher:
         self._finish(live, scores, started)
         return True
 
-    def _call_alone(self, vector: np.ndarray, deadline: float) -> float | None:
+    def _call_alone(self, vector: Row, deadline: float) -> float | None:
         """One request's score from a batch of its own, run now, on the loop: what
         ``_dispatch``, ``_admit``, ``_call_inline`` and ``_finish`` do for a batch of one
         submitted to an idle batcher, less its request record, future and heap entry
-        (a fifth of the batcher's CPU per request). The same metrics and errors, raised
-        instead of set on a future; None, nothing run, when the backend says its calls
-        now belong in a thread (then the request goes the queued way)."""
+        (a fifth of the batcher's CPU per request), and, where the backend scores a row
+        as it is (``score_row_inline``), less the numpy arrays. The same metrics and
+        errors, raised instead of set on a future; None, nothing run, when the backend
+        says its calls now belong in a thread (then the request goes the queued way)."""
         assert self._infer_inline is not None
         started, cpu_started = self.clock(), time.thread_time()
+        score_row = self._score_row_inline
         try:
-            scores = self._infer_inline(_row(vector))
+            score = score_row(vector) if score_row is not None else None
+            scores = self._infer_inline(_row(vector)) if score is None else None
         except Exception as exc:
             self._observe_admitted_alone()
             self._observe_backend_error(started)
             self._m_shed["backend_failed"].inc()
             raise self._backend_failed(exc) from exc
-        if scores is None:
+        if score is None and scores is None:
             return None
         self._observe_single_call(time.thread_time() - cpu_started)
         self._observe_admitted_alone()
-        checked, ended = self._checked_scores(1, scores, started)
-        if checked is None:
-            self._m_shed["backend_failed"].inc()
-            raise self._backend_failed(_wrong_count(scores, 1))
+        if scores is not None:
+            checked, ended = self._checked_scores(1, scores, started)
+            if checked is None:
+                self._m_shed["backend_failed"].inc()
+                raise self._backend_failed(_wrong_count(scores, 1))
+            score = float(checked[0])
+        else:
+            ended = self._observe_call_of_one(started)
         if ended > deadline:
             self._m_late.inc()
             self._m_shed["deadline_in_flight"].inc()
             raise _finished_late()
-        return float(checked[0])
+        return score
 
     def _observe_admitted_alone(self) -> None:
         """``_admit``'s metrics for a batch of one that never queued."""
@@ -884,6 +902,15 @@ class Batcher:
             return None, ended
         self.latency_model.observe(n, elapsed)
         return scores, ended
+
+    def _observe_call_of_one(self, started: float) -> float:
+        """``_checked_scores`` for a call that returned one score as such (no array to
+        check); the clock when it ended."""
+        ended = self.clock()
+        elapsed = ended - started
+        self._m_backend.observe(elapsed)
+        self.latency_model.observe(1, elapsed)
+        return ended
 
     def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:
         """Answer a batch from its scores: each request in time gets its score."""

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from streamscore.logs import hash_id
+from streamscore.server.backends.base import Row
 from streamscore.stream import kafka_compat
 from streamscore.tasks import cancel_and_wait, start_background
 
@@ -46,7 +47,7 @@ class DecisionRecord:
     primary_score: float | None = None  # shadows: the primary's score, to compare
 
 
-def features_hash(vector: np.ndarray) -> str:
+def features_hash(vector: Row) -> str:
     return hashlib.blake2b(
         np.ascontiguousarray(vector, np.float32).tobytes(), digest_size=8
     ).hexdigest()

@@ -17,12 +17,14 @@ finite. Reading: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 significant shift
 from __future__ import annotations
 
 import json
+from array import array
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from streamscore.server.backends.base import Row
 from streamscore.server.rollout_stats import psi
 
 BASELINE_FILE = "baseline.json"
@@ -80,10 +82,14 @@ class Baseline:
 class DriftMonitor:
     def __init__(self, baseline: Baseline, window: int = 5000) -> None:
         self.baseline = baseline
-        self._recent: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self._recent: deque[tuple[array[float], float]] = deque(maxlen=window)
 
-    def observe(self, vector: np.ndarray, score: float) -> None:
-        self._recent.append((vector, score))
+    def observe(self, vector: Row, score: float) -> None:
+        """Keep one answered request's features (as float32, like the model sees them)
+        and score. An ``array.array``: cheaper to make from the scoring service's
+        tuple than a numpy array (0.9 against 1.1 us, hot) and, unlike the tuple,
+        compact (its float objects would take six times the memory)."""
+        self._recent.append((array("f", vector), score))
 
     def __len__(self) -> int:
         return len(self._recent)
@@ -92,7 +98,8 @@ class DriftMonitor:
         """PSI per feature name, plus ``score``; empty before anything was observed."""
         if not self._recent:
             return {}
-        rows = np.stack([vector for vector, _ in self._recent]).astype(np.float64)
+        rows = np.frombuffer(b"".join(vector for vector, _ in self._recent), np.float32)
+        rows = rows.reshape(len(self._recent), -1).astype(np.float64)
         scores = np.fromiter((score for _, score in self._recent), np.float64)
         base = self.baseline
         out = {

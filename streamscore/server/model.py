@@ -213,8 +213,19 @@ def check_scores(
         low, high = flat.min(), flat.max()
         valid = bool(low >= 0.0 and high <= 1.0)
     if not valid:
-        raise ModelOutputError(f"{where} returned scores outside 0..1 (or NaN)")
+        raise _out_of_range(where)
     return flat
+
+
+def check_score(score: float, where: str = "the model") -> float:
+    """``check_scores`` for one score returned as a float."""
+    if not 0.0 <= score <= 1.0:  # NaN fails it too
+        raise _out_of_range(where)
+    return score
+
+
+def _out_of_range(where: str) -> ModelOutputError:
+    return ModelOutputError(f"{where} returned scores outside 0..1 (or NaN)")
 
 
 # -- repository layout -------------------------------------------------------------------

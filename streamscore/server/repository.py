@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.backends.base import Backend
+from streamscore.server.backends.base import Backend, Row
 from streamscore.server.backends.factory import create_backend
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.batcher import Batcher, LatencyModel
@@ -88,6 +88,7 @@ class ServedModel:
             latency_model=LatencyModel(limit),
             n_inputs=len(self.metadata.inputs),
             infer_inline=getattr(self.backend, "infer_inline", None),
+            score_row_inline=getattr(self.backend, "score_row_inline", None),
         )
         self.breaker = CircuitBreaker(
             failures_to_open=batching.breaker_failures,
@@ -184,12 +185,12 @@ class ServedModel:
         if not self.in_flight:
             self._idle.set()
 
-    async def fallback_score(self, vector: np.ndarray) -> float | None:
+    async def fallback_score(self, vector: Row) -> float | None:
         """The same version in process, unbatched; None when it cannot run."""
         if self.fallback is None:
             return None
         try:
-            return float((await self.fallback.infer(vector.reshape(1, -1)))[0])
+            return float((await self.fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
         except Exception:
             log.exception("fallback model failed")
             return None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.backends.base import Row
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.repository import ModelRegistry, ServedModel
 from streamscore.server.rollout_stats import (
@@ -49,7 +50,7 @@ SHADOW_LINGER_S = 0.01
 
 @dataclass(frozen=True, slots=True)
 class _ShadowItem:
-    vector: np.ndarray
+    vector: Row
     reference_score: float  # the primary's (shadows) or the canary's score
     versions: tuple[str, ...]
     request_id: str = ""
@@ -189,14 +190,14 @@ class RolloutManager:
         if reason is not None and self.state.canary == served.metadata.version:
             self._roll_back_now(f"automatic: {reason}", automatic=True)
 
-    def compare_canary(self, served: ServedModel, vector: np.ndarray, canary_score: float) -> None:
+    def compare_canary(self, served: ServedModel, vector: Row, canary_score: float) -> None:
         """Queue the primary's score of a canary answer (off the response path: the
         primary shadows the canary's slice) for the canary's comparison."""
         versions = (f"primary-of:{served.metadata.version}",)
         self._enqueue(_ShadowItem(vector, canary_score, versions))
 
     def shadow(
-        self, vector: np.ndarray, primary_score: float, request_id: str = "", card_id: str = ""
+        self, vector: Row, primary_score: float, request_id: str = "", card_id: str = ""
     ) -> None:
         """Queue shadow scoring of a primary answer; never blocks, drops when full."""
         shadows = self.state.shadows
@@ -244,7 +245,7 @@ class RolloutManager:
         limit = served.backend.max_batch_size
         for start in range(0, len(pairs), limit):
             chunk = pairs[start : start + limit]
-            batch = np.stack([item.vector for item in chunk])
+            batch = np.array([item.vector for item in chunk], np.float32)
             started = time.perf_counter()
             try:
                 with served.use():

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
 from streamscore.logs import CURRENT_REQUEST
+from streamscore.server.backends.base import Row
 from streamscore.server.batcher import (
     BackendFailed,
     BatcherStopped,
@@ -273,10 +273,12 @@ class ScoringService(pb_grpc.ScoringServicer):
         time_remaining: float | None,
         degraded: list[int],
         features_done: int,
-    ) -> tuple[float, np.ndarray]:
-        """Score on one version, counted for the rollout's safety check."""
+    ) -> tuple[float, Row]:
+        """Score on one version, counted for the rollout's safety check. Its features
+        in the model's order stay a tuple of floats: an idle batcher in front of the
+        dense kernel scores it as it is, with no numpy array (``score_row_inline``)."""
         with served.use():
-            vector = np.array(served.inputs_of(features), np.float32)
+            vector = served.inputs_of(features)
             try:
                 score = await self._model_score(served, vector, time_remaining, degraded)
             except Exception:
@@ -291,7 +293,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     async def _model_score(
         self,
         served: ServedModel,
-        vector: np.ndarray,
+        vector: Row,
         time_remaining: float | None,
         degraded: list[int],
     ) -> float:

@@ -24,6 +24,17 @@ class BackendUnavailable(Exception):
 # to run a cheap batch without a task, a timer and a coroutine per batch.
 InferInline = Callable[[np.ndarray], "np.ndarray | None"]
 
+# One request's features in the model's input order: a tuple of Python floats, as the
+# scoring service assembles them, or a (k,) array.
+Row = tuple[float, ...] | np.ndarray
+
+# Some also have ``score_row_inline(row) -> score | None``: ``infer_inline`` for a batch
+# of one, computed from the row as it is, with no numpy array on either side (on a
+# server whose other work keeps evicting numpy from the caches, the arrays cost more
+# than a small model's arithmetic); None (nothing run) where the backend has no such
+# path or its calls belong in a worker thread.
+ScoreRowInline = Callable[[Row], "float | None"]
+
 
 class Backend(Protocol):
     # "onnxruntime", "torch", "triton" or "tensorrt".

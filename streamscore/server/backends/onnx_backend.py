@@ -25,9 +25,15 @@ import numpy as np
 
 from streamscore.config import ONNX_KERNELS as KERNELS
 from streamscore.kernels import dense
-from streamscore.server.backends.base import BackendUnavailable
+from streamscore.server.backends.base import BackendUnavailable, Row
 from streamscore.server.backends.offload import InlineOrThread
-from streamscore.server.model import INPUT_NAME, OUTPUT_NAME, check_batch, check_scores
+from streamscore.server.model import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    check_batch,
+    check_score,
+    check_scores,
+)
 
 __all__ = ["KERNELS", "OnnxBackend", "check_rows"]
 
@@ -201,6 +207,18 @@ class OnnxBackend:
     def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
         """Scores now while the model is cheap enough for the event loop, else None."""
         return self._calls.call_inline(lambda: self.run(batch))
+
+    def score_row_inline(self, row: Row) -> float | None:
+        """One row's score now, from its values as they are (``base.ScoreRowInline``):
+        where the dense kernel computes small batches and the model is cheap enough
+        for the event loop; else None, nothing run. A tuple of floats, the scoring
+        service's row, meets no numpy on the way, whose calls would cost many times
+        the kernel's on a cold cache (BENCHMARKS.md, "One row without numpy")."""
+        dense_model = self.dense
+        if dense_model is None:
+            return None
+        score = self._calls.call_inline(lambda: dense_model.score_row(row))
+        return None if score is None else check_score(score, self._where)
 
 
 def _bare_run(session: Any) -> Any:
