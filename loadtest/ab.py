@@ -14,8 +14,11 @@ rounds, with ranges; server CPU per request is the steadiest figure.
 kernels compiled as ``pip install`` compiles this tree's, and served with the same
 interpreter and settings (``--this-env NAME=VALUE`` changes a
 setting for this tree's server only: with ``--base HEAD`` it A/Bs the setting).
-``--rpc stream`` compares ScoreStream (the echo then answers ScoreStream too). Needs
-a trained repository (``streamscore train --model-repository DIR``).
+``--rpc stream`` compares ScoreStream (the echo then answers ScoreStream too).
+``--model-echo`` adds the echo plus Score's one model call, ``--null-score`` this
+tree's server with an empty Score (``loadtest/null_score.py``): with them Score's
+extra CPU splits into the model call, the server around Score, and Score's body.
+Needs a trained repository (``streamscore train --model-repository DIR``).
 """
 
 from __future__ import annotations
@@ -154,10 +157,13 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                 servers.append(Server("model echo", baseline_rpc, f"127.0.0.1:{port}", model_echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
             this_env = {**env, **dict(args.this_env)}
-            for name, cwd, server_env in (
-                (f"base {args.base}", worktree, env),
-                ("this tree", REPO, this_env),
-            ):
+            served = [
+                (f"base {args.base}", worktree, env, "streamscore"),
+                ("this tree", REPO, this_env, "streamscore"),
+            ]
+            if args.null_score:
+                served.append(("null Score", REPO, this_env, "loadtest.null_score"))
+            for name, cwd, server_env, module in served:
                 port = find_free_port()
                 process = serve_process(
                     name,
@@ -167,6 +173,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                     env=server_env,
                     log_path=str(work / f"{port}.log"),
                     cwd=str(cwd),  # `python -m` imports streamscore from the working dir
+                    module=module,
                 )
                 servers.append(Server(name, args.rpc, f"127.0.0.1:{port}", process))
             for server in servers:
@@ -229,6 +236,12 @@ def parser() -> argparse.ArgumentParser:
         "--model-echo",
         action="store_true",
         help="also measure the model echo (the echo plus Score's one model call)",
+    )
+    p.add_argument(
+        "--null-score",
+        action="store_true",
+        help="also measure this tree's server with an empty Score (loadtest/null_score.py): "
+        "the server's own cost beyond the echo's",
     )
     p.add_argument(
         "--this-env",

@@ -80,22 +80,29 @@ def serve_process(
     env: dict[str, str],
     log_path: str,
     cwd: str | None = None,
+    module: str = "streamscore",
 ) -> ChildProcess:
     """A quiet ``streamscore serve`` under load (warnings only, text logs), with ``env``
-    on top of this process's environment; ``cwd`` picks the checkout it imports."""
-    return ChildProcess.streamscore(
+    on top of this process's environment; ``cwd`` picks the checkout it imports.
+    ``module``: the one run with ``python -m`` (``loadtest.null_score``: Score empty)."""
+    return ChildProcess(
         name,
-        "serve",
-        "--kafka",
-        bootstrap,
-        "--port",
-        str(port),
-        "--model-repository",
-        str(repository),
-        "--log-format",
-        "text",
-        "--log-level",
-        "warning",
+        [
+            sys.executable,
+            "-m",
+            module,
+            "serve",
+            "--kafka",
+            bootstrap,
+            "--port",
+            str(port),
+            "--model-repository",
+            str(repository),
+            "--log-format",
+            "text",
+            "--log-level",
+            "warning",
+        ],
         env=env,
         log_path=log_path,
         cwd=cwd,

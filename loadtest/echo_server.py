@@ -15,7 +15,8 @@ streaming baseline rather than the unary one.
 ``--model-repository DIR`` makes it the *model echo*: each answer also costs the one
 call of the served model that no Score can avoid (the primary version, loaded and
 called the way ``serve`` loads and calls it inline, batch 1, on a fixed vector, with
-the same ``onnx_kernel`` setting; its score is in the answer). The model echo over
+the same ``onnx_kernel`` setting and, like Score, with no numpy array where the
+backend scores a row as it is; its score is in the answer). The model echo over
 the echo is the model's own cost on the serving loop; Score over the model echo is
 everything else Score does (features, batcher, rollout, response, metrics): the most
 a faster Score body could save.
@@ -87,14 +88,21 @@ class ModelEcho(pb_grpc.ScoringServicer):
 
 
 def model_call(backend: Backend, n_inputs: int) -> Callable[[], float]:
-    """One inline call of ``backend`` on a fixed batch of one row: its score."""
+    """One inline call of ``backend`` on a fixed row, as an idle batcher makes it for
+    Score: the row as it is (a tuple of floats) where the backend scores rows so
+    (``score_row_inline``), else a batch of one: its score."""
     infer_inline = getattr(backend, "infer_inline", None)
     if infer_inline is None:
         raise SystemExit(f"the model echo needs an in-process backend, not {backend.kind}")
-    batch = np.full((1, n_inputs), 0.5, np.float32)
+    score_row_inline = getattr(backend, "score_row_inline", None)
+    row = (0.5,) * n_inputs
 
     def score() -> float:
-        scores = infer_inline(batch)
+        if score_row_inline is not None:
+            score = score_row_inline(row)
+            if score is not None:
+                return float(score)
+        scores = infer_inline(np.array(row, np.float32, ndmin=2))
         if scores is None:
             raise RuntimeError("the model is too slow to call on the event loop")
         return float(scores[0])

@@ -446,12 +446,13 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         "--replica-seconds",
         "20",
         "--model-echo",
+        "--null-score",
         timeout=240,
     )
     table = markdown_tables(out)[0]
     column = {name: i for i, name in enumerate(table[0])}
     rows = {row[0]: row for row in table[1:]}
-    assert set(rows) == {"echo", "model echo", "base HEAD", "this tree"}, out
+    assert set(rows) == {"echo", "model echo", "null Score", "base HEAD", "this tree"}, out
     for name, row in rows.items():
         assert row[column["achieved/s"]].startswith("40 ("), (name, row)
         assert row[column["errors+dropped"]] == "0", (name, row)
@@ -467,6 +468,55 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         check=True,
     )
     assert "streamscore-ab-" not in worktrees.stdout
+
+
+async def test_null_score_is_the_server_with_an_empty_score(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """``loadtest.null_score serve``: Score and each ScoreStream message answered with
+    the echo's canned response, while the rest is streamscore's server (its health,
+    its GetFeatures from the replica)."""
+    from loadtest.backend_bench import serve_process
+    from loadtest.echo_server import canned
+    from streamscore.client import wait_serving
+    from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+    from streamscore.stream.topics import TopicLayout
+
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        port = find_free_port()
+        server = serve_process(
+            "null Score",
+            broker.bootstrap,
+            port,
+            trained_model,
+            env={},
+            log_path=str(tmp_path / "null-score.log"),
+            cwd=str(ROOT),
+            module="loadtest.null_score",
+        )
+        await server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            await wait_serving(target, timeout=90)
+            requests = [
+                pb.ScoreRequest(
+                    request_id=f"n-{i}",
+                    transaction=pb.Transaction(card_id="c-1", merchant_id="m-1", amount_minor=100),
+                )
+                for i in range(4)
+            ]
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                unary = await stub.Score(requests[0], timeout=10)
+                streamed = [a async for a in stub.ScoreStream(iter(requests[1:]), timeout=10)]
+                features = await stub.GetFeatures(
+                    pb.FeaturesRequest(entity_type="card", entity_id="c-1"), timeout=10
+                )
+        finally:
+            await server.stop()
+    assert [unary, *streamed] == [canned(r.request_id) for r in requests]
+    assert features.entity_id == "c-1" and features.features["card_txn_count_1h"] == 0
 
 
 def test_ab_builds_the_bases_c_kernels(tmp_path: Path) -> None:

@@ -1,0 +1,53 @@
+"""``streamscore serve`` with an empty Score: the server's own cost beyond the echo's.
+
+It runs ``streamscore`` with its command-line arguments, with one change: Score
+answers at once with the echo's canned response, doing none of its work (no
+validation, features, model, batcher, rollout, metrics of the call), and ScoreStream
+answers each message so, like the echo's. Everything else
+runs as in ``serve``: the feature replica polling the broker, the GC policy, the
+loop-lag probe, health, reflection, the metrics endpoint, the request parser. So,
+measured beside the echo and the model echo (``loadtest.ab --null-score``), Score's
+extra CPU per request splits into the server around it (null Score over the echo)
+and Score's body (Score over null Score), the part a faster body can reduce:
+
+    python -m loadtest.null_score serve --kafka HOST:PORT --port 50051 ...
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+
+from loadtest.echo_server import canned
+from streamscore import cli
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.scoring import ScoringService
+
+
+async def empty_score(
+    self: ScoringService, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
+) -> pb.ScoreResponse:
+    """The echo's answer, from inside streamscore's server."""
+    return canned(request.request_id)
+
+
+async def empty_score_stream(
+    self: ScoringService,
+    request_iterator: AsyncIterator[pb.ScoreRequest],
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[pb.ScoreResponse]:
+    """The echo's ScoreStream, from inside streamscore's server."""
+    async for request in request_iterator:
+        yield canned(request.request_id)
+
+
+def main() -> int:
+    ScoringService.Score = empty_score  # type: ignore[method-assign]
+    ScoringService.ScoreStream = empty_score_stream  # type: ignore[method-assign]
+    return cli.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
