@@ -687,6 +687,7 @@ async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) ->
         "--requests",
         "600",
         "--breakdown",
+        "--cold",
         "--onnx-kernel",
         onnx_kernel,
         timeout=120,
@@ -709,6 +710,13 @@ async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) ->
     )
     assert inline is not None, out
     assert 0 < float(inline[1]) and 0 <= float(inline[2]) <= float(inline[1]), out
+    cold = re.search(
+        r"with the caches evicted before each call: (\d+) us CPU per call "
+        r"\(passes (\d+), (\d+), (\d+)\)",
+        out,
+    )
+    assert cold is not None, out
+    assert sorted(float(p) for p in cold.groups()[1:])[1] == float(cold[1]) > 0, out
 
 
 async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: Path) -> None:
