@@ -7,7 +7,9 @@ of ``--calls`` calls each, so one preemption on a shared box does not count. Two
 figures per kernel: the bare call (onnxruntime's session run without its wrapper, the
 kernel's program) and ``backend.run``, which adds the batch and score checks every
 Score pays. The kernel is only used up to ``DENSE_MAX_ROWS`` rows by the backend; the
-bare figure goes beyond it, to show where onnxruntime overtakes it.
+bare figure goes beyond it, to show where onnxruntime overtakes it. A last line times
+one row given as Score gives it to an idle batcher (a tuple of floats): scored as it is
+against made into an array first.
 
     python -m loadtest.model_call_cost --model-repository DIR [--sizes 1,8,32,64,256]
 """
@@ -71,6 +73,28 @@ def measure(version_dir: Path, sizes: list[int], calls: int, repeat: int) -> lis
     return results
 
 
+def one_row(version_dir: Path, calls: int, repeat: int) -> str:
+    """A call alone as Score's idle batcher makes it: the row as Score assembles it (a
+    tuple of floats) scored as it is (``score_row_inline``), against the way before
+    it, a (1, k) float32 array made from the tuple and ``infer_inline``."""
+    metadata = ModelMetadata.load(version_dir / "metadata.json")
+    k = len(metadata.inputs)
+    backend = OnnxBackend(version_dir / "model.onnx", k, 1, sample_rows=metadata.warmup_rows())
+    backend.load()
+    backend._calls.cost_s = 0.0  # measured cheap: inline, as the server's warm-up finds it
+    row = tuple(check_rows(k, metadata.warmup_rows(), n=1)[-1].tolist())
+
+    def by_array() -> object:
+        return backend.infer_inline(np.array(row, np.float32, ndmin=2))
+
+    as_row = best_us(partial(backend.score_row_inline, row), calls, repeat)
+    as_array = best_us(by_array, calls, repeat)
+    return (
+        f"one row (a tuple of floats), inline: score_row_inline {as_row:.1f} us, "
+        f"np.array + infer_inline {as_array:.1f} us"
+    )
+
+
 def table(results: list[dict[str, float]]) -> str:
     lines = [
         "| rows | onnxruntime run | dense kernel | ratio | backend.run, onnxruntime "
@@ -101,6 +125,7 @@ def main() -> None:
     )
     sizes = [int(s) for s in args.sizes.split(",")]
     print(table(measure(version_dir, sizes, args.calls, args.repeat)))
+    print(one_row(version_dir, args.calls, args.repeat))
 
 
 if __name__ == "__main__":

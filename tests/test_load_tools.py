@@ -734,6 +734,12 @@ async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: 
     )
     (table,) = markdown_tables(out)
     assert [row[0] for row in table[1:]] == ["1", "40"], out
+    one_row = re.search(
+        r"one row \(a tuple of floats\), inline: score_row_inline ([\d.]+) us, "
+        r"np.array \+ infer_inline ([\d.]+) us",
+        out,
+    )
+    assert one_row is not None and float(one_row[1]) > 0 and float(one_row[2]) > 0, out
     for row in table[1:]:
         times = [float(cell.removesuffix(" us")) for cell in row[1:3] + row[4:6]]
         assert all(t > 0 for t in times), out
