@@ -129,8 +129,9 @@ class ServedModel:
             for variant in (pb.PRIMARY, pb.CANARY)
         }
         self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # While ``stop`` waits for the calls in flight to end: done when they have
+        # (an Event cleared and set by every call would cost two calls per request).
+        self._drained: asyncio.Future[None] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -163,8 +164,10 @@ class ServedModel:
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop after the calls that started on this version have finished."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), drain_timeout)
+        if self.in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drained), drain_timeout)
         await self.batcher.stop(timeout=drain_timeout)
         await self.backend.stop()
         if self.fallback is not None:
@@ -177,13 +180,12 @@ class ServedModel:
 
     def __enter__(self) -> ServedModel:
         self.in_flight += 1
-        self._idle.clear()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.in_flight -= 1
-        if not self.in_flight:
-            self._idle.set()
+        if not self.in_flight and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     async def fallback_score(self, vector: Row) -> float | None:
         """The same version in process, unbatched; None when it cannot run."""
@@ -338,7 +340,12 @@ class ModelRegistry:
     def get(self, name: str, version: str) -> ServedModel:
         """A loaded version: the primary or one added by ``load``; KeyError otherwise."""
         primary = self._primary
-        if primary is not None and primary.key == (name, str(version)):
+        # Field by field, not ``primary.key``: this runs on every request.
+        if (
+            primary is not None
+            and primary.metadata.version == str(version)
+            and primary.metadata.name == name
+        ):
             return primary
         try:
             return self._others[(name, str(version))]

@@ -23,10 +23,11 @@ def assemble_features(
     t_ms: int,
 ) -> dict[str, float]:
     """The stateful features of the transaction's entities as of ``t_ms``, then request ones."""
-    values = store.features("card", card_id, t_ms)
-    values.update(store.features("merchant", merchant_id, t_ms))
-    values.update(store.features("device", device_id, t_ms))
-    values.update(store.features("ip", ip, t_ms))
+    values: dict[str, float] = {}
+    store.add_features(values, "card", card_id, t_ms)
+    store.add_features(values, "merchant", merchant_id, t_ms)
+    store.add_features(values, "device", device_id, t_ms)
+    store.add_features(values, "ip", ip, t_ms)
     values.update(request_features(amount_minor, event_time_ms, values["card_amount_mean_7d"]))
     return values
 

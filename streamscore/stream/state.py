@@ -232,7 +232,16 @@ class FeatureStore:
         return self.entities[entity_type].get(entity_id)
 
     def features(self, entity_type: str, entity_id: str, t_ms: int) -> dict[str, float]:
-        """The entity's feature values as of ``t_ms`` (zeros / -1 for an unknown entity).
+        """The entity's feature values as of ``t_ms`` (zeros / -1 for an unknown entity)."""
+        values: dict[str, float] = {}
+        self.add_features(values, entity_type, entity_id, t_ms)
+        return values
+
+    def add_features(
+        self, values: dict[str, float], entity_type: str, entity_id: str, t_ms: int
+    ) -> None:
+        """``features`` written into ``values``: Score's one dict for the four entities,
+        with no dict of its own per entity.
 
         Windowed values depend on ``t`` only through its bucket at each resolution, and
         change only when an event is folded: a busy entity (a large merchant, asked
@@ -264,15 +273,14 @@ class FeatureStore:
                     newest = None
             if newest is not None:
                 since_last = (t_ms - newest) / 1000
-        values = windowed.copy()  # a fresh dict: ``windowed`` may be the cache's
+        values.update(windowed)  # copied: ``windowed`` may be the cache's
         for name in layout.since_last_names:
             values[name] = since_last
-        return values
 
     @staticmethod
     def _windowed(layout: EntityLayout, state: EntityState, t_ms: int) -> dict[str, float]:
         """Every feature of the entity in the pack's order, the since-last ones not yet
-        filled in (``features`` sets them)."""
+        filled in (``add_features`` sets them)."""
         values = dict.fromkeys(layout.feature_names, -1.0)
         windowed_values(values, state.tiles, t_ms, layout.window_plan, CACHE_MIN_BUCKETS)
         return values

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["InlineOrThread"]
 
@@ -65,18 +65,20 @@ class InlineOrThread:
             )
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn)
 
-    def call_inline(self, fn: Callable[[], T]) -> T | None:
-        """``fn()`` now, on the calling thread, while calls are cheap enough to run
-        inline; None, without calling it, once they belong in the worker thread (then
-        ``await call(fn)``). Lets the batcher run a cheap batch without a task."""
-        if not self.inline:
+    def call_inline(self, fn: Callable[..., T], *args: Any) -> T | None:
+        """``fn(*args)`` now, on the calling thread, while calls are cheap enough to
+        run inline; None, without calling it, once they belong in the worker thread
+        (then ``await call(...)``). Lets the batcher run a cheap batch without a task.
+        (Arguments rather than a closure, and no ``inline`` property call: this is on
+        every request's path.)"""
+        if self.cost_s > self.inline_limit_s:
             return None
-        return self._timed(fn)
+        return self._timed(fn, *args)
 
-    def _timed(self, fn: Callable[[], T]) -> T:
+    def _timed(self, fn: Callable[..., T], *args: Any) -> T:
         started = time.thread_time()
         try:
-            return fn()
+            return fn(*args)
         finally:
             # Capped: one pause inside a cheap call must not send the model away.
             spent = min(time.thread_time() - started, self._spike_cap_s)

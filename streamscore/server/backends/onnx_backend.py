@@ -206,7 +206,7 @@ class OnnxBackend:
 
     def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
         """Scores now while the model is cheap enough for the event loop, else None."""
-        return self._calls.call_inline(lambda: self.run(batch))
+        return self._calls.call_inline(self.run, batch)
 
     def score_row_inline(self, row: Row) -> float | None:
         """One row's score now, from its values as they are (``base.ScoreRowInline``):
@@ -217,7 +217,7 @@ class OnnxBackend:
         dense_model = self.dense
         if dense_model is None:
             return None
-        score = self._calls.call_inline(lambda: dense_model.score_row(row))
+        score = self._calls.call_inline(dense_model.score_row, row)
         return None if score is None else check_score(score, self._where)
 
 
