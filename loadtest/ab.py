@@ -12,8 +12,10 @@ rounds, with ranges; server CPU per request is the steadiest figure.
 
 ``--base`` is checked out into a temporary git worktree (removed afterwards), its C
 kernels compiled as ``pip install`` compiles this tree's, and served with the same
-interpreter and settings (``--this-env NAME=VALUE`` changes a
-setting for this tree's server only: with ``--base HEAD`` it A/Bs the setting).
+interpreter and settings. ``--head`` does the same for the other side (an earlier
+change re-measured: ``--base C~1 --head C``), which is otherwise this working tree.
+``--this-env NAME=VALUE`` changes a setting for that side's server only (with
+``--base HEAD`` it A/Bs the setting).
 ``--rpc stream`` compares ScoreStream (the echo then answers ScoreStream too).
 ``--model-echo`` adds the echo plus Score's one model call, ``--null-score`` this
 tree's server with an empty Score (``loadtest/null_score.py``): with them Score's
@@ -112,27 +114,32 @@ def build_extensions(checkout: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Check the base out into a worktree, compare, and remove the worktree."""
+    """Check the base (and ``--head``) out into worktrees, compare, remove them."""
     work = Path(tempfile.mkdtemp(prefix="streamscore-ab-"))
-    worktree = work / "base"
-    subprocess.run(
-        ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), args.base],
-        check=True,
-        capture_output=True,
-    )
+    checkouts = {"base": args.base, **({"head": args.head} if args.head else {})}
+    worktrees: dict[str, Path] = {}
     try:
-        build_extensions(worktree)
+        for name, commit in checkouts.items():
+            worktree = worktrees[name] = work / name
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), commit],
+                check=True,
+                capture_output=True,
+            )
+            build_extensions(worktree)
+        head = (f"head {args.head}", worktrees["head"]) if args.head else ("this tree", REPO)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main(args, work, worktree))
+            return runner.run(main(args, work, worktrees["base"], head))
     finally:
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
-            check=False,
-            capture_output=True,
-        )
+        for worktree in worktrees.values():
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+                check=False,
+                capture_output=True,
+            )
 
 
-async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
+async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple[str, Path]) -> int:
     events = realistic_events(seconds=args.replica_seconds)
     pool = ClientPool(args.clients, score_requests(events)).start()
     servers: list[Server] = []
@@ -157,9 +164,10 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path) -> int:
                 servers.append(Server("model echo", baseline_rpc, f"127.0.0.1:{port}", model_echo))
             env = {**os.environ, "STREAMSCORE_MODEL_VERSION": args.model_version}
             this_env = {**env, **dict(args.this_env)}
+            head_name, head_checkout = head
             served = [
                 (f"base {args.base}", worktree, env, "streamscore"),
-                ("this tree", REPO, this_env, "streamscore"),
+                (head_name, head_checkout, this_env, "streamscore"),
             ]
             if args.null_score:
                 served.append(("null Score", REPO, this_env, "loadtest.null_score"))
@@ -223,6 +231,11 @@ def _env_item(text: str) -> tuple[str, str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="commit to compare against (e.g. HEAD~1)")
+    p.add_argument(
+        "--head",
+        help="commit to compare with the base, served from a worktree of its own "
+        "(default: this working tree): re-measures an earlier change (--base C~1 --head C)",
+    )
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")

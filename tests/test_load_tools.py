@@ -470,6 +470,38 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
     assert "streamscore-ab-" not in worktrees.stdout
 
 
+async def test_ab_head_serves_another_commit_from_its_own_worktree(trained_model: Path) -> None:
+    out = await run_module(
+        "loadtest.ab",
+        "--base",
+        "HEAD~1",
+        "--head",
+        "HEAD",
+        "--model-repository",
+        str(trained_model),
+        "--rates",
+        "40",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+        "--replica-seconds",
+        "20",
+        timeout=240,
+    )
+    rows = {row[0]: row for row in markdown_tables(out)[0][1:]}
+    assert set(rows) == {"echo", "base HEAD~1", "head HEAD"}, out
+    assert all(row[-1] == "0" for row in rows.values()), out  # no errors, nothing dropped
+    worktrees = await asyncio.to_thread(
+        subprocess.run,
+        ["git", "-C", str(ROOT), "worktree", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "streamscore-ab-" not in worktrees.stdout
+
+
 async def test_null_score_is_the_server_with_an_empty_score(
     trained_model: Path, tmp_path: Path
 ) -> None:
