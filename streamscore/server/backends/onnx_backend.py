@@ -213,7 +213,7 @@ class OnnxBackend:
         where the dense kernel computes small batches and the model is cheap enough
         for the event loop; else None, nothing run. A tuple of floats, the scoring
         service's row, meets no numpy on the way, whose calls would cost many times
-        the kernel's on a cold cache (BENCHMARKS.md, "One row without numpy")."""
+        the kernel's on a cold cache (BENCHMARKS.md, "Cold caches")."""
         dense_model = self.dense
         if dense_model is None:
             return None
