@@ -429,12 +429,12 @@ def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
     }
 
 
-async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
-    # Base = HEAD: both servers are the same code, so both must answer everything.
+async def run_ab(trained_model: Path, *args: str, rounds: int = 1, ok: bool = True) -> str:
+    """``loadtest.ab`` for a smoke test: 1 s steps at 40/s, a small replica; its output
+    (``ok``: it exited 0). No temporary worktree may be left behind either way."""
     out = await run_module(
         "loadtest.ab",
-        "--base",
-        "HEAD",
+        *args,
         "--model-repository",
         str(trained_model),
         "--rates",
@@ -442,13 +442,26 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         "--seconds",
         "1",
         "--rounds",
-        "2",
+        str(rounds),
         "--replica-seconds",
         "20",
-        "--model-echo",
-        "--null-score",
         timeout=240,
+        expect_exit_0=ok,
     )
+    worktrees = await asyncio.to_thread(
+        subprocess.run,
+        ["git", "-C", str(ROOT), "worktree", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "streamscore-ab-" not in worktrees.stdout
+    return out
+
+
+async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
+    # Base = HEAD: both servers are the same code, so both must answer everything.
+    out = await run_ab(trained_model, "--base", "HEAD", "--model-echo", "--null-score", rounds=2)
     table = markdown_tables(out)[0]
     column = {name: i for i, name in enumerate(table[0])}
     rows = {row[0]: row for row in table[1:]}
@@ -459,47 +472,13 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         median_cpu = float(row[column["server CPU us/req"]].split()[0])
         assert median_cpu > 0, (name, row)
         assert 0 <= float(row[column["CPU steal %"]].split()[0]) <= 100, (name, row)
-    # The temporary worktree is gone again.
-    worktrees = await asyncio.to_thread(
-        subprocess.run,
-        ["git", "-C", str(ROOT), "worktree", "list"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "streamscore-ab-" not in worktrees.stdout
 
 
 async def test_ab_head_serves_another_commit_from_its_own_worktree(trained_model: Path) -> None:
-    out = await run_module(
-        "loadtest.ab",
-        "--base",
-        "HEAD~1",
-        "--head",
-        "HEAD",
-        "--model-repository",
-        str(trained_model),
-        "--rates",
-        "40",
-        "--seconds",
-        "1",
-        "--rounds",
-        "1",
-        "--replica-seconds",
-        "20",
-        timeout=240,
-    )
+    out = await run_ab(trained_model, "--base", "HEAD~1", "--head", "HEAD")
     rows = {row[0]: row for row in markdown_tables(out)[0][1:]}
     assert set(rows) == {"echo", "base HEAD~1", "head HEAD"}, out
     assert all(row[-1] == "0" for row in rows.values()), out  # no errors, nothing dropped
-    worktrees = await asyncio.to_thread(
-        subprocess.run,
-        ["git", "-C", str(ROOT), "worktree", "list"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "streamscore-ab-" not in worktrees.stdout
 
 
 async def test_null_score_is_the_server_with_an_empty_score(
@@ -585,26 +564,15 @@ def test_ab_builds_the_bases_c_kernels(tmp_path: Path) -> None:
 async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -> None:
     # A budget nothing can meet, answered as an error: this tree's server refuses the
     # load tool's first Score (which ends the run), the base's and the echo's answer.
-    out = await run_module(
-        "loadtest.ab",
+    out = await run_ab(
+        trained_model,
         "--base",
         "HEAD",
-        "--model-repository",
-        str(trained_model),
-        "--rates",
-        "40",
-        "--seconds",
-        "1",
-        "--rounds",
-        "1",
-        "--replica-seconds",
-        "20",
         "--this-env",
         "STREAMSCORE_BUDGET_MS=0.001",
         "--this-env",
         "STREAMSCORE_DEADLINE_POLICY=error",
-        timeout=240,
-        expect_exit_0=False,
+        ok=False,
     )
     assert re.search(r"round 1/1 +base HEAD +40/s: p99", out), out
     assert re.search(r"round 1/1 +echo +40/s: p99", out), out
