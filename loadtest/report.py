@@ -10,7 +10,9 @@ bare grpc.aio echo server (``echo_server.py``, the baseline: measured on unary S
 as ``echo`` and, when ScoreStream configurations run, on ScoreStream as
 ``echo, ScoreStream``); the model echo (``echo_server.py --model-repository``: the
 echo plus Score's one model call as ``serve`` makes it, the floor of Score's cost, as ``model
-echo`` and ``model echo, ScoreStream``); one ``streamscore serve`` per configuration: each backend
+echo`` and ``model echo, ScoreStream``); null Score (``loadtest/null_score.py``: ``serve``
+with an empty Score, the server around Score, as ``null Score`` and ``null Score,
+ScoreStream``); one ``streamscore serve`` per configuration: each backend
 (onnxruntime, torch; triton when ``backend_bench`` can start a tritonserver here)
 with batching on and off (``STREAMSCORE_BATCHING``), onnxruntime with two shadow
 versions (copies of the primary, ``backend_bench.add_copy``), and ScoreStream on
@@ -26,7 +28,7 @@ Output: the markdown section between ``<!-- report:begin -->`` and
 absent; the rest of the file is left byte for byte), PNG plots and ``report.json``
 (every row) under ``--plots``. ``--quick``: 1 round, 2 low rates, 2 s each,
 onnxruntime only (unary Score: no ScoreStream rows, so no echo ScoreStream either;
-the model echo's unary row is kept),
+the model echo's and null Score's unary rows are kept),
 no pipeline bench.
 """
 
@@ -76,6 +78,11 @@ ECHO_STREAM = "echo, ScoreStream"  # the echo server's ScoreStream configuration
 # call, as ``serve`` makes it. Its rows are the floor of any Score's cost, read against the echo.
 MODEL_ECHO = "model echo"
 MODEL_ECHO_STREAM = "model echo, ScoreStream"
+# ``streamscore serve`` with an empty Score (loadtest/null_score.py): the server around
+# Score (replica polling, GC policy, probe, metrics, parser) without Score's work. Score
+# over it is Score's own body.
+NULL_SCORE = "null Score"
+NULL_SCORE_STREAM = "null Score, ScoreStream"
 PLOTS = {
     "latency": "latency_vs_rate.png",
     "cdf": "latency_cdf.png",
@@ -143,6 +150,7 @@ def plan(backends: Sequence[str], quick: bool, shadows: str) -> list[Config]:
     configs = [Config(ECHO, "echo", ECHO)]
     if "onnxruntime" in backends:
         configs.append(Config(MODEL_ECHO, "echo", MODEL_ECHO))
+        configs.append(Config(NULL_SCORE, "score", NULL_SCORE, "onnxruntime"))
     for backend in backends:
         for batching in (True,) if backend == "triton" else (True, False):
             configs.append(
@@ -171,6 +179,7 @@ def plan(backends: Sequence[str], quick: bool, shadows: str) -> list[Config]:
         # The ScoreStream rows' baseline: the same echo server process, on ScoreStream.
         configs.append(Config(ECHO_STREAM, "echo-stream", ECHO))
         configs.append(Config(MODEL_ECHO_STREAM, "echo-stream", MODEL_ECHO))
+        configs.append(Config(NULL_SCORE_STREAM, "stream", NULL_SCORE, "onnxruntime"))
         for batching in (True, False):
             configs.append(
                 Config(
@@ -354,6 +363,12 @@ class Suite:
                                 repository,
                                 env=env,
                                 log_path=str(self.root / f"{config.server}.log"),
+                                cwd=str(HERE.parent),  # for `python -m loadtest...`
+                                module=(
+                                    "loadtest.null_score"
+                                    if config.server == NULL_SCORE
+                                    else "streamscore"
+                                ),
                             )
                         await child.start()
                         children.append(child)
@@ -625,7 +640,11 @@ class Suite:
             "plus the one model call every Score makes (the served model as `serve` "
             "loads it, the dense kernel included, a batch of one, inline), nothing "
             "else: the floor of Score's cost, whose own "
-            '"vs echo" says how much of the budget the model call alone takes. Every '
+            '"vs echo" says how much of the budget the model call alone takes. `null '
+            "Score`: `streamscore serve` (onnxruntime, batching on) whose Score answers at "
+            "once with the echo's canned response (`loadtest/null_score.py`): the server "
+            "around Score, replica polling, GC policy, probe, metrics and parser included; "
+            "Score over it is Score's own body. Every "
             "server, the broker and the load generator share this machine's cores, so compare "
             "rows within this run. Model: "
             f"{self.train_line}. Replica: {args.replica_seconds:g} s of synthetic traffic "

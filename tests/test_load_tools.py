@@ -283,6 +283,7 @@ async def test_report_quick(trained_model: Path, tmp_path: Path) -> None:
     assert configs == {
         "echo",
         "model echo",
+        "null Score",
         "onnxruntime, batching on",
         "onnxruntime, batching off",
     }
@@ -329,6 +330,8 @@ def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
         ECHO_STREAM,
         MODEL_ECHO,
         MODEL_ECHO_STREAM,
+        NULL_SCORE,
+        NULL_SCORE_STREAM,
         Suite,
         Summary,
         plan,
@@ -343,6 +346,12 @@ def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
     assert model_echo == {
         MODEL_ECHO: ("echo", MODEL_ECHO),
         MODEL_ECHO_STREAM: ("echo-stream", MODEL_ECHO),
+    }
+    # Null Score is one serve process answering both of streamscore's own RPCs.
+    null_score = {c.name: (c.rpc, c.server) for c in configs if c.server == NULL_SCORE}
+    assert null_score == {
+        NULL_SCORE: ("score", NULL_SCORE),
+        NULL_SCORE_STREAM: ("stream", NULL_SCORE),
     }
     # p99 ms and server CPU us per rpc and rate; the budget is 10 ms.
     figures = {
