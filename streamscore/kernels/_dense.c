@@ -398,6 +398,16 @@ static void run_rows(const Program *p, const float *inputs, float *scores, Py_ss
     }
 }
 
+/* False, with TypeError set, for a Program made by __new__ without __init__. */
+static int initialised(const Program *self)
+{
+    if (self->register_offset == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Program is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(program_run_doc,
              "run(batch, scores, /)\n--\n\n"
              "Score each row of ``batch`` (float32, C-contiguous, shape (n, n_inputs)) "
@@ -409,8 +419,7 @@ static PyObject *program_run(Program *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "run(batch, scores) takes two arguments");
         return NULL;
     }
-    if (self->register_offset == NULL) { /* Program.__new__ without __init__ */
-        PyErr_SetString(PyExc_TypeError, "Program is not initialised");
+    if (!initialised(self)) {
         return NULL;
     }
     Py_buffer in, out;
@@ -467,8 +476,7 @@ PyDoc_STRVAR(program_score_row_doc,
 
 static PyObject *program_score_row(Program *self, PyObject *values)
 {
-    if (self->register_offset == NULL) { /* Program.__new__ without __init__ */
-        PyErr_SetString(PyExc_TypeError, "Program is not initialised");
+    if (!initialised(self)) {
         return NULL;
     }
     PyObject *fast = PySequence_Fast(values, "score_row: expected a sequence of numbers");

@@ -125,10 +125,12 @@ def _rows(requests: list[_Request]) -> np.ndarray:
     return np.array([r.vector for r in requests], dtype=np.float32)
 
 
-def _array_length(vector: Row) -> int | None:
-    """An array's length; None when it is not one-dimensional."""
+def _array_length(vector: Row) -> int:
+    """An array's length; ValueError when it is not one-dimensional."""
     shape = np.shape(vector)
-    return shape[0] if len(shape) == 1 else None
+    if len(shape) != 1:
+        raise ValueError(f"expected a vector, got shape {shape}")
+    return int(shape[0])
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -555,8 +557,8 @@ class Batcher:
         if self._state != _RUNNING:
             raise BatcherStopped(f"batcher {self.name!r} is {self._state}")
         length = len(vector) if type(vector) is tuple else _array_length(vector)
-        if length != self.n_inputs or length is None:
-            if self.n_inputs is not None or length is None:
+        if length != self.n_inputs:
+            if self.n_inputs is not None:
                 raise ValueError(
                     f"expected a vector of shape ({self.n_inputs},), got {np.shape(vector)}"
                 )
@@ -839,7 +841,7 @@ class Batcher:
                 raise self._backend_failed(_wrong_count(scores, 1))
             score = float(checked[0])
         else:
-            ended = self._observe_call_of_one(started)
+            ended = self._observe_call(1, started)
         if ended > deadline:
             self._m_late.inc()
             self._m_shed["deadline_in_flight"].inc()
@@ -893,23 +895,22 @@ class Batcher:
     ) -> tuple[np.ndarray | None, float]:
         """Account for a backend call of ``n`` that returned: its scores (None when not
         ``(n,)``, counted as a wrong count) and the clock when it ended."""
-        ended = self.clock()
-        elapsed = ended - started
-        self._m_backend.observe(elapsed)
         scores = np.asarray(scores)
-        if scores.shape != (n,):
+        counted = scores.shape == (n,)
+        ended = self._observe_call(n, started, counted)
+        if not counted:
             self._m_failures["wrong_count"].inc()
             return None, ended
-        self.latency_model.observe(n, elapsed)
         return scores, ended
 
-    def _observe_call_of_one(self, started: float) -> float:
-        """``_checked_scores`` for a call that returned one score as such (no array to
-        check); the clock when it ended."""
+    def _observe_call(self, n: int, started: float, counted: bool = True) -> float:
+        """A backend call of ``n`` that returned: its time, and, when it gave the
+        right count of scores, the latency model's sample; the clock when it ended."""
         ended = self.clock()
         elapsed = ended - started
         self._m_backend.observe(elapsed)
-        self.latency_model.observe(1, elapsed)
+        if counted:
+            self.latency_model.observe(n, elapsed)
         return ended
 
     def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:

@@ -340,12 +340,7 @@ class ModelRegistry:
     def get(self, name: str, version: str) -> ServedModel:
         """A loaded version: the primary or one added by ``load``; KeyError otherwise."""
         primary = self._primary
-        # Field by field, not ``primary.key``: this runs on every request.
-        if (
-            primary is not None
-            and primary.metadata.version == str(version)
-            and primary.metadata.name == name
-        ):
+        if primary is not None and primary.key == (name, str(version)):
             return primary
         try:
             return self._others[(name, str(version))]
