@@ -85,24 +85,14 @@ def serve_process(
     """A quiet ``streamscore serve`` under load (warnings only, text logs), with ``env``
     on top of this process's environment; ``cwd`` picks the checkout it imports.
     ``module``: the one run with ``python -m`` (``loadtest.null_score``: Score empty)."""
-    return ChildProcess(
+    return ChildProcess.serve(
         name,
-        [
-            sys.executable,
-            "-m",
-            module,
-            "serve",
-            "--kafka",
-            bootstrap,
-            "--port",
-            str(port),
-            "--model-repository",
-            str(repository),
-            "--log-format",
-            "text",
-            "--log-level",
-            "warning",
-        ],
+        bootstrap,
+        port,
+        repository,
+        "--log-level",
+        "warning",
+        module=module,
         env=env,
         log_path=log_path,
         cwd=cwd,

@@ -56,6 +56,24 @@ class ChildProcess:
         """A ``streamscore`` subcommand run with this interpreter."""
         return cls(name, [sys.executable, "-m", "streamscore", *args], **kwargs)  # type: ignore[arg-type]
 
+    @classmethod
+    def serve(
+        cls,
+        name: str,
+        bootstrap: str,
+        port: int,
+        repository: str | os.PathLike[str],
+        *args: str,
+        module: str = "streamscore",
+        **kwargs: object,
+    ) -> ChildProcess:
+        """``serve`` on ``port`` over the broker ``bootstrap``, with text logs (tests and
+        load tools read them); ``module``: the one run with ``python -m`` (a load tool
+        may serve through a module of its own, with the same command line)."""
+        argv = [sys.executable, "-m", module, "serve", "--kafka", bootstrap, "--port", str(port)]
+        argv += ["--model-repository", os.fspath(repository), "--log-format", "text", *args]
+        return cls(name, argv, **kwargs)  # type: ignore[arg-type]
+
     async def start(self) -> None:
         # Opened once at start; the child writes to it directly.
         output = open(self.log_path, "ab") if self.log_path else None  # noqa: ASYNC230

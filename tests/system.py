@@ -67,17 +67,11 @@ def serve_process(
 ) -> ChildProcess:
     """A `streamscore serve` child on ``port`` logging to ``logdir/server.log``;
     ``env`` are settings (``budget_ms="100"`` becomes STREAMSCORE_BUDGET_MS)."""
-    return ChildProcess.streamscore(
+    return ChildProcess.serve(
         "server",
-        "serve",
-        "--kafka",
         bootstrap,
-        "--port",
-        str(port),
-        "--model-repository",
-        str(repository),
-        "--log-format",
-        "text",
+        port,
+        repository,
         *args,
         env={f"STREAMSCORE_{name.upper()}": value for name, value in env.items()},
         log_path=str(logdir / "server.log"),
