@@ -1,10 +1,10 @@
 """The compiled part of the build; everything else is declared in pyproject.toml.
 
 Both kernels are optional: where no C compiler is found the package still installs.
-The window kernel (streamscore/kernels/_windows.c, see kernels/tiles.py) then reads
-windows with the same code in Python, and the dense kernel (streamscore/kernels/
-_dense.c, see kernels/dense.py) leaves onnxruntime models to onnxruntime; both only
-slower.
+The feature state then keeps its buckets in the Python twin of the compiled tiles
+(streamscore/kernels/_windows.c, see kernels/tiles.py), and the dense kernel
+(streamscore/kernels/_dense.c, see kernels/dense.py) leaves onnxruntime models to
+onnxruntime; both only slower (and the state larger).
 """
 
 from setuptools import Extension, setup

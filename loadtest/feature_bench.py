@@ -25,7 +25,6 @@ from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from streamscore.gc_tuning import tune_for_large_state
-from streamscore.kernels.tiles import CACHE_MIN_BUCKETS, _windowed_values_py, windowed_values
 from streamscore.stream import kafka_compat
 from streamscore.stream.backfill import backfill, sort_events
 from streamscore.stream.broker import EmbeddedBroker, create_topics
@@ -74,29 +73,32 @@ def fold_speed(events: list[PaymentEvent]) -> None:
 
 
 def read_speed(events: list[PaymentEvent], n_requests: int = 5_000) -> None:
-    """Score's feature reads, per entity type: the window reads of each request's
-    entity through the compiled ``windowed_values`` and through the Python readers
-    (``_windowed_values_py``), alternating, best of five, on the same entities."""
-    store = FeatureStore()
-    fold(store, events)
+    """Score's feature reads, per entity type: each request's entity read from the
+    compiled tiles and from the Python twin (``FeatureStore(reference=True)``: its
+    buckets in dicts of lists, read by the Python readers), alternating, best of five,
+    on the same entities."""
+    stores = {"compiled": FeatureStore(), "python": FeatureStore(reference=True)}
+    for store in stores.values():
+        fold(store, events)
     t_ms = max(e.event_time_ms for e in events) + 1_000
     requests = events[:n_requests]
     for entity_type in ENTITY_TYPES:
-        layout = store.layouts[entity_type]
         field = ENTITY_FIELD[entity_type]
-        states = [store.entities[entity_type].get(getattr(e, field)) for e in requests]
-        tiles = [state.tiles for state in states if state is not None]
-        best = {"compiled": float("inf"), "python": float("inf")}
+        ids = [getattr(e, field) for e in requests]
+        known = sum(1 for i in ids if stores["compiled"].get(entity_type, i) is not None)
+        best = {name: float("inf") for name in stores}
         for _ in range(5):
-            for name, read in (("compiled", windowed_values), ("python", _windowed_values_py)):
+            for name, store in stores.items():
+                windowed = store._windowed
+                layout = store.layouts[entity_type]
+                states = [s for s in map(store.entities[entity_type].get, ids) if s is not None]
                 started = time.perf_counter()
-                for by_resolution in tiles:
-                    values = dict.fromkeys(layout.feature_names, -1.0)
-                    read(values, by_resolution, t_ms, layout.window_plan, CACHE_MIN_BUCKETS)
-                per_read = (time.perf_counter() - started) / max(1, len(tiles)) * 1e6
+                for state in states:
+                    windowed(layout, state, t_ms)
+                per_read = (time.perf_counter() - started) / max(1, len(states)) * 1e6
                 best[name] = min(best[name], per_read)
         print(
-            f"window reads, {entity_type} ({len(tiles)} of {len(requests)} requests' "
+            f"window reads, {entity_type} ({known} of {len(requests)} requests' "
             f"entities known): compiled {best['compiled']:.1f} us, "
             f"python {best['python']:.1f} us per entity"
         )

@@ -350,3 +350,33 @@ def test_cached_feature_values_equal_the_reference(events, repeats):
             record = fold_record(event)
             for entity_type in ENTITY_TYPES:
                 store.fold(entity_type, event[ENTITY_FIELD[entity_type]], record)
+
+
+@settings(BASE, max_examples=80)
+@given(data=st.data())
+def test_compiled_tiles_give_the_python_twins_features_bit_for_bit(data):
+    """The store on the compiled tiles and on their Python twin (``reference=True``)
+    fold any arrival order to the same outcomes and answer every query with the same
+    floats, bit for bit, amounts up to int64's limit included (their sums overflow 64
+    bits)."""
+    events = data.draw(event_logs(), "events")
+    for event in events:
+        if data.draw(st.integers(0, 4), "huge amount") == 0:
+            event["amount_minor"] = data.draw(st.integers(2**62, 2**63 - 1), "amount")
+    arrivals = data.draw(st.permutations(events), "arrivals")
+    compiled, python = FeatureStore(), FeatureStore(reference=True)
+    for event in arrivals:
+        record = fold_record(event)
+        for entity_type in ENTITY_TYPES:
+            entity_id = event[ENTITY_FIELD[entity_type]]
+            assert compiled.fold(entity_type, entity_id, record) == python.fold(
+                entity_type, entity_id, record
+            )
+    for t in query_times(events, DEFAULT_LATENESS_MS, []):
+        for entity_type, ids in ENTITY_IDS.items():
+            for entity_id in ids:
+                got = compiled.features(entity_type, entity_id, t)
+                want = python.features(entity_type, entity_id, t)
+                assert {k: repr(v) for k, v in got.items()} == {
+                    k: repr(v) for k, v in want.items()
+                }, f"{entity_type}={entity_id} t={t}"

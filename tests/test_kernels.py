@@ -11,12 +11,7 @@ from hypothesis import strategies as st
 
 from streamscore.kernels import tiles as tiles_module
 from streamscore.kernels.recent import RecentEvents
-from streamscore.kernels.tiles import (
-    Tiles,
-    WindowAgg,
-    _window_agg_py,
-    _window_partial_py,
-)
+from streamscore.kernels.tiles import Tiles, WindowAgg, _window_agg_py
 
 R = 10_000  # 10 s resolution
 W = 5 * 60_000  # 5 min window: 30 buckets
@@ -396,13 +391,14 @@ BUSY = [("add", b * R, 10, False, "a") for b in range(41)]
 # A late event into a cached closed part, and an expiry inside one: both must be seen.
 @example(BUSY, [("window", 20 * R + 5, 12), ("add", 15 * R, 5, False, "z"), ("again",)])
 @example(BUSY, [("window", 20 * R + 5, 12), ("expire", 12 * R), ("again",)])
+@pytest.mark.parametrize("tiles_type", [Tiles, tiles_module.PyTiles], ids=["compiled", "python"])
 def test_cached_windows_equal_a_fresh_scan_under_any_interleaving(
-    history: list[tuple], ops: list[tuple]
+    tiles_type: type[Tiles], history: list[tuple], ops: list[tuple]
 ) -> None:
     """The closed-part cache (long windows of busy entities) gives exactly what a
     scan of the buckets gives, whatever order adds (late ones included), queries at
     moving times and expiries come in."""
-    tiles = Tiles(R, n_distinct=1)
+    tiles = tiles_type(R, n_distinct=1)
     last_query = ("window", 20 * R, 12)
     for op in history + ops:
         if op[0] == "again":
@@ -417,71 +413,82 @@ def test_cached_windows_equal_a_fresh_scan_under_any_interleaving(
             tiles.expire(op[1])
 
 
-def test_the_compiled_window_kernel_is_built():
-    """`pip install` builds it (a missing compiler falls back to the Python quietly,
+def test_the_compiled_tiles_are_built_and_used():
+    """`pip install` builds them (a missing compiler falls back to the Python quietly,
     which would leave the tests below comparing the Python with itself)."""
-    from streamscore.kernels import _windows, tiles
+    from streamscore.kernels import _windows
 
-    assert tiles.window_agg is _windows.window_agg
-    assert tiles.window_partial is _windows.window_partial
+    assert issubclass(Tiles, _windows.Tiles)
+    assert tiles_module.windowed_values is _windows.windowed_values
+    assert _windows.CACHE_MIN_BUCKETS == tiles_module.CACHE_MIN_BUCKETS
 
 
-# Amounts up to and beyond int64, so the compiled sums overflow into Python ints.
-AMOUNT = st.one_of(st.integers(-1000, 1000), st.integers(-(2**70), 2**70))
-BUCKET_ROWS = st.dictionaries(
-    st.integers(-50, 50),
-    st.tuples(
-        st.lists(st.tuples(AMOUNT, st.booleans(), st.sampled_from("abcdef")), min_size=1),
-        st.lists(st.sampled_from("uvwxyz"), min_size=1),
+# Amounts as events carry them, [0, 2**63): the extremes overflow 64-bit sums.
+AMOUNT = st.one_of(st.integers(0, 1000), st.integers(0, 2**63 - 1), st.just(2**63 - 1))
+TILES_OPS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("add"),
+            st.integers(-50, 50),
+            AMOUNT,
+            st.booleans(),
+            st.sampled_from("abcdef"),
+            st.sampled_from("uvwxyz"),
+        ),
+        # Few window lengths and times, so cached closed parts are reused (and must be
+        # invalidated) often.
+        st.tuples(st.just("window"), st.integers(-60, 60), st.sampled_from([1, 3, 9, 12, 40])),
+        st.tuples(st.just("expire"), st.integers(-55, 55)),
     ),
-    max_size=30,
+    max_size=150,
 )
 
 
-def _buckets(rows: dict, n_distinct: int) -> dict[int, list]:
-    """Buckets as ``Tiles.add`` builds them, from each index's events."""
-    tiles = Tiles(1, n_distinct)
-    for index, (events, others) in rows.items():
-        for i, (amount, declined, value) in enumerate(events):
-            other = others[i % len(others)]
-            tiles.add(index, amount, declined, (value, other)[:n_distinct])
-    return tiles.buckets
-
-
 @settings(max_examples=300)
-@given(BUCKET_ROWS, st.integers(-60, 60), st.integers(-5, 120), st.integers(0, 2))
-@example({}, 0, 10, 1)
-@example({3: ([(2**63 - 1, False, "a"), (2**63 - 1, True, "b")], ["u"])}, 0, 10, 2)
-def test_compiled_window_kernel_equals_the_python(
-    rows: dict, first: int, length: int, n_distinct: int
-) -> None:
-    """Same integers, sets and counts as the Python, whichever way the window is
-    visited (range longer or shorter than the stored buckets, empty, inverted)."""
-    from streamscore.kernels import _windows
+@given(TILES_OPS, st.integers(0, 2))
+@example(
+    [
+        ("add", 3, 2**63 - 1, False, "a", "u"),
+        ("add", 3, 2**63 - 1, True, "b", "u"),
+        ("window", 3, 1),
+    ],
+    2,
+)
+def test_compiled_tiles_equal_the_python_twin(ops: list[tuple], n_distinct: int) -> None:
+    """Any interleaving of adds (late ones included), window reads and expiries: the
+    same answers, bucket for bucket and window for window, as ``PyTiles``."""
+    compiled, python = Tiles(1, n_distinct), tiles_module.PyTiles(1, n_distinct)
+    for op in ops:
+        if op[0] == "add":
+            _, time_ms, amount, declined, value, other = op
+            values = (value, other)[:n_distinct]
+            assert compiled.add(time_ms, amount, declined, values) == python.add(
+                time_ms, amount, declined, values
+            ), op
+        elif op[0] == "window":
+            _, t, n_buckets = op
+            got, want = compiled.window(t, n_buckets), python.window(t, n_buckets)
+            assert type(got) is WindowAgg and got == want, op
+        else:
+            assert compiled.expire(op[1]) == python.expire(op[1]), op
+        assert len(compiled) == len(python)
+    assert compiled.buckets == python.buckets
 
-    buckets = _buckets(rows, n_distinct)
-    last = first + length - 5  # a few windows end before they start: empty
-    assert _windows.window_agg(WindowAgg, buckets, first, last, n_distinct) == _window_agg_py(
-        WindowAgg, buckets, first, last, n_distinct
-    )
-    agg = _windows.window_agg(WindowAgg, buckets, first, last, n_distinct)
-    assert type(agg) is WindowAgg and agg.events == agg[0]
-    partial = _windows.window_partial(buckets, first, last, n_distinct)
-    assert partial == _window_partial_py(buckets, first, last, n_distinct)
-    # The sets are new: keeping them (the closed-part cache does) is safe.
-    for kept in partial[5]:
-        assert all(kept is not b[5 + j] for b in buckets.values() for j in range(n_distinct))
 
-
-def test_compiled_window_kernel_rejects_a_malformed_bucket():
-    from streamscore.kernels import _windows
-
-    with pytest.raises(TypeError, match="list of 6 fields"):
-        _windows.window_agg(WindowAgg, {1: [1, 0, 5, 25, 5]}, 0, 3, 1)
-    with pytest.raises(TypeError, match="must be a set"):
-        _windows.window_partial({1: [1, 0, 5, 25, 5, ["a"]]}, 0, 3, 1)
-    with pytest.raises(TypeError, match="tuple subclass"):
-        _windows.window_agg(dict, {}, 0, 3, 0)
+def test_compiled_tiles_refuse_what_events_never_carry():
+    tiles = Tiles(R, n_distinct=1)
+    with pytest.raises(ValueError, match="must not be negative"):
+        tiles.add(0, -1, False, ("a",))
+    with pytest.raises(OverflowError):
+        tiles.add(0, 2**63, False, ("a",))
+    with pytest.raises(TypeError, match="must be a tuple"):
+        tiles.add(0, 1, False, ["a"])
+    with pytest.raises(ValueError, match="expected 1 distinct values"):
+        tiles.add(0, 1, False, ("a", "b"))
+    with pytest.raises(ValueError, match="n_distinct"):
+        Tiles(R, n_distinct=9)
+    assert len(tiles) == 0  # nothing half-added
+    assert tiles.resolution_ms == R and tiles.n_distinct == 1
 
 
 # One entity's tiles at two resolutions, as the feature store keeps them: fine ones
@@ -529,18 +536,19 @@ def test_compiled_windowed_values_equal_the_python_reads(
     as the Python readers give, at any query time (repeated: cached parts reused)."""
     from streamscore.kernels import _windows
 
-    by_resolution = {FINE: Tiles(FINE, 2), COARSE: Tiles(COARSE, 0)}
-    for time_ms, amount, declined, merchant, card in events:
-        by_resolution[FINE].add(time_ms, amount, declined, (merchant, card))
-        by_resolution[COARSE].add(time_ms, amount, declined)
+    both = []
+    for tiles_type in (Tiles, tiles_module.PyTiles):
+        by_resolution = {FINE: tiles_type(FINE, 2), COARSE: tiles_type(COARSE, 0)}
+        for time_ms, amount, declined, merchant, card in events:
+            by_resolution[FINE].add(time_ms, amount, declined, (merchant, card))
+            by_resolution[COARSE].add(time_ms, amount, declined)
+        both.append(by_resolution)
     plan = _plan(drawn_plan)
     for t in [*times, *times]:
         compiled: dict[str, float] = {}
         python: dict[str, float] = {}
-        _windows.windowed_values(compiled, by_resolution, t, plan, tiles_module.CACHE_MIN_BUCKETS)
-        tiles_module._windowed_values_py(
-            python, by_resolution, t, plan, tiles_module.CACHE_MIN_BUCKETS
-        )
+        _windows.windowed_values(compiled, both[0], t, plan)
+        tiles_module._windowed_values_py(python, both[1], t, plan)
         assert {k: repr(v) for k, v in compiled.items()} == {
             k: repr(v) for k, v in python.items()
         }, t
@@ -554,15 +562,17 @@ def test_windowed_values_is_what_the_store_uses_and_it_refuses_bad_plans():
     tiles[FINE].add(3, 10, False, ("a",))
     read = _windows.windowed_values
     with pytest.raises(ValueError, match="unknown read code 9"):
-        read({}, tiles, 4, ((FINE, 4, 1, (("x", 9, -1),)),), 8)
+        read({}, tiles, 4, ((FINE, 4, 1, (("x", 9, -1),)),))
     with pytest.raises(ValueError, match="distinct slot 1 out of range"):
-        read({}, tiles, 4, ((FINE, 4, 1, (("x", tiles_module.READ_DISTINCT, 1),)),), 8)
+        read({}, tiles, 4, ((FINE, 4, 1, (("x", tiles_module.READ_DISTINCT, 1),)),))
     with pytest.raises(ValueError, match="not a positive multiple"):
-        read({}, tiles, 4, ((FINE, 5, 1, ()),), 8)
+        read({}, tiles, 4, ((FINE, 5, 1, ()),))
     with pytest.raises(KeyError, match="no tiles at resolution 3"):
-        read({}, tiles, 4, ((3, 6, 0, ()),), 8)
+        read({}, tiles, 4, ((3, 6, 0, ()),))
     with pytest.raises(TypeError, match="plan item"):
-        read({}, tiles, 4, ((FINE, 4),), 8)
+        read({}, tiles, 4, ((FINE, 4),))
+    with pytest.raises(TypeError, match="compiled Tiles"):
+        read({}, {FINE: tiles_module.PyTiles(FINE, 1)}, 4, ((FINE, 4, 1, ()),))
     values: dict[str, float] = {}
-    read(values, tiles, 4, ((FINE, 4, 1, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),), 8)
+    read(values, tiles, 4, ((FINE, 4, 1, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),))
     assert values == {"n": 1.0, "d": 1.0, "m": 10.0}

@@ -1,355 +1,781 @@
-/* Window aggregation over sparse time tiles, compiled: the hot loop of feature reads.
+/* Sparse time tiles in compact arrays, compiled: the feature state's buckets and the
+ * hot loop of feature reads.
  *
- * The same computation as the pure-Python fallback in tiles.py (``_window_partial_py``
- * and ``_window_agg_py``), which the property tests hold it to. A bucket is a list
- * [count, declined, amount_sum, amount_sumsq, amount_max, *one set per distinct
- * field], keyed by its bucket index in a dict; a window is the buckets with index in
- * [first, last].
+ * ``Tiles`` keeps one entity's non-empty buckets at one resolution as a sorted array
+ * of fixed-size records (no Python object per bucket or per number), plus one Python
+ * set per bucket and distinct field. It is the Python twin in tiles.py (``PyTiles``,
+ * whose docstring says what a bucket and a window are) with the same closed-part
+ * cache, and it gives the same integers, sets and floats: the property tests hold the
+ * two to each other. Why: a feature read touched a dict, a list and five int objects
+ * per bucket; under load they are cold, and each cache miss cost more than the
+ * arithmetic.
  *
- * Sums stay exact: they are kept in int64 while they fit and carried on in Python
- * ints from the first overflow (sums of squares of large amounts do overflow).
+ * Exact sums without Python ints: amounts are in [0, 2**63) (events are validated to
+ * that), so a bucket's or a window's amount sum (fewer than 2**63 events) fits in 127
+ * bits, its sum of squares in 190 (a 192-bit accumulator).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
+#include <string.h>
 
-#define FIXED_FIELDS 5
-#define N_SUMS 4 /* count, declined, amount_sum, amount_sumsq */
-#define MAX_FIELD 4
+/* Windows over fewer buckets than this are scanned on every call (tiles.py's
+ * CACHE_MIN_BUCKETS, which a test holds equal). */
+#define CACHE_MIN_BUCKETS 8
+/* Distinct fields per tiles: the store has two at most (state.DISTINCT_SOURCES). */
+#define MAX_DISTINCT 8
+/* Integers up to this convert to double exactly. */
+#define EXACT_DOUBLE (1ULL << 53)
+
+typedef unsigned __int128 u128;
 
 typedef struct {
-    long long small;
-    PyObject *big; /* NULL while the sum fits in small */
-} ExactSum;
+    u128 lo;
+    unsigned long long hi;
+} U192;
 
-static int exact_sum_add(ExactSum *sum, PyObject *value)
+static inline void u192_add128(U192 *a, u128 b)
 {
-    if (sum->big == NULL) {
-        int overflow = 0;
-        long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (v == -1 && PyErr_Occurred()) {
-            return -1;
-        }
-        long long total;
-        if (!overflow && !__builtin_add_overflow(sum->small, v, &total)) {
-            sum->small = total;
-            return 0;
-        }
-        sum->big = PyLong_FromLongLong(sum->small);
-        if (sum->big == NULL) {
-            return -1;
-        }
-    }
-    PyObject *total = PyNumber_Add(sum->big, value);
-    if (total == NULL) {
-        return -1;
-    }
-    Py_DECREF(sum->big);
-    sum->big = total;
-    return 0;
+    u128 lo = a->lo + b;
+    a->hi += lo < a->lo;
+    a->lo = lo;
 }
 
-static PyObject *exact_sum_value(ExactSum *sum)
+static inline void u192_add(U192 *a, const U192 *b)
 {
-    if (sum->big != NULL) {
-        return Py_NewRef(sum->big);
-    }
-    return PyLong_FromLongLong(sum->small);
+    u192_add128(a, b->lo);
+    a->hi += b->hi;
 }
 
-/* What a window accumulates. Distinct slots: ``single`` is the only bucket set seen
- * so far (borrowed); ``merged`` a new set, made once a second one arrives. */
+/* The fixed fields of a bucket, or of a window of buckets. Empty: all zero. */
+typedef struct {
+    long long count;
+    long long declined;
+    long long max;
+    u128 sum;
+    U192 sumsq;
+} Sums;
+
+typedef struct {
+    long long index;
+    Sums sums;
+} Bucket;
+
+static inline void sums_add(Sums *s, const Sums *b)
+{
+    s->count += b->count;
+    s->declined += b->declined;
+    if (b->max > s->max) {
+        s->max = b->max;
+    }
+    s->sum += b->sum;
+    u192_add(&s->sumsq, &b->sumsq);
+}
+
+/* -- Python ints and floats of the sums, as the Python twin computes them --------- */
+
+/* (high << shift) | low as a Python int (public API only: the rare sums beyond 64 bits). */
+static PyObject *long_of_parts(PyObject *high, int shift, PyObject *low)
+{
+    PyObject *bits = high ? PyLong_FromLong(shift) : NULL;
+    PyObject *shifted = bits ? PyNumber_Lshift(high, bits) : NULL;
+    PyObject *result = shifted && low ? PyNumber_Or(shifted, low) : NULL;
+    Py_XDECREF(high);
+    Py_XDECREF(bits);
+    Py_XDECREF(shifted);
+    Py_XDECREF(low);
+    return result;
+}
+
+static PyObject *long_of_u128(u128 v)
+{
+    if (v <= (u128)ULLONG_MAX) {
+        return PyLong_FromUnsignedLongLong((unsigned long long)v);
+    }
+    return long_of_parts(PyLong_FromUnsignedLongLong((unsigned long long)(v >> 64)), 64,
+                         PyLong_FromUnsignedLongLong((unsigned long long)v));
+}
+
+static PyObject *long_of_u192(const U192 *v)
+{
+    if (v->hi == 0) {
+        return long_of_u128(v->lo);
+    }
+    return long_of_parts(PyLong_FromUnsignedLongLong(v->hi), 128, long_of_u128(v->lo));
+}
+
+/* float(int): exact below 2**53; above, Python's correctly rounded conversion. */
+static PyObject *float_of_u128(u128 v)
+{
+    if (v <= EXACT_DOUBLE) {
+        return PyFloat_FromDouble((double)v);
+    }
+    PyObject *integer = long_of_u128(v);
+    if (integer == NULL) {
+        return NULL;
+    }
+    double value = PyLong_AsDouble(integer);
+    Py_DECREF(integer);
+    return value == -1.0 && PyErr_Occurred() ? NULL : PyFloat_FromDouble(value);
+}
+
+/* a / b as Python's int / int (correctly rounded), or 0.0 when b is 0. Both below
+ * 2**53 they are exact doubles and one IEEE division is that rounding. */
+static PyObject *ratio_or_zero(u128 a, long long b)
+{
+    if (b == 0) {
+        return PyFloat_FromDouble(0.0);
+    }
+    if (a <= EXACT_DOUBLE && (unsigned long long)b <= EXACT_DOUBLE) {
+        return PyFloat_FromDouble((double)a / (double)b);
+    }
+    PyObject *num = long_of_u128(a), *den = PyLong_FromLongLong(b), *result = NULL;
+    if (num != NULL && den != NULL) {
+        result = PyNumber_TrueDivide(num, den);
+    }
+    Py_XDECREF(num);
+    Py_XDECREF(den);
+    return result;
+}
+
+/* The population std from exact integer moments, as ``WindowAgg.amount_std``:
+ * sqrt((n * sumsq - sum**2) / n**2), the division correctly rounded. */
+static PyObject *exact_std(const Sums *s)
+{
+    if (s->count == 0) {
+        return PyFloat_FromDouble(0.0);
+    }
+    u128 n = (u128)s->count, n_sumsq, sum_sq;
+    if (s->sumsq.hi == 0 && !__builtin_mul_overflow(n, s->sumsq.lo, &n_sumsq) &&
+        !__builtin_mul_overflow(s->sum, s->sum, &sum_sq) && n <= EXACT_DOUBLE / n &&
+        n_sumsq - sum_sq <= EXACT_DOUBLE) {
+        return PyFloat_FromDouble(sqrt((double)(n_sumsq - sum_sq) / (double)(n * n)));
+    }
+    PyObject *count = PyLong_FromLongLong(s->count), *sum = long_of_u128(s->sum);
+    PyObject *sumsq = long_of_u192(&s->sumsq);
+    PyObject *n_sumsq_obj = NULL, *sum_sq_obj = NULL, *numerator = NULL, *n_sq = NULL;
+    PyObject *quotient = NULL, *result = NULL;
+    if (count && sum && sumsq && (n_sumsq_obj = PyNumber_Multiply(count, sumsq)) &&
+        (sum_sq_obj = PyNumber_Multiply(sum, sum)) &&
+        (numerator = PyNumber_Subtract(n_sumsq_obj, sum_sq_obj)) &&
+        (n_sq = PyNumber_Multiply(count, count)) &&
+        (quotient = PyNumber_TrueDivide(numerator, n_sq))) {
+        double variance = PyFloat_AsDouble(quotient);
+        if (!(variance == -1.0 && PyErr_Occurred())) {
+            result = PyFloat_FromDouble(sqrt(variance));
+        }
+    }
+    Py_XDECREF(count);
+    Py_XDECREF(sum);
+    Py_XDECREF(sumsq);
+    Py_XDECREF(n_sumsq_obj);
+    Py_XDECREF(sum_sq_obj);
+    Py_XDECREF(numerator);
+    Py_XDECREF(n_sq);
+    Py_XDECREF(quotient);
+    return result;
+}
+
+/* -- distinct values: the union of a window's bucket sets ------------------------- */
+
+/* ``single`` is the only bucket set seen so far (borrowed); ``merged`` a new set,
+ * made once a second one arrives. */
 typedef struct {
     Py_ssize_t n_distinct;
-    Py_ssize_t n_buckets;
-    ExactSum sums[N_SUMS];
-    PyObject *max; /* borrowed from a bucket */
-    PyObject **single;
-    PyObject **merged;
-} Window;
+    PyObject *single[MAX_DISTINCT];
+    PyObject *merged[MAX_DISTINCT];
+} Union;
 
-static int window_init(Window *w, Py_ssize_t n_distinct)
+static void union_clear(Union *u)
 {
-    memset(w, 0, sizeof(*w));
-    w->n_distinct = n_distinct;
-    if (n_distinct > 0) {
-        w->single = PyMem_Calloc((size_t)n_distinct, sizeof(PyObject *));
-        w->merged = PyMem_Calloc((size_t)n_distinct, sizeof(PyObject *));
-        if (w->single == NULL || w->merged == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
+    for (Py_ssize_t j = 0; j < u->n_distinct; j++) {
+        Py_CLEAR(u->merged[j]);
+        u->single[j] = NULL;
     }
-    return 0;
 }
 
-static void window_clear(Window *w)
+static int union_add(Union *u, PyObject *const *sets)
 {
-    for (int i = 0; i < N_SUMS; i++) {
-        Py_CLEAR(w->sums[i].big);
-    }
-    for (Py_ssize_t j = 0; j < w->n_distinct; j++) {
-        if (w->merged != NULL) {
-            Py_CLEAR(w->merged[j]);
-        }
-    }
-    PyMem_Free(w->single);
-    PyMem_Free(w->merged);
-    w->single = w->merged = NULL;
-}
-
-static int window_add(Window *w, PyObject *bucket)
-{
-    if (!PyList_CheckExact(bucket) || PyList_GET_SIZE(bucket) != FIXED_FIELDS + w->n_distinct) {
-        PyErr_Format(PyExc_TypeError, "a bucket must be a list of %zd fields",
-                     FIXED_FIELDS + w->n_distinct);
-        return -1;
-    }
-    for (int i = 0; i < N_SUMS; i++) {
-        if (exact_sum_add(&w->sums[i], PyList_GET_ITEM(bucket, i)) < 0) {
-            return -1;
-        }
-    }
-    PyObject *max = PyList_GET_ITEM(bucket, MAX_FIELD);
-    if (w->max == NULL) {
-        w->max = max;
-    }
-    else {
-        int greater = PyObject_RichCompareBool(max, w->max, Py_GT);
-        if (greater < 0) {
-            return -1;
-        }
-        if (greater) {
-            w->max = max;
-        }
-    }
-    for (Py_ssize_t j = 0; j < w->n_distinct; j++) {
-        PyObject *values = PyList_GET_ITEM(bucket, FIXED_FIELDS + j);
-        if (!PyAnySet_Check(values)) {
-            PyErr_SetString(PyExc_TypeError, "a bucket's distinct values must be a set");
-            return -1;
-        }
-        if (w->single[j] == NULL) {
-            w->single[j] = values;
+    for (Py_ssize_t j = 0; j < u->n_distinct; j++) {
+        if (u->single[j] == NULL) {
+            u->single[j] = sets[j];
             continue;
         }
-        if (w->merged[j] == NULL) {
-            w->merged[j] = PySet_New(w->single[j]);
-            if (w->merged[j] == NULL) {
-                return -1;
-            }
+        if (u->merged[j] == NULL && (u->merged[j] = PySet_New(u->single[j])) == NULL) {
+            return -1;
         }
-        PyObject *merged = PyNumber_InPlaceOr(w->merged[j], values);
+        PyObject *merged = PyNumber_InPlaceOr(u->merged[j], sets[j]);
         if (merged == NULL) {
             return -1;
         }
         Py_DECREF(merged); /* the same set, updated in place */
     }
-    w->n_buckets++;
     return 0;
 }
 
-/* Add the buckets of ``buckets`` with index in [first, last]. */
-static int window_scan(Window *w, PyObject *buckets, long long first, long long last)
+static Py_ssize_t union_size(const Union *u, Py_ssize_t j)
 {
-    if (!PyDict_Check(buckets)) {
-        PyErr_SetString(PyExc_TypeError, "buckets must be a dict");
-        return -1;
-    }
-    if (last < first) {
-        return 0;
-    }
-    /* Visit whichever is smaller: the stored buckets, or the window's index range. */
-    long long span;
-    if (__builtin_sub_overflow(last, first, &span) || PyDict_GET_SIZE(buckets) - 1 <= span) {
-        Py_ssize_t pos = 0;
-        PyObject *key, *bucket;
-        while (PyDict_Next(buckets, &pos, &key, &bucket)) {
-            long long index = PyLong_AsLongLong(key);
-            if (index == -1 && PyErr_Occurred()) {
-                return -1;
-            }
-            if (first <= index && index <= last && window_add(w, bucket) < 0) {
-                return -1;
-            }
-        }
-        return 0;
-    }
-    for (long long index = first; index <= last; index++) {
-        PyObject *key = PyLong_FromLongLong(index);
-        if (key == NULL) {
-            return -1;
-        }
-        PyObject *bucket = PyDict_GetItemWithError(buckets, key); /* borrowed */
-        Py_DECREF(key);
-        if (bucket == NULL) {
-            if (PyErr_Occurred()) {
-                return -1;
-            }
-            continue;
-        }
-        if (window_add(w, bucket) < 0) {
-            return -1;
-        }
-    }
-    return 0;
+    PyObject *set = u->merged[j] != NULL ? u->merged[j] : u->single[j];
+    return set != NULL ? PySet_GET_SIZE(set) : 0;
 }
 
-/* Fill items[0..4] (new references): the four sums and the max (0 when empty). */
-static int window_fixed_items(Window *w, PyObject **items)
+/* The union of slot j as a set of its own (a new reference): safe to keep. */
+static PyObject *union_take(Union *u, Py_ssize_t j)
 {
-    for (int i = 0; i < N_SUMS; i++) {
-        items[i] = exact_sum_value(&w->sums[i]);
-        if (items[i] == NULL) {
-            return -1;
-        }
+    if (u->merged[j] != NULL) {
+        PyObject *set = u->merged[j];
+        u->merged[j] = NULL;
+        return set;
     }
-    items[MAX_FIELD] = w->max != NULL ? Py_NewRef(w->max) : PyLong_FromLong(0);
-    return items[MAX_FIELD] == NULL ? -1 : 0;
+    return PySet_New(u->single[j]); /* a copy, or empty when no bucket */
 }
 
-static int parse_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t offset,
-                      long long *first, long long *last, Py_ssize_t *n_distinct)
-{
-    if (nargs != offset + 4) {
-        PyErr_Format(PyExc_TypeError, "expected %zd arguments, got %zd", offset + 4, nargs);
-        return -1;
-    }
-    *first = PyLong_AsLongLong(args[offset + 1]);
-    if (*first == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *last = PyLong_AsLongLong(args[offset + 2]);
-    if (*last == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    *n_distinct = PyLong_AsSsize_t(args[offset + 3]);
-    if (*n_distinct == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (*n_distinct < 0) {
-        PyErr_SetString(PyExc_ValueError, "n_distinct must not be negative");
-        return -1;
-    }
-    return 0;
-}
+/* -- the Tiles type ---------------------------------------------------------------- */
 
-/* Parse (buckets, first, last, n_distinct) from args[offset:], add up the window into
- * w and fill items[0..4]. The caller calls window_clear(w) whatever the outcome. */
-static int window_collect(Window *w, PyObject *const *args, Py_ssize_t nargs,
-                          Py_ssize_t offset, PyObject **items)
-{
-    memset(w, 0, sizeof(*w));
-    long long first, last;
+/* A window's closed part (every bucket before the current one), aggregated once. */
+typedef struct {
+    long long window_ms, first, last, version;
+    Sums sums;
+    PyObject *sets[MAX_DISTINCT]; /* owned: the closed part's unions */
+} Closed;
+
+typedef struct {
+    PyObject_HEAD
+    long long resolution_ms;
     Py_ssize_t n_distinct;
-    if (parse_args(args, nargs, offset, &first, &last, &n_distinct) < 0
-        || window_init(w, n_distinct) < 0 || window_scan(w, args[offset], first, last) < 0) {
-        return -1;
-    }
-    return window_fixed_items(w, items);
+    Py_ssize_t n, capacity;
+    Bucket *buckets; /* sorted by index */
+    PyObject **sets; /* bucket i's set j at [i * n_distinct + j] */
+    /* The closed-part cache, one entry per window length, and what invalidates it. */
+    Py_ssize_t n_closed;
+    Closed *closed;
+    long long version;
+    int has_closed_upto;
+    long long closed_upto; /* highest bucket index inside any cached closed part */
+} TilesObject;
+
+static PyTypeObject TilesType;
+
+/* floor(a / b) for b > 0, as Python's // (the bucket of a time). */
+static long long floor_div(long long a, long long b)
+{
+    long long q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
 }
 
-PyDoc_STRVAR(window_partial_doc,
-"window_partial(buckets, first, last, n_distinct)\n--\n\n"
-"(count, declined, amount_sum, amount_sumsq, amount_max, [distinct sets]) of the\n"
-"buckets with index in [first, last]; the sets are new (safe to keep).");
-
-static PyObject *window_partial(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The position of the first bucket with index >= ``index``. */
+static Py_ssize_t lower_bound(const TilesObject *self, long long index)
 {
-    Window w;
-    PyObject *items[FIXED_FIELDS] = {NULL};
-    PyObject *sets = NULL, *result = NULL;
-    if (window_collect(&w, args, nargs, 0, items) < 0) {
-        goto done;
+    Py_ssize_t lo = 0, hi = self->n;
+    if (hi > 0 && self->buckets[hi - 1].index < index) {
+        return hi; /* past the newest: the usual case of an add */
     }
-    sets = PyList_New(w.n_distinct);
-    if (sets == NULL) {
-        goto done;
-    }
-    for (Py_ssize_t j = 0; j < w.n_distinct; j++) {
-        PyObject *set;
-        if (w.merged[j] != NULL) {
-            set = Py_NewRef(w.merged[j]);
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (self->buckets[mid].index < index) {
+            lo = mid + 1;
         }
         else {
-            set = PySet_New(w.single[j]); /* a copy, or empty when no bucket */
-            if (set == NULL) {
-                goto done;
-            }
+            hi = mid;
         }
-        PyList_SET_ITEM(sets, j, set);
     }
-    result = PyTuple_Pack(6, items[0], items[1], items[2], items[3], items[4], sets);
-done:
-    for (int i = 0; i < FIXED_FIELDS; i++) {
-        Py_XDECREF(items[i]);
-    }
-    Py_XDECREF(sets);
-    window_clear(&w);
-    return result;
+    return lo;
 }
 
-PyDoc_STRVAR(window_agg_doc,
-"window_agg(result_type, buckets, first, last, n_distinct)\n--\n\n"
-"result_type(count, declined, amount_sum, amount_sumsq, amount_max, distinct counts)\n"
-"over the buckets with index in [first, last]; result_type is a tuple subclass with\n"
-"those six fields (WindowAgg).");
-
-static PyObject *window_agg(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+static PyObject *Tiles_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    Window w;
-    PyObject *items[FIXED_FIELDS] = {NULL};
-    PyObject *counts = NULL, *result = NULL;
-    if (window_collect(&w, args, nargs, 1, items) < 0) {
-        goto done;
+    static char *keywords[] = {"resolution_ms", "n_distinct", NULL};
+    long long resolution_ms;
+    Py_ssize_t n_distinct = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|n", keywords, &resolution_ms,
+                                     &n_distinct)) {
+        return NULL;
     }
-    PyObject *result_type = args[0]; /* there: window_collect checked nargs */
-    if (!PyType_Check(result_type)
-        || !PyType_IsSubtype((PyTypeObject *)result_type, &PyTuple_Type)) {
-        PyErr_SetString(PyExc_TypeError, "result_type must be a tuple subclass");
-        goto done;
+    if (resolution_ms <= 0) {
+        PyErr_SetString(PyExc_ValueError, "resolution_ms must be positive");
+        return NULL;
     }
-    counts = PyTuple_New(w.n_distinct);
+    if (n_distinct < 0 || n_distinct > MAX_DISTINCT) {
+        PyErr_Format(PyExc_ValueError, "n_distinct must be in 0..%d", MAX_DISTINCT);
+        return NULL;
+    }
+    TilesObject *self = (TilesObject *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->resolution_ms = resolution_ms;
+        self->n_distinct = n_distinct;
+    }
+    return (PyObject *)self;
+}
+
+static void closed_clear(TilesObject *self)
+{
+    for (Py_ssize_t i = 0; i < self->n_closed; i++) {
+        for (Py_ssize_t j = 0; j < self->n_distinct; j++) {
+            Py_CLEAR(self->closed[i].sets[j]);
+        }
+    }
+    PyMem_Free(self->closed);
+    self->closed = NULL;
+    self->n_closed = 0;
+}
+
+static void Tiles_dealloc(TilesObject *self)
+{
+    for (Py_ssize_t i = 0; i < self->n * self->n_distinct; i++) {
+        Py_DECREF(self->sets[i]);
+    }
+    PyMem_Free(self->buckets);
+    PyMem_Free(self->sets);
+    closed_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int grow(TilesObject *self)
+{
+    if (self->n < self->capacity) {
+        return 0;
+    }
+    Py_ssize_t capacity = self->capacity ? self->capacity * 2 : 4;
+    Bucket *buckets = PyMem_Realloc(self->buckets, (size_t)capacity * sizeof(Bucket));
+    if (buckets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->buckets = buckets;
+    if (self->n_distinct > 0) {
+        size_t size = (size_t)(capacity * self->n_distinct) * sizeof(PyObject *);
+        PyObject **sets = PyMem_Realloc(self->sets, size);
+        if (sets == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->sets = sets;
+    }
+    self->capacity = capacity;
+    return 0;
+}
+
+PyDoc_STRVAR(Tiles_add_doc,
+"add(time_ms, amount, declined, distinct_values=())\n--\n\n"
+"Fold one event in (amount in [0, 2**63), one value per distinct field); returns True\n"
+"when it opened a new bucket.");
+
+static PyObject *Tiles_add(TilesObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3 || nargs > 4) {
+        PyErr_Format(PyExc_TypeError, "add() takes 3 or 4 arguments, got %zd", nargs);
+        return NULL;
+    }
+    long long time_ms = PyLong_AsLongLong(args[0]);
+    if (time_ms == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long long amount = PyLong_AsLongLong(args[1]);
+    if (amount == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (amount < 0) {
+        PyErr_SetString(PyExc_ValueError, "amount must not be negative");
+        return NULL;
+    }
+    int declined = PyObject_IsTrue(args[2]);
+    if (declined < 0) {
+        return NULL;
+    }
+    PyObject *values = nargs == 4 ? args[3] : NULL;
+    Py_ssize_t n_values = 0;
+    if (values != NULL) {
+        if (!PyTuple_Check(values)) {
+            PyErr_SetString(PyExc_TypeError, "distinct_values must be a tuple");
+            return NULL;
+        }
+        n_values = PyTuple_GET_SIZE(values);
+    }
+    if (n_values != self->n_distinct) {
+        PyErr_Format(PyExc_ValueError, "expected %zd distinct values, got %R", self->n_distinct,
+                     values != NULL ? values : Py_None);
+        return NULL;
+    }
+    long long index = floor_div(time_ms, self->resolution_ms);
+    if (self->has_closed_upto && index <= self->closed_upto) {
+        self->version++; /* a cached closed part changes */
+    }
+    Py_ssize_t pos = lower_bound(self, index);
+    Py_ssize_t nd = self->n_distinct;
+    u128 square = (u128)amount * (u128)amount;
+    if (pos < self->n && self->buckets[pos].index == index) {
+        for (Py_ssize_t j = 0; j < nd; j++) {
+            if (PySet_Add(self->sets[pos * nd + j], PyTuple_GET_ITEM(values, j)) < 0) {
+                return NULL;
+            }
+        }
+        Sums *s = &self->buckets[pos].sums;
+        s->count++;
+        s->declined += declined;
+        s->sum += (u128)amount;
+        u192_add128(&s->sumsq, square);
+        if (amount > s->max) {
+            s->max = amount;
+        }
+        Py_RETURN_FALSE;
+    }
+    PyObject *made[MAX_DISTINCT] = {NULL};
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        if ((made[j] = PySet_New(NULL)) == NULL ||
+            PySet_Add(made[j], PyTuple_GET_ITEM(values, j)) < 0) {
+            goto failed;
+        }
+    }
+    if (grow(self) < 0) {
+        goto failed;
+    }
+    Py_ssize_t after = self->n - pos;
+    memmove(&self->buckets[pos + 1], &self->buckets[pos], (size_t)after * sizeof(Bucket));
+    if (nd > 0) {
+        memmove(&self->sets[(pos + 1) * nd], &self->sets[pos * nd],
+                (size_t)(after * nd) * sizeof(PyObject *));
+    }
+    Bucket *b = &self->buckets[pos];
+    memset(b, 0, sizeof(*b));
+    b->index = index;
+    b->sums.count = 1;
+    b->sums.declined = declined;
+    b->sums.max = amount;
+    b->sums.sum = (u128)amount;
+    b->sums.sumsq.lo = square;
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        self->sets[pos * nd + j] = made[j];
+    }
+    self->n++;
+    Py_RETURN_TRUE;
+failed:
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        Py_XDECREF(made[j]);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(Tiles_expire_doc,
+"expire(keep_from_ms)\n--\n\n"
+"Drop buckets wholly before ``keep_from_ms``; returns how many were dropped.");
+
+static PyObject *Tiles_expire(TilesObject *self, PyObject *arg)
+{
+    long long keep_from_ms = PyLong_AsLongLong(arg);
+    if (keep_from_ms == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t stale = lower_bound(self, floor_div(keep_from_ms, self->resolution_ms));
+    if (stale == 0) {
+        return PyLong_FromLong(0);
+    }
+    Py_ssize_t nd = self->n_distinct;
+    for (Py_ssize_t i = 0; i < stale * nd; i++) {
+        Py_DECREF(self->sets[i]);
+    }
+    Py_ssize_t kept = self->n - stale;
+    memmove(self->buckets, &self->buckets[stale], (size_t)kept * sizeof(Bucket));
+    if (nd > 0) {
+        memmove(self->sets, &self->sets[stale * nd], (size_t)(kept * nd) * sizeof(PyObject *));
+    }
+    self->n = kept;
+    if (self->n_closed > 0) {
+        self->version++;
+    }
+    return PyLong_FromSsize_t(stale);
+}
+
+/* Add the buckets with index in [first, last] to ``sums`` and ``u``. */
+static int scan(const TilesObject *self, long long first, long long last, Sums *sums, Union *u)
+{
+    for (Py_ssize_t i = lower_bound(self, first); i < self->n; i++) {
+        const Bucket *b = &self->buckets[i];
+        if (b->index > last) {
+            break;
+        }
+        sums_add(sums, &b->sums);
+        if (self->n_distinct > 0 && union_add(u, &self->sets[i * self->n_distinct]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The closed part [first, last] of the windows of length ``window_ms``: the cached one
+ * while still valid, else aggregated now and cached. */
+static Closed *closed_part(TilesObject *self, long long window_ms, long long first,
+                           long long last)
+{
+    Closed *entry = NULL;
+    for (Py_ssize_t i = 0; i < self->n_closed; i++) {
+        if (self->closed[i].window_ms == window_ms) {
+            entry = &self->closed[i];
+            break;
+        }
+    }
+    if (entry != NULL && entry->first == first && entry->last == last &&
+        entry->version == self->version) {
+        return entry;
+    }
+    Sums sums;
+    Union u;
+    memset(&sums, 0, sizeof(sums));
+    memset(&u, 0, sizeof(u));
+    u.n_distinct = self->n_distinct;
+    PyObject *sets[MAX_DISTINCT] = {NULL};
+    int ok = scan(self, first, last, &sums, &u) == 0;
+    for (Py_ssize_t j = 0; ok && j < self->n_distinct; j++) {
+        ok = (sets[j] = union_take(&u, j)) != NULL;
+    }
+    union_clear(&u);
+    if (ok && entry == NULL) {
+        Closed *grown = PyMem_Realloc(self->closed, (size_t)(self->n_closed + 1) * sizeof(Closed));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+        else {
+            self->closed = grown;
+            entry = &grown[self->n_closed++];
+            memset(entry, 0, sizeof(*entry));
+        }
+    }
+    if (!ok) {
+        for (Py_ssize_t j = 0; j < self->n_distinct; j++) {
+            Py_XDECREF(sets[j]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < self->n_distinct; j++) {
+        Py_XSETREF(entry->sets[j], sets[j]);
+    }
+    entry->window_ms = window_ms;
+    entry->first = first;
+    entry->last = last;
+    entry->version = self->version;
+    entry->sums = sums;
+    if (!self->has_closed_upto || last > self->closed_upto) {
+        self->has_closed_upto = 1;
+        self->closed_upto = last;
+    }
+    return entry;
+}
+
+/* How many of ``values`` are not in ``closed``. */
+static Py_ssize_t count_new(PyObject *values, PyObject *closed)
+{
+    PyObject *iterator = PyObject_GetIter(values), *key;
+    if (iterator == NULL) {
+        return -1;
+    }
+    Py_ssize_t fresh = 0;
+    while ((key = PyIter_Next(iterator)) != NULL) {
+        int seen = PySet_Contains(closed, key);
+        Py_DECREF(key);
+        if (seen < 0) {
+            Py_DECREF(iterator);
+            return -1;
+        }
+        fresh += !seen;
+    }
+    Py_DECREF(iterator);
+    return PyErr_Occurred() ? -1 : fresh;
+}
+
+/* The window (b(t) - W/r, b(t)] as of ``t_ms``: its sums and distinct counts. Long
+ * windows of tiles holding many buckets add the current bucket to their cached closed
+ * part (``PyTiles.window``'s rule). */
+static int tiles_window(TilesObject *self, long long t_ms, long long window_ms, Sums *sums,
+                        Py_ssize_t *distinct)
+{
+    long long r = self->resolution_ms;
+    if (window_ms <= 0 || window_ms % r != 0) {
+        PyErr_Format(PyExc_ValueError, "window %lld ms is not a positive multiple of %lld ms",
+                     window_ms, r);
+        return -1;
+    }
+    long long last = floor_div(t_ms, r), first;
+    if (__builtin_sub_overflow(last, window_ms / r - 1, &first)) {
+        PyErr_SetString(PyExc_OverflowError, "window starts before the earliest time");
+        return -1;
+    }
+    memset(sums, 0, sizeof(*sums));
+    Py_ssize_t nd = self->n_distinct;
+    if (last - first < CACHE_MIN_BUCKETS || self->n < CACHE_MIN_BUCKETS) {
+        Union u;
+        memset(&u, 0, sizeof(u));
+        u.n_distinct = nd;
+        int rc = scan(self, first, last, sums, &u);
+        for (Py_ssize_t j = 0; j < nd; j++) {
+            distinct[j] = union_size(&u, j);
+        }
+        union_clear(&u);
+        return rc;
+    }
+    Closed *closed = closed_part(self, window_ms, first, last - 1);
+    if (closed == NULL) {
+        return -1;
+    }
+    *sums = closed->sums;
+    Py_ssize_t current = lower_bound(self, last);
+    int has_current = current < self->n && self->buckets[current].index == last;
+    if (has_current) {
+        sums_add(sums, &self->buckets[current].sums);
+    }
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        distinct[j] = PySet_GET_SIZE(closed->sets[j]);
+        if (has_current) {
+            Py_ssize_t fresh = count_new(self->sets[current * nd + j], closed->sets[j]);
+            if (fresh < 0) {
+                return -1;
+            }
+            distinct[j] += fresh;
+        }
+    }
+    return 0;
+}
+
+static int parse_window_args(PyObject *const *args, Py_ssize_t nargs, long long *t_ms,
+                             long long *window_ms)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "expected 2 arguments, got %zd", nargs);
+        return -1;
+    }
+    *t_ms = PyLong_AsLongLong(args[0]);
+    if (*t_ms == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *window_ms = PyLong_AsLongLong(args[1]);
+    return *window_ms == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+PyDoc_STRVAR(Tiles_aggregate_doc,
+"aggregate(t_ms, window_ms)\n--\n\n"
+"(count, declined, amount_sum, amount_sumsq, amount_max, distinct counts) of the\n"
+"buckets in (b(t) - W/r, b(t)]: the fields of a WindowAgg (tiles.Tiles.window).");
+
+static PyObject *Tiles_aggregate(TilesObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long t_ms, window_ms;
+    Sums s;
+    Py_ssize_t distinct[MAX_DISTINCT];
+    if (parse_window_args(args, nargs, &t_ms, &window_ms) < 0 ||
+        tiles_window(self, t_ms, window_ms, &s, distinct) < 0) {
+        return NULL;
+    }
+    PyObject *counts = PyTuple_New(self->n_distinct);
     if (counts == NULL) {
-        goto done;
+        return NULL;
     }
-    for (Py_ssize_t j = 0; j < w.n_distinct; j++) {
-        PyObject *set = w.merged[j] != NULL ? w.merged[j] : w.single[j];
-        PyObject *count = PyLong_FromSsize_t(set != NULL ? PySet_GET_SIZE(set) : 0);
+    for (Py_ssize_t j = 0; j < self->n_distinct; j++) {
+        PyObject *count = PyLong_FromSsize_t(distinct[j]);
         if (count == NULL) {
-            goto done;
+            Py_DECREF(counts);
+            return NULL;
         }
         PyTuple_SET_ITEM(counts, j, count);
     }
-    /* What tuple.__new__ does for a subclass: allocate, then fill the items. */
-    PyTypeObject *type = (PyTypeObject *)result_type;
-    result = type->tp_alloc(type, FIXED_FIELDS + 1);
-    if (result == NULL) {
-        goto done;
-    }
-    for (int i = 0; i < FIXED_FIELDS; i++) {
-        PyTuple_SET_ITEM(result, i, items[i]);
-        items[i] = NULL;
-    }
-    PyTuple_SET_ITEM(result, FIXED_FIELDS, counts);
-    counts = NULL;
-done:
-    for (int i = 0; i < FIXED_FIELDS; i++) {
-        Py_XDECREF(items[i]);
-    }
-    Py_XDECREF(counts);
-    window_clear(&w);
-    return result;
+    return Py_BuildValue("(LLNNLN)", s.count, s.declined, long_of_u128(s.sum),
+                         long_of_u192(&s.sumsq), s.max, counts);
 }
+
+PyDoc_STRVAR(Tiles_buckets_doc,
+"The stored buckets as the Python twin keeps them: {index: [count, declined,\n"
+"amount_sum, amount_sumsq, amount_max, *distinct sets]} (a new dict and lists; the\n"
+"sets are the live ones: read, do not change).");
+
+static PyObject *Tiles_buckets(TilesObject *self, void *closure)
+{
+    PyObject *buckets = PyDict_New();
+    if (buckets == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        const Bucket *b = &self->buckets[i];
+        PyObject *row = Py_BuildValue("[LLNNL]", b->sums.count, b->sums.declined,
+                                      long_of_u128(b->sums.sum), long_of_u192(&b->sums.sumsq),
+                                      b->sums.max);
+        PyObject *key = row != NULL ? PyLong_FromLongLong(b->index) : NULL;
+        int rc = key != NULL ? 0 : -1;
+        for (Py_ssize_t j = 0; rc == 0 && j < self->n_distinct; j++) {
+            rc = PyList_Append(row, self->sets[i * self->n_distinct + j]);
+        }
+        if (rc == 0) {
+            rc = PyDict_SetItem(buckets, key, row);
+        }
+        Py_XDECREF(key);
+        Py_XDECREF(row);
+        if (rc < 0) {
+            Py_DECREF(buckets);
+            return NULL;
+        }
+    }
+    return buckets;
+}
+
+static Py_ssize_t Tiles_len(TilesObject *self)
+{
+    return self->n;
+}
+
+static PyObject *Tiles_sizeof(TilesObject *self, PyObject *unused)
+{
+    size_t per_bucket = sizeof(Bucket) + (size_t)self->n_distinct * sizeof(PyObject *);
+    size_t size = (size_t)Py_TYPE(self)->tp_basicsize + (size_t)self->capacity * per_bucket +
+                  (size_t)self->n_closed * sizeof(Closed);
+    return PyLong_FromSize_t(size);
+}
+
+static PyMethodDef Tiles_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Tiles_add, METH_FASTCALL, Tiles_add_doc},
+    {"expire", (PyCFunction)Tiles_expire, METH_O, Tiles_expire_doc},
+    {"aggregate", (PyCFunction)(void (*)(void))Tiles_aggregate, METH_FASTCALL,
+     Tiles_aggregate_doc},
+    {"__sizeof__", (PyCFunction)Tiles_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Tiles_members[] = {
+    {"resolution_ms", T_LONGLONG, offsetof(TilesObject, resolution_ms), READONLY, NULL},
+    {"n_distinct", T_PYSSIZET, offsetof(TilesObject, n_distinct), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Tiles_getset[] = {
+    {"buckets", (getter)Tiles_buckets, NULL, Tiles_buckets_doc, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods Tiles_as_sequence = {
+    .sq_length = (lenfunc)Tiles_len,
+};
+
+PyDoc_STRVAR(Tiles_doc,
+"Tiles(resolution_ms, n_distinct=0)\n--\n\n"
+"Non-empty buckets of one entity at one resolution, in compact arrays (tiles.py's\n"
+"PyTiles, compiled).");
+
+static PyTypeObject TilesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "streamscore.kernels._windows.Tiles",
+    .tp_basicsize = sizeof(TilesObject),
+    .tp_dealloc = (destructor)Tiles_dealloc,
+    .tp_as_sequence = &Tiles_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = Tiles_doc,
+    .tp_methods = Tiles_methods,
+    .tp_members = Tiles_members,
+    .tp_getset = Tiles_getset,
+    .tp_new = Tiles_new,
+};
 
 /* -- windowed_values: every window read of one entity, straight into its values dict --
  *
- * Score reads about ten values over four windows per entity. Going through
- * ``Tiles.window`` and a reader per value cost more in the interpreter than the
- * aggregation itself; this does the same per window: the closed-part cache's
- * ``Tiles.window`` where the cache applies (long windows of busy entities: that logic
- * stays in one place), else the scan above; then each read, with the same Python
- * number operations the readers use (so every value is the same float). */
+ * Score reads about ten values over four windows per entity: per window, the sums and
+ * distinct counts above, then each read as a float, computed as the Python readers
+ * compute it (tiles.py, WINDOW_READS), so every value is the same float. */
 
 enum {
     READ_COUNT = 0,
@@ -362,81 +788,30 @@ enum {
     READ_DISTINCT,
 };
 
-/* count, declined, sum, sumsq, max (borrowed) and the distinct counts of one window. */
-typedef struct {
-    PyObject *items[FIXED_FIELDS];
-    Py_ssize_t *distinct;
-    Py_ssize_t n_distinct;
-} WindowValues;
-
-/* a / b for Python ints, or 0.0 when b is 0: the readers' ``a / b if b else 0.0``. */
-static PyObject *ratio_or_zero(PyObject *a, PyObject *b)
+static PyObject *read_value(const Sums *s, const Py_ssize_t *distinct, Py_ssize_t n_distinct,
+                            long code, Py_ssize_t slot)
 {
-    int nonzero = PyObject_IsTrue(b);
-    if (nonzero < 0) {
-        return NULL;
-    }
-    return nonzero ? PyNumber_TrueDivide(a, b) : PyFloat_FromDouble(0.0);
-}
-
-/* The population std from exact integer moments, as ``WindowAgg.amount_std``. */
-static PyObject *exact_std(PyObject *n, PyObject *sum, PyObject *sumsq)
-{
-    int nonzero = PyObject_IsTrue(n);
-    if (nonzero <= 0) {
-        return nonzero < 0 ? NULL : PyFloat_FromDouble(0.0);
-    }
-    PyObject *result = NULL, *n_sumsq = NULL, *sum_sq = NULL, *numerator = NULL;
-    PyObject *n_sq = NULL, *quotient = NULL;
-    if ((n_sumsq = PyNumber_Multiply(n, sumsq)) && (sum_sq = PyNumber_Multiply(sum, sum)) &&
-        (numerator = PyNumber_Subtract(n_sumsq, sum_sq)) && (n_sq = PyNumber_Multiply(n, n)) &&
-        (quotient = PyNumber_TrueDivide(numerator, n_sq))) {
-        double variance = PyFloat_AsDouble(quotient);
-        if (!(variance == -1.0 && PyErr_Occurred())) {
-            result = PyFloat_FromDouble(sqrt(variance));
-        }
-    }
-    Py_XDECREF(n_sumsq);
-    Py_XDECREF(sum_sq);
-    Py_XDECREF(numerator);
-    Py_XDECREF(n_sq);
-    Py_XDECREF(quotient);
-    return result;
-}
-
-static PyObject *as_float(PyObject *integer)
-{
-    double value = PyLong_AsDouble(integer); /* float(int): correctly rounded */
-    if (value == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    return PyFloat_FromDouble(value);
-}
-
-static PyObject *read_value(const WindowValues *v, long code, Py_ssize_t slot)
-{
-    PyObject *const *items = v->items;
     switch (code) {
     case READ_COUNT:
-        return as_float(items[0]);
+        return PyFloat_FromDouble((double)s->count); /* correctly rounded, as float(int) */
     case READ_DECLINED:
-        return as_float(items[1]);
+        return PyFloat_FromDouble((double)s->declined);
     case READ_SUM:
-        return as_float(items[2]);
+        return float_of_u128(s->sum);
     case READ_MAX:
-        return as_float(items[MAX_FIELD]);
+        return PyFloat_FromDouble((double)s->max);
     case READ_MEAN:
-        return ratio_or_zero(items[2], items[0]);
+        return ratio_or_zero(s->sum, s->count);
     case READ_STD:
-        return exact_std(items[0], items[2], items[3]);
+        return exact_std(s);
     case READ_DECLINE_RATE:
-        return ratio_or_zero(items[1], items[0]);
+        return ratio_or_zero((u128)s->declined, s->count);
     case READ_DISTINCT:
-        if (slot < 0 || slot >= v->n_distinct) {
+        if (slot < 0 || slot >= n_distinct) {
             PyErr_Format(PyExc_ValueError, "distinct slot %zd out of range", slot);
             return NULL;
         }
-        return PyFloat_FromDouble((double)v->distinct[slot]);
+        return PyFloat_FromDouble((double)distinct[slot]);
     default:
         PyErr_Format(PyExc_ValueError, "unknown read code %ld", code);
         return NULL;
@@ -444,7 +819,8 @@ static PyObject *read_value(const WindowValues *v, long code, Py_ssize_t slot)
 }
 
 /* values[name] = read for each (name, code, slot) of ``reads``. */
-static int store_reads(PyObject *values, PyObject *reads, const WindowValues *v)
+static int store_reads(PyObject *values, PyObject *reads, const Sums *s,
+                       const Py_ssize_t *distinct, Py_ssize_t n_distinct)
 {
     if (!PyTuple_Check(reads)) {
         PyErr_SetString(PyExc_TypeError, "reads must be a tuple");
@@ -461,7 +837,7 @@ static int store_reads(PyObject *values, PyObject *reads, const WindowValues *v)
         if ((code == -1 || slot == -1) && PyErr_Occurred()) {
             return -1;
         }
-        PyObject *value = read_value(v, code, slot);
+        PyObject *value = read_value(s, distinct, n_distinct, code, slot);
         if (value == NULL) {
             return -1;
         }
@@ -474,114 +850,26 @@ static int store_reads(PyObject *values, PyObject *reads, const WindowValues *v)
     return 0;
 }
 
-/* One window read through ``Tiles.window`` (the closed-part cache applies). */
-static int reads_through_method(PyObject *values, PyObject *tiles, PyObject *t_ms,
-                                PyObject *window_ms, PyObject *reads)
-{
-    static PyObject *window_name = NULL;
-    if (window_name == NULL && (window_name = PyUnicode_InternFromString("window")) == NULL) {
-        return -1;
-    }
-    PyObject *agg = PyObject_CallMethodObjArgs(tiles, window_name, t_ms, window_ms, NULL);
-    if (agg == NULL) {
-        return -1;
-    }
-    int rc = -1;
-    WindowValues v = {{NULL}, NULL, 0};
-    if (!PyTuple_Check(agg) || PyTuple_GET_SIZE(agg) != FIXED_FIELDS + 1 ||
-        !PyTuple_Check(PyTuple_GET_ITEM(agg, FIXED_FIELDS))) {
-        PyErr_SetString(PyExc_TypeError, "Tiles.window must return a WindowAgg");
-        goto done;
-    }
-    for (int i = 0; i < FIXED_FIELDS; i++) {
-        v.items[i] = PyTuple_GET_ITEM(agg, i);
-    }
-    PyObject *counts = PyTuple_GET_ITEM(agg, FIXED_FIELDS);
-    v.n_distinct = PyTuple_GET_SIZE(counts);
-    v.distinct = PyMem_Calloc(v.n_distinct ? (size_t)v.n_distinct : 1, sizeof(Py_ssize_t));
-    if (v.distinct == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t j = 0; j < v.n_distinct; j++) {
-        v.distinct[j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(counts, j));
-        if (v.distinct[j] == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-    }
-    rc = store_reads(values, reads, &v);
-done:
-    PyMem_Free(v.distinct);
-    Py_DECREF(agg);
-    return rc;
-}
-
-/* One window read by scanning its buckets here. */
-static int reads_by_scan(PyObject *values, PyObject *buckets, long long first, long long last,
-                         Py_ssize_t n_distinct, PyObject *reads)
-{
-    Window w;
-    WindowValues v = {{NULL}, NULL, n_distinct};
-    int rc = -1;
-    memset(&w, 0, sizeof(w));
-    if (window_init(&w, n_distinct) < 0 || window_scan(&w, buckets, first, last) < 0 ||
-        window_fixed_items(&w, v.items) < 0) {
-        goto done;
-    }
-    v.distinct = PyMem_Calloc(n_distinct ? (size_t)n_distinct : 1, sizeof(Py_ssize_t));
-    if (v.distinct == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    for (Py_ssize_t j = 0; j < n_distinct; j++) {
-        PyObject *set = w.merged[j] != NULL ? w.merged[j] : w.single[j];
-        v.distinct[j] = set != NULL ? PySet_GET_SIZE(set) : 0;
-    }
-    rc = store_reads(values, reads, &v);
-done:
-    for (int i = 0; i < FIXED_FIELDS; i++) {
-        Py_XDECREF(v.items[i]);
-    }
-    PyMem_Free(v.distinct);
-    window_clear(&w);
-    return rc;
-}
-
-/* floor(a / b) for b > 0, as Python's // (the bucket of a time). */
-static long long floor_div(long long a, long long b)
-{
-    long long q = a / b;
-    return (a % b != 0 && a < 0) ? q - 1 : q;
-}
-
 PyDoc_STRVAR(windowed_values_doc,
-"windowed_values(values, tiles_by_resolution, t_ms, plan, cache_min_buckets)\n--\n\n"
+"windowed_values(values, tiles_by_resolution, t_ms, plan)\n--\n\n"
 "For each (resolution_ms, window_ms, n_distinct, reads) of ``plan``, aggregate the\n"
-"window of ``tiles_by_resolution[resolution_ms]`` as of ``t_ms`` and set\n"
-"``values[name]`` for each (name, code, slot) of ``reads`` (see tiles.py,\n"
-"``windowed_values``). Windows over ``cache_min_buckets`` buckets or more, of tiles\n"
-"holding as many, go through ``Tiles.window`` (its closed-part cache).");
+"window of ``tiles_by_resolution[resolution_ms]`` (compiled Tiles) as of ``t_ms`` and\n"
+"set ``values[name]`` for each (name, code, slot) of ``reads`` (see tiles.py,\n"
+"``windowed_values``).");
 
 static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "expected 5 arguments, got %zd", nargs);
+    if (nargs != 4) {
+        PyErr_Format(PyExc_TypeError, "expected 4 arguments, got %zd", nargs);
         return NULL;
     }
-    PyObject *values = args[0], *tiles_by_resolution = args[1], *t_obj = args[2];
-    PyObject *plan = args[3];
+    PyObject *values = args[0], *tiles_by_resolution = args[1], *plan = args[3];
     if (!PyDict_Check(values) || !PyDict_Check(tiles_by_resolution) || !PyTuple_Check(plan)) {
         PyErr_SetString(PyExc_TypeError, "values and tiles must be dicts, plan a tuple");
         return NULL;
     }
-    long long t_ms = PyLong_AsLongLong(t_obj);
-    long long cache_min = PyLong_AsLongLong(args[4]);
-    if ((t_ms == -1 || cache_min == -1) && PyErr_Occurred()) {
-        return NULL;
-    }
-    static PyObject *buckets_name = NULL;
-    if (buckets_name == NULL &&
-        (buckets_name = PyUnicode_InternFromString("buckets")) == NULL) {
+    long long t_ms = PyLong_AsLongLong(args[2]);
+    if (t_ms == -1 && PyErr_Occurred()) {
         return NULL;
     }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plan); i++) {
@@ -591,42 +879,27 @@ static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssi
                             "a plan item must be (resolution_ms, window_ms, n_distinct, reads)");
             return NULL;
         }
-        PyObject *r_obj = PyTuple_GET_ITEM(window, 0), *w_obj = PyTuple_GET_ITEM(window, 1);
-        long long r = PyLong_AsLongLong(r_obj), window_ms = PyLong_AsLongLong(w_obj);
-        Py_ssize_t n_distinct = PyLong_AsSsize_t(PyTuple_GET_ITEM(window, 2));
-        if ((r == -1 || window_ms == -1 || n_distinct == -1) && PyErr_Occurred()) {
-            return NULL;
-        }
-        if (r <= 0 || window_ms <= 0 || window_ms % r != 0 || n_distinct < 0) {
-            PyErr_Format(PyExc_ValueError, "window %lld ms is not a positive multiple of %lld ms",
-                         window_ms, r);
+        PyObject *r_obj = PyTuple_GET_ITEM(window, 0);
+        long long window_ms = PyLong_AsLongLong(PyTuple_GET_ITEM(window, 1));
+        if (window_ms == -1 && PyErr_Occurred()) {
             return NULL;
         }
         PyObject *tiles = PyDict_GetItemWithError(tiles_by_resolution, r_obj); /* borrowed */
         if (tiles == NULL) {
             if (!PyErr_Occurred()) {
-                PyErr_Format(PyExc_KeyError, "no tiles at resolution %lld ms", r);
+                PyErr_Format(PyExc_KeyError, "no tiles at resolution %S ms", r_obj);
             }
             return NULL;
         }
-        PyObject *reads = PyTuple_GET_ITEM(window, 3);
-        PyObject *buckets = PyObject_GetAttr(tiles, buckets_name);
-        if (buckets == NULL) {
+        if (!PyObject_TypeCheck(tiles, &TilesType)) {
+            PyErr_SetString(PyExc_TypeError, "tiles must be compiled Tiles");
             return NULL;
         }
-        long long last = floor_div(t_ms, r);
-        long long first = last - window_ms / r + 1;
-        int rc;
-        /* Tiles.window's own test for when its closed-part cache applies. */
-        if (last - first < cache_min || PyDict_Check(buckets) == 0 ||
-            PyDict_GET_SIZE(buckets) < cache_min) {
-            rc = reads_by_scan(values, buckets, first, last, n_distinct, reads);
-        }
-        else {
-            rc = reads_through_method(values, tiles, t_obj, w_obj, reads);
-        }
-        Py_DECREF(buckets);
-        if (rc < 0) {
+        TilesObject *t = (TilesObject *)tiles;
+        Sums s;
+        Py_ssize_t distinct[MAX_DISTINCT];
+        if (tiles_window(t, t_ms, window_ms, &s, distinct) < 0 ||
+            store_reads(values, PyTuple_GET_ITEM(window, 3), &s, distinct, t->n_distinct) < 0) {
             return NULL;
         }
     }
@@ -634,20 +907,34 @@ static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssi
 }
 
 static PyMethodDef methods[] = {
-    {"window_partial", (PyCFunction)(void (*)(void))window_partial, METH_FASTCALL,
-     window_partial_doc},
-    {"window_agg", (PyCFunction)(void (*)(void))window_agg, METH_FASTCALL, window_agg_doc},
     {"windowed_values", (PyCFunction)(void (*)(void))windowed_values, METH_FASTCALL,
      windowed_values_doc},
     {NULL, NULL, 0, NULL},
 };
 
+static int exec_module(PyObject *module)
+{
+    if (PyType_Ready(&TilesType) < 0) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "Tiles", (PyObject *)&TilesType) < 0) {
+        return -1;
+    }
+    return PyModule_AddIntConstant(module, "CACHE_MIN_BUCKETS", CACHE_MIN_BUCKETS);
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, exec_module},
+    {0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "streamscore.kernels._windows",
-    .m_doc = "Window aggregation over sparse time tiles (see tiles.py).",
+    .m_doc = "Sparse time tiles in compact arrays, and feature reads over them (see tiles.py).",
     .m_size = 0,
     .m_methods = methods,
+    .m_slots = slots,
 };
 
 PyMODINIT_FUNC PyInit__windows(void)

@@ -4,9 +4,14 @@ Semantics (DESIGN.md, "Feature semantics"): with buckets ``b(x) = floor(x / r)``
 value as of time ``t`` over a window ``W`` aggregates the events with
 ``b(t) - W/r < b(e) <= b(t)``: the current bucket plus the ``W/r - 1`` before it.
 
-Only non-empty buckets are stored. Sums are Python ints, so sums and sums of squares
-of int64 amounts are exact; mean and population std are derived from them with a
-single rounding, which keeps them bit-reproducible between online and offline paths.
+Only non-empty buckets are stored. Sums are exact integers (Python ints here, 128- and
+192-bit ones in the compiled ``Tiles``), so sums and sums of squares of int64 amounts
+are exact; mean and population std are derived from them with a single rounding,
+which keeps them bit-reproducible between online and offline paths.
+
+Two implementations with one behaviour: ``PyTiles`` below, and the compiled ``Tiles``
+(``_windows.c``: the buckets in compact arrays), which the store uses where it was
+built; the property tests hold the two to each other.
 
 Serving cost. A busy entity (a large merchant) has a bucket in most of a long
 window, and its distinct sets are large: scanning 168 hourly buckets and uniting
@@ -136,10 +141,9 @@ WindowPlan = tuple[int, int, int, tuple[tuple[str, int, int], ...]]
 
 def _windowed_values_py(
     values: dict[str, float],
-    tiles_by_resolution: dict[int, Tiles],
+    tiles_by_resolution: dict[int, PyTiles],
     t_ms: int,
     plan: tuple[WindowPlan, ...],
-    cache_min_buckets: int,
 ) -> None:
     """Set ``values[name]`` for every read of ``plan``, from the windows as of ``t_ms``."""
     for resolution_ms, window_ms, _n_distinct, reads in plan:
@@ -148,20 +152,9 @@ def _windowed_values_py(
             values[name] = WINDOW_READS[code](agg, slot)
 
 
-# The compiled kernel (streamscore/kernels/_windows.c, built by `pip install`) computes
-# the same integers, sets and floats without the interpreter's per-bucket (and, in
-# ``windowed_values``, per-window and per-read) overhead; the property tests hold the
-# two to each other. A checkout that was not built (or a machine without a C
-# compiler) reads windows with the Python above.
-try:
-    from streamscore.kernels._windows import window_agg, window_partial, windowed_values
-except ImportError:  # pragma: no cover - exercised where no compiler was found
-    window_agg, window_partial = _window_agg_py, _window_partial_py
-    windowed_values = _windowed_values_py
-
-
-class Tiles:
-    """Non-empty buckets of one entity at resolution ``resolution_ms``."""
+class PyTiles:
+    """Non-empty buckets of one entity at resolution ``resolution_ms`` (the Python twin
+    of the compiled ``Tiles``; see the end of this module)."""
 
     __slots__ = (
         "_cache",
@@ -228,13 +221,13 @@ class Tiles:
         last = t_ms // r
         first = last - window_ms // r + 1
         if last - first < CACHE_MIN_BUCKETS or len(self.buckets) < CACHE_MIN_BUCKETS:
-            return window_agg(WindowAgg, self.buckets, first, last, self.n_distinct)
+            return _window_agg_py(WindowAgg, self.buckets, first, last, self.n_distinct)
         cache = self._cache
         if cache is None:
             cache = self._cache = {}
         entry = cache.get(window_ms)
         if entry is None or entry[0] != first or entry[1] != last or entry[2] != self._version:
-            closed = window_partial(self.buckets, first, last - 1, self.n_distinct)
+            closed = _window_partial_py(self.buckets, first, last - 1, self.n_distinct)
             entry = (first, last, self._version, closed)
             cache[window_ms] = entry
             if self._closed_upto is None or last - 1 > self._closed_upto:
@@ -272,3 +265,28 @@ class Tiles:
 
     def __len__(self) -> int:
         return len(self.buckets)
+
+
+# The compiled tiles (streamscore/kernels/_windows.c, built by `pip install`): the same
+# buckets in compact arrays, no Python object per bucket or number, and the window
+# reads over them in one call per entity (``windowed_values``). The property tests
+# hold them to the Python above. A checkout that was not built (or a machine without a
+# C compiler) keeps its state in ``PyTiles`` and reads it with the Python readers.
+try:
+    from streamscore.kernels import _windows
+except ImportError:  # pragma: no cover - exercised where no compiler was found
+    Tiles: type[PyTiles] = PyTiles
+    windowed_values = _windowed_values_py
+else:
+
+    class CompiledTiles(_windows.Tiles):
+        """``PyTiles`` compiled; ``window`` gives the same ``WindowAgg``."""
+
+        __slots__ = ()
+
+        def window(self, t_ms: int, window_ms: int) -> WindowAgg:
+            """Aggregate the buckets in ``(b(t) - W/r, b(t)]``."""
+            return WindowAgg._make(self.aggregate(t_ms, window_ms))
+
+    Tiles = CompiledTiles  # type: ignore[assignment]
+    windowed_values = _windows.windowed_values  # type: ignore[assignment]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from streamscore.kernels.recent import RecentEvents
-from streamscore.kernels.tiles import CACHE_MIN_BUCKETS, Tiles, windowed_values
+from streamscore.kernels.tiles import PyTiles, Tiles, _windowed_values_py, windowed_values
 from streamscore.stream.features import (
     DEFAULT_PACK,
     ENTITY_TYPES,
@@ -61,8 +61,10 @@ CACHE_MIN_FOLDED = 32
 class EntityState:
     __slots__ = ("cached", "folded", "recent", "tiles")
 
-    def __init__(self, layout: EntityLayout, horizon_ms: int) -> None:
-        self.tiles = {r: Tiles(r, len(layout.distinct_fields[r])) for r in layout.resolutions}
+    def __init__(
+        self, layout: EntityLayout, horizon_ms: int, tiles_type: type[PyTiles] = Tiles
+    ) -> None:
+        self.tiles = {r: tiles_type(r, len(layout.distinct_fields[r])) for r in layout.resolutions}
         self.recent = RecentEvents(horizon_ms)
         self.folded = 0
         # (key, windowed values): key = (folded, t // r for each resolution).
@@ -97,8 +99,15 @@ class FeatureStore:
         pack: tuple[FeatureDef, ...] = DEFAULT_PACK,
         lateness_ms: int = DEFAULT_LATENESS_MS,
         skew_ms: int = DEFAULT_SKEW_MS,
+        *,
+        reference: bool = False,
     ) -> None:
+        """``reference``: keep the buckets in the Python twin (``PyTiles``) and read
+        them with the Python readers, the reference the compiled tiles are tested and
+        measured against; by default the compiled ``Tiles`` where they were built."""
         self.pack = pack
+        self._tiles_type: type[PyTiles] = PyTiles if reference else Tiles
+        self._read_windows = _windowed_values_py if reference else windowed_values
         self.lateness_ms = lateness_ms
         self.skew_ms = skew_ms
         self.layouts = {entity: entity_layout(entity, pack) for entity in ENTITY_TYPES}
@@ -158,7 +167,9 @@ class FeatureStore:
         states = self.entities[entity_type]
         state = states.get(entity_id)
         if state is None:
-            state = states[entity_id] = EntityState(self.layouts[entity_type], self.lateness_ms)
+            state = states[entity_id] = EntityState(
+                self.layouts[entity_type], self.lateness_ms, self._tiles_type
+            )
             swept_newest = self.idle_newest[entity_type].pop(entity_id, None)
             if swept_newest is not None:
                 state.recent.revive(swept_newest)
@@ -277,12 +288,11 @@ class FeatureStore:
         for name in layout.since_last_names:
             values[name] = since_last
 
-    @staticmethod
-    def _windowed(layout: EntityLayout, state: EntityState, t_ms: int) -> dict[str, float]:
+    def _windowed(self, layout: EntityLayout, state: EntityState, t_ms: int) -> dict[str, float]:
         """Every feature of the entity in the pack's order, the since-last ones not yet
         filled in (``add_features`` sets them)."""
         values = dict.fromkeys(layout.feature_names, -1.0)
-        windowed_values(values, state.tiles, t_ms, layout.window_plan, CACHE_MIN_BUCKETS)
+        self._read_windows(values, state.tiles, t_ms, layout.window_plan)
         return values
 
     def __len__(self) -> int:
