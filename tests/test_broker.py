@@ -677,3 +677,48 @@ async def test_faust_table_recovery_needs_the_end_offset_fix(
     # Leave on stop: only the fixed worker sends LeaveGroup (aiokafka skips generation 0).
     assert "LeaveGroup succeeded" in fixed_log, fixed_log[-3000:]
     assert "LeaveGroup" not in unfixed_log, unfixed_log[-3000:]
+
+
+async def test_replica_counts_bad_fold_entries_and_folds_the_rest(broker: EmbeddedBroker) -> None:
+    """Only our worker writes the entity-events topic, but an entry it should never
+    write (an amount out of int64's non-negative range, a time that is not an int) is
+    counted and skipped: the replica folds what follows and keeps serving."""
+    import orjson
+
+    from streamscore.stream.replica import FeatureReplica
+    from streamscore.stream.state import FeatureStore
+
+    topic = _name("replicabad")
+    await create_topics(broker.bootstrap, {topic: 1})
+
+    def entry(card: str, amount: object, time_ms: object = 1_000) -> list[object]:
+        return ["card", card, f"e-{card}", time_ms, amount, 0, "m1", card]
+
+    batch = [
+        entry("good-1", 500),
+        entry("negative", -1),
+        entry("huge", 2**63),
+        entry("float-time", 5, 1.5),
+        entry("good-2", 2**63 - 1),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, orjson.dumps(batch))
+    finally:
+        await producer.stop()
+    store = FeatureStore()
+    replica = FeatureReplica(broker.bootstrap, store, topic=topic)
+    await replica.start()
+    try:
+        await replica.wait_caught_up(timeout=30)
+        assert replica.failure is None
+        assert replica.bad_records == 3
+        assert store.features("card", "good-1", 1_000)["card_amount_sum_24h"] == 500.0
+        assert store.features("card", "good-2", 1_000)["card_amount_max_24h"] == float(2**63 - 1)
+        # A refused entry changed nothing of its entity: no event, no time of one.
+        for refused in ("negative", "huge", "float-time"):
+            assert store.features("card", refused, 1_000)["card_seconds_since_last"] == -1.0
+            assert store.features("card", refused, 1_000)["card_txn_count_24h"] == 0.0
+    finally:
+        await replica.stop()

@@ -373,12 +373,14 @@ static PyObject *Tiles_add(TilesObject *self, PyObject *const *args, Py_ssize_t 
     if (time_ms == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    long long amount = PyLong_AsLongLong(args[1]);
+    int overflow = 0;
+    long long amount = PyLong_AsLongLongAndOverflow(args[1], &overflow);
     if (amount == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (amount < 0) {
-        PyErr_SetString(PyExc_ValueError, "amount must not be negative");
+    if (overflow || amount < 0) {
+        /* ValueError, as for any bad entry: the replica counts it and folds on. */
+        PyErr_SetString(PyExc_ValueError, "amount must be in [0, 2**63)");
         return NULL;
     }
     int declined = PyObject_IsTrue(args[2]);

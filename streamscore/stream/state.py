@@ -173,8 +173,6 @@ class FeatureStore:
             swept_newest = self.idle_newest[entity_type].pop(entity_id, None)
             if swept_newest is not None:
                 state.recent.revive(swept_newest)
-        if self.watermark_ms is None or time_ms > self.watermark_ms:
-            self.watermark_ms = time_ms
         recent = state.recent
         newest = recent.newest_ms
         if time_ms <= recent.floor_ms or (
@@ -184,9 +182,11 @@ class FeatureStore:
         elif event_id in recent:
             outcome = DUPLICATE
         else:
-            recent.add(time_ms, event_id)
-            newest = recent.newest_ms
-            assert newest is not None
+            # The tiles first: the compiled ones refuse a bad entry (an amount out of
+            # range, a time that is not an int) before any of the entity's state, its
+            # recent events included, has changed.
+            if newest is None or time_ms > newest:
+                newest = time_ms
             sources = (merchant_id, card_id)
             tiles_by_r = state.tiles
             for r, distinct, expire_lag in self._plans[entity_type]:
@@ -194,8 +194,11 @@ class FeatureStore:
                 values = tuple([sources[i] for i in distinct]) if distinct else ()
                 if tiles.add(time_ms, amount, declined, values):
                     tiles.expire(newest - expire_lag)
+            recent.add(time_ms, event_id)
             state.folded += 1
             outcome = APPLIED
+        if self.watermark_ms is None or time_ms > self.watermark_ms:
+            self.watermark_ms = time_ms
         self._outcome_counts[outcome] += 1
         return outcome
 
