@@ -475,6 +475,24 @@ def test_compiled_tiles_equal_the_python_twin(ops: list[tuple], n_distinct: int)
     assert compiled.buckets == python.buckets
 
 
+def test_compiled_tiles_keep_a_lone_value_until_a_second_one_comes():
+    """A bucket's only distinct value is kept as it is (no set of one); values are
+    compared by equality, not identity, as a set compares them."""
+    tiles = Tiles(R, n_distinct=1)
+    first, same = "".join(["m", "1"]), "".join(["m", "1"])
+    assert first is not same
+    tiles.add(0, 1, False, (first,))
+    tiles.add(1, 1, False, (same,))
+    assert tiles.window(0, R).distinct == (1,)
+    assert tiles.buckets[0][5] == {"m1"}
+    tiles.add(2, 1, False, ("m2",))
+    assert tiles.window(0, R).distinct == (2,)
+    assert tiles.buckets[0][5] == {"m1", "m2"}
+    with pytest.raises(TypeError):
+        tiles.add(R, 1, False, (["unhashable"],))
+    assert len(tiles) == 1
+
+
 def test_compiled_tiles_refuse_what_events_never_carry():
     tiles = Tiles(R, n_distinct=1)
     # ValueError for any amount out of range: the replica counts a bad entry and goes on.

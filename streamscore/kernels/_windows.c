@@ -2,11 +2,12 @@
  * hot loop of feature reads.
  *
  * ``Tiles`` keeps one entity's non-empty buckets at one resolution as a sorted array
- * of fixed-size records (no Python object per bucket or per number), plus one Python
- * set per bucket and distinct field. It is the Python twin in tiles.py (``PyTiles``,
- * whose docstring says what a bucket and a window are) with the same closed-part
- * cache, and it gives the same integers, sets and floats: the property tests hold the
- * two to each other. Why: a feature read touched a dict, a list and five int objects
+ * of fixed-size records (no Python object per bucket or per number), plus each
+ * bucket's distinct values per field (the value itself while it is the only one, a
+ * set from the second). It is the Python twin in tiles.py (``PyTiles``, whose
+ * docstring says what a bucket and a window are) with the same closed-part cache, and
+ * it gives the same integers, sets and floats: the property tests hold the two to
+ * each other. Why: a feature read touched a dict, a list and five int objects
  * per bucket; under load they are cold, and each cache miss cost more than the
  * arithmetic.
  *
@@ -177,9 +178,50 @@ static PyObject *exact_std(const Sums *s)
     return result;
 }
 
-/* -- distinct values: the union of a window's bucket sets ------------------------- */
+/* -- distinct values: the union of a window's bucket slots ------------------------- */
 
-/* ``single`` is the only bucket set seen so far (borrowed); ``merged`` a new set,
+/* A bucket's distinct values of one field are a slot: the value itself while it is
+ * the only one (most buckets: a card pays at one merchant per quarter hour), a set
+ * once there are two. A set costs over 200 bytes; the value is kept anyway. */
+
+static inline int slot_is_set(PyObject *slot)
+{
+    return PySet_CheckExact(slot); /* a value is hashable, so never a set */
+}
+
+static inline Py_ssize_t slot_size(PyObject *slot)
+{
+    return slot_is_set(slot) ? PySet_GET_SIZE(slot) : 1;
+}
+
+/* Add a slot's values to ``set``. */
+static int set_add_slot(PyObject *set, PyObject *slot)
+{
+    if (!slot_is_set(slot)) {
+        return PySet_Add(set, slot);
+    }
+    PyObject *merged = PyNumber_InPlaceOr(set, slot);
+    if (merged == NULL) {
+        return -1;
+    }
+    Py_DECREF(merged); /* the same set, updated in place */
+    return 0;
+}
+
+/* A slot's values as a set of their own (a new reference); an empty one for NULL. */
+static PyObject *set_of_slot(PyObject *slot)
+{
+    if (slot != NULL && slot_is_set(slot)) {
+        return PySet_New(slot);
+    }
+    PyObject *set = PySet_New(NULL);
+    if (set != NULL && slot != NULL && PySet_Add(set, slot) < 0) {
+        Py_CLEAR(set);
+    }
+    return set;
+}
+
+/* ``single`` is the only bucket slot seen so far (borrowed); ``merged`` a new set,
  * made once a second one arrives. */
 typedef struct {
     Py_ssize_t n_distinct;
@@ -195,29 +237,29 @@ static void union_clear(Union *u)
     }
 }
 
-static int union_add(Union *u, PyObject *const *sets)
+static int union_add(Union *u, PyObject *const *slots)
 {
     for (Py_ssize_t j = 0; j < u->n_distinct; j++) {
         if (u->single[j] == NULL) {
-            u->single[j] = sets[j];
+            u->single[j] = slots[j];
             continue;
         }
-        if (u->merged[j] == NULL && (u->merged[j] = PySet_New(u->single[j])) == NULL) {
+        if (u->merged[j] == NULL && (u->merged[j] = set_of_slot(u->single[j])) == NULL) {
             return -1;
         }
-        PyObject *merged = PyNumber_InPlaceOr(u->merged[j], sets[j]);
-        if (merged == NULL) {
+        if (set_add_slot(u->merged[j], slots[j]) < 0) {
             return -1;
         }
-        Py_DECREF(merged); /* the same set, updated in place */
     }
     return 0;
 }
 
 static Py_ssize_t union_size(const Union *u, Py_ssize_t j)
 {
-    PyObject *set = u->merged[j] != NULL ? u->merged[j] : u->single[j];
-    return set != NULL ? PySet_GET_SIZE(set) : 0;
+    if (u->merged[j] != NULL) {
+        return PySet_GET_SIZE(u->merged[j]);
+    }
+    return u->single[j] != NULL ? slot_size(u->single[j]) : 0;
 }
 
 /* The union of slot j as a set of its own (a new reference): safe to keep. */
@@ -228,7 +270,7 @@ static PyObject *union_take(Union *u, Py_ssize_t j)
         u->merged[j] = NULL;
         return set;
     }
-    return PySet_New(u->single[j]); /* a copy, or empty when no bucket */
+    return set_of_slot(u->single[j]); /* a copy, or empty when no bucket */
 }
 
 /* -- the Tiles type ---------------------------------------------------------------- */
@@ -246,7 +288,7 @@ typedef struct {
     Py_ssize_t n_distinct;
     Py_ssize_t n, capacity;
     Bucket *buckets; /* sorted by index */
-    PyObject **sets; /* bucket i's set j at [i * n_distinct + j] */
+    PyObject **sets; /* bucket i's slot j (a value or a set) at [i * n_distinct + j] */
     /* The closed-part cache, one entry per window length, and what invalidates it. */
     Py_ssize_t n_closed;
     Closed *closed;
@@ -358,6 +400,25 @@ static int grow(TilesObject *self)
     return 0;
 }
 
+/* Add ``value`` to a bucket's slot: a second distinct value turns it into a set. */
+static int slot_add(PyObject **slot, PyObject *value)
+{
+    if (slot_is_set(*slot)) {
+        return PySet_Add(*slot, value);
+    }
+    int same = PyObject_RichCompareBool(*slot, value, Py_EQ);
+    if (same != 0) {
+        return same < 0 ? -1 : 0;
+    }
+    PyObject *set = set_of_slot(*slot);
+    if (set == NULL || PySet_Add(set, value) < 0) {
+        Py_XDECREF(set);
+        return -1;
+    }
+    Py_SETREF(*slot, set);
+    return 0;
+}
+
 PyDoc_STRVAR(Tiles_add_doc,
 "add(time_ms, amount, declined, distinct_values=())\n--\n\n"
 "Fold one event in (amount in [0, 2**63), one value per distinct field); returns True\n"
@@ -410,7 +471,7 @@ static PyObject *Tiles_add(TilesObject *self, PyObject *const *args, Py_ssize_t 
     u128 square = (u128)amount * (u128)amount;
     if (pos < self->n && self->buckets[pos].index == index) {
         for (Py_ssize_t j = 0; j < nd; j++) {
-            if (PySet_Add(self->sets[pos * nd + j], PyTuple_GET_ITEM(values, j)) < 0) {
+            if (slot_add(&self->sets[pos * nd + j], PyTuple_GET_ITEM(values, j)) < 0) {
                 return NULL;
             }
         }
@@ -424,15 +485,13 @@ static PyObject *Tiles_add(TilesObject *self, PyObject *const *args, Py_ssize_t 
         }
         Py_RETURN_FALSE;
     }
-    PyObject *made[MAX_DISTINCT] = {NULL};
     for (Py_ssize_t j = 0; j < nd; j++) {
-        if ((made[j] = PySet_New(NULL)) == NULL ||
-            PySet_Add(made[j], PyTuple_GET_ITEM(values, j)) < 0) {
-            goto failed;
+        if (PyObject_Hash(PyTuple_GET_ITEM(values, j)) == -1) {
+            return NULL; /* unhashable: a set would refuse it too */
         }
     }
     if (grow(self) < 0) {
-        goto failed;
+        return NULL;
     }
     Py_ssize_t after = self->n - pos;
     memmove(&self->buckets[pos + 1], &self->buckets[pos], (size_t)after * sizeof(Bucket));
@@ -449,15 +508,10 @@ static PyObject *Tiles_add(TilesObject *self, PyObject *const *args, Py_ssize_t 
     b->sums.sum = (u128)amount;
     b->sums.sumsq.lo = square;
     for (Py_ssize_t j = 0; j < nd; j++) {
-        self->sets[pos * nd + j] = made[j];
+        self->sets[pos * nd + j] = Py_NewRef(PyTuple_GET_ITEM(values, j));
     }
     self->n++;
     Py_RETURN_TRUE;
-failed:
-    for (Py_ssize_t j = 0; j < nd; j++) {
-        Py_XDECREF(made[j]);
-    }
-    return NULL;
 }
 
 PyDoc_STRVAR(Tiles_expire_doc,
@@ -566,10 +620,14 @@ static Closed *closed_part(TilesObject *self, long long window_ms, long long fir
     return entry;
 }
 
-/* How many of ``values`` are not in ``closed``. */
-static Py_ssize_t count_new(PyObject *values, PyObject *closed)
+/* How many of a slot's values are not in ``closed``. */
+static Py_ssize_t count_new(PyObject *slot, PyObject *closed)
 {
-    PyObject *iterator = PyObject_GetIter(values), *key;
+    if (!slot_is_set(slot)) {
+        int seen = PySet_Contains(closed, slot);
+        return seen < 0 ? -1 : !seen;
+    }
+    PyObject *iterator = PyObject_GetIter(slot), *key;
     if (iterator == NULL) {
         return -1;
     }
@@ -687,8 +745,8 @@ static PyObject *Tiles_aggregate(TilesObject *self, PyObject *const *args, Py_ss
 
 PyDoc_STRVAR(Tiles_buckets_doc,
 "The stored buckets as the Python twin keeps them: {index: [count, declined,\n"
-"amount_sum, amount_sumsq, amount_max, *distinct sets]} (a new dict and lists; the\n"
-"sets are the live ones: read, do not change).");
+"amount_sum, amount_sumsq, amount_max, *distinct sets]} (a new dict and lists; sets of\n"
+"two or more values are the live ones: read, do not change).");
 
 static PyObject *Tiles_buckets(TilesObject *self, void *closure)
 {
@@ -704,7 +762,10 @@ static PyObject *Tiles_buckets(TilesObject *self, void *closure)
         PyObject *key = row != NULL ? PyLong_FromLongLong(b->index) : NULL;
         int rc = key != NULL ? 0 : -1;
         for (Py_ssize_t j = 0; rc == 0 && j < self->n_distinct; j++) {
-            rc = PyList_Append(row, self->sets[i * self->n_distinct + j]);
+            PyObject *slot = self->sets[i * self->n_distinct + j];
+            PyObject *set = slot_is_set(slot) ? Py_NewRef(slot) : set_of_slot(slot);
+            rc = set != NULL ? PyList_Append(row, set) : -1;
+            Py_XDECREF(set);
         }
         if (rc == 0) {
             rc = PyDict_SetItem(buckets, key, row);
