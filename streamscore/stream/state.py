@@ -263,20 +263,18 @@ class FeatureStore:
         recomputes only ``seconds_since_last``, which depends on ``t`` itself."""
         layout = self.layouts[entity_type]
         state = self.entities[entity_type].get(entity_id)
-        # The values with the windowed ones filled in (read only here: they may be the
-        # cached ones).
+        # The windowed values: read straight into ``values``, or copied from a dict of
+        # them (read only here: the zeros, or the cached ones).
         if state is None:
-            windowed = self._zeros[entity_type]
+            values.update(self._zeros[entity_type])
         elif state.folded >= CACHE_MIN_FOLDED:
             key = (state.folded, *[t_ms // r for r in layout.resolutions])
             cached = state.cached
-            if cached is not None and cached[0] == key:
-                windowed = cached[1]
-            else:
-                windowed = self._windowed(layout, state, t_ms)
-                state.cached = (key, windowed)
+            if cached is None or cached[0] != key:
+                cached = state.cached = (key, self._windowed(layout, state, t_ms))
+            values.update(cached[1])
         else:
-            windowed = self._windowed(layout, state, t_ms)
+            self._read_windows(values, state.tiles, t_ms, layout.window_plan)
         since_last = -1.0
         if layout.since_last_names:
             if state is not None:
@@ -287,7 +285,6 @@ class FeatureStore:
                     newest = None
             if newest is not None:
                 since_last = (t_ms - newest) / 1000
-        values.update(windowed)  # copied: ``windowed`` may be the cache's
         for name in layout.since_last_names:
             values[name] = since_last
 
