@@ -533,13 +533,13 @@ PLAN = st.lists(
 def _plan(drawn: list) -> tuple:
     plan = []
     for i, (resolution, n_buckets, reads) in enumerate(drawn):
-        n_distinct = 2 if resolution == FINE else 0
+        n_distinct = 2 if resolution == FINE else 0  # the tiles' distinct fields
         named = tuple(
             (f"f{i}_{j}", code, slot if code == tiles_module.READ_DISTINCT else -1)
             for j, (code, slot) in enumerate(reads)
             if code != tiles_module.READ_DISTINCT or n_distinct
         )
-        plan.append((resolution, n_buckets * resolution, n_distinct, named))
+        plan.append((resolution, n_buckets * resolution, named))
     return tuple(plan)
 
 
@@ -582,17 +582,17 @@ def test_windowed_values_is_what_the_store_uses_and_it_refuses_bad_plans():
     tiles[FINE].add(3, 10, False, ("a",))
     read = _windows.windowed_values
     with pytest.raises(ValueError, match="unknown read code 9"):
-        read({}, tiles, 4, ((FINE, 4, 1, (("x", 9, -1),)),))
+        read({}, tiles, 4, ((FINE, 4, (("x", 9, -1),)),))
     with pytest.raises(ValueError, match="distinct slot 1 out of range"):
-        read({}, tiles, 4, ((FINE, 4, 1, (("x", tiles_module.READ_DISTINCT, 1),)),))
+        read({}, tiles, 4, ((FINE, 4, (("x", tiles_module.READ_DISTINCT, 1),)),))
     with pytest.raises(ValueError, match="not a positive multiple"):
-        read({}, tiles, 4, ((FINE, 5, 1, ()),))
+        read({}, tiles, 4, ((FINE, 5, ()),))
     with pytest.raises(KeyError, match="no tiles at resolution 3"):
-        read({}, tiles, 4, ((3, 6, 0, ()),))
+        read({}, tiles, 4, ((3, 6, ()),))
     with pytest.raises(TypeError, match="plan item"):
         read({}, tiles, 4, ((FINE, 4),))
     with pytest.raises(TypeError, match="compiled Tiles"):
-        read({}, {FINE: tiles_module.PyTiles(FINE, 1)}, 4, ((FINE, 4, 1, ()),))
+        read({}, {FINE: tiles_module.PyTiles(FINE, 1)}, 4, ((FINE, 4, ()),))
     values: dict[str, float] = {}
-    read(values, tiles, 4, ((FINE, 4, 1, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),))
+    read(values, tiles, 4, ((FINE, 4, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),))
     assert values == {"n": 1.0, "d": 1.0, "m": 10.0}

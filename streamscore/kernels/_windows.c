@@ -917,7 +917,7 @@ static int store_reads(PyObject *values, PyObject *reads, const Sums *s,
 
 PyDoc_STRVAR(windowed_values_doc,
 "windowed_values(values, tiles_by_resolution, t_ms, plan)\n--\n\n"
-"For each (resolution_ms, window_ms, n_distinct, reads) of ``plan``, aggregate the\n"
+"For each (resolution_ms, window_ms, reads) of ``plan``, aggregate the\n"
 "window of ``tiles_by_resolution[resolution_ms]`` (compiled Tiles) as of ``t_ms`` and\n"
 "set ``values[name]`` for each (name, code, slot) of ``reads`` (see tiles.py,\n"
 "``windowed_values``).");
@@ -939,9 +939,9 @@ static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssi
     }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plan); i++) {
         PyObject *window = PyTuple_GET_ITEM(plan, i);
-        if (!PyTuple_Check(window) || PyTuple_GET_SIZE(window) != 4) {
+        if (!PyTuple_Check(window) || PyTuple_GET_SIZE(window) != 3) {
             PyErr_SetString(PyExc_TypeError,
-                            "a plan item must be (resolution_ms, window_ms, n_distinct, reads)");
+                            "a plan item must be (resolution_ms, window_ms, reads)");
             return NULL;
         }
         PyObject *r_obj = PyTuple_GET_ITEM(window, 0);
@@ -964,7 +964,7 @@ static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssi
         Sums s;
         Py_ssize_t distinct[MAX_DISTINCT];
         if (tiles_window(t, t_ms, window_ms, &s, distinct) < 0 ||
-            store_reads(values, PyTuple_GET_ITEM(window, 3), &s, distinct, t->n_distinct) < 0) {
+            store_reads(values, PyTuple_GET_ITEM(window, 2), &s, distinct, t->n_distinct) < 0) {
             return NULL;
         }
     }

@@ -134,9 +134,9 @@ WINDOW_READS: tuple[Callable[[WindowAgg, int], float], ...] = (
     lambda agg, slot: float(agg.distinct[slot]),
 )
 
-# One window of an entity's reads: (resolution_ms, window_ms, n_distinct of those
-# tiles, ((feature name, read code, distinct slot), ...)).
-WindowPlan = tuple[int, int, int, tuple[tuple[str, int, int], ...]]
+# One window of an entity's reads: (resolution_ms, window_ms, ((feature name, read
+# code, distinct slot), ...)).
+WindowPlan = tuple[int, int, tuple[tuple[str, int, int], ...]]
 
 
 def _windowed_values_py(
@@ -146,7 +146,7 @@ def _windowed_values_py(
     plan: tuple[WindowPlan, ...],
 ) -> None:
     """Set ``values[name]`` for every read of ``plan``, from the windows as of ``t_ms``."""
-    for resolution_ms, window_ms, _n_distinct, reads in plan:
+    for resolution_ms, window_ms, reads in plan:
         agg = tiles_by_resolution[resolution_ms].window(t_ms, window_ms)
         for name, code, slot in reads:
             values[name] = WINDOW_READS[code](agg, slot)

@@ -154,9 +154,7 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
         resolutions,
         distinct,
         max_window,
-        window_plan=tuple(
-            (r, w, len(distinct[r]), tuple(named)) for (r, w), named in reads.items()
-        ),
+        window_plan=tuple((r, w, tuple(named)) for (r, w), named in reads.items()),
         since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         feature_names=tuple(f.name for f in features),
     )
