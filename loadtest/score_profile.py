@@ -28,6 +28,7 @@ from streamscore.server.backends.onnx_backend import KERNELS
 from streamscore.server.repository import BatchingSettings, ModelRegistry, ServedModel
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.scoring import ScoringService
+from streamscore.server.wire import MalformedRequest, parse_score_request
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.state import FeatureStore
 
@@ -40,7 +41,7 @@ async def breakdown(
     service: ScoringService,
     store: FeatureStore,
     served: ServedModel,
-    requests: list[pb.ScoreRequest],
+    requests: list[bytes],
     now: int,
 ) -> None:
     """CPU per call of Score's parts alone (best of 5 passes over the requests)."""
@@ -55,7 +56,8 @@ async def breakdown(
     for _ in range(5):
         started = time.process_time()
         for request in requests:
-            t = request.transaction
+            t = parse_score_request(request)
+            assert not isinstance(t, MalformedRequest)
             assemble_features(
                 store,
                 card_id=t.card_id,
@@ -77,7 +79,7 @@ async def breakdown(
         timed("batcher round trip (submit, incl. model)", started)
         started = time.process_time()
         for request in requests:
-            await service.score(request)
+            await answer(service, request)
         timed("whole Score body (ScoringService.score)", started)
     for name, runs in parts.items():
         print(f"  {name:45s} {_best_us(runs, n)}")
@@ -102,7 +104,13 @@ async def breakdown(
         )
 
 
-async def cold(service: ScoringService, requests: list[pb.ScoreRequest]) -> str:
+async def answer(service: ScoringService, request: bytes) -> bytes:
+    """What the server does with a request's bytes: parse (gRPC's deserializer), Score,
+    and the answer's bytes (no serializer: Score encodes its own)."""
+    return await service.score(parse_score_request(request))
+
+
+async def cold(service: ScoringService, requests: list[bytes]) -> str:
     """CPU per Score when each call finds the caches cold, as under gRPC load, where
     the server's other work (gRPC's core, the event loop, other requests) evicts
     Score's code and data between calls. Before each call (timed apart: the thread's
@@ -123,7 +131,7 @@ async def cold(service: ScoringService, requests: list[pb.ScoreRequest]) -> str:
         for request in timed:
             evict()
             started = time.thread_time()
-            await service.score(request)
+            await answer(service, request)
             spent += time.thread_time() - started
         passes.append(spent / len(timed) * 1e6)
     return (
@@ -161,15 +169,15 @@ async def main(args: argparse.Namespace) -> None:
                 mcc="5411",
                 country="DE",
             ),
-        )
+        ).SerializeToString()
         for i, e in enumerate(events[: args.requests])
     ]
     try:
         for request in requests[:500]:  # warm up
-            await service.score(request)
+            await answer(service, request)
         wall, cpu = time.perf_counter(), time.process_time()
         for request in requests:
-            await service.score(request)
+            await answer(service, request)
         n = len(requests)
         print(
             f"Score in process: {(time.perf_counter() - wall) / n * 1e6:.0f} us wall, "
@@ -184,7 +192,7 @@ async def main(args: argparse.Namespace) -> None:
             profile = cProfile.Profile()
             profile.enable()
             for request in requests:
-                await service.score(request)
+                await answer(service, request)
             profile.disable()
             pstats.Stats(profile).sort_stats(args.profile).print_stats(30)
     finally:

@@ -26,6 +26,7 @@ from streamscore.server.errors import InvalidRequest
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version
 from streamscore.server.scoring import READ_AHEAD_TASK, STREAM_READ_AHEAD
 from streamscore.server.validation import MAX_ID_LENGTH, validate_score_request
+from streamscore.server.wire import parse_score_request
 from streamscore.stream.backfill import fold_event
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
@@ -227,10 +228,10 @@ def test_lengths_are_checked_per_field_in_characters() -> None:
         transaction=transaction(card_id="c" * MAX_ID_LENGTH, ip="é" * MAX_ID_LENGTH),
     )
     assert at_limit.ByteSize() > 4 * MAX_ID_LENGTH
-    validate_score_request(at_limit, replay=True)
+    validate_score_request(parse_score_request(at_limit.SerializeToString()), replay=True)
     over = pb.ScoreRequest(transaction=transaction(device_id="é" * (MAX_ID_LENGTH + 1)))
     with pytest.raises(InvalidRequest) as refused:
-        validate_score_request(over, replay=True)
+        validate_score_request(parse_score_request(over.SerializeToString()), replay=True)
     assert refused.value.field == "transaction.device_id"
 
 

@@ -120,12 +120,11 @@ class ServedModel:
         self.inputs_of: Callable[[dict[str, float]], tuple[float, ...]] = (
             pick if len(inputs) > 1 else lambda features: (pick(features),)
         )
-        self.response_templates = {
-            variant: pb.ScoreResponse(
-                model=pb.ModelRef(
-                    name=self.metadata.name, version=self.metadata.version, variant=variant
-                )
-            )
+        # The version's ModelRef per variant, encoded once for every answer it gives.
+        self.model_refs = {
+            variant: pb.ModelRef(
+                name=self.metadata.name, version=self.metadata.version, variant=variant
+            ).SerializeToString()
             for variant in (pb.PRIMARY, pb.CANARY)
         }
         self.in_flight = 0

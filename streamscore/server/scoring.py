@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -33,6 +33,12 @@ from streamscore.server.validation import (
     validate_features_request,
     validate_score_request,
 )
+from streamscore.server.wire import (
+    MalformedRequest,
+    PyScoreFields,
+    encode_score_response,
+    parse_score_request,
+)
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
@@ -42,8 +48,10 @@ log = logging.getLogger("streamscore.scoring")
 # ScoreStream: messages read and being scored ahead of the one being answered.
 STREAM_READ_AHEAD = 64
 READ_AHEAD_TASK = "ScoreStream read-ahead"
-# (request id, when it was read on time.perf_counter, its answer to come)
-_StreamItem = tuple[str, float, "asyncio.Future[pb.ScoreResponse]"]
+# (request id, when it was read on time.perf_counter, its answer's bytes to come)
+_StreamItem = tuple[str, float, "asyncio.Future[bytes]"]
+# A request as Score's deserializer gives it (server/wire.py).
+ScoreInput = PyScoreFields | MalformedRequest
 
 # Enum names by value, without protobuf's Python-level lookup per request.
 _DECISION_NAMES = {value: name for name, value in pb.Decision.items()}
@@ -137,41 +145,41 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def score(
         self,
-        request: pb.ScoreRequest,
+        request: ScoreInput,
         time_remaining: float | None = None,
         trace_parent: Any = None,
         *,
         validated: bool = False,
-    ) -> pb.ScoreResponse:
-        """One request's answer; ``validated``: the caller checked it already
-        (ScoreStream's reader does, to stop reading at an invalid one)."""
+    ) -> bytes:
+        """One request's answer, encoded (a ScoreResponse's bytes); the request as
+        Score's deserializer gives it (``wire.parse_score_request``). ``validated``:
+        the caller checked it already (ScoreStream's reader does, to stop reading at an
+        invalid one)."""
         started = time.perf_counter_ns()
         # Every log line written while serving it names it (the card id hashed).
-        if isinstance(request, pb.ScoreRequest):
-            CURRENT_REQUEST.set((request.request_id, request.transaction.card_id))
+        CURRENT_REQUEST.set((request.request_id, request.card_id))
         if not validated:
             validate_score_request(request, replay=self.replay)
-        # Read once: every read of a protobuf field builds a new Python object.
-        request_id, txn = request.request_id, request.transaction
-        card_id = txn.card_id
+        request = cast(PyScoreFields, request)  # validation refuses a MalformedRequest
+        request_id, card_id = request.request_id, request.card_id
         now_ms = self.clock_ms()
-        t_ms = txn.event_time_ms if self.replay else now_ms
+        t_ms = request.event_time_ms if self.replay else now_ms
         if self.replay:
             for entity_type, entity_id in (
                 ("card", card_id),
-                ("merchant", txn.merchant_id),
-                ("device", txn.device_id),
-                ("ip", txn.ip),
+                ("merchant", request.merchant_id),
+                ("device", request.device_id),
+                ("ip", request.ip),
             ):
                 self._check_exact(entity_type, entity_id, t_ms, "transaction.event_time_ms")
         features = assemble_features(
             self.store,
             card_id=card_id,
-            merchant_id=txn.merchant_id,
-            device_id=txn.device_id,
-            ip=txn.ip,
-            amount_minor=txn.amount_minor,
-            event_time_ms=txn.event_time_ms or now_ms,
+            merchant_id=request.merchant_id,
+            device_id=request.device_id,
+            ip=request.ip,
+            amount_minor=request.amount_minor,
+            event_time_ms=request.event_time_ms or now_ms,
             t_ms=t_ms,
         )
         features_done = time.perf_counter_ns()
@@ -221,25 +229,21 @@ class ScoringService(pb_grpc.ScoringServicer):
                     card_hash=card_hash(card_id),
                 )
             )
-        # Filled in place, from a copy of the version's template (the model reference):
-        # messages built apart and passed as keywords would be copied in once more.
-        response = pb.ScoreResponse()
-        response.CopyFrom(served.response_templates[variant])
-        response.request_id = request_id
-        response.score = score
-        response.decision = decision
-        # queue_us stays 0: the batcher's queue wait is inside model_us (histogrammed
-        # per batch in streamscore_batch_queue_wait_seconds).
-        timings = response.timings
-        timings.features_us = (features_done - started) // 1000
-        timings.model_us = (model_done - features_done) // 1000
-        timings.total_us = (time.perf_counter_ns() - started) // 1000
-        if request.include_features:
-            response.features.update(features)
         if self.features_stale():
             degraded.append(pb.FEATURES_STALE)
-        if degraded:
-            response.degraded.extend(degraded)
+        # queue_us stays 0: the batcher's queue wait is inside model_us (histogrammed
+        # per batch in streamscore_batch_queue_wait_seconds).
+        response = encode_score_response(
+            request_id,
+            score,
+            decision,
+            served.model_refs[variant],
+            tuple(degraded),
+            features if request.include_features else None,
+            (features_done - started) // 1000,
+            (model_done - features_done) // 1000,
+            (time.perf_counter_ns() - started) // 1000,
+        )
         degraded_names = [_DEGRADED_NAMES[r] for r in degraded] if degraded else []
         self.score_metrics.observe(
             variant_name,
@@ -339,9 +343,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     def calls_in_flight(self) -> int:
         return sum(m.in_flight for m in self.rpc_metrics.values())
 
-    async def Score(
-        self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ScoreResponse:
+    async def Score(self, request: ScoreInput, context: grpc.aio.ServicerContext) -> bytes:
         metrics = self.rpc_metrics["Score"]
         metrics.enter()
         try:
@@ -354,8 +356,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             metrics.exit()
 
     async def ScoreStream(
-        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ScoreResponse]:
+        self, request_iterator: AsyncIterator[ScoreInput], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
         """Answers in request order, each message scored as soon as it is read.
 
         While every answer is ready the moment its message is read (a cheap in-process
@@ -419,7 +421,7 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def _read_one(
         self,
-        request_iterator: AsyncIterator[pb.ScoreRequest],
+        request_iterator: AsyncIterator[ScoreInput],
         context: grpc.aio.ServicerContext,
         parent: Any,
     ) -> _StreamItem | None:
@@ -433,7 +435,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             validate_score_request(request, replay=self.replay)
         except ServingError as error:
-            refused: asyncio.Future[pb.ScoreResponse] = asyncio.get_running_loop().create_future()
+            refused: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             refused.set_exception(error)
             return request.request_id, started, refused
         # Started now: a Score that never waits (a cheap model, answered in the
@@ -445,7 +447,7 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def _read_ahead(
         self,
-        request_iterator: AsyncIterator[pb.ScoreRequest],
+        request_iterator: AsyncIterator[ScoreInput],
         context: grpc.aio.ServicerContext,
         parent: Any,
         ahead: _ReadAhead,
@@ -502,18 +504,15 @@ class ScoringService(pb_grpc.ScoringServicer):
 def add_scoring_service(service: ScoringService, server: grpc.aio.Server) -> None:
     """Register the service like the generated ``add_ScoringServicer_to_server``, but
     with request parsers that never raise, so undecodable bytes get INVALID_ARGUMENT
-    (naming the message type) instead of gRPC's UNKNOWN."""
-    score_request = lenient_parser(pb.ScoreRequest)
+    (naming the message type) instead of gRPC's UNKNOWN; and Score's messages go on
+    the wire without protobuf objects (server/wire.py): its request parses into a
+    flat record, and its answers come encoded (no serializer)."""
     handlers = {
         "Score": grpc.unary_unary_rpc_method_handler(
-            service.Score,
-            request_deserializer=score_request,
-            response_serializer=pb.ScoreResponse.SerializeToString,
+            service.Score, request_deserializer=parse_score_request
         ),
         "ScoreStream": grpc.stream_stream_rpc_method_handler(
-            service.ScoreStream,
-            request_deserializer=score_request,
-            response_serializer=pb.ScoreResponse.SerializeToString,
+            service.ScoreStream, request_deserializer=parse_score_request
         ),
         "GetFeatures": grpc.unary_unary_rpc_method_handler(
             service.GetFeatures,
@@ -568,7 +567,7 @@ async def _guard(
     return None
 
 
-async def _close_requests(request_iterator: AsyncIterator[pb.ScoreRequest]) -> None:
+async def _close_requests(request_iterator: AsyncIterator[ScoreInput]) -> None:
     """Close a ScoreStream's request iterator at its end, so that the stream leaves no
     reference cycle, which only the cyclic collector frees, and never once a GC freeze
     caught the stream open (server/gc_policy.py; loadtest/gc_leaks.py finds them).

@@ -9,28 +9,14 @@ from google.protobuf.message import DecodeError, Message
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.errors import InvalidRequest
+from streamscore.server.wire import MalformedRequest, PyScoreFields
 from streamscore.stream.features import ENTITY_TYPES
 
 MAX_ID_LENGTH = 256
 _REQUIRED_IDS = ("card_id", "merchant_id")
 # Card-present payments may have no IP, and not every channel has a device id.
 _OPTIONAL_STRINGS = ("transaction_id", "device_id", "ip", "currency", "mcc", "country")
-_string_fields = attrgetter(*_REQUIRED_IDS, *_OPTIONAL_STRINGS)
-
-
-class MalformedRequest:
-    """Stands in for a request whose bytes are not the RPC's message type.
-
-    gRPC's own deserializer raises on such bytes and the caller sees UNKNOWN; ours
-    (``lenient_parser``) hands this to the handler instead, which answers
-    INVALID_ARGUMENT saying so."""
-
-    # Read by ScoreStream when it names the request in an error; unknown here.
-    request_id = ""
-
-    def __init__(self, type_name: str, error: str) -> None:
-        self.type_name = type_name
-        self.error = error
+_transaction_strings = attrgetter(*_REQUIRED_IDS, *_OPTIONAL_STRINGS)
 
 
 def lenient_parser(message_type: type[Message]) -> Any:
@@ -56,29 +42,30 @@ def _check_length(field: str, value: str) -> None:
         raise InvalidRequest(field, f"longer than {MAX_ID_LENGTH} characters")
 
 
-def validate_score_request(request: pb.ScoreRequest, *, replay: bool) -> None:
-    _check_parsed(request)
+def validate_score_request(request: PyScoreFields | MalformedRequest, *, replay: bool) -> None:
+    """Check a request's fields as ``parse_score_request`` gives them (server/wire.py)."""
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequest("request", f"not a valid {request.type_name} message")
     # No string field is longer (in characters) than the whole message's encoding (in
     # bytes): when that fits the limit, as it usually does, no length needs checking.
-    # ByteSize is one C call; reading the nine strings costs twice as much.
-    long_fields = request.ByteSize() > MAX_ID_LENGTH
+    long_fields = request.encoded_size > MAX_ID_LENGTH
     if long_fields:
         _check_length("request_id", request.request_id)
-    if not request.HasField("transaction"):
+    if not request.has_transaction:
         raise InvalidRequest("transaction", "is required")
-    txn = request.transaction
-    for name in _REQUIRED_IDS:
-        if not getattr(txn, name):
-            raise InvalidRequest(f"transaction.{name}", "is required")
+    if not request.card_id:
+        raise InvalidRequest("transaction.card_id", "is required")
+    if not request.merchant_id:
+        raise InvalidRequest("transaction.merchant_id", "is required")
     # One pass over the lengths; name the field only when one is too long.
-    if long_fields and max(map(len, _string_fields(txn))) > MAX_ID_LENGTH:
+    if long_fields and max(map(len, _transaction_strings(request))) > MAX_ID_LENGTH:
         for name in (*_REQUIRED_IDS, *_OPTIONAL_STRINGS):
-            _check_length(f"transaction.{name}", getattr(txn, name))
-    if txn.amount_minor < 0:
+            _check_length(f"transaction.{name}", getattr(request, name))
+    if request.amount_minor < 0:
         raise InvalidRequest("transaction.amount_minor", "must not be negative")
-    if txn.event_time_ms < 0:
+    if request.event_time_ms < 0:
         raise InvalidRequest("transaction.event_time_ms", "must not be negative")
-    if replay and txn.event_time_ms == 0:
+    if replay and request.event_time_ms == 0:
         raise InvalidRequest("transaction.event_time_ms", "is required in replay mode")
 
 
