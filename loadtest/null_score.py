@@ -45,7 +45,7 @@ async def empty_score_stream(
 
 def main() -> int:
     ScoringService.Score = empty_score  # type: ignore[method-assign]
-    ScoringService.ScoreStream = empty_score_stream  # type: ignore[method-assign]
+    ScoringService.ScoreStream = empty_score_stream  # type: ignore[method-assign, assignment]
     return cli.main()
 
 
