@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from streamscore.kernels import tiles as tiles_module
 from streamscore.kernels.recent import RecentEvents
-from streamscore.kernels.tiles import Tiles, WindowAgg, _window_agg_py
+from streamscore.kernels.tiles import Tiles, WindowAgg, _window_agg_py, window
 
 R = 10_000  # 10 s resolution
 W = 5 * 60_000  # 5 min window: 30 buckets
@@ -30,22 +31,22 @@ def tiles_with(times: list[int], r: int = R, amount: int = 1) -> Tiles:
 def test_event_exactly_on_bucket_boundary_belongs_to_that_bucket():
     tiles = tiles_with([5 * R])
     assert set(tiles.buckets) == {5}
-    assert tiles.window(5 * R, W).events == 1  # t on the same boundary
-    assert tiles.window(5 * R - 1, W).events == 0  # t one ms before: previous bucket is b(t)
-    assert tiles.window(6 * R - 1, W).events == 1  # t at the end of the same bucket
+    assert window(tiles, 5 * R, W).events == 1  # t on the same boundary
+    assert window(tiles, 5 * R - 1, W).events == 0  # t one ms before: previous bucket is b(t)
+    assert window(tiles, 6 * R - 1, W).events == 1  # t at the end of the same bucket
 
 
 def test_events_later_in_the_current_bucket_count():
     # DESIGN filters on buckets only: b(e) <= b(t), so an event after t but in b(t) counts.
     tiles = tiles_with([5 * R + R - 1])
-    assert tiles.window(5 * R, W).events == 1
+    assert window(tiles, 5 * R, W).events == 1
 
 
 def test_t_on_bucket_boundary_window_covers_w_minus_r_of_history():
     t = 100 * R
     # Oldest bucket in the window is b(t) - W/r + 1, which starts at t - W + r.
     tiles = tiles_with([t - W + R, t - W + R - 1, t - W, t])
-    agg = tiles.window(t, W)
+    agg = window(tiles, t, W)
     assert agg.events == 2  # t - W + R and t itself
 
 
@@ -53,34 +54,34 @@ def test_t_at_end_of_bucket_window_covers_almost_w_of_history():
     t = 100 * R + R - 1
     # Oldest included time is still (b(t) - W/r + 1) * r = t - W + 1: W - 1 ms back.
     tiles = tiles_with([t - W + 1, t - W, t])
-    assert tiles.window(t, W).events == 2
+    assert window(tiles, t, W).events == 2
     # One ms later the window slides by a whole bucket.
-    assert tiles.window(t + 1, W).events == 1
+    assert window(tiles, t + 1, W).events == 1
 
 
 def test_window_equal_to_resolution_is_the_current_bucket_only():
     tiles = tiles_with([0, R - 1, R, 2 * R - 1, 2 * R])
-    assert tiles.window(R, R).events == 2
-    assert tiles.window(2 * R - 1, R).events == 2
-    assert tiles.window(0, R).events == 2
+    assert window(tiles, R, R).events == 2
+    assert window(tiles, 2 * R - 1, R).events == 2
+    assert window(tiles, 0, R).events == 2
 
 
 @pytest.mark.parametrize("shift", [0, -7 * R, -(10**12)])
 def test_zero_and_negative_times_use_floor_buckets(shift):
     # -1 ms is in bucket -1, not bucket 0 (floor, not truncation).
     tiles = tiles_with([shift - 1, shift, shift + R - 1])
-    assert tiles.window(shift, R).events == 2
-    assert tiles.window(shift - 1, R).events == 1
-    assert tiles.window(shift - R, R).events == 1  # same bucket as shift - 1
-    assert tiles.window(shift - R - 1, R).events == 0
-    assert tiles.window(shift, 2 * R).events == 3
+    assert window(tiles, shift, R).events == 2
+    assert window(tiles, shift - 1, R).events == 1
+    assert window(tiles, shift - R, R).events == 1  # same bucket as shift - 1
+    assert window(tiles, shift - R - 1, R).events == 0
+    assert window(tiles, shift, 2 * R).events == 3
 
 
 def test_negative_resolution_window_edges():
     tiles = tiles_with([-R, -R - 1])  # buckets -1 and -2
     assert set(tiles.buckets) == {-1, -2}
-    assert tiles.window(-1, R).events == 1
-    assert tiles.window(-1, 2 * R).events == 2
+    assert window(tiles, -1, R).events == 1
+    assert window(tiles, -1, 2 * R).events == 2
 
 
 # --- aggregates -----------------------------------------------------------------------
@@ -94,12 +95,12 @@ def test_empty_windows_give_zeros():
     assert empty.decline_rate == 0.0
 
     tiles = Tiles(R, n_distinct=2)
-    agg = tiles.window(123_456, W)
+    agg = window(tiles, 123_456, W)
     assert agg == WindowAgg(0, 0, 0, 0, 0, (0, 0))
     assert (agg.amount_mean, agg.amount_std, agg.decline_rate) == (0.0, 0.0, 0.0)
 
     tiles.add(0, 500, True, ("m", "c"))
-    later = tiles.window(W, W)  # the event's bucket just fell out of the window
+    later = window(tiles, W, W)  # the event's bucket just fell out of the window
     assert later == WindowAgg(0, 0, 0, 0, 0, (0, 0))
     assert (later.amount_mean, later.amount_std, later.decline_rate) == (0.0, 0.0, 0.0)
 
@@ -110,7 +111,7 @@ def test_aggregates_over_several_buckets():
     tiles.add(1, 300, True, ("m1", "c2"))
     tiles.add(R, 0, True, ("m1", "c1"))  # next bucket, same values again
     tiles.add(2 * R, 50, False, ("m2", "c1"))
-    agg = tiles.window(2 * R, 3 * R)
+    agg = window(tiles, 2 * R, 3 * R)
     assert agg.events == 4
     assert agg.declined == 2
     assert agg.amount_sum == 450
@@ -124,7 +125,7 @@ def test_aggregates_over_several_buckets():
 
 def test_max_of_zero_amounts_is_zero():
     tiles = tiles_with([0, 1], amount=0)
-    agg = tiles.window(0, R)
+    agg = window(tiles, 0, R)
     assert agg.events == 2
     assert agg.amount_max == 0
 
@@ -135,7 +136,7 @@ def test_std_is_exact_for_large_amounts():
     tiles = Tiles(R)
     for i, amount in enumerate(amounts):
         tiles.add(i, amount, False)
-    agg = tiles.window(0, R)
+    agg = window(tiles, 0, R)
     # n^2 var = 6 exactly; float moments would have cancelled catastrophically.
     assert agg.amount_std == math.sqrt(6 / 9)
     assert math.isclose(agg.amount_std, statistics.pstdev(amounts), rel_tol=1e-12)
@@ -145,7 +146,7 @@ def test_std_is_exact_for_large_amounts():
 @pytest.mark.parametrize("amount", [10**12, 2**63 - 1])
 def test_std_of_identical_large_amounts_is_exactly_zero(amount):
     tiles = tiles_with([0, 1, 2, 3, 4], amount=amount)
-    agg = tiles.window(0, R)
+    agg = window(tiles, 0, R)
     assert agg.amount_std == 0.0
     assert agg.amount_sum == 5 * amount  # exact Python int
     assert agg.amount_mean == float(amount)
@@ -153,7 +154,7 @@ def test_std_of_identical_large_amounts_is_exactly_zero(amount):
 
 def test_single_event_std_is_zero():
     tiles = tiles_with([0], amount=987_654_321)
-    assert tiles.window(0, R).amount_std == 0.0
+    assert window(tiles, 0, R).amount_std == 0.0
 
 
 def test_std_large_spread():
@@ -161,7 +162,7 @@ def test_std_large_spread():
     tiles = Tiles(R)
     for amount in amounts:
         tiles.add(0, amount, False)
-    agg = tiles.window(0, R)
+    agg = window(tiles, 0, R)
     assert math.isclose(agg.amount_std, statistics.pstdev(amounts), rel_tol=1e-12)
     assert math.isclose(agg.amount_mean, statistics.mean(amounts), rel_tol=1e-15)
 
@@ -193,7 +194,7 @@ def test_expire_drops_only_buckets_wholly_before():
     assert tiles.expire(2 * R + 1) == 0
     assert tiles.expire(4 * R) == 2
     assert len(tiles) == 0
-    assert tiles.window(4 * R, W) == WindowAgg()
+    assert window(tiles, 4 * R, W) == WindowAgg()
 
 
 def test_expire_with_negative_keep_from():
@@ -209,7 +210,7 @@ def test_expire_does_not_change_windows_that_start_after_keep_from():
     t = 80 * R + 123
     keep_from = t - W  # window's oldest bucket starts after this
     expired.expire(keep_from)
-    assert expired.window(t, W) == full.window(t, W)
+    assert window(expired, t, W) == window(full, t, W)
 
 
 def test_expire_after_adding_an_older_bucket():
@@ -243,14 +244,14 @@ def test_window_matches_brute_force(times, t, n_buckets, keep_from):
     if keep_from is not None:
         tiles.expire(keep_from)
         kept = [(i, x) for i, x in kept if x // R >= keep_from // R]
-    window = [(i, x) for i, x in kept if t // R - n_buckets < x // R <= t // R]
-    agg = tiles.window(t, n_buckets * R)
-    assert agg.events == len(window)
-    assert agg.declined == sum(1 for i, _ in window if i % 3 == 0)
-    assert agg.amount_sum == sum(i * 10**11 for i, _ in window)
-    assert agg.amount_max == max((i * 10**11 for i, _ in window), default=0)
-    assert agg.distinct == (len({i % 4 for i, _ in window}),)
-    amounts = [i * 10**11 for i, _ in window]
+    in_window = [(i, x) for i, x in kept if t // R - n_buckets < x // R <= t // R]
+    agg = window(tiles, t, n_buckets * R)
+    assert agg.events == len(in_window)
+    assert agg.declined == sum(1 for i, _ in in_window if i % 3 == 0)
+    assert agg.amount_sum == sum(i * 10**11 for i, _ in in_window)
+    assert agg.amount_max == max((i * 10**11 for i, _ in in_window), default=0)
+    assert agg.distinct == (len({i % 4 for i, _ in in_window}),)
+    amounts = [i * 10**11 for i, _ in in_window]
     assert math.isclose(
         agg.amount_std, statistics.pstdev(amounts) if amounts else 0.0, rel_tol=1e-12, abs_tol=1e-12
     )
@@ -262,10 +263,10 @@ def test_resolution_must_be_positive(resolution):
         Tiles(resolution)
 
 
-@pytest.mark.parametrize("window", [0, -R, R + 1, R // 2])
-def test_window_must_be_positive_multiple_of_resolution(window):
+@pytest.mark.parametrize("window_ms", [0, -R, R + 1, R // 2])
+def test_window_must_be_positive_multiple_of_resolution(window_ms):
     with pytest.raises(ValueError):
-        Tiles(R).window(0, window)
+        window(Tiles(R), 0, window_ms)
 
 
 # --- RecentEvents ---------------------------------------------------------------------
@@ -408,7 +409,7 @@ def test_cached_windows_equal_a_fresh_scan_under_any_interleaving(
             tiles.add(time_ms, amount, declined, (value,))
         elif op[0] == "window":
             _, t, n_buckets = last_query = op
-            assert tiles.window(t, n_buckets * R) == _uncached(tiles, t, n_buckets * R), op
+            assert window(tiles, t, n_buckets * R) == _uncached(tiles, t, n_buckets * R), op
         else:
             tiles.expire(op[1])
 
@@ -418,7 +419,9 @@ def test_the_compiled_tiles_are_built_and_used():
     which would leave the tests below comparing the Python with itself)."""
     from streamscore.kernels import _windows
 
-    assert issubclass(Tiles, _windows.Tiles)
+    assert Tiles is _windows.Tiles
+    # The C type itself: never tracked by the cyclic GC, however many entities.
+    assert not gc.is_tracked(Tiles(R, n_distinct=1))
     assert tiles_module.windowed_values is _windows.windowed_values
     assert _windows.CACHE_MIN_BUCKETS == tiles_module.CACHE_MIN_BUCKETS
 
@@ -467,7 +470,7 @@ def test_compiled_tiles_equal_the_python_twin(ops: list[tuple], n_distinct: int)
             ), op
         elif op[0] == "window":
             _, t, n_buckets = op
-            got, want = compiled.window(t, n_buckets), python.window(t, n_buckets)
+            got, want = window(compiled, t, n_buckets), window(python, t, n_buckets)
             assert type(got) is WindowAgg and got == want, op
         else:
             assert compiled.expire(op[1]) == python.expire(op[1]), op
@@ -483,10 +486,10 @@ def test_compiled_tiles_keep_a_lone_value_until_a_second_one_comes():
     assert first is not same
     tiles.add(0, 1, False, (first,))
     tiles.add(1, 1, False, (same,))
-    assert tiles.window(0, R).distinct == (1,)
+    assert window(tiles, 0, R).distinct == (1,)
     assert tiles.buckets[0][5] == {"m1"}
     tiles.add(2, 1, False, ("m2",))
-    assert tiles.window(0, R).distinct == (2,)
+    assert window(tiles, 0, R).distinct == (2,)
     assert tiles.buckets[0][5] == {"m1", "m2"}
     with pytest.raises(TypeError):
         tiles.add(R, 1, False, (["unhashable"],))

@@ -250,6 +250,12 @@ class PyTiles:
             distinct_counts,
         )
 
+    def aggregate(
+        self, t_ms: int, window_ms: int
+    ) -> tuple[int, int, int, int, int, tuple[int, ...]]:
+        """``window`` as a plain tuple, as the compiled tiles give it."""
+        return tuple(self.window(t_ms, window_ms))  # type: ignore[return-value]
+
     def expire(self, keep_from_ms: int) -> int:
         """Drop buckets wholly before ``keep_from_ms``; returns how many were dropped."""
         keep_from = keep_from_ms // self.resolution_ms
@@ -278,15 +284,13 @@ except ImportError:  # pragma: no cover - exercised where no compiler was found
     Tiles: type[PyTiles] = PyTiles
     windowed_values = _windowed_values_py
 else:
-
-    class CompiledTiles(_windows.Tiles):
-        """``PyTiles`` compiled; ``window`` gives the same ``WindowAgg``."""
-
-        __slots__ = ()
-
-        def window(self, t_ms: int, window_ms: int) -> WindowAgg:
-            """Aggregate the buckets in ``(b(t) - W/r, b(t)]``."""
-            return WindowAgg._make(self.aggregate(t_ms, window_ms))
-
-    Tiles = CompiledTiles  # type: ignore[assignment]
+    # The C type itself, not a Python subclass: a subclass would be tracked by the
+    # cyclic GC (16 bytes more each, and one more object every collection visits),
+    # and its buckets hold nothing that can refer back to it.
+    Tiles = _windows.Tiles  # type: ignore[assignment]
     windowed_values = _windows.windowed_values  # type: ignore[assignment]
+
+
+def window(tiles: Any, t_ms: int, window_ms: int) -> WindowAgg:
+    """Either tiles' aggregate over the buckets in ``(b(t) - W/r, b(t)]``."""
+    return WindowAgg._make(tiles.aggregate(t_ms, window_ms))
