@@ -14,8 +14,8 @@
 # Lint: .venv/bin/hadolint Dockerfile (run by .ci/run).
 
 FROM python:3.11-slim AS build
-# gcc builds the compiled kernels (streamscore/kernels/_windows.c, _dense.c); the runtime
-# stage copies the built venv and carries no compiler.
+# gcc builds the compiled parts (streamscore/kernels/_windows.c, _dense.c, server/_wire.c); the
+# runtime stage copies the built venv and carries no compiler.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
