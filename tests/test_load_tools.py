@@ -755,6 +755,13 @@ async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: 
         assert float(row[3].removesuffix("x")) == pytest.approx(times[0] / times[1], rel=0.05)
 
 
+async def test_wire_cost_times_both_codecs_hot_and_cold() -> None:
+    out = await run_module("loadtest.wire_cost", "--passes", "1", timeout=120)
+    (table,) = markdown_tables(out)
+    assert [row[0].split(",")[0] for row in table[1:]] == ["request"] * 2 + ["response"] * 2
+    assert all(float(cell) > 0 for row in table[1:] for cell in row[1:]), out
+
+
 async def run_scaling(trained_model: Path, tmp_path: Path, *args: str) -> tuple[str, dict]:
     """``loadtest.scaling`` for a smoke test: one 1 s step from one client process, a
     budget nothing misses; its output and its JSON report."""
