@@ -542,7 +542,8 @@ def _plan(drawn: list) -> tuple:
             for j, (code, slot) in enumerate(reads)
             if code != tiles_module.READ_DISTINCT or n_distinct
         )
-        plan.append((resolution, n_buckets * resolution, named))
+        index = 0 if resolution == FINE else 1  # its tiles in the entity's tuple
+        plan.append((index, n_buckets * resolution, named))
     return tuple(plan)
 
 
@@ -561,11 +562,11 @@ def test_compiled_windowed_values_equal_the_python_reads(
 
     both = []
     for tiles_type in (Tiles, tiles_module.PyTiles):
-        by_resolution = {FINE: tiles_type(FINE, 2), COARSE: tiles_type(COARSE, 0)}
+        fine, coarse = tiles_type(FINE, 2), tiles_type(COARSE, 0)
         for time_ms, amount, declined, merchant, card in events:
-            by_resolution[FINE].add(time_ms, amount, declined, (merchant, card))
-            by_resolution[COARSE].add(time_ms, amount, declined)
-        both.append(by_resolution)
+            fine.add(time_ms, amount, declined, (merchant, card))
+            coarse.add(time_ms, amount, declined)
+        both.append((fine, coarse))
     plan = _plan(drawn_plan)
     for t in [*times, *times]:
         compiled: dict[str, float] = {}
@@ -581,21 +582,24 @@ def test_windowed_values_is_what_the_store_uses_and_it_refuses_bad_plans():
     from streamscore.kernels import _windows
 
     assert tiles_module.windowed_values is _windows.windowed_values
-    tiles = {FINE: Tiles(FINE, 1)}
-    tiles[FINE].add(3, 10, False, ("a",))
+    tiles = (Tiles(FINE, 1),)
+    tiles[0].add(3, 10, False, ("a",))
     read = _windows.windowed_values
     with pytest.raises(ValueError, match="unknown read code 9"):
-        read({}, tiles, 4, ((FINE, 4, (("x", 9, -1),)),))
+        read({}, tiles, 4, ((0, 4, (("x", 9, -1),)),))
     with pytest.raises(ValueError, match="distinct slot 1 out of range"):
-        read({}, tiles, 4, ((FINE, 4, (("x", tiles_module.READ_DISTINCT, 1),)),))
+        read({}, tiles, 4, ((0, 4, (("x", tiles_module.READ_DISTINCT, 1),)),))
     with pytest.raises(ValueError, match="not a positive multiple"):
-        read({}, tiles, 4, ((FINE, 5, ()),))
-    with pytest.raises(KeyError, match="no tiles at resolution 3"):
-        read({}, tiles, 4, ((3, 6, ()),))
+        read({}, tiles, 4, ((0, 5, ()),))
+    for index in (1, -1):
+        with pytest.raises(IndexError, match=f"no tiles at index {index}"):
+            read({}, tiles, 4, ((index, 6, ()),))
     with pytest.raises(TypeError, match="plan item"):
-        read({}, tiles, 4, ((FINE, 4),))
+        read({}, tiles, 4, ((0, 4),))
+    with pytest.raises(TypeError, match="tiles and plan tuples"):
+        read({}, list(tiles), 4, ((0, 4, ()),))
     with pytest.raises(TypeError, match="compiled Tiles"):
-        read({}, {FINE: tiles_module.PyTiles(FINE, 1)}, 4, ((FINE, 4, ()),))
+        read({}, (tiles_module.PyTiles(FINE, 1),), 4, ((0, 4, ()),))
     values: dict[str, float] = {}
-    read(values, tiles, 4, ((FINE, 4, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),))
+    read(values, tiles, 4, ((0, 4, (("n", 0, -1), ("d", 7, 0), ("m", 4, -1))),))
     assert values == {"n": 1.0, "d": 1.0, "m": 10.0}

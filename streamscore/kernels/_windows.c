@@ -916,11 +916,11 @@ static int store_reads(PyObject *values, PyObject *reads, const Sums *s,
 }
 
 PyDoc_STRVAR(windowed_values_doc,
-"windowed_values(values, tiles_by_resolution, t_ms, plan)\n--\n\n"
-"For each (resolution_ms, window_ms, reads) of ``plan``, aggregate the\n"
-"window of ``tiles_by_resolution[resolution_ms]`` (compiled Tiles) as of ``t_ms`` and\n"
-"set ``values[name]`` for each (name, code, slot) of ``reads`` (see tiles.py,\n"
-"``windowed_values``).");
+"windowed_values(values, tiles, t_ms, plan)\n--\n\n"
+"For each (index, window_ms, reads) of ``plan``, aggregate the window of\n"
+"``tiles[index]`` (a tuple of compiled Tiles, one per resolution of the entity) as\n"
+"of ``t_ms`` and set ``values[name]`` for each (name, code, slot) of ``reads`` (see\n"
+"tiles.py, ``windowed_values``).");
 
 static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -928,9 +928,9 @@ static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssi
         PyErr_Format(PyExc_TypeError, "expected 4 arguments, got %zd", nargs);
         return NULL;
     }
-    PyObject *values = args[0], *tiles_by_resolution = args[1], *plan = args[3];
-    if (!PyDict_Check(values) || !PyDict_Check(tiles_by_resolution) || !PyTuple_Check(plan)) {
-        PyErr_SetString(PyExc_TypeError, "values and tiles must be dicts, plan a tuple");
+    PyObject *values = args[0], *entity_tiles = args[1], *plan = args[3];
+    if (!PyDict_Check(values) || !PyTuple_Check(entity_tiles) || !PyTuple_Check(plan)) {
+        PyErr_SetString(PyExc_TypeError, "values must be a dict, tiles and plan tuples");
         return NULL;
     }
     long long t_ms = PyLong_AsLongLong(args[2]);
@@ -940,22 +940,22 @@ static PyObject *windowed_values(PyObject *module, PyObject *const *args, Py_ssi
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(plan); i++) {
         PyObject *window = PyTuple_GET_ITEM(plan, i);
         if (!PyTuple_Check(window) || PyTuple_GET_SIZE(window) != 3) {
-            PyErr_SetString(PyExc_TypeError,
-                            "a plan item must be (resolution_ms, window_ms, reads)");
+            PyErr_SetString(PyExc_TypeError, "a plan item must be (index, window_ms, reads)");
             return NULL;
         }
-        PyObject *r_obj = PyTuple_GET_ITEM(window, 0);
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(window, 0));
+        if (index == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
         long long window_ms = PyLong_AsLongLong(PyTuple_GET_ITEM(window, 1));
         if (window_ms == -1 && PyErr_Occurred()) {
             return NULL;
         }
-        PyObject *tiles = PyDict_GetItemWithError(tiles_by_resolution, r_obj); /* borrowed */
-        if (tiles == NULL) {
-            if (!PyErr_Occurred()) {
-                PyErr_Format(PyExc_KeyError, "no tiles at resolution %S ms", r_obj);
-            }
+        if (index < 0 || index >= PyTuple_GET_SIZE(entity_tiles)) {
+            PyErr_Format(PyExc_IndexError, "no tiles at index %zd", index);
             return NULL;
         }
+        PyObject *tiles = PyTuple_GET_ITEM(entity_tiles, index); /* borrowed */
         if (!PyObject_TypeCheck(tiles, &TilesType)) {
             PyErr_SetString(PyExc_TypeError, "tiles must be compiled Tiles");
             return NULL;

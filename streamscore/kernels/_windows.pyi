@@ -24,7 +24,7 @@ class Tiles:
 
 def windowed_values(
     values: dict[str, float],
-    tiles_by_resolution: dict[int, Any],
+    tiles: tuple[Any, ...],
     t_ms: int,
     plan: tuple[WindowPlan, ...],
     /,

@@ -134,20 +134,20 @@ WINDOW_READS: tuple[Callable[[WindowAgg, int], float], ...] = (
     lambda agg, slot: float(agg.distinct[slot]),
 )
 
-# One window of an entity's reads: (resolution_ms, window_ms, ((feature name, read
-# code, distinct slot), ...)).
+# One window of an entity's reads: (index of its tiles among the entity's, one per
+# resolution; window_ms; ((feature name, read code, distinct slot), ...)).
 WindowPlan = tuple[int, int, tuple[tuple[str, int, int], ...]]
 
 
 def _windowed_values_py(
     values: dict[str, float],
-    tiles_by_resolution: dict[int, PyTiles],
+    tiles: tuple[PyTiles, ...],
     t_ms: int,
     plan: tuple[WindowPlan, ...],
 ) -> None:
     """Set ``values[name]`` for every read of ``plan``, from the windows as of ``t_ms``."""
-    for resolution_ms, window_ms, reads in plan:
-        agg = tiles_by_resolution[resolution_ms].window(t_ms, window_ms)
+    for index, window_ms, reads in plan:
+        agg = tiles[index].window(t_ms, window_ms)
         for name, code, slot in reads:
             values[name] = WINDOW_READS[code](agg, slot)
 

@@ -121,8 +121,10 @@ class EntityLayout:
 
     # Precomputed for the serving path: what it reads per (resolution, window), the
     # names, read codes and distinct slots of the features over that one window
-    # aggregate (``tiles.windowed_values``'s plan); the names of the features from the
-    # newest event time (seconds since last); all names, in the pack's order.
+    # aggregate (``tiles.windowed_values``'s plan; its tiles named by their index in
+    # ``resolutions``, the order of an entity's tuple of tiles); the names of the
+    # features from the newest event time (seconds since last); all names, in the
+    # pack's order.
     window_plan: tuple[tiles.WindowPlan, ...] = ()
     since_last_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
@@ -154,7 +156,9 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
         resolutions,
         distinct,
         max_window,
-        window_plan=tuple((r, w, tuple(named)) for (r, w), named in reads.items()),
+        window_plan=tuple(
+            (resolutions.index(r), w, tuple(named)) for (r, w), named in reads.items()
+        ),
         since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         feature_names=tuple(f.name for f in features),
     )

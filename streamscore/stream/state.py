@@ -1,9 +1,10 @@
 """Per-entity feature state for a feature pack, folded from validated events.
 
 One ``EntityState`` per (entity type, entity id): a ``Tiles`` per resolution the pack
-uses plus the entity's recent events. Folding is idempotent (a redelivered event is
-recognised by its id) and order-independent within the allowed lateness, so the
-same state comes out of live streaming, a crash-and-replay, and the offline backfill.
+uses (a tuple in the layout's order of resolutions) plus the entity's recent events.
+Folding is idempotent (a redelivered event is recognised by its id) and
+order-independent within the allowed lateness, so the same state comes out of live
+streaming, a crash-and-replay, and the offline backfill.
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ class EntityState:
     def __init__(
         self, layout: EntityLayout, horizon_ms: int, tiles_type: type[PyTiles] = Tiles
     ) -> None:
-        self.tiles = {r: tiles_type(r, len(layout.distinct_fields[r])) for r in layout.resolutions}
+        # A tuple, not a dict by resolution: ~150 bytes less per entity; the plans
+        # name each tiles by its index.
+        self.tiles = tuple(
+            tiles_type(r, len(layout.distinct_fields[r])) for r in layout.resolutions
+        )
         self.recent = RecentEvents(horizon_ms)
         self.folded = 0
         # (key, windowed values): key = (folded, t // r for each resolution).
@@ -74,20 +79,21 @@ class EntityState:
 def _fold_plan(
     layout: EntityLayout, expire_lag_ms: int
 ) -> tuple[tuple[int, tuple[int, ...], int], ...]:
-    """Per resolution: (r, indices into DISTINCT_SOURCES, how far behind newest to expire)."""
+    """Per resolution, in the layout's order (the entity's tuple of tiles): (index of its
+    tiles, indices into DISTINCT_SOURCES, how far behind newest to expire)."""
     for fields in layout.distinct_fields.values():
         unknown = set(fields) - set(DISTINCT_SOURCES)
         if unknown:
             raise ValueError(f"distinct counts over {sorted(unknown)} are not supported")
     return tuple(
         (
-            r,
+            index,
             tuple(DISTINCT_SOURCES.index(f) for f in layout.distinct_fields[r]),
             # Queries go back at most lateness (replay) or skew (live) before the
             # newest event, then one window; older buckets can never count.
             expire_lag_ms + layout.max_window_ms[r],
         )
-        for r in layout.resolutions
+        for index, r in enumerate(layout.resolutions)
     )
 
 
@@ -188,9 +194,9 @@ class FeatureStore:
             if newest is None or time_ms > newest:
                 newest = time_ms
             sources = (merchant_id, card_id)
-            tiles_by_r = state.tiles
-            for r, distinct, expire_lag in self._plans[entity_type]:
-                tiles = tiles_by_r[r]
+            entity_tiles = state.tiles
+            for index, distinct, expire_lag in self._plans[entity_type]:
+                tiles = entity_tiles[index]
                 values = tuple([sources[i] for i in distinct]) if distinct else ()
                 if tiles.add(time_ms, amount, declined, values):
                     tiles.expire(newest - expire_lag)
