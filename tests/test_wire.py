@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import struct
+from decimal import Decimal
 
+import numpy as np
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import example, given, settings
@@ -254,12 +256,16 @@ def test_an_answer_encodes_as_protobuf_encodes_it(answer: tuple) -> None:  # typ
         assert encoded == reference
 
 
-def test_nan_scores_and_integer_feature_values_encode_exactly() -> None:
+def test_nan_scores_and_int_and_numpy_feature_values_encode_exactly() -> None:
     encoded = _wire.encode_score_response("r", math.nan, 1, b"", (), {"n": 3}, 1, 2, 3)
     response = pb.ScoreResponse.FromString(encoded)
     assert math.isnan(response.score)
     assert struct.pack("<d", math.nan) in encoded
     assert response.features == {"n": 3.0}
+    numpy_value = _wire.encode_score_response(
+        "r", 0.5, 1, b"", (), {"x": np.float64(0.25)}, 1, 2, 3
+    )
+    assert pb.ScoreResponse.FromString(numpy_value).features == {"x": 0.25}
 
 
 @pytest.mark.parametrize(
@@ -270,6 +276,9 @@ def test_nan_scores_and_integer_feature_values_encode_exactly() -> None:
         ("r", 0.5, 1, b"", [1], None, 0, 0, 0),  # degraded not a tuple
         ("r", 0.5, 1, b"", (), {1: 0.5}, 0, 0, 0),  # a feature name not a str
         ("r", 0.5, 1, b"", (), {"f": "x"}, 0, 0, 0),  # a feature value not a number
+        # Nor one that converts by running Python code (which could change the dict).
+        ("r", 0.5, 1, b"", (), {"f": Decimal("0.5")}, 0, 0, 0),
+        ("r", 0.5, 1, b"", (), {"f": 2**1024}, 0, 0, 0),  # an int beyond a double
         ("r", "x", 1, b"", (), None, 0, 0, 0),  # score not a number
         ("r", 0.5, 1, b"", (), None, 0, 0, 2**64),  # a timing beyond int64
     ],

@@ -401,6 +401,13 @@ static uint64_t as_varint(long long value)
     return (uint64_t)(int64_t)value;
 }
 
+/* A float's or an int's value, read without running any Python code (the encoder
+ * checks the type; numpy's float64 is a float). */
+static double feature_value(PyObject *value)
+{
+    return PyFloat_Check(value) ? PyFloat_AS_DOUBLE(value) : PyLong_AsDouble(value);
+}
+
 #define N_TIMINGS 3 /* features_us, model_us, total_us: Timings fields 2-4; queue_us stays 0 */
 
 PyDoc_STRVAR(encode_score_response_doc,
@@ -408,7 +415,7 @@ PyDoc_STRVAR(encode_score_response_doc,
              "features_us, model_us, total_us, /)\n--\n\n"
              "A ScoreResponse's bytes, as protobuf writes them (its map entries in the "
              "dict's order). ``model``: the encoded ModelRef; ``degraded``: a tuple of "
-             "reasons; ``features``: a dict of str to number, or None.");
+             "reasons; ``features``: a dict of str to float (or int), or None.");
 
 static PyObject *encode_score_response(PyObject *module, PyObject *const *args,
                                        Py_ssize_t nargs)
@@ -464,7 +471,13 @@ static PyObject *encode_score_response(PyObject *module, PyObject *const *args,
                 }
                 return NULL;
             }
-            if (PyFloat_AsDouble(value) == -1.0 && PyErr_Occurred()) {
+            /* Floats and ints only: converting anything else could run Python code
+             * that changes the dict between this pass and the writing one. */
+            if ((!PyFloat_Check(value) && !PyLong_Check(value)) ||
+                (feature_value(value) == -1.0 && PyErr_Occurred())) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetString(PyExc_TypeError, "feature values must be float or int");
+                }
                 return NULL;
             }
             size += len_field_size(len_field_size(key_size) + 9);
@@ -512,7 +525,7 @@ static PyObject *encode_score_response(PyObject *module, PyObject *const *args,
             out = write_varint(out, (uint64_t)(len_field_size(key_size) + 9));
             out = write_bytes(out, 1, name, key_size);
             out = write_tag(out, 2, WIRE_I64);
-            out = write_double(out, PyFloat_AsDouble(value)); /* checked above */
+            out = write_double(out, feature_value(value)); /* checked above */
         }
     }
     if (n_degraded) {
@@ -531,7 +544,7 @@ static PyObject *encode_score_response(PyObject *module, PyObject *const *args,
         }
     }
     if ((char *)out != PyBytes_AS_STRING(encoded) + size) {
-        /* a dict changed size between the passes: never in Score, but never wrong bytes */
+        /* cannot happen (no Python code runs between the passes); never wrong bytes */
         Py_DECREF(encoded);
         PyErr_SetString(PyExc_RuntimeError, "features changed while encoding");
         return NULL;
