@@ -10,7 +10,8 @@ the reference the compiled ones are tested against (tests/test_wire.py).
 Why: under load Score runs with cold caches and costs about what it touches. Through
 protobuf, a request is a message, a transaction made on first access and a new object
 per field read, and an answer is a template copy, a timings message and a
-serialization pass (about 30 us of CPU cold, of a Score body of about 100).
+serialization pass: 17-21 us of CPU cold for the two, against 9-10 here, of a Score
+body of about 100 (``python -m loadtest.wire_cost``; BENCHMARKS.md).
 """
 
 from __future__ import annotations
