@@ -281,6 +281,27 @@ def test_recent_empty():
     assert len(recent) == 0
 
 
+def test_recent_lone_event_then_many_then_lone_again():
+    """One event in the horizon is kept as a tuple, more as a dict, and one again as a
+    tuple once pruning leaves one: the answers are the same either way."""
+    recent = RecentEvents(horizon_ms=1000)
+    recent.add(5000, "a")
+    assert isinstance(recent._times, tuple)
+    assert "a" in recent and "b" not in recent and len(recent) == 1
+    assert recent.newest_at_or_before(4999) is None
+    recent.add(4500, "b")  # older, within the horizon
+    assert isinstance(recent._times, dict)
+    assert "a" in recent and "b" in recent and len(recent) == 2
+    assert recent.newest_at_or_before(4999) == 4500
+    recent.add(7000, "c")  # prunes "a" (5000) and then "b" (4500): one left
+    assert isinstance(recent._times, tuple)
+    assert "c" in recent and "a" not in recent and "b" not in recent and len(recent) == 1
+    assert recent.newest_at_or_before(6999) == 5000  # the newest pruned one
+    # Before every kept event and the newest pruned one: not answered (the store
+    # refuses queries that far behind the newest event, see earliest_exact_ms).
+    assert recent.newest_at_or_before(4999) is None
+
+
 def test_recent_too_old_boundary_is_exclusive():
     recent = RecentEvents(horizon_ms=1000)
     recent.add(5000, "a")
