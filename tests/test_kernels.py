@@ -300,6 +300,11 @@ def test_recent_lone_event_then_many_then_lone_again():
     # Before every kept event and the newest pruned one: not answered (the store
     # refuses queries that far behind the newest event, see earliest_exact_ms).
     assert recent.newest_at_or_before(4999) is None
+    recent.add(9000, "d")  # the lone "c" falls out of the horizon: replaced, no dict
+    assert recent._times == ("d", 9000)
+    assert "c" not in recent and len(recent) == 1
+    assert recent.newest_at_or_before(8999) == 7000
+    assert recent.older_newest_ms == 7000
 
 
 def test_recent_too_old_boundary_is_exclusive():

@@ -50,10 +50,16 @@ class RecentEvents:
         if times is None:
             self._times = (key, time_ms)
             return  # the only event is the newest: nothing to prune
-        if isinstance(times, tuple):
-            times = self._times = {times[0]: times[1]}
-        times[key] = time_ms
         horizon_start = newest - self.horizon_ms
+        if isinstance(times, tuple):
+            old_time = times[1]
+            if old_time < horizon_start:  # the lone one falls out: no dict at all
+                if self.older_newest_ms is None or old_time > self.older_newest_ms:
+                    self.older_newest_ms = old_time
+                self._times = (key, time_ms)
+                return
+            times = self._times = {times[0]: old_time}
+        times[key] = time_ms
         while True:
             oldest_key = next(iter(times))
             old_time = times[oldest_key]
