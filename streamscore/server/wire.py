@@ -117,15 +117,19 @@ def _encode_py(
     return response.SerializeToString()
 
 
-ScoreFields: Any = PyScoreFields
-decode_score_request: Callable[[bytes], Any] = _decode_py
+def _undecided(data: bytes) -> None:
+    """No compiled decoder: every request is left to protobuf (``parse_score_request``),
+    which then parses it once."""
+    return None
+
+
+decode_score_request: Callable[[bytes], Any] = _undecided
 encode_score_response: Callable[..., bytes] = _encode_py
 try:
     from streamscore.server import _wire
 except ImportError:  # built without a C compiler: protobuf does it, only slower
     pass
 else:
-    ScoreFields = _wire.ScoreFields
     decode_score_request = _wire.decode_score_request
     encode_score_response = _wire.encode_score_response
 
