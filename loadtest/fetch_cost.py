@@ -10,9 +10,11 @@ this process, on an embedded broker with the topic empty:
   ``getmany`` as ``stream/replica.py`` polls it;
 * ``client``: one ``FetchRequest`` for every partition at a time, sent with
   ``client.send`` (no fetcher tasks, no per-partition bookkeeping): about the least
-  an aiokafka-based replica could pay per fetch.
+  an aiokafka-based replica could pay per fetch;
+* ``lean``: the same Fetch written and read by ``stream/lean_fetch.py``, on a
+  connection of its own, as a caught-up replica fetches (``kafka_lean_fetch``).
 
-The two alternate for ``--rounds`` (CPU per fetch, the median of the rounds):
+The three alternate for ``--rounds`` (CPU per fetch, the median of the rounds):
 
     python -m loadtest.fetch_cost --seconds 5 --rounds 3
 """
@@ -31,6 +33,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 
 from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.lean_fetch import LeanFetcher
 from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout
 
 MAX_BYTES = 4 * 1024 * 1024
@@ -107,12 +110,35 @@ async def client_fetcher(
     return fetch_once, client.close
 
 
+async def lean_fetcher(
+    bootstrap: str, partitions: list[TopicPartition], wait_ms: int
+) -> tuple[Fetcher, Callable[[], Awaitable[None]]]:
+    """The replica's lean fetch (one leader: the embedded broker)."""
+    host, port = bootstrap.rsplit(":", 1)
+    fetcher = LeanFetcher(
+        host,
+        int(port),
+        ENTITY_EVENTS,
+        [tp.partition for tp in partitions],
+        max_wait_ms=wait_ms,
+        max_partition_bytes=MAX_BYTES,
+    )
+    await fetcher.open()
+    positions = {tp.partition: 0 for tp in partitions}
+
+    async def fetch_once() -> int:
+        await fetcher.fetch(positions)
+        return 1
+
+    return fetch_once, fetcher.close
+
+
 async def main(args: argparse.Namespace) -> int:
     async with EmbeddedBroker() as broker:
         partitions_n = TopicLayout().partitions()[ENTITY_EVENTS]
         await create_topics(broker.bootstrap, {ENTITY_EVENTS: partitions_n})
         partitions = [TopicPartition(ENTITY_EVENTS, p) for p in range(partitions_n)]
-        modes = {"consumer": consumer_fetcher, "client": client_fetcher}
+        modes = {"consumer": consumer_fetcher, "client": client_fetcher, "lean": lean_fetcher}
         results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
         for round_ in range(args.rounds):
             for mode, make in modes.items():

@@ -517,9 +517,8 @@ async def test_waiting_fetch_is_not_woken_by_new_records(broker: EmbeddedBroker)
 
 
 async def _replica_fetches_per_s(bootstrap: str, topic: str, fetch_max_wait_ms: int) -> float:
-    """Fetch requests per second a caught-up replica sends while no records come."""
-    from aiokafka.protocol.fetch import FetchRequest
-
+    """Fetch requests per second a caught-up replica sends while no records come (by
+    its lean fetch, which takes over once it has caught up)."""
     from streamscore.stream.replica import FeatureReplica
     from streamscore.stream.state import FeatureStore
 
@@ -529,17 +528,13 @@ async def _replica_fetches_per_s(bootstrap: str, topic: str, fetch_max_wait_ms: 
     await replica.start()
     try:
         await replica.wait_caught_up(timeout=30)
-        client = replica._consumer._client  # type: ignore[union-attr]
-        send, fetches = client.send, 0
-
-        async def counting_send(node_id: int, request: Any, **kwargs: Any) -> Any:
-            nonlocal fetches
-            fetches += isinstance(request, FetchRequest)
-            return await send(node_id, request, **kwargs)
-
-        client.send = counting_send
+        deadline = time.monotonic() + 10
+        while replica._lean is None:
+            assert time.monotonic() < deadline, "the replica never fetched lean"
+            await asyncio.sleep(0.05)
+        before = replica._lean.fetches
         await asyncio.sleep(1.5)
-        return fetches / 1.5
+        return (replica._lean.fetches - before) / 1.5
     finally:
         await replica.stop()
 

@@ -44,7 +44,7 @@ async def system(tmp_path: Path, trained_model: Path) -> AsyncIterator[tuple[str
         yield bootstrap, targets[0], trained_model
 
 
-async def test_events_in_features_and_scores_out(system) -> None:
+async def test_events_in_features_and_scores_out(system, tmp_path: Path) -> None:
     bootstrap, target, model_repository = system
     now = time.time_ns() // 1_000_000
     # Times well inside the windows (and away from window edges) so that the
@@ -182,6 +182,8 @@ async def test_events_in_features_and_scores_out(system) -> None:
         "too_late",
     ]
     assert all(letter["topic"] == PAYMENTS for letter in letters)
+    # The features above were fetched, after the replica's start, by its lean fetch.
+    assert "replica fetches lean" in (tmp_path / "server-1.log").read_text()
 
 
 async def test_health_and_reflection(system) -> None:

@@ -100,7 +100,10 @@ class ScoringServer:
             # Idempotent: whichever process starts first creates the topics.
             await create_topics(settings.kafka, topic_layout(settings).partitions())
             self.replica = FeatureReplica(
-                settings.kafka, self.store, fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms
+                settings.kafka,
+                self.store,
+                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                lean_fetch=settings.kafka_lean_fetch,
             )
         self.rollouts = RolloutManager(
             self.models,

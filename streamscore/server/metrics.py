@@ -288,6 +288,12 @@ class ServerCollector:
                     "1 once the replica reached the log end seen at start.",
                     float(replica.caught_up),
                 ),
+                (
+                    "streamscore_replica_fetching_lean",
+                    "1 while the replica fetches with its own Fetch requests "
+                    "(kafka_lean_fetch), 0 while the consumer's fetcher does.",
+                    float(replica.fetching_lean),
+                ),
                 ("streamscore_entities", "Entities held in memory.", len(self.server.store)),
             ):
                 family = GaugeMetricFamily(name, help_)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamscore.stream import kafka_compat
+from streamscore.stream.lean_fetch import LeanFetcher, LeanFetchError
 from streamscore.stream.state import FeatureStore
 from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_batch
 from streamscore.tasks import cancel_and_wait, start_background
@@ -30,6 +33,22 @@ log = logging.getLogger("streamscore.replica")
 
 class ReplicaFailed(RuntimeError):
     """The replica's fold task died; features are no longer updated."""
+
+
+# After the lean fetch gives up (an error, a broker gone, partitions spread over
+# several leaders), the consumer fetches for this long before it is tried again.
+LEAN_RETRY_S = 30.0
+MAX_PARTITION_FETCH_BYTES = 4 * 1024 * 1024
+
+
+class _LogRecord(Protocol):
+    """What folding reads of a record: the consumer's and the lean fetch's both."""
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def value(self) -> bytes | None: ...
 
 
 class FeatureReplica:
@@ -47,6 +66,9 @@ class FeatureReplica:
         sweep_interval_s: float = 60.0,
         # The Fetch wait (the kafka_fetch_max_wait_ms setting; see kafka_compat, 7).
         fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
+        # Once caught up, fetch with the lean fetch (lean_fetch.py) rather than the
+        # consumer's fetcher: about a fifth of its CPU per fetch.
+        lean_fetch: bool = True,
     ) -> None:
         self.bootstrap = bootstrap
         self.store = store
@@ -55,6 +77,7 @@ class FeatureReplica:
         self.entries_per_step = entries_per_step
         self.sweep_interval_s = sweep_interval_s
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.lean_fetch = lean_fetch
         self.entities_swept = 0
         self._last_sweep = time.monotonic()
         self.records_folded = 0
@@ -68,6 +91,16 @@ class FeatureReplica:
         self.failure: BaseException | None = None
         self._freshness = float("inf")
         self._freshness_at = float("-inf")
+        # The lean fetch while it runs, the high watermarks its answers gave, and when
+        # it may be tried again.
+        self._lean: LeanFetcher | None = None
+        self._lean_highwaters: dict[int, int] = {}
+        self._lean_positions: dict[int, int] = {}
+        self._lean_retry_at = float("-inf")
+
+    @property
+    def fetching_lean(self) -> bool:
+        return self._lean is not None
 
     @property
     def caught_up(self) -> bool:
@@ -83,6 +116,12 @@ class FeatureReplica:
         on every call."""
         now = time.monotonic()
         if now - self._freshness_at < 0.05:
+            return self._freshness
+        lean = self._lean
+        if lean is not None:
+            answered = lean.answered_at
+            self._freshness = float("inf") if answered is None else max(0.0, time.time() - answered)
+            self._freshness_at = now
             return self._freshness
         consumer = self._consumer
         oldest_ms: float | None = None
@@ -105,7 +144,11 @@ class FeatureReplica:
             return 0
         total = 0
         for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
+            highwater = (
+                self._lean_highwaters.get(tp.partition)
+                if self._lean is not None
+                else consumer.highwater(tp)
+            )
             if highwater is not None:
                 total += max(0, highwater - self._positions.get(tp, 0))
         return total
@@ -116,7 +159,7 @@ class FeatureReplica:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self.fetch_max_wait_ms,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         )
         await consumer.start()
         self._consumer = consumer
@@ -167,6 +210,23 @@ class FeatureReplica:
         assert consumer is not None
         backoff = 0.1
         while True:
+            if (
+                self._lean is None
+                and self.lean_fetch
+                and self.caught_up
+                and time.monotonic() >= self._lean_retry_at
+            ):
+                await self._go_lean(consumer)
+            if self._lean is not None:
+                try:
+                    await self._fetch_lean(self._lean)
+                except LeanFetchError as exc:
+                    log.warning(
+                        "lean fetch failed, the consumer fetches again",
+                        extra={"error": str(exc)},
+                    )
+                    await self._leave_lean(consumer)
+                continue
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             except KafkaError as exc:
@@ -182,10 +242,70 @@ class FeatureReplica:
                     self._positions[tp] = records[-1].offset + 1
             if not self.caught_up:
                 self._check_caught_up()
-            elif self.sweep_interval_s and (
-                time.monotonic() - self._last_sweep > self.sweep_interval_s
-            ):
-                await self.sweep_idle()
+            else:
+                await self._maybe_sweep()
+
+    async def _maybe_sweep(self) -> None:
+        if self.sweep_interval_s and time.monotonic() - self._last_sweep > self.sweep_interval_s:
+            await self.sweep_idle()
+
+    async def _go_lean(self, consumer: AIOKafkaConsumer) -> None:
+        """Take over fetching from the consumer, at its positions, where every
+        partition has one leader; else leave it to the consumer for LEAN_RETRY_S."""
+        self._lean_retry_at = time.monotonic() + LEAN_RETRY_S
+        partitions = sorted(consumer.assignment())
+        cluster = consumer._client.cluster
+        leaders = {cluster.leader_for_partition(tp) for tp in partitions}
+        leader = leaders.pop() if len(leaders) == 1 else None
+        broker = cluster.broker_metadata(leader) if leader is not None and leader >= 0 else None
+        if broker is None:
+            log.info(
+                "partitions not all on one known leader: the consumer keeps fetching",
+                extra={"leaders": sorted(str(n) for n in leaders)},
+            )
+            return
+        fetcher = LeanFetcher(
+            broker.host,
+            broker.port,
+            self.topic,
+            [tp.partition for tp in partitions],
+            max_wait_ms=self.fetch_max_wait_ms,
+            max_partition_bytes=MAX_PARTITION_FETCH_BYTES,
+        )
+        try:
+            await fetcher.open()
+        except LeanFetchError as exc:
+            log.warning("lean fetch cannot connect", extra={"error": str(exc)})
+            return
+        # The consumer's position is past every record it returned, all folded.
+        for tp in partitions:
+            self._positions[tp] = await consumer.position(tp)
+        self._lean_positions = {tp.partition: self._positions[tp] for tp in partitions}
+        consumer.pause(*partitions)
+        self._lean = fetcher
+        log.info("replica fetches lean", extra={"leader": f"{broker.host}:{broker.port}"})
+
+    async def _fetch_lean(self, fetcher: LeanFetcher) -> None:
+        positions = self._lean_positions
+        answers = await fetcher.fetch(positions)
+        for partition, answer in answers.items():
+            self._lean_highwaters[partition] = answer.high_watermark
+            if answer.next_offset != positions[partition]:
+                await self._fold(answer.records)  # none, past a control batch only
+                positions[partition] = answer.next_offset
+                self._positions[TopicPartition(self.topic, partition)] = answer.next_offset
+        await self._maybe_sweep()
+
+    async def _leave_lean(self, consumer: AIOKafkaConsumer) -> None:
+        """Hand fetching back to the consumer, from the positions folded so far."""
+        fetcher, self._lean = self._lean, None
+        if fetcher is not None:
+            await fetcher.close()
+        self._lean_highwaters.clear()
+        self._freshness_at = float("-inf")
+        for tp, offset in self._positions.items():
+            consumer.seek(tp, offset)
+        consumer.resume(*consumer.assignment())
 
     async def sweep_idle(self, chunk: int = 5000) -> int:
         """Drop idle entities, a chunk at a time so Score calls keep running."""
@@ -201,11 +321,13 @@ class FeatureReplica:
             log.info("swept idle entities", extra={"swept": swept, "entities": len(self.store)})
         return swept
 
-    async def _fold(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    async def _fold(self, records: Sequence[_LogRecord]) -> None:
         fold = self.store.fold_fields
         step = self.entries_per_step
         for record in records:
             try:
+                if record.value is None:
+                    raise ValueError("a record with no value")
                 entries = decode_fold_batch(record.value)
             except ValueError:
                 # Only our own worker writes this topic; a bad record is a bug to see
@@ -235,6 +357,9 @@ class FeatureReplica:
     async def stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        lean, self._lean = self._lean, None
+        if lean is not None:
+            await lean.close()
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
