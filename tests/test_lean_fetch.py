@@ -313,10 +313,15 @@ async def test_replica_fetches_lean_and_falls_back_losing_nothing(broker: Embedd
         assert lean.fetches > 0 and replica.lag() == 0
         assert replica.seconds_since_fetch() < 1.0
 
-        # The lean connection dies: back to the consumer, from where it was.
+        # The lean connection dies: back to the consumer, from where it was. The
+        # consumer's own last answers are older than the stale limit's scale by now;
+        # the features are as fresh as the lean fetch's last answer all the same.
+        await asyncio.sleep(1.5)
         assert lean._writer is not None
         lean._writer.transport.abort()
         await _wait_for(lambda: not replica.fetching_lean)
+        replica._freshness_at = float("-inf")  # no cached answer
+        assert replica.seconds_since_fetch() < 1.0
         await _produce(broker.bootstrap, topic, [(2, _fold_batch("c2", 4, t0 + 200))])
         await _wait_for(lambda: count("c2") == 7)
         assert replica.failure is None

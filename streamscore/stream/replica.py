@@ -96,6 +96,7 @@ class FeatureReplica:
         self._lean: LeanFetcher | None = None
         self._lean_highwaters: dict[int, int] = {}
         self._lean_positions: dict[int, int] = {}
+        self._lean_answered_at: float | None = None  # time.time()
         self._lean_retry_at = float("-inf")
 
     @property
@@ -117,25 +118,34 @@ class FeatureReplica:
         now = time.monotonic()
         if now - self._freshness_at < 0.05:
             return self._freshness
+        # The latest answer of either way of fetching: the lean fetch's is kept when it
+        # hands back, and it starts from the consumer's, so neither switch marks
+        # features stale while the broker answers.
+        answered = self._lean_answered_at
         lean = self._lean
         if lean is not None:
-            answered = lean.answered_at
-            self._freshness = float("inf") if answered is None else max(0.0, time.time() - answered)
-            self._freshness_at = now
-            return self._freshness
-        consumer = self._consumer
-        oldest_ms: float | None = None
-        for tp in consumer.assignment() if consumer is not None else ():
-            polled = consumer.last_poll_timestamp(tp)  # type: ignore[union-attr]
-            if polled is None:
-                oldest_ms = None
-                break
-            oldest_ms = polled if oldest_ms is None else min(oldest_ms, polled)
-        self._freshness = (
-            float("inf") if oldest_ms is None else max(0.0, time.time() - oldest_ms / 1000)
-        )
+            if lean.answered_at is not None:
+                answered = self._lean_answered_at = lean.answered_at
+        else:
+            by_consumer = self._consumer_answered_at()
+            if by_consumer is not None:
+                answered = by_consumer if answered is None else max(answered, by_consumer)
+        self._freshness = float("inf") if answered is None else max(0.0, time.time() - answered)
         self._freshness_at = now
         return self._freshness
+
+    def _consumer_answered_at(self) -> float | None:
+        """When the consumer's fetches last had an answer for every partition."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        oldest_ms: float | None = None
+        for tp in consumer.assignment():
+            polled = consumer.last_poll_timestamp(tp)
+            if polled is None:
+                return None
+            oldest_ms = polled if oldest_ms is None else min(oldest_ms, polled)
+        return None if oldest_ms is None else oldest_ms / 1000
 
     def lag(self) -> int:
         """Records in the log not folded yet (known high watermarks minus positions)."""
@@ -281,6 +291,7 @@ class FeatureReplica:
         for tp in partitions:
             self._positions[tp] = await consumer.position(tp)
         self._lean_positions = {tp.partition: self._positions[tp] for tp in partitions}
+        self._lean_answered_at = self._consumer_answered_at()
         consumer.pause(*partitions)
         self._lean = fetcher
         log.info("replica fetches lean", extra={"leader": f"{broker.host}:{broker.port}"})
@@ -300,6 +311,8 @@ class FeatureReplica:
         """Hand fetching back to the consumer, from the positions folded so far."""
         fetcher, self._lean = self._lean, None
         if fetcher is not None:
+            if fetcher.answered_at is not None:
+                self._lean_answered_at = fetcher.answered_at
             await fetcher.close()
         self._lean_highwaters.clear()
         self._freshness_at = float("-inf")
