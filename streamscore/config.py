@@ -36,7 +36,7 @@ class Settings:
     # Kafka answers as soon as records arrive: use 500 there.
     kafka_fetch_max_wait_ms: int = 20
     # The server's replica, once caught up, fetches with a Fetch request of its own
-    # (stream/lean_fetch.py: ~40 % of aiokafka's CPU per fetch); false: the consumer's
+    # (stream/lean_fetch.py: about half aiokafka's CPU per fetch); false: the consumer's
     # fetcher throughout.
     kafka_lean_fetch: bool = True
     host: str = "127.0.0.1"

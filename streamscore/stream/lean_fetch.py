@@ -9,7 +9,8 @@ wake-up and the rest its Python: tasks, ``asyncio.wait`` over futures, its proto
 classes. That is ~33 ms of CPU a second per serving process, paid whether or not
 events flow, and under Score load ~20 us per request at 1,000 calls/s. A FetchRequest
 encoded with ``struct`` and a response parsed with ``struct.unpack_from`` cost about
-a fifth of it (``loadtest/fetch_cost.py`` measures both).
+half as much, ~400 us, most of it the wake-up (``python -m loadtest.fetch_cost``
+measures the ways of fetching side by side; BENCHMARKS.md, session 17).
 
 What it leaves to the consumer: bootstrap, metadata, offsets, catching up, and every
 error. Any answer that is not clean (an error code, a dropped connection, a timeout,

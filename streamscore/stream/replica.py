@@ -67,7 +67,7 @@ class FeatureReplica:
         # The Fetch wait (the kafka_fetch_max_wait_ms setting; see kafka_compat, 7).
         fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
         # Once caught up, fetch with the lean fetch (lean_fetch.py) rather than the
-        # consumer's fetcher: about a fifth of its CPU per fetch.
+        # consumer's fetcher: about half its CPU per fetch.
         lean_fetch: bool = True,
     ) -> None:
         self.bootstrap = bootstrap
