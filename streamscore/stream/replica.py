@@ -291,7 +291,9 @@ class FeatureReplica:
         for tp in partitions:
             self._positions[tp] = await consumer.position(tp)
         self._lean_positions = {tp.partition: self._positions[tp] for tp in partitions}
-        self._lean_answered_at = self._consumer_answered_at()
+        by_consumer = self._consumer_answered_at()
+        if by_consumer is not None and by_consumer > (self._lean_answered_at or 0.0):
+            self._lean_answered_at = by_consumer
         consumer.pause(*partitions)
         self._lean = fetcher
         log.info("replica fetches lean", extra={"leader": f"{broker.host}:{broker.port}"})
