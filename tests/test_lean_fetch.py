@@ -320,6 +320,7 @@ async def test_replica_fetches_lean_and_falls_back_losing_nothing(broker: Embedd
         assert lean._writer is not None
         lean._writer.transport.abort()
         await _wait_for(lambda: not replica.fetching_lean)
+        assert replica.lean_fallbacks == 1
         replica._freshness_at = float("-inf")  # no cached answer
         assert replica.seconds_since_fetch() < 1.0
         await _produce(broker.bootstrap, topic, [(2, _fold_batch("c2", 4, t0 + 200))])

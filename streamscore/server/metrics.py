@@ -294,6 +294,12 @@ class ServerCollector:
                     "(kafka_lean_fetch), 0 while the consumer's fetcher does.",
                     float(replica.fetching_lean),
                 ),
+                (
+                    "streamscore_replica_lean_fallbacks",
+                    "Times the replica's lean fetch met an unclean answer and handed "
+                    "fetching back to the consumer (tried again 30 s later).",
+                    replica.lean_fallbacks,
+                ),
                 ("streamscore_entities", "Entities held in memory.", len(self.server.store)),
             ):
                 family = GaugeMetricFamily(name, help_)

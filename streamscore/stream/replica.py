@@ -82,6 +82,7 @@ class FeatureReplica:
         self._last_sweep = time.monotonic()
         self.records_folded = 0
         self.entries_folded = 0
+        self.lean_fallbacks = 0  # times the lean fetch handed fetching back
         self.bad_records = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -231,6 +232,7 @@ class FeatureReplica:
                 try:
                     await self._fetch_lean(self._lean)
                 except LeanFetchError as exc:
+                    self.lean_fallbacks += 1
                     log.warning(
                         "lean fetch failed, the consumer fetches again",
                         extra={"error": str(exc)},
