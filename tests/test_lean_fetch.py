@@ -178,6 +178,12 @@ def test_lean_fetch_unpacks_record_sets_as_the_consumer_does() -> None:
     answer = fetcher.decode(_answer(fetcher._correlation, "t", [(0, 0, 16, last)]), {0: 14})
     assert answer[0].records == [Record(0, 14, b"d"), Record(0, 15, b"e")]
     assert answer[0].next_offset == 16
+    # A record set that is not one: a batch whose length is below any batch's.
+    broken = bytearray(first)
+    struct.pack_into(">i", broken, 8, 5)
+    fetcher.encode({0: 10})
+    with pytest.raises(LeanFetchError, match="unreadable"):
+        fetcher.decode(_answer(fetcher._correlation, "t", [(0, 0, 13, bytes(broken))]), {0: 10})
     # A batch whose CRC does not match its bytes.
     corrupt = bytearray(first)
     corrupt[-1] ^= 0xFF
@@ -252,6 +258,32 @@ async def test_lean_fetch_connection_failures(broker: EmbeddedBroker) -> None:
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+    # A peer out of step: an answer's size that no answer has.
+    async def negative_size(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(struct.pack(">i", -5))
+        accepted.append(writer)
+
+    odd = await asyncio.start_server(negative_size, "127.0.0.1", 0)
+    odd_fetcher = LeanFetcher(
+        "127.0.0.1",
+        odd.sockets[0].getsockname()[1],
+        "t",
+        [0],
+        max_wait_ms=20,
+        max_partition_bytes=1,
+    )
+    await odd_fetcher.open()
+    try:
+        with pytest.raises(LeanFetchError, match="out of step"):
+            await asyncio.wait_for(odd_fetcher.fetch({0: 0}), 10)
+    finally:
+        await odd_fetcher.close()
+        for writer in accepted:
+            writer.close()
+        odd.close()
+        await odd.wait_closed()
     # Nobody listening: refused at open.
     with socket_closed() as free_port:
         nowhere = LeanFetcher(host, free_port, "t", [0], max_wait_ms=20, max_partition_bytes=1)

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.errors import for_code
+from aiokafka.errors import KafkaError, for_code
 from aiokafka.record.memory_records import MemoryRecords
 
 __all__ = ["LeanFetchError", "LeanFetcher", "PartitionAnswer", "Record"]
@@ -41,6 +41,9 @@ _REPLICA_ID = -1  # a consumer, not a follower broker
 _MIN_BYTES = 1
 _MAX_BYTES = 50 * 1024 * 1024  # the whole response, as the consumer's default
 _READ_UNCOMMITTED = 0
+# The largest answer taken: the response's max bytes, which a broker may exceed by one
+# record batch larger than it (KIP-74); a size beyond this is a stream out of step.
+_MAX_ANSWER_BYTES = 4 * _MAX_BYTES
 # Beyond the fetch's own wait: how long a broker may take to answer before the
 # connection is taken as dead (the consumer's request_timeout_ms default is 40 s).
 ANSWER_TIMEOUT_S = 30.0
@@ -182,6 +185,8 @@ class LeanFetcher:
         try:
             writer.write(self.encode(positions))
             (size,) = _INT32.unpack(await reader.readexactly(4))
+            if not 0 < size <= _MAX_ANSWER_BYTES:
+                raise LeanFetchError(f"an answer of {size} bytes: the connection is out of step")
             answer = await reader.readexactly(size)
         except (OSError, EOFError) as exc:
             # IncompleteReadError is an EOFError: the broker (or the watchdog) closed
@@ -200,7 +205,8 @@ class LeanFetcher:
             return self._decode(answer, positions)
         except LeanFetchError:
             raise
-        except (struct.error, ValueError, IndexError, KeyError) as exc:
+        except (struct.error, ValueError, IndexError, KeyError, KafkaError) as exc:
+            # KafkaError: aiokafka's CorruptRecordException, a record set that is not one.
             raise LeanFetchError(f"unreadable fetch response: {exc!r}") from exc
 
     def _decode(self, answer: bytes, positions: dict[int, int]) -> dict[int, PartitionAnswer]:
