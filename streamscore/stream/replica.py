@@ -276,6 +276,8 @@ class FeatureReplica:
                 extra={"leaders": sorted(str(n) for n in leaders)},
             )
             return
+        # The consumer's position is past every record it returned, all folded.
+        positions = {tp: await consumer.position(tp) for tp in partitions}
         fetcher = LeanFetcher(
             broker.host,
             broker.port,
@@ -289,10 +291,8 @@ class FeatureReplica:
         except LeanFetchError as exc:
             log.warning("lean fetch cannot connect", extra={"error": str(exc)})
             return
-        # The consumer's position is past every record it returned, all folded.
-        for tp in partitions:
-            self._positions[tp] = await consumer.position(tp)
-        self._lean_positions = {tp.partition: self._positions[tp] for tp in partitions}
+        self._positions.update(positions)
+        self._lean_positions = {tp.partition: offset for tp, offset in positions.items()}
         by_consumer = self._consumer_answered_at()
         if by_consumer is not None and by_consumer > (self._lean_answered_at or 0.0):
             self._lean_answered_at = by_consumer
