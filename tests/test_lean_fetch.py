@@ -5,9 +5,12 @@ the consumer when it does, losing and repeating nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -229,66 +232,59 @@ async def test_lean_fetch_connection_failures(broker: EmbeddedBroker) -> None:
     with pytest.raises(LeanFetchError, match="failed"):
         await fetcher.fetch({0: 0})
     await fetcher.close()
+
     # A broker that never answers: the watchdog drops the connection.
-    accepted: list[asyncio.StreamWriter] = []
+    async def never_answer(_reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+        pass
 
-    async def never_answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-
-    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    silent_port = silent.sockets[0].getsockname()[1]
-    hung = LeanFetcher(
-        "127.0.0.1",
-        silent_port,
-        "t",
-        [0],
-        max_wait_ms=20,
-        max_partition_bytes=1,
-        answer_timeout_s=0.3,
-    )
-    await hung.open()
-    started = time.monotonic()
-    try:
+    async with _peer(never_answer, answer_timeout_s=0.3) as hung:
+        started = time.monotonic()
         with pytest.raises(LeanFetchError, match="failed"):
             await asyncio.wait_for(hung.fetch({0: 0}), 10)
         assert 0.3 <= time.monotonic() - started < 5
-    finally:
-        await hung.close()
-        for writer in accepted:
-            writer.close()
-        silent.close()
-        await silent.wait_closed()
 
     # A peer out of step: an answer's size that no answer has.
     async def negative_size(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(4096)
         writer.write(struct.pack(">i", -5))
-        accepted.append(writer)
 
-    odd = await asyncio.start_server(negative_size, "127.0.0.1", 0)
-    odd_fetcher = LeanFetcher(
-        "127.0.0.1",
-        odd.sockets[0].getsockname()[1],
-        "t",
-        [0],
-        max_wait_ms=20,
-        max_partition_bytes=1,
-    )
-    await odd_fetcher.open()
-    try:
+    async with _peer(negative_size) as odd:
         with pytest.raises(LeanFetchError, match="out of step"):
-            await asyncio.wait_for(odd_fetcher.fetch({0: 0}), 10)
-    finally:
-        await odd_fetcher.close()
-        for writer in accepted:
-            writer.close()
-        odd.close()
-        await odd.wait_closed()
+            await asyncio.wait_for(odd.fetch({0: 0}), 10)
     # Nobody listening: refused at open.
     with socket_closed() as free_port:
         nowhere = LeanFetcher(host, free_port, "t", [0], max_wait_ms=20, max_partition_bytes=1)
         with pytest.raises(LeanFetchError, match="cannot connect"):
             await nowhere.open()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _peer(handler: Handler, **kwargs: Any) -> AsyncIterator[LeanFetcher]:
+    """An open LeanFetcher connected to a loopback server that runs ``handler`` on
+    the connection (and keeps it open until the end)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await handler(reader, writer)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fetcher = LeanFetcher(
+        "127.0.0.1", port, "t", [0], max_wait_ms=20, max_partition_bytes=1, **kwargs
+    )
+    await fetcher.open()
+    try:
+        yield fetcher
+    finally:
+        await fetcher.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 class socket_closed:
