@@ -56,6 +56,14 @@ def test_fetch_wait_is_bounded_by_what_tansu_and_staleness_allow() -> None:
             load_settings(environ=bad)
 
 
+def test_lean_fetch_is_on_unless_turned_off() -> None:
+    assert load_settings(environ={}).kafka_lean_fetch is True
+    off = load_settings(environ={"STREAMSCORE_KAFKA_LEAN_FETCH": "false"})
+    assert off.kafka_lean_fetch is False
+    with pytest.raises(ValueError, match="kafka_lean_fetch"):
+        load_settings(environ={"STREAMSCORE_KAFKA_LEAN_FETCH": "sometimes"})
+
+
 def test_torch_device_is_auto_cpu_or_cuda() -> None:
     assert load_settings(environ={}).torch_device == "auto"
     assert load_settings(environ={"STREAMSCORE_TORCH_DEVICE": "cpu"}).torch_device == "cpu"
