@@ -27,6 +27,7 @@ from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
 
 import reference
 from system import (
+    KERNELS_AGREE,
     assert_features_match,
     make_event,
     model_score,
@@ -157,7 +158,7 @@ async def test_events_in_features_and_scores_out(system, tmp_path: Path) -> None
             assert_features_match(streamed, windowed)
             assert answer.score == pytest.approx(
                 model_score(model_repository, "fraud_mlp", answer.model.version, streamed),
-                rel=1e-5,
+                **KERNELS_AGREE,
             )
 
     # Malformed events went to the dead-letter topic with a reason.

@@ -21,7 +21,7 @@ from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 from streamscore.triton_server import EmbeddedTriton, TritonInstall, TritonServerError
 
-from system import model_score
+from system import KERNELS_AGREE, model_score
 
 MODEL = "fraud_mlp"
 
@@ -133,7 +133,7 @@ async def test_deadline_policy_fallback_marks_the_answer(trained_model: Path) ->
         reply = await stub.Score(request(1))
     assert list(reply.degraded) == [pb.DEADLINE_FALLBACK]
     assert reply.score == pytest.approx(
-        model_score(trained_model, MODEL, "1", dict(reply.features))
+        model_score(trained_model, MODEL, "1", dict(reply.features)), **KERNELS_AGREE
     )
 
 
@@ -173,11 +173,11 @@ async def test_triton_backend_scores_like_onnxruntime_and_falls_back_when_triton
             replies = await asyncio.gather(*(stub.Score(request(7)) for _ in range(20)))
             for reply in replies:
                 assert not reply.degraded
-                assert reply.score == pytest.approx(expected.score, rel=1e-5)
+                assert reply.score == pytest.approx(expected.score, **KERNELS_AGREE)
             triton.kill()
             after = await stub.Score(request(7), timeout=5)
             assert list(after.degraded) == [pb.FALLBACK_MODEL]
-            assert after.score == pytest.approx(expected.score, rel=1e-5)
+            assert after.score == pytest.approx(expected.score, **KERNELS_AGREE)
 
 
 async def test_metrics_endpoint_exports_batcher_and_rollout_series(
