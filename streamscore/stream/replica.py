@@ -87,7 +87,9 @@ class FeatureReplica:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._targets: dict[TopicPartition, int] = {}
-        self._positions: dict[TopicPartition, int] = {}
+        # Next offset to fold, by partition of the topic: the consumer's way and the
+        # lean fetch's both read and move it.
+        self._positions: dict[int, int] = {}
         self._caught_up = asyncio.Event()
         self.failure: BaseException | None = None
         self._freshness = float("inf")
@@ -96,8 +98,8 @@ class FeatureReplica:
         # it may be tried again.
         self._lean: LeanFetcher | None = None
         self._lean_highwaters: dict[int, int] = {}
-        self._lean_positions: dict[int, int] = {}
-        self._lean_answered_at: float | None = None  # time.time()
+        # time.time() of the lean fetch's last answer (at its start, the consumer's).
+        self._answered_at: float | None = None
         self._lean_retry_at = float("-inf")
 
     @property
@@ -122,12 +124,8 @@ class FeatureReplica:
         # The latest answer of either way of fetching: the lean fetch's is kept when it
         # hands back, and it starts from the consumer's, so neither switch marks
         # features stale while the broker answers.
-        answered = self._lean_answered_at
-        lean = self._lean
-        if lean is not None:
-            if lean.answered_at is not None:
-                answered = self._lean_answered_at = lean.answered_at
-        else:
+        answered = self._answered_at
+        if self._lean is None:
             by_consumer = self._consumer_answered_at()
             if by_consumer is not None:
                 answered = by_consumer if answered is None else max(answered, by_consumer)
@@ -161,7 +159,7 @@ class FeatureReplica:
                 else consumer.highwater(tp)
             )
             if highwater is not None:
-                total += max(0, highwater - self._positions.get(tp, 0))
+                total += max(0, highwater - self._positions.get(tp.partition, 0))
         return total
 
     async def start(self) -> None:
@@ -251,7 +249,7 @@ class FeatureReplica:
             for tp, records in batches.items():
                 await self._fold(records)
                 if records:
-                    self._positions[tp] = records[-1].offset + 1
+                    self._positions[tp.partition] = records[-1].offset + 1
             if not self.caught_up:
                 self._check_caught_up()
             else:
@@ -277,7 +275,7 @@ class FeatureReplica:
             )
             return
         # The consumer's position is past every record it returned, all folded.
-        positions = {tp: await consumer.position(tp) for tp in partitions}
+        positions = {tp.partition: await consumer.position(tp) for tp in partitions}
         fetcher = LeanFetcher(
             broker.host,
             broker.port,
@@ -292,36 +290,33 @@ class FeatureReplica:
             log.warning("lean fetch cannot connect", extra={"error": str(exc)})
             return
         self._positions.update(positions)
-        self._lean_positions = {tp.partition: offset for tp, offset in positions.items()}
         by_consumer = self._consumer_answered_at()
-        if by_consumer is not None and by_consumer > (self._lean_answered_at or 0.0):
-            self._lean_answered_at = by_consumer
+        if by_consumer is not None and by_consumer > (self._answered_at or 0.0):
+            self._answered_at = by_consumer
         consumer.pause(*partitions)
         self._lean = fetcher
         log.info("replica fetches lean", extra={"leader": f"{broker.host}:{broker.port}"})
 
     async def _fetch_lean(self, fetcher: LeanFetcher) -> None:
-        positions = self._lean_positions
+        positions = self._positions
         answers = await fetcher.fetch(positions)
+        self._answered_at = fetcher.answered_at
         for partition, answer in answers.items():
             self._lean_highwaters[partition] = answer.high_watermark
             if answer.next_offset != positions[partition]:
                 await self._fold(answer.records)  # none, past a control batch only
                 positions[partition] = answer.next_offset
-                self._positions[TopicPartition(self.topic, partition)] = answer.next_offset
         await self._maybe_sweep()
 
     async def _leave_lean(self, consumer: AIOKafkaConsumer) -> None:
         """Hand fetching back to the consumer, from the positions folded so far."""
         fetcher, self._lean = self._lean, None
         if fetcher is not None:
-            if fetcher.answered_at is not None:
-                self._lean_answered_at = fetcher.answered_at
             await fetcher.close()
         self._lean_highwaters.clear()
         self._freshness_at = float("-inf")
-        for tp, offset in self._positions.items():
-            consumer.seek(tp, offset)
+        for partition, offset in self._positions.items():
+            consumer.seek(TopicPartition(self.topic, partition), offset)
         consumer.resume(*consumer.assignment())
 
     async def sweep_idle(self, chunk: int = 5000) -> int:
@@ -366,7 +361,7 @@ class FeatureReplica:
 
     def _check_caught_up(self) -> None:
         for tp, target in self._targets.items():
-            if self._positions.get(tp, 0) < target:
+            if self._positions.get(tp.partition, 0) < target:
                 return
         log.info("feature replica caught up", extra={"records": self.records_folded})
         self._caught_up.set()

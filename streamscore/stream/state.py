@@ -76,24 +76,21 @@ class EntityState:
         self.cached: tuple[tuple[int, ...], dict[str, float]] | None = None
 
 
-def _fold_plan(
-    layout: EntityLayout, expire_lag_ms: int
-) -> tuple[tuple[int, tuple[int, ...], int], ...]:
-    """Per resolution, in the layout's order (the entity's tuple of tiles): (index of its
-    tiles, indices into DISTINCT_SOURCES, how far behind newest to expire)."""
+def _fold_plan(layout: EntityLayout, expire_lag_ms: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """Per resolution, in the layout's order (the entity's tuple of tiles, read side by
+    side with it): (indices into DISTINCT_SOURCES, how far behind newest to expire)."""
     for fields in layout.distinct_fields.values():
         unknown = set(fields) - set(DISTINCT_SOURCES)
         if unknown:
             raise ValueError(f"distinct counts over {sorted(unknown)} are not supported")
     return tuple(
         (
-            index,
             tuple(DISTINCT_SOURCES.index(f) for f in layout.distinct_fields[r]),
             # Queries go back at most lateness (replay) or skew (live) before the
             # newest event, then one window; older buckets can never count.
             expire_lag_ms + layout.max_window_ms[r],
         )
-        for index, r in enumerate(layout.resolutions)
+        for r in layout.resolutions
     )
 
 
@@ -194,9 +191,9 @@ class FeatureStore:
             if newest is None or time_ms > newest:
                 newest = time_ms
             sources = (merchant_id, card_id)
-            entity_tiles = state.tiles
-            for index, distinct, expire_lag in self._plans[entity_type]:
-                tiles = entity_tiles[index]
+            for tiles, (distinct, expire_lag) in zip(
+                state.tiles, self._plans[entity_type], strict=True
+            ):
                 values = tuple([sources[i] for i in distinct]) if distinct else ()
                 if tiles.add(time_ms, amount, declined, values):
                     tiles.expire(newest - expire_lag)
