@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from streamscore.server.batcher import (
+    ALONE_SAMPLE_EVERY,
     DEFER_MIN_S,
     BackendFailed,
     Batcher,
@@ -789,6 +790,38 @@ async def test_cheap_inline_backend_answers_in_the_submit_without_a_loop_turn() 
     tasks = [asyncio.create_task(batcher.submit(vector(i), deadline)) for i in range(2, 6)]
     assert await asyncio.gather(*tasks) == [own_score(i) for i in range(2, 6)]
     assert [c.ids for c in backend.calls] == [[i] for i in range(6)]
+    await batcher.stop()
+
+
+async def test_calls_alone_feed_the_latency_model_one_in_so_many() -> None:
+    """A call alone is measured every time (the backend histogram, the hold rule's
+    cost), and is the latency model's sample one time in ``ALONE_SAMPLE_EVERY``."""
+    backend = FakeBackend([(0.0, "ok")])
+    batcher = make(
+        backend,
+        max_batch_size=4,
+        infer_inline=backend.infer_inline,
+        score_row_inline=backend.score_row_inline,
+        defer_min_s=0.05,
+    )
+    batcher.single_call_s = 0.0  # measured cheap: every submit runs alone
+    samples: list[tuple[int, float]] = []
+    observe = batcher.latency_model.observe
+
+    def spy(n: int, seconds: float) -> None:
+        samples.append((n, seconds))
+        observe(n, seconds)
+
+    batcher.latency_model.observe = spy  # type: ignore[method-assign]
+    await batcher.start()
+    calls = 4 * ALONE_SAMPLE_EVERY
+    before = REGISTRY.get_sample_value("streamscore_backend_seconds_count", {"model": "unit"}) or 0
+    for i in range(calls):
+        assert await batcher.submit(tuple(vector(i).tolist()), batcher.clock() + 5) == own_score(i)
+    after = REGISTRY.get_sample_value("streamscore_backend_seconds_count", {"model": "unit"})
+    assert backend.row_calls == calls and after == before + calls
+    assert len(samples) == 4 and all(n == 1 and s >= 0 for n, s in samples)
+    assert 0 < batcher.single_call_s < 0.05
     await batcher.stop()
 
 

@@ -103,10 +103,18 @@ TIMER_GRAIN_S = 0.001
 # The demo MLP costs 45-160 us a call on onnxruntime under load, ~8 us in process on
 # the dense kernel (kernels/dense.py): it runs at once either way.
 DEFER_MIN_S = 0.00025
-# Moving average of those calls' CPU time: weight of the newest, and its cap (x the
-# bar), so one pause inside a cheap call (a GC pass) does not start the holds.
+# Moving average of those calls' cost: weight of the newest, and its cap (x the bar),
+# so one pause inside a cheap call (a GC pass, a preemption) does not start the holds.
+# Timed on the batcher's clock: an inline call holds the loop and the GIL throughout,
+# so its wall time is its CPU time but for preemptions of the whole process, which
+# the cap absorbs; the thread's CPU clock would cost two syscalls a request.
 _SINGLE_ALPHA = 0.05
 _SINGLE_CAP = 4.0
+# A call alone feeds the latency model one time in this many (a power of two): a
+# call of one costs the same from one request to the next, and its window of 64
+# spans 256 calls (at most ``max_age_s``), while the observation (a sorted window,
+# often a rebuild of the predictions) cost more than the call it measures.
+ALONE_SAMPLE_EVERY = 4
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
@@ -426,6 +434,7 @@ class Batcher:
         # Moving average of inline calls of one request (unknown: hold, as for a
         # costly model, until one is measured).
         self.single_call_s = math.inf
+        self._alone_calls = 0  # scored by ``_call_alone`` from the kernel's row call
         # The pending next-loop-turn dispatch of inline batches (see ``_schedule``).
         self._flush: asyncio.Handle | None = None
         self._state = _NEW
@@ -501,8 +510,8 @@ class Batcher:
     ) -> dict[int, float]:
         """Seed the latency model with real batches (see :func:`warm_up`); before start.
 
-        The warm-up's call of one also seeds ``single_call_s`` (by wall time, which is
-        never below the CPU time it stands in for): a cheap model's first requests
+        The warm-up's call of one also seeds ``single_call_s`` (by wall time, as
+        every call of one is measured): a cheap model's first requests
         then need not hold a loop turn each, nor does a ScoreStream opened after a
         reload see its first answer wait (which puts it into read-ahead for good)."""
         predicted = await warm_up(
@@ -797,7 +806,7 @@ class Batcher:
         a request while the loop is blocked in the call, so a late score is refused
         after it (``_finish``)."""
         assert self._infer_inline is not None
-        started, cpu_started = self.clock(), time.thread_time()
+        started = self.clock()
         try:
             scores = self._infer_inline(_rows(live))
         except Exception as exc:
@@ -806,8 +815,7 @@ class Batcher:
         if scores is None:
             return False
         if len(live) == 1:
-            # CPU time: a preemption inside the call (a loaded box) is not its cost.
-            self._observe_single_call(time.thread_time() - cpu_started)
+            self._observe_single_call(self.clock() - started)
         self._finish(live, scores, started)
         return True
 
@@ -820,7 +828,7 @@ class Batcher:
         errors, raised instead of set on a future; None, nothing run, when the backend
         says its calls now belong in a thread (then the request goes the queued way)."""
         assert self._infer_inline is not None
-        started, cpu_started = self.clock(), time.thread_time()
+        started = self.clock()
         score_row = self._score_row_inline
         try:
             score = score_row(vector) if score_row is not None else None
@@ -832,7 +840,6 @@ class Batcher:
             raise self._backend_failed(exc) from exc
         if score is None and scores is None:
             return None
-        self._observe_single_call(time.thread_time() - cpu_started)
         self._observe_admitted_alone()
         if scores is not None:
             checked, ended = self._checked_scores(1, scores, started)
@@ -841,7 +848,9 @@ class Batcher:
                 raise self._backend_failed(_wrong_count(scores, 1))
             score = float(checked[0])
         else:
-            ended = self._observe_call(1, started)
+            self._alone_calls += 1
+            ended = self._observe_call(1, started, not self._alone_calls % ALONE_SAMPLE_EVERY)
+        self._observe_single_call(ended - started)
         if ended > deadline:
             self._m_late.inc()
             self._m_shed["deadline_in_flight"].inc()
@@ -905,7 +914,8 @@ class Batcher:
 
     def _observe_call(self, n: int, started: float, counted: bool = True) -> float:
         """A backend call of ``n`` that returned: its time, and, when it gave the
-        right count of scores, the latency model's sample; the clock when it ended."""
+        right count of scores (and is sampled), the latency model's sample; the clock
+        when it ended."""
         ended = self.clock()
         elapsed = ended - started
         self._m_backend.observe(elapsed)
