@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from streamscore.server.fastmetrics import FastCounter, FastHistogram
+from streamscore.server.fastmetrics import CounterChild, FastCounter, FastHistogram, HistogramChild
 
 # 25 µs .. 1 s, roughly x2 per step with extra resolution around 0.1-5 ms.
 LATENCY_BUCKETS_S = (
@@ -132,6 +132,8 @@ class RpcMetrics:
     def __init__(self, rpc: str) -> None:
         self.rpc = rpc
         self.in_flight = 0
+        # Its histogram by status code, found once per code rather than per call.
+        self._seconds: dict[str, HistogramChild] = {}
 
     def enter(self) -> None:
         self.in_flight += 1
@@ -140,11 +142,19 @@ class RpcMetrics:
         self.in_flight -= 1
 
     def observe(self, code: str, seconds: float) -> None:
-        RPC_SECONDS.labels(self.rpc, code).observe(seconds)
+        child = self._seconds.get(code)
+        if child is None:
+            child = self._seconds[code] = RPC_SECONDS.labels(self.rpc, code)
+        child.observe(seconds)
 
 
 class ScoreMetrics:
     """Per answered score: stage times, decision and degradation counts."""
+
+    def __init__(self) -> None:
+        # (features time, model time, answers) by (variant, decision), found once.
+        self._series: dict[tuple[str, str], tuple[HistogramChild, HistogramChild, CounterChild]]
+        self._series = {}
 
     def observe(
         self,
@@ -154,9 +164,17 @@ class ScoreMetrics:
         model_s: float,
         degraded: list[str],
     ) -> None:
-        STAGE_SECONDS.labels("features", variant).observe(features_s)
-        STAGE_SECONDS.labels("model", variant).observe(model_s)
-        ANSWERS.labels(variant, decision).inc()
+        series = self._series.get((variant, decision))
+        if series is None:
+            series = self._series[(variant, decision)] = (
+                STAGE_SECONDS.labels("features", variant),
+                STAGE_SECONDS.labels("model", variant),
+                ANSWERS.labels(variant, decision),
+            )
+        features, model, answers = series
+        features.observe(features_s)
+        model.observe(model_s)
+        answers.inc()
         for reason in degraded:
             DEGRADED.labels(reason).inc()
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 
@@ -160,26 +160,27 @@ class ScoringService(pb_grpc.ScoringServicer):
         CURRENT_REQUEST.set((request.request_id, request.card_id))
         if not validated:
             validate_score_request(request, replay=self.replay)
-        request = cast(PyScoreFields, request)  # validation refuses a MalformedRequest
-        request_id, card_id = request.request_id, request.card_id
+        # (Validation refuses a MalformedRequest; no cast(), a call per request.)
+        fields: PyScoreFields = request  # type: ignore[assignment]
+        request_id, card_id = fields.request_id, fields.card_id
         now_ms = self.clock_ms()
-        t_ms = request.event_time_ms if self.replay else now_ms
+        t_ms = fields.event_time_ms if self.replay else now_ms
         if self.replay:
             for entity_type, entity_id in (
                 ("card", card_id),
-                ("merchant", request.merchant_id),
-                ("device", request.device_id),
-                ("ip", request.ip),
+                ("merchant", fields.merchant_id),
+                ("device", fields.device_id),
+                ("ip", fields.ip),
             ):
                 self._check_exact(entity_type, entity_id, t_ms, "transaction.event_time_ms")
         features = assemble_features(
             self.store,
             card_id=card_id,
-            merchant_id=request.merchant_id,
-            device_id=request.device_id,
-            ip=request.ip,
-            amount_minor=request.amount_minor,
-            event_time_ms=request.event_time_ms or now_ms,
+            merchant_id=fields.merchant_id,
+            device_id=fields.device_id,
+            ip=fields.ip,
+            amount_minor=fields.amount_minor,
+            event_time_ms=fields.event_time_ms or now_ms,
             t_ms=t_ms,
         )
         features_done = time.perf_counter_ns()
@@ -239,7 +240,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             decision,
             served.model_refs[variant],
             tuple(degraded),
-            features if request.include_features else None,
+            features if fields.include_features else None,
             (features_done - started) // 1000,
             (model_done - features_done) // 1000,
             (time.perf_counter_ns() - started) // 1000,
@@ -286,12 +287,12 @@ class ScoringService(pb_grpc.ScoringServicer):
             try:
                 score = await self._model_score(served, vector, time_remaining, degraded)
             except Exception:
-                self.rollouts.observe(variant, served, _seconds_since(features_done), ok=False)
+                spent = (time.perf_counter_ns() - features_done) / 1e9
+                self.rollouts.observe(variant, served, spent, ok=False)
                 raise
         # A fallback answer counts against the version, like an error.
-        self.rollouts.observe(
-            variant, served, _seconds_since(features_done), ok=pb.FALLBACK_MODEL not in degraded
-        )
+        spent = (time.perf_counter_ns() - features_done) / 1e9
+        self.rollouts.observe(variant, served, spent, ok=pb.FALLBACK_MODEL not in degraded)
         return score, vector
 
     async def _model_score(
@@ -570,7 +571,3 @@ async def _close_requests(request_iterator: AsyncIterator[ScoreInput]) -> None:
     close = getattr(request_iterator.__aiter__(), "aclose", None)
     if close is not None:
         await close()
-
-
-def _seconds_since(perf_ns: int) -> float:
-    return (time.perf_counter_ns() - perf_ns) / 1e9
