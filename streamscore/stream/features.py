@@ -128,6 +128,10 @@ class EntityLayout:
     window_plan: tuple[tiles.WindowPlan, ...] = ()
     since_last_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
+    # The finest resolution where it divides every other (0 where not): t's bucket at
+    # it then fixes t's bucket at all of them (floor(floor(t/r)/k) = floor(t/(rk))),
+    # so it alone keys a busy entity's cached values.
+    cache_grain: int = 0
 
 
 def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> EntityLayout:
@@ -161,6 +165,11 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
         ),
         since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         feature_names=tuple(f.name for f in features),
+        cache_grain=(
+            resolutions[0]
+            if resolutions and all(r % resolutions[0] == 0 for r in resolutions)
+            else 0
+        ),
     )
 
 

@@ -271,7 +271,12 @@ class FeatureStore:
         if state is None:
             values.update(self._zeros[entity_type])
         elif state.folded >= CACHE_MIN_FOLDED:
-            key = (state.folded, *[t_ms // r for r in layout.resolutions])
+            grain = layout.cache_grain
+            key = (
+                (state.folded, t_ms // grain)
+                if grain
+                else (state.folded, *[t_ms // r for r in layout.resolutions])
+            )
             cached = state.cached
             if cached is None or cached[0] != key:
                 cached = state.cached = (key, self._windowed(layout, state, t_ms))
