@@ -89,6 +89,7 @@ import numpy as np
 from streamscore.server import metrics
 from streamscore.server.backends.base import InferInline, Row, ScoreRowInline
 from streamscore.server.errors import ServingError
+from streamscore.server.fastmetrics import Tally
 
 Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
@@ -451,6 +452,11 @@ class Batcher:
 
         self._m_size = metrics.BATCH_SIZE.labels(name)
         self._m_wait = metrics.BATCH_QUEUE_WAIT.labels(name)
+        # Batches of one admitted by ``_call_alone``: a size of 1 and no queue wait,
+        # each, counted into both histograms at scrape time.
+        self._m_admitted_alone = Tally()
+        self._m_size.add_tally(self._m_admitted_alone, 1.0)
+        self._m_wait.add_tally(self._m_admitted_alone, 0.0)
         self._m_backend = metrics.BACKEND_SECONDS.labels(name)
         self._m_late = metrics.LATE_RESULTS.labels(name)
         self._m_shed = {
@@ -834,13 +840,13 @@ class Batcher:
             score = score_row(vector) if score_row is not None else None
             scores = self._infer_inline(_row(vector)) if score is None else None
         except Exception as exc:
-            self._observe_admitted_alone()
+            self._m_admitted_alone.count += 1  # as _admit counts a batch
             self._observe_backend_error(started)
             self._m_shed["backend_failed"].inc()
             raise self._backend_failed(exc) from exc
         if score is None and scores is None:
             return None
-        self._observe_admitted_alone()
+        self._m_admitted_alone.count += 1
         if scores is not None:
             checked, ended = self._checked_scores(1, scores, started)
             if checked is None:
@@ -856,11 +862,6 @@ class Batcher:
             self._m_shed["deadline_in_flight"].inc()
             raise _finished_late()
         return score
-
-    def _observe_admitted_alone(self) -> None:
-        """``_admit``'s metrics for a batch of one that never queued."""
-        self._m_size.observe(1)
-        self._m_wait.observe(0.0)
 
     def _observe_single_call(self, seconds: float) -> None:
         """Fold one call of one request's cost into ``single_call_s`` (capped, so one

@@ -6,7 +6,9 @@ of them per request (RPC time, two stage times, the batcher's size, queue wait a
 backend time, the answer count). These keep plain Python numbers per label set: one
 ``bisect`` and two additions per observation (about 0.3 µs). They are collected at
 scrape time into the same metric families, so names, labels and buckets are
-unchanged for Prometheus and for ``REGISTRY.get_sample_value``.
+unchanged for Prometheus and for ``REGISTRY.get_sample_value``. Observations of a
+fixed value (the batcher's batch of one, with no queue wait, on most requests) are
+one integer increment, a ``Tally``, read into its histograms at scrape time.
 
 Not thread-safe by design: every observation comes from the serving event loop's
 thread (the Score path and the batcher run there; model worker threads never
@@ -28,18 +30,44 @@ from prometheus_client.utils import floatToGoString
 ChildT = TypeVar("ChildT")
 
 
+class Tally:
+    """A count of observations of fixed values, kept as one plain integer: the hot
+    path adds to ``count`` (no call), the histograms it was given to
+    (``HistogramChild.add_tally``) read it at scrape time, each as that many
+    observations of its value."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class HistogramChild:
-    __slots__ = ("_bounds", "counts", "sum")
+    __slots__ = ("_bounds", "_tallies", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
         # counts[i]: observations in (bounds[i-1], bounds[i]]; the last one is +Inf.
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
+        self._tallies: list[tuple[Tally, int, float]] = []  # (tally, bucket, value)
 
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self._bounds, value)] += 1
         self.sum += value
+
+    def add_tally(self, tally: Tally, value: float) -> None:
+        """Count ``tally.count`` observations of ``value`` here, now and as it grows."""
+        self._tallies.append((tally, bisect_left(self._bounds, value), value))
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """Bucket counts (not cumulative) and sum, the tallies' observations in."""
+        counts, total = list(self.counts), self.sum
+        for tally, bucket, value in self._tallies:
+            n = tally.count
+            counts[bucket] += n
+            total += n * value
+        return counts, total
 
 
 class CounterChild:
@@ -104,7 +132,7 @@ class FastHistogram(_Family[HistogramChild]):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in list(self._children.items()):
-            counts, total = list(child.counts), child.sum
+            counts, total = child.snapshot()
             cumulative, buckets = 0, []
             for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
                 cumulative += count

@@ -66,6 +66,7 @@ class ServedModel:
     ) -> None:
         self.directory = directory
         self.metadata = ModelMetadata.load(directory / "metadata.json")
+        self.key = (self.metadata.name, self.metadata.version)  # (looked up per request)
         self.backend: Backend = create_backend(
             directory,
             self.metadata,
@@ -131,10 +132,6 @@ class ServedModel:
         # While ``stop`` waits for the calls in flight to end: done when they have
         # (an Event cleared and set by every call would cost two calls per request).
         self._drained: asyncio.Future[None] | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.metadata.name, self.metadata.version
 
     async def start(self) -> dict[int, float]:
         """Start the backend, seed the latency model with warm-up batches, open the batcher."""
