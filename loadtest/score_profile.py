@@ -3,11 +3,16 @@ optionally the cProfile of it. The Python half of Score's cost, measured steadil
 
     python -m loadtest.score_profile --model-repository DIR [--events 50000]
         [--requests 5000] [--profile tottime|cumulative] [--breakdown] [--cold]
-        [--onnx-kernel auto|onnxruntime]
+        [--bytecodes] [--onnx-kernel auto|onnxruntime]
 
 ``--cold`` also times Score with the caches evicted before each call: under gRPC load
 a call costs several times what it costs here back to back, because the server's
 other work between calls leaves little of Score's code and data in the caches.
+
+``--bytecodes`` counts, per call, the Python bytecodes executed and the Python and C
+functions called (``sys.settrace`` with opcode events): no timing, so no noise, the
+same count on any machine, a way to compare two versions of the path on a box whose
+timings swing. A proxy, not a price: a call or a miss costs more than an addition.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import argparse
 import cProfile
 import pstats
 import resource
+import sys
 import time
+from collections import Counter
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import uvloop
@@ -139,6 +148,39 @@ async def cold(service: ScoringService, requests: list[bytes]) -> str:
     )
 
 
+async def count_bytecodes(service: ScoringService, requests: list[bytes]) -> str:
+    """Bytecodes executed and functions called per Score, and the functions that
+    execute the most bytecodes."""
+    by_function: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:  # sys.settrace's
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        if event == "opcode":
+            by_function[frame.f_code.co_qualname] += 1
+        return trace
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        if event in ("call", "c_call"):
+            calls[event] += 1
+
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    try:
+        for request in requests:
+            await answer(service, request)
+    finally:
+        sys.settrace(None)
+        sys.setprofile(None)
+    n = len(requests)
+    top = ", ".join(f"{name} {count / n:.0f}" for name, count in by_function.most_common(8))
+    return (
+        f"{by_function.total() / n:.0f} bytecodes, {calls['call'] / n:.1f} Python and "
+        f"{calls['c_call'] / n:.1f} C calls per call; most in {top}"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     events = synthetic(args.events)
     store = FeatureStore()
@@ -186,6 +228,8 @@ async def main(args: argparse.Namespace) -> None:
         )
         if args.cold:
             print(f"  with the caches evicted before each call: {await cold(service, requests)}")
+        if args.bytecodes:
+            print(f"  counted: {await count_bytecodes(service, requests[:1000])}")
         if args.breakdown:
             await breakdown(service, store, models.primary, requests, now)
         if args.profile:
@@ -213,6 +257,11 @@ if __name__ == "__main__":
         "--cold",
         action="store_true",
         help="also time Score with the caches evicted before each call, as under load",
+    )
+    parser.add_argument(
+        "--bytecodes",
+        action="store_true",
+        help="also count bytecodes and calls per Score (deterministic, untimed)",
     )
     parser.add_argument(
         "--onnx-kernel",

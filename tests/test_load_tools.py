@@ -700,6 +700,7 @@ async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) ->
         "600",
         "--breakdown",
         "--cold",
+        "--bytecodes",
         "--onnx-kernel",
         onnx_kernel,
         timeout=120,
@@ -729,6 +730,15 @@ async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) ->
     )
     assert cold is not None, out
     assert sorted(float(p) for p in cold.groups()[1:])[1] == float(cold[1]) > 0, out
+    counted = re.search(
+        r"counted: (\d+) bytecodes, ([\d.]+) Python and ([\d.]+) C calls per call; "
+        r"most in (.+)$",
+        out,
+        re.MULTILINE,
+    )
+    assert counted is not None, out
+    assert int(counted[1]) > 100 and float(counted[2]) > 10 and float(counted[3]) > 1, out
+    assert "ScoringService.score" in counted[4], out
 
 
 async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: Path) -> None:
