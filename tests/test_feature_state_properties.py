@@ -8,6 +8,7 @@ at several query times, and fold outcomes with the reference lateness/duplicate 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from unittest import mock
 
@@ -328,25 +329,44 @@ def test_sweep_keeps_newest_time_and_refuses_unverifiable_redeliveries():
     assert store.features("ip", "i", t)["ip_txn_count_5m"] == 1.0
 
 
+# Steps from an event's time that stay in, or cross, the buckets of the pack's
+# resolutions (5 and 10 s, 1, 15 and 60 min), then come back: the cache must serve
+# the same values only while no bucket changed.
+CACHE_PROBES_MS = (0, 4_999, 5_000, 9_999, 10_000, 59_999, 60_000, 900_000, 3_600_000, 0)
+
+
 @settings(BASE, max_examples=60)
-@given(events=event_logs(max_events=30), repeats=st.integers(1, 3))
-def test_cached_feature_values_equal_the_reference(events, repeats):
+@given(
+    events=event_logs(max_events=30),
+    repeats=st.integers(1, 3),
+    by_finest_bucket=st.booleans(),
+)
+def test_cached_feature_values_equal_the_reference(events, repeats, by_finest_bucket):
     """The per-entity cache of windowed values (normally only for busy entities), on
     for every entity: the replay above, with each entity read several times as of the
-    same instant and after each fold as of the next one, still equals the reference."""
+    same instant, as of later instants in and across buckets, and after each fold as
+    of the next one, still equals the reference. ``by_finest_bucket``: the pack's
+    resolutions nest, so the finest bucket of t keys the cache (``cache_grain``); off,
+    the key is t's bucket at every resolution, as for resolutions that do not nest."""
     ordered = sorted(events, key=lambda e: (e["event_time_ms"], e["event_id"]))
     with mock.patch.object(state_module, "CACHE_MIN_FOLDED", 0):
         store = FeatureStore()
+        for entity_type, layout in store.layouts.items():
+            assert layout.cache_grain == min(layout.resolutions)
+            if not by_finest_bucket:
+                store.layouts[entity_type] = dataclasses.replace(layout, cache_grain=0)
         for i, event in enumerate(ordered):
             t = event["event_time_ms"]
             before = ordered[:i]
             for entity_type in ENTITY_TYPES:
                 entity_id = event[ENTITY_FIELD[entity_type]]
-                want = reference.features(before, entity_type, entity_id, t)
-                for _ in range(repeats):
-                    got = store.features(entity_type, entity_id, t)
-                    assert_features_equal(got, want, f"event {i} {entity_type}={entity_id}")
-                    got["card_txn_count_1h"] = -5.0  # a caller's change never leaks back
+                for probe in CACHE_PROBES_MS:
+                    want = reference.features(before, entity_type, entity_id, t + probe)
+                    for _ in range(repeats):
+                        got = store.features(entity_type, entity_id, t + probe)
+                        where = f"event {i} {entity_type}={entity_id} t+{probe}"
+                        assert_features_equal(got, want, where)
+                        got["card_txn_count_1h"] = -5.0  # a caller's change never leaks back
             record = fold_record(event)
             for entity_type in ENTITY_TYPES:
                 store.fold(entity_type, event[ENTITY_FIELD[entity_type]], record)
