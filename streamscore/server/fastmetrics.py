@@ -57,7 +57,9 @@ class HistogramChild:
         self.sum += value
 
     def add_tally(self, tally: Tally, value: float) -> None:
-        """Count ``tally.count`` observations of ``value`` here, now and as it grows."""
+        """Count ``tally.count`` observations of ``value`` here, now and as it grows
+        (for good: a histogram's counts never go down, so a tally outlives its user,
+        e.g. a batcher replaced under the same name, whose calls stay counted)."""
         self._tallies.append((tally, bisect_left(self._bounds, value), value))
 
     def snapshot(self) -> tuple[list[int], float]:

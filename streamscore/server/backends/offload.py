@@ -4,11 +4,11 @@ A small MLP answers in microseconds: a thread hand-off (and the GIL coming back 
 it) would cost more than the call, so it runs on the event loop. A heavy model (or a
 pathological one) would block the loop for every other request, the primary's
 included, so its calls go to one worker thread; onnxruntime and torch release the GIL
-while they compute. The choice follows a moving average of the call's CPU time
-(in the thread, its CPU clock, which does not count waiting for the GIL; on the loop,
-the wall clock, see ``call_inline``), so a model that turns out cheap comes back to
-the loop and one that turns heavy leaves it. Until the first call
-is measured the cost is unknown and the call goes to the thread.
+while they compute. The choice follows a moving average of the call's cost (in the thread, its CPU
+time, which does not count waiting for the GIL; on the loop, its wall time, see
+``call_inline``), so a model that turns out cheap comes back to the loop and one that
+turns heavy leaves it. Until the first call is measured the cost is unknown and the
+call goes to the thread.
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ class InlineOrThread:
         (Arguments rather than a closure, and no ``inline`` property call: this is on
         every request's path.)
 
-        Timed on the wall clock, not the thread's CPU clock: on the loop the call
-        holds the GIL from start to end, so the two differ only by a preemption of the
-        whole process, which the cap absorbs like any other pause; and the CPU clock
-        is a real syscall (~0.4 us here, two a call), the wall clock is not."""
+        Timed on the wall clock, not the thread's CPU clock: what the loop loses to
+        the call is its wall time (a kernel's own threads included); on the loop the
+        call holds the GIL from start to end, so the two differ by a preemption of
+        the process, which the cap absorbs like any other pause; and the CPU clock is
+        a real syscall (~0.4 us here, two a call), the wall clock is not."""
         if self.cost_s > self.inline_limit_s:
             return None
         started = time.perf_counter()
