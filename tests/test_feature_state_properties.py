@@ -346,15 +346,16 @@ def test_cached_feature_values_equal_the_reference(events, repeats, by_finest_bu
     for every entity: the replay above, with each entity read several times as of the
     same instant, as of later instants in and across buckets, and after each fold as
     of the next one, still equals the reference. ``by_finest_bucket``: the pack's
-    resolutions nest, so the finest bucket of t keys the cache (``cache_grain``); off,
-    the key is t's bucket at every resolution, as for resolutions that do not nest."""
+    resolutions nest, so the finest bucket of t keys the cache (``cache_grain``, their
+    greatest common divisor); off, a finer common divisor (1 s) keys it, as a pack
+    whose resolutions do not nest has its grain below all of them."""
     ordered = sorted(events, key=lambda e: (e["event_time_ms"], e["event_id"]))
     with mock.patch.object(state_module, "CACHE_MIN_FOLDED", 0):
         store = FeatureStore()
         for entity_type, layout in store.layouts.items():
             assert layout.cache_grain == min(layout.resolutions)
             if not by_finest_bucket:
-                store.layouts[entity_type] = dataclasses.replace(layout, cache_grain=0)
+                store.layouts[entity_type] = dataclasses.replace(layout, cache_grain=1000)
         for i, event in enumerate(ordered):
             t = event["event_time_ms"]
             before = ordered[:i]

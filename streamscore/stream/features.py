@@ -128,10 +128,11 @@ class EntityLayout:
     window_plan: tuple[tiles.WindowPlan, ...] = ()
     since_last_names: tuple[str, ...] = ()
     feature_names: tuple[str, ...] = ()
-    # The finest resolution where it divides every other (0 where not): t's bucket at
-    # it then fixes t's bucket at all of them (floor(floor(t/r)/k) = floor(t/(rk))),
-    # so it alone keys a busy entity's cached values.
-    cache_grain: int = 0
+    # The greatest common divisor of the resolutions (the finest, where they nest, as
+    # the default pack's do; 1 without any): t's bucket at it fixes t's bucket at every
+    # one of them (floor(floor(t/g)/k) = floor(t/(gk))), so it alone keys a busy
+    # entity's cached values.
+    cache_grain: int = 1
 
 
 def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> EntityLayout:
@@ -165,11 +166,7 @@ def entity_layout(entity: str, pack: tuple[FeatureDef, ...] = DEFAULT_PACK) -> E
         ),
         since_last_names=tuple(f.name for f in features if f.agg is Agg.SECONDS_SINCE_LAST),
         feature_names=tuple(f.name for f in features),
-        cache_grain=(
-            resolutions[0]
-            if resolutions and all(r % resolutions[0] == 0 for r in resolutions)
-            else 0
-        ),
+        cache_grain=math.gcd(*resolutions) or 1,
     )
 
 

@@ -124,14 +124,18 @@ class FeatureReplica:
         # The latest answer of either way of fetching: the lean fetch's is kept when it
         # hands back, and it starts from the consumer's, so neither switch marks
         # features stale while the broker answers.
-        answered = self._answered_at
-        if self._lean is None:
-            by_consumer = self._consumer_answered_at()
-            if by_consumer is not None:
-                answered = by_consumer if answered is None else max(answered, by_consumer)
+        answered = self._answered_at if self._lean is not None else self._latest_answer()
         self._freshness = float("inf") if answered is None else max(0.0, time.time() - answered)
         self._freshness_at = now
         return self._freshness
+
+    def _latest_answer(self) -> float | None:
+        """The later of the lean fetch's last answer and the consumer's."""
+        by_consumer = self._consumer_answered_at()
+        answered = self._answered_at
+        if by_consumer is None or (answered is not None and answered >= by_consumer):
+            return answered
+        return by_consumer
 
     def _consumer_answered_at(self) -> float | None:
         """When the consumer's fetches last had an answer for every partition."""
@@ -290,9 +294,7 @@ class FeatureReplica:
             log.warning("lean fetch cannot connect", extra={"error": str(exc)})
             return
         self._positions.update(positions)
-        by_consumer = self._consumer_answered_at()
-        if by_consumer is not None and by_consumer > (self._answered_at or 0.0):
-            self._answered_at = by_consumer
+        self._answered_at = self._latest_answer()
         consumer.pause(*partitions)
         self._lean = fetcher
         log.info("replica fetches lean", extra={"leader": f"{broker.host}:{broker.port}"})

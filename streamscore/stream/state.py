@@ -73,7 +73,7 @@ class EntityState:
         self.recent = RecentEvents(horizon_ms)
         self.folded = 0
         # (key, windowed values): key = (folded, t // r for each resolution).
-        self.cached: tuple[tuple[int, ...], dict[str, float]] | None = None
+        self.cached: tuple[tuple[int, int], dict[str, float]] | None = None
 
 
 def _fold_plan(layout: EntityLayout, expire_lag_ms: int) -> tuple[tuple[tuple[int, ...], int], ...]:
@@ -262,7 +262,8 @@ class FeatureStore:
 
         Windowed values depend on ``t`` only through its bucket at each resolution, and
         change only when an event is folded: a busy entity (a large merchant, asked
-        about on most requests) keeps them keyed by (events folded, buckets of t) and
+        about on most requests) keeps them keyed by (events folded, t's bucket at
+        the layout's ``cache_grain``, which fixes its bucket at each resolution) and
         recomputes only ``seconds_since_last``, which depends on ``t`` itself."""
         layout = self.layouts[entity_type]
         state = self.entities[entity_type].get(entity_id)
@@ -271,12 +272,7 @@ class FeatureStore:
         if state is None:
             values.update(self._zeros[entity_type])
         elif state.folded >= CACHE_MIN_FOLDED:
-            grain = layout.cache_grain
-            key = (
-                (state.folded, t_ms // grain)
-                if grain
-                else (state.folded, *[t_ms // r for r in layout.resolutions])
-            )
+            key = (state.folded, t_ms // layout.cache_grain)
             cached = state.cached
             if cached is None or cached[0] != key:
                 cached = state.cached = (key, self._windowed(layout, state, t_ms))
