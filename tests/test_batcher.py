@@ -936,6 +936,27 @@ async def test_costly_inline_backend_holds_a_loop_turn_to_batch() -> None:
     await batcher.stop()
 
 
+async def test_an_inline_call_that_blocks_the_loop_without_computing_holds_too() -> None:
+    """The hold rule times a call of one by the batcher's clock: a backend call that
+    blocks the loop 2 ms waiting (a sleep, not computation) costs what one computing
+    2 ms costs, so co-arriving requests are held to share a batch."""
+    backend = FakeBackend([(0.0, "ok")])
+
+    def blocking_infer_inline(batch: np.ndarray) -> np.ndarray | None:
+        time.sleep(20 * DEFER_MIN_S)
+        return backend.infer_inline(batch)
+
+    batcher = make(backend, max_batch_size=4, infer_inline=blocking_infer_inline)
+    await batcher.start()
+    deadline = batcher.clock() + 5
+    assert await batcher.submit(vector(0), deadline) == own_score(0)
+    assert batcher.single_call_s >= DEFER_MIN_S and batcher.holds_for_a_batch
+    tasks = [asyncio.create_task(batcher.submit(vector(i), deadline)) for i in range(1, 7)]
+    assert await asyncio.gather(*tasks) == [own_score(i) for i in range(1, 7)]
+    assert [c.ids for c in backend.calls] == [[0], [1, 2, 3, 4], [5, 6]]
+    await batcher.stop()
+
+
 async def test_without_batching_an_inline_call_never_waits_for_a_turn() -> None:
     backend = FakeBackend([(3 * DEFER_MIN_S, "ok")])  # costly, but batches are of one
     batcher = make(backend, max_batch_size=1, infer_inline=backend.infer_inline)

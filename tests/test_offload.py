@@ -66,3 +66,19 @@ async def test_heavy_calls_leave_the_loop_and_it_keeps_ticking() -> None:
     assert thread != threading.get_ident()
     assert ticks >= 10, ticks  # the loop ran during the 100 ms call
     calls.close()
+
+
+async def test_a_call_that_blocks_the_loop_without_computing_leaves_it() -> None:
+    """On the loop a call is timed by the wall clock: what the loop loses to it. One
+    that waits (a sleep here; a kernel's own threads, I/O) costs the loop as much as
+    one that computes, and its thread CPU time (near 0) would have kept it inline."""
+    calls = InlineOrThread("waits", inline_limit_s=0.001)
+    await calls.call(lambda: burn(0))
+    assert calls.inline
+    waits = 0
+    while calls.inline:
+        assert calls.call_inline(time.sleep, 0.005) is None  # sleep's own answer
+        waits += 1
+        assert waits <= 7, calls.cost_s
+    assert calls.cost_s > calls.inline_limit_s
+    calls.close()
