@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -186,7 +185,7 @@ async def wait_folded(
 def assert_features_match(served: dict, expected: dict) -> None:
     assert set(expected) <= set(served)
     for name, value in expected.items():
-        assert math.isclose(served[name], value, rel_tol=1e-9, abs_tol=1e-9), (
+        assert served[name] == value, (
             name,
             served[name],
             value,

@@ -7,7 +7,6 @@ committed offset, which the state de-duplicates by event id.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def assert_matches_reference(
         expected = reference.features(events, entity_type, entity_id, as_of_ms)
         for name, value in expected.items():
             served = reply.features[name]
-            assert math.isclose(served, value, rel_tol=1e-9, abs_tol=1e-9), (
+            assert served == value, (
                 entity_type,
                 entity_id,
                 name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import statistics
+from fractions import Fraction
 
 import pytest
 from hypothesis import example, given, settings
@@ -120,7 +121,7 @@ def test_aggregates_over_several_buckets():
     assert agg.distinct == (2, 2)  # unions across buckets, not sums of per-bucket counts
     assert agg.amount_mean == 450 / 4
     assert agg.decline_rate == 0.5
-    assert math.isclose(agg.amount_std, statistics.pstdev([100, 300, 0, 50]), rel_tol=1e-12)
+    assert agg.amount_std == statistics.pstdev([100, 300, 0, 50])
 
 
 def test_max_of_zero_amounts_is_zero():
@@ -138,9 +139,52 @@ def test_std_is_exact_for_large_amounts():
         tiles.add(i, amount, False)
     agg = window(tiles, 0, R)
     # n^2 var = 6 exactly; float moments would have cancelled catastrophically.
-    assert agg.amount_std == math.sqrt(6 / 9)
-    assert math.isclose(agg.amount_std, statistics.pstdev(amounts), rel_tol=1e-12)
+    assert agg.amount_std == statistics.pstdev(amounts)
     assert agg.amount_mean == base + 1
+
+
+AMOUNTS = st.one_of(
+    st.integers(0, 100),
+    st.integers(0, 10**7),
+    st.integers(0, 2**63 - 1),
+    st.sampled_from([0, 1, 29, 2**53 - 1, 2**53, 2**53 + 1, 2**62, 2**63 - 1]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(amounts=st.lists(AMOUNTS, min_size=1, max_size=40))
+@example(amounts=[0, 0, 29])  # math.sqrt(var) is one ulp below: 13.670731102939918
+@example(amounts=[10**12, 10**12 + 1, 10**12 + 2])
+def test_std_is_correctly_rounded(amounts):
+    """The float nearest the exact population std (``statistics.pstdev``), in both
+    twins: the compiled one's long double path, its exact fallback, and Python's."""
+    want = statistics.pstdev(amounts)
+    for make in (Tiles, tiles_module.PyTiles):
+        tiles = make(R)
+        for i, amount in enumerate(amounts):
+            tiles.add(i, amount, False)
+        assert window(tiles, 0, R).amount_std == want, make
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 2**200), m=st.integers(1, 2**130))
+def test_sqrt_of_ratio_is_correctly_rounded(n, m):
+    """Against exact rationals: the result's neighbours are no nearer sqrt(n / m)."""
+    got = tiles_module.sqrt_of_ratio(n, m)
+    assert got >= 0.0
+    ratio = Fraction(n, m)
+
+    def closer(other: float) -> bool:
+        # |other - s| < |got - s| with s = sqrt(ratio), both sides >= 0, squared out:
+        # (other - got) * (other + got - 2 s) < 0.
+        if other < 0:
+            return False
+        a, b = Fraction(other), Fraction(got)
+        mid = (a + b) / 2
+        return (mid * mid < ratio) == (a > b) and mid * mid != ratio
+
+    assert not closer(math.nextafter(got, math.inf))
+    assert not closer(math.nextafter(got, -math.inf))
 
 
 @pytest.mark.parametrize("amount", [10**12, 2**63 - 1])
@@ -163,8 +207,8 @@ def test_std_large_spread():
     for amount in amounts:
         tiles.add(0, amount, False)
     agg = window(tiles, 0, R)
-    assert math.isclose(agg.amount_std, statistics.pstdev(amounts), rel_tol=1e-12)
-    assert math.isclose(agg.amount_mean, statistics.mean(amounts), rel_tol=1e-15)
+    assert agg.amount_std == statistics.pstdev(amounts)
+    assert agg.amount_mean == sum(amounts) / len(amounts)
 
 
 # --- add / expire / validation --------------------------------------------------------
@@ -252,9 +296,7 @@ def test_window_matches_brute_force(times, t, n_buckets, keep_from):
     assert agg.amount_max == max((i * 10**11 for i, _ in in_window), default=0)
     assert agg.distinct == (len({i % 4 for i, _ in in_window}),)
     amounts = [i * 10**11 for i, _ in in_window]
-    assert math.isclose(
-        agg.amount_std, statistics.pstdev(amounts) if amounts else 0.0, rel_tol=1e-12, abs_tol=1e-12
-    )
+    assert agg.amount_std == (statistics.pstdev(amounts) if amounts else 0.0)
 
 
 @pytest.mark.parametrize("resolution", [0, -R])

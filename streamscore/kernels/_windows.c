@@ -18,6 +18,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <float.h>
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
@@ -147,8 +149,112 @@ static PyObject *ratio_or_zero(u128 a, long long b)
     return result;
 }
 
+/* -- the population std, correctly rounded ------------------------------------------ */
+
+/* math.isqrt, for the exact root (set by exec_module). */
+static PyObject *isqrt_function = NULL;
+
+/* Bits of the integer root taken before the one rounding: 2 * 53 + 3 (tiles.py). */
+#define SQRT_BITS (2 * 53 + 3)
+
+/* The integer square root of n / m, its last bit set when not exact (round-to-odd). */
+static PyObject *isqrt_rto(PyObject *n, PyObject *m)
+{
+    PyObject *quotient = NULL, *root = NULL, *square = NULL, *back = NULL, *result = NULL;
+    if ((quotient = PyNumber_FloorDivide(n, m)) &&
+        (root = PyObject_CallOneArg(isqrt_function, quotient)) &&
+        (square = PyNumber_Multiply(root, root)) && (back = PyNumber_Multiply(square, m))) {
+        int exact = PyObject_RichCompareBool(back, n, Py_EQ);
+        if (exact >= 0) {
+            PyObject *odd = PyLong_FromLong(!exact);
+            if (odd != NULL) {
+                result = PyNumber_Or(root, odd);
+                Py_DECREF(odd);
+            }
+        }
+    }
+    Py_XDECREF(quotient);
+    Py_XDECREF(root);
+    Py_XDECREF(square);
+    Py_XDECREF(back);
+    return result;
+}
+
+/* int.bit_length(), or -1 with an exception set. */
+static long long bit_length(PyObject *n)
+{
+    PyObject *bits = PyObject_CallMethod(n, "bit_length", NULL);
+    if (bits == NULL) {
+        return -1;
+    }
+    long long value = PyLong_AsLongLong(bits);
+    Py_DECREF(bits);
+    return value;
+}
+
+/* sqrt(n / m) for Python ints n >= 0, m > 0, correctly rounded: ``sqrt_of_ratio`` in
+ * tiles.py, step for step (the root of n / m scaled to carry SQRT_BITS bits, rounded
+ * to odd, then one correctly rounded int / int division). */
+static PyObject *exact_sqrt_of_ratio(PyObject *n, PyObject *m)
+{
+    long long n_bits = bit_length(n), m_bits = bit_length(m);
+    if (n_bits < 0 || m_bits < 0) {
+        return NULL;
+    }
+    long long excess = n_bits - m_bits - SQRT_BITS;
+    long long q = excess >= 0 ? excess / 2 : -((-excess + 1) / 2); /* floor(excess / 2) */
+    PyObject *shift = PyLong_FromLongLong(q >= 0 ? 2 * q : -2 * q);
+    PyObject *half = PyLong_FromLongLong(q >= 0 ? q : -q);
+    PyObject *scaled = NULL, *root = NULL, *one = NULL, *den = NULL, *result = NULL;
+    if (shift != NULL && half != NULL) {
+        if (q >= 0) {
+            PyObject *shifted = NULL;
+            if ((scaled = PyNumber_Lshift(m, shift)) && (root = isqrt_rto(n, scaled)) &&
+                (shifted = PyNumber_Lshift(root, half))) {
+                double value = PyLong_AsDouble(shifted); /* correctly rounded */
+                result = value == -1.0 && PyErr_Occurred() ? NULL : PyFloat_FromDouble(value);
+            }
+            Py_XDECREF(shifted);
+        } else if ((scaled = PyNumber_Lshift(n, shift)) && (root = isqrt_rto(scaled, m)) &&
+                   (one = PyLong_FromLong(1)) && (den = PyNumber_Lshift(one, half))) {
+            result = PyNumber_TrueDivide(root, den); /* correctly rounded */
+        }
+    }
+    Py_XDECREF(shift);
+    Py_XDECREF(half);
+    Py_XDECREF(scaled);
+    Py_XDECREF(root);
+    Py_XDECREF(one);
+    Py_XDECREF(den);
+    return result;
+}
+
+/* sqrt(n) / count, correctly rounded, from the extended precision of long double (64
+ * bits on x86-64): the root and the division are each within half a long double ulp,
+ * so the exact value is within two of it, and rounding it to a double rounds the exact
+ * value the same way unless a double's rounding boundary (a midpoint between two
+ * doubles) lies that close. Then -1.0: too close to call here. */
+static double fast_sqrt_over(unsigned long long n, unsigned long long count)
+{
+#if LDBL_MANT_DIG >= 64
+    long double value = sqrtl((long double)n) / (long double)count;
+    double rounded = (double)value;
+    if (value == (long double)rounded) {
+        return rounded; /* two long double ulps from a double: far from a boundary */
+    }
+    long double neighbour = nextafter(rounded, value > rounded ? INFINITY : -INFINITY);
+    long double boundary = ((long double)rounded + neighbour) / 2; /* exact */
+    long double ulp = ldexpl(1.0L, ilogbl(value) - (LDBL_MANT_DIG - 1));
+    return fabsl(value - boundary) <= 4 * ulp ? -1.0 : rounded;
+#else
+    (void)n;
+    (void)count;
+    return -1.0; /* no extra precision: always exactly */
+#endif
+}
+
 /* The population std from exact integer moments, as ``WindowAgg.amount_std``:
- * sqrt((n * sumsq - sum**2) / n**2), the division correctly rounded. */
+ * sqrt((n * sumsq - sum**2) / n**2), correctly rounded. */
 static PyObject *exact_std(const Sums *s)
 {
     if (s->count == 0) {
@@ -156,23 +262,23 @@ static PyObject *exact_std(const Sums *s)
     }
     u128 n = (u128)s->count, n_sumsq, sum_sq;
     if (s->sumsq.hi == 0 && !__builtin_mul_overflow(n, s->sumsq.lo, &n_sumsq) &&
-        !__builtin_mul_overflow(s->sum, s->sum, &sum_sq) && n <= EXACT_DOUBLE / n &&
-        n_sumsq - sum_sq <= EXACT_DOUBLE) {
-        return PyFloat_FromDouble(sqrt((double)(n_sumsq - sum_sq) / (double)(n * n)));
+        !__builtin_mul_overflow(s->sum, s->sum, &sum_sq) &&
+        n_sumsq - sum_sq <= (u128)ULLONG_MAX) {
+        double value = fast_sqrt_over((unsigned long long)(n_sumsq - sum_sq),
+                                      (unsigned long long)s->count);
+        if (value >= 0.0) {
+            return PyFloat_FromDouble(value);
+        }
     }
     PyObject *count = PyLong_FromLongLong(s->count), *sum = long_of_u128(s->sum);
     PyObject *sumsq = long_of_u192(&s->sumsq);
     PyObject *n_sumsq_obj = NULL, *sum_sq_obj = NULL, *numerator = NULL, *n_sq = NULL;
-    PyObject *quotient = NULL, *result = NULL;
+    PyObject *result = NULL;
     if (count && sum && sumsq && (n_sumsq_obj = PyNumber_Multiply(count, sumsq)) &&
         (sum_sq_obj = PyNumber_Multiply(sum, sum)) &&
         (numerator = PyNumber_Subtract(n_sumsq_obj, sum_sq_obj)) &&
-        (n_sq = PyNumber_Multiply(count, count)) &&
-        (quotient = PyNumber_TrueDivide(numerator, n_sq))) {
-        double variance = PyFloat_AsDouble(quotient);
-        if (!(variance == -1.0 && PyErr_Occurred())) {
-            result = PyFloat_FromDouble(sqrt(variance));
-        }
+        (n_sq = PyNumber_Multiply(count, count))) {
+        result = exact_sqrt_of_ratio(numerator, n_sq);
     }
     Py_XDECREF(count);
     Py_XDECREF(sum);
@@ -181,7 +287,6 @@ static PyObject *exact_std(const Sums *s)
     Py_XDECREF(sum_sq_obj);
     Py_XDECREF(numerator);
     Py_XDECREF(n_sq);
-    Py_XDECREF(quotient);
     return result;
 }
 
@@ -988,6 +1093,17 @@ static int exec_module(PyObject *module)
 {
     if (PyType_Ready(&TilesType) < 0) {
         return -1;
+    }
+    if (isqrt_function == NULL) {
+        PyObject *math = PyImport_ImportModule("math");
+        if (math == NULL) {
+            return -1;
+        }
+        isqrt_function = PyObject_GetAttrString(math, "isqrt");
+        Py_DECREF(math);
+        if (isqrt_function == NULL) {
+            return -1;
+        }
     }
     if (PyModule_AddObjectRef(module, "Tiles", (PyObject *)&TilesType) < 0) {
         return -1;
