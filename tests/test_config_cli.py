@@ -141,3 +141,41 @@ def test_ports_that_would_clash_are_refused_with_the_reason() -> None:
         check_ports(Settings(port=7000, worker_port_base=65534), 4)
     with pytest.raises(SystemExit, match="needs a fixed --port"):
         check_ports(Settings(port=0), 2)
+
+
+def test_backfill_skips_invalid_events_and_names_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log line the stream would dead-letter is skipped and counted by reason, and the
+    run goes on: a time past int64 (it overflowed the compiled state once), bad JSON."""
+    import orjson
+
+    from streamscore.cli import main
+
+    def event(event_id: str, time_ms: int) -> bytes:
+        return orjson.dumps(
+            {
+                "event_id": event_id,
+                "event_time_ms": time_ms,
+                "card_id": "c1",
+                "merchant_id": "m1",
+                "device_id": "d1",
+                "ip": "10.0.0.1",
+                "amount_minor": 500,
+                "currency": "EUR",
+                "mcc": "5411",
+                "country": "DE",
+                "status": "approved",
+            }
+        )
+
+    log = tmp_path / "events.jsonl"
+    lines = [event("e1", 1_000), event("huge", 2**63), b"{not json", event("e2", 2_000)]
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "features.jsonl"
+    assert main(["backfill", str(log), "-o", str(out), "--no-progress"]) == 0
+    rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    assert [row["event_id"] for row in rows] == ["e1", "e2"]
+    assert rows[1]["card_txn_count_24h"] == 1.0
+    printed = capsys.readouterr().out
+    assert "2 rows" in printed and "bad_json 1" in printed and "bad_value 1" in printed

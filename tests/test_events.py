@@ -53,6 +53,8 @@ def test_numeric_mcc_is_accepted_as_text() -> None:
         (orjson.dumps({**GOOD, "amount_minor": -1}), "negative_amount"),
         (orjson.dumps({**GOOD, "event_time_ms": "soon"}), "bad_type"),
         (orjson.dumps({**GOOD, "event_time_ms": -5}), "bad_value"),
+        (orjson.dumps({**GOOD, "event_time_ms": 2**63}), "bad_value"),
+        (orjson.dumps({**GOOD, "event_time_ms": 2**64 - 1}), "bad_value"),
         (orjson.dumps({**GOOD, "status": "pending"}), "bad_value"),
         (orjson.dumps({**GOOD, "card_id": ""}), "empty_field"),
         (orjson.dumps({**GOOD, "card_id": 42}), "bad_type"),

@@ -16,6 +16,9 @@ _STRING_FIELDS = ("event_id", "card_id", "merchant_id", "device_id", "ip", "curr
 # Guards against absurd inputs (e.g. a 10 MB card id) reaching the state.
 MAX_FIELD_LENGTH = 256
 MAX_AMOUNT_MINOR = 2**63 - 1
+# Times are int64 milliseconds, as on the wire (ScoreRequest) and in the compiled
+# state; a later one is refused here, not left to overflow there.
+MAX_EVENT_TIME_MS = 2**63 - 1
 
 
 class InvalidEvent(ValueError):
@@ -93,6 +96,8 @@ def event_from_dict(data: Any) -> PaymentEvent:
     event_time_ms = _int_field(data, "event_time_ms")
     if event_time_ms < 0:
         raise InvalidEvent("bad_value", "event_time_ms must not be negative")
+    if event_time_ms > MAX_EVENT_TIME_MS:
+        raise InvalidEvent("bad_value", "event_time_ms out of int64 range")
     amount_minor = _int_field(data, "amount_minor")
     if amount_minor < 0:
         raise InvalidEvent("negative_amount", "amount_minor")
