@@ -323,3 +323,14 @@ class ServerCollector:
                 family = GaugeMetricFamily(name, help_)
                 family.add_metric([], float(value))
                 yield family
+            outcomes = GaugeMetricFamily(
+                "streamscore_replica_fold_outcomes",
+                "Events folded into one entity each, by outcome: applied; duplicate (a "
+                "redelivery); too_late (older than the entity's newest event minus the "
+                "allowed lateness, which only payments partitions that far apart in "
+                'event time can send: README, "Partitions far apart").',
+                labels=["outcome"],
+            )
+            for outcome, count in self.server.store.counts.items():
+                outcomes.add_metric([outcome.value], float(count))
+            yield outcomes

@@ -1,0 +1,48 @@
+"""The gauges the server collector reads at scrape time from the live parts."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from streamscore.server.metrics import ServerCollector
+from streamscore.stream.state import FeatureStore, FoldRecord
+
+HOUR = 3_600_000
+
+
+def test_fold_outcomes_are_exposed_per_outcome() -> None:
+    """Applied, duplicate and too-late folds each have a series, so an entity refusing
+    an entry (partitions far apart in event time) is visible, not silent."""
+    store = FeatureStore()
+
+    def fold(event_id: str, time_ms: int) -> None:
+        store.fold("merchant", "m1", FoldRecord(event_id, time_ms, 100, False, "m1", "c1"))
+
+    fold("e1", 10 * HOUR)
+    fold("e1", 10 * HOUR)  # a redelivery
+    fold("e2", 12 * HOUR)
+    fold("e3", 10 * HOUR)  # two hours behind the merchant's newest: too late for it
+    replica = SimpleNamespace(
+        entries_folded=4,
+        bad_records=0,
+        seconds_since_fetch=lambda: 0.1,
+        lag=lambda: 0,
+        caught_up=True,
+        fetching_lean=True,
+        lean_fallbacks=0,
+    )
+    server = SimpleNamespace(
+        rollouts=None,
+        models=SimpleNamespace(loaded=list),
+        service=None,
+        replica=replica,
+        store=store,
+    )
+    registry = CollectorRegistry()
+    registry.register(ServerCollector(server))
+    lines = generate_latest(registry).decode().splitlines()
+    assert 'streamscore_replica_fold_outcomes{outcome="applied"} 2.0' in lines
+    assert 'streamscore_replica_fold_outcomes{outcome="duplicate"} 1.0' in lines
+    assert 'streamscore_replica_fold_outcomes{outcome="too_late"} 1.0' in lines
