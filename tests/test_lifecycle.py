@@ -123,7 +123,9 @@ async def test_sigterm_drains_without_failing_an_admitted_call(
         # stop: allowed only at that instant, after the drain delay.
         stop_at = DRAIN_DELAY_S
         assert all(code == "CANCELLED" and t >= stop_at - 0.1 for t, code in odd), (codes, odd)
-        assert len(odd) <= 3, (codes, odd)
+        # At that one instant: how many calls it catches depends on how busy the box is
+        # (11 within 5 ms once, with the box's two cores loaded), not how long.
+        assert not odd or odd[-1][0] - odd[0][0] <= 0.1, (codes, odd)
         answered_late = [
             t for code, t in outcomes.values() if code == grpc.StatusCode.OK and t > signalled
         ]
