@@ -26,8 +26,9 @@ from collections.abc import Callable
 import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.malformed import MalformedRequest
 from streamscore.server.validation import MAX_ID_LENGTH, validate_score_request
-from streamscore.server.wire import MalformedRequest, encode_score_response, parse_score_request
+from streamscore.server.wire import encode_score_response, parse_score_request
 
 TEMPLATE = pb.ScoreResponse(model=pb.ModelRef(name="fraud_mlp", version="1", variant=pb.PRIMARY))
 MODEL_REF = TEMPLATE.model.SerializeToString()

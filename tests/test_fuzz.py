@@ -10,6 +10,7 @@ import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import orjson
@@ -160,6 +161,84 @@ def test_fuzzed_feature_requests_get_defined_codes(
     request = pb.FeaturesRequest(entity_type=entity_type, entity_id=entity_id, as_of_ms=as_of_ms)
     with grpc.insecure_channel(event_loop_server) as channel:
         SEEN["GetFeatures " + call(channel, "GetFeatures", request.SerializeToString())] += 1
+
+
+# Bytes no message type parses: a tag cut short, a length past the end.
+UNDECODABLE = (b"\xff\xff\xff", b"\x0a\x05ab")
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"),
+    [
+        ("/streamscore.v1.Admin/GetRollout", "unary"),
+        ("/streamscore.v1.Admin/SetRollout", "unary"),
+        ("/streamscore.v1.Admin/ListModels", "unary"),
+        ("/streamscore.v1.Admin/Promote", "unary"),
+        ("/streamscore.v1.Admin/Rollback", "unary"),
+        ("/grpc.health.v1.Health/Check", "unary"),
+        ("/grpc.health.v1.Health/Watch", "stream answers"),
+        ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "streams"),
+    ],
+)
+def test_undecodable_bytes_to_every_service_are_invalid_argument(
+    event_loop_server: str, path: str, shape: str
+) -> None:
+    """Not only Scoring's: the admin, health and reflection services too, whose
+    generated handlers let protobuf's parse error become UNKNOWN (server/guarded.py).
+    Refused before the servicer, so before the admin token is looked at."""
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    with grpc.insecure_channel(event_loop_server) as channel:
+        for payload in UNDECODABLE:
+            with pytest.raises(grpc.RpcError) as caught:
+                if shape == "unary":
+                    channel.unary_unary(path, **identity)(payload, timeout=5)
+                elif shape == "stream answers":
+                    list(channel.unary_stream(path, **identity)(payload, timeout=5))
+                else:
+                    list(channel.stream_stream(path, **identity)(iter([payload]), timeout=5))
+            error: Any = caught.value
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, error.details())
+            assert error.details().startswith("request: not a valid "), error.details()
+        # Still serving.
+        good = pb.ScoreRequest(transaction=pb.Transaction(card_id="c", merchant_id="m"))
+        assert call(channel, "Score", good.SerializeToString()) == "OK"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        (
+            "/streamscore.v1.Scoring/Score",
+            pb.ScoreRequest(
+                request_id="r", transaction=pb.Transaction(card_id="CARD", merchant_id="m")
+            )
+            .SerializeToString()
+            .replace(b"CARD", b"\xff\xfe\xed\xa0"),
+            "transaction.card_id",
+        ),
+        (
+            "/streamscore.v1.Scoring/GetFeatures",
+            pb.FeaturesRequest(entity_type="card", entity_id="ID")
+            .SerializeToString()
+            .replace(b"ID", b"\xc0\x80"),  # an overlong NUL
+            "entity_id",
+        ),
+        ("/streamscore.v1.Admin/Rollback", b"\x0a\x01\xff", "reason"),
+        ("/grpc.health.v1.Health/Check", b"\x0a\x02\xed\xa0", "service"),  # a surrogate
+    ],
+)
+def test_text_that_is_not_utf8_is_refused_naming_its_field(
+    event_loop_server: str, path: str, payload: bytes, field: str
+) -> None:
+    with grpc.insecure_channel(event_loop_server) as channel:
+        rpc = channel.unary_unary(
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(payload, timeout=5)
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"{field}: not valid UTF-8"
 
 
 def test_a_malformed_stream_message_ends_the_stream_with_invalid_argument(

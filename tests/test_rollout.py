@@ -159,6 +159,32 @@ async def test_admin_needs_the_token(trained_model: Path, tmp_path: Path) -> Non
         assert "disabled" in (caught.value.details() or "")
 
 
+async def test_admin_refuses_unknown_versions_naming_the_field(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Each version field is checked against the repository and refused by name,
+    without the repository's path; a name no file can have is refused the same way
+    (it once reached the file system: FAILED_PRECONDITION, "File name too long")."""
+    async with serving(trained_model, tmp_path) as (_, admin, _, repository):
+        cases = [
+            ({"canary_version": "99", "canary_percent": 5}, "rollout.canary_version"),
+            ({"canary_version": "9" * 1000, "canary_percent": 5}, "rollout.canary_version"),
+            ({"primary_version": "02"}, "rollout.primary_version"),
+            ({"shadow_versions": ["2", "../fraud_mlp/1"]}, "rollout.shadow_versions[1]"),
+            ({"model_name": "other"}, "rollout.model_name"),
+        ]
+        for fields, field in cases:
+            rollout = apb.Rollout(**{"primary_version": "1", **fields})
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await admin.SetRollout(apb.SetRolloutRequest(rollout=rollout), metadata=AUTH)
+            details = caught.value.details() or ""
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (fields, details)
+            assert details.startswith(f"{field}: "), (fields, details)
+            assert str(repository) not in details and len(details) < 200, details
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.generation == 1  # nothing changed
+
+
 async def test_canary_is_a_sticky_slice_then_promoted(trained_model: Path, tmp_path: Path) -> None:
     async with serving(trained_model, tmp_path) as (scoring, admin, _, _):
         status = await set_rollout(admin, canary_version="2", canary_percent=30)

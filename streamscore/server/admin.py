@@ -16,6 +16,7 @@ import grpc
 
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
+from streamscore.server.errors import InvalidRequest
 from streamscore.server.repository import ModelRepository
 from streamscore.server.rollout import RolloutConflict, RolloutManager, RolloutState
 
@@ -47,6 +48,8 @@ class AdminService(apb_grpc.AdminServicer):
             return await action()
         except RolloutConflict as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except InvalidRequest as error:
+            await context.abort(error.code, str(error))
         except (ValueError, KeyError, FileNotFoundError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Exception as error:  # a version that fails to load or warm up
@@ -92,8 +95,7 @@ class AdminService(apb_grpc.AdminServicer):
     ) -> apb.RolloutStatus:
         async def action() -> apb.RolloutStatus:
             wanted = request.rollout
-            if wanted.model_name and wanted.model_name != self.rollouts.registry.name:
-                raise ValueError(f"this server serves {self.rollouts.registry.name!r} only")
+            self._check_versions(wanted)
             await self.rollouts.set(
                 RolloutState(
                     primary=wanted.primary_version,
@@ -106,6 +108,26 @@ class AdminService(apb_grpc.AdminServicer):
             return self.status()
 
         return await self._call(context, action)
+
+    def _check_versions(self, wanted: apb.Rollout) -> None:
+        """Every version named is one in the repository, or the field is refused by
+        name (and without the repository's path, which is no caller's business)."""
+        name = self.rollouts.registry.name
+        if wanted.model_name and wanted.model_name != name:
+            raise InvalidRequest("rollout.model_name", f"this server serves {name!r} only")
+        known = set(ModelRepository(self.rollouts.registry.repository).versions(name))
+        named = [
+            ("rollout.primary_version", wanted.primary_version),
+            ("rollout.canary_version", wanted.canary_version),
+            *(
+                (f"rollout.shadow_versions[{i}]", version)
+                for i, version in enumerate(wanted.shadow_versions)
+            ),
+        ]
+        for field, version in named:
+            if version and version not in known:
+                shown = version if len(version) <= 32 else f"{version[:32]}..."
+                raise InvalidRequest(field, f"no version {shown!r} of model {name!r}")
 
     async def ListModels(
         self, request: apb.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import REGISTRY, start_http_server
 
 from streamscore._proto.v1 import admin_pb2 as apb
@@ -18,6 +18,7 @@ from streamscore.config import Settings, topic_layout
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.gc_policy import LongLivedFreezer
+from streamscore.server.guarded import add_guarded
 from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
@@ -147,12 +148,19 @@ class ScoringServer:
             ]
         )
         add_scoring_service(service, server)
-        apb_grpc.add_AdminServicer_to_server(
-            AdminService(self.rollouts, settings.admin_token), server
+        # The rest with requests that do not parse refused (INVALID_ARGUMENT), not
+        # answered UNKNOWN by gRPC (server/guarded.py).
+        add_guarded(
+            apb_grpc.add_AdminServicer_to_server,
+            AdminService(self.rollouts, settings.admin_token),
+            server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        add_guarded(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
+        add_guarded(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(
+                (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
             server,
         )
         await self._set_serving(False)

@@ -9,7 +9,8 @@ from google.protobuf.message import DecodeError, Message
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.errors import InvalidRequest
-from streamscore.server.wire import MalformedRequest, PyScoreFields
+from streamscore.server.malformed import MalformedRequest
+from streamscore.server.wire import PyScoreFields
 from streamscore.stream.features import ENTITY_TYPES
 
 MAX_ID_LENGTH = 256
@@ -21,20 +22,20 @@ _transaction_strings = attrgetter(*_REQUIRED_IDS, *_OPTIONAL_STRINGS)
 
 def lenient_parser(message_type: type[Message]) -> Any:
     """A request deserializer that never raises (see ``MalformedRequest``)."""
-    name = message_type.DESCRIPTOR.full_name
+    descriptor = message_type.DESCRIPTOR
 
     def parse(data: bytes) -> Message | MalformedRequest:
         try:
             return message_type.FromString(data)
         except DecodeError as error:
-            return MalformedRequest(name, str(error))
+            return MalformedRequest(descriptor, data, str(error))
 
     return parse
 
 
 def _check_parsed(request: object) -> None:
     if isinstance(request, MalformedRequest):
-        raise InvalidRequest("request", f"not a valid {request.type_name} message")
+        raise InvalidRequest(request.field, request.reason)
 
 
 def _check_length(field: str, value: str) -> None:
@@ -45,7 +46,7 @@ def _check_length(field: str, value: str) -> None:
 def validate_score_request(request: PyScoreFields | MalformedRequest, *, replay: bool) -> None:
     """Check a request's fields as ``parse_score_request`` gives them (server/wire.py)."""
     if isinstance(request, MalformedRequest):
-        raise InvalidRequest("request", f"not a valid {request.type_name} message")
+        raise InvalidRequest(request.field, request.reason)
     # No string field is longer (in characters) than the whole message's encoding (in
     # bytes): when that fits the limit, as it usually does, no length needs checking.
     long_fields = request.encoded_size > MAX_ID_LENGTH

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.server.malformed import MalformedRequest
 
 
 class PyScoreFields(NamedTuple):
@@ -42,22 +43,6 @@ class PyScoreFields(NamedTuple):
     include_features: bool = False
     has_transaction: bool = False  # whether the request has a transaction at all
     encoded_size: int = 0  # the request's size in bytes; no string in it is longer
-
-
-class MalformedRequest:
-    """Stands in for a request whose bytes are not the RPC's message type.
-
-    gRPC's own deserializer raises on such bytes and the caller sees UNKNOWN; ours
-    hands this to the handler instead, which answers INVALID_ARGUMENT saying so."""
-
-    # Read by Score (for its log lines) and ScoreStream (naming the request in an
-    # error); unknown here.
-    request_id = ""
-    card_id = ""
-
-    def __init__(self, type_name: str, error: str) -> None:
-        self.type_name = type_name
-        self.error = error
 
 
 def fields_of_message(request: pb.ScoreRequest, encoded_size: int | None = None) -> PyScoreFields:
@@ -134,9 +119,6 @@ else:
     encode_score_response = _wire.encode_score_response
 
 
-_REQUEST_TYPE = pb.ScoreRequest.DESCRIPTOR.full_name
-
-
 def parse_score_request(data: bytes) -> PyScoreFields | MalformedRequest:
     """Score's request deserializer; never raises (see ``MalformedRequest``). Bytes the
     compiled decoder leaves undecided (odd encodings, or not a message) go to
@@ -147,4 +129,4 @@ def parse_score_request(data: bytes) -> PyScoreFields | MalformedRequest:
     try:
         return fields_of_message(pb.ScoreRequest.FromString(data), len(data))
     except DecodeError as error:
-        return MalformedRequest(_REQUEST_TYPE, str(error))
+        return MalformedRequest(pb.ScoreRequest.DESCRIPTOR, data, str(error))

@@ -1,0 +1,129 @@
+"""Register a service's generated handlers so that undecodable bytes are refused with
+INVALID_ARGUMENT, never gRPC's UNKNOWN.
+
+gRPC parses a request before any handler runs; the generated ``add_*_to_server``
+functions (ours for Admin, grpc's for health and reflection) use protobuf's
+``FromString``, which raises on bytes that are not the message, and gRPC answers that
+UNKNOWN with a traceback in the log, to callers that need no token to send them.
+``add_guarded`` takes the handlers such a function would register, gives each a
+parser that never raises (a ``MalformedRequest`` instead) and a behaviour that
+refuses one before the servicer sees it. Score, ScoreStream and GetFeatures parse
+their own requests (``scoring.add_scoring_service``) to the same effect.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from streamscore.server.malformed import MalformedRequest
+
+
+class _Captured:
+    """Stands in for the server in a generated ``add_*_to_server`` call, keeping what it
+    would register."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come again, by method, below
+
+    def add_registered_method_handlers(
+        self, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.name, self.handlers = name, handlers
+
+
+def add_guarded(
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+) -> None:
+    """``add_to_server(servicer, server)``, with requests that do not parse refused."""
+    captured = _Captured()
+    add_to_server(servicer, captured)
+    if not captured.handlers:
+        raise ValueError(f"{add_to_server.__name__} registered no method handlers")
+    handlers = {method: _guard(handler) for method, handler in captured.handlers.items()}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(captured.name, handlers),)
+    )
+    server.add_registered_method_handlers(captured.name, handlers)
+
+
+def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
+    # Set, not context.abort(): abort keeps a reference cycle per call (scoring._guard).
+    context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+    context.set_details(f"{request.field}: {request.reason}")
+
+
+def _guard(handler: Any) -> Any:
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler
+    descriptor = parse.__self__.DESCRIPTOR  # FromString, bound to its message class
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return MalformedRequest(descriptor, data, str(error))
+
+    if handler.unary_unary is not None:
+        call = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, MalformedRequest):
+                return _refuse(context, request)
+            return await call(request, context)
+
+        return handler._replace(request_deserializer=lenient, unary_unary=unary_unary)
+    if handler.unary_stream is not None:
+        call = handler.unary_stream
+        if inspect.isasyncgenfunction(call):
+
+            async def answers(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, MalformedRequest):
+                    _refuse(context, request)
+                    return
+                async for answer in call(request, context):
+                    yield answer
+
+            return handler._replace(request_deserializer=lenient, unary_stream=answers)
+
+        async def writes(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, MalformedRequest):
+                return _refuse(context, request)
+            await call(request, context)
+
+        return handler._replace(request_deserializer=lenient, unary_stream=writes)
+    # Streamed requests: the servicer reads them through a filter that ends the
+    # stream, its status set, at the first that does not parse.
+    kind = "stream_unary" if handler.stream_unary is not None else "stream_stream"
+    call = getattr(handler, kind)
+
+    async def filtered(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, MalformedRequest):
+                _refuse(context, request)
+                return
+            yield request
+
+    if inspect.isasyncgenfunction(call):
+
+        async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            async for answer in call(filtered(requests, context), context):
+                yield answer
+
+    else:
+
+        async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
+            return await call(filtered(requests, context), context)
+
+    return handler._replace(request_deserializer=lenient, **{kind: streamed})

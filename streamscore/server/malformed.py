@@ -1,0 +1,92 @@
+"""Requests whose bytes do not parse: a stand-in for the handler, naming the field.
+
+gRPC's own deserializers raise on such bytes and the caller sees UNKNOWN. Ours (Score's
+wire codec, ``validation.lenient_parser``, ``guarded.add_guarded``) hand the handler a
+``MalformedRequest`` instead, which is answered INVALID_ARGUMENT. Where the bytes are
+well formed but a string field is not UTF-8 (protobuf refuses those, saying only
+"String field had bad UTF-8"), it names that field, as every other refusal does.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+# Wire types (protobuf encoding): varint, 64-bit, length-delimited, 32-bit.
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_MAX_DEPTH = 32  # nested messages followed (a deeper one is left unnamed)
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes are not the RPC's message type."""
+
+    # Read by Score (for its log lines) and ScoreStream (naming the request in an
+    # error); unknown here.
+    request_id = ""
+    card_id = ""
+
+    def __init__(self, descriptor: Descriptor, data: bytes, error: str) -> None:
+        self.type_name = descriptor.full_name
+        self.error = error
+        text_field = bad_text_field(descriptor, data)
+        # What validation answers: the field and why.
+        self.field, self.reason = (
+            (text_field, "not valid UTF-8")
+            if text_field is not None
+            else ("request", f"not a valid {self.type_name} message")
+        )
+
+
+def bad_text_field(descriptor: Descriptor, data: bytes, depth: int = 0) -> str | None:
+    """The dotted name of the first string field in ``data`` that is not valid UTF-8
+    (``transaction.card_id``); None when there is none, or the bytes are not well
+    formed enough to tell."""
+    try:
+        return _walk(descriptor, memoryview(data), depth)
+    except (IndexError, ValueError):
+        return None
+
+
+def _varint(data: memoryview, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _walk(descriptor: Descriptor, data: memoryview, depth: int) -> str | None:
+    at = 0
+    while at < len(data):
+        key, at = _varint(data, at)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            _, at = _varint(data, at)
+        elif wire_type == _I64:
+            at += 8
+        elif wire_type == _I32:
+            at += 4
+        elif wire_type == _LEN:
+            length, at = _varint(data, at)
+            if at + length > len(data):
+                raise ValueError("length past the end")
+            payload, at = data[at : at + length], at + length
+            field = descriptor.fields_by_number.get(number)
+            if field is None:
+                continue
+            if field.type == FieldDescriptor.TYPE_STRING:
+                try:
+                    str(payload, "utf-8")
+                except UnicodeDecodeError:
+                    return field.name
+            elif field.type == FieldDescriptor.TYPE_MESSAGE and depth < _MAX_DEPTH:
+                inner = _walk(field.message_type, payload, depth + 1)
+                if inner is not None:
+                    return f"{field.name}.{inner}"
+        else:  # groups and reserved wire types: not ours to follow
+            raise ValueError(f"wire type {wire_type}")
+    return None
