@@ -38,7 +38,8 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
-from streamscore.config import load_settings
+from streamscore.config import Settings, load_settings
+from streamscore.server.app import pending_call_options
 from streamscore.server.backends.base import Backend
 from streamscore.server.repository import ModelRegistry
 
@@ -125,7 +126,12 @@ async def start(
     """The echo server, started on 127.0.0.1 (``port`` 0: a free one); it and its port.
     Without ``reuseport`` a port already taken is an error, not a silent share.
     ``score``: the model echo's model call (``model_call``)."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuseport))])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", int(reuseport)),
+            *pending_call_options(Settings().max_pending_calls),
+        ]
+    )
     pb_grpc.add_ScoringServicer_to_server(Echo() if score is None else ModelEcho(score), server)
     # SERVING from the start (the overall status), for ``client.wait_serving``.
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)

@@ -72,6 +72,12 @@ class Settings:
     # Largest gRPC message, either way (a Score request is a few hundred bytes);
     # a bigger one is refused with RESOURCE_EXHAUSTED before any handler runs.
     max_message_bytes: int = 256 * 1024
+    # Calls gRPC holds for the server before a handler takes them (a burst arrives
+    # faster than the loop takes calls). Past it gRPC itself cancels calls, which
+    # callers see as CANCELLED and the server never counts; its default (1,000, with
+    # random early drops from there) cut bursts of 1,200. Under it they wait their
+    # turn, and the server's own admission (queue bounds, deadlines) decides.
+    max_pending_calls: int = 10_000
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
@@ -165,6 +171,8 @@ class Settings:
             raise ValueError("loop_lag_interval_s must be >= 0 (0: off)")
         if updated.torch_device not in TORCH_DEVICES:
             raise ValueError(f"torch_device must be one of {', '.join(TORCH_DEVICES)}")
+        if updated.max_pending_calls < 1:
+            raise ValueError("max_pending_calls must be at least 1")
         if updated.onnx_kernel not in ONNX_KERNELS:
             raise ValueError(f"onnx_kernel must be one of {', '.join(ONNX_KERNELS)}")
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,

@@ -146,3 +146,29 @@ async def test_three_times_capacity_sheds_fast_and_keeps_the_budget(
     # Admission is a prediction: under CPU contention a few admitted calls still miss
     # and are answered by the fallback (degraded), never many.
     assert degraded <= 0.1 * len(ok_ms), degraded
+
+
+async def test_a_burst_past_grpcs_pending_limit_is_answered_not_cancelled(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """2,500 calls at once, no deadline: gRPC's own limit on calls waiting for the
+    server (1,000 by default) used to cancel some before any handler saw them (the
+    caller got CANCELLED, the server counted nothing). With ``max_pending_calls`` they
+    wait their turn and are answered."""
+    from collections import Counter
+
+    from test_rollout import serving
+
+    async with serving(trained_model, tmp_path) as (scoring, _, server, _):
+        await scoring.Score(request(0, "card-0"))
+
+        async def one(i: int) -> str:
+            try:
+                await scoring.Score(request(i, f"card-{i % 97}"))
+                return "OK"
+            except grpc.aio.AioRpcError as error:
+                return error.code().name
+
+        codes = Counter(await asyncio.gather(*(one(i) for i in range(2_500))))
+        assert codes == {"OK": 2_500}, codes
+        assert server.settings.max_pending_calls >= 2_500

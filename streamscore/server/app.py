@@ -145,6 +145,7 @@ class ScoringServer:
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                *pending_call_options(settings.max_pending_calls),
             ]
         )
         add_scoring_service(service, server)
@@ -280,6 +281,15 @@ class ScoringServer:
             cut,
             extra={"in_flight_at_stop": at_stop, "cut_off": cut, "grace_s": grace_s},
         )
+
+
+def pending_call_options(limit: int) -> list[tuple[str, int]]:
+    """gRPC's limit on calls waiting for a handler, as one hard limit (no random early
+    drops below it); see ``Settings.max_pending_calls``."""
+    return [
+        ("grpc.server.max_pending_requests", limit),
+        ("grpc.server.max_pending_requests_hard_limit", limit),
+    ]
 
 
 def _listen(
