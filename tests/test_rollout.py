@@ -172,6 +172,9 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
             ({"primary_version": "02"}, "rollout.primary_version"),
             ({"shadow_versions": ["2", "../fraud_mlp/1"]}, "rollout.shadow_versions[1]"),
             ({"model_name": "other"}, "rollout.model_name"),
+            ({"canary_version": "1", "canary_percent": 5}, "rollout.canary_version"),
+            ({"shadow_versions": ["2", "2"]}, "rollout.shadow_versions[1]"),
+            ({"canary_version": "2", "shadow_versions": ["2"]}, "rollout.shadow_versions[0]"),
         ]
         for fields, field in cases:
             rollout = apb.Rollout(**{"primary_version": "1", **fields})

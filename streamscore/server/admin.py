@@ -128,6 +128,16 @@ class AdminService(apb_grpc.AdminServicer):
             if version and version not in known:
                 shown = version if len(version) <= 32 else f"{version[:32]}..."
                 raise InvalidRequest(field, f"no version {shown!r} of model {name!r}")
+        # Each version in one role: a canary or shadow of the primary itself, or a
+        # shadow twice, would only compare a version with itself.
+        primary = wanted.primary_version or self.rollouts.primary_model().metadata.version
+        taken = {primary: "the primary"}
+        for field, version in named[1:]:
+            if not version:
+                continue
+            if version in taken:
+                raise InvalidRequest(field, f"version {version!r} is already {taken[version]}")
+            taken[version] = field.removeprefix("rollout.")
 
     async def ListModels(
         self, request: apb.ListModelsRequest, context: grpc.aio.ServicerContext
