@@ -204,6 +204,25 @@ def test_undecodable_bytes_to_every_service_are_invalid_argument(
         assert call(channel, "Score", good.SerializeToString()) == "OK"
 
 
+def test_guarded_services_still_answer(event_loop_server: str) -> None:
+    """The same services with good requests, through the guarded handlers: a unary
+    call, an answer stream (health's Watch) and a request stream (reflection)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(event_loop_server) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="streamscore.v1.Scoring")
+        assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(request, timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {"streamscore.v1.Scoring", "streamscore.v1.Admin"} <= services
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "field"),
     [
