@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamscore.stream.state import DEFAULT_FOLD_HORIZON_MS
 from streamscore.stream.topics import TopicLayout
 
 ENV_PREFIX = "STREAMSCORE_"
@@ -122,7 +123,7 @@ class Settings:
     # Server replica: how far behind an entity's newest event a record may still be
     # folded (and recognised as a duplicate). Must exceed lateness_ms plus any
     # event-time skew between payments partitions; older records are dropped and counted.
-    fold_horizon_ms: int = 7_200_000
+    fold_horizon_ms: int = DEFAULT_FOLD_HORIZON_MS
     skew_ms: int = 300_000
     stale_after_s: float = 5.0
     # Server: every this many seconds, collect the young GC generations and freeze the

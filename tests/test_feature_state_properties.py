@@ -312,6 +312,8 @@ def test_sweep_keeps_newest_time_and_refuses_unverifiable_redeliveries():
     store.fold("card", "c", FoldRecord(**later))  # moves the watermark only
     assert store.sweep_idle("ip", ["i"]) == 1  # 1 h window + 10 min: long idle
     assert store.get("ip", "i") is None
+    # Its newest time and its count of events folded stay (GetFeatures reads them).
+    assert store.summary("ip", "i") == (0, 1)
     t = 3 * HOUR
     assert store.features("ip", "i", t)["ip_txn_count_5m"] == 0.0
     assert store.earliest_exact_ms("ip", "i") == t - 10 * MINUTE
@@ -319,6 +321,7 @@ def test_sweep_keeps_newest_time_and_refuses_unverifiable_redeliveries():
     assert store.fold("ip", "i", FoldRecord(**ip)) is Fold.TOO_LATE
     assert store.fold("ip", "i", FoldRecord(**later)) is Fold.APPLIED
     assert store.features("ip", "i", t)["ip_txn_count_5m"] == 1.0
+    assert store.summary("ip", "i") == (3 * HOUR, 2)  # counted on, never down
 
 
 # Steps from an event's time that stay in, or cross, the buckets of the pack's

@@ -485,14 +485,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         # as_of_ms is honoured in replay mode only; live answers are as of the server clock.
         t_ms = request.as_of_ms if self.replay and request.as_of_ms else self.clock_ms()
         self._check_exact(request.entity_type, request.entity_id, t_ms, "as_of_ms")
-        state = self.store.get(request.entity_type, request.entity_id)
+        newest, folded = self.store.summary(request.entity_type, request.entity_id)
         return pb.FeaturesResponse(
             entity_type=request.entity_type,
             entity_id=request.entity_id,
             as_of_ms=t_ms,
             features=self.store.features(request.entity_type, request.entity_id, t_ms),
-            newest_event_time_ms=(state.recent.newest_ms or 0) if state else 0,
-            events_folded=state.folded if state else 0,
+            newest_event_time_ms=newest or 0,
+            events_folded=folded,
         )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 from streamscore.stream.assembly import event_features
 from streamscore.stream.events import PaymentEvent
-from streamscore.stream.state import FeatureStore
+from streamscore.stream.state import DEFAULT_FOLD_HORIZON_MS, FeatureStore
 from streamscore.stream.topics import fold_entries
 
 
@@ -31,14 +31,17 @@ def backfill(
 ) -> Iterator[tuple[PaymentEvent, dict[str, float]]]:
     """Yield (event, features as of the event) in (event_time_ms, event_id) order.
 
-    A repeated event id yields once, like the stream, which counts it once.
+    A repeated event id yields once (its first copy in that order), and every copy is
+    folded as the stream folds it: each entity counts an event id once while it
+    remembers it (the fold horizon). So a redelivered copy counts once, as in the
+    stream; and a copy that differs (other entities, or a time past the horizon),
+    which the contract leaves open, counts exactly where the stream counts it.
     """
-    store = store or FeatureStore()
+    # The replicas' fold horizon, which decides which copies count (see above).
+    store = store or FeatureStore(lateness_ms=DEFAULT_FOLD_HORIZON_MS)
     seen: set[str] = set()
     for event in sort_events(events):
-        if event.event_id in seen:
-            continue
-        seen.add(event.event_id)
-        features = event_features(store, event, event.event_time_ms)
-        yield event, features
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            yield event, event_features(store, event, event.event_time_ms)
         fold_event(store, event)

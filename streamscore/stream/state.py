@@ -25,6 +25,10 @@ from streamscore.stream.features import (
 )
 
 DEFAULT_LATENESS_MS = HOUR
+# How far behind an entity's newest event a record may still be folded, and its id
+# recognised as a redelivery, by the serving replicas and the backfill alike: the
+# worker's lateness plus an hour of event-time skew between payments partitions.
+DEFAULT_FOLD_HORIZON_MS = 2 * HOUR
 DEFAULT_SKEW_MS = 5 * MINUTE
 
 
@@ -128,10 +132,12 @@ class FeatureStore:
         self._outcome_counts = [0, 0, 0]
         # Newest event time folded into any entity: the store's stream time.
         self.watermark_ms: int | None = None
-        # Idle entities swept out of memory keep only their newest event time here
-        # (about 100 bytes instead of kilobytes): it still answers time-since-newest
-        # and refuses events too late for them.
-        self.idle_newest: dict[str, dict[str, int]] = {e: {} for e in ENTITY_TYPES}
+        # Idle entities swept out of memory keep only (newest event time, events
+        # folded) here (about 150 bytes instead of kilobytes): the time still answers
+        # time-since-newest and refuses events too late for them, and the count goes
+        # on from where it was if they come back (GetFeatures' events_folded never
+        # goes down, so a caller may wait on it).
+        self.idle: dict[str, dict[str, tuple[int, int]]] = {e: {} for e in ENTITY_TYPES}
         self.idle_after_ms = {
             entity: max(layout.max_window_ms.values(), default=0) + lateness_ms + skew_ms
             for entity, layout in self.layouts.items()
@@ -173,9 +179,10 @@ class FeatureStore:
             state = states[entity_id] = EntityState(
                 self.layouts[entity_type], self.lateness_ms, self._tiles_type
             )
-            swept_newest = self.idle_newest[entity_type].pop(entity_id, None)
-            if swept_newest is not None:
-                state.recent.revive(swept_newest)
+            swept = self.idle[entity_type].pop(entity_id, None)
+            if swept is not None:
+                state.recent.revive(swept[0])
+                state.folded = swept[1]
         recent = state.recent
         newest = recent.newest_ms
         if time_ms <= recent.floor_ms or (
@@ -232,7 +239,7 @@ class FeatureStore:
             return 0
         cutoff = self.watermark_ms - self.idle_after_ms[entity_type]
         states = self.entities[entity_type]
-        idle = self.idle_newest[entity_type]
+        idle = self.idle[entity_type]
         swept = 0
         for entity_id in entity_ids:
             state = states.get(entity_id)
@@ -241,12 +248,19 @@ class FeatureStore:
             newest = state.recent.newest_ms
             if newest is not None and newest < cutoff:
                 del states[entity_id]
-                idle[entity_id] = newest
+                idle[entity_id] = (newest, state.folded)
                 swept += 1
         return swept
 
     def get(self, entity_type: str, entity_id: str) -> EntityState | None:
         return self.entities[entity_type].get(entity_id)
+
+    def summary(self, entity_type: str, entity_id: str) -> tuple[int | None, int]:
+        """(newest event time or None, events folded) of an entity, in memory or swept."""
+        state = self.entities[entity_type].get(entity_id)
+        if state is not None:
+            return state.recent.newest_ms, state.folded
+        return self.idle[entity_type].get(entity_id, (None, 0))
 
     def features(self, entity_type: str, entity_id: str, t_ms: int) -> dict[str, float]:
         """The entity's feature values as of ``t_ms`` (zeros / -1 for an unknown entity)."""
@@ -284,9 +298,8 @@ class FeatureStore:
             if state is not None:
                 newest = state.recent.newest_at_or_before(t_ms)
             else:
-                newest = self.idle_newest[entity_type].get(entity_id)
-                if newest is not None and newest > t_ms:
-                    newest = None
+                swept = self.idle[entity_type].get(entity_id)
+                newest = swept[0] if swept is not None and swept[0] <= t_ms else None
             if newest is not None:
                 since_last = (t_ms - newest) / 1000
         for name in layout.since_last_names:
