@@ -239,7 +239,9 @@ def cmd_features(args: argparse.Namespace) -> int:
         reply = pb_grpc.ScoringStub(channel).GetFeatures(
             pb.FeaturesRequest(
                 entity_type=args.entity_type, entity_id=args.entity_id, as_of_ms=args.as_of_ms
-            ),
+            )
+            if args.as_of_ms is not None
+            else pb.FeaturesRequest(entity_type=args.entity_type, entity_id=args.entity_id),
             timeout=5,
         )
     print(
@@ -440,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("entity_type", choices=["card", "merchant", "device", "ip"])
     features.add_argument("entity_id")
     _client_options(features)
-    features.add_argument("--as-of-ms", type=int, default=0, help="replay mode only")
+    features.add_argument(
+        "--as-of-ms", type=int, default=None, help="replay mode only (default: the server clock)"
+    )
 
     rollout = add("rollout", cmd_rollout, "Show or change the model rollout (Admin API).")
     rollout.add_argument("action", choices=["show", "set", "promote", "rollback"])

@@ -110,7 +110,8 @@ def transaction(**overrides: object) -> pb.Transaction:
         event_time_ms=T0,
     )
     fields.update(overrides)
-    return pb.Transaction(**fields)  # type: ignore[arg-type]
+    # event_time_ms=None: not set (it has presence: 0 is a time).
+    return pb.Transaction(**{k: v for k, v in fields.items() if v is not None})  # type: ignore[arg-type]
 
 
 async def test_replay_score_uses_request_time_and_model_thresholds(
@@ -137,6 +138,21 @@ async def test_replay_score_uses_request_time_and_model_thresholds(
     assert response.decision == metadata.thresholds.decide(response.score)
     assert response.model.version == metadata.version
     assert response.timings.total_us >= response.timings.features_us + response.timings.model_us
+
+
+async def test_time_zero_is_a_time_not_a_missing_one(replay_stub: pb_grpc.ScoringStub) -> None:
+    """event_time_ms and as_of_ms have presence: 0 is 1970's first millisecond, here
+    far behind this store's events (OUT_OF_RANGE), not "not set" (required)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replay_stub.Score(pb.ScoreRequest(transaction=transaction(event_time_ms=0)))
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert (caught.value.details() or "").startswith("transaction.event_time_ms: 0 is more")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await replay_stub.GetFeatures(
+            pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=0)
+        )
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert (caught.value.details() or "").startswith("as_of_ms: 0 is more")
 
 
 async def test_features_only_when_asked(replay_stub: pb_grpc.ScoringStub) -> None:
@@ -204,7 +220,7 @@ async def test_live_mode_uses_server_clock(live_stub: pb_grpc.ScoringStub) -> No
         (pb.ScoreRequest(transaction=transaction(merchant_id="")), "transaction.merchant_id"),
         (pb.ScoreRequest(transaction=transaction(amount_minor=-1)), "transaction.amount_minor"),
         (pb.ScoreRequest(transaction=transaction(event_time_ms=-1)), "transaction.event_time_ms"),
-        (pb.ScoreRequest(transaction=transaction(event_time_ms=0)), "transaction.event_time_ms"),
+        (pb.ScoreRequest(transaction=transaction(event_time_ms=None)), "transaction.event_time_ms"),
         (pb.ScoreRequest(transaction=transaction(ip="x" * 1000)), "transaction.ip"),
         (pb.ScoreRequest(transaction=transaction(card_id="c" * 257)), "transaction.card_id"),
         (pb.ScoreRequest(transaction=transaction(country="D" * 300)), "transaction.country"),

@@ -317,11 +317,15 @@ static PyObject *decode_score_request(PyObject *module, PyObject *data)
         PyObject *value = slots[i];
         slots[i] = NULL;
         if (value == NULL) {
-            /* proto3's defaults: "" and 0 are the interpreter's shared objects */
+            /* proto3's defaults: "" and 0 are the interpreter's shared objects;
+             * event_time_ms has presence (0 is a time): None when not set */
             if (i == F_INCLUDE_FEATURES || i == F_HAS_TRANSACTION) {
                 value = Py_NewRef(Py_False);
             }
-            else if (i == F_AMOUNT_MINOR || i == F_EVENT_TIME_MS) {
+            else if (i == F_EVENT_TIME_MS) {
+                value = Py_NewRef(Py_None);
+            }
+            else if (i == F_AMOUNT_MINOR) {
                 value = PyLong_FromLong(0);
             }
             else {

@@ -164,7 +164,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         fields: PyScoreFields = request  # type: ignore[assignment]
         request_id, card_id = fields.request_id, fields.card_id
         now_ms = self.clock_ms()
-        t_ms = fields.event_time_ms if self.replay else now_ms
+        # None: not set (validation requires it in replay mode); 0 is a time.
+        event_time_ms = now_ms if fields.event_time_ms is None else fields.event_time_ms
+        t_ms = event_time_ms if self.replay else now_ms
         if self.replay:
             for entity_type, entity_id in (
                 ("card", card_id),
@@ -180,7 +182,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             device_id=fields.device_id,
             ip=fields.ip,
             amount_minor=fields.amount_minor,
-            event_time_ms=fields.event_time_ms or now_ms,
+            event_time_ms=event_time_ms,
             t_ms=t_ms,
         )
         features_done = time.perf_counter_ns()
@@ -483,7 +485,7 @@ class ScoringService(pb_grpc.ScoringServicer):
     def get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
         validate_features_request(request)
         # as_of_ms is honoured in replay mode only; live answers are as of the server clock.
-        t_ms = request.as_of_ms if self.replay and request.as_of_ms else self.clock_ms()
+        t_ms = request.as_of_ms if self.replay and request.HasField("as_of_ms") else self.clock_ms()
         self._check_exact(request.entity_type, request.entity_id, t_ms, "as_of_ms")
         newest, folded = self.store.summary(request.entity_type, request.entity_id)
         return pb.FeaturesResponse(

@@ -64,10 +64,11 @@ def validate_score_request(request: PyScoreFields | MalformedRequest, *, replay:
             _check_length(f"transaction.{name}", getattr(request, name))
     if request.amount_minor < 0:
         raise InvalidRequest("transaction.amount_minor", "must not be negative")
-    if request.event_time_ms < 0:
+    if request.event_time_ms is None:
+        if replay:
+            raise InvalidRequest("transaction.event_time_ms", "is required in replay mode")
+    elif request.event_time_ms < 0:
         raise InvalidRequest("transaction.event_time_ms", "must not be negative")
-    if replay and request.event_time_ms == 0:
-        raise InvalidRequest("transaction.event_time_ms", "is required in replay mode")
 
 
 def validate_features_request(request: pb.FeaturesRequest) -> None:

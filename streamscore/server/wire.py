@@ -39,7 +39,7 @@ class PyScoreFields(NamedTuple):
     currency: str = ""
     mcc: str = ""
     country: str = ""
-    event_time_ms: int = 0
+    event_time_ms: int | None = None  # None: not set (0 is a time)
     include_features: bool = False
     has_transaction: bool = False  # whether the request has a transaction at all
     encoded_size: int = 0  # the request's size in bytes; no string in it is longer
@@ -60,7 +60,7 @@ def fields_of_message(request: pb.ScoreRequest, encoded_size: int | None = None)
         t.currency,
         t.mcc,
         t.country,
-        t.event_time_ms,
+        t.event_time_ms if t.HasField("event_time_ms") else None,
         request.include_features,
         request.HasField("transaction"),
         request.ByteSize() if encoded_size is None else encoded_size,

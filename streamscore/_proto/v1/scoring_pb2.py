@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#streamscore/_proto/v1/scoring.proto\x12\x0estreamscore.v1\"\xc7\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x06 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x0b\n\x03mcc\x18\x08 \x01(\t\x12\x0f\n\x07\x63ountry\x18\t \x01(\t\x12\x15\n\revent_time_ms\x18\n \x01(\x03\"n\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0btransaction\x18\x02 \x01(\x0b\x32\x1b.streamscore.v1.Transaction\x12\x18\n\x10include_features\x18\x03 \x01(\x08\"S\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x07variant\x18\x03 \x01(\x0e\x32\x17.streamscore.v1.Variant\"T\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x13\n\x0b\x66\x65\x61tures_us\x18\x02 \x01(\x03\x12\x10\n\x08model_us\x18\x03 \x01(\x03\x12\x10\n\x08total_us\x18\x04 \x01(\x03\"\xd3\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12*\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x18.streamscore.v1.Decision\x12\'\n\x05model\x18\x04 \x01(\x0b\x32\x18.streamscore.v1.ModelRef\x12=\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32+.streamscore.v1.ScoreResponse.FeaturesEntry\x12\x30\n\x08\x64\x65graded\x18\x06 \x03(\x0e\x32\x1e.streamscore.v1.DegradedReason\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.streamscore.v1.Timings\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"K\n\x0f\x46\x65\x61turesRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x10\n\x08\x61s_of_ms\x18\x03 \x01(\x03\"\xf4\x01\n\x10\x46\x65\x61turesResponse\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x10\n\x08\x61s_of_ms\x18\x03 \x01(\x03\x12@\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32..streamscore.v1.FeaturesResponse.FeaturesEntry\x12\x1c\n\x14newest_event_time_ms\x18\x05 \x01(\x03\x12\x15\n\revents_folded\x18\x06 \x01(\x03\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*J\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPROVE\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\x0b\n\x07\x44\x45\x43LINE\x10\x03*;\n\x07Variant\x12\x17\n\x13VARIANT_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRIMARY\x10\x01\x12\n\n\x06\x43\x41NARY\x10\x02*p\n\x0e\x44\x65gradedReason\x12\x1f\n\x1b\x44\x45GRADED_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46\x45\x41TURES_STALE\x10\x01\x12\x12\n\x0e\x46\x41LLBACK_MODEL\x10\x02\x12\x15\n\x11\x44\x45\x41\x44LINE_FALLBACK\x10\x03\x32\xf1\x01\n\x07Scoring\x12\x44\n\x05Score\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse(\x01\x30\x01\x12P\n\x0bGetFeatures\x12\x1f.streamscore.v1.FeaturesRequest\x1a .streamscore.v1.FeaturesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#streamscore/_proto/v1/scoring.proto\x12\x0estreamscore.v1\"\xde\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61rd_id\x18\x02 \x01(\t\x12\x13\n\x0bmerchant_id\x18\x03 \x01(\t\x12\x11\n\tdevice_id\x18\x04 \x01(\t\x12\n\n\x02ip\x18\x05 \x01(\t\x12\x14\n\x0c\x61mount_minor\x18\x06 \x01(\x03\x12\x10\n\x08\x63urrency\x18\x07 \x01(\t\x12\x0b\n\x03mcc\x18\x08 \x01(\t\x12\x0f\n\x07\x63ountry\x18\t \x01(\t\x12\x1a\n\revent_time_ms\x18\n \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_event_time_ms\"n\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0btransaction\x18\x02 \x01(\x0b\x32\x1b.streamscore.v1.Transaction\x12\x18\n\x10include_features\x18\x03 \x01(\x08\"S\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x07variant\x18\x03 \x01(\x0e\x32\x17.streamscore.v1.Variant\"T\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x13\n\x0b\x66\x65\x61tures_us\x18\x02 \x01(\x03\x12\x10\n\x08model_us\x18\x03 \x01(\x03\x12\x10\n\x08total_us\x18\x04 \x01(\x03\"\xd3\x02\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12*\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32\x18.streamscore.v1.Decision\x12\'\n\x05model\x18\x04 \x01(\x0b\x32\x18.streamscore.v1.ModelRef\x12=\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32+.streamscore.v1.ScoreResponse.FeaturesEntry\x12\x30\n\x08\x64\x65graded\x18\x06 \x03(\x0e\x32\x1e.streamscore.v1.DegradedReason\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.streamscore.v1.Timings\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"]\n\x0f\x46\x65\x61turesRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x15\n\x08\x61s_of_ms\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_as_of_ms\"\xf4\x01\n\x10\x46\x65\x61turesResponse\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x10\n\x08\x61s_of_ms\x18\x03 \x01(\x03\x12@\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32..streamscore.v1.FeaturesResponse.FeaturesEntry\x12\x1c\n\x14newest_event_time_ms\x18\x05 \x01(\x03\x12\x15\n\revents_folded\x18\x06 \x01(\x03\x1a/\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*J\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41PPROVE\x10\x01\x12\n\n\x06REVIEW\x10\x02\x12\x0b\n\x07\x44\x45\x43LINE\x10\x03*;\n\x07Variant\x12\x17\n\x13VARIANT_UNSPECIFIED\x10\x00\x12\x0b\n\x07PRIMARY\x10\x01\x12\n\n\x06\x43\x41NARY\x10\x02*p\n\x0e\x44\x65gradedReason\x12\x1f\n\x1b\x44\x45GRADED_REASON_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46\x45\x41TURES_STALE\x10\x01\x12\x12\n\x0e\x46\x41LLBACK_MODEL\x10\x02\x12\x15\n\x11\x44\x45\x41\x44LINE_FALLBACK\x10\x03\x32\xf1\x01\n\x07Scoring\x12\x44\n\x05Score\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse\x12N\n\x0bScoreStream\x12\x1c.streamscore.v1.ScoreRequest\x1a\x1d.streamscore.v1.ScoreResponse(\x01\x30\x01\x12P\n\x0bGetFeatures\x12\x1f.streamscore.v1.FeaturesRequest\x1a .streamscore.v1.FeaturesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE_FEATURESENTRY']._serialized_options = b'8\001'
   _globals['_FEATURESRESPONSE_FEATURESENTRY']._loaded_options = None
   _globals['_FEATURESRESPONSE_FEATURESENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=1206
-  _globals['_DECISION']._serialized_end=1280
-  _globals['_VARIANT']._serialized_start=1282
-  _globals['_VARIANT']._serialized_end=1341
-  _globals['_DEGRADEDREASON']._serialized_start=1343
-  _globals['_DEGRADEDREASON']._serialized_end=1455
+  _globals['_DECISION']._serialized_start=1247
+  _globals['_DECISION']._serialized_end=1321
+  _globals['_VARIANT']._serialized_start=1323
+  _globals['_VARIANT']._serialized_end=1382
+  _globals['_DEGRADEDREASON']._serialized_start=1384
+  _globals['_DEGRADEDREASON']._serialized_end=1496
   _globals['_TRANSACTION']._serialized_start=56
-  _globals['_TRANSACTION']._serialized_end=255
-  _globals['_SCOREREQUEST']._serialized_start=257
-  _globals['_SCOREREQUEST']._serialized_end=367
-  _globals['_MODELREF']._serialized_start=369
-  _globals['_MODELREF']._serialized_end=452
-  _globals['_TIMINGS']._serialized_start=454
-  _globals['_TIMINGS']._serialized_end=538
-  _globals['_SCORERESPONSE']._serialized_start=541
-  _globals['_SCORERESPONSE']._serialized_end=880
-  _globals['_SCORERESPONSE_FEATURESENTRY']._serialized_start=833
-  _globals['_SCORERESPONSE_FEATURESENTRY']._serialized_end=880
-  _globals['_FEATURESREQUEST']._serialized_start=882
-  _globals['_FEATURESREQUEST']._serialized_end=957
-  _globals['_FEATURESRESPONSE']._serialized_start=960
-  _globals['_FEATURESRESPONSE']._serialized_end=1204
-  _globals['_FEATURESRESPONSE_FEATURESENTRY']._serialized_start=833
-  _globals['_FEATURESRESPONSE_FEATURESENTRY']._serialized_end=880
-  _globals['_SCORING']._serialized_start=1458
-  _globals['_SCORING']._serialized_end=1699
+  _globals['_TRANSACTION']._serialized_end=278
+  _globals['_SCOREREQUEST']._serialized_start=280
+  _globals['_SCOREREQUEST']._serialized_end=390
+  _globals['_MODELREF']._serialized_start=392
+  _globals['_MODELREF']._serialized_end=475
+  _globals['_TIMINGS']._serialized_start=477
+  _globals['_TIMINGS']._serialized_end=561
+  _globals['_SCORERESPONSE']._serialized_start=564
+  _globals['_SCORERESPONSE']._serialized_end=903
+  _globals['_SCORERESPONSE_FEATURESENTRY']._serialized_start=856
+  _globals['_SCORERESPONSE_FEATURESENTRY']._serialized_end=903
+  _globals['_FEATURESREQUEST']._serialized_start=905
+  _globals['_FEATURESREQUEST']._serialized_end=998
+  _globals['_FEATURESRESPONSE']._serialized_start=1001
+  _globals['_FEATURESRESPONSE']._serialized_end=1245
+  _globals['_FEATURESRESPONSE_FEATURESENTRY']._serialized_start=856
+  _globals['_FEATURESRESPONSE_FEATURESENTRY']._serialized_end=903
+  _globals['_SCORING']._serialized_start=1499
+  _globals['_SCORING']._serialized_end=1740
 # @@protoc_insertion_point(module_scope)
