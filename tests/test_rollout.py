@@ -285,3 +285,77 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
     out = capsys.readouterr()
     assert "canary 2 at 10%" in out.out
     assert "UNAUTHENTICATED" in out.err
+
+
+async def test_an_automatic_rollback_during_a_change_is_not_undone(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change that loads a version awaits the load; a rollback that lands meanwhile
+    (the canary failing) must stand: the change is refused as a conflict, not written
+    over it with the same generation. And the canary, enabled again, starts a fresh
+    comparison instead of the window that rolled it back."""
+    from streamscore.server.rollout import RolloutConflict, RolloutState
+
+    async with serving(trained_model, tmp_path) as (_, admin, server, _):
+        await set_rollout(admin, canary_version="2", canary_percent=10)
+        rollouts = server.rollouts
+        primary = rollouts.primary_model()
+        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        load = rollouts.registry.load
+
+        async def slow_load(name: str, version: str) -> object:
+            await asyncio.sleep(0.2)
+            return await load(name, version)
+
+        monkeypatch.setattr(rollouts.registry, "load", slow_load)
+        before = rollouts.state
+        change = asyncio.create_task(
+            rollouts.set(
+                RolloutState(primary="1", canary="2", canary_percent=10.0, shadows=("4",)),
+                expected_generation=before.generation,
+            )
+        )
+        await asyncio.sleep(0.05)
+        for _ in range(100):
+            rollouts.observe(pb.PRIMARY, primary, 0.001, ok=True)
+        for _ in range(40):
+            rollouts.observe(pb.CANARY, canary, 0.001, ok=False)
+        assert rollouts.state.canary_percent == 0 and len(rollouts.rollbacks) == 1
+        with pytest.raises(RolloutConflict):
+            await change
+        assert rollouts.state.canary_percent == 0
+        assert ("fraud_mlp", "4") not in rollouts.registry.loaded()  # loaded for nothing
+        # Enabled again, the canary is judged afresh: healthy answers keep it.
+        await rollouts.set(RolloutState(primary="1", canary="2", canary_percent=10.0))
+        for _ in range(100):
+            rollouts.observe(pb.PRIMARY, primary, 0.001, ok=True)
+            rollouts.observe(pb.CANARY, canary, 0.001, ok=True)
+        assert rollouts.state.canary_percent == 10.0 and len(rollouts.rollbacks) == 1
+
+
+async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A canary that never makes the deadline is answered by its fallback, marked
+    DEADLINE_FALLBACK, and quickly: those answers count against it like errors, or a
+    canary too slow for its budget would never be rolled back."""
+    from streamscore.server.batcher import DeadlineUnreachable
+
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
+        await set_rollout(admin, canary_version="2", canary_percent=50)
+        registry = server.rollouts.registry
+        canary = registry.get(registry.name, "2")
+
+        async def never_in_time(vector: object, deadline: float) -> float:
+            raise DeadlineUnreachable("submit", "this canary never makes the deadline")
+
+        monkeypatch.setattr(canary.batcher, "submit", never_in_time)
+        answers = await drive(scoring, cards=100, rounds=3)
+        canary_answers = [a for a in answers if a.model.variant == pb.CANARY]
+        assert canary_answers and all(
+            list(a.degraded) == [pb.DEADLINE_FALLBACK] for a in canary_answers
+        )
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.canary_percent == 0
+        [event] = status.rollbacks
+        assert event.automatic and "error rate" in event.reason, event.reason

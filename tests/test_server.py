@@ -368,3 +368,33 @@ def test_model_metadata_round_trips(tmp_path: Path) -> None:
     metadata = ModelMetadata("m", "3", ("a", "b"), Thresholds(0.1, 0.5))
     metadata.dump(tmp_path / "metadata.json")
     assert ModelMetadata.load(tmp_path / "metadata.json") == metadata
+
+
+async def test_the_batchers_deadline_counts_from_the_calls_start(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gRPC deadline capped by the budget, less what the call spent before its
+    model call (here 30 ms of features): the batcher must not be promised time the
+    caller no longer has."""
+    from streamscore.server import scoring
+
+    async with served_server(trained_model, replay=True) as (server, stub):
+        batcher = server.rollouts.primary_model().batcher
+        left: list[float] = []
+        submit = batcher.submit
+
+        async def recording(vector: object, deadline: float) -> float:
+            left.append(deadline - batcher.clock())
+            return await submit(vector, deadline)  # type: ignore[arg-type]
+
+        assemble = scoring.assemble_features
+
+        def slow_features(*args: object, **kwargs: object) -> dict[str, float]:
+            time.sleep(0.03)
+            return assemble(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batcher, "submit", recording)
+        monkeypatch.setattr(scoring, "assemble_features", slow_features)
+        await stub.Score(pb.ScoreRequest(transaction=transaction()), timeout=10)
+        budget = server.settings.budget_ms / 1000
+        assert len(left) == 1 and left[0] <= budget - 0.03, (left, budget)

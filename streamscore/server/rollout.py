@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -296,17 +297,36 @@ class RolloutManager:
             for version in sorted(wanted):
                 if self.registry.primary.metadata.version != version:
                     await self.registry.load(name, version)  # loads and warms up first
+            if self.state is not current:
+                # An automatic rollback landed while the versions loaded: writing this
+                # change over it would undo it (with the same generation number).
+                await self._unload_unused(wanted)
+                raise RolloutConflict(
+                    f"rollout changed (generation {self.state.generation}) while versions "
+                    "loaded, by an automatic rollback: read it and try again"
+                )
             state = dataclasses.replace(new, generation=current.generation + 1)
             self.state = state  # the atomic switch
-            if state.canary != current.canary:
+            # A new canary, or one enabled again after a rollback, starts a fresh
+            # comparison (the old window would roll it back again at once).
+            if state.canary != current.canary or (
+                state.canary_percent and not current.canary_percent
+            ):
                 self._candidates.pop((current.canary, "canary"), None)
                 self._primary_window = LatencyErrorWindow(self.window)
             log.info("rollout changed", extra={"rollout": dataclasses.asdict(state)})
-            stale = {v for v in (current.primary, current.canary, *current.shadows) if v}
-            for version in stale - wanted:
-                if self.registry.primary.metadata.version != version:
-                    await self.registry.unload(name, version)
+            await self._unload_unused(
+                {v for v in (current.primary, current.canary, *current.shadows) if v}
+            )
             return state
+
+    async def _unload_unused(self, versions: Iterable[str]) -> None:
+        """Unload those of ``versions`` the rollout no longer uses."""
+        state = self.state
+        in_use = {v for v in (state.primary, state.canary, *state.shadows) if v}
+        for version in sorted({*versions} - in_use):
+            if self.registry.primary.metadata.version != version:
+                await self.registry.unload(self.registry.name, version)
 
     async def promote(self) -> RolloutState:
         state = self.state

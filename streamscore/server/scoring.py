@@ -193,7 +193,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         served, variant = self.rollouts.route(card_id)
         try:
             score, vector = await self._score_on(
-                served, variant, features, time_remaining, degraded, features_done
+                served, variant, features, time_remaining, degraded, started, features_done
             )
         except (Overloaded, BackendFailed, BatcherStopped):
             if variant == pb.PRIMARY:
@@ -204,7 +204,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             # rolled back without its cards ever seeing an error.
             served, variant = self.rollouts.primary_model(), pb.PRIMARY
             score, vector = await self._score_on(
-                served, variant, features, time_remaining, degraded, features_done
+                served, variant, features, time_remaining, degraded, started, features_done
             )
             degraded.append(pb.FALLBACK_MODEL)
         metadata = served.metadata
@@ -279,6 +279,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         features: dict[str, float],
         time_remaining: float | None,
         degraded: list[int],
+        started: int,
         features_done: int,
     ) -> tuple[float, Row]:
         """Score on one version, counted for the rollout's safety check. Its features
@@ -287,14 +288,16 @@ class ScoringService(pb_grpc.ScoringServicer):
         with served.use():
             vector = served.inputs_of(features)
             try:
-                score = await self._model_score(served, vector, time_remaining, degraded)
+                score = await self._model_score(served, vector, time_remaining, degraded, started)
             except Exception:
                 spent = (time.perf_counter_ns() - features_done) / 1e9
                 self.rollouts.observe(variant, served, spent, ok=False)
                 raise
-        # A fallback answer counts against the version, like an error.
+        # A fallback answer counts against the version, like an error: one for a failed
+        # backend, and one for a deadline the version could not meet (a canary that
+        # is always too slow would otherwise never be rolled back).
         spent = (time.perf_counter_ns() - features_done) / 1e9
-        self.rollouts.observe(variant, served, spent, ok=pb.FALLBACK_MODEL not in degraded)
+        self.rollouts.observe(variant, served, spent, ok=not degraded)
         return score, vector
 
     async def _model_score(
@@ -303,9 +306,15 @@ class ScoringService(pb_grpc.ScoringServicer):
         vector: Row,
         time_remaining: float | None,
         degraded: list[int],
+        started: int,
     ) -> float:
-        """The batched score, or the fallback by policy (DESIGN.md "Errors")."""
+        """The batched score, or the fallback by policy (DESIGN.md "Errors").
+
+        The batcher's deadline is the call's: the gRPC deadline capped by the budget,
+        both counted from the call's start (``started``, on ``perf_counter_ns``), less
+        what the features and any failed try of a canary took."""
         budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
+        budget -= (time.perf_counter_ns() - started) / 1e9
         breaker = served.breaker
         if breaker.allow():
             try:
