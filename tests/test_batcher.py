@@ -1126,6 +1126,26 @@ async def test_one_slow_call_does_not_refuse_requests_forever() -> None:
     await batcher.stop()
 
 
+def test_expired_buckets_fall_back_to_their_warm_up_measurement() -> None:
+    """An expiry (a slow call of one refusing requests) must not leave a large batch
+    predicted from small ones: it falls back to what the warm-up measured for it, and
+    a batch that cannot make its deadline is not sent."""
+    clock = [0.0]
+    model = LatencyModel(8, max_age_s=10.0, margin=1.0, clock=lambda: clock[0])
+    model.seed(1, 0.010)
+    model.seed(8, 0.045)
+    clock[0] = 5.0
+    model.observe(1, 0.200)  # a pause inside a call of one
+    assert model.predict(1) == 0.200
+    clock[0] = 20.0
+    assert model.expire()
+    assert model.predict(1) == 0.010 and model.predict(8) == 0.045
+    plain = LatencyModel(8, max_age_s=10.0, margin=1.0, clock=lambda: clock[0])
+    plain.observe(8, 0.045)  # not a warm-up measurement: nothing stands in for it
+    clock[0] = 40.0
+    assert plain.expire() and plain.measured() == {}
+
+
 def test_expire_drops_only_old_observations() -> None:
     clock = [0.0]
     model = LatencyModel(4, max_age_s=10.0, margin=1.0, clock=lambda: clock[0])

@@ -205,7 +205,9 @@ class LatencyModel:
     Observations older than ``max_age_s`` are dropped by :meth:`expire`, which the
     batcher calls when a prediction is about to refuse a request outright. Without it
     one slow call (a cold start, a pause) could predict "too slow for the budget"
-    forever: nothing would be dispatched, so nothing would ever be measured again.
+    forever: nothing would be dispatched, so nothing would ever be measured again. A
+    bucket whose observations all expired falls back to its warm-up measurement
+    (:meth:`seed`), if it had one.
     """
 
     def __init__(
@@ -235,6 +237,7 @@ class LatencyModel:
         self._times: list[deque[float]] = [deque(maxlen=window) for _ in range(n_buckets)]
         self._sorted: list[list[float]] = [[] for _ in range(n_buckets)]  # same, in order
         self._estimates: list[float | None] = [None] * n_buckets
+        self._seeds: list[float | None] = [None] * n_buckets  # see ``seed``
         # Index of the quantile in a sorted window, by the window's length: computed
         # once, not per observation.
         self._rank = [max(0, min(n - 1, math.ceil(quantile * n) - 1)) for n in range(window + 1)]
@@ -254,11 +257,20 @@ class LatencyModel:
         bisect.insort(ordered, seconds)
         self._update(b)
 
-    seed = observe
+    def seed(self, batch_size: int, seconds: float) -> None:
+        """Record a warm-up measurement: observed like any other, and kept as its
+        bucket's stand-in once the bucket's observations have all expired. A batch
+        size not run lately is still predicted by what it cost, not from smaller
+        batches' estimates, which would let batches that cannot make their deadlines
+        reach the backend."""
+        b = self._bucket(batch_size)
+        seeded = self._seeds[b]
+        self._seeds[b] = seconds if seeded is None else max(seeded, seconds)
+        self.observe(batch_size, seconds)
 
     def _update(self, b: int) -> bool:
         ordered = self._sorted[b]
-        estimate = ordered[self._rank[len(ordered)]] if ordered else None
+        estimate = ordered[self._rank[len(ordered)]] if ordered else self._seeds[b]
         if estimate == self._estimates[b]:
             return False
         self._estimates[b] = estimate
@@ -352,7 +364,7 @@ async def warm_up(
             elapsed = clock() - started
             if np.shape(scores) != (size,):
                 raise BackendFailed(f"warm-up: {np.shape(scores)} scores for a batch of {size}")
-            model.observe(size, elapsed)
+            model.seed(size, elapsed)
         predicted[size] = model.predict(size)
     return predicted
 
