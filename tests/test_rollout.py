@@ -359,3 +359,38 @@ async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
         assert status.rollout.canary_percent == 0
         [event] = status.rollbacks
         assert event.automatic and "error rate" in event.reason, event.reason
+
+
+async def test_the_primarys_comparison_calls_wait_for_its_own_requests(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Canary answers are scored by the primary too, for the comparison, on the
+    primary's backend: those calls wait while the primary's batcher has requests
+    queued or running (they must not delay the primary's answers), then catch up."""
+    from streamscore.server.batcher import Batcher
+
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
+        await set_rollout(admin, canary_version="2", canary_percent=50)
+        primary = server.rollouts.primary_model()
+        busy = [True]
+        idle = Batcher.idle
+
+        def primary_busy(batcher: Batcher) -> bool:
+            return False if batcher is primary.batcher and busy[0] else idle.fget(batcher)  # type: ignore[attr-defined]
+
+        monkeypatch.setattr(Batcher, "idle", property(primary_busy))
+
+        def compared() -> float:
+            stats = {(v, kind): s for v, kind, s in server.rollouts.candidate_stats()}
+            return stats.get(("2", "canary"), {}).get("compared", 0.0)
+
+        answers = await drive(scoring, cards=40, rounds=2)
+        assert any(a.model.variant == pb.CANARY for a in answers)
+        await asyncio.sleep(0.2)
+        assert compared() == 0  # held back while the primary is busy
+        busy[0] = False
+        for _ in range(100):
+            if compared():
+                break
+            await asyncio.sleep(0.02)
+        assert compared() > 0

@@ -708,6 +708,12 @@ class Batcher:
             self._arm(top.deadline - one, now)
 
     @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running: work of lower priority on the same
+        backend (the rollout's comparisons) may use it now."""
+        return not self._queued and not self._running
+
+    @property
     def holds_for_a_batch(self) -> bool:
         """Whether an inline submit waits a loop turn for others to share its batch:
         not without batching (batches of one), nor while a call of one costs less

@@ -246,6 +246,13 @@ class RolloutManager:
         limit = served.backend.max_batch_size
         for start in range(0, len(pairs), limit):
             chunk = pairs[start : start + limit]
+            if variant == "canary":
+                # The primary's own backend: its calls for the comparison go after
+                # the primary's requests, never in front of them (a backend thread
+                # takes one call at a time); meanwhile the queue fills and drops.
+                # Polled, not an Event: setting one would cost every batch a call.
+                while not served.batcher.idle:  # noqa: ASYNC110
+                    await asyncio.sleep(SHADOW_LINGER_S)
             batch = np.array([item.vector for item in chunk], np.float32)
             started = time.perf_counter()
             try:
