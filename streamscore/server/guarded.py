@@ -48,7 +48,7 @@ def add_guarded(
     add_to_server(servicer, captured)
     if not captured.handlers:
         raise ValueError(f"{add_to_server.__name__} registered no method handlers")
-    handlers = {method: _guard(handler) for method, handler in captured.handlers.items()}
+    handlers = {method: _lenient_handler(handler) for method, handler in captured.handlers.items()}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(captured.name, handlers),)
     )
@@ -61,7 +61,9 @@ def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> Non
     context.set_details(f"{request.field}: {request.reason}")
 
 
-def _guard(handler: Any) -> Any:
+def _lenient_handler(handler: Any) -> Any:
+    """The handler with a parser that never raises and a behaviour that refuses what
+    it could not parse (a unary request at once; a streamed one where it comes)."""
     parse = handler.request_deserializer
     if parse is None:
         return handler
