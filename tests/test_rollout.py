@@ -186,6 +186,11 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
             assert str(repository) not in details and len(details) < 200, details
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert status.rollout.generation == 1  # nothing changed
+        # Promoting with no canary: the rollout's state is wrong, not the request.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await admin.Promote(apb.PromoteRequest(), metadata=AUTH)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no canary to promote" in (caught.value.details() or "")
 
 
 async def test_canary_is_a_sticky_slice_then_promoted(trained_model: Path, tmp_path: Path) -> None:

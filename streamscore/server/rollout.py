@@ -74,7 +74,9 @@ def _shadow_decision(served: ServedModel, item: _ShadowItem, score: float) -> De
 
 
 class RolloutConflict(Exception):
-    """The rollout changed since the caller read it (expected generation differs)."""
+    """The rollout is not in the state the change needs (FAILED_PRECONDITION): it
+    changed since the caller read it (another generation, or an automatic rollback
+    meanwhile), or there is no canary to promote."""
 
 
 @dataclass(frozen=True)
@@ -338,7 +340,8 @@ class RolloutManager:
     async def promote(self) -> RolloutState:
         state = self.state
         if not state.canary:
-            raise ValueError("there is no canary to promote")
+            # The rollout's state, not the request, is what is wrong: FAILED_PRECONDITION.
+            raise RolloutConflict("there is no canary to promote")
         return await self.set(
             dataclasses.replace(state, primary=state.canary, canary="", canary_percent=0.0)
         )
