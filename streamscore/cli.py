@@ -236,14 +236,10 @@ def cmd_features(args: argparse.Namespace) -> int:
     from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 
     with _client_tls(args).channel(args.target) as channel:
-        reply = pb_grpc.ScoringStub(channel).GetFeatures(
-            pb.FeaturesRequest(
-                entity_type=args.entity_type, entity_id=args.entity_id, as_of_ms=args.as_of_ms
-            )
-            if args.as_of_ms is not None
-            else pb.FeaturesRequest(entity_type=args.entity_type, entity_id=args.entity_id),
-            timeout=5,
-        )
+        request = pb.FeaturesRequest(entity_type=args.entity_type, entity_id=args.entity_id)
+        if args.as_of_ms is not None:  # has presence: unset is the server clock
+            request.as_of_ms = args.as_of_ms
+        reply = pb_grpc.ScoringStub(channel).GetFeatures(request, timeout=5)
     print(
         f"{reply.entity_type} {reply.entity_id} as of {reply.as_of_ms} "
         f"(newest event {reply.newest_event_time_ms}, {reply.events_folded} folded)"

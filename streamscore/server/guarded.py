@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from streamscore.server.malformed import MalformedRequest
+from streamscore.server.validation import lenient_parser
 
 
 class _Captured:
@@ -67,13 +67,7 @@ def _lenient_handler(handler: Any) -> Any:
     parse = handler.request_deserializer
     if parse is None:
         return handler
-    descriptor = parse.__self__.DESCRIPTOR  # FromString, bound to its message class
-
-    def lenient(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as error:
-            return MalformedRequest(descriptor, data, str(error))
+    lenient = lenient_parser(parse.__self__)  # FromString, bound to its message class
 
     if handler.unary_unary is not None:
         call = handler.unary_unary

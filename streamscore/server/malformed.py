@@ -24,9 +24,8 @@ class MalformedRequest:
     request_id = ""
     card_id = ""
 
-    def __init__(self, descriptor: Descriptor, data: bytes, error: str) -> None:
+    def __init__(self, descriptor: Descriptor, data: bytes) -> None:
         self.type_name = descriptor.full_name
-        self.error = error
         text_field = bad_text_field(descriptor, data)
         # What validation answers: the field and why.
         self.field, self.reason = (
@@ -36,12 +35,12 @@ class MalformedRequest:
         )
 
 
-def bad_text_field(descriptor: Descriptor, data: bytes, depth: int = 0) -> str | None:
+def bad_text_field(descriptor: Descriptor, data: bytes) -> str | None:
     """The dotted name of the first string field in ``data`` that is not valid UTF-8
     (``transaction.card_id``); None when there is none, or the bytes are not well
     formed enough to tell."""
     try:
-        return _walk(descriptor, memoryview(data), depth)
+        return _walk(descriptor, memoryview(data), 0)
     except (IndexError, ValueError):
         return None
 

@@ -190,10 +190,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         # Route (primary, or the canary for its slice of cards); the version is then
         # fixed for the whole call: a rollout change or hot reload swaps references,
         # and a version is stopped only once its calls are done.
+        # The call's budget ends here (perf_counter_ns): the gRPC deadline capped by the
+        # server's, both from the call's start, for every try (a failed canary's too).
+        budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
+        budget_end = started + int(budget * 1e9)
         served, variant = self.rollouts.route(card_id)
         try:
             score, vector = await self._score_on(
-                served, variant, features, time_remaining, degraded, started, features_done
+                served, variant, features, budget_end, degraded, features_done
             )
         except (Overloaded, BackendFailed, BatcherStopped):
             if variant == pb.PRIMARY:
@@ -204,7 +208,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             # rolled back without its cards ever seeing an error.
             served, variant = self.rollouts.primary_model(), pb.PRIMARY
             score, vector = await self._score_on(
-                served, variant, features, time_remaining, degraded, started, features_done
+                served, variant, features, budget_end, degraded, features_done
             )
             degraded.append(pb.FALLBACK_MODEL)
         metadata = served.metadata
@@ -277,9 +281,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         served: ServedModel,
         variant: pb.Variant,
         features: dict[str, float],
-        time_remaining: float | None,
+        budget_end: int,
         degraded: list[int],
-        started: int,
         features_done: int,
     ) -> tuple[float, Row]:
         """Score on one version, counted for the rollout's safety check. Its features
@@ -288,7 +291,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         with served.use():
             vector = served.inputs_of(features)
             try:
-                score = await self._model_score(served, vector, time_remaining, degraded, started)
+                score = await self._model_score(served, vector, budget_end, degraded)
             except Exception:
                 spent = (time.perf_counter_ns() - features_done) / 1e9
                 self.rollouts.observe(variant, served, spent, ok=False)
@@ -304,17 +307,13 @@ class ScoringService(pb_grpc.ScoringServicer):
         self,
         served: ServedModel,
         vector: Row,
-        time_remaining: float | None,
+        budget_end: int,
         degraded: list[int],
-        started: int,
     ) -> float:
-        """The batched score, or the fallback by policy (DESIGN.md "Errors").
-
-        The batcher's deadline is the call's: the gRPC deadline capped by the budget,
-        both counted from the call's start (``started``, on ``perf_counter_ns``), less
-        what the features and any failed try of a canary took."""
-        budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
-        budget -= (time.perf_counter_ns() - started) / 1e9
+        """The batched score, or the fallback by policy (DESIGN.md "Errors"). The
+        batcher's deadline is the call's (``budget_end``, on ``perf_counter_ns``): what
+        the features and any failed try of a canary took is no longer left."""
+        budget = (budget_end - time.perf_counter_ns()) / 1e9
         breaker = served.breaker
         if breaker.allow():
             try:

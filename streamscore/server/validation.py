@@ -27,8 +27,8 @@ def lenient_parser(message_type: type[Message]) -> Any:
     def parse(data: bytes) -> Message | MalformedRequest:
         try:
             return message_type.FromString(data)
-        except DecodeError as error:
-            return MalformedRequest(descriptor, data, str(error))
+        except DecodeError:
+            return MalformedRequest(descriptor, data)
 
     return parse
 

@@ -128,5 +128,5 @@ def parse_score_request(data: bytes) -> PyScoreFields | MalformedRequest:
         return fields
     try:
         return fields_of_message(pb.ScoreRequest.FromString(data), len(data))
-    except DecodeError as error:
-        return MalformedRequest(pb.ScoreRequest.DESCRIPTOR, data, str(error))
+    except DecodeError:
+        return MalformedRequest(pb.ScoreRequest.DESCRIPTOR, data)
