@@ -643,6 +643,44 @@ async def test_earliest_deadline_goes_first() -> None:
     await batcher.stop()
 
 
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_batch_is_sized_to_its_most_urgent_request(inline: bool) -> None:
+    """A batch that would make its most urgent request miss runs smaller instead (the
+    others wait for the next batch): shedding the urgent request to keep the batch
+    whole would refuse a request that could be served."""
+    backend = FakeBackend([(0.0, "ok")])
+    # 126 ms for one, 251 for two, 376 for three, 501 for four (1.25 margin).
+    batcher = Batcher(
+        backend.infer,
+        name="unit",
+        max_batch_size=4,
+        max_queue=8,
+        n_inputs=K,
+        latency_model=seeded_model(4, 0.001, per_row_s=0.1),
+        infer_inline=backend.infer_inline if inline else None,
+    )
+    await batcher.start()
+    now = batcher.clock()
+    if not inline:  # a running batch, so that the next four queue together
+        backend.gate = asyncio.Event()
+        first = asyncio.create_task(batcher.submit(vector(9), now + 30))
+        await asyncio.sleep(0)
+    # Room for a batch of two by the urgent one's deadline, not for three.
+    relaxed = [asyncio.create_task(batcher.submit(vector(i), now + 30)) for i in range(3)]
+    urgent = asyncio.create_task(batcher.submit(vector(3), now + 0.3))
+    await asyncio.sleep(0)
+    assert batcher.queued == 4
+    if not inline:
+        assert backend.gate is not None
+        backend.gate.set()
+        assert await first == own_score(9)
+    assert await urgent == own_score(3)
+    assert await asyncio.gather(*relaxed) == [own_score(i) for i in range(3)]
+    calls = [c.ids for c in backend.calls if c.ids != [9]]
+    assert calls == [[3, 0], [1, 2]]
+    await batcher.stop()
+
+
 async def test_cancelled_callers_leave_before_the_model_call() -> None:
     backend = FakeBackend([(0.0, "ok")])
     backend.gate = asyncio.Event()

@@ -794,13 +794,17 @@ class Batcher:
                 self._schedule(self.clock())
 
     def _admit(self, requests: list[_Request], now: float) -> list[_Request]:
-        """The requests still worth running as one batch: callers still waiting, less
-        the most urgent ones that would miss even in this batch (answered at once)."""
+        """The requests to run now as one batch: callers still waiting, less those
+        that could not finish by their deadline even alone (answered at once), and
+        sized so that the most urgent one finishes in time: the rest go back to the
+        queue for the next batch. (Shedding the most urgent request to keep the
+        batch whole would refuse a request that a smaller batch serves.)"""
         live = self._waiting(requests)
-        # A prefix: the batch is in deadline order.
+        # The batch is in deadline order: the unreachable ones are a prefix.
         model = self.latency_model
+        one = model.predict(1)
         n, k = len(live), 0
-        while k < n and now + model.predict(n - k) > live[k].deadline:
+        while k < n and now + one > live[k].deadline:
             self._answer_error(
                 live[k],
                 DeadlineUnreachable("dispatch", "cannot finish by the deadline"),
@@ -808,11 +812,29 @@ class Batcher:
             )
             k += 1
         live = live[k:]
-        if live:
-            self._m_size.observe(len(live))
-            for request in live:
-                self._m_wait.observe(now - request.arrival)
+        if not live:
+            return live
+        # The largest size that the most urgent one's deadline allows (predictions
+        # never decrease with size); at least one.
+        slack = live[0].deadline - now
+        size = max(1, bisect.bisect_right(range(1, len(live) + 1), slack, key=model.predict))
+        if size < len(live):
+            self._requeue(live[size:])
+            live = live[:size]
+        self._m_size.observe(len(live))
+        for request in live:
+            self._m_wait.observe(now - request.arrival)
         return live
+
+    def _requeue(self, requests: list[_Request]) -> None:
+        """Back in the queue, by their deadlines, for the next batch."""
+        if not self._queued:
+            self._window_start = requests[0].arrival
+        for request in requests:
+            request.queued = True
+            heapq.heappush(self._heap, (request.deadline, next(self._sequence), request))
+            self._window_start = min(self._window_start, request.arrival)
+        self._queued += len(requests)
 
     def _waiting(self, requests: list[_Request]) -> list[_Request]:
         """Those whose caller still waits; the others were cancelled or answered."""
@@ -894,8 +916,11 @@ class Batcher:
         now = self.clock()
         # Admitted at dispatch when an inline backend declined it; callers that went
         # away since still leave before the model call.
+        queued = self._queued
         live = self._waiting(batch.requests) if admitted else self._admit(batch.requests, now)
         batch.requests = live
+        if self._queued > queued:
+            self._schedule(now)  # requeued by ``_admit``: another slot may take them
         if not live:
             return
         assert self._loop is not None
