@@ -194,7 +194,10 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
 
 
 async def test_canary_is_a_sticky_slice_then_promoted(trained_model: Path, tmp_path: Path) -> None:
-    async with serving(trained_model, tmp_path) as (scoring, admin, _, _):
+    # Version 2 is version 1: no automatic rollback here, even when a loaded box makes
+    # the max of a few dozen canary answers (their p99) an outlier.
+    loose = {"rollback_p99_margin_ms": 60_000.0, "rollback_error_margin": 1.0}
+    async with serving(trained_model, tmp_path, **loose) as (scoring, admin, _, _):
         status = await set_rollout(admin, canary_version="2", canary_percent=30)
         # Generation 1 is the rollout from config at start.
         assert status.rollout.canary_version == "2" and status.rollout.generation == 2
@@ -399,3 +402,25 @@ async def test_the_primarys_comparison_calls_wait_for_its_own_requests(
                 break
             await asyncio.sleep(0.02)
         assert compared() > 0
+
+
+async def test_a_canary_at_100_percent_is_judged_against_the_primarys_recent_answers(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """At 100 % the primary answers nothing live: the primary's window from before the
+    canary started is its baseline (a new canary does not empty it). The answers are
+    fed to the rollout's check directly, with chosen latencies."""
+    async with serving(trained_model, tmp_path) as (_, admin, server, _):
+        rollouts = server.rollouts
+        assert rollouts is not None
+        primary = rollouts.primary_model()
+        for _ in range(30):  # rollback_min_requests
+            rollouts.observe(pb.PRIMARY, primary, 0.001, ok=True)
+        await set_rollout(admin, canary_version="2", canary_percent=100)
+        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        for _ in range(30):
+            rollouts.observe(pb.CANARY, canary, 0.050, ok=True)  # 50x slower, no errors
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.canary_percent == 0
+        [event] = status.rollbacks
+        assert event.automatic and "p99" in event.reason, event.reason

@@ -317,12 +317,13 @@ class RolloutManager:
             state = dataclasses.replace(new, generation=current.generation + 1)
             self.state = state  # the atomic switch
             # A new canary, or one enabled again after a rollback, starts a fresh
-            # comparison (the old window would roll it back again at once).
+            # comparison (the old window would roll it back again at once). The
+            # primary's window stays: its recent answers are the baseline, also for
+            # a canary at 100 %, which leaves the primary no live answers.
             if state.canary != current.canary or (
                 state.canary_percent and not current.canary_percent
             ):
                 self._candidates.pop((current.canary, "canary"), None)
-                self._primary_window = LatencyErrorWindow(self.window)
             log.info("rollout changed", extra={"rollout": dataclasses.asdict(state)})
             await self._unload_unused(
                 {v for v in (current.primary, current.canary, *current.shadows) if v}

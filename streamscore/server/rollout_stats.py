@@ -11,7 +11,9 @@ Definitions:
   empty bin does not give infinity. Usual reading: < 0.1 stable, 0.1-0.25 moderate
   shift, > 0.25 significant shift.
 * Rollback: over at least ``min_requests`` candidate answers, roll back when
-  ``candidate_error_rate > primary_error_rate + max_error_rate_margin``, or when
+  ``candidate_error_rate > primary_error_rate + max_error_rate_margin`` (an empty
+  primary window's rate is 0), or, when the primary's window also holds at least
+  ``min_requests`` answers, when
   ``candidate_p99 > max(primary_p99 * max_p99_ratio, primary_p99 + max_p99_margin_s)``
   (both a ratio and an absolute margin: at sub-millisecond latencies a ratio alone
   fires on noise).
@@ -135,7 +137,9 @@ class RollbackPolicy:
             )
         c_p99, p_p99 = candidate.p99(), primary.p99()
         limit = max(p_p99 * self.max_p99_ratio, p_p99 + self.max_p99_margin_s)
-        if primary.count and c_p99 > limit:
+        # A p99 of a few primary answers is noise: the latency rule needs as many of
+        # them as of the candidate's.
+        if primary.count >= self.min_requests and c_p99 > limit:
             return (
                 f"canary p99 {c_p99 * 1e3:.2f} ms > {limit * 1e3:.2f} ms (primary p99 "
                 f"{p_p99 * 1e3:.2f} ms) over {candidate.count} requests"
