@@ -548,6 +548,8 @@ async def test_unreachable_deadline_at_submit() -> None:
         with pytest.raises(DeadlineUnreachable) as caught:
             await batcher.submit(vector(0), batcher.clock() + budget)
         assert caught.value.stage == "submit"
+        # What is left and what a call needs, never a negative time.
+        assert "-" not in str(caught.value) and "0.012500s 'unit' needs" in str(caught.value)
     assert backend.calls == []
     await batcher.stop()
 

@@ -601,7 +601,9 @@ class Batcher:
         if now + one > deadline:
             self._m_shed["deadline_submit"].inc()
             raise DeadlineUnreachable(
-                "submit", f"{deadline - now:.6f}s left is less than {self.name!r} needs"
+                "submit",
+                f"{max(deadline - now, 0.0):.6f}s left is less than the {one:.6f}s "
+                f"{self.name!r} needs",
             )
         if (
             not self._queued
