@@ -142,7 +142,7 @@ async def load_features(bootstrap: str, events: list[dict]) -> None:
     try:
         parsed = [event_from_dict(e) for e in events]
         for i in range(0, len(parsed), 500):
-            for partition, value in route_events(parsed[i : i + 500], 4).items():
+            for partition, value in route_events(parsed[i : i + 500], 4):
                 await producer.send(ENTITY_EVENTS, value, partition=partition)
         await producer.flush()
     finally:

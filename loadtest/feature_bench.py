@@ -45,7 +45,7 @@ def synthetic(n: int) -> list[PaymentEvent]:
 
 def fold(store: FeatureStore, events: list[PaymentEvent]) -> None:
     """Fold ``events`` into ``store`` the way the replica does (entity-events batches)."""
-    for value in route_events(events, 4).values():
+    for _, value in route_events(events, 4):
         for entry in decode_fold_batch(value):
             store.fold_fields(*entry)
 
@@ -54,7 +54,7 @@ def fold_speed(events: list[PaymentEvent]) -> None:
     records = [
         value
         for i in range(0, len(events), 500)
-        for value in route_events(events[i : i + 500], 4).values()
+        for _, value in route_events(events[i : i + 500], 4)
     ]
     store = FeatureStore()
     started = time.process_time()
@@ -172,7 +172,7 @@ async def recovery(cards: int) -> None:
         await producer.start()
         try:
             for i in tqdm(range(0, len(events), 500), desc="writing log", unit="batch"):
-                for partition, value in route_events(events[i : i + 500], 4).items():
+                for partition, value in route_events(events[i : i + 500], 4):
                     await producer.send(ENTITY_EVENTS, value, partition=partition)
             await producer.flush()
         finally:

@@ -104,7 +104,7 @@ class EventFlow:
                             {**template, "event_id": f"flow-{k}", "event_time_ms": now_ms}
                         )
                     )
-                for partition, value in route_events(batch, self.partitions).items():
+                for partition, value in route_events(batch, self.partitions):
                     await producer.send(ENTITY_EVENTS, value, partition=partition)
                 self.sent += count
             await asyncio.sleep(max(0.0, next_tick - loop.time()))

@@ -5,8 +5,12 @@ the worker and server stay up."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import random
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -21,9 +25,10 @@ from hypothesis import strategies as st
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.events import InvalidEvent, parse_event
-from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
+from streamscore.stream.topics import DEAD_LETTER, PAYMENTS, TopicLayout
+from streamscore.stream.worker import DLQ_PAYLOAD_MAX_BYTES
 
 from system import make_event, running_system
 
@@ -118,12 +123,25 @@ def bad_payloads(rng: random.Random, now_ms: int, n: int) -> list[bytes]:
     return payloads
 
 
+def dead_letter_payload(letter: dict) -> tuple[bytes, int]:
+    """A dead-letter record's payload bytes, and the length of the original."""
+    if "payload_base64" in letter:
+        kept = base64.b64decode(letter["payload_base64"])
+    else:
+        kept = letter["payload"].encode()
+    assert letter.get("payload_truncated", False) == ("payload_bytes" in letter)
+    return kept, letter.get("payload_bytes", len(kept))
+
+
 async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
     trained_model: Path, tmp_path: Path
 ) -> None:
     rng = random.Random(11)
     now_ms = int(time.time() * 1000)
     bad = bad_payloads(rng, now_ms, 300)
+    # Large ones, within real Kafka's default message limit, whose dead-letter records
+    # escaped as JSON would be several times larger: kept in part, with their length.
+    bad += [b"\x01" * 200_000, b"\xff" * 400_000, b'"' * 600_000, b"x" * 1_040_000]
     good = [
         orjson.dumps(
             make_event("card-good", "m-1", "d-1", "198.51.100.7", now_ms - 1000 + i, 100 + i)
@@ -162,9 +180,11 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
         reasons = Counter(letter["reason"] for letter in letters)
         counts = dict(sorted(reasons.items()))
         print(f"{len(bad)} bad events sent, {len(letters)} dead-lettered: {counts}")
-        # Kept verbatim (as text) with the reason: nothing about them is lost.
-        sent = Counter(p.decode("utf-8", errors="replace") for p in bad)
-        lettered = Counter(letter["payload"] for letter in letters)
+        # Kept exactly (text, or base64 when not UTF-8) with the reason, the first
+        # DLQ_PAYLOAD_MAX_BYTES of a long one, with its length: nothing is lost (the
+        # whole message stays at its topic, partition and offset).
+        sent = Counter((p[:DLQ_PAYLOAD_MAX_BYTES], len(p)) for p in bad)
+        lettered = Counter(dead_letter_payload(letter) for letter in letters)
         assert lettered == sent, (sent - lettered, lettered - sent)
         # The worker's /metrics counts them by the same reasons.
         exported = worker_dead_letters(metrics_port)
@@ -180,3 +200,55 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
                 if reply.events_folded == len(good) or time.monotonic() > deadline:
                     break
             assert reply.events_folded == len(good)
+
+
+# A worker whose routing fails on one event ("boom"): a bug, or a record the broker
+# refuses, stand-ins for any error that is not a bad event.
+FAILING_WORKER = """
+import sys
+from streamscore.logs import setup_logging
+from streamscore.stream.gate import EventTimeGate
+from streamscore.stream.worker import run_worker
+
+class FailingGate(EventTimeGate):
+    def admit(self, event, partition=0):
+        if event.event_id == "boom":
+            raise RuntimeError("routing failed")
+        super().admit(event, partition)
+
+setup_logging()
+run_worker(sys.argv[1], gate=FailingGate())
+"""
+
+
+async def test_a_worker_whose_routing_fails_exits_instead_of_stalling(tmp_path: Path) -> None:
+    """Left alive, a worker whose Faust agent crashed kept its partitions and routed
+    nothing, unnoticed (and ignored SIGTERM): it exits with an error instead, so an
+    orchestrator restarts it and its partitions' events are redelivered."""
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        log = tmp_path / "worker.log"
+        with log.open("wb") as out:
+            worker = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", FAILING_WORKER, broker.bootstrap, stdout=out, stderr=out
+            )
+            try:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=broker.bootstrap, **kafka_compat.producer_kwargs()
+                )
+                await producer.start()
+                try:
+                    event = make_event("c", "m", "d", "ip", int(time.time() * 1000), 100)
+                    await producer.send_and_wait(
+                        PAYMENTS, orjson.dumps({**event, "event_id": "boom"}), key=b"c"
+                    )
+                finally:
+                    await producer.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(worker.wait(), 60)
+                assert worker.returncode == 1, (worker.returncode, log.read_text()[-2000:])
+            finally:
+                if worker.returncode is None:
+                    worker.kill()
+                    await worker.wait()
+        assert "routing failed" in log.read_text(errors="replace")

@@ -55,6 +55,15 @@ def test_numeric_mcc_is_accepted_as_text() -> None:
         (orjson.dumps({**GOOD, "event_time_ms": -5}), "bad_value"),
         (orjson.dumps({**GOOD, "event_time_ms": 2**63}), "bad_value"),
         (orjson.dumps({**GOOD, "event_time_ms": 2**64 - 1}), "bad_value"),
+        # Integer literals past 64 bits (read as floats by orjson): out of range too.
+        (
+            orjson.dumps(GOOD).replace(b'"amount_minor":1234', b'"amount_minor":' + b"9" * 30),
+            "bad_value",
+        ),
+        (
+            orjson.dumps(GOOD).replace(b'"amount_minor":1234', b'"amount_minor":-' + b"9" * 30),
+            "bad_value",
+        ),
         (orjson.dumps({**GOOD, "status": "pending"}), "bad_value"),
         (orjson.dumps({**GOOD, "card_id": ""}), "empty_field"),
         (orjson.dumps({**GOOD, "card_id": 42}), "bad_type"),
@@ -113,15 +122,44 @@ def test_route_events_puts_each_entity_in_its_own_stable_partition() -> None:
         for i in range(50)
     ]
     routed = route_events(events, partitions=4)
-    assert set(routed) <= {0, 1, 2, 3}
+    assert {partition for partition, _ in routed} <= {0, 1, 2, 3}
+    assert len(routed) == len({partition for partition, _ in routed})  # one record each
     seen = []
-    for partition, value in routed.items():
+    for partition, value in routed:
         for entry in decode_fold_batch(value):
             assert entity_partition(entry[0], entry[1], 4) == partition
             seen.append((entry[0], entry[2]))
     # Every event once per entity type, colons in ids included.
     assert sorted(seen) == sorted((t, f"e-{i}") for t in ENTITY_TYPES for i in range(50))
     assert entity_partition("ip", "2001:db8::1", 4) == entity_partition("ip", "2001:db8::1", 4)
+
+
+def test_a_large_micro_batch_is_split_into_bounded_records_in_order() -> None:
+    """Events with the longest ids allowed: a 500-event batch would be megabytes in one
+    record per partition, over Kafka's default message limit."""
+    long = "x" * 250
+    events = [
+        event_from_dict(
+            {
+                **GOOD,
+                "event_id": f"{long}{i:06d}",
+                "card_id": f"{long}c{i % 3}",
+                "merchant_id": f"{long}m",
+                "device_id": f"{long}d",
+                "ip": f"{long}i",
+            }
+        )
+        for i in range(500)
+    ]
+    routed = route_events(events, partitions=4, max_bytes=100_000)
+    assert all(len(value) <= 100_000 for _, value in routed)
+    assert len(routed) > len({partition for partition, _ in routed})  # split
+    # The same entries as one record per partition, in the same order per partition.
+    whole = dict(route_events(events, partitions=4, max_bytes=10**9))
+    by_partition: dict[int, list[list[object]]] = {}
+    for partition, value in routed:
+        by_partition.setdefault(partition, []).extend(decode_fold_batch(value))
+    assert by_partition == {p: decode_fold_batch(v) for p, v in whole.items()}
 
 
 def test_decode_fold_batch_refuses_other_shapes() -> None:

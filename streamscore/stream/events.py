@@ -72,6 +72,10 @@ def _int_field(data: dict[str, Any], name: str) -> int:
         raise InvalidEvent("missing_field", name)
     # bool is an int subclass in Python; JSON true is not a number.
     if isinstance(value, bool) or not isinstance(value, int):
+        # orjson reads an integer literal past 64 bits as a float: out of range, not
+        # of the wrong type (a float literal that large is out of range too).
+        if isinstance(value, float) and abs(value) >= 2.0**63:
+            raise InvalidEvent("bad_value", f"{name} out of int64 range")
         raise InvalidEvent("bad_type", f"{name} must be an integer")
     return value
 

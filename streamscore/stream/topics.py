@@ -5,7 +5,8 @@
 ``streamscore-entity-events``: validated events routed by entity: each event becomes
 one fold entry per entity it touches, placed in the partition of that entity
 (``entity_partition``), and a worker writes each micro-batch as one record per
-partition (a JSON array of entries), not one record per entry: per-record costs in
+partition (a JSON array of entries, split when it would exceed ``RECORD_MAX_BYTES``),
+not one record per entry: per-record costs in
 the producer, the broker and every replica dominate otherwise. It is the source of
 truth for feature state: every serving process folds it (all partitions) into its
 own replica, and routing by entity keeps each entity's entries in one partition, in
@@ -74,14 +75,38 @@ def fold_entries(event: PaymentEvent) -> list[FoldEntry]:
     ]
 
 
-def route_events(events: Iterable[PaymentEvent], partitions: int) -> dict[int, bytes]:
-    """A micro-batch of valid events as one entity-events record value per partition."""
+# The largest entity-events record a worker writes, well under Kafka's default
+# message limit (~1 MB) and the producer's request limit: a micro-batch of events
+# with long ids would exceed them, and a record the producer refuses stops routing.
+RECORD_MAX_BYTES = 256 * 1024
+
+
+def route_events(
+    events: Iterable[PaymentEvent], partitions: int, max_bytes: int = RECORD_MAX_BYTES
+) -> list[tuple[int, bytes]]:
+    """A micro-batch of valid events as entity-events records: (partition, value),
+    one record per partition unless its entries exceed ``max_bytes`` of JSON, then as
+    many as it takes, in order."""
     groups: dict[int, list[FoldEntry]] = {}
     for event in events:
         for entry in fold_entries(event):
             partition = entity_partition(entry[0], entry[1], partitions)
             groups.setdefault(partition, []).append(entry)
-    return {partition: orjson.dumps(entries) for partition, entries in groups.items()}
+    return [
+        (partition, value)
+        for partition, entries in groups.items()
+        for value in _encode_bounded(entries, max_bytes)
+    ]
+
+
+def _encode_bounded(entries: list[FoldEntry], max_bytes: int) -> list[bytes]:
+    """``entries`` as JSON arrays of at most ``max_bytes`` each (one entry alone may
+    exceed it: ids are bounded, so an entry is a few KB at most), in order."""
+    value = orjson.dumps(entries)
+    if len(value) <= max_bytes or len(entries) == 1:
+        return [value]
+    half = len(entries) // 2
+    return _encode_bounded(entries[:half], max_bytes) + _encode_bounded(entries[half:], max_bytes)
 
 
 def decode_fold_batch(value: bytes) -> list[FoldEntry]:

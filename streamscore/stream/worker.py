@@ -12,12 +12,14 @@ partitions between them (Faust's consumer group).
 
 from __future__ import annotations
 
+import base64
 import logging
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+import mode
 import orjson
 from prometheus_client import Counter
 
@@ -54,12 +56,40 @@ class WorkerStats:
     dead_lettered: int = 0
 
 
+# The most of a malformed message's bytes (and of its error's detail) that its
+# dead-letter record carries; the whole message stays in its source topic, at the
+# record's topic, partition and offset. Escaped as JSON, a payload can grow 6-fold
+# (control characters), and a record over the producer's or the broker's limit
+# would stop routing.
+DLQ_PAYLOAD_MAX_BYTES = 64 * 1024
+DLQ_DETAIL_MAX_CHARS = 1000
+
+
 def dead_letter_record(raw: bytes | None, error: InvalidEvent, source: dict[str, Any]) -> bytes:
-    """The dead-letter value: the reason plus the original payload, kept verbatim."""
-    payload = None if raw is None else raw.decode("utf-8", errors="replace")
-    return orjson.dumps(
-        {"reason": error.reason, "detail": error.detail, "payload": payload, **source}
-    )
+    """The dead-letter value: the reason, the source's coordinates and the original
+    payload, exact: as text when it is UTF-8 (``payload``), else base64
+    (``payload_base64``); only its first ``DLQ_PAYLOAD_MAX_BYTES`` when longer
+    (``payload_truncated``, with its full length in ``payload_bytes``)."""
+    record: dict[str, Any] = {
+        "reason": error.reason,
+        "detail": error.detail[:DLQ_DETAIL_MAX_CHARS],
+        **source,
+    }
+    if raw is None:
+        record["payload"] = None
+        return orjson.dumps(record)
+    kept = raw[:DLQ_PAYLOAD_MAX_BYTES]
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        record["payload_base64"] = base64.b64encode(kept).decode("ascii")
+    else:
+        # A cut may split the last character: only its bytes are dropped.
+        record["payload"] = kept.decode("utf-8", errors="ignore")
+    if len(kept) < len(raw):
+        record["payload_truncated"] = True
+        record["payload_bytes"] = len(raw)
+    return orjson.dumps(record)
 
 
 def create_app(
@@ -113,7 +143,11 @@ def create_app(
         partitions=entity_events_partitions,
     )
 
-    @app.agent(payments)
+    # An error here crashes the worker (exit status 1), instead of Faust's default of
+    # logging it and leaving the worker alive with its partitions, routing nothing
+    # (and deaf to SIGTERM). Its events are redelivered to whichever worker next
+    # holds the partition: the offsets of a failed batch are never committed.
+    @app.agent(payments, supervisor_strategy=mode.CrashingSupervisor)
     async def route(stream: faust.StreamT[bytes]) -> None:
         # take_events is on faust.Stream, missing from the StreamT protocol.
         batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
@@ -140,7 +174,7 @@ def create_app(
                     )
                     continue
                 valid.append(payment)
-            for partition, value in route_events(valid, entity_events_partitions).items():
+            for partition, value in route_events(valid, entity_events_partitions):
                 await entity_events.send(value=value, partition=partition)
             stats.valid += len(valid)
             EVENTS.labels("routed").inc(len(valid))
@@ -157,8 +191,13 @@ def run_worker(
     lateness_ms: int = DEFAULT_LATENESS_MS,
     skew_ms: int = DEFAULT_SKEW_MS,
     fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
+    gate: EventTimeGate | None = None,
 ) -> None:
-    """Run one worker in the foreground until SIGTERM/SIGINT (Faust handles signals)."""
+    """Run one worker in the foreground until SIGTERM/SIGINT (Faust handles signals).
+    ``gate``: the event-time rules (by default from ``lateness_ms`` and ``skew_ms``).
+
+    Exits with status 1 when routing fails with an error (its Faust agent crashed):
+    a worker alive but routing nothing would hold its partitions, unnoticed."""
     # A throwaway data directory, so that running a worker leaves no empty
     # "streamscore-worker-data" behind in the user's working directory.
     with tempfile.TemporaryDirectory(prefix="streamscore-worker-") as datadir:
@@ -166,7 +205,7 @@ def run_worker(
             bootstrap,
             payments_partitions=payments_partitions,
             entity_events_partitions=entity_events_partitions,
-            gate=EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
+            gate=gate or EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
             fetch_max_wait_ms=fetch_max_wait_ms,
             datadir=datadir,
         )
