@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -18,11 +19,11 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
 from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
-from streamscore.stream.topics import ENTITY_EVENTS, decode_fold_batch
+from streamscore.stream.topics import DEAD_LETTER, ENTITY_EVENTS, decode_fold_batch
 from streamscore.traffic import TrafficConfig, generate_log
 
 import reference
-from system import System, publish, system_on_broker
+from system import System, make_event, publish, system_on_broker, wait_folded
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -176,3 +177,70 @@ async def test_restarts_rebuild_identical_state_and_keep_folding(
         as_of = second[-1]["event_time_ms"]
         state = await wait_all_folded(target, expected_counts(events), as_of)
         assert_matches_reference(state, events, as_of)
+
+
+async def dead_letters(bootstrap: str, count: int, timeout: float = 60.0) -> list[dict]:
+    """The first ``count`` dead-lettered events (fewer if they do not come in time),
+    each once: a worker redelivers after a crash, so a dead-letter consumer
+    de-duplicates by the event's (topic, partition, offset)."""
+    consumer = AIOKafkaConsumer(
+        DEAD_LETTER, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    letters: list[dict] = []
+    seen: set[tuple[str, int, int]] = set()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(letters) < count and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    letter = orjson.loads(record.value)
+                    source = (letter["topic"], letter["partition"], letter["offset"])
+                    if source not in seen:
+                        seen.add(source)
+                        letters.append(letter)
+        return letters
+    finally:
+        await consumer.stop()
+
+
+async def test_a_restarted_worker_keeps_its_lateness_watermark(
+    tmp_path: Path, trained_model: Path
+) -> None:
+    """The too-late rule does not start over when a worker stops and another starts
+    (gracefully, or after kill -9): an event an hour and a half behind its partition's
+    newest is dead-lettered either way, not folded. The worker recovers the
+    partition's watermark from its checkpoints, re-reading what came after them."""
+    newest = int(time.time() * 1000) - 60_000
+    on_time = [
+        make_event("card-w", "m-w", "d-w", "ip-w", newest - i * 60_000, 100) for i in range(11)
+    ]
+    late = [
+        {**make_event("card-w", "m-w", "d-w", "ip-w", newest - 90 * 60_000, 7), "event_id": name}
+        for name in ("late-after-stop", "late-after-kill")
+    ]
+    async with system_on_broker(tmp_path, trained_model) as system:
+        worker = await system.add_worker()
+        _, target = await system.add_server()
+        await publish(system.bootstrap, on_time)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            assert (await wait_folded(stub, "card", "card-w", 11)).events_folded == 11
+            await worker.stop()
+            worker = await system.add_worker()
+            await publish(system.bootstrap, late[:1])
+            # Two more on time, then a crash before (or after) their offsets commit.
+            await publish(system.bootstrap, on_time[:2])
+            assert len(await dead_letters(system.bootstrap, 1)) == 1
+            worker.kill()
+            await worker.exited.wait()
+            await system.add_worker()
+            await publish(system.bootstrap, late[1:])
+            letters = await dead_letters(system.bootstrap, 2)
+            assert [(x["reason"], orjson.loads(x["payload"])["event_id"]) for x in letters] == [
+                ("too_late", "late-after-stop"),
+                ("too_late", "late-after-kill"),
+            ]
+            # Nothing late was folded (the copies of on-time events count once).
+            reply = await wait_folded(stub, "card", "card-w", 12, timeout=3)
+            assert reply.events_folded == 11

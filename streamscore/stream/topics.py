@@ -28,6 +28,9 @@ from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
 PAYMENTS = "payments"
 DEAD_LETTER = "payments-dlq"
 ENTITY_EVENTS = "streamscore-entity-events"
+# The workers' lateness watermarks, one partition per payments partition
+# (``watermarks``).
+WATERMARKS = "streamscore-worker-watermarks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class TopicLayout:
             PAYMENTS: self.payments_partitions,
             DEAD_LETTER: 1,
             ENTITY_EVENTS: self.entity_events_partitions,
+            WATERMARKS: self.payments_partitions,
         }
 
 

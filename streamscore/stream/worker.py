@@ -6,7 +6,9 @@ then event-time rules), then either send it to the dead-letter topic with a reas
 or add its fold entries to the batch; the batch goes out as one entity-events record
 per partition (``topics.route_events``). The worker keeps no feature state of its own:
 the entity-events log is the state's source of truth, folded by every serving
-process (see ``replica.py``). Running several workers just splits the ``payments``
+process (see ``replica.py``). Its one piece of state, the lateness watermark per
+partition, is checkpointed and recovered when it reads a partition out of turn
+(``watermarks.py``). Running several workers just splits the ``payments``
 partitions between them (Faust's consumer group).
 """
 
@@ -27,7 +29,14 @@ from streamscore.stream import kafka_compat
 from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.state import DEFAULT_LATENESS_MS, DEFAULT_SKEW_MS
-from streamscore.stream.topics import DEAD_LETTER, ENTITY_EVENTS, PAYMENTS, route_events
+from streamscore.stream.topics import (
+    DEAD_LETTER,
+    ENTITY_EVENTS,
+    PAYMENTS,
+    WATERMARKS,
+    route_events,
+)
+from streamscore.stream.watermarks import WatermarkCheckpoints
 
 log = logging.getLogger("streamscore.worker")
 
@@ -142,6 +151,10 @@ def create_app(
         value_serializer="raw",
         partitions=entity_events_partitions,
     )
+    watermarks = app.topic(
+        WATERMARKS, key_serializer="raw", value_serializer="raw", partitions=payments_partitions
+    )
+    positions = WatermarkCheckpoints(bootstrap, event_gate)
 
     # An error here crashes the worker (exit status 1), instead of Faust's default of
     # logging it and leaving the worker alive with its partitions, routing nothing
@@ -155,14 +168,19 @@ def create_app(
             valid = []
             for event in events:
                 raw = event.value
+                message = event.message
+                if not positions.in_turn(message.partition, message.offset):
+                    # A start, a partition taken over, or a redelivery: the watermark
+                    # as it was before this offset, not as this worker left it.
+                    await positions.recover(message.partition, message.offset)
+                positions.routed(message.partition, message.offset)
                 try:
                     payment = parse_event(raw)
-                    event_gate.admit(payment, event.message.partition)
+                    event_gate.admit(payment, message.partition)
                 except InvalidEvent as error:
                     stats.dead_lettered += 1
                     DEAD_LETTERS.labels(error.reason).inc()
                     EVENTS.labels("dead_lettered").inc()
-                    message = event.message
                     source = {
                         "topic": message.topic,
                         "partition": message.partition,
@@ -176,6 +194,8 @@ def create_app(
                 valid.append(payment)
             for partition, value in route_events(valid, entity_events_partitions):
                 await entity_events.send(value=value, partition=partition)
+            for partition, value in positions.due():
+                await watermarks.send(value=value, partition=partition)
             stats.valid += len(valid)
             EVENTS.labels("routed").inc(len(valid))
 

@@ -1,0 +1,190 @@
+"""The worker's lateness watermarks, kept across restarts and rebalances.
+
+The too-late rule compares an event with the newest event time seen so far on its
+``payments`` partition, the partition's watermark (``gate.EventTimeGate``). It lives
+in the worker's memory, so a restarted worker, or one that takes a partition over in
+a rebalance, would start the partition with none and admit events it should refuse.
+
+So the worker checkpoints it: after a batch, at most once every ``every_s`` per
+partition, it writes ``{"next_offset": n, "newest_ms": w}`` to the same partition of
+``WATERMARKS``: the watermark after every event of the partition before offset n.
+When the worker reads a partition from an offset other than the one after the last
+event it routed there (it started, took the partition over, or Kafka redelivered
+after a crash), it takes the last checkpoint at or before that offset and re-reads
+the ``payments`` events between the two, re-applying the too-late rule: the
+watermark at that offset, as if the worker had never stopped. (Not the future rule:
+it compares with the clock, which has moved on; an event it refused in those few
+seconds would now advance the watermark. With no checkpoint at all, at most
+``REREAD_MAX`` events before the offset are re-read.)
+
+Checkpoints written after the committed offset (a batch routed, then a crash before
+its offsets were committed) are never taken: only those at or before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streamscore.stream import kafka_compat
+from streamscore.stream.events import InvalidEvent, parse_event
+from streamscore.stream.gate import EventTimeGate
+from streamscore.stream.topics import PAYMENTS, WATERMARKS
+
+log = logging.getLogger("streamscore.worker")
+
+CHECKPOINT_EVERY_S = 1.0
+# Checkpoints read back at first, from the end (about a minute of them); doubled
+# while none at or before the offset is found.
+CHECKPOINTS_SCANNED = 64
+REREAD_MAX = 200_000
+READ_TIMEOUT_S = 60.0
+
+
+def checkpoint_record(next_offset: int, newest_ms: int | None) -> bytes:
+    return orjson.dumps({"next_offset": next_offset, "newest_ms": newest_ms})
+
+
+class WatermarkCheckpoints:
+    """Where the worker is in each ``payments`` partition, and the watermark's
+    checkpoints: which are due, and recovering the watermark from them."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        gate: EventTimeGate,
+        *,
+        every_s: float = CHECKPOINT_EVERY_S,
+        payments: str = PAYMENTS,
+        watermarks: str = WATERMARKS,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.gate = gate
+        self.every_s = every_s
+        self.payments = payments
+        self.watermarks = watermarks
+        self._next: dict[int, int] = {}  # partition -> offset after the last routed
+        self._written: dict[int, tuple[float, int]] = {}  # partition -> (when, next offset)
+
+    def in_turn(self, partition: int, offset: int) -> bool:
+        """Whether ``offset`` follows the last event of the partition this worker
+        routed (else its watermark must be recovered first)."""
+        return self._next.get(partition) == offset
+
+    def routed(self, partition: int, offset: int) -> None:
+        """An event was routed or dead-lettered: the gate's watermark now covers it."""
+        self._next[partition] = offset + 1
+
+    def due(self) -> list[tuple[int, bytes]]:
+        """The checkpoints to write now: (partition, value)."""
+        now = time.monotonic()
+        out = []
+        for partition, next_offset in self._next.items():
+            when, written = self._written.get(partition, (-float("inf"), -1))
+            if written != next_offset and now - when >= self.every_s:
+                newest = self.gate.newest_ms.get(partition)
+                out.append((partition, checkpoint_record(next_offset, newest)))
+                self._written[partition] = (now, next_offset)
+        return out
+
+    async def recover(self, partition: int, offset: int) -> None:
+        """Set the gate's watermark of ``partition`` to what it was before ``offset``."""
+        started = time.monotonic()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=kafka_compat.FETCH_MAX_WAIT_MS,
+        )
+        await consumer.start()
+        try:
+            checkpoint = await self._checkpoint_before(consumer, partition, offset)
+            payments = TopicPartition(self.payments, partition)
+            if checkpoint is not None:
+                start, newest = checkpoint
+            else:
+                first = (await consumer.beginning_offsets([payments]))[payments]
+                start, newest = max(first, offset - REREAD_MAX), None
+                if start > first:
+                    log.warning(
+                        "no watermark checkpoint: the watermark is recovered from the "
+                        "last events only",
+                        extra={"partition": partition, "reread": offset - start},
+                    )
+            self.gate.newest_ms.pop(partition, None)
+            if newest is not None:
+                self.gate.newest_ms[partition] = newest
+            reread = await self._reapply(consumer, payments, start, offset)
+        finally:
+            await consumer.stop()
+        self._next[partition] = offset
+        log.info(
+            "watermark recovered",
+            extra={
+                "partition": partition,
+                "offset": offset,
+                "newest_ms": self.gate.newest_ms.get(partition),
+                "checkpoint": checkpoint is not None,
+                "reread": reread,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    async def _checkpoint_before(
+        self, consumer: AIOKafkaConsumer, partition: int, offset: int
+    ) -> tuple[int, int | None] | None:
+        """(next offset, watermark) of the last checkpoint at or before ``offset``."""
+        tp = TopicPartition(self.watermarks, partition)
+        first = (await consumer.beginning_offsets([tp]))[tp]
+        end = (await kafka_compat.true_end_offsets(consumer, [tp]))[tp]
+        scanned = CHECKPOINTS_SCANNED
+        while True:
+            start = max(first, end - scanned)
+            best: tuple[int, int | None] | None = None
+            for value in await _read(consumer, tp, start, end):
+                if value is None:
+                    continue  # not ours: no checkpoint is empty
+                record = orjson.loads(value)
+                if record["next_offset"] <= offset:
+                    best = (record["next_offset"], record["newest_ms"])
+            if best is not None or start == first:
+                return best
+            scanned *= 2
+
+    async def _reapply(
+        self, consumer: AIOKafkaConsumer, payments: TopicPartition, start: int, offset: int
+    ) -> int:
+        """Re-apply the too-late rule to the partition's events in [start, offset)."""
+        count = 0
+        for value in await _read(consumer, payments, start, offset):
+            count += 1
+            try:
+                self.gate.replay(parse_event(value), payments.partition)
+            except InvalidEvent:
+                pass  # dead-lettered then too; it moved no watermark
+        return count
+
+
+async def _read(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
+) -> list[bytes | None]:
+    """The values of the records of ``tp`` in [start, end)."""
+    values: list[bytes | None] = []
+    if start >= end:
+        return values
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while True:
+        if time.monotonic() > deadline:
+            # The worker crashes (and is restarted) rather than route on a guess.
+            raise TimeoutError(f"could not read {tp} [{start}, {end}) to recover a watermark")
+        batches = await consumer.getmany(tp, timeout_ms=1000)
+        for record in batches.get(tp, []):
+            if record.offset >= end:
+                return values
+            values.append(record.value)
+        if await consumer.position(tp) >= end:
+            return values
