@@ -411,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model-repository", type=Path, help="model repository directory")
     train.add_argument("--version", type=int, default=1, help="version number to write")
     train.add_argument(
-        "--duration", type=float, default=1800.0, help="seconds of synthetic traffic"
+        "--duration", type=_positive, default=1800.0, help="seconds of synthetic traffic"
     )
-    train.add_argument("--rate", type=float, default=10.0, help="synthetic payments per second")
+    train.add_argument("--rate", type=_positive, default=10.0, help="synthetic payments per second")
     train.add_argument("--seed", type=int, default=7)
 
     backfill = add(
@@ -462,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from streamscore.gc_tuning import tune_for_large_state
@@ -474,6 +481,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:  # bad settings
         print(f"streamscore: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        # What an operator gets wrong (a missing file, a broker or server not there, a
+        # port in use) as one line; anything else is a bug: its traceback.
+        message = _operator_error(error)
+        if message is None:
+            raise
+        print(f"streamscore: {message}", file=sys.stderr)
+        return 1
+
+
+def _operator_error(error: Exception) -> str | None:
+    import grpc
+    from aiokafka.errors import KafkaError
+
+    if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
+        return f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
+    if isinstance(error, OSError):
+        return f"{type(error).__name__}: {error}"
+    if isinstance(error, KafkaError):
+        return f"Kafka: {error}"
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return f"{error.code().name}: {error.details()}"
+    if isinstance(error, RuntimeError) and "Failed to bind" in str(error):
+        return f"{error} (the port is in use?)"
+    return None
 
 
 if __name__ == "__main__":

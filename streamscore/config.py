@@ -88,6 +88,11 @@ class Settings:
     # (the kernel's choice, uneven with few clients); these let a client spread its
     # calls itself, evenly: round_robin over the list (README "Scaling"). 0: off.
     worker_port_base: int = 0
+    # Let other processes listen on the same port (SO_REUSEPORT), the kernel spreading
+    # connections between them: serve --workers N sets it for its workers. Off, a
+    # second server on a port in use fails to start instead of taking half the
+    # connections unnoticed.
+    reuse_port: bool = False
     # OpenTelemetry spans per Score (stages as child spans) to the global tracer
     # provider; needs the otel extra (pip install 'streamscore[otel]').
     tracing: bool = False
@@ -164,18 +169,7 @@ class Settings:
                 raise ValueError(f"unknown setting {key!r}")
             changes[name] = _coerce(getattr(self, name), value, name)
         updated = dataclasses.replace(self, **changes)
-        if updated.deadline_policy not in ("fallback", "error"):
-            raise ValueError("deadline_policy must be 'fallback' or 'error'")
-        if updated.gc_freeze_interval_s < 0:
-            raise ValueError("gc_freeze_interval_s must be >= 0 (0: off)")
-        if updated.loop_lag_interval_s < 0:
-            raise ValueError("loop_lag_interval_s must be >= 0 (0: off)")
-        if updated.torch_device not in TORCH_DEVICES:
-            raise ValueError(f"torch_device must be one of {', '.join(TORCH_DEVICES)}")
-        if updated.max_pending_calls < 1:
-            raise ValueError("max_pending_calls must be at least 1")
-        if updated.onnx_kernel not in ONNX_KERNELS:
-            raise ValueError(f"onnx_kernel must be one of {', '.join(ONNX_KERNELS)}")
+        _check_values(updated)
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,
         # quirk 4). A wait as long as stale_after_s would mark features stale between
         # two answers of an idle broker.
@@ -188,7 +182,7 @@ class Settings:
 
 def _coerce(current: Any, value: Any, name: str) -> Any:
     if not isinstance(value, str):
-        return Path(value) if isinstance(current, Path) else value
+        return _typed(current, value, name)
     try:
         if isinstance(current, bool):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -205,6 +199,78 @@ def _coerce(current: Any, value: Any, name: str) -> Any:
     except ValueError:
         raise ValueError(f"setting {name}: cannot read {value!r}") from None
     return value
+
+
+def _typed(current: Any, value: Any, name: str) -> Any:
+    """A value already typed (TOML, flags): of the setting's type, or an error naming it.
+    (bool is an int subclass in Python; TOML's true is not a port.)"""
+    if isinstance(current, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, Path):
+        ok = isinstance(value, str | Path)
+        value = Path(value).expanduser() if ok else value
+    else:
+        ok = isinstance(value, type(current))
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(
+            type(current), "a string"
+        )
+        raise ValueError(f"setting {name}: expected {kind}, got {value!r}")
+    return value
+
+
+# Allowed values: (low, high) inclusive bounds, or a tuple of choices.
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "metrics_port": (0, 65535),
+    "worker_port_base": (0, 65535),
+    "max_message_bytes": (1, 2**31 - 1),
+    "max_pending_calls": (1, 2**31 - 1),
+    "budget_ms": (1e-3, 3_600_000),
+    "breaker_failures": (1, 2**31 - 1),
+    "breaker_cooldown_s": (1e-3, 3600),
+    "batch_max_queue": (1, 2**31 - 1),
+    "batch_max_delay_us": (0, 60_000_000),
+    "canary_percent": (0, 100),
+    "rollback_min_requests": (1, 2**31 - 1),
+    "rollback_error_margin": (0, 1),
+    "rollback_p99_ratio": (1, 1e6),
+    "rollback_p99_margin_ms": (0, 3_600_000),
+    "model_reload_interval_s": (0, 86_400),
+    "lateness_ms": (0, 2**62),
+    "fold_horizon_ms": (0, 2**62),
+    "skew_ms": (0, 2**62),
+    "stale_after_s": (1e-3, 86_400),
+    "gc_freeze_interval_s": (0, 86_400),
+    "loop_lag_interval_s": (0, 3600),
+    "drain_delay_s": (0, 3600),
+    "drain_timeout_s": (0, 3600),
+    "payments_partitions": (1, 100_000),
+    "entity_partitions": (1, 100_000),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "deadline_policy": ("fallback", "error"),
+    "torch_device": TORCH_DEVICES,
+    "onnx_kernel": ONNX_KERNELS,
+    "log_level": ("debug", "info", "warning", "error", "critical"),
+    "log_format": ("json", "text"),
+}
+
+
+def _check_values(settings: Settings) -> None:
+    for name, (low, high) in _BOUNDS.items():
+        value = getattr(settings, name)
+        if not low <= value <= high:
+            raise ValueError(f"setting {name}: {value!r} is not within [{low:g}, {high:g}]")
+    for name, choices in _CHOICES.items():
+        value = getattr(settings, name)
+        if value.lower() not in choices:
+            raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
 
 
 def topic_layout(settings: Settings) -> TopicLayout:

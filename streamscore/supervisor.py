@@ -42,6 +42,7 @@ def worker_environment(settings: Settings, index: int) -> dict[str, str]:
             value += index
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         env[ENV_PREFIX + field.name.upper()] = text
+    env[ENV_PREFIX + "REUSE_PORT"] = "true"  # the set shares --port
     return env
 
 

@@ -67,7 +67,7 @@ def test_lean_fetch_is_on_unless_turned_off() -> None:
 def test_torch_device_is_auto_cpu_or_cuda() -> None:
     assert load_settings(environ={}).torch_device == "auto"
     assert load_settings(environ={"STREAMSCORE_TORCH_DEVICE": "cpu"}).torch_device == "cpu"
-    with pytest.raises(ValueError, match="torch_device must be one of auto, cpu, cuda"):
+    with pytest.raises(ValueError, match="torch_device: 'gpu' is not one of auto, cpu, cuda"):
         load_settings(environ={"STREAMSCORE_TORCH_DEVICE": "gpu"})
 
 
@@ -75,8 +75,44 @@ def test_gc_freeze_interval_is_a_non_negative_number_of_seconds() -> None:
     assert load_settings(environ={}).gc_freeze_interval_s == 0.25
     off = load_settings(environ={"STREAMSCORE_GC_FREEZE_INTERVAL_S": "0"})
     assert off.gc_freeze_interval_s == 0.0
-    with pytest.raises(ValueError, match="gc_freeze_interval_s must be >= 0"):
+    with pytest.raises(ValueError, match=r"gc_freeze_interval_s: -1.0 is not within \[0, 86400\]"):
         load_settings(environ={"STREAMSCORE_GC_FREEZE_INTERVAL_S": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("port = -1", r"setting port: -1 is not within \[0, 65535\]"),
+        ("port = 70000", r"setting port: 70000 is not within"),
+        ("port = true", "setting port: expected an integer, got True"),
+        ("port = 1.5", "setting port: expected an integer, got 1.5"),
+        ("admin_token = 123", "setting admin_token: expected a string, got 123"),
+        ("budget_ms = 0", "setting budget_ms: 0.0 is not within"),
+        ("batch_max_queue = -5", "setting batch_max_queue: -5 is not within"),
+        ("max_message_bytes = -1", "setting max_message_bytes: -1 is not within"),
+        ("breaker_failures = 0", "setting breaker_failures: 0 is not within"),
+        ("canary_percent = 500", "setting canary_percent: 500.0 is not within"),
+        ("drain_timeout_s = -5", "setting drain_timeout_s: -5.0 is not within"),
+        ("payments_partitions = 0", "setting payments_partitions: 0 is not within"),
+        ('log_level = "verbose"', "setting log_level: 'verbose' is not one of debug, info"),
+        ('log_format = "xml"', "setting log_format: 'xml' is not one of json, text"),
+        ("batching = 1", "setting batching: expected true or false, got 1"),
+    ],
+)
+def test_bad_values_in_a_config_file_are_refused_naming_the_setting(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    config = tmp_path / "streamscore.toml"
+    config.write_text(toml + "\n")
+    with pytest.raises(ValueError, match=message):
+        load_settings(config, environ={})
+
+
+def test_typed_values_of_the_right_kind_are_taken() -> None:
+    settings = load_settings(flags={"budget_ms": 20, "port": 0, "model_repository": "/tmp/m"})
+    assert settings.budget_ms == 20.0 and isinstance(settings.budget_ms, float)
+    assert settings.model_repository == Path("/tmp/m")
+    assert load_settings(environ={"STREAMSCORE_LOG_LEVEL": "DEBUG"}).log_level == "DEBUG"
 
 
 def test_model_repository_is_a_path() -> None:

@@ -10,12 +10,15 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 from test_rollout import request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
+from streamscore.config import Settings
 from streamscore.loopback_process import find_free_ports
 from streamscore.processes import ChildProcess
+from streamscore.server.app import ScoringServer
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
 from streamscore.supervisor import spread_target
@@ -139,3 +142,33 @@ async def test_two_workers_share_the_port_and_both_serve_features(
             await supervisor.stop()
             await worker.stop()
             print_logs(tmp_path)
+
+
+async def test_a_second_server_on_a_port_in_use_fails_to_start(trained_model: Path) -> None:
+    """Only a --workers set shares its port (reuse_port): a server started twice by
+    mistake must not take half the connections unnoticed."""
+    first = ScoringServer(Settings(port=0, model_repository=trained_model))
+    await first.start()
+    try:
+        second = ScoringServer(Settings(port=first.port, model_repository=trained_model))
+        try:
+            with pytest.raises((RuntimeError, OSError)):
+                await second.start()
+        finally:
+            await second.stop()
+        # Processes of one set share it, as asked.
+        shared = [ScoringServer(Settings(port=0, model_repository=trained_model, reuse_port=True))]
+        await shared[0].start()
+        shared.append(
+            ScoringServer(
+                Settings(port=shared[0].port, model_repository=trained_model, reuse_port=True)
+            )
+        )
+        try:
+            await shared[1].start()
+            assert shared[1].port == shared[0].port
+        finally:
+            for server in reversed(shared):
+                await server.stop()
+    finally:
+        await first.stop()

@@ -142,7 +142,8 @@ class ScoringServer:
         self.service = service
         server = grpc.aio.server(
             options=[
-                ("grpc.so_reuseport", 1),
+                # gRPC turns it on by default: off unless asked (settings.reuse_port).
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 *pending_call_options(settings.max_pending_calls),
