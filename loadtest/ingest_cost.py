@@ -18,7 +18,7 @@ round, for each flow (order rotated per round):
 
 The flow is what stream workers write: every 10 ms, the events due are routed into one
 entity-events record per partition (``topics.route_events``), stamped with the current
-time. After each flow the server's ``streamscore_replica_entries_folded`` is checked
+time. After each flow the server's ``streamscore_replica_entries_folded_total`` is checked
 against the entries sent, so a replica that fell behind is reported, not hidden.
 
     python -m loadtest.ingest_cost --model-repository DIR --flows 0,200,800 \\
@@ -154,7 +154,7 @@ async def scrape_server(metrics_url: str) -> Samples:
 
 
 def folded_entries(samples: Samples) -> int:
-    return int(total(samples, "streamscore_replica_entries_folded"))
+    return int(total(samples, "streamscore_replica_entries_folded_total"))
 
 
 def late_ms_per_s(before: Samples, after: Samples, cause: str, seconds: float) -> float:

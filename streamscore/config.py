@@ -14,7 +14,7 @@ from streamscore.stream.topics import TopicLayout
 
 ENV_PREFIX = "STREAMSCORE_"
 # Settings that are secrets: never printed, logged or echoed in an error.
-SECRET_SETTINGS = ("admin_token",)
+SECRET_SETTINGS = ("admin_token", "card_hash_key")
 
 
 def default_model_repository() -> Path:
@@ -64,6 +64,9 @@ class Settings:
     # Bearer token for the Admin API; empty disables it. A secret: set it through
     # STREAMSCORE_ADMIN_TOKEN; never logged, printed or part of repr().
     admin_token: str = field(default="", repr=False)
+    # The key of the card hashes in logs and the decision log (a secret): the same on
+    # every process whose hashes must match. Unset: random per process.
+    card_hash_key: str = field(default="", repr=False)
     # TLS for gRPC (Scoring, Admin, health, reflection): the server's certificate
     # chain and key, PEM files. With a client CA file as well, mutual TLS: a client
     # must present a certificate that CA signed. All empty: plaintext.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
+import os
 import sys
 import time
 
@@ -19,11 +20,35 @@ CURRENT_REQUEST: contextvars.ContextVar[tuple[str, str] | None] = contextvars.Co
 )
 
 
+# The key of ``hash_id``. A card number has few unknown digits (the BIN and the last
+# four are printed on receipts), so an unkeyed hash of it is reversed by trying them
+# all: keyed, it cannot be without the key. Random per process until
+# ``set_hash_key`` (the ``card_hash_key`` setting) gives a shared one.
+_HASH_KEY = os.urandom(32)
+_HASH_KEY_SHARED = False
+
+
+def set_hash_key(secret: str) -> None:
+    """Key ``hash_id`` with ``secret`` (any length); "" keeps the per-process key."""
+    global _HASH_KEY, _HASH_KEY_SHARED
+    if secret:
+        _HASH_KEY = hashlib.blake2b(secret.encode(), digest_size=32, person=b"ss-key").digest()
+        _HASH_KEY_SHARED = True
+
+
+def hash_key_shared() -> bool:
+    """Whether ``hash_id`` values match across processes and restarts (a key was set)."""
+    return _HASH_KEY_SHARED
+
+
 def hash_id(value: str) -> str:
-    """A stable, non-reversible stand-in for an identifier (card, device, ip) in logs
-    and in the decision log: the same value in both, so a log line and a decision
-    about the same card can be matched without either holding the card number."""
-    return hashlib.blake2b(value.encode(), digest_size=8, person=b"ss-card").hexdigest()
+    """A stable stand-in for an identifier (card, device, ip) in logs and in the
+    decision log: the same value in both, so a log line and a decision about the same
+    card can be matched without either holding the card number. A keyed BLAKE2b:
+    without the key it cannot be reversed by trying every card number."""
+    return hashlib.blake2b(
+        value.encode(), digest_size=8, key=_HASH_KEY, person=b"ss-card"
+    ).hexdigest()
 
 
 # Attributes every LogRecord has; anything else came in through ``extra=`` and is logged.

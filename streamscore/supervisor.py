@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import secrets
 
 from streamscore.config import ENV_PREFIX, Settings
 from streamscore.processes import ChildProcess, stop_on_signals
@@ -92,6 +93,14 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     """Run the set until a signal or a worker's death; the caller checked the ports
     (``check_ports``) before anything started."""
     stop = stop_on_signals()
+    if not settings.card_hash_key:
+        # One key for the set, so that its workers' card hashes match each other.
+        settings = dataclasses.replace(settings, card_hash_key=secrets.token_hex(32))
+        if settings.decision_log:
+            log.warning(
+                "card_hash_key is not set: card hashes match across this set's workers, "
+                "not after a restart"
+            )
     children = [
         ChildProcess.streamscore(
             f"server-{i}", "serve", "--workers", "1", env=worker_environment(settings, i)

@@ -12,6 +12,7 @@ import grpc
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
@@ -129,3 +130,38 @@ async def test_a_dead_broker_never_blocks_or_fails_the_caller() -> None:
     started = time.perf_counter()
     await log.stop(timeout=2)
     assert time.perf_counter() - started < 10
+
+
+class FlakyProducer:
+    """Stands in for the Kafka producer: its first send fails, as a broker that went
+    away and came back does; then every send is stored."""
+
+    def __init__(self) -> None:
+        self.stored: list[bytes] = []
+        self.calls = 0
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future[None]:
+        self.calls += 1
+        if self.calls == 1:
+            raise KafkaConnectionError("broker gone")
+        self.stored.append(value)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_failed_publish_is_retried_not_dropped() -> None:
+    log = DecisionLog("127.0.0.1:1", topic="unused")
+    producer = FlakyProducer()
+    log._producer = producer  # type: ignore[assignment]
+    log._task = asyncio.create_task(log._drain())
+    for i in range(5):
+        log.record(DecisionRecord(f"r{i}", 0, "primary", "m", "1", 0.5, "APPROVE", "h", "c"))
+    await log.stop(timeout=5)
+    assert log.failed == 5 and log.published == 5 and log.dropped == 0
+    assert sorted(orjson.loads(v)["request_id"] for v in producer.stored) == [
+        f"r{i}" for i in range(5)
+    ]

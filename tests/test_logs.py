@@ -3,6 +3,7 @@ card numbers never appear in clear (hashed)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import shutil
@@ -13,6 +14,7 @@ import orjson
 import pytest
 from test_rollout import add_version
 
+from streamscore import logs
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
@@ -77,3 +79,23 @@ async def test_logs_are_json_name_the_request_and_hash_the_card(
     ready = [e for e in entries if e["msg"] == "model version ready"]
     assert ready and ready[0]["version"] == "3", entries
     assert ready[0]["warmup_us"] and all(size.isdigit() for size in ready[0]["warmup_us"])
+
+
+def test_card_hashes_are_keyed_so_card_numbers_cannot_be_tried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A card number has about 10^5 candidates once its BIN and last four digits are
+    known: an unkeyed hash of it is reversed in a second. Keyed, the hash says nothing
+    without the key; with a shared key (card_hash_key) it is the same everywhere."""
+    monkeypatch.setattr(logs, "_HASH_KEY", logs._HASH_KEY)
+    monkeypatch.setattr(logs, "_HASH_KEY_SHARED", False)
+    card = "4111111111111111"
+    unkeyed = hashlib.blake2b(card.encode(), digest_size=8, person=b"ss-card").hexdigest()
+    per_process = hash_id(card)
+    assert per_process != unkeyed and not logs.hash_key_shared()
+    logs.set_hash_key("one secret")
+    shared = hash_id(card)
+    assert shared not in (unkeyed, per_process) and logs.hash_key_shared()
+    assert hash_id(card) == shared  # stable
+    logs.set_hash_key("another secret")
+    assert hash_id(card) != shared

@@ -113,7 +113,7 @@ async def test_two_workers_share_the_port_and_both_serve_features(
                 assert scraped(port_, 'streamscore_gc_pause_seconds_count{generation="1"}') > 0
                 # Each worker's replica, caught up, fetches with its lean fetch.
                 assert scraped(port_, "streamscore_replica_fetching_lean") == 1
-                assert scraped(port_, "streamscore_replica_lean_fallbacks") == 0
+                assert scraped(port_, "streamscore_replica_lean_fallbacks_total") == 0
 
             # Each worker's own port: a round_robin client spreads its calls evenly,
             # over one channel (the shared port would give all of them to one worker).

@@ -35,6 +35,7 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
     )
     server = SimpleNamespace(
         rollouts=None,
+        decisions=SimpleNamespace(published=7, dropped=1, failed=2),
         models=SimpleNamespace(loaded=list),
         service=None,
         replica=replica,
@@ -43,6 +44,9 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
     registry = CollectorRegistry()
     registry.register(ServerCollector(server))
     lines = generate_latest(registry).decode().splitlines()
-    assert 'streamscore_replica_fold_outcomes{outcome="applied"} 2.0' in lines
-    assert 'streamscore_replica_fold_outcomes{outcome="duplicate"} 1.0' in lines
-    assert 'streamscore_replica_fold_outcomes{outcome="too_late"} 1.0' in lines
+    assert 'streamscore_replica_fold_outcomes_total{outcome="applied"} 2.0' in lines
+    assert 'streamscore_replica_fold_outcomes_total{outcome="duplicate"} 1.0' in lines
+    assert 'streamscore_replica_fold_outcomes_total{outcome="too_late"} 1.0' in lines
+    assert "# TYPE streamscore_replica_fold_outcomes_total counter" in lines  # only grows
+    assert 'streamscore_decisions_total{outcome="published"} 7.0' in lines
+    assert 'streamscore_decisions_total{outcome="failed"} 2.0' in lines

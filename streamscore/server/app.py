@@ -15,6 +15,7 @@ from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.config import Settings, topic_layout
+from streamscore.logs import hash_key_shared, set_hash_key
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.gc_policy import LongLivedFreezer
@@ -96,6 +97,13 @@ class ScoringServer:
     async def _start_parts(
         self, settings: Settings, credentials: grpc.ServerCredentials | None
     ) -> None:
+        set_hash_key(settings.card_hash_key)
+        if settings.decision_log and not hash_key_shared():
+            log.warning(
+                "card_hash_key is not set: card hashes in the decision log and the logs "
+                "are keyed per process, so they match neither other processes nor "
+                "this one after a restart"
+            )
         await self.models.start()
         if settings.kafka:
             # Idempotent: whichever process starts first creates the topics.

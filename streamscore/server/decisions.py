@@ -5,8 +5,8 @@ nothing else (no I/O, no await, never raises). One background task drains the de
 in batches to the ``streamscore-decisions`` topic (JSON, keyed by request id). When
 the broker is slow or down the deque fills and further decisions are dropped and
 counted, never queued without bound and never holding a Score call. Card ids are
-never written in clear: ``card_hash`` is a keyed-free blake2b digest, enough to
-join decisions of one card for labelling without exposing the number.
+never written in clear: ``card_hash`` is a keyed BLAKE2b digest (``logs.hash_id``),
+enough to join decisions of one card for labelling without exposing the number.
 """
 
 from __future__ import annotations
@@ -121,9 +121,15 @@ class DecisionLog:
                 ]
                 await asyncio.gather(*sends)
             except KafkaError as error:
-                # Lost for the log, never for the caller: count, back off, go on.
+                # Never the caller's problem: back off and send the batch again (some
+                # of it may have been stored: a consumer de-duplicates by request id
+                # and variant); what comes meanwhile queues, or is dropped when full.
                 self.failed += len(batch)
-                log.warning("decision log publish failed", extra={"error": repr(error)})
+                self._queue.extendleft(reversed(batch))
+                log.warning(
+                    "decision log publish failed, retrying",
+                    extra={"error": repr(error), "decisions": len(batch)},
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

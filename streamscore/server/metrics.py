@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from streamscore.server.fastmetrics import CounterChild, FastCounter, FastHistogram, HistogramChild
 
@@ -189,7 +189,7 @@ class ServerCollector:
     def __init__(self, server: Any) -> None:
         self.server = server
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         rollouts = self.server.rollouts
         if rollouts is not None:
             stats = GaugeMetricFamily(
@@ -207,21 +207,26 @@ class ServerCollector:
             )
             canary.add_metric([], state.canary_percent)
             yield canary
-            for name, help_, value in (
-                (
-                    "streamscore_rollout_rollbacks",
-                    "Canary rollbacks so far.",
-                    len(rollouts.rollbacks),
-                ),
-                (
-                    "streamscore_shadow_dropped",
-                    "Shadow requests dropped (queue full).",
-                    rollouts.shadow_dropped,
-                ),
-            ):
-                family = GaugeMetricFamily(name, help_)
-                family.add_metric([], value)
-                yield family
+            yield _counter(
+                "streamscore_rollout_rollbacks", "Canary rollbacks so far.", len(rollouts.rollbacks)
+            )
+            yield _counter(
+                "streamscore_shadow_dropped",
+                "Shadow requests dropped (queue full).",
+                rollouts.shadow_dropped,
+            )
+        decisions = self.server.decisions
+        if decisions is not None:
+            published = CounterMetricFamily(
+                "streamscore_decisions",
+                "Decisions for the decision log, by outcome: published; dropped (the "
+                "queue was full, or the log had stopped); failed (a publish failed; its "
+                "batch is retried, so a decision can be published after failing).",
+                labels=["outcome"],
+            )
+            for outcome in ("published", "dropped", "failed"):
+                published.add_metric([outcome], getattr(decisions, outcome))
+            yield published
         drift = GaugeMetricFamily(
             "streamscore_drift_psi",
             'PSI of each input feature and of the score (feature="score") over the '
@@ -233,7 +238,7 @@ class ServerCollector:
             "1 while a version's circuit breaker sends its calls to the fallback.",
             labels=["version"],
         )
-        breaker_opened = GaugeMetricFamily(
+        breaker_opened = CounterMetricFamily(
             "streamscore_backend_breaker_openings",
             "Times a version's circuit breaker opened.",
             labels=["version"],
@@ -279,17 +284,21 @@ class ServerCollector:
             yield in_flight
         replica = self.server.replica
         if replica is not None:
+            yield _counter(
+                "streamscore_replica_entries_folded", "Fold entries folded.", replica.entries_folded
+            )
+            yield _counter(
+                "streamscore_replica_bad_records",
+                "Unreadable entity-events records.",
+                replica.bad_records,
+            )
+            yield _counter(
+                "streamscore_replica_lean_fallbacks",
+                "Times the replica's lean fetch met an unclean answer and handed "
+                "fetching back to the consumer (tried again 30 s later).",
+                replica.lean_fallbacks,
+            )
             for name, help_, value in (
-                (
-                    "streamscore_replica_entries_folded",
-                    "Fold entries folded.",
-                    replica.entries_folded,
-                ),
-                (
-                    "streamscore_replica_bad_records",
-                    "Unreadable entity-events records.",
-                    replica.bad_records,
-                ),
                 (
                     "streamscore_replica_seconds_since_fetch",
                     "Feature freshness: seconds since the broker last answered a fetch "
@@ -312,18 +321,12 @@ class ServerCollector:
                     "(kafka_lean_fetch), 0 while the consumer's fetcher does.",
                     float(replica.fetching_lean),
                 ),
-                (
-                    "streamscore_replica_lean_fallbacks",
-                    "Times the replica's lean fetch met an unclean answer and handed "
-                    "fetching back to the consumer (tried again 30 s later).",
-                    replica.lean_fallbacks,
-                ),
                 ("streamscore_entities", "Entities held in memory.", len(self.server.store)),
             ):
                 family = GaugeMetricFamily(name, help_)
                 family.add_metric([], float(value))
                 yield family
-            outcomes = GaugeMetricFamily(
+            outcomes = CounterMetricFamily(
                 "streamscore_replica_fold_outcomes",
                 "Events folded into one entity each, by outcome: applied; duplicate (a "
                 "redelivery); too_late (older than the entity's newest event minus the "
@@ -334,3 +337,10 @@ class ServerCollector:
             for outcome, count in self.server.store.counts.items():
                 outcomes.add_metric([outcome.value], float(count))
             yield outcomes
+
+
+def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+    """A count that only grows, exported as a counter (``name`` + ``_total``)."""
+    family = CounterMetricFamily(name, help_)
+    family.add_metric([], float(value))
+    return family
