@@ -544,13 +544,21 @@ async def test_unreachable_deadline_at_submit() -> None:
     backend = FakeBackend([(0.0, "ok")])
     batcher = make(backend, predicted_s=0.01)
     await batcher.start()
-    for budget in (-1.0, 0.0, 0.005):
+    for budget in (-1.0, 0.0):
         with pytest.raises(DeadlineUnreachable) as caught:
             await batcher.submit(vector(0), batcher.clock() + budget)
         assert caught.value.stage == "submit"
         # What is left and what a call needs, never a negative time.
         assert "-" not in str(caught.value) and "0.012500s 'unit' needs" in str(caught.value)
     assert backend.calls == []
+    # Time left, but less than predicted, and nothing measured lately: one goes anyway,
+    # to measure the backend (here it is fast: the probe is answered in time).
+    assert await batcher.submit(vector(1), batcher.clock() + 0.005) == own_score(1)
+    assert [c.ids for c in backend.calls] == [[1]]
+    # Then none until PROBE_INTERVAL_S later (the seed still predicts 12.5 ms).
+    with pytest.raises(DeadlineUnreachable) as caught:
+        await batcher.submit(vector(2), batcher.clock() + 0.005)
+    assert caught.value.stage == "submit" and len(backend.calls) == 1
     await batcher.stop()
 
 
@@ -1158,11 +1166,79 @@ async def test_one_slow_call_does_not_refuse_requests_forever() -> None:
         backend.infer, name="unit", max_batch_size=1, max_queue=8, latency_model=model, n_inputs=K
     )
     await batcher.start()
+    # Nothing measured lately: the first goes anyway, a probe (answered: the fake is
+    # fast), the next is refused (the slow call is still in the window) ...
+    assert await batcher.submit(vector(0), batcher.clock() + 0.005) == own_score(0)
     with pytest.raises(DeadlineUnreachable):
-        await batcher.submit(vector(0), batcher.clock() + 0.005)
-    await asyncio.sleep(0.06)  # the slow measurement is now stale
-    assert await batcher.submit(vector(1), batcher.clock() + 0.005) == own_score(1)
+        await batcher.submit(vector(1), batcher.clock() + 0.005)
+    await asyncio.sleep(0.06)  # ... until the slow measurement is stale
+    assert await batcher.submit(vector(2), batcher.clock() + 0.005) == own_score(2)
     assert model.predict(1) < 0.005  # measured again, fast
+    await batcher.stop()
+
+
+async def test_a_slow_warm_up_does_not_refuse_requests_forever() -> None:
+    """Every warm-up call slow (a pause at start): the seeds stand in for buckets once
+    their observations expire, but not above what a fresh measurement of a smaller
+    batch says, scaled linearly, so requests reach the backend again."""
+    now = [0.0]  # the batcher's and the model's clock, moved by hand
+
+    def clock() -> float:
+        return now[0]
+
+    backend = FakeBackend([(0.0, "ok")], clock=clock)
+    model = seeded_model(8, 0.300, max_age_s=2.0, clock=clock)  # type: ignore[arg-type]
+    batcher = Batcher(
+        backend.infer,
+        name="unit",
+        max_batch_size=8,
+        max_queue=64,
+        latency_model=model,
+        n_inputs=K,
+        clock=clock,
+    )
+    await batcher.start()
+    now[0] = 10.0  # the warm-up's measurements are stale: they stand in, nothing fresher
+    assert await batcher.submit(vector(0), clock() + 0.05) == own_score(0)  # a probe
+    # Measured: a batch of one is predicted from the probe, the larger ones from it
+    # scaled (not from their 300 ms warm-ups).
+    tasks = [asyncio.create_task(batcher.submit(vector(i), clock() + 0.05)) for i in range(8)]
+    assert await asyncio.gather(*tasks) == [own_score(i) for i in range(8)]
+    assert model.predict(8) < 0.05
+    await batcher.stop()
+
+
+async def test_a_running_batch_is_not_held_to_predictions_since_expired() -> None:
+    """A batch dispatched under a stale slow prediction: a request arriving while it
+    runs is judged by the latest predictions, not refused as over capacity by the
+    old ones (a stream's messages were, with nothing queued)."""
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    backend = FakeBackend([(0.0, "ok")], clock=clock)
+    backend.gate = asyncio.Event()
+    model = LatencyModel(1, max_age_s=2.0, clock=clock)
+    model.observe(1, 0.200)  # a pause long ago
+    batcher = Batcher(
+        backend.infer,
+        name="unit",
+        max_batch_size=1,
+        max_queue=8,
+        latency_model=model,
+        n_inputs=K,
+        clock=clock,
+    )
+    await batcher.start()
+    now[0] = 10.0
+    first = asyncio.create_task(batcher.submit(vector(0), clock() + 30))
+    await asyncio.sleep(0)
+    assert batcher.in_flight == 1  # dispatched while 200 ms was still predicted
+    second = asyncio.create_task(batcher.submit(vector(1), clock() + 0.05))
+    await asyncio.sleep(0)
+    backend.gate.set()
+    assert await first == own_score(0) and await second == own_score(1)
     await batcher.stop()
 
 
@@ -1184,6 +1260,19 @@ def test_expired_buckets_fall_back_to_their_warm_up_measurement() -> None:
     plain.observe(8, 0.045)  # not a warm-up measurement: nothing stands in for it
     clock[0] = 40.0
     assert plain.expire() and plain.measured() == {}
+
+
+def test_a_seed_standing_in_is_capped_by_fresh_smaller_batches() -> None:
+    clock = [0.0]
+    model = LatencyModel(8, max_age_s=1.0, margin=1.0, clock=lambda: clock[0])
+    model.seed(1, 0.300)
+    model.seed(8, 0.400)  # a slow warm-up
+    clock[0] = 5.0
+    assert model.expire()
+    assert model.predict(1) == 0.300 and model.predict(8) == 0.400  # nothing fresher
+    model.observe(1, 0.002)  # measured lately: fast
+    assert model.predict(1) == 0.002
+    assert model.predict(8) == pytest.approx(0.016)  # 8 x the fresh batch of one
 
 
 def test_expire_drops_only_old_observations() -> None:

@@ -424,3 +424,28 @@ async def test_a_canary_at_100_percent_is_judged_against_the_primarys_recent_ans
         assert status.rollout.canary_percent == 0
         [event] = status.rollbacks
         assert event.automatic and "p99" in event.reason, event.reason
+
+
+async def test_a_backend_that_hangs_opens_the_breaker(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that stops answering (a hung Triton, not a dead one) fails every call
+    at its deadline: after breaker_failures of them the breaker opens and calls go
+    straight to the fallback, instead of each waiting its whole budget."""
+    from streamscore.server.batcher import DeadlineUnreachable
+
+    async with serving(trained_model, tmp_path, budget_ms=20.0) as (scoring, _, server, _):
+        primary = server.rollouts.primary_model()
+        calls = 0
+
+        async def hung(vector: object, deadline: float) -> float:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(max(0.0, deadline - primary.batcher.clock()))
+            raise DeadlineUnreachable("in_flight", "the backend is slower than the deadline")
+
+        monkeypatch.setattr(primary.batcher, "submit", hung)
+        answers = [await scoring.Score(request(i, f"card-{i}"), timeout=5) for i in range(12)]
+        assert all(list(a.degraded) == [pb.DEADLINE_FALLBACK] for a in answers[:5])
+        assert all(list(a.degraded) == [pb.FALLBACK_MODEL] for a in answers[5:])
+        assert calls == 5 and primary.breaker.state != "closed"

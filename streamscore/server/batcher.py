@@ -116,6 +116,9 @@ _SINGLE_CAP = 4.0
 # spans 256 calls (at most ``max_age_s``), while the observation (a sorted window,
 # often a rebuild of the predictions) cost more than the call it measures.
 ALONE_SAMPLE_EVERY = 4
+# While predictions refuse every request, one request this often goes to an idle
+# backend anyway, to measure it again (``Batcher._probe_due``).
+PROBE_INTERVAL_S = 0.5
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
@@ -207,7 +210,9 @@ class LatencyModel:
     one slow call (a cold start, a pause) could predict "too slow for the budget"
     forever: nothing would be dispatched, so nothing would ever be measured again. A
     bucket whose observations all expired falls back to its warm-up measurement
-    (:meth:`seed`), if it had one.
+    (:meth:`seed`), if it had one, but never above what the nearest bucket below with
+    observations of its own gives scaled linearly to its size: a warm-up that was slow
+    (a pause at start) must not outlive the evidence that the backend is fast.
     """
 
     def __init__(
@@ -219,7 +224,7 @@ class LatencyModel:
         margin: float = 1.25,
         extra_s: float = 0.0,
         default_s: float = 0.0,
-        max_age_s: float = 10.0,
+        max_age_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1 or window < 1 or not 0.0 < quantile <= 1.0:
@@ -238,6 +243,7 @@ class LatencyModel:
         self._sorted: list[list[float]] = [[] for _ in range(n_buckets)]  # same, in order
         self._estimates: list[float | None] = [None] * n_buckets
         self._seeds: list[float | None] = [None] * n_buckets  # see ``seed``
+        self._standing_in = [False] * n_buckets  # the estimate is the seed's
         # Index of the quantile in a sorted window, by the window's length: computed
         # once, not per observation.
         self._rank = [max(0, min(n - 1, math.ceil(quantile * n) - 1)) for n in range(window + 1)]
@@ -271,9 +277,11 @@ class LatencyModel:
     def _update(self, b: int) -> bool:
         ordered = self._sorted[b]
         estimate = ordered[self._rank[len(ordered)]] if ordered else self._seeds[b]
-        if estimate == self._estimates[b]:
+        standing_in = not ordered and estimate is not None
+        if estimate == self._estimates[b] and standing_in == self._standing_in[b]:
             return False
         self._estimates[b] = estimate
+        self._standing_in[b] = standing_in
         self._rebuild()
         return True
 
@@ -309,8 +317,23 @@ class LatencyModel:
     def _bucket(self, batch_size: int) -> int:
         return min(max(batch_size, 1).bit_length(), len(self._estimates)) - 1
 
+    def _capped_estimates(self) -> list[float | None]:
+        """The estimates, a seed standing in capped at linear scaling from the nearest
+        bucket below with observations of its own."""
+        capped: list[float | None] = []
+        fresh: tuple[int, float] | None = None  # (bucket, estimate) measured lately
+        for b, estimate in enumerate(self._estimates):
+            if estimate is None:
+                pass
+            elif not self._standing_in[b]:
+                fresh = (b, estimate)
+            elif fresh is not None:
+                estimate = min(estimate, fresh[1] * (1 << b) / (1 << fresh[0]))
+            capped.append(estimate)
+        return capped
+
     def _rebuild(self) -> None:
-        known = [(b, e) for b, e in enumerate(self._estimates) if e is not None]
+        known = [(b, e) for b, e in enumerate(self._capped_estimates()) if e is not None]
         lines: list[tuple[int, float, float]] = []
         low: float | None = None  # running max of the estimates at or below the bucket
         anchor = 0  # the highest measured bucket at or below
@@ -373,7 +396,7 @@ async def warm_up(
 
 
 class _Request:
-    __slots__ = ("arrival", "deadline", "future", "queued", "vector")
+    __slots__ = ("arrival", "deadline", "future", "probe", "queued", "vector")
 
     def __init__(
         self, vector: Row, deadline: float, future: asyncio.Future[float], arrival: float
@@ -384,14 +407,17 @@ class _Request:
         self.arrival = arrival
         # True while in the queue (the heap may still hold it after, lazily skipped).
         self.queued = True
+        # Sent although predicted to miss its deadline, to measure the backend again
+        # (``submit``): never refused for that prediction.
+        self.probe = False
 
 
 class _Batch:
-    __slots__ = ("expected_end", "guard", "next_expiry", "requests")
+    __slots__ = ("guard", "next_expiry", "requests", "started")
 
-    def __init__(self, requests: list[_Request], expected_end: float) -> None:
+    def __init__(self, requests: list[_Request], started: float) -> None:
         self.requests = requests  # in deadline order
-        self.expected_end = expected_end
+        self.started = started  # its end is predicted from the latest measurements
         self.guard: asyncio.TimerHandle | None = None
         self.next_expiry = 0
 
@@ -461,6 +487,7 @@ class Batcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._last_measured = -math.inf  # when a backend call last ended (``_probe_due``)
 
         self._m_size = metrics.BATCH_SIZE.labels(name)
         self._m_wait = metrics.BATCH_QUEUE_WAIT.labels(name)
@@ -598,13 +625,20 @@ class Batcher:
         one = model.predict(1)
         if now + one > deadline and model.expire():
             one = model.predict(1)  # stale measurements no longer refuse it
+        probe = False
         if now + one > deadline:
-            self._m_shed["deadline_submit"].inc()
-            raise DeadlineUnreachable(
-                "submit",
-                f"{max(deadline - now, 0.0):.6f}s left is less than the {one:.6f}s "
-                f"{self.name!r} needs",
-            )
+            if not (now < deadline and self._probe_due(now)):
+                self._m_shed["deadline_submit"].inc()
+                raise DeadlineUnreachable(
+                    "submit",
+                    f"{max(deadline - now, 0.0):.6f}s left is less than the {one:.6f}s "
+                    f"{self.name!r} needs",
+                )
+            # Nothing measured for a while, and the backend idle: this one goes, so
+            # that a prediction from a slow moment (a stall, a slow warm-up) is
+            # measured again instead of refusing every request until it expires.
+            probe = True
+            self._last_measured = now
         if (
             not self._queued
             and not self._running
@@ -619,13 +653,11 @@ class Batcher:
         # When it would start: after a slot frees and the full batches queued ahead of
         # it have run (every queued request counts as ahead: exact with one budget for
         # all, pessimistic for a caller with a tighter deadline, which EDF serves first).
-        start = now
-        if len(self._running) >= self.max_concurrent_batches:
-            start = max(now, min(batch.expected_end for batch in self._running))
-        ahead = self._queued // self.max_batch_size
-        if ahead:
-            start += ahead * model.predict(self.max_batch_size) / self.max_concurrent_batches
-        if start + one > deadline:
+        start = self._start_estimate(now)
+        if not probe and start + one > deadline and model.expire():
+            one = model.predict(1)  # stale measurements no longer refuse it
+            start = self._start_estimate(now)
+        if not probe and start + one > deadline:
             self._m_shed["overloaded"].inc()
             raise Overloaded(
                 f"over capacity: {self._queued} queued for {self.name!r} would take it "
@@ -633,6 +665,7 @@ class Batcher:
             )
         assert self._loop is not None
         request = _Request(vector, deadline, self._loop.create_future(), now)
+        request.probe = probe
         if self._queued == 0:
             self._window_start = now
         self._queued += 1
@@ -648,6 +681,32 @@ class Batcher:
                 if len(self._heap) > 2 * self._queued + 64:
                     self._compact()
             raise
+
+    def _start_estimate(self, now: float) -> float:
+        """When a request submitted now would start: after a slot frees and the full
+        batches queued ahead of it have run (every queued request counts as ahead:
+        exact with one budget for all, pessimistic for a caller with a tighter
+        deadline, which EDF serves first). From the latest predictions: a batch
+        dispatched under predictions since expired is not held to them."""
+        model = self.latency_model
+        start = now
+        if len(self._running) >= self.max_concurrent_batches:
+            start = max(
+                now,
+                min(b.started + model.predict(len(b.requests)) for b in self._running),
+            )
+        ahead = self._queued // self.max_batch_size
+        if ahead:
+            start += ahead * model.predict(self.max_batch_size) / self.max_concurrent_batches
+        return start
+
+    def _probe_due(self, now: float) -> bool:
+        """Whether a request predicted to miss (with time left) may go anyway, to
+        measure the backend: nothing queued or running, and nothing measured for
+        ``PROBE_INTERVAL_S``."""
+        return (
+            not self._queued and not self._running and now - self._last_measured >= PROBE_INTERVAL_S
+        )
 
     # -- decisions -----------------------------------------------------------------
 
@@ -673,7 +732,7 @@ class Batcher:
         model = self.latency_model
         one = model.predict(1)
         # Queued requests that could not make it even alone, now.
-        while (top := self._top()) is not None and now + one > top.deadline:
+        while (top := self._top()) is not None and now + one > top.deadline and not top.probe:
             heapq.heappop(self._heap)
             top.queued = False
             self._queued -= 1
@@ -765,7 +824,7 @@ class Batcher:
             if not requests or self._call_inline(requests):
                 return
             admitted = True  # the backend wants its thread now: a task awaits it
-        batch = _Batch(requests, now + self.latency_model.predict(len(requests)))
+        batch = _Batch(requests, now)
         self._running.add(batch)
         assert self._loop is not None
         task = self._loop.create_task(self._run(batch, admitted))
@@ -806,7 +865,7 @@ class Batcher:
         model = self.latency_model
         one = model.predict(1)
         n, k = len(live), 0
-        while k < n and now + one > live[k].deadline:
+        while k < n and now + one > live[k].deadline and not live[k].probe:
             self._answer_error(
                 live[k],
                 DeadlineUnreachable("dispatch", "cannot finish by the deadline"),
@@ -963,6 +1022,7 @@ class Batcher:
         right count of scores (and is sampled), the latency model's sample; the clock
         when it ended."""
         ended = self.clock()
+        self._last_measured = ended
         elapsed = ended - started
         self._m_backend.observe(elapsed)
         if counted:

@@ -47,6 +47,9 @@ log = logging.getLogger("streamscore.scoring")
 
 # ScoreStream: messages read and being scored ahead of the one being answered.
 STREAM_READ_AHEAD = 64
+# What the batcher leaves of a call's budget for the fallback, under the fallback
+# policy: the in-process ONNX fallback takes well under a millisecond.
+FALLBACK_RESERVE_S = 0.001
 READ_AHEAD_TASK = "ScoreStream read-ahead"
 # (request id, when it was read on time.perf_counter, its answer's bytes to come)
 _StreamItem = tuple[str, float, "asyncio.Future[bytes]"]
@@ -314,12 +317,22 @@ class ScoringService(pb_grpc.ScoringServicer):
         batcher's deadline is the call's (``budget_end``, on ``perf_counter_ns``): what
         the features and any failed try of a canary took is no longer left."""
         budget = (budget_end - time.perf_counter_ns()) / 1e9
+        if self.deadline_fallback:
+            # The batcher gives up a little before the end, so that the fallback
+            # computed then still reaches a caller whose deadline is the budget's.
+            budget -= FALLBACK_RESERVE_S
         breaker = served.breaker
         if breaker.allow():
             try:
                 score = await served.batcher.submit(vector, served.batcher.clock() + budget)
-            except DeadlineUnreachable:
-                breaker.release()
+            except DeadlineUnreachable as missed:
+                # A backend that did not answer in time counts as failing (a hung one
+                # must open the breaker, not cost every call its whole budget); one
+                # predicted to miss says nothing new about it.
+                if missed.stage == "in_flight":
+                    breaker.record_failure()
+                else:
+                    breaker.release()
                 if not self.deadline_fallback:
                     raise
                 reason, error = pb.DEADLINE_FALLBACK, "deadline"
