@@ -495,12 +495,16 @@ def _operator_error(error: Exception) -> str | None:
     import grpc
     from aiokafka.errors import KafkaError
 
+    from streamscore.server.backends.base import BackendUnavailable
+
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
         return f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
     if isinstance(error, OSError):
         return f"{type(error).__name__}: {error}"
     if isinstance(error, KafkaError):
         return f"Kafka: {error}"
+    if isinstance(error, BackendUnavailable):  # Triton not there (yet): restart later
+        return f"model backend unavailable: {error}"
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return f"{error.code().name}: {error.details()}"
     if isinstance(error, RuntimeError) and "Failed to bind" in str(error):

@@ -3,10 +3,13 @@ card numbers never appear in clear (hashed)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import logging
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -20,6 +23,8 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.logs import JsonFormatter, hash_id
 from streamscore.server.app import ScoringServer
+from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.topics import TopicLayout
 
 CARD = "4111111111111111"  # a card number, as a careless client might send
 
@@ -55,6 +60,11 @@ async def test_logs_are_json_name_the_request_and_hash_the_card(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Score(score_request("r-bad-amount", amount_minor=-1), timeout=5)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            stream = stub.ScoreStream(iter([score_request("r-stream-bad", amount_minor=-1)]))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in stream:
+                    pass
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop()
         root.removeHandler(handler)
@@ -73,6 +83,7 @@ async def test_logs_are_json_name_the_request_and_hash_the_card(
     assert "model backend failed, using the fallback" in broken
     assert "fallback model failed" in broken
     assert [e["code"] for e in by_request["r-bad-amount"]] == ["INVALID_ARGUMENT"]
+    assert [e["code"] for e in by_request["r-stream-bad"]] == ["INVALID_ARGUMENT"]
     # Lines outside any request carry no request fields.
     assert any("request_id" not in e for e in entries)
     # Extras with non-string keys are logged too (warm-up time per batch size).
@@ -99,3 +110,27 @@ def test_card_hashes_are_keyed_so_card_numbers_cannot_be_tried(
     assert hash_id(card) == shared  # stable
     logs.set_hash_key("another secret")
     assert hash_id(card) != shared
+
+
+async def test_the_worker_writes_only_json_lines(tmp_path: Path) -> None:
+    """stdout and stderr merged, as a container runtime does: every line is JSON (Faust's
+    progress spinner wrote terminal escapes to stdout, corrupting the next line)."""
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "streamscore",
+            "worker",
+            "--kafka",
+            broker.bootstrap,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        await asyncio.sleep(6)  # joined its group, routing
+        worker.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(worker.communicate(), 60)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines and worker.returncode == 0
+    for line in lines:
+        orjson.loads(line)  # raises on anything else

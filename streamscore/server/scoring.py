@@ -457,6 +457,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             validate_score_request(request, replay=self.replay)
         except ServingError as error:
+            # Its refusal's log line names it, as a unary call's does (score() sets it).
+            CURRENT_REQUEST.set((request.request_id, getattr(request, "card_id", "") or ""))
             refused: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             refused.set_exception(error)
             return request.request_id, started, refused

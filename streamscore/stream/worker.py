@@ -233,4 +233,7 @@ def run_worker(
         worker = faust.Worker(
             app, loglevel=loglevel, quiet=True, override_logging=False, redirect_stdouts=False
         )
+        # Its progress spinner writes terminal escapes to stdout even when stdout is no
+        # terminal: with stdout and stderr merged (a container) they corrupt a JSON line.
+        worker.spinner = None
         worker.execute_from_commandline()
