@@ -449,3 +449,17 @@ async def test_a_backend_that_hangs_opens_the_breaker(
         assert all(list(a.degraded) == [pb.DEADLINE_FALLBACK] for a in answers[:5])
         assert all(list(a.degraded) == [pb.FALLBACK_MODEL] for a in answers[5:])
         assert calls == 5 and primary.breaker.state != "closed"
+
+
+async def test_a_version_that_fails_to_load_is_refused_without_the_repositorys_path(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    async with serving(trained_model, tmp_path) as (_, admin, _, repository):
+        add_version(repository, 9)
+        (repository / MODEL / "9" / "model.onnx").write_bytes(b"not an onnx model")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await set_rollout(admin, shadow_versions=["9"])
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = caught.value.details() or ""
+        assert "rollout not changed" in details and str(repository) not in details, details
+        assert "<model repository>" in details, details

@@ -51,12 +51,19 @@ class AdminService(apb_grpc.AdminServicer):
         except InvalidRequest as error:
             await context.abort(error.code, str(error))
         except (ValueError, KeyError, FileNotFoundError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._public(error))
         except Exception as error:  # a version that fails to load or warm up
             log.exception("rollout change failed")
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"rollout not changed: {error}"
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"rollout not changed: {self._public(error)} (the server's log has more)",
             )
+
+    def _public(self, error: BaseException) -> str:
+        """An error's text without the repository's path, which is no caller's business
+        (a load error of onnxruntime names the model file)."""
+        repository = str(self.rollouts.registry.repository)
+        return str(error).replace(repository, "<model repository>")
 
     def status(self) -> apb.RolloutStatus:
         state = self.rollouts.state
