@@ -463,3 +463,32 @@ async def test_a_version_that_fails_to_load_is_refused_without_the_repositorys_p
         details = caught.value.details() or ""
         assert "rollout not changed" in details and str(repository) not in details, details
         assert "<model repository>" in details, details
+
+
+async def test_shadow_comparisons_start_again_when_the_primary_changes(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Pairs against the old primary, at its thresholds, say nothing of the new one; and
+    a shadow's counts are per request, as a canary's are, not per backend call."""
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, repository):
+        add_version(repository, 5)
+        await set_rollout(admin, canary_version="2", canary_percent=50, shadow_versions=["5"])
+
+        async def shadow_stats(at_least: float) -> dict[str, float]:
+            for _ in range(100):
+                status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+                [stats] = [c.stats for c in status.candidates if c.variant == "shadow"]
+                if stats["compared"] >= at_least:
+                    return dict(stats)
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"shadow compared {stats['compared']} < {at_least}")
+
+        answers = await drive(scoring, cards=60, rounds=1)
+        before = [a for a in answers if a.model.variant == pb.PRIMARY]
+        stats = await shadow_stats(len(before))
+        assert stats["requests"] == stats["compared"] == len(before)
+        await admin.Promote(apb.PromoteRequest(), metadata=AUTH)
+        assert server.rollouts.primary_model().metadata.version == "2"
+        after = await drive(scoring, cards=30, rounds=1)
+        stats = await shadow_stats(1)
+        assert stats["compared"] <= len(after), (stats, len(after))  # none from before

@@ -110,6 +110,7 @@ class _Candidate:
     variant: str
     comparison: PairComparison
     window: LatencyErrorWindow
+    primary: str = ""  # the primary version it is compared with
     errors: int = 0
     answered: int = 0
 
@@ -263,10 +264,11 @@ class RolloutManager:
             except Exception:
                 candidate.errors += len(chunk)
                 if variant == "shadow":
-                    candidate.window.add(time.perf_counter() - started, False)
+                    candidate.window.add_many(time.perf_counter() - started, False, len(chunk))
                 continue
             if variant == "shadow":
-                candidate.window.add(time.perf_counter() - started, True)
+                # Per request, as a canary's are: each waited for the whole call.
+                candidate.window.add_many(time.perf_counter() - started, True, len(chunk))
                 for item, score in zip(chunk, scores.tolist(), strict=True):
                     candidate.comparison.observe(item.reference_score, score)
                     if self.decisions is not None:
@@ -278,8 +280,13 @@ class RolloutManager:
     def _candidate(self, version: str, variant: str) -> _Candidate:
         key = (version, variant)
         candidate = self._candidates.get(key)
+        primary_model = self.primary_model()
+        if candidate is not None and candidate.primary != primary_model.metadata.version:
+            # The primary changed (a promote, a hot reload): pairs against the old one,
+            # at its thresholds, say nothing about this one; start again.
+            candidate = None
         if candidate is None:
-            primary = self.primary_model().metadata.thresholds
+            primary = primary_model.metadata.thresholds
             try:
                 thresholds = self.registry.get(self.registry.name, version).metadata.thresholds
             except KeyError:
@@ -289,6 +296,7 @@ class RolloutManager:
                 variant,
                 PairComparison(primary, thresholds, window=self.window),
                 LatencyErrorWindow(self.window),
+                primary=primary_model.metadata.version,
             )
         return candidate
 

@@ -68,6 +68,11 @@ class LatencyErrorWindow:
         self._failures.append(not ok)
         self._failed += not ok
 
+    def add_many(self, latency_s: float, ok: bool, count: int) -> None:
+        """``count`` answers of the same call (a batch)."""
+        for _ in range(count):
+            self.add(latency_s, ok)
+
     @property
     def count(self) -> int:
         return len(self._latencies)
