@@ -492,3 +492,101 @@ async def test_shadow_comparisons_start_again_when_the_primary_changes(
         after = await drive(scoring, cards=30, rounds=1)
         stats = await shadow_stats(1)
         assert stats["compared"] <= len(after), (stats, len(after))  # none from before
+
+
+@contextlib.asynccontextmanager
+async def server_on(
+    repository: Path, **overrides: object
+) -> AsyncIterator[tuple[pb_grpc.ScoringStub, apb_grpc.AdminStub, ScoringServer]]:
+    """A server on an existing repository, as another process of the host would be."""
+    settings = Settings(
+        port=0,
+        model_repository=repository,
+        admin_token=TOKEN,
+        model_reload_interval_s=0.1,
+        rollback_min_requests=30,
+    ).override(dict(overrides))
+    server = ScoringServer(settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield pb_grpc.ScoringStub(channel), apb_grpc.AdminStub(channel), server
+    finally:
+        await server.stop()
+
+
+async def test_a_rollout_change_reaches_every_process_and_survives_a_restart(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """serve --workers N: an Admin call reaches one process; the others adopt its
+    change from the rollout's file within a poll, and a stale generation is refused
+    whichever process it reaches. A restart with the same settings keeps a promote
+    and the rollbacks; other settings are a change, applied."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    async with (
+        server_on(repository) as (_, admin_a, _),
+        server_on(repository) as (
+            scoring_b,
+            admin_b,
+            server_b,
+        ),
+    ):
+        status = await admin_a.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        generation = status.rollout.generation
+        changed = await admin_a.SetRollout(
+            apb.SetRolloutRequest(
+                rollout=apb.Rollout(primary_version="1", canary_version="2", canary_percent=100),
+                expected_generation=generation,
+            ),
+            metadata=AUTH,
+        )
+        for _ in range(50):
+            if server_b.rollouts.state.generation == changed.rollout.generation:
+                break
+            await asyncio.sleep(0.05)
+        reply = await scoring_b.Score(request(1, "card-1"))
+        assert (reply.model.version, reply.model.variant) == ("2", pb.CANARY)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # read before A's change
+            await admin_b.SetRollout(
+                apb.SetRolloutRequest(
+                    rollout=apb.Rollout(primary_version="1"), expected_generation=generation
+                ),
+                metadata=AUTH,
+            )
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await admin_b.Rollback(apb.RollbackRequest(reason="chargebacks"), metadata=AUTH)
+        await admin_b.Promote(apb.PromoteRequest(), metadata=AUTH)
+    async with server_on(repository) as (scoring, admin, _):  # restarted, same settings
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.primary_version == "2" and not status.rollout.canary_version
+        assert [r.reason for r in status.rollbacks] == ["chargebacks"]
+        reply = await scoring.Score(request(2, "card-2"))
+        assert (reply.model.version, reply.model.variant) == ("2", pb.PRIMARY)
+    async with server_on(repository, model_version="1") as (scoring, admin, _):  # new settings
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.primary_version == "1"
+
+
+async def test_a_pinned_primary_keeps_answering_when_a_newer_version_appears(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A rollout that names its primary: a hot reload of the repository's highest
+    version must not replace it (Score answered the new version while the rollout
+    still named the old one)."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    async with server_on(repository) as (scoring, admin, server):
+        await set_rollout(admin)  # primary "1", named
+        reloads = server.models.reloads
+        add_version(repository, 2)
+        for _ in range(50):
+            if server.models.reloads > reloads:
+                break
+            await asyncio.sleep(0.05)
+        assert server.models.primary.metadata.version == "2"  # the registry reloaded
+        reply = await scoring.Score(request(1, "card-1"))
+        assert reply.model.version == "1"
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.primary_version == "1"

@@ -25,6 +25,7 @@ from streamscore.server.metrics import ServerCollector
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.rollout_stats import RollbackPolicy
+from streamscore.server.rollout_store import FILE_NAME, RolloutFile
 from streamscore.server.scoring import ScoringService, add_scoring_service
 from streamscore.server.tracing import ScoreTracer
 from streamscore.stream.broker import create_topics
@@ -122,6 +123,8 @@ class ScoringServer:
                 max_p99_ratio=settings.rollback_p99_ratio,
                 max_p99_margin_s=settings.rollback_p99_margin_ms / 1000,
             ),
+            state_file=RolloutFile(settings.model_repository / settings.model_name / FILE_NAME),
+            poll_s=settings.model_reload_interval_s or 1.0,
         )
         await self.rollouts.start(
             RolloutState(

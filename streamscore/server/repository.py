@@ -293,6 +293,9 @@ class ModelRegistry:
         self._retiring: set[asyncio.Task[None]] = set()
         self._others: dict[tuple[str, str], ServedModel] = {}
         self._lock = asyncio.Lock()  # one load/swap at a time (watcher, reload, load)
+        # Versions a hot reload must not stop when it replaces the primary: the
+        # rollout's (RolloutManager sets it); they stay loaded, as by ``load``.
+        self.keep: Callable[[str], bool] = lambda version: False
 
     @property
     def primary(self) -> ServedModel:
@@ -381,7 +384,9 @@ class ModelRegistry:
         self._fingerprint = fingerprint
         self.reloads += 1
         log.info("model swapped", extra={"version": new.metadata.version})
-        if old is not None:
+        if old is not None and old.key != new.key and self.keep(old.metadata.version):
+            self._others[old.key] = old  # the rollout still uses it
+        elif old is not None:
             task = asyncio.create_task(old.stop(), name="retire-model")
             self._retiring.add(task)
             task.add_done_callback(self._retired)

@@ -38,6 +38,7 @@ from streamscore.server.rollout_stats import (
     RollbackPolicy,
     in_canary,
 )
+from streamscore.server.rollout_store import RolloutFile
 from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.rollout")
@@ -47,6 +48,8 @@ log = logging.getLogger("streamscore.rollout")
 # and the Score path gets the loop and the core between rounds.
 SHADOW_BATCH = 256
 SHADOW_LINGER_S = 0.01
+# Rollback records kept in the rollout's file.
+ROLLBACKS_KEPT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,16 @@ class _Candidate:
     answered: int = 0
 
 
+def _settings_of(state: RolloutState) -> dict[str, object]:
+    """A rollout from settings, as stored (JSON: shadows a list), no generation."""
+    return {
+        "primary": state.primary,
+        "canary": state.canary,
+        "canary_percent": state.canary_percent,
+        "shadows": list(state.shadows),
+    }
+
+
 class RolloutManager:
     def __init__(
         self,
@@ -123,8 +136,14 @@ class RolloutManager:
         policy: RollbackPolicy | None = None,
         window: int = 2000,
         shadow_queue: int = 1000,
+        state_file: RolloutFile | None = None,
+        poll_s: float = 1.0,
     ) -> None:
         self.registry = registry
+        # Shared with the host's other server processes, and kept across restarts
+        # (rollout_store.py); None: this process's alone.
+        self.state_file = state_file
+        self.poll_s = poll_s
         self.policy = policy or RollbackPolicy()
         self.window = window
         self.state = RolloutState()
@@ -137,13 +156,37 @@ class RolloutManager:
         self._candidates: dict[tuple[str, str], _Candidate] = {}
         self._queue: asyncio.Queue[_ShadowItem] = asyncio.Queue(shadow_queue)
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._saving: set[asyncio.Task[None]] = set()  # automatic rollbacks being written
         self._change = asyncio.Lock()
+        self._initial = RolloutState()  # the settings' rollout (``start``)
+        self._stored_settings: object = None  # the stored rollout's (``_read_stored``)
+        # A version the rollout uses stays loaded when a hot reload replaces the
+        # registry's primary (a pinned primary, then, keeps answering).
+        registry.keep = self._in_use
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, initial: RolloutState | None = None) -> None:
-        if initial is not None:
-            await self.set(initial)
+        """Start from ``initial`` (the settings' rollout), or from the stored rollout
+        when that was started from the same settings (another process of the host
+        wrote it, or this one before a restart, with what changed it since: promotes,
+        rollbacks). Settings that differ from the stored ones are a change, applied."""
+        self._initial = initial or RolloutState()
+        async with self._change, self._file_lock():
+            stored = self._read_stored()
+            if stored is not None:
+                await self._adopt(*stored)
+            if stored is None or self._stored_settings != _settings_of(self._initial):
+                await self._apply(
+                    dataclasses.replace(self._initial, generation=self.state.generation)
+                )
+                self._save()
+            elif self.state.generation:
+                log.info(
+                    "rollout from its file (the same settings, changed since)",
+                    extra={"rollout": dataclasses.asdict(self.state)},
+                )
         self._task = start_background(
             self._shadow_worker(),
             name="shadow-worker",
@@ -151,10 +194,111 @@ class RolloutManager:
             failure="shadow worker stopped; shadows are dropped",
             on_failure=self._failed,
         )
+        if self.state_file is not None and self.poll_s > 0:
+            self._follower = start_background(
+                self._follow(),
+                name="rollout-follower",
+                log=log,
+                failure="rollout follower stopped; other processes' changes are not seen",
+                on_failure=self._failed,
+            )
 
     async def stop(self) -> None:
+        follower, self._follower = self._follower, None
+        await cancel_and_wait(follower)
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        for saving in list(self._saving):
+            await cancel_and_wait(saving)
+
+    # -- the shared state (rollout_store.py) -----------------------------------------------
+
+    def _in_use(self, version: str) -> bool:
+        state = self.state
+        return version in (state.primary, state.canary, *state.shadows)
+
+    def _file_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.state_file is None:
+            return contextlib.nullcontext()
+        return self.state_file.locked()
+
+    def _read_stored(self) -> tuple[RolloutState, list[RollbackRecord]] | None:
+        if self.state_file is None:
+            return None
+        try:
+            data = self.state_file.read()
+            if data is None:
+                return None
+            state = RolloutState(
+                primary=str(data.get("primary", "")),
+                canary=str(data.get("canary", "")),
+                canary_percent=float(data.get("canary_percent", 0.0)),
+                shadows=tuple(str(v) for v in data.get("shadows", ())),
+                generation=int(data["generation"]),
+            )
+            rollbacks = [RollbackRecord(**record) for record in data.get("rollbacks", ())]
+            self._stored_settings = data.get("settings")
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            log.error("rollout file unreadable: ignored", extra={"error": str(error)})
+            return None
+        return state, rollbacks
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        data = {
+            **dataclasses.asdict(self.state),
+            "rollbacks": [dataclasses.asdict(r) for r in self.rollbacks[-ROLLBACKS_KEPT:]],
+            # The settings' rollout it started from: other settings at a start are a
+            # change to apply, the same ones a restart that keeps what changed since.
+            "settings": _settings_of(self._initial),
+        }
+        try:
+            self.state_file.write(data)
+        except OSError as error:
+            # A read-only repository: the rollout stays this process's alone.
+            log.warning(
+                "rollout not saved: it is this process's alone, and lost at restart",
+                extra={"error": str(error)},
+            )
+            self.state_file = None
+
+    async def _sync(self) -> None:
+        """Adopt the stored rollout when another process changed it."""
+        stored = self._read_stored()
+        if stored is not None and stored[0].generation != self.state.generation:
+            await self._adopt(*stored)
+
+    async def _adopt(self, state: RolloutState, rollbacks: list[RollbackRecord]) -> None:
+        current = self.state
+        name = self.registry.name
+        for version in sorted({v for v in (state.primary, state.canary, *state.shadows) if v}):
+            if self.registry.primary.metadata.version != version:
+                await self.registry.load(name, version)
+        self.state = state
+        self.rollbacks = list(rollbacks)
+        self._fresh_canary(current, state)
+        log.info("rollout adopted", extra={"rollout": dataclasses.asdict(state)})
+        await self._unload_unused(
+            {v for v in (current.primary, current.canary, *current.shadows) if v}
+        )
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                async with self._change:
+                    await self._sync()
+            except Exception:
+                log.exception("could not adopt the stored rollout; trying again")
+
+    async def _save_rollback(self, generation_before: int) -> None:
+        """Store an automatic rollback, unless the stored rollout moved on meanwhile
+        (another process's change, or its own rollback of the same canary)."""
+        async with self._change, self._file_lock():
+            stored = self._read_stored()
+            if stored is None or stored[0].generation == generation_before:
+                self._save()
 
     def _failed(self, exc: BaseException) -> None:
         self.failure = exc
@@ -303,40 +447,47 @@ class RolloutManager:
     # -- changes (Admin) ---------------------------------------------------------------------
 
     async def set(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
-        async with self._change:
-            current = self.state
-            if expected_generation and expected_generation != current.generation:
-                raise RolloutConflict(
-                    f"rollout is at generation {current.generation}, not {expected_generation}"
-                )
-            name = self.registry.name
-            wanted = {v for v in (new.primary, new.canary, *new.shadows) if v}
-            for version in sorted(wanted):
-                if self.registry.primary.metadata.version != version:
-                    await self.registry.load(name, version)  # loads and warms up first
-            if self.state is not current:
-                # An automatic rollback landed while the versions loaded: writing this
-                # change over it would undo it (with the same generation number).
-                await self._unload_unused(wanted)
-                raise RolloutConflict(
-                    f"rollout changed (generation {self.state.generation}) while versions "
-                    "loaded, by an automatic rollback: read it and try again"
-                )
-            state = dataclasses.replace(new, generation=current.generation + 1)
-            self.state = state  # the atomic switch
-            # A new canary, or one enabled again after a rollback, starts a fresh
-            # comparison (the old window would roll it back again at once). The
-            # primary's window stays: its recent answers are the baseline, also for
-            # a canary at 100 %, which leaves the primary no live answers.
-            if state.canary != current.canary or (
-                state.canary_percent and not current.canary_percent
-            ):
-                self._candidates.pop((current.canary, "canary"), None)
-            log.info("rollout changed", extra={"rollout": dataclasses.asdict(state)})
-            await self._unload_unused(
-                {v for v in (current.primary, current.canary, *current.shadows) if v}
-            )
+        async with self._change, self._file_lock():
+            await self._sync()  # another process's change first: the generation is its
+            state = await self._apply(new, expected_generation)
+            self._save()
             return state
+
+    async def _apply(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
+        current = self.state
+        if expected_generation and expected_generation != current.generation:
+            raise RolloutConflict(
+                f"rollout is at generation {current.generation}, not {expected_generation}"
+            )
+        name = self.registry.name
+        wanted = {v for v in (new.primary, new.canary, *new.shadows) if v}
+        for version in sorted(wanted):
+            if self.registry.primary.metadata.version != version:
+                await self.registry.load(name, version)  # loads and warms up first
+        if self.state is not current:
+            # An automatic rollback landed while the versions loaded: writing this
+            # change over it would undo it (with the same generation number).
+            await self._unload_unused(wanted)
+            raise RolloutConflict(
+                f"rollout changed (generation {self.state.generation}) while versions "
+                "loaded, by an automatic rollback: read it and try again"
+            )
+        state = dataclasses.replace(new, generation=current.generation + 1)
+        self.state = state  # the atomic switch
+        self._fresh_canary(current, state)
+        log.info("rollout changed", extra={"rollout": dataclasses.asdict(state)})
+        await self._unload_unused(
+            {v for v in (current.primary, current.canary, *current.shadows) if v}
+        )
+        return state
+
+    def _fresh_canary(self, before: RolloutState, after: RolloutState) -> None:
+        """A new canary, or one enabled again after a rollback, starts a fresh
+        comparison (the old window would roll it back again at once). The primary's
+        window stays: its recent answers are the baseline, also for a canary at
+        100 %, which leaves the primary no live answers."""
+        if after.canary != before.canary or (after.canary_percent and not before.canary_percent):
+            self._candidates.pop((before.canary, "canary"), None)
 
     async def _unload_unused(self, versions: Iterable[str]) -> None:
         """Unload those of ``versions`` the rollout no longer uses."""
@@ -356,21 +507,37 @@ class RolloutManager:
         )
 
     async def roll_back(self, reason: str) -> RolloutState:
-        async with self._change:
-            self._roll_back_now(reason or "manual", automatic=False)
+        async with self._change, self._file_lock():
+            await self._sync()
+            if self._roll_back_now(reason or "manual", automatic=False):
+                self._save()
             return self.state
 
-    def _roll_back_now(self, reason: str, *, automatic: bool) -> None:
+    def _roll_back_now(self, reason: str, *, automatic: bool) -> bool:
+        """Canary to 0 %, at once (an automatic one runs on the Score path); False when
+        there was nothing to roll back. An automatic one is stored in the background."""
         state = self.state
         if not state.canary_percent:
-            return
+            return False
         self.state = dataclasses.replace(state, canary_percent=0.0, generation=state.generation + 1)
+        if automatic and self.state_file is not None:
+            saving = asyncio.get_running_loop().create_task(
+                self._save_rollback(state.generation), name="save-rollback"
+            )
+            self._saving.add(saving)
+            saving.add_done_callback(self._saved)
         record = RollbackRecord(state.canary, reason, time.time_ns() // 1_000_000, automatic)
         self.rollbacks.append(record)
         log.warning(
             "canary rolled back",
             extra={"version": state.canary, "reason": reason, "automatic": automatic},
         )
+        return True
+
+    def _saved(self, task: asyncio.Task[None]) -> None:
+        self._saving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("storing an automatic rollback failed", exc_info=task.exception())
 
     def candidate_stats(self) -> list[tuple[str, str, dict[str, float]]]:
         out = []
