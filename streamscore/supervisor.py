@@ -13,9 +13,10 @@ The supervisor resolves the settings once and hands them to the workers through
 in every worker); worker i serves metrics on ``metrics_port + i`` and, with
 ``worker_port_base``, also gRPC on a port of its own, ``worker_port_base + i``, so that
 a client with the ``round_robin`` policy can spread its calls evenly over the workers
-(``spread_target``). SIGTERM / SIGINT are passed on (each worker drains); when a
-worker dies on its own, the others are stopped and the supervisor exits non-zero, so
-the process manager restarts the set.
+(``spread_target``). SIGTERM / SIGINT are passed on (each worker drains). A worker
+that dies on its own is started again while the others keep serving; only a crash
+loop (``RESTARTS_MAX`` deaths within ``RESTART_WINDOW_S``) stops the set, exit 1, for
+the process manager.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ import dataclasses
 import ipaddress
 import logging
 import secrets
+import time
 
 from streamscore.config import ENV_PREFIX, Settings
 from streamscore.processes import ChildProcess, stop_on_signals
 
 log = logging.getLogger("streamscore.supervisor")
+
+# A worker that dies is started again, unless this many deaths came within the window
+# (a crash loop: the set stops, for the process manager to see).
+RESTARTS_MAX = 5
+RESTART_WINDOW_S = 60.0
 
 # Settings that name a port of worker 0; worker i gets that port + i.
 _PER_WORKER_PORTS = ("metrics_port", "worker_port_base")
@@ -90,8 +97,11 @@ def _span(ports: range) -> str:
 
 
 async def serve_workers(settings: Settings, workers: int) -> int:
-    """Run the set until a signal or a worker's death; the caller checked the ports
-    (``check_ports``) before anything started."""
+    """Run the set until a signal; a worker that dies is started again (its replica
+    rebuilds from the log meanwhile, its connections go to the others), unless workers
+    died ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S``: then the whole set stops,
+    exit 1, for the process manager. The caller checked the ports (``check_ports``)
+    before anything started."""
     stop = stop_on_signals()
     if not settings.card_hash_key:
         # One key for the set, so that its workers' card hashes match each other.
@@ -101,12 +111,13 @@ async def serve_workers(settings: Settings, workers: int) -> int:
                 "card_hash_key is not set: card hashes match across this set's workers, "
                 "not after a restart"
             )
-    children = [
-        ChildProcess.streamscore(
+
+    def worker(i: int) -> ChildProcess:
+        return ChildProcess.streamscore(
             f"server-{i}", "serve", "--workers", "1", env=worker_environment(settings, i)
         )
-        for i in range(workers)
-    ]
+
+    children = [worker(i) for i in range(workers)]
     for child in children:
         await child.start()
     extra: dict[str, object] = {"workers": workers, "port": settings.port}
@@ -120,17 +131,34 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             extra["worker_ports"] = _span(range(base, base + workers))
     log.info("workers started", extra=extra)
     stopped = asyncio.ensure_future(stop.wait())
-    died = [asyncio.ensure_future(child.exited.wait()) for child in children]
-    await asyncio.wait([stopped, *died], return_when=asyncio.FIRST_COMPLETED)
-    crashed = [c.name for c in children if c.exited.is_set()]
-    if crashed:
-        log.error("worker exited, stopping the others", extra={"workers": crashed})
+    deaths: list[float] = []
+    failed = False
+    while True:
+        died = {asyncio.ensure_future(child.exited.wait()): i for i, child in enumerate(children)}
+        await asyncio.wait([stopped, *died], return_when=asyncio.FIRST_COMPLETED)
+        for task in died:
+            task.cancel()
+        if stopped.done():
+            break
+        now = time.monotonic()
+        dead = [i for i, child in enumerate(children) if child.exited.is_set()]
+        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now] * len(dead)
+        if len(deaths) > RESTARTS_MAX:
+            log.error(
+                "workers keep dying, stopping the set",
+                extra={"deaths": len(deaths), "window_s": RESTART_WINDOW_S},
+            )
+            failed = True
+            break
+        for i in dead:
+            log.error("worker exited, starting it again", extra={"worker": children[i].name})
+            children[i] = worker(i)
+            await children[i].start()
     # Each worker drains on SIGTERM; allow for its drain delay and timeout.
     timeout = settings.drain_delay_s + settings.drain_timeout_s + 10
     await asyncio.gather(*(child.stop(timeout=timeout) for child in children))
-    for task in (stopped, *died):
-        task.cancel()
-    return 1 if crashed else 0
+    stopped.cancel()
+    return 1 if failed else 0
 
 
 __all__ = ["check_ports", "serve_workers", "spread_target", "worker_environment"]

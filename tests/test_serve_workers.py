@@ -5,7 +5,9 @@ SIGTERM stops the set cleanly."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -39,6 +41,12 @@ def scraped(metrics_port: int, series: str) -> float:
 def served_by(metrics_port: int) -> float:
     """Score calls a worker answered, from its own /metrics."""
     return scraped(metrics_port, 'streamscore_rpc_seconds_count{code="OK",rpc="Score"}')
+
+
+def children_of(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children."""
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return sorted(int(line) for line in found.stdout.split())
 
 
 async def test_two_workers_share_the_port_and_both_serve_features(
@@ -135,6 +143,23 @@ async def test_two_workers_share_the_port_and_both_serve_features(
             after = (served_by(metrics), served_by(metrics + 1))
             assert (after[0] - before[0], after[1] - before[1]) == (10, 10)
             assert supervisor.process is not None
+
+            # A worker that dies is started again; the set keeps serving meanwhile.
+            workers = children_of(supervisor.process.pid)
+            assert len(workers) == 2, workers
+            os.kill(workers[0], signal.SIGKILL)
+            for _ in range(200):
+                now = children_of(supervisor.process.pid)
+                if len(now) == 2 and workers[0] not in now:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(now) == 2 and workers[0] not in now, (workers, now)
+            assert not supervisor.exited.is_set()
+            await wait_serving(f"127.0.0.1:{own}", timeout=90)  # the new one's own port
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{own}") as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                assert (await wait_folded(stub, "card", "card-W", 30)).events_folded == 30
+
             supervisor.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(supervisor.exited.wait(), 40)
             assert supervisor.returncode == 0
