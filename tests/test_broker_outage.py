@@ -15,11 +15,16 @@ import time
 from pathlib import Path
 
 import grpc
+from aiokafka import AIOKafkaProducer
 from test_rollout import request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.config import Settings
+from streamscore.server.app import ScoringServer
+from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
-from streamscore.stream.topics import TopicLayout
+from streamscore.stream.events import event_from_dict
+from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout, route_events
 
 import reference
 from system import System, assert_features_match, make_event, print_logs, publish, wait_folded
@@ -124,3 +129,52 @@ async def test_a_hung_broker_degrades_scores_and_loses_nothing(
         f"answers during the outage not marked stale, sent at {fresh_in_outage} s from resume"
     )
     assert fresh_after and not any(fresh_after), "still stale after the broker came back"
+
+
+async def test_a_broker_that_comes_back_empty_is_folded_from_its_start(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The embedded broker restarted on the same port with an empty log: tansu answers
+    a fetch past its log end with nothing (Kafka says OFFSET_OUT_OF_RANGE), so the
+    replica waited for the new log to pass its old position, skipping every record
+    before it. It folds the new log from its start, and counts the reset."""
+    t0 = int(time.time() * 1000) - 60_000
+    first = [make_event("card-R", "m-1", "d-1", "ip-1", t0 + i, 100) for i in range(40)]
+    again = [make_event("card-R", "m-1", "d-1", "ip-1", t0 + 100 + i, 100) for i in range(5)]
+    broker = EmbeddedBroker()
+    await broker.start()
+    port = broker.port
+    server = ScoringServer(
+        Settings(port=0, kafka=broker.bootstrap, model_repository=trained_model, replay=True)
+    )
+    try:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            for event in first:  # a record each: the old log is longer than the new one
+                await publish_folds(broker.bootstrap, [event])
+            assert (await wait_folded(stub, "card", "card-R", 40)).events_folded == 40
+            await broker.stop()
+            broker = EmbeddedBroker(port=port)
+            await broker.start()
+            await create_topics(broker.bootstrap, TopicLayout().partitions())
+            await publish_folds(broker.bootstrap, again)
+            reply = await wait_folded(stub, "card", "card-R", 45, timeout=60)
+            assert reply.events_folded == 45
+            assert server.replica is not None and server.replica.log_resets >= 1
+    finally:
+        await server.stop()
+        await broker.stop()
+
+
+async def publish_folds(bootstrap: str, events: list[dict]) -> None:
+    """Events routed as a worker routes them, straight to the entity-events topic."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
+    await producer.start()
+    try:
+        for partition, value in route_events([event_from_dict(e) for e in events], 4):
+            await producer.send(ENTITY_EVENTS, value, partition=partition)
+        await producer.flush()
+    finally:
+        await producer.stop()

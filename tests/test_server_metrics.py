@@ -32,6 +32,7 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
         caught_up=True,
         fetching_lean=True,
         lean_fallbacks=0,
+        log_resets=0,
     )
     server = SimpleNamespace(
         rollouts=None,

@@ -293,6 +293,12 @@ class ServerCollector:
                 replica.bad_records,
             )
             yield _counter(
+                "streamscore_replica_log_resets",
+                "Partitions found with a log end behind what was folded (the broker lost "
+                "its log): folded again from the new log's start.",
+                replica.log_resets,
+            )
+            yield _counter(
                 "streamscore_replica_lean_fallbacks",
                 "Times the replica's lean fetch met an unclean answer and handed "
                 "fetching back to the consumer (tried again 30 s later).",

@@ -83,6 +83,8 @@ class FeatureReplica:
         self.records_folded = 0
         self.entries_folded = 0
         self.lean_fallbacks = 0  # times the lean fetch handed fetching back
+        self.log_resets = 0  # partitions found with a log end behind what was folded
+        self._consumer_since = 0.0  # time.time() the consumer last took over fetching
         self.bad_records = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -254,10 +256,37 @@ class FeatureReplica:
                 await self._fold(records)
                 if records:
                     self._positions[tp.partition] = records[-1].offset + 1
+            for tp in consumer.assignment():
+                # A high watermark from a fetch answered since the consumer took over
+                # fetching at these positions (before, it may predate the lean fetch's).
+                highwater, polled = consumer.highwater(tp), consumer.last_poll_timestamp(tp)
+                folded = self._positions.get(tp.partition, 0)
+                if (
+                    highwater is not None
+                    and highwater < folded
+                    and polled is not None
+                    and polled / 1000 > self._consumer_since
+                ):
+                    self._positions[tp.partition] = self._log_reset(tp.partition, highwater)
+                    consumer.seek(tp, 0)
             if not self.caught_up:
                 self._check_caught_up()
             else:
                 await self._maybe_sweep()
+
+    def _log_reset(self, partition: int, high_watermark: int) -> int:
+        """A partition's log ends before what was folded from it: the broker lost it
+        (an in-memory broker restarted) or the topic was made again. Kafka would say
+        OFFSET_OUT_OF_RANGE; tansu answers nothing, so the replica would wait for the
+        new log to pass the old position, skipping every record before it. Fold the
+        new log from its start (what the lost one held stays folded), and say so."""
+        self.log_resets += 1
+        log.error(
+            "entity-events log is behind what was folded (the broker lost it?): folding "
+            "the new log from its start",
+            extra={"partition": partition, "log_end": high_watermark},
+        )
+        return 0
 
     async def _maybe_sweep(self) -> None:
         if self.sweep_interval_s and time.monotonic() - self._last_sweep > self.sweep_interval_s:
@@ -305,6 +334,9 @@ class FeatureReplica:
         self._answered_at = fetcher.answered_at
         for partition, answer in answers.items():
             self._lean_highwaters[partition] = answer.high_watermark
+            if answer.high_watermark < positions[partition]:
+                positions[partition] = self._log_reset(partition, answer.high_watermark)
+                continue
             if answer.next_offset != positions[partition]:
                 await self._fold(answer.records)  # none, past a control batch only
                 positions[partition] = answer.next_offset
@@ -317,6 +349,7 @@ class FeatureReplica:
             await fetcher.close()
         self._lean_highwaters.clear()
         self._freshness_at = float("-inf")
+        self._consumer_since = time.time()
         for partition, offset in self._positions.items():
             consumer.seek(TopicPartition(self.topic, partition), offset)
         consumer.resume(*consumer.assignment())
