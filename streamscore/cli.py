@@ -240,9 +240,10 @@ def cmd_features(args: argparse.Namespace) -> int:
         if args.as_of_ms is not None:  # has presence: unset is the server clock
             request.as_of_ms = args.as_of_ms
         reply = pb_grpc.ScoringStub(channel).GetFeatures(request, timeout=5)
+    newest = reply.newest_event_time_ms if reply.HasField("newest_event_time_ms") else "none"
     print(
         f"{reply.entity_type} {reply.entity_id} as of {reply.as_of_ms} "
-        f"(newest event {reply.newest_event_time_ms}, {reply.events_folded} folded)"
+        f"(newest event {newest}, {reply.events_folded} folded)"
     )
     for name in sorted(reply.features):
         print(f"  {name:32s} {reply.features[name]:g}")

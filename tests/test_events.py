@@ -69,6 +69,9 @@ def test_numeric_mcc_is_accepted_as_text() -> None:
         (orjson.dumps({**GOOD, "card_id": 42}), "bad_type"),
         (orjson.dumps({**GOOD, "merchant_id": "m" * 300}), "field_too_long"),
         (orjson.dumps({**GOOD, "mcc": [5411]}), "bad_type"),
+        (orjson.dumps({**GOOD, "mcc": ""}), "empty_field"),
+        (orjson.dumps({**GOOD, "mcc": -1}), "bad_value"),
+        (orjson.dumps({**GOOD, "mcc": "5" * 300}), "field_too_long"),
     ],
 )
 def test_malformed_events_have_reasons(raw: bytes | None, reason: str) -> None:

@@ -170,6 +170,9 @@ async def test_get_features_as_of_in_replay_mode(replay_stub: pb_grpc.ScoringStu
     assert reply.events_folded == 3 and reply.newest_event_time_ms == T0 - 2 * MINUTE
     unknown = await replay_stub.GetFeatures(pb.FeaturesRequest(entity_type="ip", entity_id="x"))
     assert unknown.events_folded == 0 and unknown.features["ip_txn_count_5m"] == 0
+    # No newest event is unset, not 0 (an event at the epoch's first millisecond).
+    assert reply.HasField("newest_event_time_ms")
+    assert not unknown.HasField("newest_event_time_ms")
 
 
 async def test_replay_reads_beyond_the_fold_horizon_are_refused(

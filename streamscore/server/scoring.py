@@ -511,12 +511,13 @@ class ScoringService(pb_grpc.ScoringServicer):
         t_ms = request.as_of_ms if self.replay and request.HasField("as_of_ms") else self.clock_ms()
         self._check_exact(request.entity_type, request.entity_id, t_ms, "as_of_ms")
         newest, folded = self.store.summary(request.entity_type, request.entity_id)
+        # Unset (field presence) when none: 0 is a time, an event's at the epoch.
         return pb.FeaturesResponse(
             entity_type=request.entity_type,
             entity_id=request.entity_id,
             as_of_ms=t_ms,
             features=self.store.features(request.entity_type, request.entity_id, t_ms),
-            newest_event_time_ms=newest or 0,
+            newest_event_time_ms=newest,
             events_folded=folded,
         )
 

@@ -113,6 +113,12 @@ def event_from_dict(data: Any) -> PaymentEvent:
     # MCCs are four-digit codes; producers send them as strings or numbers.
     if isinstance(mcc, bool) or not isinstance(mcc, str | int):
         raise InvalidEvent("bad_type", "mcc must be a string or integer")
+    if mcc == "":
+        raise InvalidEvent("empty_field", "mcc")
+    if isinstance(mcc, int) and mcc < 0:
+        raise InvalidEvent("bad_value", "mcc must not be negative")
+    if isinstance(mcc, str) and len(mcc) > MAX_FIELD_LENGTH:
+        raise InvalidEvent("field_too_long", "mcc")
     status = data.get("status")
     if status is None:
         raise InvalidEvent("missing_field", "status")
