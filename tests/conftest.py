@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,12 +13,21 @@ from streamscore.stream.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")
-def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository with a small demo model trained for the tests (a few seconds)."""
+def trained_model_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from streamscore.training import train
 
     repository = tmp_path_factory.mktemp("models")
     train(repository, duration_s=600, rate_per_s=10, epochs=100)
+    return repository
+
+
+@pytest.fixture
+def trained_model(trained_model_once: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository with a small demo model trained for the tests (a few seconds,
+    once), copied for each test: a server keeps its rollout in the repository
+    (``rollout.json``), which must not carry over from one test to the next."""
+    repository = tmp_path_factory.mktemp("models") / "repository"
+    shutil.copytree(trained_model_once, repository)
     return repository
 
 

@@ -82,12 +82,12 @@ def raw_messages() -> st.SearchStrategy[bytes]:
 
 @pytest.fixture(scope="module")
 def event_loop_server(
-    trained_model: Path, tmp_path_factory: pytest.TempPathFactory
+    trained_model_once: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The server runs on its own loop in a thread, so hypothesis can drive it with a
     plain synchronous client (hypothesis tests are synchronous)."""
     repository = tmp_path_factory.mktemp("fuzz") / "models"
-    shutil.copytree(trained_model, repository)
+    shutil.copytree(trained_model_once, repository)
     settings_ = Settings(port=0, model_repository=repository, model_reload_interval_s=0)
     loop = asyncio.new_event_loop()
     server = ScoringServer(settings_)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -45,7 +46,7 @@ async def test_a_part_whose_task_failed_still_stops_without_raising(
         raise RuntimeError("shadow backend exploded")
 
     monkeypatch.setattr(RolloutManager, "_shadow_worker", dies)
-    manager = RolloutManager(registry=None)  # type: ignore[arg-type]  # not used here
+    manager = RolloutManager(registry=SimpleNamespace())  # type: ignore[arg-type]  # unused
     await manager.start()
     for _ in range(3):
         await asyncio.sleep(0)

@@ -177,7 +177,9 @@ class RolloutManager:
             stored = self._read_stored()
             if stored is not None:
                 await self._adopt(*stored)
-            if stored is None or self._stored_settings != _settings_of(self._initial):
+            if initial is not None and (
+                stored is None or self._stored_settings != _settings_of(initial)
+            ):
                 await self._apply(
                     dataclasses.replace(self._initial, generation=self.state.generation)
                 )
