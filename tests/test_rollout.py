@@ -557,6 +557,11 @@ async def test_a_rollout_change_reaches_every_process_and_survives_a_restart(
             )
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         await admin_b.Rollback(apb.RollbackRequest(reason="chargebacks"), metadata=AUTH)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # rolled back: not promoted
+            await admin_b.Promote(apb.PromoteRequest(), metadata=AUTH)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "was rolled back (chargebacks)" in (caught.value.details() or "")
+        await set_rollout(admin_a, canary_version="2", canary_percent=10)  # enabled again
         await admin_b.Promote(apb.PromoteRequest(), metadata=AUTH)
     async with server_on(repository) as (scoring, admin, _):  # restarted, same settings
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)

@@ -500,13 +500,25 @@ class RolloutManager:
                 await self.registry.unload(self.registry.name, version)
 
     async def promote(self) -> RolloutState:
-        state = self.state
-        if not state.canary:
-            # The rollout's state, not the request, is what is wrong: FAILED_PRECONDITION.
-            raise RolloutConflict("there is no canary to promote")
-        return await self.set(
-            dataclasses.replace(state, primary=state.canary, canary="", canary_percent=0.0)
-        )
+        async with self._change, self._file_lock():
+            await self._sync()  # the canary as the host's processes last set it
+            state = self.state
+            if not state.canary:
+                # The rollout's state, not the request, is wrong: FAILED_PRECONDITION.
+                raise RolloutConflict("there is no canary to promote")
+            last = self.rollbacks[-1] if self.rollbacks else None
+            if not state.canary_percent and last is not None and last.version == state.canary:
+                # Rolled back and not enabled since: promoting it would put a version the
+                # rollback took off live traffic on all of it, with no check in between.
+                raise RolloutConflict(
+                    f"canary {state.canary!r} was rolled back ({last.reason}); give it a "
+                    "canary percent again before promoting it"
+                )
+            promoted = await self._apply(
+                dataclasses.replace(state, primary=state.canary, canary="", canary_percent=0.0)
+            )
+            self._save()
+            return promoted
 
     async def roll_back(self, reason: str) -> RolloutState:
         async with self._change, self._file_lock():
