@@ -595,3 +595,89 @@ async def test_a_pinned_primary_keeps_answering_when_a_newer_version_appears(
         assert reply.model.version == "1"
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert status.rollout.primary_version == "1"
+
+
+async def test_processes_that_reached_one_generation_differently_agree(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A change stored through one process, and an automatic rollback in another just
+    after (it cannot store it: the stored rollout moved on). Both were at the same
+    generation with different rollouts, and stayed so: they compared generations.
+    By content, the second adopts the stored one."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    add_version(repository, 5)
+    async with (
+        server_on(repository) as (_, admin_a, server_a),
+        server_on(repository) as (
+            _,
+            _,
+            server_b,
+        ),
+    ):
+        await set_rollout(admin_a, canary_version="2", canary_percent=50)
+        for _ in range(50):
+            if server_b.rollouts.state == server_a.rollouts.state:
+                break
+            await asyncio.sleep(0.05)
+        await set_rollout(admin_a, canary_version="5", canary_percent=50)
+        server_b.rollouts._roll_back_now("automatic: a test", automatic=True)
+        for _ in range(100):
+            if server_b.rollouts.state == server_a.rollouts.state:
+                break
+            await asyncio.sleep(0.05)
+        assert server_b.rollouts.state == server_a.rollouts.state
+        assert server_a.rollouts.state.canary == "5"
+
+
+async def test_a_stored_rollout_that_cannot_be_served_gives_way_to_the_settings(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The stored rollout names a version since deleted: the server starts on its
+    settings' rollout (it used to exit), and says why."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    async with server_on(repository) as (_, admin, _):
+        await set_rollout(admin, canary_version="2", canary_percent=10)
+        await admin.Rollback(apb.RollbackRequest(reason="bad"), metadata=AUTH)
+    shutil.rmtree(repository / MODEL / "2")
+    async with server_on(repository) as (scoring, admin, _):
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert not status.rollout.canary_version
+        assert (await scoring.Score(request(1, "card-1"))).model.version == "1"
+
+
+async def test_a_changed_setting_is_applied_over_the_stored_rollout_alone(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A restart with one rollout setting added changes that one only: a promoted
+    primary stays (the whole settings' rollout, primary "highest" included, used to
+    replace it)."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    add_version(repository, 3)
+    async with server_on(repository) as (_, admin, _):
+        await set_rollout(admin, canary_version="2", canary_percent=10)
+        await admin.Promote(apb.PromoteRequest(), metadata=AUTH)
+    async with server_on(repository, shadow_versions="3") as (scoring, admin, _):
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout.primary_version == "2"
+        assert list(status.rollout.shadow_versions) == ["3"]
+        assert (await scoring.Score(request(1, "card-1"))).model.version == "2"
+
+
+async def test_a_rollout_that_cannot_be_locked_is_the_process_s_alone(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A repository the server cannot write (here: the lock's path is taken): it
+    serves, its rollout its own (it used to exit)."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    (repository / MODEL / "rollout.json.lock").mkdir()
+    async with server_on(repository) as (scoring, admin, server):
+        assert server.rollouts.state_file is None
+        await set_rollout(admin, shadow_versions=[])
+        assert (await scoring.Score(request(1, "card-1"))).model.version == "1"

@@ -23,8 +23,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -158,6 +159,8 @@ class RolloutManager:
         self._task: asyncio.Task[None] | None = None
         self._follower: asyncio.Task[None] | None = None
         self._saving: set[asyncio.Task[None]] = set()  # automatic rollbacks being written
+        # Generations automatic rollbacks started from, until stored (``_sync``).
+        self._rollbacks_unsaved: set[int] = set()
         self._change = asyncio.Lock()
         self._initial = RolloutState()  # the settings' rollout (``start``)
         self._stored_settings: object = None  # the stored rollout's (``_read_stored``)
@@ -169,20 +172,29 @@ class RolloutManager:
 
     async def start(self, initial: RolloutState | None = None) -> None:
         """Start from ``initial`` (the settings' rollout), or from the stored rollout
-        when that was started from the same settings (another process of the host
-        wrote it, or this one before a restart, with what changed it since: promotes,
-        rollbacks). Settings that differ from the stored ones are a change, applied."""
+        (another process of the host wrote it, or this one before a restart, with what
+        changed since: promotes, rollbacks). A setting that differs from the one the
+        stored rollout started from is a change, applied over it; the rest keep what
+        changed since. A stored rollout that cannot be served (a version it names is
+        gone) is set aside, logged, for the settings'."""
         self._initial = initial or RolloutState()
         async with self._change, self._file_lock():
             stored = self._read_stored()
             if stored is not None:
-                await self._adopt(*stored)
-            if initial is not None and (
-                stored is None or self._stored_settings != _settings_of(initial)
-            ):
-                await self._apply(
-                    dataclasses.replace(self._initial, generation=self.state.generation)
-                )
+                try:
+                    await self._adopt(*stored)
+                except Exception:
+                    log.exception(
+                        "the stored rollout names a version that cannot be served: it is "
+                        "replaced by the settings' rollout",
+                        extra={"rollout": dataclasses.asdict(stored[0])},
+                    )
+                    stored = None
+            if initial is not None and stored is None:
+                await self._apply(dataclasses.replace(initial, generation=0))
+                self._save()
+            elif initial is not None and self._stored_settings != _settings_of(initial):
+                await self._apply(self._settings_changes(initial))
                 self._save()
             elif self.state.generation:
                 log.info(
@@ -219,10 +231,35 @@ class RolloutManager:
         state = self.state
         return version in (state.primary, state.canary, *state.shadows)
 
-    def _file_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
-        if self.state_file is None:
-            return contextlib.nullcontext()
-        return self.state_file.locked()
+    @contextlib.asynccontextmanager
+    async def _file_lock(self) -> AsyncIterator[None]:
+        """The stored rollout's lock; none when there is no file, or it cannot be
+        locked (a read-only repository: the rollout is then this process's alone)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self.state_file is not None:
+                try:
+                    await stack.enter_async_context(self.state_file.locked())
+                except OSError as error:
+                    self._alone(error)
+            yield
+
+    def _alone(self, error: OSError) -> None:
+        log.warning(
+            "rollout not shared: it is this process's alone, and lost at restart",
+            extra={"error": str(error)},
+        )
+        self.state_file = None
+
+    def _settings_changes(self, initial: RolloutState) -> RolloutState:
+        """The stored rollout with what the settings changed since it started: a
+        setting the same as then keeps what changed since (a promote, a rollback)."""
+        before = self._stored_settings if isinstance(self._stored_settings, dict) else {}
+        now = _settings_of(initial)
+        changed: dict[str, Any] = {k: v for k, v in now.items() if before.get(k) != v}
+        if "shadows" in changed:
+            changed["shadows"] = tuple(initial.shadows)
+        log.info("rollout settings changed since stored: applied", extra={"changed": changed})
+        return dataclasses.replace(self.state, **changed)
 
     def _read_stored(self) -> tuple[RolloutState, list[RollbackRecord]] | None:
         if self.state_file is None:
@@ -257,19 +294,21 @@ class RolloutManager:
         }
         try:
             self.state_file.write(data)
-        except OSError as error:
-            # A read-only repository: the rollout stays this process's alone.
-            log.warning(
-                "rollout not saved: it is this process's alone, and lost at restart",
-                extra={"error": str(error)},
-            )
-            self.state_file = None
+        except OSError as error:  # a read-only repository
+            self._alone(error)
 
     async def _sync(self) -> None:
-        """Adopt the stored rollout when another process changed it."""
+        """Adopt the stored rollout when it differs from this process's (another
+        process changed it; or this one's automatic rollback could not be stored, the
+        stored rollout having moved on): by content, not generation, which two
+        processes may each have reached their own way. Not the rollout this process's
+        automatic rollback, not stored yet, started from: adopting it would undo it."""
         stored = self._read_stored()
-        if stored is not None and stored[0].generation != self.state.generation:
-            await self._adopt(*stored)
+        if stored is None or stored[0] == self.state:
+            return
+        if stored[0].generation in self._rollbacks_unsaved:
+            return
+        await self._adopt(*stored)
 
     async def _adopt(self, state: RolloutState, rollbacks: list[RollbackRecord]) -> None:
         current = self.state
@@ -301,6 +340,7 @@ class RolloutManager:
             stored = self._read_stored()
             if stored is None or stored[0].generation == generation_before:
                 self._save()
+            self._rollbacks_unsaved.discard(generation_before)
 
     def _failed(self, exc: BaseException) -> None:
         self.failure = exc
@@ -535,6 +575,7 @@ class RolloutManager:
             return False
         self.state = dataclasses.replace(state, canary_percent=0.0, generation=state.generation + 1)
         if automatic and self.state_file is not None:
+            self._rollbacks_unsaved.add(state.generation)
             saving = asyncio.get_running_loop().create_task(
                 self._save_rollback(state.generation), name="save-rollback"
             )
