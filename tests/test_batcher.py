@@ -1177,32 +1177,40 @@ async def test_one_slow_call_does_not_refuse_requests_forever() -> None:
     await batcher.stop()
 
 
-async def test_a_slow_warm_up_does_not_refuse_requests_forever() -> None:
-    """Every warm-up call slow (a pause at start): the seeds stand in for buckets once
-    their observations expire, but not above what a fresh measurement of a smaller
-    batch says, scaled linearly, so requests reach the backend again."""
-    now = [0.0]  # the batcher's and the model's clock, moved by hand
+def clocked_batcher(
+    now: list[float], model: LatencyModel, max_batch_size: int
+) -> tuple[Batcher, FakeBackend]:
+    """A batcher, its fake backend and its model on a clock moved by hand (``now``)."""
 
     def clock() -> float:
         return now[0]
 
     backend = FakeBackend([(0.0, "ok")], clock=clock)
-    model = seeded_model(8, 0.300, max_age_s=2.0, clock=clock)  # type: ignore[arg-type]
     batcher = Batcher(
         backend.infer,
         name="unit",
-        max_batch_size=8,
+        max_batch_size=max_batch_size,
         max_queue=64,
         latency_model=model,
         n_inputs=K,
         clock=clock,
     )
+    return batcher, backend
+
+
+async def test_a_slow_warm_up_does_not_refuse_requests_forever() -> None:
+    """Every warm-up call slow (a pause at start): the seeds stand in for buckets once
+    their observations expire, but not above what a fresh measurement of a smaller
+    batch says, scaled linearly, so requests reach the backend again."""
+    now = [0.0]
+    model = seeded_model(8, 0.300, max_age_s=2.0, clock=lambda: now[0])
+    batcher, _ = clocked_batcher(now, model, max_batch_size=8)
     await batcher.start()
     now[0] = 10.0  # the warm-up's measurements are stale: they stand in, nothing fresher
-    assert await batcher.submit(vector(0), clock() + 0.05) == own_score(0)  # a probe
+    assert await batcher.submit(vector(0), now[0] + 0.05) == own_score(0)  # a probe
     # Measured: a batch of one is predicted from the probe, the larger ones from it
     # scaled (not from their 300 ms warm-ups).
-    tasks = [asyncio.create_task(batcher.submit(vector(i), clock() + 0.05)) for i in range(8)]
+    tasks = [asyncio.create_task(batcher.submit(vector(i), now[0] + 0.05)) for i in range(8)]
     assert await asyncio.gather(*tasks) == [own_score(i) for i in range(8)]
     assert model.predict(8) < 0.05
     await batcher.stop()
@@ -1213,29 +1221,16 @@ async def test_a_running_batch_is_not_held_to_predictions_since_expired() -> Non
     runs is judged by the latest predictions, not refused as over capacity by the
     old ones (a stream's messages were, with nothing queued)."""
     now = [0.0]
-
-    def clock() -> float:
-        return now[0]
-
-    backend = FakeBackend([(0.0, "ok")], clock=clock)
-    backend.gate = asyncio.Event()
-    model = LatencyModel(1, max_age_s=2.0, clock=clock)
+    model = LatencyModel(1, max_age_s=2.0, clock=lambda: now[0])
     model.observe(1, 0.200)  # a pause long ago
-    batcher = Batcher(
-        backend.infer,
-        name="unit",
-        max_batch_size=1,
-        max_queue=8,
-        latency_model=model,
-        n_inputs=K,
-        clock=clock,
-    )
+    batcher, backend = clocked_batcher(now, model, max_batch_size=1)
+    backend.gate = asyncio.Event()
     await batcher.start()
     now[0] = 10.0
-    first = asyncio.create_task(batcher.submit(vector(0), clock() + 30))
+    first = asyncio.create_task(batcher.submit(vector(0), now[0] + 30))
     await asyncio.sleep(0)
     assert batcher.in_flight == 1  # dispatched while 200 ms was still predicted
-    second = asyncio.create_task(batcher.submit(vector(1), clock() + 0.05))
+    second = asyncio.create_task(batcher.submit(vector(1), now[0] + 0.05))
     await asyncio.sleep(0)
     backend.gate.set()
     assert await first == own_score(0) and await second == own_score(1)

@@ -103,21 +103,38 @@ async def serving(
     shutil.copytree(trained_model, repository)
     for version, kind in ((2, "copy"), (3, "nan"), (4, "slow")):
         add_version(repository, version, kind)
+    options = {"model_version": "1", "model_reload_interval_s": 0, **overrides}
+    async with server_on(repository, **options) as (scoring, admin, server):
+        yield scoring, admin, server, repository
+
+
+@contextlib.asynccontextmanager
+async def server_on(
+    repository: Path, **overrides: object
+) -> AsyncIterator[tuple[pb_grpc.ScoringStub, apb_grpc.AdminStub, ScoringServer]]:
+    """A server on an existing repository (as another process of the host would be)."""
     settings = Settings(
         port=0,
         model_repository=repository,
-        model_version="1",
-        model_reload_interval_s=0,
         admin_token=TOKEN,
+        model_reload_interval_s=0.1,
         rollback_min_requests=30,
     ).override(dict(overrides))
     server = ScoringServer(settings)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ScoringStub(channel), apb_grpc.AdminStub(channel), server, repository
+            yield pb_grpc.ScoringStub(channel), apb_grpc.AdminStub(channel), server
     finally:
         await server.stop()
+
+
+async def assert_rolled_back_automatically(admin: apb_grpc.AdminStub, *reasons: str) -> None:
+    """The canary is at 0 %, by one automatic rollback for one of ``reasons``."""
+    status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+    assert status.rollout.canary_percent == 0
+    [event] = status.rollbacks
+    assert event.automatic and any(r in event.reason for r in reasons), event.reason
 
 
 async def set_rollout(admin: apb_grpc.AdminStub, **fields: object) -> apb.RolloutStatus:
@@ -235,12 +252,10 @@ async def test_bad_canary_is_rolled_back_automatically(
         # not (marked FALLBACK_MODEL), never with an error.
         failed = [a.request_id for a in answers if a.request_id.startswith("failed")]
         assert not failed, failed
-        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
-        assert status.rollout.canary_percent == 0
-        [event] = status.rollbacks
-        assert event.automatic and event.version == version
         # The slow one is caught by its p99, or first by the refusals its queue causes.
-        assert any(reason in event.reason for reason in what.split("|")), event.reason
+        await assert_rolled_back_automatically(admin, *what.split("|"))
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollbacks[0].version == version
         # After the rollback every card is answered by the primary, without failures.
         after = await drive(scoring, cards=50, rounds=1)
         assert all(a.model.variant == pb.PRIMARY and not a.degraded for a in after)
@@ -363,10 +378,7 @@ async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
         assert canary_answers and all(
             list(a.degraded) == [pb.DEADLINE_FALLBACK] for a in canary_answers
         )
-        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
-        assert status.rollout.canary_percent == 0
-        [event] = status.rollbacks
-        assert event.automatic and "error rate" in event.reason, event.reason
+        await assert_rolled_back_automatically(admin, "error rate")
 
 
 async def test_the_primarys_comparison_calls_wait_for_its_own_requests(
@@ -420,10 +432,7 @@ async def test_a_canary_at_100_percent_is_judged_against_the_primarys_recent_ans
         canary = rollouts.registry.get(rollouts.registry.name, "2")
         for _ in range(30):
             rollouts.observe(pb.CANARY, canary, 0.050, ok=True)  # 50x slower, no errors
-        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
-        assert status.rollout.canary_percent == 0
-        [event] = status.rollbacks
-        assert event.automatic and "p99" in event.reason, event.reason
+        await assert_rolled_back_automatically(admin, "p99")
 
 
 async def test_a_backend_that_hangs_opens_the_breaker(
@@ -492,27 +501,6 @@ async def test_shadow_comparisons_start_again_when_the_primary_changes(
         after = await drive(scoring, cards=30, rounds=1)
         stats = await shadow_stats(1)
         assert stats["compared"] <= len(after), (stats, len(after))  # none from before
-
-
-@contextlib.asynccontextmanager
-async def server_on(
-    repository: Path, **overrides: object
-) -> AsyncIterator[tuple[pb_grpc.ScoringStub, apb_grpc.AdminStub, ScoringServer]]:
-    """A server on an existing repository, as another process of the host would be."""
-    settings = Settings(
-        port=0,
-        model_repository=repository,
-        admin_token=TOKEN,
-        model_reload_interval_s=0.1,
-        rollback_min_requests=30,
-    ).override(dict(overrides))
-    server = ScoringServer(settings)
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield pb_grpc.ScoringStub(channel), apb_grpc.AdminStub(channel), server
-    finally:
-        await server.stop()
 
 
 async def test_a_rollout_change_reaches_every_process_and_survives_a_restart(
