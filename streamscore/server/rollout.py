@@ -259,7 +259,11 @@ class RolloutManager:
         if "shadows" in changed:
             changed["shadows"] = tuple(initial.shadows)
         log.info("rollout settings changed since stored: applied", extra={"changed": changed})
-        return dataclasses.replace(self.state, **changed)
+        try:
+            return dataclasses.replace(self.state, **changed)
+        except ValueError:  # e.g. a canary percent for a canary promoted since
+            log.warning("the changed settings do not fit the stored rollout: all applied")
+            return initial
 
     def _read_stored(self) -> tuple[RolloutState, list[RollbackRecord]] | None:
         if self.state_file is None:
