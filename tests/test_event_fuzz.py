@@ -27,10 +27,16 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.events import InvalidEvent, parse_event
-from streamscore.stream.topics import DEAD_LETTER, PAYMENTS, TopicLayout
+from streamscore.stream.topics import (
+    DEAD_LETTER,
+    ENTITY_EVENTS,
+    PAYMENTS,
+    TopicLayout,
+    decode_fold_batch,
+)
 from streamscore.stream.worker import DLQ_PAYLOAD_MAX_BYTES
 
-from system import make_event, running_system
+from system import make_event, publish, running_system
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -221,10 +227,14 @@ run_worker(sys.argv[1], gate=FailingGate())
 """
 
 
-async def test_a_worker_whose_routing_fails_exits_instead_of_stalling(tmp_path: Path) -> None:
+async def test_a_worker_whose_routing_fails_exits_and_its_batch_is_redelivered(
+    tmp_path: Path,
+) -> None:
     """Left alive, a worker whose Faust agent crashed kept its partitions and routed
     nothing, unnoticed (and ignored SIGTERM): it exits with an error instead, so an
-    orchestrator restarts it and its partitions' events are redelivered."""
+    orchestrator restarts it. The failed batch is not acknowledged (Faust acked it
+    when the agent left it, and committed it at the stop: its events were lost), so
+    the next worker routes it."""
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, TopicLayout().partitions())
         log = tmp_path / "worker.log"
@@ -233,17 +243,15 @@ async def test_a_worker_whose_routing_fails_exits_instead_of_stalling(tmp_path: 
                 sys.executable, "-c", FAILING_WORKER, broker.bootstrap, stdout=out, stderr=out
             )
             try:
-                producer = AIOKafkaProducer(
-                    bootstrap_servers=broker.bootstrap, **kafka_compat.producer_kwargs()
+                await asyncio.sleep(5)  # joined, so that both come in one batch
+                now = int(time.time() * 1000)
+                await publish(
+                    broker.bootstrap,
+                    [
+                        {**make_event("c", "m", "d", "ip", now, 100), "event_id": "before-boom"},
+                        {**make_event("c", "m", "d", "ip", now, 100), "event_id": "boom"},
+                    ],
                 )
-                await producer.start()
-                try:
-                    event = make_event("c", "m", "d", "ip", int(time.time() * 1000), 100)
-                    await producer.send_and_wait(
-                        PAYMENTS, orjson.dumps({**event, "event_id": "boom"}), key=b"c"
-                    )
-                finally:
-                    await producer.stop()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(worker.wait(), 60)
                 assert worker.returncode == 1, (worker.returncode, log.read_text()[-2000:])
@@ -252,3 +260,32 @@ async def test_a_worker_whose_routing_fails_exits_instead_of_stalling(tmp_path: 
                     worker.kill()
                     await worker.wait()
         assert "routing failed" in log.read_text(errors="replace")
+        assert await routed_event_ids(broker.bootstrap, 1) == set()  # nothing went out
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamscore", "worker", "--kafka", broker.bootstrap,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert await routed_event_ids(broker.bootstrap, 60) == {"before-boom", "boom"}
+        finally:
+            second.terminate()
+            await second.wait()
+
+
+async def routed_event_ids(bootstrap: str, seconds: float) -> set[str]:
+    """The event ids in the entity-events log, read for up to ``seconds`` (until both
+    test events are there)."""
+    consumer = AIOKafkaConsumer(
+        ENTITY_EVENTS, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    ids: set[str] = set()
+    try:
+        deadline = time.monotonic() + seconds
+        while len(ids) < 2 and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    ids.update(entry[2] for entry in decode_fold_batch(record.value))
+        return ids
+    finally:
+        await consumer.stop()

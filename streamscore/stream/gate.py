@@ -34,12 +34,6 @@ class EventTimeGate:
         t = event.event_time_ms
         if t > self.clock_ms() + self.skew_ms:
             raise InvalidEvent("future", f"event_time_ms {t} is beyond the allowed clock skew")
-        self.replay(event, partition)
-
-    def replay(self, event: PaymentEvent, partition: int = 0) -> None:
-        """``admit`` without the future rule: for events already decided once, whose
-        decision is re-applied after the clock moved on (``watermarks``)."""
-        t = event.event_time_ms
         newest = self.newest_ms.get(partition)
         if newest is not None and t < newest - self.lateness_ms:
             raise InvalidEvent("too_late", f"event_time_ms {t} is older than the allowed lateness")

@@ -11,11 +11,12 @@ partition, it writes ``{"next_offset": n, "newest_ms": w}`` to the same partitio
 When the worker reads a partition from an offset other than the one after the last
 event it routed there (it started, took the partition over, or Kafka redelivered
 after a crash), it takes the last checkpoint at or before that offset and re-reads
-the ``payments`` events between the two, re-applying the too-late rule: the
-watermark at that offset, as if the worker had never stopped. (Not the future rule:
-it compares with the clock, which has moved on; an event it refused in those few
-seconds would now advance the watermark. With no checkpoint at all, at most
-``REREAD_MAX`` events before the offset are re-read.)
+the ``payments`` events between the two, re-applying the event-time rules: the
+watermark at that offset, as if the worker had never stopped. (The future rule
+compares with the clock, which has moved on: an event refused as from the future
+then may be admitted now, if it is no longer ahead of the clock; one still ahead is
+refused again, so it cannot become the watermark. With no checkpoint at all, or none
+readable, at most ``REREAD_MAX`` events before the offset are re-read.)
 
 Checkpoints written after the committed offset (a batch routed, then a crash before
 its offsets were committed) are never taken: only those at or before it.
@@ -28,6 +29,7 @@ import time
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streamscore.stream import kafka_compat
 from streamscore.stream.events import InvalidEvent, parse_event
@@ -42,6 +44,7 @@ CHECKPOINT_EVERY_S = 1.0
 CHECKPOINTS_SCANNED = 64
 REREAD_MAX = 200_000
 READ_TIMEOUT_S = 60.0
+CHECKPOINT_READ_TIMEOUT_S = 10.0
 
 
 def checkpoint_record(next_offset: int, newest_ms: int | None) -> bytes:
@@ -100,7 +103,15 @@ class WatermarkCheckpoints:
         )
         await consumer.start()
         try:
-            checkpoint = await self._checkpoint_before(consumer, partition, offset)
+            try:
+                checkpoint = await self._checkpoint_before(consumer, partition, offset)
+            except (TimeoutError, KafkaError) as error:
+                # The checkpoints cannot be read (their topic deleted, say): as with none.
+                log.warning(
+                    "watermark checkpoints unreadable: recovering without them",
+                    extra={"partition": partition, "error": repr(error)},
+                )
+                checkpoint = None
             payments = TopicPartition(self.payments, partition)
             if checkpoint is not None:
                 start, newest = checkpoint
@@ -143,12 +154,12 @@ class WatermarkCheckpoints:
         while True:
             start = max(first, end - scanned)
             best: tuple[int, int | None] | None = None
-            for value in await _read(consumer, tp, start, end):
-                if value is None:
-                    continue  # not ours: no checkpoint is empty
-                record = orjson.loads(value)
-                if record["next_offset"] <= offset:
-                    best = (record["next_offset"], record["newest_ms"])
+            for value in await _read(consumer, tp, start, end, CHECKPOINT_READ_TIMEOUT_S):
+                record = _checkpoint(value)
+                if record is None:
+                    log.warning("not a checkpoint: skipped", extra={"partition": partition})
+                elif record[0] <= offset:
+                    best = record
             if best is not None or start == first:
                 return best
             scanned *= 2
@@ -156,19 +167,37 @@ class WatermarkCheckpoints:
     async def _reapply(
         self, consumer: AIOKafkaConsumer, payments: TopicPartition, start: int, offset: int
     ) -> int:
-        """Re-apply the too-late rule to the partition's events in [start, offset)."""
+        """Re-apply the event-time rules to the partition's events in [start, offset):
+        the too-late rule as then, and the future rule against the clock now (an
+        event from the future, dead-lettered then, must not become the watermark)."""
         count = 0
         for value in await _read(consumer, payments, start, offset):
             count += 1
             try:
-                self.gate.replay(parse_event(value), payments.partition)
+                self.gate.admit(parse_event(value), payments.partition)
             except InvalidEvent:
                 pass  # dead-lettered then too; it moved no watermark
         return count
 
 
+def _checkpoint(value: bytes | None) -> tuple[int, int | None] | None:
+    """(next offset, watermark) of a checkpoint record; None for anything else."""
+    try:
+        record = orjson.loads(value or b"")
+        next_offset, newest = record["next_offset"], record["newest_ms"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if type(next_offset) is not int or not (newest is None or type(newest) is int):
+        return None
+    return next_offset, newest
+
+
 async def _read(
-    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
+    consumer: AIOKafkaConsumer,
+    tp: TopicPartition,
+    start: int,
+    end: int,
+    timeout_s: float = READ_TIMEOUT_S,
 ) -> list[bytes | None]:
     """The values of the records of ``tp`` in [start, end)."""
     values: list[bytes | None] = []
@@ -176,7 +205,7 @@ async def _read(
         return values
     consumer.assign([tp])
     consumer.seek(tp, start)
-    deadline = time.monotonic() + READ_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while True:
         if time.monotonic() > deadline:
             # The worker crashes (and is restarted) rather than route on a guess.

@@ -14,9 +14,12 @@ partitions between them (Faust's consumer group).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import os
 import tempfile
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +113,7 @@ def create_app(
     gate: EventTimeGate | None = None,
     fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
     datadir: str | None = None,
+    exit_on_error: bool = False,
 ) -> tuple[faust.App, WorkerStats]:
     """Build the Faust app; the caller runs it (``faust.Worker``) or starts it in tests.
 
@@ -156,48 +160,68 @@ def create_app(
     )
     positions = WatermarkCheckpoints(bootstrap, event_gate)
 
-    # An error here crashes the worker (exit status 1), instead of Faust's default of
-    # logging it and leaving the worker alive with its partitions, routing nothing
-    # (and deaf to SIGTERM). Its events are redelivered to whichever worker next
-    # holds the partition: the offsets of a failed batch are never committed.
+    async def route_batch(events: list[Any]) -> None:
+        sent: list[Awaitable[Any]] = []  # deliveries, awaited before the batch is acked
+        valid = []
+        for event in events:
+            raw = event.value
+            message = event.message
+            if not positions.in_turn(message.partition, message.offset):
+                # A start, a partition taken over, or a redelivery: the watermark as it
+                # was before this offset, not as this worker left it.
+                await positions.recover(message.partition, message.offset)
+            positions.routed(message.partition, message.offset)
+            try:
+                payment = parse_event(raw)
+                event_gate.admit(payment, message.partition)
+            except InvalidEvent as error:
+                stats.dead_lettered += 1
+                DEAD_LETTERS.labels(error.reason).inc()
+                EVENTS.labels("dead_lettered").inc()
+                source = {
+                    "topic": message.topic,
+                    "partition": message.partition,
+                    "offset": message.offset,
+                }
+                log.info("dead-lettered event", extra={"reason": error.reason, **source})
+                sent.append(
+                    await dead_letters.send(
+                        key=event.key, value=dead_letter_record(raw, error, source)
+                    )
+                )
+                continue
+            valid.append(payment)
+        for partition, value in route_events(valid, entity_events_partitions):
+            sent.append(await entity_events.send(value=value, partition=partition))
+        # Stored before the batch is acked: Faust commits acked offsets on its own
+        # schedule, which must never run ahead of what reached the broker.
+        await asyncio.gather(*sent)
+        for partition, value in positions.due():
+            await watermarks.send(value=value, partition=partition)
+        stats.valid += len(valid)
+        EVENTS.labels("routed").inc(len(valid))
+
+    # An error here ends the worker (exit status 1), instead of Faust's default of
+    # logging it and leaving the worker alive with its partitions, routing nothing (and
+    # deaf to SIGTERM), and without acknowledging the failed batch: Faust acks a
+    # batch's events when the agent leaves it, even by an error, and commits them at
+    # its stop, so they would be lost. Exiting at once, they are redelivered to
+    # whichever worker next holds the partition. (In process, for tests: raised.)
     @app.agent(payments, supervisor_strategy=mode.CrashingSupervisor)
     async def route(stream: faust.StreamT[bytes]) -> None:
         # take_events is on faust.Stream, missing from the StreamT protocol.
         batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
         async for events in batches:
-            valid = []
-            for event in events:
-                raw = event.value
-                message = event.message
-                if not positions.in_turn(message.partition, message.offset):
-                    # A start, a partition taken over, or a redelivery: the watermark
-                    # as it was before this offset, not as this worker left it.
-                    await positions.recover(message.partition, message.offset)
-                positions.routed(message.partition, message.offset)
-                try:
-                    payment = parse_event(raw)
-                    event_gate.admit(payment, message.partition)
-                except InvalidEvent as error:
-                    stats.dead_lettered += 1
-                    DEAD_LETTERS.labels(error.reason).inc()
-                    EVENTS.labels("dead_lettered").inc()
-                    source = {
-                        "topic": message.topic,
-                        "partition": message.partition,
-                        "offset": message.offset,
-                    }
-                    log.info("dead-lettered event", extra={"reason": error.reason, **source})
-                    await dead_letters.send(
-                        key=event.key, value=dead_letter_record(raw, error, source)
-                    )
-                    continue
-                valid.append(payment)
-            for partition, value in route_events(valid, entity_events_partitions):
-                await entity_events.send(value=value, partition=partition)
-            for partition, value in positions.due():
-                await watermarks.send(value=value, partition=partition)
-            stats.valid += len(valid)
-            EVENTS.labels("routed").inc(len(valid))
+            try:
+                await route_batch(events)
+            except Exception:
+                if not exit_on_error:
+                    raise
+                log.critical(
+                    "routing failed: the worker exits, its batch unacknowledged", exc_info=True
+                )
+                logging.shutdown()
+                os._exit(1)
 
     return app, stats
 
@@ -228,6 +252,7 @@ def run_worker(
             gate=gate or EventTimeGate(lateness_ms=lateness_ms, skew_ms=skew_ms),
             fetch_max_wait_ms=fetch_max_wait_ms,
             datadir=datadir,
+            exit_on_error=True,
         )
         # Our logging (structured JSON, set up by the CLI) stays in charge.
         worker = faust.Worker(

@@ -1,0 +1,67 @@
+"""Recovering the worker's lateness watermark from its checkpoints, on a real broker
+(``stream/watermarks.py``); the whole worker across restarts is in
+``tests/test_fault_tolerance.py``."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from streamscore.stream import kafka_compat
+from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.gate import EventTimeGate
+from streamscore.stream.topics import PAYMENTS, WATERMARKS
+from streamscore.stream.watermarks import WatermarkCheckpoints, checkpoint_record
+
+from system import make_event
+
+pytestmark = pytest.mark.timeout(120)
+HOUR = 3_600_000
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_compat.producer_kwargs())
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send(topic, value, partition=0)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def test_an_event_from_the_future_re_read_does_not_become_the_watermark() -> None:
+    """Dead-lettered as from the future when it came, it is re-read when the worker
+    recovers the watermark: taken as the newest time, it made every later event of
+    the partition too late."""
+    now = int(time.time() * 1000)
+    on_time = make_event("c", "m", "d", "ip", now - 60_000, 100)
+    future = make_event("c", "m", "d", "ip", now + 3 * HOUR, 100)
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, {PAYMENTS: 1, WATERMARKS: 1})
+        await produce(broker.bootstrap, PAYMENTS, [orjson.dumps(on_time), orjson.dumps(future)])
+        gate = EventTimeGate()
+        await WatermarkCheckpoints(broker.bootstrap, gate).recover(0, 2)
+        assert gate.newest_ms == {0: now - 60_000}
+
+
+async def test_records_that_are_no_checkpoints_are_skipped() -> None:
+    """Anything else in the checkpoints' topic is skipped, not a crash of every worker
+    that recovers the partition."""
+    now = int(time.time() * 1000)
+    events = [make_event("c", "m", "d", "ip", now - 60_000 + i, 100) for i in range(3)]
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, {PAYMENTS: 1, WATERMARKS: 1})
+        await produce(broker.bootstrap, PAYMENTS, [orjson.dumps(e) for e in events])
+        await produce(
+            broker.bootstrap,
+            WATERMARKS,
+            [checkpoint_record(2, now - 1), b"not json", b'{"other": 1}', b'{"next_offset": "x"}'],
+        )
+        gate = EventTimeGate()
+        await WatermarkCheckpoints(broker.bootstrap, gate).recover(0, 3)
+        # From the checkpoint (offset 2, its watermark), then event 2 re-read.
+        assert gate.newest_ms == {0: now - 1}
