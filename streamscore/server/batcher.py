@@ -650,9 +650,6 @@ class Batcher:
             score = self._call_alone(vector, deadline)
             if score is not None:
                 return score
-        # When it would start: after a slot frees and the full batches queued ahead of
-        # it have run (every queued request counts as ahead: exact with one budget for
-        # all, pessimistic for a caller with a tighter deadline, which EDF serves first).
         start = self._start_estimate(now)
         if not probe and start + one > deadline and model.expire():
             one = model.predict(1)  # stale measurements no longer refuse it
