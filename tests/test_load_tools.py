@@ -765,7 +765,10 @@ async def test_model_call_cost_times_both_kernels_per_batch_size(trained_model: 
     for row in table[1:]:
         times = [float(cell.removesuffix(" us")) for cell in row[1:3] + row[4:6]]
         assert all(t > 0 for t in times), out
-        assert float(row[3].removesuffix("x")) == pytest.approx(times[0] / times[1], rel=0.05)
+        # The ratio is of the unrounded times; the times are printed to 0.1 us.
+        ratio = float(row[3].removesuffix("x"))
+        low, high = (times[0] - 0.05) / (times[1] + 0.05), (times[0] + 0.05) / (times[1] - 0.05)
+        assert low - 0.005 <= ratio <= high + 0.005, out
 
 
 async def test_wire_cost_times_both_codecs_hot_and_cold() -> None:
