@@ -629,9 +629,12 @@ async def test_load_profile_sorts_a_real_servers_samples(
     rows = {row[0]: row for row in tables[0][1:]}
     shares = {name: float(row[1].rstrip("%")) for name, row in rows.items()}
     assert abs(sum(shares.values()) - 100) < 1, out
-    # A real server scored: gRPC's native work, our handler and the features all ran.
-    for part in ("event loop, no Python frame", "rest of the server's Python", "features"):
-        assert any(name.startswith(part) and share > 0 for name, share in shares.items()), out
+    # A real server scored: gRPC's native work, and some of Score's Python (its parts
+    # are a few per cent each of a few hundred samples: any one may go unsampled).
+    native = "event loop, no Python frame"
+    assert any(n.startswith(native) and share > 0 for n, share in shares.items()), out
+    python = ("rest of the server's Python", "features", "model call")
+    assert any(n.startswith(python) and share > 0 for n, share in shares.items()), out
     assert samples.stat().st_size > 0
     # CPU per request by thread: the loop's thread did most of it, gRPC's threads some.
     threads = {row[0]: float(row[1]) for row in tables[1][1:]}
