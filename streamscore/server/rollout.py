@@ -91,6 +91,10 @@ class RolloutState:
     shadows: tuple[str, ...] = ()
     generation: int = 0
 
+    def versions(self) -> set[str]:
+        """The versions it names."""
+        return {v for v in (self.primary, self.canary, *self.shadows) if v}
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.canary_percent <= 100.0:
             raise ValueError("canary_percent must be within 0..100")
@@ -228,8 +232,7 @@ class RolloutManager:
     # -- the shared state (rollout_store.py) -----------------------------------------------
 
     def _in_use(self, version: str) -> bool:
-        state = self.state
-        return version in (state.primary, state.canary, *state.shadows)
+        return version in self.state.versions()
 
     @contextlib.asynccontextmanager
     async def _file_lock(self) -> AsyncIterator[None]:
@@ -315,18 +318,9 @@ class RolloutManager:
         await self._adopt(*stored)
 
     async def _adopt(self, state: RolloutState, rollbacks: list[RollbackRecord]) -> None:
-        current = self.state
-        name = self.registry.name
-        for version in sorted({v for v in (state.primary, state.canary, *state.shadows) if v}):
-            if self.registry.primary.metadata.version != version:
-                await self.registry.load(name, version)
-        self.state = state
+        await self._load(state)
         self.rollbacks = list(rollbacks)
-        self._fresh_canary(current, state)
-        log.info("rollout adopted", extra={"rollout": dataclasses.asdict(state)})
-        await self._unload_unused(
-            {v for v in (current.primary, current.canary, *current.shadows) if v}
-        )
+        await self._switch(state, "rollout adopted")
 
     async def _follow(self) -> None:
         while True:
@@ -505,27 +499,33 @@ class RolloutManager:
             raise RolloutConflict(
                 f"rollout is at generation {current.generation}, not {expected_generation}"
             )
-        name = self.registry.name
-        wanted = {v for v in (new.primary, new.canary, *new.shadows) if v}
-        for version in sorted(wanted):
-            if self.registry.primary.metadata.version != version:
-                await self.registry.load(name, version)  # loads and warms up first
+        await self._load(new)
         if self.state is not current:
             # An automatic rollback landed while the versions loaded: writing this
             # change over it would undo it (with the same generation number).
-            await self._unload_unused(wanted)
+            await self._unload_unused(new.versions())
             raise RolloutConflict(
                 f"rollout changed (generation {self.state.generation}) while versions "
                 "loaded, by an automatic rollback: read it and try again"
             )
         state = dataclasses.replace(new, generation=current.generation + 1)
+        await self._switch(state, "rollout changed")
+        return state
+
+    async def _load(self, state: RolloutState) -> None:
+        """Load and warm up every version ``state`` names, before it takes effect."""
+        for version in sorted(state.versions()):
+            if self.registry.primary.metadata.version != version:
+                await self.registry.load(self.registry.name, version)
+
+    async def _switch(self, state: RolloutState, event: str) -> None:
+        """Make ``state`` the rollout (its versions loaded), then unload what only the
+        one before it used."""
+        current = self.state
         self.state = state  # the atomic switch
         self._fresh_canary(current, state)
-        log.info("rollout changed", extra={"rollout": dataclasses.asdict(state)})
-        await self._unload_unused(
-            {v for v in (current.primary, current.canary, *current.shadows) if v}
-        )
-        return state
+        log.info(event, extra={"rollout": dataclasses.asdict(state)})
+        await self._unload_unused(current.versions())
 
     def _fresh_canary(self, before: RolloutState, after: RolloutState) -> None:
         """A new canary, or one enabled again after a rollback, starts a fresh
@@ -537,9 +537,7 @@ class RolloutManager:
 
     async def _unload_unused(self, versions: Iterable[str]) -> None:
         """Unload those of ``versions`` the rollout no longer uses."""
-        state = self.state
-        in_use = {v for v in (state.primary, state.canary, *state.shadows) if v}
-        for version in sorted({*versions} - in_use):
+        for version in sorted({*versions} - self.state.versions()):
             if self.registry.primary.metadata.version != version:
                 await self.registry.unload(self.registry.name, version)
 

@@ -458,7 +458,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             validate_score_request(request, replay=self.replay)
         except ServingError as error:
             # Its refusal's log line names it, as a unary call's does (score() sets it).
-            CURRENT_REQUEST.set((request.request_id, getattr(request, "card_id", "") or ""))
+            CURRENT_REQUEST.set((request.request_id, request.card_id))
             refused: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             refused.set_exception(error)
             return request.request_id, started, refused
