@@ -215,3 +215,21 @@ def test_backfill_skips_invalid_events_and_names_them(
     assert rows[1]["card_txn_count_24h"] == 1.0
     printed = capsys.readouterr().out
     assert "2 rows" in printed and "bad_json 1" in printed and "bad_value 1" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["config", "--config", "/nonexistent/streamscore.toml"], "No such file or directory"),
+        (["backfill", "/nonexistent/events.jsonl", "-o", "/tmp/out.jsonl"], "No such file"),
+        (["features", "card", "c1", "--target", "127.0.0.1:1"], "UNAVAILABLE"),
+    ],
+)
+def test_an_operators_mistake_is_one_line_not_a_traceback(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streamscore.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("streamscore: ") and expected in err and "\n" not in err, err
