@@ -669,3 +669,19 @@ async def test_a_rollout_that_cannot_be_locked_is_the_process_s_alone(
         assert server.rollouts.state_file is None
         await set_rollout(admin, shadow_versions=[])
         assert (await scoring.Score(request(1, "card-1"))).model.version == "1"
+
+
+async def test_settings_that_do_not_fit_the_stored_rollout_are_applied_whole(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The settings drop their canary (at 0 % in them) while the stored rollout has it
+    at 20 %: that change alone (no canary, 20 %) is no rollout, so the settings' one is
+    taken (it used to stop the server)."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    async with server_on(repository, canary_version="2") as (_, admin, _):
+        await set_rollout(admin, canary_version="2", canary_percent=20)
+    async with server_on(repository) as (_, admin, _):
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert not status.rollout.canary_version and status.rollout.canary_percent == 0
