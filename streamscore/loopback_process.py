@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, ClassVar, Self
 
-from streamscore._pdeathsig import die_with_parent
+from streamscore._pdeathsig import launcher
 
 __all__ = ["LOOPBACK", "LoopbackServerProcess", "find_free_port"]
 
@@ -232,7 +232,7 @@ class LoopbackServerProcess:
         self._log_path = self._log_dir / f"{self.log_name}-{port}.log"
         self._log_file = open(self._log_path, "wb")  # closed in _terminate()
         self._proc = subprocess.Popen(
-            argv,
+            launcher(argv),
             env=env,
             cwd=self._log_dir if cwd_log_dir else None,
             stdin=subprocess.DEVNULL,
@@ -240,7 +240,6 @@ class LoopbackServerProcess:
             stderr=subprocess.STDOUT,
             close_fds=True,
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         self._port = port
         # If the owner forgets stop() (or the interpreter exits), still kill the child,

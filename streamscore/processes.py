@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from streamscore._pdeathsig import die_with_parent
+from streamscore._pdeathsig import launcher
 
 log = logging.getLogger("streamscore.processes")
 
@@ -79,14 +79,13 @@ class ChildProcess:
         output = open(self.log_path, "ab") if self.log_path else None  # noqa: ASYNC230
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *launcher(self.argv),
                 env={**os.environ, **(self.env or {})},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output or asyncio.subprocess.DEVNULL,
                 stderr=output or None,
                 cwd=self.cwd,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
-                preexec_fn=die_with_parent,
             )
         finally:
             if output:

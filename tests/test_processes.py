@@ -9,7 +9,9 @@ import sys
 import textwrap
 import time
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from streamscore.processes import ChildExited, ChildProcess
 
@@ -82,3 +84,38 @@ def test_children_die_with_a_killed_parent() -> None:
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
+
+
+async def test_children_start_while_a_grpc_channel_is_busy() -> None:
+    """A child started while this process's gRPC channel is busy runs its command.
+
+    With a ``preexec_fn`` (which makes Python fork() rather than vfork()), gRPC's fork
+    handlers restarted its poller in the child, whose epoll descriptor ``close_fds``
+    then closed: about one child in twenty died of SIGSEGV before exec. It stopped a
+    restarted worker in CI."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    busy = True
+
+    async def chatter(stub: health_pb2_grpc.HealthStub) -> None:
+        while busy:
+            await stub.Check(health_pb2.HealthCheckRequest())
+            await asyncio.sleep(0.001)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            chatting = asyncio.create_task(chatter(health_pb2_grpc.HealthStub(channel)))
+            codes = []
+            for i in range(200):
+                child = ChildProcess(f"true-{i}", ["true"])
+                await child.start()
+                await child.exited.wait()
+                codes.append(child.returncode)
+                await child.stop()
+            busy = False
+            await chatting
+    finally:
+        await server.stop(0)
+    assert codes == [0] * 200, f"{sum(c != 0 for c in codes)} children failed: {set(codes)}"
