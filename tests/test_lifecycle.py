@@ -4,10 +4,12 @@ health turns NOT_SERVING first, and every answered decision is in the decision l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -138,3 +140,86 @@ async def test_sigterm_drains_without_failing_an_admitted_call(
         answered = {rid for rid, (code, _) in outcomes.items() if code == grpc.StatusCode.OK}
         records = await consume_all(broker.bootstrap, DECISIONS_TOPIC, len(answered))
         assert answered <= {r["request_id"] for r in records}
+
+
+async def test_sigterm_ends_open_streams_after_answering_them(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A drain does not wait out its grace for open ScoreStreams: once it stops taking
+    calls, each stream answers every message the server read, then ends with
+    UNAVAILABLE, so that its caller moves to another server at once. A stream that is
+    idle (its caller sends nothing) and one that is busy both end long before the
+    grace period (30 s here) would have cut them off."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 5, "slow", repeats=100_000)  # answers wait: read-ahead
+    port = find_free_port()
+    target = f"127.0.0.1:{port}"
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        server = serve_process(
+            broker.bootstrap,
+            port,
+            repository,
+            tmp_path,
+            model_version="5",
+            budget_ms="5000",
+            drain_delay_s="0.5",
+            drain_timeout_s="30",
+        )
+        await server.start()
+        try:
+            await wait_serving(target, timeout=90)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.ScoringStub(channel)
+                idle = stub.ScoreStream()
+                for i in range(3):
+                    await idle.write(request(i, "card-idle"))
+                    assert (await idle.read()).request_id == f"r-{i}"
+                busy = stub.ScoreStream()
+                sent: list[str] = []
+                answered: list[str] = []
+
+                async def send() -> None:
+                    for i in range(100, 100_000):
+                        try:
+                            await busy.write(request(i, f"card-{i % 20}"))
+                        except grpc.aio.AioRpcError:
+                            return  # the stream has ended
+                        sent.append(f"r-{i}")
+                        await asyncio.sleep(0.005)
+
+                async def receive(call: Any, into: list[str]) -> grpc.StatusCode:
+                    try:
+                        while (answer := await call.read()) is not grpc.aio.EOF:
+                            into.append(answer.request_id)
+                    except grpc.aio.AioRpcError as error:
+                        assert "draining" in (error.details() or ""), error
+                        return error.code()
+                    return grpc.StatusCode.OK
+
+                sending = asyncio.create_task(send())
+                busy_end = asyncio.create_task(receive(busy, answered))
+                idle_end = asyncio.create_task(receive(idle, []))
+                await asyncio.sleep(1.0)
+                assert server.process is not None
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                ends = await asyncio.wait_for(asyncio.gather(busy_end, idle_end), 15)
+                ended_after = time.monotonic() - signalled
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
+            await asyncio.wait_for(server.exited.wait(), 15)
+            stopped_after = time.monotonic() - signalled
+            assert server.returncode == 0
+        finally:
+            await server.stop()
+            print_logs(tmp_path)
+        print(f"streams ended {ended_after:.2f} s after SIGTERM: {ends}; {len(answered)} answers")
+        assert ends == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+        assert ended_after < 10 and stopped_after < 12
+        # Answered in order, with no gap: what the stream answered is a prefix of what
+        # was sent (the rest: not scored, to send again).
+        assert len(answered) > 50 and answered == sent[: len(answered)]
+        assert "0 cut off by the grace period" in (tmp_path / "server.log").read_text()

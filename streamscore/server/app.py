@@ -283,6 +283,9 @@ class ScoringServer:
         service = self.service
         at_stop = service.calls_in_flight() if service else 0
         stopping = asyncio.ensure_future(server.stop(grace_s))
+        if service is not None:
+            await asyncio.sleep(0)  # let the stop start: no new call after this
+            service.end_streams()
         # grpc cancels whatever is left when the grace ends: count it just before.
         done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace_s - 0.05))
         cut = 0 if done or service is None else service.calls_in_flight()

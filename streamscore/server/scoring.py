@@ -23,7 +23,7 @@ from streamscore.server.batcher import (
 )
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.eager import start_eagerly
-from streamscore.server.errors import OutOfRange, ServingError
+from streamscore.server.errors import OutOfRange, ServingError, Unavailable
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
@@ -59,6 +59,16 @@ ScoreInput = PyScoreFields | MalformedRequest
 # Enum names by value, without protobuf's Python-level lookup per request.
 _DECISION_NAMES = {value: name for name, value in pb.Decision.items()}
 _DEGRADED_NAMES = {value: name for name, value in pb.DegradedReason.items()}
+
+
+class StreamDrained(Unavailable):
+    """The server is draining: a stream ends after answering every message it read."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the server is draining: every message before this status was answered, "
+            "none after; send the rest again on a new stream"
+        )
 
 
 class _ReadAhead:
@@ -125,6 +135,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.rpc_metrics = {rpc: RpcMetrics(rpc) for rpc in ("Score", "ScoreStream", "GetFeatures")}
         self.score_metrics = ScoreMetrics()
         self.tracer = tracer
+        # Draining: open streams end (end_streams), rather than hold the drain.
+        self._draining = False
+        self._reading: set[asyncio.Task[Any]] = set()  # tasks waiting in a stream's read
+        self._ended: set[asyncio.Task[Any]] = set()  # of those, the ones end_streams cut
 
     def features_stale(self) -> bool:
         replica = self.replica
@@ -367,6 +381,17 @@ class ScoringService(pb_grpc.ScoringServicer):
     def calls_in_flight(self) -> int:
         return sum(m.in_flight for m in self.rpc_metrics.values())
 
+    def end_streams(self) -> None:
+        """At a drain, once no new call is taken: every open ScoreStream answers the
+        messages it has read, then ends with UNAVAILABLE (StreamDrained), so that its
+        caller moves to another server now, not when the grace period cuts it off
+        (CANCELLED, with answers lost). A stream waiting for its next message stops
+        waiting; one that is busy stops at its next read."""
+        self._draining = True
+        for task in self._reading:
+            self._ended.add(task)
+            task.cancel()
+
     async def Score(self, request: ScoreInput, context: grpc.aio.ServicerContext) -> bytes:
         metrics = self.rpc_metrics["Score"]
         metrics.enter()
@@ -441,6 +466,10 @@ class ScoringService(pb_grpc.ScoringServicer):
                 if not await ahead.reader:
                     return
                 ahead = None  # handed back: in turn again
+        except StreamDrained as drained:
+            # Set, not context.abort(): see _guard.
+            context.set_code(drained.code)
+            context.set_details(str(drained))
         finally:
             metrics.exit()
             if ahead is not None:
@@ -449,8 +478,23 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     async def _read_one(self, context: grpc.aio.ServicerContext, parent: Any) -> _StreamItem | None:
         """The next message, validated and its Score started; None at the stream's end.
-        An invalid message's answer is its error."""
-        request = await context.read()
+        An invalid message's answer is its error. Raises StreamDrained at a drain: a
+        message that arrived as the read was cut off is not scored, only dropped."""
+        if self._draining:
+            raise StreamDrained
+        task = asyncio.current_task()
+        assert task is not None
+        self._reading.add(task)
+        try:
+            request = await context.read()
+        except asyncio.CancelledError:
+            if task not in self._ended:
+                raise
+            self._ended.discard(task)
+            task.uncancel()
+            raise StreamDrained from None
+        finally:
+            self._reading.discard(task)
         if request is grpc.aio.EOF:
             return None
         started = time.perf_counter()
