@@ -15,6 +15,8 @@ import grpc
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -194,6 +196,35 @@ async def test_health_and_reflection(system) -> None:
         services = set(database.get_services())
     assert {"streamscore.v1.Scoring", "grpc.health.v1.Health"} <= services
     await wait_serving(target, timeout=5, service="streamscore.v1.Scoring")
+
+
+async def test_reflection_v1(system) -> None:
+    """Reflection answers as grpc.reflection.v1 too (what newer grpcurl asks first),
+    and describes every service it lists, itself included."""
+    _, target, _ = system
+    v1 = "grpc.reflection.v1.ServerReflection"
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            f"/{v1}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        listed = {s.name for s in (await call.read()).list_services_response.service}
+        assert {"streamscore.v1.Scoring", "streamscore.v1.Admin", v1} <= listed
+        for name in sorted(listed):
+            await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=name))
+            answer = await call.read()
+            assert answer.WhichOneof("message_response") == "file_descriptor_response", name
+            files = [
+                descriptor_pb2.FileDescriptorProto.FromString(raw)
+                for raw in answer.file_descriptor_response.file_descriptor_proto
+            ]
+            package, _, service = name.rpartition(".")
+            assert any(
+                f.package == package and service in [s.name for s in f.service] for f in files
+            ), name
+        await call.done_writing()
 
 
 async def test_two_workers_two_servers_agree_with_the_reference(

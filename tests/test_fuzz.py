@@ -178,6 +178,7 @@ UNDECODABLE = (b"\xff\xff\xff", b"\x0a\x05ab")
         ("/grpc.health.v1.Health/Check", "unary"),
         ("/grpc.health.v1.Health/Watch", "stream answers"),
         ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "streams"),
+        ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "streams"),
     ],
 )
 def test_undecodable_bytes_to_every_service_are_invalid_argument(

@@ -8,7 +8,6 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import REGISTRY, start_http_server
 
 from streamscore._proto.v1 import admin_pb2 as apb
@@ -22,6 +21,7 @@ from streamscore.server.gc_policy import LongLivedFreezer
 from streamscore.server.guarded import add_guarded
 from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.metrics import ServerCollector
+from streamscore.server.reflection import add_reflection
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.rollout_stats import RollbackPolicy
@@ -169,13 +169,7 @@ class ScoringServer:
             server,
         )
         add_guarded(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
-        add_guarded(
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
-            reflection.aio.ReflectionServicer(
-                (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-            ),
-            server,
-        )
+        add_reflection(server, (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME))
         await self._set_serving(False)
         self.port = _listen(server, settings.host, settings.port, credentials)
         # This process's own port (serve --workers: worker i's is the base + i), for

@@ -41,18 +41,23 @@ class _Captured:
 
 
 def add_guarded(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server
+    add_to_server: Callable[[Any, Any], None],
+    servicer: Any,
+    server: grpc.aio.Server,
+    *,
+    service_name: str = "",
 ) -> None:
-    """``add_to_server(servicer, server)``, with requests that do not parse refused."""
+    """``add_to_server(servicer, server)``, with requests that do not parse refused;
+    ``service_name``: serve it under that name instead (a service whose messages
+    are the same on the wire under another version's name)."""
     captured = _Captured()
     add_to_server(servicer, captured)
     if not captured.handlers:
         raise ValueError(f"{add_to_server.__name__} registered no method handlers")
+    name = service_name or captured.name
     handlers = {method: _lenient_handler(handler) for method, handler in captured.handlers.items()}
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(captured.name, handlers),)
-    )
-    server.add_registered_method_handlers(captured.name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:

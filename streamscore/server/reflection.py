@@ -1,0 +1,46 @@
+"""gRPC server reflection, as v1alpha and as v1.
+
+grpcio-reflection ships only v1alpha; newer grpcurl, grpcui and Postman ask for v1
+first. The two are the same file under another package, so v1 is served by the same
+servicer, its descriptors added to protobuf's default pool from v1alpha's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from streamscore.server.guarded import add_guarded
+
+V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def add_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
+    """Serve reflection of ``services`` (and of itself) under both versions."""
+    _add_v1_descriptors()
+    names = (reflection.SERVICE_NAME, V1_SERVICE)
+    servicer = reflection.aio.ReflectionServicer((*services, *names))
+    for name in names:
+        add_guarded(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            servicer,
+            server,
+            service_name=name,
+        )
+
+
+def _add_v1_descriptors() -> None:
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(V1_SERVICE)
+        return  # added by an earlier server in this process
+    except KeyError:
+        pass
+    v1 = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(v1)
+    v1.name = "grpc/reflection/v1/reflection.proto"
+    v1.package = V1_SERVICE.rsplit(".", 1)[0]
+    pool.Add(v1)
