@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from test_rollout import MODEL, add_version, request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
+from streamscore.processes import ChildProcess
 from streamscore.server.decisions import DECISIONS_TOPIC
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
@@ -28,83 +30,91 @@ RATE = 100  # calls per second, each on its own task (open loop)
 DRAIN_DELAY_S = 1.0
 
 
-async def test_sigterm_drains_without_failing_an_admitted_call(
-    trained_model: Path, tmp_path: Path
-) -> None:
+@contextlib.asynccontextmanager
+async def slow_server(
+    trained_model: Path, tmp_path: Path, **settings: str
+) -> AsyncIterator[tuple[EmbeddedBroker, ChildProcess, str]]:
+    """A serving `streamscore serve` child whose primary takes a few ms a call (so calls
+    are in flight when a stop comes), on its own broker: (broker, process, target).
+    Stopped, and its log printed, on the way out."""
     repository = tmp_path / "models"
     shutil.copytree(trained_model, repository)
-    # A primary of a few ms per call, so calls are always in flight when the stop comes.
     add_version(repository, 5, "slow", repeats=100_000)
     assert (repository / MODEL / "5").is_dir()
     port = find_free_port()
-    target = f"127.0.0.1:{port}"
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, {**TopicLayout().partitions(), DECISIONS_TOPIC: 4})
         server = serve_process(
-            broker.bootstrap,
-            port,
-            repository,
-            tmp_path,
-            model_version="5",
-            decision_log="true",
-            budget_ms="5000",
-            drain_delay_s=str(DRAIN_DELAY_S),
-            drain_timeout_s="10",
+            broker.bootstrap, port, repository, tmp_path, model_version="5", **settings
         )
         await server.start()
         try:
-            await wait_serving(target, timeout=90)
-            outcomes: dict[str, tuple[grpc.StatusCode, float]] = {}
-            health_seen: list[tuple[float, int]] = []
-            async with grpc.aio.insecure_channel(target) as channel:
-                scoring = pb_grpc.ScoringStub(channel)
-                health = health_pb2_grpc.HealthStub(channel)
-
-                async def call(i: int) -> None:
-                    started = time.monotonic()
-                    try:
-                        # A deadline past the grace (10 s): a call caught in grpc's race
-                        # at the stop (see below) hangs until the grace ends and is then
-                        # CANCELLED by the server; with a deadline equal to the grace,
-                        # the client's timer sometimes fired first (DEADLINE_EXCEEDED).
-                        await scoring.Score(request(i, f"card-{i % 50}"), timeout=20)
-                        outcomes[f"r-{i}"] = (grpc.StatusCode.OK, started)
-                    except grpc.aio.AioRpcError as error:
-                        outcomes[f"r-{i}"] = (error.code(), started)
-
-                async def watch_health() -> None:
-                    while not server.exited.is_set():
-                        try:
-                            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                            health_seen.append((time.monotonic(), reply.status))
-                        except grpc.aio.AioRpcError:
-                            pass
-                        await asyncio.sleep(0.05)
-
-                calls: list[asyncio.Task[None]] = []
-                watcher = asyncio.create_task(watch_health())
-                start = time.monotonic()
-                signalled = 0.0
-                i = 0
-                # Load before, during and after the stop, until the process has exited.
-                while time.monotonic() - start < 30 and not (
-                    server.exited.is_set() and time.monotonic() - signalled > 0.3
-                ):
-                    if not signalled and time.monotonic() - start > 1.5:
-                        assert server.process is not None
-                        server.process.send_signal(signal.SIGTERM)
-                        signalled = time.monotonic()
-                    calls.append(asyncio.create_task(call(i)))
-                    i += 1
-                    await asyncio.sleep(max(0.0, start + i / RATE - time.monotonic()))
-                await asyncio.gather(*calls)
-                watcher.cancel()
-            assert signalled, "never sent SIGTERM"
-            await asyncio.wait_for(server.exited.wait(), 20)
-            assert server.returncode == 0
+            await wait_serving(f"127.0.0.1:{port}", timeout=90)
+            yield broker, server, f"127.0.0.1:{port}"
         finally:
             await server.stop()
             print_logs(tmp_path)
+
+
+async def test_sigterm_drains_without_failing_an_admitted_call(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    async with slow_server(
+        trained_model,
+        tmp_path,
+        decision_log="true",
+        budget_ms="5000",
+        drain_delay_s=str(DRAIN_DELAY_S),
+        drain_timeout_s="10",
+    ) as (broker, server, target):
+        outcomes: dict[str, tuple[grpc.StatusCode, float]] = {}
+        health_seen: list[tuple[float, int]] = []
+        async with grpc.aio.insecure_channel(target) as channel:
+            scoring = pb_grpc.ScoringStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def call(i: int) -> None:
+                started = time.monotonic()
+                try:
+                    # A deadline past the grace (10 s): a call caught in grpc's race
+                    # at the stop (see below) hangs until the grace ends and is then
+                    # CANCELLED by the server; with a deadline equal to the grace,
+                    # the client's timer sometimes fired first (DEADLINE_EXCEEDED).
+                    await scoring.Score(request(i, f"card-{i % 50}"), timeout=20)
+                    outcomes[f"r-{i}"] = (grpc.StatusCode.OK, started)
+                except grpc.aio.AioRpcError as error:
+                    outcomes[f"r-{i}"] = (error.code(), started)
+
+            async def watch_health() -> None:
+                while not server.exited.is_set():
+                    try:
+                        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        health_seen.append((time.monotonic(), reply.status))
+                    except grpc.aio.AioRpcError:
+                        pass
+                    await asyncio.sleep(0.05)
+
+            calls: list[asyncio.Task[None]] = []
+            watcher = asyncio.create_task(watch_health())
+            start = time.monotonic()
+            signalled = 0.0
+            i = 0
+            # Load before, during and after the stop, until the process has exited.
+            while time.monotonic() - start < 30 and not (
+                server.exited.is_set() and time.monotonic() - signalled > 0.3
+            ):
+                if not signalled and time.monotonic() - start > 1.5:
+                    assert server.process is not None
+                    server.process.send_signal(signal.SIGTERM)
+                    signalled = time.monotonic()
+                calls.append(asyncio.create_task(call(i)))
+                i += 1
+                await asyncio.sleep(max(0.0, start + i / RATE - time.monotonic()))
+            await asyncio.gather(*calls)
+            watcher.cancel()
+        assert signalled, "never sent SIGTERM"
+        await asyncio.wait_for(server.exited.wait(), 20)
+        assert server.returncode == 0
         codes: dict[str, int] = {}
         for code, _ in outcomes.values():
             codes[code.name] = codes.get(code.name, 0) + 1
@@ -150,72 +160,53 @@ async def test_sigterm_ends_open_streams_after_answering_them(
     UNAVAILABLE, so that its caller moves to another server at once. A stream that is
     idle (its caller sends nothing) and one that is busy both end long before the
     grace period (30 s here) would have cut them off."""
-    repository = tmp_path / "models"
-    shutil.copytree(trained_model, repository)
-    add_version(repository, 5, "slow", repeats=100_000)  # answers wait: read-ahead
-    port = find_free_port()
-    target = f"127.0.0.1:{port}"
-    async with EmbeddedBroker() as broker:
-        await create_topics(broker.bootstrap, TopicLayout().partitions())
-        server = serve_process(
-            broker.bootstrap,
-            port,
-            repository,
-            tmp_path,
-            model_version="5",
-            budget_ms="5000",
-            drain_delay_s="0.5",
-            drain_timeout_s="30",
-        )
-        await server.start()
-        try:
-            await wait_serving(target, timeout=90)
-            async with grpc.aio.insecure_channel(target) as channel:
-                stub = pb_grpc.ScoringStub(channel)
-                idle = stub.ScoreStream()
-                for i in range(3):
-                    await idle.write(request(i, "card-idle"))
-                    assert (await idle.read()).request_id == f"r-{i}"
-                busy = stub.ScoreStream()
-                sent: list[str] = []
-                answered: list[str] = []
+    # The slow primary's answers wait: streams read ahead.
+    async with slow_server(
+        trained_model, tmp_path, budget_ms="5000", drain_delay_s="0.5", drain_timeout_s="30"
+    ) as (_, server, target):
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            idle = stub.ScoreStream()
+            for i in range(3):
+                await idle.write(request(i, "card-idle"))
+                assert (await idle.read()).request_id == f"r-{i}"
+            busy = stub.ScoreStream()
+            sent: list[str] = []
+            answered: list[str] = []
 
-                async def send() -> None:
-                    for i in range(100, 100_000):
-                        try:
-                            await busy.write(request(i, f"card-{i % 20}"))
-                        except grpc.aio.AioRpcError:
-                            return  # the stream has ended
-                        sent.append(f"r-{i}")
-                        await asyncio.sleep(0.005)
-
-                async def receive(call: Any, into: list[str]) -> grpc.StatusCode:
+            async def send() -> None:
+                for i in range(100, 100_000):
                     try:
-                        while (answer := await call.read()) is not grpc.aio.EOF:
-                            into.append(answer.request_id)
-                    except grpc.aio.AioRpcError as error:
-                        assert "draining" in (error.details() or ""), error
-                        return error.code()
-                    return grpc.StatusCode.OK
+                        await busy.write(request(i, f"card-{i % 20}"))
+                    except grpc.aio.AioRpcError:
+                        return  # the stream has ended
+                    sent.append(f"r-{i}")
+                    await asyncio.sleep(0.005)
 
-                sending = asyncio.create_task(send())
-                busy_end = asyncio.create_task(receive(busy, answered))
-                idle_end = asyncio.create_task(receive(idle, []))
-                await asyncio.sleep(1.0)
-                assert server.process is not None
-                server.process.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                ends = await asyncio.wait_for(asyncio.gather(busy_end, idle_end), 15)
-                ended_after = time.monotonic() - signalled
-                sending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sending
-            await asyncio.wait_for(server.exited.wait(), 15)
-            stopped_after = time.monotonic() - signalled
-            assert server.returncode == 0
-        finally:
-            await server.stop()
-            print_logs(tmp_path)
+            async def receive(call: Any, into: list[str]) -> grpc.StatusCode:
+                try:
+                    while (answer := await call.read()) is not grpc.aio.EOF:
+                        into.append(answer.request_id)
+                except grpc.aio.AioRpcError as error:
+                    assert "draining" in (error.details() or ""), error
+                    return error.code()
+                return grpc.StatusCode.OK
+
+            sending = asyncio.create_task(send())
+            busy_end = asyncio.create_task(receive(busy, answered))
+            idle_end = asyncio.create_task(receive(idle, []))
+            await asyncio.sleep(1.0)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            ends = await asyncio.wait_for(asyncio.gather(busy_end, idle_end), 15)
+            ended_after = time.monotonic() - signalled
+            sending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sending
+        await asyncio.wait_for(server.exited.wait(), 15)
+        stopped_after = time.monotonic() - signalled
+        assert server.returncode == 0
         print(f"streams ended {ended_after:.2f} s after SIGTERM: {ends}; {len(answered)} answers")
         assert ends == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
         assert ended_after < 10 and stopped_after < 12
