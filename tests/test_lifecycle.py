@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from test_decisions import consume_all
 from test_rollout import MODEL, add_version, request
 
@@ -159,7 +160,8 @@ async def test_sigterm_ends_open_streams_after_answering_them(
     calls, each stream answers every message the server read, then ends with
     UNAVAILABLE, so that its caller moves to another server at once. A stream that is
     idle (its caller sends nothing) and one that is busy both end long before the
-    grace period (30 s here) would have cut them off."""
+    grace period (30 s here) would have cut them off; so does the stop, though a
+    health Watch and a reflection stream are open."""
     # The slow primary's answers wait: streams read ahead.
     async with slow_server(
         trained_model, tmp_path, budget_ms="5000", drain_delay_s="0.5", drain_timeout_s="30"
@@ -170,6 +172,17 @@ async def test_sigterm_ends_open_streams_after_answering_them(
             for i in range(3):
                 await idle.write(request(i, "card-idle"))
                 assert (await idle.read()).request_id == f"r-{i}"
+            # Streams that end when their callers choose, not at the server's: they
+            # must not hold the stop either.
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            reflecting = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )()
+            await reflecting.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert (await reflecting.read()).list_services_response.service
             busy = stub.ScoreStream()
             sent: list[str] = []
             answered: list[str] = []
@@ -204,8 +217,9 @@ async def test_sigterm_ends_open_streams_after_answering_them(
             sending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sending
-        await asyncio.wait_for(server.exited.wait(), 15)
-        stopped_after = time.monotonic() - signalled
+            # The health Watch and reflection streams still open on our side.
+            await asyncio.wait_for(server.exited.wait(), 15)
+            stopped_after = time.monotonic() - signalled
         assert server.returncode == 0
         print(f"streams ended {ended_after:.2f} s after SIGTERM: {ends}; {len(answered)} answers")
         assert ends == [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]

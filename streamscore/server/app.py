@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -36,6 +37,8 @@ from streamscore.tls import server_credentials
 
 log = logging.getLogger("streamscore.server")
 
+# How often a stop looks whether the Scoring calls in flight are done.
+_STOP_POLL_S = 0.02
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -273,16 +276,29 @@ class ScoringServer:
         await self.loop_lag.stop()
 
     async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
-        """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut."""
+        """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut.
+
+        Open ScoreStreams end once they have answered what they read (end_streams).
+        When every Scoring call is done, what is left can only be streams that end
+        when their callers choose (health Watch, reflection): they are cancelled then,
+        rather than holding the stop for the whole grace period."""
         service = self.service
         at_stop = service.calls_in_flight() if service else 0
         stopping = asyncio.ensure_future(server.stop(grace_s))
+        await asyncio.sleep(0)  # let the stop start: no new call after this
+        grace_ends = time.monotonic() + grace_s
         if service is not None:
-            await asyncio.sleep(0)  # let the stop start: no new call after this
             service.end_streams()
-        # grpc cancels whatever is left when the grace ends: count it just before.
-        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace_s - 0.05))
-        cut = 0 if done or service is None else service.calls_in_flight()
+            # grpc cancels whatever is left when the grace ends: count it just before.
+            while (
+                service.calls_in_flight()
+                and not stopping.done()
+                and time.monotonic() < grace_ends - 0.05
+            ):
+                await asyncio.wait({stopping}, timeout=_STOP_POLL_S)
+        cut = service.calls_in_flight() if service is not None and not stopping.done() else 0
+        if not stopping.done():
+            await server.stop(None)  # cancels the calls left (grace 0)
         await stopping
         log.info(
             "grpc stopped: %d calls in flight at stop, %d cut off by the grace period",
