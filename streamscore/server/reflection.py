@@ -41,6 +41,20 @@ def _add_v1_descriptors() -> None:
         pass
     v1 = descriptor_pb2.FileDescriptorProto()
     reflection_pb2.DESCRIPTOR.CopyToProto(v1)
+    old, new = v1.package, V1_SERVICE.rsplit(".", 1)[0]
     v1.name = "grpc/reflection/v1/reflection.proto"
-    v1.package = V1_SERVICE.rsplit(".", 1)[0]
+    v1.package = new
+    # Every reference to a type of the file, by its full name, moves with it.
+    for message in v1.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # (set, even empty, it means a message)
+                field.type_name = _renamed(field.type_name, old, new)
+    for method in v1.service[0].method:
+        method.input_type = _renamed(method.input_type, old, new)
+        method.output_type = _renamed(method.output_type, old, new)
     pool.Add(v1)
+
+
+def _renamed(type_name: str, old: str, new: str) -> str:
+    prefix = f".{old}."
+    return f".{new}.{type_name[len(prefix) :]}" if type_name.startswith(prefix) else type_name
