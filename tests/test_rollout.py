@@ -139,7 +139,8 @@ async def assert_rolled_back_automatically(admin: apb_grpc.AdminStub, *reasons: 
 
 async def set_rollout(admin: apb_grpc.AdminStub, **fields: object) -> apb.RolloutStatus:
     return await admin.SetRollout(
-        apb.SetRolloutRequest(rollout=apb.Rollout(primary_version="1", **fields)), metadata=AUTH
+        apb.SetRolloutRequest(rollout=apb.Rollout(**{"primary_version": "1", **fields})),
+        metadata=AUTH,
     )
 
 
@@ -192,6 +193,10 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
             ({"canary_version": "1", "canary_percent": 5}, "rollout.canary_version"),
             ({"shadow_versions": ["2", "2"]}, "rollout.shadow_versions[1]"),
             ({"canary_version": "2", "shadow_versions": ["2"]}, "rollout.shadow_versions[0]"),
+            ({"shadow_versions": ["2", ""]}, "rollout.shadow_versions[1]"),
+            ({"canary_version": "2", "canary_percent": 101}, "rollout.canary_percent"),
+            ({"canary_version": "2", "canary_percent": float("nan")}, "rollout.canary_percent"),
+            ({"canary_percent": 5}, "rollout.canary_percent"),
         ]
         for fields, field in cases:
             rollout = apb.Rollout(**{"primary_version": "1", **fields})
@@ -477,8 +482,9 @@ async def test_a_version_that_fails_to_load_is_refused_without_the_repositorys_p
 async def test_shadow_comparisons_start_again_when_the_primary_changes(
     trained_model: Path, tmp_path: Path
 ) -> None:
-    """Pairs against the old primary, at its thresholds, say nothing of the new one; and
-    a shadow's counts are per request, as a canary's are, not per backend call."""
+    """Pairs against the old primary, at its thresholds, say nothing of the new one; a
+    shadow's counts are per request, as a canary's are, not per backend call; and a
+    shadow removed and added again starts again."""
     async with serving(trained_model, tmp_path) as (scoring, admin, server, repository):
         add_version(repository, 5)
         await set_rollout(admin, canary_version="2", canary_percent=50, shadow_versions=["5"])
@@ -501,6 +507,15 @@ async def test_shadow_comparisons_start_again_when_the_primary_changes(
         after = await drive(scoring, cards=30, rounds=1)
         stats = await shadow_stats(1)
         assert stats["compared"] <= len(after), (stats, len(after))  # none from before
+        # A shadow taken out of the rollout takes its comparison along; added again,
+        # it starts afresh.
+        await set_rollout(admin, primary_version="2")
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert [c.version for c in status.candidates if c.variant == "shadow"] == []
+        await set_rollout(admin, primary_version="2", shadow_versions=["5"])
+        again = await drive(scoring, cards=10, rounds=1)
+        stats = await shadow_stats(len(again))
+        assert stats["requests"] == stats["compared"] == len(again), stats
 
 
 async def test_a_rollout_change_reaches_every_process_and_survives_a_restart(

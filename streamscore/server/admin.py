@@ -103,6 +103,11 @@ class AdminService(apb_grpc.AdminServicer):
         async def action() -> apb.RolloutStatus:
             wanted = request.rollout
             self._check_versions(wanted)
+            # RolloutState checks these too; here the refusal names the field.
+            if not 0.0 <= wanted.canary_percent <= 100.0:
+                raise InvalidRequest("rollout.canary_percent", "must be within 0..100")
+            if wanted.canary_percent and not wanted.canary_version:
+                raise InvalidRequest("rollout.canary_percent", "needs a rollout.canary_version")
             await self.rollouts.set(
                 RolloutState(
                     primary=wanted.primary_version,
@@ -131,6 +136,9 @@ class AdminService(apb_grpc.AdminServicer):
                 for i, version in enumerate(wanted.shadow_versions)
             ),
         ]
+        for i, version in enumerate(wanted.shadow_versions):
+            if not version:
+                raise InvalidRequest(f"rollout.shadow_versions[{i}]", "must name a version")
         for field, version in named:
             if version and version not in known:
                 shown = version if len(version) <= 32 else f"{version[:32]}..."

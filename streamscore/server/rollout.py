@@ -424,10 +424,12 @@ class RolloutManager:
             served, variant = self.primary_model(), "canary"
         else:
             candidate_version = version
+            if version not in self.state.shadows:
+                return  # removed from the rollout meanwhile (its comparison with it)
             try:
                 served = self.registry.get(name, version)
             except KeyError:
-                return  # removed from the rollout meanwhile
+                return
             variant = "shadow"
         candidate = self._candidate(candidate_version, variant)
         limit = served.backend.max_batch_size
@@ -523,17 +525,20 @@ class RolloutManager:
         one before it used."""
         current = self.state
         self.state = state  # the atomic switch
-        self._fresh_canary(current, state)
+        self._fresh_candidates(current, state)
         log.info(event, extra={"rollout": dataclasses.asdict(state)})
         await self._unload_unused(current.versions())
 
-    def _fresh_canary(self, before: RolloutState, after: RolloutState) -> None:
+    def _fresh_candidates(self, before: RolloutState, after: RolloutState) -> None:
         """A new canary, or one enabled again after a rollback, starts a fresh
         comparison (the old window would roll it back again at once). The primary's
         window stays: its recent answers are the baseline, also for a canary at
-        100 %, which leaves the primary no live answers."""
+        100 %, which leaves the primary no live answers. A shadow taken out of the
+        rollout takes its comparison along (added again, it starts afresh)."""
         if after.canary != before.canary or (after.canary_percent and not before.canary_percent):
             self._candidates.pop((before.canary, "canary"), None)
+        for version in set(before.shadows) - set(after.shadows):
+            self._candidates.pop((version, "shadow"), None)
 
     async def _unload_unused(self, versions: Iterable[str]) -> None:
         """Unload those of ``versions`` the rollout no longer uses."""
