@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -196,6 +197,18 @@ async def test_health_and_reflection(system) -> None:
         services = set(database.get_services())
     assert {"streamscore.v1.Scoring", "grpc.health.v1.Health"} <= services
     await wait_serving(target, timeout=5, service="streamscore.v1.Scoring")
+    # Each service served has its health, and List gives them all.
+    async with grpc.aio.insecure_channel(target) as channel:
+        checking = health_pb2_grpc.HealthStub(channel)
+        listed = await checking.List(health_pb2.HealthListRequest())
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert {name: s.status for name, s in listed.statuses.items()} == {
+            "": serving,
+            "streamscore.v1.Scoring": serving,
+            "streamscore.v1.Admin": serving,
+        }
+        admin = await checking.Check(health_pb2.HealthCheckRequest(service="streamscore.v1.Admin"))
+        assert admin.status == serving
 
 
 def built(files: list[descriptor_pb2.FileDescriptorProto]) -> descriptor_pool.DescriptorPool:

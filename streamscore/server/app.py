@@ -20,6 +20,7 @@ from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.gc_policy import LongLivedFreezer
 from streamscore.server.guarded import add_guarded
+from streamscore.server.health import HealthServicer
 from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.metrics import ServerCollector
 from streamscore.server.reflection import add_reflection
@@ -55,7 +56,7 @@ class ScoringServer:
         self.gc_freezer = gc_freezer
         self.store = FeatureStore(lateness_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
         self.replica: FeatureReplica | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.port = 0
         self.own_port = 0
         self._server: grpc.aio.Server | None = None
@@ -174,6 +175,9 @@ class ScoringServer:
         add_guarded(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
         add_reflection(server, (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME))
         await self._set_serving(False)
+        # Admin answers from the start (the rollout is read, and can be changed, while
+        # the features catch up); it stops with the rest at a drain.
+        await self.health.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.port = _listen(server, settings.host, settings.port, credentials)
         # This process's own port (serve --workers: worker i's is the base + i), for
         # clients that spread calls over the workers themselves.
@@ -225,12 +229,14 @@ class ScoringServer:
         log.info("serving", extra={"entities": len(self.store)})
 
     async def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", SCORING_SERVICE):
+        """Scoring (and the server as a whole) SERVING or not; not serving: Admin too."""
+        names: tuple[str, ...]
+        if serving:
+            names, status = ("", SCORING_SERVICE), health_pb2.HealthCheckResponse.SERVING
+        else:
+            names = ("", SCORING_SERVICE, ADMIN_SERVICE)
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
             await self.health.set(name, status)
 
     async def wait(self) -> None:
