@@ -157,7 +157,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             raise OutOfRange(
                 field,
                 f"{t_ms} is more than the fold horizon behind the newest event of "
-                f"{entity_type} {entity_id!r}; values that far back are no longer kept",
+                f"{entity_type} {entity_id!r} or of the whole log (exact from {earliest}); "
+                "values that far back are no longer kept",
             )
 
     async def score(
