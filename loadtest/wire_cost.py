@@ -109,7 +109,9 @@ def response_protobuf(_: bytes) -> bytes:
 
 
 def response_wire(_: bytes) -> bytes:
-    return encode_score_response("req-00000123", 0.25, pb.APPROVE, MODEL_REF, (), None, 40, 20, 90)
+    return encode_score_response(
+        "req-00000123", 0.25, pb.APPROVE, MODEL_REF, (), None, 0, 40, 20, 90
+    )
 
 
 def per_message_us(work: Callable[[bytes], object], messages: list[bytes], cold: bool) -> float:

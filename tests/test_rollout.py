@@ -700,3 +700,22 @@ async def test_settings_that_do_not_fit_the_stored_rollout_are_applied_whole(
     async with server_on(repository) as (_, admin, _):
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert not status.rollout.canary_version and status.rollout.canary_percent == 0
+
+
+async def test_timings_show_the_wait_in_the_batchers_queue(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """queue_us is the wait in the batcher's queue (it was always 0, the wait counted in
+    model_us): calls that come together to a model of a few ms a call wait, and a
+    call's parts never add up to more than its total."""
+    async with serving(trained_model, tmp_path) as (scoring, admin, _, repository):
+        add_version(repository, 5, "slow", repeats=100_000)
+        await set_rollout(admin, primary_version="5")
+        answers = await drive(scoring, cards=32, rounds=2)
+    assert all(a.model.version == "5" for a in answers), {a.request_id for a in answers}
+    waited = [a.timings.queue_us for a in answers if a.timings.queue_us > 0]
+    assert len(waited) >= len(answers) // 4, [a.timings for a in answers[:8]]
+    for a in answers:
+        t = a.timings
+        assert t.queue_us + t.features_us + t.model_us <= t.total_us, t
+        assert t.model_us > 0, t  # the model's own call, after the wait

@@ -386,9 +386,9 @@ async def test_the_batchers_deadline_counts_from_the_calls_start(
         left: list[float] = []
         submit = batcher.submit
 
-        async def recording(vector: object, deadline: float) -> float:
+        async def recording(vector: object, deadline: float, *rest: object) -> float:
             left.append(deadline - batcher.clock())
-            return await submit(vector, deadline)  # type: ignore[arg-type]
+            return await submit(vector, deadline, *rest)  # type: ignore[arg-type]
 
         assemble = scoring.assemble_features
 

@@ -241,13 +241,14 @@ answers = st.tuples(
     INT64,
     INT64,
     INT64,
+    INT64,
 )
 
 
 @settings(max_examples=400)
 @given(answers)
-@example(("", 0.0, 0, b"", (), None, 0, 0, 0))  # every field at its default
-@example(("r", -0.0, 1, b"", (), {}, 5, 0, 7))  # -0.0 is written, as protobuf does
+@example(("", 0.0, 0, b"", (), None, 0, 0, 0, 0))  # every field at its default
+@example(("r", -0.0, 1, b"", (), {}, 4, 5, 0, 7))  # -0.0 is written, as protobuf does
 def test_an_answer_encodes_as_protobuf_encodes_it(answer: tuple) -> None:  # type: ignore[type-arg]
     encoded = _wire.encode_score_response(*answer)
     reference = _encode_py(*answer)
@@ -257,13 +258,13 @@ def test_an_answer_encodes_as_protobuf_encodes_it(answer: tuple) -> None:  # typ
 
 
 def test_nan_scores_and_int_and_numpy_feature_values_encode_exactly() -> None:
-    encoded = _wire.encode_score_response("r", math.nan, 1, b"", (), {"n": 3}, 1, 2, 3)
+    encoded = _wire.encode_score_response("r", math.nan, 1, b"", (), {"n": 3}, 1, 2, 3, 4)
     response = pb.ScoreResponse.FromString(encoded)
     assert math.isnan(response.score)
     assert struct.pack("<d", math.nan) in encoded
     assert response.features == {"n": 3.0}
     numpy_value = _wire.encode_score_response(
-        "r", 0.5, 1, b"", (), {"x": np.float64(0.25)}, 1, 2, 3
+        "r", 0.5, 1, b"", (), {"x": np.float64(0.25)}, 1, 2, 3, 4
     )
     assert pb.ScoreResponse.FromString(numpy_value).features == {"x": 0.25}
 
@@ -271,16 +272,16 @@ def test_nan_scores_and_int_and_numpy_feature_values_encode_exactly() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        (1, 0.5, 1, b"", (), None, 0, 0, 0),  # request_id not a str
-        ("r", 0.5, 1, "model", (), None, 0, 0, 0),  # model not bytes
-        ("r", 0.5, 1, b"", [1], None, 0, 0, 0),  # degraded not a tuple
-        ("r", 0.5, 1, b"", (), {1: 0.5}, 0, 0, 0),  # a feature name not a str
-        ("r", 0.5, 1, b"", (), {"f": "x"}, 0, 0, 0),  # a feature value not a number
+        (1, 0.5, 1, b"", (), None, 0, 0, 0, 0),  # request_id not a str
+        ("r", 0.5, 1, "model", (), None, 0, 0, 0, 0),  # model not bytes
+        ("r", 0.5, 1, b"", [1], None, 0, 0, 0, 0),  # degraded not a tuple
+        ("r", 0.5, 1, b"", (), {1: 0.5}, 0, 0, 0, 0),  # a feature name not a str
+        ("r", 0.5, 1, b"", (), {"f": "x"}, 0, 0, 0, 0),  # a feature value not a number
         # Nor one that converts by running Python code (which could change the dict).
-        ("r", 0.5, 1, b"", (), {"f": Decimal("0.5")}, 0, 0, 0),
-        ("r", 0.5, 1, b"", (), {"f": 2**1024}, 0, 0, 0),  # an int beyond a double
-        ("r", "x", 1, b"", (), None, 0, 0, 0),  # score not a number
-        ("r", 0.5, 1, b"", (), None, 0, 0, 2**64),  # a timing beyond int64
+        ("r", 0.5, 1, b"", (), {"f": Decimal("0.5")}, 0, 0, 0, 0),
+        ("r", 0.5, 1, b"", (), {"f": 2**1024}, 0, 0, 0, 0),  # an int beyond a double
+        ("r", "x", 1, b"", (), None, 0, 0, 0, 0),  # score not a number
+        ("r", 0.5, 1, b"", (), None, 0, 0, 0, 2**64),  # a timing beyond int64
     ],
 )
 def test_the_encoder_refuses_wrong_types(bad: tuple) -> None:  # type: ignore[type-arg]
@@ -301,7 +302,7 @@ data = pb.ScoreRequest(
 ).SerializeToString()
 assert wire.parse_score_request(data) == wire._decode_py(data)
 assert isinstance(wire.parse_score_request(b"\\xff"), wire.MalformedRequest)
-answer = ("r", 0.5, 1, b"", (2,), {"f": 1.0}, 1, 2, 3)
+answer = ("r", 0.5, 1, b"", (2,), {"f": 1.0}, 1, 2, 3, 4)
 assert wire.encode_score_response(*answer) == wire._encode_py(*answer)
 print("fallback ok")
 """

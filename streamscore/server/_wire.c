@@ -412,11 +412,11 @@ static double feature_value(PyObject *value)
     return PyFloat_Check(value) ? PyFloat_AS_DOUBLE(value) : PyLong_AsDouble(value);
 }
 
-#define N_TIMINGS 3 /* features_us, model_us, total_us: Timings fields 2-4; queue_us stays 0 */
+#define N_TIMINGS 4 /* queue_us, features_us, model_us, total_us: Timings fields 1-4 */
 
 PyDoc_STRVAR(encode_score_response_doc,
              "encode_score_response(request_id, score, decision, model, degraded, features, "
-             "features_us, model_us, total_us, /)\n--\n\n"
+             "queue_us, features_us, model_us, total_us, /)\n--\n\n"
              "A ScoreResponse's bytes, as protobuf writes them (its map entries in the "
              "dict's order). ``model``: the encoded ModelRef; ``degraded``: a tuple of "
              "reasons; ``features``: a dict of str to float (or int), or None.");
@@ -424,8 +424,8 @@ PyDoc_STRVAR(encode_score_response_doc,
 static PyObject *encode_score_response(PyObject *module, PyObject *const *args,
                                        Py_ssize_t nargs)
 {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "encode_score_response takes 9 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "encode_score_response takes 10 arguments");
         return NULL;
     }
     PyObject *request_id = args[0], *model = args[3], *degraded = args[4], *features = args[5];
@@ -543,7 +543,7 @@ static PyObject *encode_score_response(PyObject *module, PyObject *const *args,
     out = write_varint(out, (uint64_t)timings_size);
     for (int i = 0; i < N_TIMINGS; i++) {
         if (timings[i]) {
-            out = write_tag(out, (uint32_t)(2 + i), WIRE_VARINT);
+            out = write_tag(out, (uint32_t)(1 + i), WIRE_VARINT);
             out = write_varint(out, as_varint(timings[i]));
         }
     }

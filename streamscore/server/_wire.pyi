@@ -12,6 +12,7 @@ def encode_score_response(
     model: bytes,
     degraded: tuple[int, ...],
     features: dict[str, float] | None,
+    queue_us: int,
     features_us: int,
     model_us: int,
     total_us: int,

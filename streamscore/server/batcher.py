@@ -396,7 +396,7 @@ async def warm_up(
 
 
 class _Request:
-    __slots__ = ("arrival", "deadline", "future", "probe", "queued", "vector")
+    __slots__ = ("arrival", "deadline", "dispatched", "future", "probe", "queued", "vector")
 
     def __init__(
         self, vector: Row, deadline: float, future: asyncio.Future[float], arrival: float
@@ -405,6 +405,7 @@ class _Request:
         self.deadline = deadline
         self.future = future
         self.arrival = arrival
+        self.dispatched = arrival  # when its batch left the queue
         # True while in the queue (the heap may still hold it after, lazily skipped).
         self.queued = True
         # Sent although predicted to miss its deadline, to measure the backend again
@@ -602,9 +603,13 @@ class Batcher:
 
     # -- the hot path --------------------------------------------------------------
 
-    async def submit(self, vector: Row, deadline: float) -> float:
+    async def submit(
+        self, vector: Row, deadline: float, queue_waits: list[float] | None = None
+    ) -> float:
         """The score of one feature vector of length k (a tuple of floats, or a
-        ``(k,)`` array), by ``deadline`` (on :attr:`clock`).
+        ``(k,)`` array), by ``deadline`` (on :attr:`clock`). ``queue_waits``: gets how
+        long it waited in the queue, in seconds, when it did (a request run at once,
+        alone, did not).
 
         Raises :class:`QueueFull`, :class:`DeadlineUnreachable`, :class:`BackendFailed`
         or :class:`BatcherStopped`; ``CancelledError`` when the caller is cancelled."""
@@ -669,7 +674,10 @@ class Batcher:
         heapq.heappush(self._heap, (deadline, next(self._sequence), request))
         self._schedule(now, from_submit=True)
         try:
-            return await request.future
+            score = await request.future
+            if queue_waits is not None:
+                queue_waits.append(request.dispatched - request.arrival)
+            return score
         except asyncio.CancelledError:
             if request.queued:
                 request.queued = False
@@ -815,6 +823,8 @@ class Batcher:
         self._queued -= len(requests)
         if self._queued and self.max_delay_s > 0.0:
             self._window_start = min(entry[2].arrival for entry in heap if entry[2].queued)
+        for request in requests:
+            request.dispatched = now
         admitted = False
         if self._infer_inline is not None:
             requests = self._admit(requests, now)

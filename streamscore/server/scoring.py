@@ -213,9 +213,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
         budget_end = started + int(budget * 1e9)
         served, variant = self.rollouts.route(card_id)
+        queue_waits: list[float] = []  # the batcher's queue, when the model call waited
         try:
             score, vector = await self._score_on(
-                served, variant, features, budget_end, degraded, features_done
+                served, variant, features, budget_end, degraded, features_done, queue_waits
             )
         except (Overloaded, BackendFailed, BatcherStopped):
             if variant == pb.PRIMARY:
@@ -226,7 +227,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             # rolled back without its cards ever seeing an error.
             served, variant = self.rollouts.primary_model(), pb.PRIMARY
             score, vector = await self._score_on(
-                served, variant, features, budget_end, degraded, features_done
+                served, variant, features, budget_end, degraded, features_done, queue_waits
             )
             degraded.append(pb.FALLBACK_MODEL)
         metadata = served.metadata
@@ -256,8 +257,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             )
         if self.features_stale():
             degraded.append(pb.FEATURES_STALE)
-        # queue_us stays 0: the batcher's queue wait is inside model_us (histogrammed
-        # per batch in streamscore_batch_queue_wait_seconds).
+        # The model's stage less its wait in the batcher's queue (both tries', when a
+        # canary failed), each on its own clock: the stage's remainder, never below 0.
+        model_ns = model_done - features_done
+        queue_ns = min(int(sum(queue_waits) * 1e9), model_ns) if queue_waits else 0
         response = encode_score_response(
             request_id,
             score,
@@ -265,8 +268,9 @@ class ScoringService(pb_grpc.ScoringServicer):
             served.model_refs[variant],
             tuple(degraded),
             features if fields.include_features else None,
+            queue_ns // 1000,
             (features_done - started) // 1000,
-            (model_done - features_done) // 1000,
+            (model_ns - queue_ns) // 1000,
             (time.perf_counter_ns() - started) // 1000,
         )
         degraded_names = [_DEGRADED_NAMES[r] for r in degraded] if degraded else []
@@ -302,6 +306,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         budget_end: int,
         degraded: list[int],
         features_done: int,
+        queue_waits: list[float],
     ) -> tuple[float, Row]:
         """Score on one version, counted for the rollout's safety check. Its features
         in the model's order stay a tuple of floats: an idle batcher in front of the
@@ -309,7 +314,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         with served.use():
             vector = served.inputs_of(features)
             try:
-                score = await self._model_score(served, vector, budget_end, degraded)
+                score = await self._model_score(served, vector, budget_end, degraded, queue_waits)
             except Exception:
                 spent = (time.perf_counter_ns() - features_done) / 1e9
                 self.rollouts.observe(variant, served, spent, ok=False)
@@ -327,6 +332,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         vector: Row,
         budget_end: int,
         degraded: list[int],
+        queue_waits: list[float],
     ) -> float:
         """The batched score, or the fallback by policy (DESIGN.md "Errors"). The
         batcher's deadline is the call's (``budget_end``, on ``perf_counter_ns``): what
@@ -339,7 +345,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         breaker = served.breaker
         if breaker.allow():
             try:
-                score = await served.batcher.submit(vector, served.batcher.clock() + budget)
+                batcher = served.batcher
+                score = await batcher.submit(vector, batcher.clock() + budget, queue_waits)
             except DeadlineUnreachable as missed:
                 # A backend that did not answer in time counts as failing (a hung one
                 # must open the breaker, not cost every call its whole budget); one

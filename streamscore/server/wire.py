@@ -82,20 +82,22 @@ def _encode_py(
     model: bytes,
     degraded: tuple[int, ...],
     features: dict[str, float] | None,
+    queue_us: int,
     features_us: int,
     model_us: int,
     total_us: int,
 ) -> bytes:
     """The reference encoder: the answer as a protobuf message, serialized.
-    ``model``: the encoded ``ModelRef``; queue_us stays 0 (the batcher's queue wait
-    is inside model_us)."""
+    ``model``: the encoded ``ModelRef``."""
     response = pb.ScoreResponse(
         request_id=request_id,
         score=score,
         decision=decision,  # type: ignore[arg-type]
         model=pb.ModelRef.FromString(model),
         degraded=degraded,  # type: ignore[arg-type]
-        timings=pb.Timings(features_us=features_us, model_us=model_us, total_us=total_us),
+        timings=pb.Timings(
+            queue_us=queue_us, features_us=features_us, model_us=model_us, total_us=total_us
+        ),
     )
     if features is not None:
         response.features.update(features)
