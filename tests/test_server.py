@@ -239,6 +239,25 @@ async def test_invalid_score_requests_name_the_field(
     assert (caught.value.details() or "").startswith(f"{field}:")
 
 
+async def test_a_live_event_time_far_ahead_of_the_clock_is_refused(
+    live_stub: pb_grpc.ScoringStub,
+) -> None:
+    """Live, an event time more than the allowed skew ahead of the server's clock is
+    refused, as such an event is dead-lettered: mostly a unit mistake (here
+    microseconds), which would skew the hour-of-day input. Within the skew it is
+    answered."""
+    now_ms = int(time.time() * 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await live_stub.Score(pb.ScoreRequest(transaction=transaction(event_time_ms=now_ms * 1000)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert details.startswith("transaction.event_time_ms:") and "ahead" in details, details
+    answer = await live_stub.Score(
+        pb.ScoreRequest(transaction=transaction(event_time_ms=now_ms + 60_000))
+    )
+    assert 0.0 <= answer.score <= 1.0
+
+
 def test_lengths_are_checked_per_field_in_characters() -> None:
     # Every field at the limit (in characters; "é" is two bytes in UTF-8): the whole
     # request is several times the limit, which alone must not refuse it.

@@ -23,7 +23,7 @@ from streamscore.server.batcher import (
 )
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.eager import start_eagerly
-from streamscore.server.errors import OutOfRange, ServingError, Unavailable
+from streamscore.server.errors import InvalidRequest, OutOfRange, ServingError, Unavailable
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
@@ -185,6 +185,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         # None: not set (validation requires it in replay mode); 0 is a time.
         event_time_ms = now_ms if fields.event_time_ms is None else fields.event_time_ms
         t_ms = event_time_ms if self.replay else now_ms
+        if event_time_ms > now_ms + self.store.skew_ms and not self.replay:
+            # As an event from that far ahead is dead-lettered. Mostly a unit mistake
+            # (microseconds, nanoseconds), which would skew the hour-of-day input.
+            raise InvalidRequest(
+                "transaction.event_time_ms",
+                f"{event_time_ms} is more than {self.store.skew_ms} ms ahead of the server's "
+                f"clock ({now_ms}); event times are milliseconds since the epoch",
+            )
         if self.replay:
             for entity_type, entity_id in (
                 ("card", card_id),
