@@ -374,7 +374,7 @@ async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
         registry = server.rollouts.registry
         canary = registry.get(registry.name, "2")
 
-        async def never_in_time(vector: object, deadline: float) -> float:
+        async def never_in_time(vector: object, deadline: float, *rest: object) -> float:
             raise DeadlineUnreachable("submit", "this canary never makes the deadline")
 
         monkeypatch.setattr(canary.batcher, "submit", never_in_time)
@@ -452,7 +452,7 @@ async def test_a_backend_that_hangs_opens_the_breaker(
         primary = server.rollouts.primary_model()
         calls = 0
 
-        async def hung(vector: object, deadline: float) -> float:
+        async def hung(vector: object, deadline: float, *rest: object) -> float:
             nonlocal calls
             calls += 1
             await asyncio.sleep(max(0.0, deadline - primary.batcher.clock()))
