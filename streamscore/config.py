@@ -174,6 +174,8 @@ class Settings:
             if name not in fields:
                 raise ValueError(f"unknown setting {key!r}")
             changes[name] = _coerce(getattr(self, name), value, name)
+            if name in _CHOICES and isinstance(changes[name], str):
+                changes[name] = changes[name].lower()  # "FALLBACK" is "fallback"
         updated = dataclasses.replace(self, **changes)
         _check_values(updated)
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,
@@ -226,7 +228,8 @@ def _typed(current: Any, value: Any, name: str) -> Any:
         kind = {bool: "true or false", int: "an integer", float: "a number"}.get(
             type(current), "a string"
         )
-        raise ValueError(f"setting {name}: expected {kind}, got {value!r}")
+        shown = "a value of another type" if name in SECRET_SETTINGS else repr(value)
+        raise ValueError(f"setting {name}: expected {kind}, got {shown}")
     return value
 
 
@@ -275,7 +278,7 @@ def _check_values(settings: Settings) -> None:
             raise ValueError(f"setting {name}: {value!r} is not within [{low:g}, {high:g}]")
     for name, choices in _CHOICES.items():
         value = getattr(settings, name)
-        if value.lower() not in choices:
+        if value not in choices:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
 
 
@@ -291,7 +294,11 @@ def load_settings(
     settings = Settings()
     if config_file is not None:
         with config_file.open("rb") as handle:
-            settings = settings.override(tomllib.load(handle))
+            try:
+                values = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"config file {config_file}: {error}") from None
+        settings = settings.override(values)
     env = os.environ if environ is None else environ
     names = {f.name for f in dataclasses.fields(Settings)}
     from_env = {

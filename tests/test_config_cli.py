@@ -79,6 +79,15 @@ def test_gc_freeze_interval_is_a_non_negative_number_of_seconds() -> None:
         load_settings(environ={"STREAMSCORE_GC_FREEZE_INTERVAL_S": "-1"})
 
 
+def test_choices_are_read_whatever_their_case() -> None:
+    """ "FALLBACK" is "fallback": a value the check accepts is the one the server uses (it
+    was accepted, then compared exactly: the error policy, text logs)."""
+    settings = load_settings(
+        environ={"STREAMSCORE_DEADLINE_POLICY": "FALLBACK", "STREAMSCORE_LOG_FORMAT": "JSON"}
+    )
+    assert (settings.deadline_policy, settings.log_format) == ("fallback", "json")
+
+
 @pytest.mark.parametrize(
     ("toml", "message"),
     [
@@ -86,7 +95,9 @@ def test_gc_freeze_interval_is_a_non_negative_number_of_seconds() -> None:
         ("port = 70000", r"setting port: 70000 is not within"),
         ("port = true", "setting port: expected an integer, got True"),
         ("port = 1.5", "setting port: expected an integer, got 1.5"),
-        ("admin_token = 123", "setting admin_token: expected a string, got 123"),
+        # A secret's value is never echoed, even a wrong one.
+        ("admin_token = 123", "setting admin_token: expected a string, got a value of another"),
+        ("port = [", "config file .*streamscore.toml: "),
         ("budget_ms = 0", "setting budget_ms: 0.0 is not within"),
         ("batch_max_queue = -5", "setting batch_max_queue: -5 is not within"),
         ("max_message_bytes = -1", "setting max_message_bytes: -1 is not within"),
@@ -112,7 +123,7 @@ def test_typed_values_of_the_right_kind_are_taken() -> None:
     settings = load_settings(flags={"budget_ms": 20, "port": 0, "model_repository": "/tmp/m"})
     assert settings.budget_ms == 20.0 and isinstance(settings.budget_ms, float)
     assert settings.model_repository == Path("/tmp/m")
-    assert load_settings(environ={"STREAMSCORE_LOG_LEVEL": "DEBUG"}).log_level == "DEBUG"
+    assert load_settings(environ={"STREAMSCORE_LOG_LEVEL": "DEBUG"}).log_level == "debug"
 
 
 def test_model_repository_is_a_path() -> None:
