@@ -81,7 +81,8 @@ def features(
 ) -> dict[str, float]:
     """Every feature of ``pack`` for one entity as of ``t_ms``, by brute force."""
     field = ENTITY_FIELD[entity_type]
-    mine = dedup([e for e in events if e[field] == entity_id])
+    # An empty device or IP (a card-present payment) is no entity: it has no events.
+    mine = dedup([e for e in events if e[field] == entity_id]) if entity_id else []
     return {f.name: feature_value(f, mine, t_ms) for f in pack if f.entity == entity_type}
 
 
@@ -99,7 +100,7 @@ def fold_outcomes(
     accepted_ids: set[str] = set()
     outcomes = []
     for event in events:
-        if event[field] != entity_id:
+        if event[field] != entity_id or not entity_id:
             continue
         time_ms = event["event_time_ms"]
         if newest is not None and time_ms < newest - lateness_ms:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from streamscore.stream.backfill import backfill
 from streamscore.stream.events import InvalidEvent, event_from_dict, parse_event
-from streamscore.stream.features import ENTITY_TYPES
+from streamscore.stream.features import ENTITY_FIELD, ENTITY_TYPES
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import (
     decode_fold_batch,
@@ -14,6 +15,8 @@ from streamscore.stream.topics import (
     fold_entries,
     route_events,
 )
+
+import reference
 
 GOOD = {
     "event_id": "e-1",
@@ -169,3 +172,33 @@ def test_decode_fold_batch_refuses_other_shapes() -> None:
     for bad in (b"{}", b"[1, 2]", b"[[1, 2, 3]]", b"not json"):
         with pytest.raises(ValueError):
             decode_fold_batch(bad)
+
+
+def test_a_card_present_payment_counts_for_its_card_and_merchant_only() -> None:
+    """An event without device or IP (a card-present payment, as a ScoreRequest may
+    be) is valid: it folds into its card and merchant, into no device or IP entity, and
+    the backfill's values for it and after it equal the brute-force reference's (which
+    gives an empty device or IP no events)."""
+    present = {**GOOD, "event_id": "e-present", "device_id": "", "ip": ""}
+    assert [entry[0] for entry in fold_entries(event_from_dict(present))] == ["card", "merchant"]
+    for name in ("device_id", "ip"):  # absent is still malformed; empty is not
+        with pytest.raises(InvalidEvent, match="missing_field"):
+            event_from_dict({k: v for k, v in GOOD.items() if k != name})
+    t0 = GOOD["event_time_ms"]
+    log = [
+        {**GOOD, "event_id": f"e-{i}", "event_time_ms": t0 + i * 7_000, "amount_minor": 100 * i}
+        | ({"device_id": "", "ip": ""} if i % 2 else {})
+        for i in range(12)
+    ]
+    rows = dict(backfill(event_from_dict(e) for e in log))
+    for event, features in rows.items():
+        t = event.event_time_ms
+        before = [e for e in log if (e["event_time_ms"], e["event_id"]) < (t, event.event_id)]
+        want: dict[str, float] = {}
+        for entity in ENTITY_TYPES:
+            entity_id = {"card": "c-1", "merchant": "m-1"}.get(entity) or getattr(
+                event, ENTITY_FIELD[entity]
+            )
+            want |= reference.features(before, entity, entity_id, t)
+        assert {k: features[k] for k in want} == want, event.event_id
+    assert rows[event_from_dict(log[-1])]["card_txn_count_5m"] == 11  # every one before it

@@ -13,6 +13,9 @@ import orjson
 
 STATUSES = ("approved", "declined")
 _STRING_FIELDS = ("event_id", "card_id", "merchant_id", "device_id", "ip", "currency", "country")
+# A card-present payment has no device or IP: it counts for its card and merchant,
+# and for no device or IP entity (as a ScoreRequest without them reads none).
+OPTIONAL_IDS = ("device_id", "ip")
 # Guards against absurd inputs (e.g. a 10 MB card id) reaching the state.
 MAX_FIELD_LENGTH = 256
 MAX_AMOUNT_MINOR = 2**63 - 1
@@ -86,7 +89,7 @@ def _str_field(data: dict[str, Any], name: str) -> str:
         raise InvalidEvent("missing_field", name)
     if not isinstance(value, str):
         raise InvalidEvent("bad_type", f"{name} must be a string")
-    if not value:
+    if not value and name not in OPTIONAL_IDS:
         raise InvalidEvent("empty_field", name)
     if len(value) > MAX_FIELD_LENGTH:
         raise InvalidEvent("field_too_long", name)

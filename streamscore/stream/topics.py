@@ -62,12 +62,13 @@ FoldEntry = list[Any]
 
 
 def fold_entries(event: PaymentEvent) -> list[FoldEntry]:
-    """The fold entries of one valid event, one per entity type."""
+    """The fold entries of one valid event, one per entity type it names (a
+    card-present payment names no device or IP)."""
     declined = 1 if event.declined else 0
     return [
         [
             entity,
-            getattr(event, ENTITY_FIELD[entity]),
+            entity_id,
             event.event_id,
             event.event_time_ms,
             event.amount_minor,
@@ -76,6 +77,7 @@ def fold_entries(event: PaymentEvent) -> list[FoldEntry]:
             event.card_id,
         ]
         for entity in ENTITY_TYPES
+        if (entity_id := getattr(event, ENTITY_FIELD[entity]))
     ]
 
 
