@@ -359,10 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "Run everything on this machine and score live synthetic traffic.")
     _common(demo, kafka_help="use this Kafka cluster instead of the embedded broker")
     demo.add_argument(
-        "--duration", type=float, help="stop after this many seconds (default: Ctrl-C)"
+        "--duration", type=_positive, help="stop after this many seconds (default: Ctrl-C)"
     )
-    demo.add_argument("--rate", type=float, default=200.0, help="payments per second (default 200)")
-    demo.add_argument("--port", type=int, help="gRPC port of the server (default 50051)")
+    demo.add_argument(
+        "--rate", type=_positive, default=200.0, help="payments per second (default 200)"
+    )
+    demo.add_argument(
+        "--port", type=int, help="gRPC port of the server (default 50051; 0 picks one)"
+    )
     demo.add_argument("--model-repository", type=Path, help="model repository directory")
 
     serve = add("serve", cmd_serve, "Run the gRPC scoring server with its feature replica.")
@@ -496,6 +500,7 @@ def _operator_error(error: Exception) -> str | None:
     import grpc
     from aiokafka.errors import KafkaError
 
+    from streamscore.processes import ChildExited
     from streamscore.server.backends.base import BackendUnavailable
 
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
@@ -508,6 +513,8 @@ def _operator_error(error: Exception) -> str | None:
         return f"model backend unavailable: {error}"
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return f"{error.code().name}: {error.details()}"
+    if isinstance(error, ChildExited):  # a child of ours that could not start
+        return str(error)
     if isinstance(error, RuntimeError) and "Failed to bind" in str(error):
         return f"{error} (the port is in use?)"
     return None

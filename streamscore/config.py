@@ -282,6 +282,16 @@ def _check_values(settings: Settings) -> None:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
 
 
+def settings_environment(settings: Settings, **overrides: Any) -> dict[str, str]:
+    """Every setting (with ``overrides``) as ``STREAMSCORE_*`` variables: how a command
+    hands its settings, from whatever file, environment and flags, to its children."""
+    env = {}
+    for name, value in {**dataclasses.asdict(settings), **overrides}.items():
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        env[ENV_PREFIX + name.upper()] = text
+    return env
+
+
 def topic_layout(settings: Settings) -> TopicLayout:
     return TopicLayout(settings.payments_partitions, settings.entity_partitions)
 

@@ -28,16 +28,18 @@ from hdrh.histogram import HdrHistogram
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
-from streamscore.config import Settings, topic_layout
-from streamscore.processes import ChildProcess, stop_on_signals
+from streamscore.config import Settings, settings_environment, topic_layout
+from streamscore.processes import ChildExited, ChildProcess, stop_on_signals
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import PAYMENTS
 from streamscore.traffic import LabelledEvent, TrafficConfig, TrafficGenerator
 
 log = logging.getLogger("streamscore.demo")
 
 MAX_IN_FLIGHT = 64
+# How long the demo's server may take to answer SERVING (training is before it).
+STARTUP_TIMEOUT_S = 120
 # One in this many events is sent malformed, to show the dead-letter path.
 MALFORMED_EVERY = 500
 
@@ -217,6 +219,38 @@ async def drive_traffic(
     return stats
 
 
+async def _started(target: str, children: tuple[ChildProcess, ...], stop: asyncio.Event) -> bool:
+    """Wait until the server at ``target`` is SERVING (True) or ``stop`` is set (False).
+    A child that exits first ends the demo at once, with the last line of its log."""
+    waits = {
+        asyncio.ensure_future(wait_serving(target, timeout=STARTUP_TIMEOUT_S)),
+        asyncio.ensure_future(stop.wait()),
+        *(asyncio.ensure_future(child.exited.wait()) for child in children),
+    }
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    for child in children:
+        if child.exited.is_set():
+            raise ChildExited(
+                f"the demo's {child.name} exited at start (code {child.returncode}): "
+                f"{_last_line(child.log_path)} (its log: {child.log_path})"
+            )
+    if stop.is_set():
+        return False
+    for wait in done:
+        wait.result()  # a TimeoutError: the server never became SERVING
+    return True
+
+
+def _last_line(path: str | None) -> str:
+    lines = Path(path).read_text(errors="replace").strip().splitlines() if path else []
+    return lines[-1][-300:] if lines else "(its log is empty)"
+
+
 async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: float) -> int:
     stop = stop_on_signals()
     logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
@@ -230,26 +264,29 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
             print(f"embedded broker (tansu) on {bootstrap}", flush=True)
         await create_topics(bootstrap, topic_layout(settings).partitions())
         await ensure_model(settings)
-        common = ["--kafka", bootstrap, "--log-level", settings.log_level]
+        # The children get this command's settings (file, environment, flags), each
+        # process its own metrics port; a port of 0 is picked here, to be reached.
+        port = settings.port or find_free_port()
+        metrics = settings.metrics_port
+        env = settings_environment(settings, kafka=bootstrap, port=port, metrics_port=metrics)
         worker = ChildProcess.streamscore(
-            "worker", "worker", *common, log_path=str(logdir / "worker.log")
+            "worker",
+            "worker",
+            env={**env, "STREAMSCORE_METRICS_PORT": str(metrics + 1 if metrics else 0)},
+            log_path=str(logdir / "worker.log"),
         )
         server = ChildProcess.streamscore(
-            "server",
-            "serve",
-            *common,
-            "--port",
-            str(settings.port),
-            "--model-repository",
-            str(settings.model_repository),
-            log_path=str(logdir / "server.log"),
+            "server", "serve", env=env, log_path=str(logdir / "server.log")
         )
         for child in (worker, server):
             await child.start()
             stack.push_async_callback(child.stop)
-        target = f"{settings.host}:{settings.port}"
-        await wait_serving(target, timeout=120)
+        target = f"{settings.host}:{port}"
+        if not await _started(target, (worker, server), stop):
+            return 130  # stopped (Ctrl-C) while starting
         print(f"server on {target}, worker running; logs in {logdir}", flush=True)
+        if metrics:
+            print(f"metrics on ports {metrics} (server) and {metrics + 1} (worker)", flush=True)
         stats = await drive_traffic(target, bootstrap, demo_traffic(rate_per_s), stop, duration_s)
         print(stats.summary_line(), flush=True)
         total = stats.total

@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 
-from streamscore.config import ENV_PREFIX, Settings
+from streamscore.config import Settings, settings_environment
 from streamscore.processes import ChildProcess, stop_on_signals
 
 log = logging.getLogger("streamscore.supervisor")
@@ -43,15 +43,10 @@ _PER_WORKER_PORTS = ("metrics_port", "worker_port_base")
 
 
 def worker_environment(settings: Settings, index: int) -> dict[str, str]:
-    env = {}
-    for field in dataclasses.fields(settings):
-        value = getattr(settings, field.name)
-        if field.name in _PER_WORKER_PORTS and value:
-            value += index
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        env[ENV_PREFIX + field.name.upper()] = text
-    env[ENV_PREFIX + "REUSE_PORT"] = "true"  # the set shares --port
-    return env
+    ports = {name: getattr(settings, name) for name in _PER_WORKER_PORTS}
+    own = {name: port + index for name, port in ports.items() if port}
+    # The set shares --port.
+    return settings_environment(settings, **own, reuse_port=True)
 
 
 def spread_target(host: str, port_base: int, workers: int) -> str:

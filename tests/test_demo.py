@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,59 @@ async def test_demo_keeps_an_existing_model_and_notes_a_missing_fallback(
     (old / "model.onnx").write_bytes(b"")
     await ensure_model(settings)
     assert capsys.readouterr().out == ""
+
+
+def test_demo_whose_server_cannot_start_says_why_at_once(trained_model: Path) -> None:
+    """Its port taken: the server exits at start, and the demo ends at once (it waited
+    120 s, deaf to Ctrl-C) with one line naming the cause and the server's log."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = demo_argv(trained_model, "--duration", "5")
+        argv[argv.index("--port") + 1] = str(port)
+        started = time.monotonic()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=150, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert time.monotonic() - started < 60, output[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+    assert "server exited at start" in line and "server.log" in line, line
+
+
+def test_demo_hands_its_config_file_to_its_server_and_worker(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Settings from --config reach the demo's children (they did not: no /metrics, no
+    Admin), each with its own metrics port; --port 0 picks a port it then reaches."""
+    metrics = free_port()
+    config = tmp_path / "demo.toml"
+    config.write_text(f'metrics_port = {metrics}\nadmin_token = "demo-token"\n')
+    argv = demo_argv(trained_model, "--duration", "8", "--config", str(config))
+    argv[argv.index("--port") + 1] = "0"
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        lines = []
+        while not any("server on" in line for line in lines):
+            lines.append(process.stdout.readline())
+            assert lines[-1], "".join(lines)[-3000:]
+        target = re.search(r"server on (\S+),", "".join(lines))
+        assert target is not None
+        for port, name in ((metrics, "server"), (metrics + 1, "worker")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                assert b"streamscore_" in reply.read(), name
+        shown = subprocess.run(
+            [sys.executable, "-m", "streamscore", "rollout", "show", "--target", target.group(1)],
+            env={**os.environ, "STREAMSCORE_ADMIN_TOKEN": "demo-token"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, rest[-3000:]
+    assert_scored_and_stopped("".join(lines) + rest)
