@@ -175,6 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = train(
         settings.model_repository,
         version=args.version,
+        replace=args.replace,
         duration_s=args.duration,
         rate_per_s=args.rate,
         seed=args.seed,
@@ -414,7 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = add("train", cmd_train, "Train the demo fraud model into the model repository.")
     _common(train, kafka_help="(ignored)")
     train.add_argument("--model-repository", type=Path, help="model repository directory")
-    train.add_argument("--version", type=int, default=1, help="version number to write")
+    train.add_argument(
+        "--version", type=int, help="version number to write (default: the next one)"
+    )
+    train.add_argument(
+        "--replace",
+        action="store_true",
+        help="write over an existing --version (a server hot-reloads it under the same number)",
+    )
     train.add_argument(
         "--duration", type=_positive, default=1800.0, help="seconds of synthetic traffic"
     )

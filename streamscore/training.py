@@ -23,7 +23,7 @@ from torch import nn
 
 from streamscore.server.backends.triton_repo import write_triton_model
 from streamscore.server.drift import BASELINE_FILE, Baseline
-from streamscore.server.model import ModelMetadata, Thresholds
+from streamscore.server.model import ModelMetadata, Thresholds, version_dirs
 from streamscore.stream.assembly import all_feature_names
 from streamscore.stream.backfill import backfill
 from streamscore.stream.events import event_from_dict
@@ -191,16 +191,36 @@ def _check_onnx_matches_torch(path: Path, model: FraudMLP, rows: np.ndarray) -> 
         raise RuntimeError(f"ONNX export differs from torch by {np.abs(got - want).max()}")
 
 
+class TrainingRefused(ValueError):
+    """A version training will not write: one already there, or a model not fit to serve."""
+
+
 def train(
     repository: Path,
     *,
-    version: int = 1,
+    version: int | None = None,
+    replace: bool = False,
     duration_s: float = 1800.0,
     rate_per_s: float = 10.0,
     seed: int = 7,
     epochs: int = 300,
 ) -> TrainReport:
+    """Train the demo model and write it as ``version`` (None: the next one).
+
+    An existing version is replaced only when asked: a server watching the repository
+    would hot-reload it under the same number, so decisions would change while every
+    answer and decision record still named the old one. A model whose held-out check
+    cannot be computed (too little traffic: no fraud or no legitimate payment in the
+    later slice) or whose review and decline thresholds coincide is refused."""
     started = time.perf_counter()
+    existing = [int(p.name) for p in version_dirs(repository, MODEL_NAME)]
+    if version is None:
+        version = max(existing, default=0) + 1
+    elif version in existing and not replace:
+        raise TrainingRefused(
+            f"version {version} of {MODEL_NAME} exists under {repository}; give another "
+            "--version (default: the next one), or --replace to write over it"
+        )
     torch.manual_seed(seed)
     x, y, names = build_dataset(TrafficConfig(rate_per_s=rate_per_s, seed=seed), duration_s)
     split = int(len(x) * 0.8)  # rows are in event-time order: test on the later slice
@@ -229,6 +249,13 @@ def train(
     thresholds = Thresholds(
         review=float(np.quantile(legit, 0.98)), decline=float(np.quantile(legit, 0.998))
     )
+    held_out_auc = roc_auc(y_test, test_scores)
+    if np.isnan(held_out_auc) or not thresholds.review < thresholds.decline:
+        raise TrainingRefused(
+            f"not fit to serve: {len(x)} rows, held-out ROC-AUC {held_out_auc:.3f}, thresholds "
+            f"review {thresholds.review:.4f} decline {thresholds.decline:.4f}; train on more "
+            "traffic (--duration, --rate)"
+        )
     directory = export_version(
         repository,
         version,
@@ -243,7 +270,7 @@ def train(
         path=directory,
         rows=len(x),
         fraud_rate=float(y.mean()),
-        roc_auc=roc_auc(y_test, test_scores),
+        roc_auc=held_out_auc,
         pr_auc=average_precision(y_test, test_scores),
         thresholds=thresholds,
         seconds=time.perf_counter() - started,

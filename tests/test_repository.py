@@ -415,3 +415,20 @@ async def test_registry_places_torch_versions_on_the_configured_device(
         assert isinstance(backend, TorchBackend) and backend.device.type == "cpu"
     finally:
         await registry.stop()
+
+
+def test_train_writes_the_next_version_and_replaces_one_only_when_asked(
+    trained_model: Path,
+) -> None:
+    """A server watching the repository would hot-reload a version written over, under
+    the same number: train writes the next version, an existing one only with
+    replace; and it refuses a model its held-out check cannot judge."""
+    from streamscore.training import TrainingRefused, train
+
+    with pytest.raises(TrainingRefused, match="version 1 of fraud_mlp exists"):
+        train(trained_model, version=1)
+    with pytest.raises(TrainingRefused, match="not fit to serve"):
+        train(trained_model, duration_s=1, epochs=1)  # ten rows: no fraud held out
+    assert sorted(p.name for p in (trained_model / "fraud_mlp").iterdir() if p.is_dir()) == ["1"]
+    report = train(trained_model, duration_s=600, epochs=20)
+    assert report.path == trained_model / "fraud_mlp" / "2"

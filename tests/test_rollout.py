@@ -213,6 +213,11 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
             await admin.Promote(apb.PromoteRequest(), metadata=AUTH)
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "no canary to promote" in (caught.value.details() or "")
+        # Nor to roll back: an operator must not believe a promote undone.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await admin.Rollback(apb.RollbackRequest(reason="chargebacks"), metadata=AUTH)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no canary to roll back" in (caught.value.details() or "")
 
 
 async def test_canary_is_a_sticky_slice_then_promoted(trained_model: Path, tmp_path: Path) -> None:

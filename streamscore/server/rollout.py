@@ -80,7 +80,7 @@ def _shadow_decision(served: ServedModel, item: _ShadowItem, score: float) -> De
 class RolloutConflict(Exception):
     """The rollout is not in the state the change needs (FAILED_PRECONDITION): it
     changed since the caller read it (another generation, or an automatic rollback
-    meanwhile), or there is no canary to promote."""
+    meanwhile), or there is no canary to promote or roll back."""
 
 
 @dataclass(frozen=True)
@@ -568,8 +568,16 @@ class RolloutManager:
             return promoted
 
     async def roll_back(self, reason: str) -> RolloutState:
+        """The canary to 0 % (a canary already there: no change). With no canary, as
+        after a promote, there is nothing to roll back: refused, for an operator must
+        not believe a promote undone (a primary changes back with ``set``)."""
         async with self._change, self._file_lock():
             await self._sync()
+            if not self.state.canary:
+                raise RolloutConflict(
+                    "there is no canary to roll back (a promote is undone by setting the "
+                    "primary back: rollout set --primary VERSION)"
+                )
             if self._roll_back_now(reason or "manual", automatic=False):
                 self._save()
             return self.state
