@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -131,6 +132,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         # Served from its own thread for the life of the process.
         start_http_server(settings.metrics_port, addr=settings.host)
+    # A line before the first event, for whoever tails a new worker's log.
+    logging.getLogger("streamscore.worker").info(
+        "worker starting",
+        extra={
+            "kafka": settings.kafka,
+            "metrics_port": settings.metrics_port or None,
+            "lateness_ms": settings.lateness_ms,
+            "skew_ms": settings.skew_ms,
+        },
+    )
     run_worker(
         settings.kafka,
         loglevel=settings.log_level,
@@ -247,7 +258,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         f"(newest event {newest}, {reply.events_folded} folded)"
     )
     for name in sorted(reply.features):
-        print(f"  {name:32s} {reply.features[name]:g}")
+        print(f"  {name:32s} {reply.features[name]!r}")  # exact: repr, not rounded
     return 0
 
 
@@ -510,6 +521,7 @@ def _operator_error(error: Exception) -> str | None:
 
     from streamscore.processes import ChildExited
     from streamscore.server.backends.base import BackendUnavailable
+    from streamscore.stream.broker import BrokerError
 
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
         return f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
@@ -521,8 +533,8 @@ def _operator_error(error: Exception) -> str | None:
         return f"model backend unavailable: {error}"
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return f"{error.code().name}: {error.details()}"
-    if isinstance(error, ChildExited):  # a child of ours that could not start
-        return str(error)
+    if isinstance(error, ChildExited | BrokerError):  # a child of ours that could not start
+        return str(error).splitlines()[0]  # (a broker's adds its output: in the log above)
     if isinstance(error, RuntimeError) and "Failed to bind" in str(error):
         return f"{error} (the port is in use?)"
     return None

@@ -271,7 +271,17 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _check_bootstrap(bootstrap: str) -> None:
+    """``host:port[,host:port...]`` (a port may be left out: Kafka's 9092)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":") if ":" in server else (server, "", "")
+        if not host.strip() or "/" in host or (port and not port.isdigit()):
+            raise ValueError(f"setting kafka: {bootstrap!r} is not host:port[,host:port...]")
+
+
 def _check_values(settings: Settings) -> None:
+    if settings.kafka:
+        _check_bootstrap(settings.kafka)
     for name, (low, high) in _BOUNDS.items():
         value = getattr(settings, name)
         if not low <= value <= high:

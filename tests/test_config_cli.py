@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,8 @@ def test_choices_are_read_whatever_their_case() -> None:
         ("payments_partitions = 0", "setting payments_partitions: 0 is not within"),
         ('log_level = "verbose"', "setting log_level: 'verbose' is not one of debug, info"),
         ('log_format = "xml"', "setting log_format: 'xml' is not one of json, text"),
+        ('kafka = "http://x:y"', "setting kafka: 'http://x:y' is not host:port"),
+        ('kafka = "a:9092,b:x"', "setting kafka: 'a:9092,b:x' is not host:port"),
         ("batching = 1", "setting batching: expected true or false, got 1"),
     ],
 )
@@ -244,3 +247,23 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("streamscore: ") and expected in err and "\n" not in err, err
+
+
+def test_a_broker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    """Its port taken: one "streamscore:" line (tansu's own output, a Rust panic, went
+    to the terminal after a traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "streamscore", "broker", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamscore: could not start tansu broker: port in use"), last
+    assert "Traceback" not in result.stderr and "panicked" not in result.stderr
