@@ -91,25 +91,27 @@ def fold_outcomes(
 ) -> list[tuple[dict, str]]:
     """The lateness and duplicate rule, applied per entity in arrival order.
 
-    An event older than the entity's newest accepted event time minus ``lateness_ms``
-    is TOO_LATE (checked first); otherwise an event_id already accepted is DUPLICATE;
+    An event older than the newest event time the entity accepted from the same
+    source (payments partition, ``source``, 0 when absent) minus ``lateness_ms`` is
+    TOO_LATE (checked first); otherwise an event_id already accepted is DUPLICATE;
     otherwise it is APPLIED.
     """
     field = ENTITY_FIELD[entity_type]
-    newest: int | None = None
+    newest: dict[int, int] = {}
     accepted_ids: set[str] = set()
     outcomes = []
     for event in events:
         if event[field] != entity_id or not entity_id:
             continue
         time_ms = event["event_time_ms"]
-        if newest is not None and time_ms < newest - lateness_ms:
+        source = event.get("source", 0)
+        if source in newest and time_ms < newest[source] - lateness_ms:
             outcomes.append((event, TOO_LATE))
         elif event["event_id"] in accepted_ids:
             outcomes.append((event, DUPLICATE))
         else:
             accepted_ids.add(event["event_id"])
-            newest = time_ms if newest is None else max(newest, time_ms)
+            newest[source] = max(newest.get(source, time_ms), time_ms)
             outcomes.append((event, APPLIED))
     return outcomes
 

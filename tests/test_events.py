@@ -117,7 +117,13 @@ def test_fold_entries_cover_every_entity_once() -> None:
         ("device", "d-1"),
         ("ip", "203.0.113.7"),
     ]
-    assert entries[0][2:] == ["e-1", GOOD["event_time_ms"], 1234, 1, "m-1", "c-1"]
+    assert entries[0][2:] == ["e-1", GOOD["event_time_ms"], 1234, 1, "m-1", "c-1", 0]
+    # The payments partition it came from rides along (the fold horizon is per partition).
+    assert all(entry[8] == 3 for entry in fold_entries(event_from_dict(GOOD), source=3))
+    # A record of an older worker, without it, still reads.
+    assert decode_fold_batch(orjson.dumps([entry[:8] for entry in entries])) == [
+        entry[:8] for entry in entries
+    ]
 
 
 def test_route_events_puts_each_entity_in_its_own_stable_partition() -> None:

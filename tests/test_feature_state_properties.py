@@ -89,13 +89,16 @@ def event_logs(draw, lateness_ms: int = DEFAULT_LATENESS_MS, max_events: int = 4
                 st.integers(10**9 - 3, 10**9),  # large, tiny variance: float moments fail
             )
         )
+        ids = {name: draw(st.sampled_from(pool)) for name, pool in pools.items()}
         events.append(
             {
                 "event_id": f"e{i}",
                 "event_time_ms": time_ms,
-                **{name: draw(st.sampled_from(ids)) for name, ids in pools.items()},
+                **ids,
                 "amount_minor": amount,
                 "status": draw(st.sampled_from(["approved", "approved", "declined"])),
+                # The payments partition, keyed by card as producers key.
+                "source": CARDS.index(ids["card_id"]) % 2,
             }
         )
     redelivered = draw(st.lists(st.sampled_from(events), max_size=n // 2 + 1))
@@ -126,6 +129,7 @@ def fold_record(event: dict) -> FoldRecord:
         declined=event["status"] == "declined",
         merchant_id=event["merchant_id"],
         card_id=event["card_id"],
+        source=event.get("source", 0),
     )
 
 
@@ -396,3 +400,35 @@ def test_compiled_tiles_give_the_python_twins_features_bit_for_bit(data):
                 assert {k: repr(v) for k, v in got.items()} == {
                     k: repr(v) for k, v in want.items()
                 }, f"{entity_type}={entity_id} t={t}"
+
+
+def test_a_shared_entity_folds_partitions_routed_hours_apart() -> None:
+    """A backlog routed a partition at a time: four hours of partition 0's events, then
+    the same four hours of partition 1's. The merchant both feed folds every one (the
+    fold horizon counts from each partition's newest, not the merchant's), and its
+    values equal the reference's; a redelivery is still counted once."""
+    horizon = 2 * HOUR
+    events = [
+        {
+            "event_id": f"b{i:03d}",
+            "event_time_ms": 1_700_000_000_000 + i * MINUTE,
+            "card_id": f"card{i % 8}",
+            "merchant_id": "shop",
+            "device_id": f"d{i % 8}",
+            "ip": f"ip{i % 8}",
+            "amount_minor": 100 + i,
+            "status": "approved",
+            "source": i % 2,
+        }
+        for i in range(240)
+    ]
+    arrivals = [e for e in events if e["source"] == 0] + [e for e in events if e["source"] == 1]
+    store, outcomes = fold_all(arrivals + arrivals[100:110], horizon)
+    assert outcomes[("merchant", "shop")].count(Fold.APPLIED.value) == 240
+    assert outcomes[("merchant", "shop")].count(Fold.DUPLICATE.value) == 10
+    assert store.summary("merchant", "shop")[1] == 240
+    last = events[-1]["event_time_ms"]
+    for t in (last, last - 100 * MINUTE, last - 119 * MINUTE):
+        assert store.features("merchant", "shop", t) == reference.features(
+            events, "merchant", "shop", t
+        ), t

@@ -55,6 +55,7 @@ class FoldRecord:
     declined: bool
     merchant_id: str
     card_id: str
+    source: int = 0  # the payments partition it came from
 
 
 # Entities with at least this many events folded keep their last windowed feature
@@ -64,7 +65,7 @@ CACHE_MIN_FOLDED = 32
 
 
 class EntityState:
-    __slots__ = ("cached", "folded", "recent", "tiles")
+    __slots__ = ("cached", "folded", "others", "recent", "source", "tiles")
 
     def __init__(
         self, layout: EntityLayout, horizon_ms: int, tiles_type: type[PyTiles] = Tiles
@@ -74,10 +75,56 @@ class EntityState:
         self.tiles = tuple(
             tiles_type(r, len(layout.distinct_fields[r])) for r in layout.resolutions
         )
+        # The recent events of each payments partition the entity's events come
+        # from (``source``): the fold horizon counts from each partition's newest event,
+        # for partitions run apart in event time (a backlog, a worker catching up), and
+        # an entity fed by several (a merchant) would otherwise refuse the one behind.
+        # ``recent``: the first partition's; ``others``: the rest, by partition (None
+        # while there is one, as for most cards).
         self.recent = RecentEvents(horizon_ms)
+        self.source: int | None = None
+        self.others: dict[int, RecentEvents] | None = None
         self.folded = 0
         # (key, windowed values): key = (folded, t // r for each resolution).
         self.cached: tuple[tuple[int, int], dict[str, float]] | None = None
+
+    def newest_ms(self) -> int | None:
+        """The newest event time folded, from any partition."""
+        newest = self.recent.newest_ms
+        if self.others:
+            for recent in self.others.values():
+                if recent.newest_ms is not None and (newest is None or recent.newest_ms > newest):
+                    newest = recent.newest_ms
+        return newest
+
+    def newest_at_or_before(self, t_ms: int) -> int | None:
+        newest = self.recent.newest_at_or_before(t_ms)
+        if self.others:
+            for recent in self.others.values():
+                other = recent.newest_at_or_before(t_ms)
+                if other is not None and (newest is None or other > newest):
+                    newest = other
+        return newest
+
+    def recent_of(self, source: int, horizon_ms: int) -> RecentEvents:
+        """The recent events of partition ``source`` (made on its first event)."""
+        if self.source is None:
+            self.source = source
+        if source == self.source:
+            return self.recent
+        if self.others is None:
+            self.others = {}
+        recent = self.others.get(source)
+        if recent is None:
+            recent = self.others[source] = RecentEvents(horizon_ms)
+        return recent
+
+    def seen(self, event_id: str) -> bool:
+        """Folded already, from whichever partition (a copy may come from another)."""
+        if event_id in self.recent:
+            return True
+        others = self.others
+        return others is not None and any(event_id in r for r in others.values())
 
 
 def _fold_plan(layout: EntityLayout, expire_lag_ms: int) -> tuple[tuple[tuple[int, ...], int], ...]:
@@ -158,6 +205,7 @@ class FeatureStore:
                 record.declined,
                 record.merchant_id,
                 record.card_id,
+                record.source,
             )
         ]
 
@@ -171,8 +219,11 @@ class FeatureStore:
         declined: bool,
         merchant_id: str,
         card_id: str,
+        source: int = 0,
     ) -> int:
-        """Fold one event into one entity: APPLIED, DUPLICATE or TOO_LATE (the hot path)."""
+        """Fold one event into one entity: APPLIED, DUPLICATE or TOO_LATE (the hot path).
+        ``source``: the payments partition it came from; the fold horizon counts from
+        that partition's newest event for the entity (see ``EntityState``)."""
         states = self.entities[entity_type]
         state = states.get(entity_id)
         if state is None:
@@ -184,17 +235,21 @@ class FeatureStore:
                 state.recent.revive(swept[0])
                 state.folded = swept[1]
         recent = state.recent
+        if source != state.source:
+            recent = state.recent_of(source, self.lateness_ms)
         newest = recent.newest_ms
-        if time_ms <= recent.floor_ms or (
+        if time_ms <= state.recent.floor_ms or (
             newest is not None and time_ms < newest - self.lateness_ms
         ):
             outcome = TOO_LATE
-        elif event_id in recent:
+        elif event_id in recent or (state.others is not None and state.seen(event_id)):
             outcome = DUPLICATE
         else:
             # The tiles first: the compiled ones refuse a bad entry (an amount out of
             # range, a time that is not an int) before any of the entity's state, its
-            # recent events included, has changed.
+            # recent events included, has changed. They expire behind the newest
+            # event from any partition.
+            newest = state.newest_ms() if state.others is not None else newest
             if newest is None or time_ms > newest:
                 newest = time_ms
             sources = (merchant_id, card_id)
@@ -224,8 +279,9 @@ class FeatureStore:
         if self.watermark_ms is not None:
             floors.append(self.watermark_ms - self.lateness_ms)
         state = self.entities[entity_type].get(entity_id)
-        if state is not None and state.recent.newest_ms is not None:
-            floors.append(state.recent.newest_ms - self.lateness_ms)
+        newest = state.newest_ms() if state is not None else None
+        if newest is not None:
+            floors.append(newest - self.lateness_ms)
         return max(floors, default=None)
 
     def sweep_idle(self, entity_type: str, entity_ids: list[str]) -> int:
@@ -245,7 +301,7 @@ class FeatureStore:
             state = states.get(entity_id)
             if state is None:
                 continue
-            newest = state.recent.newest_ms
+            newest = state.newest_ms()
             if newest is not None and newest < cutoff:
                 del states[entity_id]
                 idle[entity_id] = (newest, state.folded)
@@ -259,7 +315,7 @@ class FeatureStore:
         """(newest event time or None, events folded) of an entity, in memory or swept."""
         state = self.entities[entity_type].get(entity_id)
         if state is not None:
-            return state.recent.newest_ms, state.folded
+            return state.newest_ms(), state.folded
         return self.idle[entity_type].get(entity_id, (None, 0))
 
     def features(self, entity_type: str, entity_id: str, t_ms: int) -> dict[str, float]:
@@ -296,7 +352,7 @@ class FeatureStore:
         since_last = -1.0
         if layout.since_last_names:
             if state is not None:
-                newest = state.recent.newest_at_or_before(t_ms)
+                newest = state.newest_at_or_before(t_ms)
             else:
                 swept = self.idle[entity_type].get(entity_id)
                 newest = swept[0] if swept is not None and swept[0] <= t_ms else None

@@ -16,7 +16,7 @@ one order, for every replica (the too-late rule depends on that order).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,13 +57,15 @@ def entity_partition(entity_type: str, entity_id: str, partitions: int) -> int:
 
 
 # One fold entry: [entity_type, entity_id, event_id, time_ms, amount, declined,
-# merchant_id, card_id], the arguments of ``FeatureStore.fold_fields`` in order.
+# merchant_id, card_id, source], the arguments of ``FeatureStore.fold_fields`` in
+# order; source: the payments partition of the event (records of older workers have
+# no source: 8 fields, partition 0).
 FoldEntry = list[Any]
 
 
-def fold_entries(event: PaymentEvent) -> list[FoldEntry]:
-    """The fold entries of one valid event, one per entity type it names (a
-    card-present payment names no device or IP)."""
+def fold_entries(event: PaymentEvent, source: int = 0) -> list[FoldEntry]:
+    """The fold entries of one valid event from payments partition ``source``, one per
+    entity type it names (a card-present payment names no device or IP)."""
     declined = 1 if event.declined else 0
     return [
         [
@@ -75,6 +77,7 @@ def fold_entries(event: PaymentEvent) -> list[FoldEntry]:
             declined,
             event.merchant_id,
             event.card_id,
+            source,
         ]
         for entity in ENTITY_TYPES
         if (entity_id := getattr(event, ENTITY_FIELD[entity]))
@@ -88,14 +91,18 @@ RECORD_MAX_BYTES = 256 * 1024
 
 
 def route_events(
-    events: Iterable[PaymentEvent], partitions: int, max_bytes: int = RECORD_MAX_BYTES
+    events: Sequence[PaymentEvent],
+    partitions: int,
+    max_bytes: int = RECORD_MAX_BYTES,
+    *,
+    sources: Sequence[int] | None = None,
 ) -> list[tuple[int, bytes]]:
     """A micro-batch of valid events as entity-events records: (partition, value),
     one record per partition unless its entries exceed ``max_bytes`` of JSON, then as
-    many as it takes, in order."""
+    many as it takes, in order. ``sources``: each event's payments partition (0)."""
     groups: dict[int, list[FoldEntry]] = {}
-    for event in events:
-        for entry in fold_entries(event):
+    for event, source in zip(events, sources or [0] * len(events), strict=True):
+        for entry in fold_entries(event, source):
             partition = entity_partition(entry[0], entry[1], partitions)
             groups.setdefault(partition, []).append(entry)
     return [
@@ -119,7 +126,7 @@ def decode_fold_batch(value: bytes) -> list[FoldEntry]:
     """The entries of one entity-events record; ValueError when it is not a batch."""
     entries = orjson.loads(value)
     if not isinstance(entries, list) or not all(
-        isinstance(entry, list) and len(entry) == 8 for entry in entries
+        isinstance(entry, list) and len(entry) in (8, 9) for entry in entries
     ):
-        raise ValueError("not a batch of 8-field fold entries")
+        raise ValueError("not a batch of fold entries (8 or 9 fields)")
     return entries

@@ -190,13 +190,17 @@ def create_app(
                     )
                 )
                 continue
-            valid.append(payment)
+            valid.append((payment, message.partition))
         # In event-time order: a batch holds runs of several payments partitions (a
         # backlog comes a partition at a time), and an entity that takes events from
         # more than one (a merchant) refuses those more than its fold horizon behind
         # its newest, so hours of one partition before another's lost the other's.
         valid.sort(key=_event_order)
-        for partition, value in route_events(valid, entity_events_partitions):
+        events_in_order = [payment for payment, _ in valid]
+        sources = [source for _, source in valid]
+        for partition, value in route_events(
+            events_in_order, entity_events_partitions, sources=sources
+        ):
             sent.append(await entity_events.send(value=value, partition=partition))
         # Stored before the batch is acked: Faust commits acked offsets on its own
         # schedule, which must never run ahead of what reached the broker.
@@ -231,8 +235,8 @@ def create_app(
     return app, stats
 
 
-def _event_order(event: PaymentEvent) -> tuple[int, str]:
-    return event.event_time_ms, event.event_id
+def _event_order(routed: tuple[PaymentEvent, int]) -> tuple[int, str]:
+    return routed[0].event_time_ms, routed[0].event_id
 
 
 def run_worker(
