@@ -432,3 +432,34 @@ def test_a_shared_entity_folds_partitions_routed_hours_apart() -> None:
         assert store.features("merchant", "shop", t) == reference.features(
             events, "merchant", "shop", t
         ), t
+
+
+def test_a_copy_past_the_fold_horizon_counts_again_whatever_came_between() -> None:
+    """README: a copy of an event id more than the fold horizon later counts again. It
+    did only when another event had come in between (ids are let go lazily, when a
+    later event is folded); alone, it was taken for a duplicate."""
+    horizon = 2 * HOUR
+    t0 = 1_700_000_000_000
+
+    def event(event_id: str, time_ms: int) -> dict:
+        return {
+            "event_id": event_id,
+            "event_time_ms": time_ms,
+            "card_id": "c",
+            "merchant_id": "m",
+            "device_id": "d",
+            "ip": "i",
+            "amount_minor": 100,
+            "status": "approved",
+        }
+
+    alone = [event("A", t0), event("A", t0 + 3 * HOUR)]
+    between = [event("A", t0), event("B", t0 + 150 * MINUTE), event("A", t0 + 3 * HOUR)]
+    for log, count in ((alone, 2.0), (between, 3.0)):
+        store, _ = fold_all(log, horizon)
+        values = store.features("card", "c", t0 + 3 * HOUR + 1)
+        assert values["card_txn_count_24h"] == count, log
+        assert values["card_seconds_since_last"] == 0.001, log
+    # Within the horizon a copy is a duplicate, whatever its time.
+    store, outcomes = fold_all([event("A", t0), event("A", t0 + HOUR)], horizon)
+    assert outcomes[("card", "c")] == [Fold.APPLIED.value, Fold.DUPLICATE.value]

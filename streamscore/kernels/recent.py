@@ -41,6 +41,13 @@ class RecentEvents:
             return times[0] == key
         return times is not None and key in times
 
+    def time_of(self, key: str) -> int | None:
+        """The time of the kept event ``key`` (None when not kept)."""
+        times = self._times
+        if isinstance(times, tuple):
+            return times[1] if times[0] == key else None
+        return None if times is None else times.get(key)
+
     def add(self, time_ms: int, key: str) -> None:
         """Record an event; the caller has checked it is neither too old nor seen."""
         newest = self.newest_ms

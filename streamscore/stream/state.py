@@ -119,12 +119,16 @@ class EntityState:
             recent = self.others[source] = RecentEvents(horizon_ms)
         return recent
 
-    def seen(self, event_id: str) -> bool:
-        """Folded already, from whichever partition (a copy may come from another)."""
-        if event_id in self.recent:
-            return True
-        others = self.others
-        return others is not None and any(event_id in r for r in others.values())
+    def seen(self, event_id: str, since_ms: int) -> bool:
+        """Folded already, at or after ``since_ms``, from whichever partition (a copy
+        may come from another). Ids are let go lazily, so one kept from before
+        ``since_ms`` (outside the fold horizon) counts as not seen: whether a copy
+        counts again then does not depend on what other events came in between."""
+        for recent in (self.recent, *(self.others.values() if self.others else ())):
+            kept = recent.time_of(event_id)
+            if kept is not None and kept >= since_ms:
+                return True
+        return False
 
 
 def _fold_plan(layout: EntityLayout, expire_lag_ms: int) -> tuple[tuple[tuple[int, ...], int], ...]:
@@ -242,7 +246,9 @@ class FeatureStore:
             newest is not None and time_ms < newest - self.lateness_ms
         ):
             outcome = TOO_LATE
-        elif event_id in recent or (state.others is not None and state.seen(event_id)):
+        elif (event_id in recent or state.others is not None) and state.seen(
+            event_id, (time_ms if newest is None or time_ms > newest else newest) - self.lateness_ms
+        ):
             outcome = DUPLICATE
         else:
             # The tiles first: the compiled ones refuse a bad entry (an amount out of
