@@ -39,9 +39,11 @@ WORKDIR /home/streamscore
 # Bake the demo model in so the container needs no training at start.
 RUN streamscore train --log-format text
 EXPOSE 50051
-# `streamscore health` honours STREAMSCORE_TLS_CA / _CLIENT_CERT / _CLIENT_KEY /
-# _SERVER_NAME, so the check keeps working when TLS or mutual TLS is turned on.
+# `streamscore health --container` checks what the container runs: a serve (or demo)
+# on its --port or STREAMSCORE_PORT; a worker, which serves no gRPC, is healthy while
+# it runs. It honours STREAMSCORE_TLS_CA / _CLIENT_CERT / _CLIENT_KEY / _SERVER_NAME,
+# so the check keeps working when TLS or mutual TLS is turned on.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
-    CMD ["sh", "-c", "streamscore health --target 127.0.0.1:${STREAMSCORE_PORT:-50051} --timeout 3"]
+    CMD ["streamscore", "health", "--container", "--timeout", "3"]
 ENTRYPOINT ["streamscore"]
 CMD ["serve"]

@@ -321,11 +321,36 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def container_target(cmdline: list[str], environ: dict[str, str]) -> str | None:
+    """What a container running ``cmdline`` (its PID 1) is health-checked on: the gRPC
+    port of a ``serve`` or ``demo`` (its ``--port``, else STREAMSCORE_PORT, else 50051),
+    or None for a command that serves no gRPC (a worker, a broker): healthy while it
+    runs, and the orchestrator restarts it when it exits."""
+    command = next((arg for arg in cmdline if arg in ("serve", "demo")), None)
+    if command is None:
+        return None
+    port = environ.get("STREAMSCORE_PORT", "50051")
+    for i, arg in enumerate(cmdline):
+        if arg == "--port" and i + 1 < len(cmdline):
+            port = cmdline[i + 1]
+        elif arg.startswith("--port="):
+            port = arg.split("=", 1)[1]
+    return f"127.0.0.1:{port}"
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Exit 0 when the server answers SERVING (the container's health check)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if args.container:
+        with open("/proc/1/cmdline", "rb") as cmdline:
+            argv = [a.decode(errors="replace") for a in cmdline.read().split(b"\0") if a]
+        target = container_target(argv, dict(os.environ))
+        if target is None:
+            print(f"{' '.join(argv)}: running (no gRPC to check)")
+            return 0
+        args.target = target
     with _client_tls(args).channel(args.target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -480,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(health_check)
     health_check.add_argument("--service", default="", help="service name ('' = the server)")
     health_check.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health_check.add_argument(
+        "--container",
+        action="store_true",
+        help="check what this container runs (PID 1): a serve or demo on its port, "
+        "anything else (a worker) healthy while it runs",
+    )
 
     config = add("config", cmd_config, "Print the effective settings, secrets masked.")
     config.add_argument("--config", type=Path, help="TOML settings file (see README)")

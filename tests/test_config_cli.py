@@ -267,3 +267,25 @@ def test_a_broker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("streamscore: could not start tansu broker: port in use"), last
     assert "Traceback" not in result.stderr and "panicked" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "environ", "target"),
+    [
+        (["/opt/venv/bin/streamscore", "worker", "--kafka", "k:9092"], {}, None),
+        (["/opt/venv/bin/streamscore", "broker"], {}, None),
+        (["/opt/venv/bin/streamscore", "serve"], {}, "127.0.0.1:50051"),
+        (["/opt/venv/bin/streamscore", "serve"], {"STREAMSCORE_PORT": "7000"}, "127.0.0.1:7000"),
+        (["streamscore", "serve", "--port", "6000"], {"STREAMSCORE_PORT": "7"}, "127.0.0.1:6000"),
+        (["streamscore", "serve", "--port=6001"], {}, "127.0.0.1:6001"),
+        (["streamscore", "demo", "--duration", "60"], {}, "127.0.0.1:50051"),
+    ],
+)
+def test_the_container_health_check_checks_what_the_container_runs(
+    cmdline: list[str], environ: dict[str, str], target: str | None
+) -> None:
+    """The image's HEALTHCHECK marked every worker container unhealthy (a worker serves
+    no gRPC), and a serve on a --port flag was checked on 50051."""
+    from streamscore.cli import container_target
+
+    assert container_target(cmdline, environ) == target
