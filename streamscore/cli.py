@@ -11,6 +11,11 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+# gRPC core's own INFO lines (a failed TLS handshake, fork handlers skipped) go to
+# stderr as plain text, in the middle of our JSON lines: errors only, unless the
+# operator asks for more. Set before grpc is imported (streamscore.tls imports it).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from streamscore.config import Settings, load_settings
 from streamscore.logs import setup_logging
 from streamscore.tls import ClientTls
@@ -534,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except ValueError as error:  # bad settings
-        print(f"streamscore: {error}", file=sys.stderr)
+        _fatal(str(error))
         return 2
     except Exception as error:
         # What an operator gets wrong (a missing file, a broker or server not there, a
@@ -542,8 +547,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _operator_error(error)
         if message is None:
             raise
-        print(f"streamscore: {message}", file=sys.stderr)
+        _fatal(message)
         return 1
+
+
+def _fatal(message: str) -> None:
+    """Why the command stops, as one line: a JSON log line once JSON logging is on (the
+    one line that explains why a container exited must reach a JSON-only pipeline),
+    else ``streamscore: MESSAGE``."""
+    from streamscore.logs import JsonFormatter
+
+    handlers = logging.getLogger().handlers
+    formatter = handlers[0].formatter if handlers else None
+    if isinstance(formatter, JsonFormatter):
+        record = logging.LogRecord("streamscore", logging.CRITICAL, __file__, 0, message, (), None)
+        print(formatter.format(record), file=sys.stderr)
+    else:
+        print(f"streamscore: {message}", file=sys.stderr)
 
 
 def _operator_error(error: Exception) -> str | None:

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -77,6 +78,43 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
+class RepeatLimiter(logging.Filter):
+    """At most one record a ``period_s`` per (logger, message template) of the libraries
+    that repeat themselves: aiokafka logs each failed reconnect, metadata update and
+    fetch, about every 100 ms per client, so a broker outage wrote some 50 error lines
+    a second per process and buried ours. The next one let through says how many were
+    held back."""
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = ("aiokafka", "kafka"),
+        period_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        super().__init__()
+        self.prefixes = prefixes
+        self.period_s = period_s
+        self.clock = clock
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # key: (when, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # On the handler: a logger's own filters do not see its children's records.
+        if not record.name.startswith(self.prefixes):
+            return True  # ours, and other libraries': whole
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.period_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.repeats_held_back = last[1]
+        if len(self._last) > 1024:  # templates are few; bound it anyway
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return True
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -90,3 +128,4 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     # Third-party chatter at INFO drowns ours.
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    handler.addFilter(RepeatLimiter())

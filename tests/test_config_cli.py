@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -246,7 +247,18 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
 
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("streamscore: ") and expected in err and "\n" not in err, err
+    assert "\n" not in err and expected in fatal_message(err), err
+
+
+def fatal_message(line: str) -> str:
+    """The message of the line a command stops with: JSON once JSON logging is on (a
+    container's log pipeline reads only JSON), else ``streamscore: MESSAGE``."""
+    if line.startswith("{"):
+        entry = json.loads(line)
+        assert (entry["level"], entry["logger"]) == ("critical", "streamscore"), entry
+        return str(entry["msg"])
+    assert line.startswith("streamscore: "), line
+    return line.removeprefix("streamscore: ")
 
 
 def test_a_broker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
@@ -264,8 +276,8 @@ def test_a_broker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
             check=False,
         )
     assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("streamscore: could not start tansu broker: port in use"), last
+    last = fatal_message(result.stderr.strip().splitlines()[-1])
+    assert last.startswith("could not start tansu broker: port in use"), last
     assert "Traceback" not in result.stderr and "panicked" not in result.stderr
 
 

@@ -134,3 +134,27 @@ async def test_the_worker_writes_only_json_lines(tmp_path: Path) -> None:
     assert lines and worker.returncode == 0
     for line in lines:
         orjson.loads(line)  # raises on anything else
+
+
+def test_a_librarys_repeated_errors_are_limited_and_counted() -> None:
+    """A broker outage: aiokafka logs each failed reconnect and fetch, ~10 a second per
+    client. One line a template per 10 s passes, the next saying how many were held
+    back; ours are never held back."""
+    from streamscore.logs import RepeatLimiter
+
+    now = [0.0]
+    limiter = RepeatLimiter(clock=lambda: now[0])
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, ("node 1",), None)
+
+    passed = []
+    for _ in range(50):
+        passed.append(limiter.filter(record("aiokafka.conn", "Unable connect to %s")))
+        now[0] += 0.1
+    assert passed.count(True) == 1
+    assert limiter.filter(record("aiokafka.cluster", "Unable to update metadata"))  # another
+    now[0] = 10.5
+    again = record("aiokafka.conn", "Unable connect to %s")
+    assert limiter.filter(again) and again.repeats_held_back == 49
+    assert all(limiter.filter(record("streamscore.replica", "fetch failed")) for _ in range(20))
