@@ -16,7 +16,7 @@ from typing import Any
 # operator asks for more. Set before grpc is imported (streamscore.tls imports it).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from streamscore.config import Settings, load_settings
+from streamscore.config import Settings, load_settings, unknown_environment
 from streamscore.logs import setup_logging
 from streamscore.tls import ClientTls
 
@@ -41,6 +41,11 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     }
     settings = load_settings(args.config, flags)
     setup_logging(settings.log_level, settings.log_format)
+    unknown = unknown_environment(os.environ)
+    if unknown:
+        logging.getLogger("streamscore").warning(
+            "environment variables that are no settings, ignored: %s", ", ".join(unknown)
+        )
     return settings
 
 

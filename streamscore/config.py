@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +292,31 @@ def _check_values(settings: Settings) -> None:
         value = getattr(settings, name)
         if value not in choices:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
+
+
+# STREAMSCORE_* variables that are no settings: the clients' TLS (streamscore health,
+# features, rollout) and the load tools' knobs (loadtest/locustfile.py, triton_server).
+OTHER_VARIABLES = frozenset(
+    ENV_PREFIX + name
+    for name in (
+        "TLS_CA TLS_CLIENT_CERT TLS_CLIENT_KEY TLS_SERVER_NAME TRITON_VENV BATCHING CARDS "
+        "MERCHANTS FRAUD_FRACTION SEED SHAPE SHAPE_SECONDS SHAPE_USERS SPIKE_FACTOR "
+        "STREAM_DEPTH TIMEOUT_S WAIT_S"
+    ).split()
+)
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """``STREAMSCORE_*`` variable names that are neither a setting nor a client's or
+    load tool's variable, each with the setting it is likely a misspelling of: a
+    misspelt variable is otherwise ignored without a word (a file's is an error)."""
+    settings = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    unknown = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in settings and name not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(name, settings, n=1, cutoff=0.9)
+            unknown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return unknown
 
 
 def settings_environment(settings: Settings, **overrides: Any) -> dict[str, str]:

@@ -301,3 +301,21 @@ def test_the_container_health_check_checks_what_the_container_runs(
     from streamscore.cli import container_target
 
     assert container_target(cmdline, environ) == target
+
+
+def test_a_misspelt_environment_variable_is_named_with_the_likely_setting() -> None:
+    """A typo in a file's key is an error; in the environment, which containers use,
+    it was ignored without a word (the Admin API stayed off)."""
+    from streamscore.config import unknown_environment
+
+    environ = {
+        "STREAMSCORE_ADMIN_TOKN": "secret",
+        "STREAMSCORE_BUDGET_MS": "20",
+        "STREAMSCORE_TLS_CA": "/ca.pem",  # a client's, not a setting: fine
+        "STREAMSCORE_ZZZ": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_environment(environ) == [
+        "STREAMSCORE_ADMIN_TOKN (did you mean STREAMSCORE_ADMIN_TOKEN?)",
+        "STREAMSCORE_ZZZ",
+    ]
