@@ -192,7 +192,11 @@ class ScoringServer:
             self._collector = ServerCollector(self)
             REGISTRY.register(self._collector)
             # prometheus_client serves from its own thread: scrapes never wait on the loop.
-            self._metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
+            try:
+                self._metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
+            except OSError as error:  # which port: gRPC's is fine
+                port = settings.metrics_port
+                raise OSError(error.errno, f"metrics_port {port}: {error}") from None
         log.info(
             "grpc server listening",
             extra={

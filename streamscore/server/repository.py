@@ -313,7 +313,8 @@ class ModelRegistry:
 
     def _target_dir(self) -> Path:
         if self.pinned_version:
-            return self.repository / self.name / self.pinned_version
+            # "no version '9' of model ...", not a missing metadata.json.
+            return ModelRepository(self.repository).version_path(self.name, self.pinned_version)
         return latest_version(self.repository, self.name)
 
     async def _load(self) -> ServedModel:
