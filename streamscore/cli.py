@@ -223,6 +223,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from streamscore.stream.state import FeatureStore
 
     settings = _settings(args)
+    if args.output.resolve() == args.events.resolve():
+        raise ValueError(f"the output {args.output} is the event log itself: give another -o")
     started = time.perf_counter()
     rejected: Counter[str] = Counter()
     events = sort_events(read_events(args.events, rejected))

@@ -319,3 +319,12 @@ def test_a_misspelt_environment_variable_is_named_with_the_likely_setting() -> N
         "STREAMSCORE_ADMIN_TOKN (did you mean STREAMSCORE_ADMIN_TOKEN?)",
         "STREAMSCORE_ZZZ",
     ]
+
+
+def test_backfill_refuses_to_write_over_its_event_log(tmp_path: Path) -> None:
+    from streamscore.cli import main
+
+    log = tmp_path / "events.jsonl"
+    log.write_text("{}\n")
+    assert main(["backfill", str(log), "-o", str(tmp_path / ".." / tmp_path.name / log.name)]) == 2
+    assert log.read_text() == "{}\n"
