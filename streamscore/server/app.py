@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -19,7 +18,7 @@ from streamscore.logs import hash_key_shared, set_hash_key
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.gc_policy import LongLivedFreezer
-from streamscore.server.guarded import add_guarded
+from streamscore.server.guarded import CallerStreams, add_guarded
 from streamscore.server.health import HealthServicer
 from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.metrics import ServerCollector
@@ -38,8 +37,6 @@ from streamscore.tls import server_credentials
 
 log = logging.getLogger("streamscore.server")
 
-# How often a stop looks whether the Scoring calls in flight are done.
-_STOP_POLL_S = 0.02
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -66,6 +63,9 @@ class ScoringServer:
         self._metrics_http: WSGIServer | None = None
         self._collector: ServerCollector | None = None
         self.service: ScoringService | None = None
+        # Open calls that only their callers end (health Watch, reflection): a drain
+        # ends them, rather than wait its whole grace period for them.
+        self._callers_streams = CallerStreams()
         self.loop_lag = LoopLagMonitor(settings.loop_lag_interval_s)
         self.models = ModelRegistry(
             settings.model_repository,
@@ -172,8 +172,15 @@ class ScoringServer:
             AdminService(self.rollouts, settings.admin_token),
             server,
         )
-        add_guarded(health_pb2_grpc.add_HealthServicer_to_server, self.health, server)
-        add_reflection(server, (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME))
+        add_guarded(
+            health_pb2_grpc.add_HealthServicer_to_server,
+            self.health,
+            server,
+            open_streams=self._callers_streams,
+        )
+        add_reflection(
+            server, (SCORING_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME), self._callers_streams
+        )
         await self._set_serving(False)
         # Admin answers from the start (the rollout is read, and can be changed, while
         # the features catch up); it stops with the rest at a drain.
@@ -288,27 +295,19 @@ class ScoringServer:
     async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
         """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut.
 
-        Open ScoreStreams end once they have answered what they read (end_streams).
-        When every Scoring call is done, what is left can only be streams that end
-        when their callers choose (health Watch, reflection): they are cancelled then,
-        rather than holding the stop for the whole grace period."""
+        Open ScoreStreams end once they have answered what they read (end_streams),
+        and streams that only their callers end (health Watch, reflection) are
+        cancelled: neither holds the stop for the whole grace period."""
         service = self.service
         at_stop = service.calls_in_flight() if service else 0
         stopping = asyncio.ensure_future(server.stop(grace_s))
         await asyncio.sleep(0)  # let the stop start: no new call after this
-        grace_ends = time.monotonic() + grace_s
         if service is not None:
             service.end_streams()
-            # grpc cancels whatever is left when the grace ends: count it just before.
-            while (
-                service.calls_in_flight()
-                and not stopping.done()
-                and time.monotonic() < grace_ends - 0.05
-            ):
-                await asyncio.wait({stopping}, timeout=_STOP_POLL_S)
-        cut = service.calls_in_flight() if service is not None and not stopping.done() else 0
-        if not stopping.done():
-            await server.stop(None)  # cancels the calls left (grace 0)
+        self._callers_streams.end_all()
+        # grpc cancels whatever is left when the grace ends: count it just before.
+        done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace_s - 0.05))
+        cut = 0 if done or service is None else service.calls_in_flight()
         await stopping
         log.info(
             "grpc stopped: %d calls in flight at stop, %d cut off by the grace period",

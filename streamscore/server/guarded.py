@@ -13,8 +13,10 @@ their own requests (``scoring.add_scoring_service``) to the same effect.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -46,16 +48,22 @@ def add_guarded(
     server: grpc.aio.Server,
     *,
     service_name: str = "",
+    open_streams: CallerStreams | None = None,
 ) -> None:
     """``add_to_server(servicer, server)``, with requests that do not parse refused;
     ``service_name``: serve it under that name instead (a service whose messages
-    are the same on the wire under another version's name)."""
+    are the same on the wire under another version's name); ``open_streams``: gets
+    the task of each call that answers with a stream while it is open (health's
+    Watch, reflection), for a drain to end them: only their callers would."""
     captured = _Captured()
     add_to_server(servicer, captured)
     if not captured.handlers:
         raise ValueError(f"{add_to_server.__name__} registered no method handlers")
     name = service_name or captured.name
-    handlers = {method: _lenient_handler(handler) for method, handler in captured.handlers.items()}
+    handlers = {
+        method: _lenient_handler(handler, open_streams)
+        for method, handler in captured.handlers.items()
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
 
@@ -66,12 +74,55 @@ def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> Non
     context.set_details(f"{request.field}: {request.reason}")
 
 
-def _lenient_handler(handler: Any) -> Any:
+class CallerStreams:
+    """Calls that answer with a stream until their callers end them (health's Watch,
+    reflection), for a drain to end them: each gets UNAVAILABLE ("draining") instead
+    of holding the stop for its whole grace period."""
+
+    def __init__(self) -> None:
+        self._open: set[asyncio.Task[Any]] = set()
+        self._ended: set[asyncio.Task[Any]] = set()
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        """The current call, open meanwhile."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._open.add(task)
+        try:
+            yield
+        finally:
+            self._open.discard(task)
+
+    def end_all(self) -> None:
+        for task in self._open:
+            self._ended.add(task)
+            task.cancel()
+
+    def ended(self, context: grpc.aio.ServicerContext) -> bool:
+        """In a call's ``except CancelledError``: True (its status set, the cancel
+        undone) when ``end_all`` cut it off, False for any other cancel."""
+        task = asyncio.current_task()
+        if task is None or task not in self._ended:
+            return False
+        self._ended.discard(task)
+        task.uncancel()
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details("the server is draining")
+        return True
+
+
+_NOT_TRACKED = CallerStreams()  # for calls no drain ends (their own, unused)
+
+
+def _lenient_handler(handler: Any, open_streams: CallerStreams | None = None) -> Any:
     """The handler with a parser that never raises and a behaviour that refuses what
-    it could not parse (a unary request at once; a streamed one where it comes)."""
+    it could not parse (a unary request at once; a streamed one where it comes); one
+    that answers with a stream is in ``open_streams`` while it runs."""
     parse = handler.request_deserializer
     if parse is None:
         return handler
+    streams = open_streams or _NOT_TRACKED
     lenient = lenient_parser(parse.__self__)  # FromString, bound to its message class
 
     if handler.unary_unary is not None:
@@ -91,15 +142,25 @@ def _lenient_handler(handler: Any) -> Any:
                 if isinstance(request, MalformedRequest):
                     _refuse(context, request)
                     return
-                async for answer in call(request, context):
-                    yield answer
+                try:
+                    with streams.open():
+                        async for answer in call(request, context):
+                            yield answer
+                except asyncio.CancelledError:
+                    if not streams.ended(context):
+                        raise
 
             return handler._replace(request_deserializer=lenient, unary_stream=answers)
 
         async def writes(request: Any, context: grpc.aio.ServicerContext) -> None:
             if isinstance(request, MalformedRequest):
                 return _refuse(context, request)
-            await call(request, context)
+            try:
+                with streams.open():
+                    await call(request, context)
+            except asyncio.CancelledError:
+                if not streams.ended(context):
+                    raise
 
         return handler._replace(request_deserializer=lenient, unary_stream=writes)
     # Streamed requests: the servicer reads them through a filter that ends the
@@ -119,8 +180,13 @@ def _lenient_handler(handler: Any) -> Any:
     if inspect.isasyncgenfunction(call):
 
         async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            async for answer in call(filtered(requests, context), context):
-                yield answer
+            try:
+                with streams.open():
+                    async for answer in call(filtered(requests, context), context):
+                        yield answer
+            except asyncio.CancelledError:
+                if not streams.ended(context):
+                    raise
 
     else:
 

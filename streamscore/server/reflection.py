@@ -13,13 +13,18 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from streamscore.server.guarded import add_guarded
+from streamscore.server.guarded import CallerStreams, add_guarded
 
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
-def add_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
-    """Serve reflection of ``services`` (and of itself) under both versions."""
+def add_reflection(
+    server: grpc.aio.Server,
+    services: Iterable[str],
+    open_streams: CallerStreams | None = None,
+) -> None:
+    """Serve reflection of ``services`` (and of itself) under both versions; its open
+    streams in ``open_streams`` (see ``add_guarded``)."""
     _add_v1_descriptors()
     names = (reflection.SERVICE_NAME, V1_SERVICE)
     servicer = reflection.aio.ReflectionServicer((*services, *names))
@@ -29,6 +34,7 @@ def add_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
             servicer,
             server,
             service_name=name,
+            open_streams=open_streams,
         )
 
 
