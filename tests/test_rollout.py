@@ -724,3 +724,21 @@ async def test_timings_show_the_wait_in_the_batchers_queue(
         t = a.timings
         assert t.queue_us + t.features_us + t.model_us <= t.total_us, t
         assert t.model_us > 0, t  # the model's own call, after the wait
+
+
+async def test_canary_answers_in_flight_across_a_promote_leave_no_comparison(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A canary answer, or its comparison, that lands after the promote made a
+    comparison for a canary that no longer was, shown for ever after (re-audit K)."""
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
+        await set_rollout(admin, canary_version="2", canary_percent=50)
+        await drive(scoring, cards=20, rounds=1)
+        canary = server.rollouts.registry.get(server.rollouts.registry.name, "2")
+        await admin.Promote(apb.PromoteRequest(), metadata=AUTH)
+        # What was in flight lands now.
+        vector = canary.inputs_of(dict.fromkeys(canary.metadata.inputs, 0.0))
+        server.rollouts.observe(pb.CANARY, canary, 0.001, ok=True)
+        server.rollouts.compare_canary(canary, vector, 0.5)
+        await asyncio.sleep(0.5)  # the comparison worker's turn
+        assert [(v, kind) for v, kind, _ in server.rollouts.candidate_stats()] == []

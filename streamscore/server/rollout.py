@@ -366,6 +366,8 @@ class RolloutManager:
         if variant == pb.PRIMARY:
             self._primary_window.add(latency_s, ok)
             return
+        if served.metadata.version != self.state.canary:
+            return  # an answer in flight across a promote: no comparison to add it to
         candidate = self._candidate(served.metadata.version, "canary")
         candidate.window.add(latency_s, ok)
         candidate.answered += 1
@@ -421,6 +423,8 @@ class RolloutManager:
         name = self.registry.name
         if version.startswith("primary-of:"):
             candidate_version = version.removeprefix("primary-of:")
+            if candidate_version != self.state.canary:
+                return  # promoted or replaced meanwhile: its comparison went with it
             served, variant = self.primary_model(), "canary"
         else:
             candidate_version = version
