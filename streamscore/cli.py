@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -223,7 +224,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     from streamscore.stream.state import FeatureStore
 
     settings = _settings(args)
-    if args.output.resolve() == args.events.resolve():
+    if args.output.resolve() == args.events.resolve() or (
+        args.output.exists() and args.events.exists() and args.output.samefile(args.events)
+    ):  # (a hard link is the same file under another name)
         raise ValueError(f"the output {args.output} is the event log itself: give another -o")
     started = time.perf_counter()
     rejected: Counter[str] = Counter()
@@ -335,19 +338,27 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def container_target(cmdline: list[str], environ: dict[str, str]) -> str | None:
     """What a container running ``cmdline`` (its PID 1) is health-checked on: the gRPC
-    port of a ``serve`` or ``demo`` (its ``--port``, else STREAMSCORE_PORT, else 50051),
-    or None for a command that serves no gRPC (a worker, a broker): healthy while it
-    runs, and the orchestrator restarts it when it exits."""
-    command = next((arg for arg in cmdline if arg in ("serve", "demo")), None)
-    if command is None:
+    address of a ``serve`` or ``demo``, from its flags, config file and environment as
+    that command reads them; None for a command that serves no gRPC (a worker, a
+    broker), healthy while it runs (the orchestrator restarts it when it exits), or
+    for a port picked at start (0), which cannot be known from outside."""
+    if cmdline and Path(cmdline[0]).name in ("sh", "bash", "dash") and "-c" in cmdline:
+        script = cmdline[cmdline.index("-c") + 1 :]
+        return container_target(shlex.split(script[0]), environ) if script else None
+    start = next((i for i, arg in enumerate(cmdline) if arg in ("serve", "demo")), None)
+    if start is None:
         return None
-    port = environ.get("STREAMSCORE_PORT", "50051")
-    for i, arg in enumerate(cmdline):
-        if arg == "--port" and i + 1 < len(cmdline):
-            port = cmdline[i + 1]
-        elif arg.startswith("--port="):
-            port = arg.split("=", 1)[1]
-    return f"127.0.0.1:{port}"
+    args, _ = build_parser().parse_known_args(cmdline[start:])
+    flags = {"port": args.port, "host": getattr(args, "host", None)}
+    settings = load_settings(args.config, flags, dict(environ))
+    if not settings.port:
+        return None
+    host = settings.host
+    if host in ("", "0.0.0.0", "::", "[::]"):
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{settings.port}"
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -546,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except ValueError as error:  # bad settings
-        _fatal(str(error))
+        _fatal(str(error), args)
         return 2
     except Exception as error:
         # What an operator gets wrong (a missing file, a broker or server not there, a
@@ -554,18 +565,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _operator_error(error)
         if message is None:
             raise
-        _fatal(message)
+        _fatal(message, args)
         return 1
 
 
-def _fatal(message: str) -> None:
-    """Why the command stops, as one line: a JSON log line once JSON logging is on (the
-    one line that explains why a container exited must reach a JSON-only pipeline),
-    else ``streamscore: MESSAGE``."""
+def _fatal(message: str, args: argparse.Namespace) -> None:
+    """Why the command stops, as one line: a JSON log line under JSON logging (the one
+    line that explains why a container exited must reach a JSON-only pipeline), else
+    ``streamscore: MESSAGE``. The format is the one asked for, by flag or environment,
+    even when the settings themselves were what failed."""
     from streamscore.logs import JsonFormatter
 
     handlers = logging.getLogger().handlers
     formatter = handlers[0].formatter if handlers else None
+    if formatter is None:
+        asked = getattr(args, "log_format", None) or os.environ.get("STREAMSCORE_LOG_FORMAT")
+        formatter = JsonFormatter() if (asked or "json").lower() == "json" else None
     if isinstance(formatter, JsonFormatter):
         record = logging.LogRecord("streamscore", logging.CRITICAL, __file__, 0, message, (), None)
         print(formatter.format(record), file=sys.stderr)

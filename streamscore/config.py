@@ -274,10 +274,25 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_bootstrap(bootstrap: str) -> None:
-    """``host:port[,host:port...]`` (a port may be left out: Kafka's 9092)."""
+    """``host:port[,host:port...]`` (a port may be left out: Kafka's 9092; an IPv6
+    address in brackets). No scheme, no credentials (they would be logged)."""
     for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":") if ":" in server else (server, "", "")
-        if not host.strip() or "/" in host or (port and not port.isdigit()):
+        server = server.strip()
+        host, port = server, ""
+        if server.startswith("["):  # [IPv6]:port
+            host, _, rest = server[1:].partition("]")
+            if rest and not rest.startswith(":"):
+                host = ""
+            port = rest[1:]
+        elif ":" in server:
+            host, _, port = server.rpartition(":")
+        bad_port = port != "" and not (port.isdigit() and 1 <= int(port) <= 65535)
+        if (
+            not host
+            or any(c in host for c in "/@ ")
+            or bad_port
+            or (":" in host and not server.startswith("["))
+        ):
             raise ValueError(f"setting kafka: {bootstrap!r} is not host:port[,host:port...]")
 
 

@@ -224,6 +224,11 @@ def train(
     torch.manual_seed(seed)
     x, y, names = build_dataset(TrafficConfig(rate_per_s=rate_per_s, seed=seed), duration_s)
     split = int(len(x) * 0.8)  # rows are in event-time order: test on the later slice
+    if split < 2 or len(x) - split < 2:
+        raise TrainingRefused(
+            f"not fit to serve: {len(x)} rows are too few to train and check a model; "
+            "train on more traffic (--duration, --rate)"
+        )
     x_train, y_train, x_test, y_test = x[:split], y[:split], x[split:], y[split:]
     squashed = FraudMLP.squash(torch.from_numpy(x_train))
     mean, std = squashed.mean(dim=0), squashed.std(dim=0).clamp_min(1e-6)

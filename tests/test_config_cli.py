@@ -111,6 +111,10 @@ def test_choices_are_read_whatever_their_case() -> None:
         ('log_format = "xml"', "setting log_format: 'xml' is not one of json, text"),
         ('kafka = "http://x:y"', "setting kafka: 'http://x:y' is not host:port"),
         ('kafka = "a:9092,b:x"', "setting kafka: 'a:9092,b:x' is not host:port"),
+        ('kafka = "host:0"', "setting kafka: 'host:0' is not host:port"),
+        ('kafka = "host:99999"', "setting kafka: 'host:99999' is not host:port"),
+        ('kafka = "::1:9092"', "setting kafka: '::1:9092' is not host:port"),
+        ('kafka = "user:pw@host:9092"', "setting kafka: 'user:pw@host:9092' is not host:port"),
         ("batching = 1", "setting batching: expected true or false, got 1"),
     ],
 )
@@ -291,6 +295,11 @@ def test_a_broker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
         (["streamscore", "serve", "--port", "6000"], {"STREAMSCORE_PORT": "7"}, "127.0.0.1:6000"),
         (["streamscore", "serve", "--port=6001"], {}, "127.0.0.1:6001"),
         (["streamscore", "demo", "--duration", "60"], {}, "127.0.0.1:50051"),
+        (["streamscore", "serve", "--po", "7001"], {}, "127.0.0.1:7001"),  # argparse prefix
+        (["streamscore", "demo", "--port", "0"], {}, None),  # picked at start: unknowable
+        (["streamscore", "serve"], {"STREAMSCORE_HOST": "10.0.0.5"}, "10.0.0.5:50051"),
+        (["/bin/sh", "-c", "streamscore serve --port 7002"], {}, "127.0.0.1:7002"),
+        (["/bin/sh", "-c", "exec streamscore worker"], {}, None),
     ],
 )
 def test_the_container_health_check_checks_what_the_container_runs(
@@ -327,4 +336,21 @@ def test_backfill_refuses_to_write_over_its_event_log(tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     log.write_text("{}\n")
     assert main(["backfill", str(log), "-o", str(tmp_path / ".." / tmp_path.name / log.name)]) == 2
+    (tmp_path / "linked.jsonl").hardlink_to(log)
+    assert main(["backfill", str(log), "-o", str(tmp_path / "linked.jsonl")]) == 2
     assert log.read_text() == "{}\n"
+
+
+def test_good_kafka_bootstraps_are_taken() -> None:
+    for bootstrap in ("127.0.0.1:9092", "kafka", "a:1,b:65535", "[::1]:9092", "k-1.example:9093"):
+        assert load_settings(flags={"kafka": bootstrap}, environ={}).kafka == bootstrap
+
+
+def test_the_container_health_check_reads_the_config_file(tmp_path: Path) -> None:
+    from streamscore.cli import container_target
+
+    config = tmp_path / "streamscore.toml"
+    config.write_text("port = 7003\n")
+    assert container_target(["streamscore", "serve", "--config", str(config)], {}) == (
+        "127.0.0.1:7003"
+    )
