@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from streamscore.processes import ChildExited, ChildProcess, stop_on_signals
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import PAYMENTS
+from streamscore.tasks import cancel_and_wait
 from streamscore.traffic import LabelledEvent, TrafficConfig, TrafficGenerator
 
 log = logging.getLogger("streamscore.demo")
@@ -235,15 +237,37 @@ async def _started(target: str, children: tuple[ChildProcess, ...], stop: asynci
         await asyncio.gather(*waits, return_exceptions=True)
     for child in children:
         if child.exited.is_set():
-            raise ChildExited(
-                f"the demo's {child.name} exited at start (code {child.returncode}): "
-                f"{_last_line(child.log_path)} (its log: {child.log_path})"
-            )
+            raise _exited(child, "at start")
     if stop.is_set():
         return False
     for wait in done:
         wait.result()  # a TimeoutError: the server never became SERVING
     return True
+
+
+async def _stop_when_one_exits(children: tuple[ChildProcess, ...], stop: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(child.exited.wait()) for child in children]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+def _exited(child: ChildProcess, when: str) -> ChildExited:
+    return ChildExited(
+        f"the demo's {child.name} exited {when} (code {child.returncode}): "
+        f"{_last_line(child.log_path)} (its log: {child.log_path})"
+    )
+
+
+def _check_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(error.errno, f"the demo's port {host}:{port}: {error.strerror}") from None
 
 
 def _last_line(path: str | None) -> str:
@@ -267,6 +291,9 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         # The children get this command's settings (file, environment, flags), each
         # process its own metrics port; a port of 0 is picked here, to be reached.
         port = settings.port or find_free_port()
+        # Taken already (another server): the demo's own would fail to bind, and its
+        # health check would be answered by the other one, which would be scored.
+        _check_free(settings.host, port)
         metrics = settings.metrics_port
         env = settings_environment(settings, kafka=bootstrap, port=port, metrics_port=metrics)
         worker = ChildProcess.streamscore(
@@ -287,7 +314,13 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         print(f"server on {target}, worker running; logs in {logdir}", flush=True)
         if metrics:
             print(f"metrics on ports {metrics} (server) and {metrics + 1} (worker)", flush=True)
+        # A part that exits meanwhile ends the run (below: with its cause).
+        watcher = asyncio.create_task(_stop_when_one_exits((worker, server), stop))
+        stack.push_async_callback(cancel_and_wait, watcher)
         stats = await drive_traffic(target, bootstrap, demo_traffic(rate_per_s), stop, duration_s)
+        for child in (worker, server):
+            if child.exited.is_set():
+                raise _exited(child, "while running")
         print(stats.summary_line(), flush=True)
         total = stats.total
         print(

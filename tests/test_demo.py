@@ -117,21 +117,32 @@ async def test_demo_keeps_an_existing_model_and_notes_a_missing_fallback(
 
 
 def test_demo_whose_server_cannot_start_says_why_at_once(trained_model: Path) -> None:
-    """Its port taken: the server exits at start, and the demo ends at once (it waited
-    120 s, deaf to Ctrl-C) with one line naming the cause and the server's log."""
+    """Its port taken, the demo refuses at once, naming it (the server failed to bind
+    and the demo waited 120 s, deaf to Ctrl-C; with another gRPC server there, it
+    scored that one). Its server's metrics port taken, the server exits at start and
+    the demo ends at once with the cause and the server's log."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        argv = demo_argv(trained_model, "--duration", "5")
-        argv[argv.index("--port") + 1] = str(port)
-        started = time.monotonic()
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=150, check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output[-3000:]
-    assert time.monotonic() - started < 60, output[-3000:]
-    [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
-    assert "server exited at start" in line and "server.log" in line, line
+        for setting, expected in (("--port", "the demo's port"), ("metrics", "server exited")):
+            argv = demo_argv(trained_model, "--duration", "5")
+            env = dict(os.environ)
+            if setting == "--port":
+                argv[argv.index("--port") + 1] = str(port)
+            else:
+                env["STREAMSCORE_METRICS_PORT"] = str(port)
+            started = time.monotonic()
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=150, check=False, env=env
+            )
+            output = result.stdout + result.stderr
+            assert result.returncode == 1, output[-3000:]
+            assert time.monotonic() - started < 60, output[-3000:]
+            [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+            assert expected in line, line
+            if setting == "metrics":
+                assert "metrics_port" in line and "server.log" in line, line
 
 
 def test_demo_hands_its_config_file_to_its_server_and_worker(
@@ -170,3 +181,29 @@ def test_demo_hands_its_config_file_to_its_server_and_worker(
         process.kill()
     assert process.returncode == 0, rest[-3000:]
     assert_scored_and_stopped("".join(lines) + rest)
+
+
+def test_demo_ends_when_a_part_dies_while_running(trained_model: Path) -> None:
+    """Its worker killed mid-run: the demo stops at once with the cause (it went on
+    scoring to the end of --duration, then said only "exited with code -9")."""
+    process = subprocess.Popen(
+        demo_argv(trained_model, "--duration", "60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        while not any("server on" in line for line in lines):
+            lines.append(process.stdout.readline())
+            assert lines[-1], "".join(lines)[-3000:]
+        [worker] = [c for c in children_of(process.pid) if " worker" in c]
+        os.kill(int(worker.split()[0]), signal.SIGKILL)
+        started = time.monotonic()
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 20
+    assert process.returncode == 1, rest[-3000:]
+    assert "worker exited while running (code -9)" in rest, rest[-3000:]
