@@ -45,6 +45,19 @@ def assert_scored_and_stopped(output: str) -> None:
     assert re.search(r"scores/s\s+p50\s+[\d.]+ ms\s+p99", output)
 
 
+def demo_serving(argv: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
+    """A demo started and read until its server is on: the process and its lines."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    lines: list[str] = []
+    while not any("server on" in line for line in lines):
+        lines.append(process.stdout.readline())
+        if not lines[-1]:
+            process.kill()
+            raise AssertionError("".join(lines)[-3000:])
+    return process, lines
+
+
 def children_of(pid: int) -> list[str]:
     result = subprocess.run(
         ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True, check=False
@@ -155,13 +168,8 @@ def test_demo_hands_its_config_file_to_its_server_and_worker(
     config.write_text(f'metrics_port = {metrics}\nadmin_token = "demo-token"\n')
     argv = demo_argv(trained_model, "--duration", "8", "--config", str(config))
     argv[argv.index("--port") + 1] = "0"
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, lines = demo_serving(argv)
     try:
-        assert process.stdout is not None
-        lines = []
-        while not any("server on" in line for line in lines):
-            lines.append(process.stdout.readline())
-            assert lines[-1], "".join(lines)[-3000:]
         target = re.search(r"server on (\S+),", "".join(lines))
         assert target is not None
         for port, name in ((metrics, "server"), (metrics + 1, "worker")):
@@ -186,18 +194,8 @@ def test_demo_hands_its_config_file_to_its_server_and_worker(
 def test_demo_ends_when_a_part_dies_while_running(trained_model: Path) -> None:
     """Its worker killed mid-run: the demo stops at once with the cause (it went on
     scoring to the end of --duration, then said only "exited with code -9")."""
-    process = subprocess.Popen(
-        demo_argv(trained_model, "--duration", "60"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process, _ = demo_serving(demo_argv(trained_model, "--duration", "60"))
     try:
-        assert process.stdout is not None
-        lines = []
-        while not any("server on" in line for line in lines):
-            lines.append(process.stdout.readline())
-            assert lines[-1], "".join(lines)[-3000:]
         [worker] = [c for c in children_of(process.pid) if " worker" in c]
         os.kill(int(worker.split()[0]), signal.SIGKILL)
         started = time.monotonic()

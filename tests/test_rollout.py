@@ -495,13 +495,17 @@ async def test_shadow_comparisons_start_again_when_the_primary_changes(
         await set_rollout(admin, canary_version="2", canary_percent=50, shadow_versions=["5"])
 
         async def shadow_stats(at_least: float) -> dict[str, float]:
+            compared = 0.0
             for _ in range(100):
                 status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
-                [stats] = [c.stats for c in status.candidates if c.variant == "shadow"]
-                if stats["compared"] >= at_least:
-                    return dict(stats)
+                # None until the shadow's first comparison (a shadow added afresh).
+                shadows = [dict(c.stats) for c in status.candidates if c.variant == "shadow"]
+                assert len(shadows) <= 1, shadows
+                compared = shadows[0]["compared"] if shadows else 0.0
+                if compared >= at_least:
+                    return shadows[0]
                 await asyncio.sleep(0.05)
-            raise AssertionError(f"shadow compared {stats['compared']} < {at_least}")
+            raise AssertionError(f"shadow compared {compared} < {at_least}")
 
         answers = await drive(scoring, cards=60, rounds=1)
         before = [a for a in answers if a.model.variant == pb.PRIMARY]
