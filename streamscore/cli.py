@@ -142,7 +142,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         # Served from its own thread for the life of the process.
-        start_http_server(settings.metrics_port, addr=settings.host)
+        try:
+            start_http_server(settings.metrics_port, addr=settings.host)
+        except OSError as error:  # which port
+            port = settings.metrics_port
+            raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None
     # A line before the first event, for whoever tails a new worker's log.
     logging.getLogger("streamscore.worker").info(
         "worker starting",
