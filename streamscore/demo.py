@@ -221,27 +221,20 @@ async def drive_traffic(
     return stats
 
 
-async def _started(target: str, children: tuple[ChildProcess, ...], stop: asyncio.Event) -> bool:
-    """Wait until the server at ``target`` is SERVING (True) or ``stop`` is set (False).
-    A child that exits first ends the demo at once, with the last line of its log."""
-    waits = {
-        asyncio.ensure_future(wait_serving(target, timeout=STARTUP_TIMEOUT_S)),
-        asyncio.ensure_future(stop.wait()),
-        *(asyncio.ensure_future(child.exited.wait()) for child in children),
-    }
+async def _serving(target: str, stop: asyncio.Event) -> bool:
+    """Wait until the server at ``target`` is SERVING (True) or ``stop`` is set (False:
+    Ctrl-C, or a part that exited)."""
+    serving = asyncio.ensure_future(wait_serving(target, timeout=STARTUP_TIMEOUT_S))
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((serving, stopped), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for wait in waits:
+        for wait in (serving, stopped):
             wait.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
-    for child in children:
-        if child.exited.is_set():
-            raise _exited(child, "at start")
+        await asyncio.gather(serving, stopped, return_exceptions=True)
     if stop.is_set():
         return False
-    for wait in done:
-        wait.result()  # a TimeoutError: the server never became SERVING
+    serving.result()  # a TimeoutError: the server never became SERVING
     return True
 
 
@@ -253,6 +246,13 @@ async def _stop_when_one_exits(children: tuple[ChildProcess, ...], stop: asyncio
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def _check_running(children: tuple[ChildProcess, ...], when: str) -> None:
+    """A part that exited ends the demo, with the last line of its log."""
+    for child in children:
+        if child.exited.is_set():
+            raise _exited(child, when)
 
 
 def _exited(child: ChildProcess, when: str) -> ChildExited:
@@ -305,22 +305,23 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         server = ChildProcess.streamscore(
             "server", "serve", env=env, log_path=str(logdir / "server.log")
         )
-        for child in (worker, server):
+        children = (worker, server)
+        for child in children:
             await child.start()
             stack.push_async_callback(child.stop)
+        # A part that exits ends the demo (starting or running), with its cause.
+        watcher = asyncio.create_task(_stop_when_one_exits(children, stop))
+        stack.push_async_callback(cancel_and_wait, watcher)
         target = f"{settings.host}:{port}"
-        if not await _started(target, (worker, server), stop):
+        serving = await _serving(target, stop)
+        _check_running(children, "at start")
+        if not serving:
             return 130  # stopped (Ctrl-C) while starting
         print(f"server on {target}, worker running; logs in {logdir}", flush=True)
         if metrics:
             print(f"metrics on ports {metrics} (server) and {metrics + 1} (worker)", flush=True)
-        # A part that exits meanwhile ends the run (below: with its cause).
-        watcher = asyncio.create_task(_stop_when_one_exits((worker, server), stop))
-        stack.push_async_callback(cancel_and_wait, watcher)
         stats = await drive_traffic(target, bootstrap, demo_traffic(rate_per_s), stop, duration_s)
-        for child in (worker, server):
-            if child.exited.is_set():
-                raise _exited(child, "while running")
+        _check_running(children, "while running")
         print(stats.summary_line(), flush=True)
         total = stats.total
         print(
@@ -330,7 +331,5 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
             f"{total.get_value_at_percentile(99.9) / 1000:.2f} ms",
             flush=True,
         )
-        for child in (worker, server):
-            child.check_running()
     print("stopped cleanly", flush=True)
     return 0

@@ -17,8 +17,9 @@ from streamscore.config import Settings, topic_layout
 from streamscore.logs import hash_key_shared, set_hash_key
 from streamscore.server.admin import AdminService
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
+from streamscore.server.drain import DrainCut
 from streamscore.server.gc_policy import LongLivedFreezer
-from streamscore.server.guarded import CallerStreams, add_guarded
+from streamscore.server.guarded import add_guarded
 from streamscore.server.health import HealthServicer
 from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.metrics import ServerCollector
@@ -65,7 +66,7 @@ class ScoringServer:
         self.service: ScoringService | None = None
         # Open calls that only their callers end (health Watch, reflection): a drain
         # ends them, rather than wait its whole grace period for them.
-        self._callers_streams = CallerStreams()
+        self._callers_streams = DrainCut()
         self.loop_lag = LoopLagMonitor(settings.loop_lag_interval_s)
         self.models = ModelRegistry(
             settings.model_repository,
@@ -304,7 +305,7 @@ class ScoringServer:
         await asyncio.sleep(0)  # let the stop start: no new call after this
         if service is not None:
             service.end_streams()
-        self._callers_streams.end_all()
+        self._callers_streams.cut_all()
         # grpc cancels whatever is left when the grace ends: count it just before.
         done, _ = await asyncio.wait({stopping}, timeout=max(0.0, grace_s - 0.05))
         cut = 0 if done or service is None else service.calls_in_flight()

@@ -14,13 +14,13 @@ their own requests (``scoring.add_scoring_service``) to the same effect.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
+from streamscore.server.drain import DrainCut
 from streamscore.server.malformed import MalformedRequest
 from streamscore.server.validation import lenient_parser
 
@@ -48,7 +48,7 @@ def add_guarded(
     server: grpc.aio.Server,
     *,
     service_name: str = "",
-    open_streams: CallerStreams | None = None,
+    open_streams: DrainCut | None = None,
 ) -> None:
     """``add_to_server(servicer, server)``, with requests that do not parse refused;
     ``service_name``: serve it under that name instead (a service whose messages
@@ -74,55 +74,27 @@ def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> Non
     context.set_details(f"{request.field}: {request.reason}")
 
 
-class CallerStreams:
-    """Calls that answer with a stream until their callers end them (health's Watch,
-    reflection), for a drain to end them: each gets UNAVAILABLE ("draining") instead
-    of holding the stop for its whole grace period."""
-
-    def __init__(self) -> None:
-        self._open: set[asyncio.Task[Any]] = set()
-        self._ended: set[asyncio.Task[Any]] = set()
-
-    @contextlib.contextmanager
-    def open(self) -> Iterator[None]:
-        """The current call, open meanwhile."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._open.add(task)
-        try:
-            yield
-        finally:
-            self._open.discard(task)
-
-    def end_all(self) -> None:
-        for task in self._open:
-            self._ended.add(task)
-            task.cancel()
-
-    def ended(self, context: grpc.aio.ServicerContext) -> bool:
-        """In a call's ``except CancelledError``: True (its status set, the cancel
-        undone) when ``end_all`` cut it off, False for any other cancel."""
-        task = asyncio.current_task()
-        if task is None or task not in self._ended:
-            return False
-        self._ended.discard(task)
-        task.uncancel()
-        context.set_code(grpc.StatusCode.UNAVAILABLE)
-        context.set_details("the server is draining")
-        return True
+def _cut_off(streams: DrainCut, context: grpc.aio.ServicerContext) -> bool:
+    """In a streaming call's ``except CancelledError``: True, its status set to
+    UNAVAILABLE, when a drain cut it off; False for any other cancel."""
+    if not streams.was_cut(asyncio.current_task()):
+        return False
+    context.set_code(grpc.StatusCode.UNAVAILABLE)
+    context.set_details("the server is draining")
+    return True
 
 
-_NOT_TRACKED = CallerStreams()  # for calls no drain ends (their own, unused)
+_UNDRAINED = DrainCut()  # for the calls of a service no drain cuts off (never cut)
 
 
-def _lenient_handler(handler: Any, open_streams: CallerStreams | None = None) -> Any:
+def _lenient_handler(handler: Any, open_streams: DrainCut | None = None) -> Any:
     """The handler with a parser that never raises and a behaviour that refuses what
     it could not parse (a unary request at once; a streamed one where it comes); one
     that answers with a stream is in ``open_streams`` while it runs."""
     parse = handler.request_deserializer
     if parse is None:
         return handler
-    streams = open_streams or _NOT_TRACKED
+    streams = open_streams or _UNDRAINED
     lenient = lenient_parser(parse.__self__)  # FromString, bound to its message class
 
     if handler.unary_unary is not None:
@@ -143,11 +115,11 @@ def _lenient_handler(handler: Any, open_streams: CallerStreams | None = None) ->
                     _refuse(context, request)
                     return
                 try:
-                    with streams.open():
+                    with streams.waiting():
                         async for answer in call(request, context):
                             yield answer
                 except asyncio.CancelledError:
-                    if not streams.ended(context):
+                    if not _cut_off(streams, context):
                         raise
 
             return handler._replace(request_deserializer=lenient, unary_stream=answers)
@@ -156,10 +128,10 @@ def _lenient_handler(handler: Any, open_streams: CallerStreams | None = None) ->
             if isinstance(request, MalformedRequest):
                 return _refuse(context, request)
             try:
-                with streams.open():
+                with streams.waiting():
                     await call(request, context)
             except asyncio.CancelledError:
-                if not streams.ended(context):
+                if not _cut_off(streams, context):
                     raise
 
         return handler._replace(request_deserializer=lenient, unary_stream=writes)
@@ -181,11 +153,11 @@ def _lenient_handler(handler: Any, open_streams: CallerStreams | None = None) ->
 
         async def streamed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             try:
-                with streams.open():
+                with streams.waiting():
                     async for answer in call(filtered(requests, context), context):
                         yield answer
             except asyncio.CancelledError:
-                if not streams.ended(context):
+                if not _cut_off(streams, context):
                     raise
 
     else:

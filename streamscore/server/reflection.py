@@ -13,7 +13,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from streamscore.server.guarded import CallerStreams, add_guarded
+from streamscore.server.drain import DrainCut
+from streamscore.server.guarded import add_guarded
 
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
@@ -21,7 +22,7 @@ V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 def add_reflection(
     server: grpc.aio.Server,
     services: Iterable[str],
-    open_streams: CallerStreams | None = None,
+    open_streams: DrainCut | None = None,
 ) -> None:
     """Serve reflection of ``services`` (and of itself) under both versions; its open
     streams in ``open_streams`` (see ``add_guarded``)."""

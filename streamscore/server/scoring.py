@@ -22,6 +22,7 @@ from streamscore.server.batcher import (
     Overloaded,
 )
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
+from streamscore.server.drain import DrainCut
 from streamscore.server.eager import start_eagerly
 from streamscore.server.errors import InvalidRequest, OutOfRange, ServingError, Unavailable
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
@@ -135,10 +136,8 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.rpc_metrics = {rpc: RpcMetrics(rpc) for rpc in ("Score", "ScoreStream", "GetFeatures")}
         self.score_metrics = ScoreMetrics()
         self.tracer = tracer
-        # Draining: open streams end (end_streams), rather than hold the drain.
-        self._draining = False
-        self._reading: set[asyncio.Task[Any]] = set()  # tasks waiting in a stream's read
-        self._ended: set[asyncio.Task[Any]] = set()  # of those, the ones end_streams cut
+        # Streams waiting for their next message: a drain ends them (end_streams).
+        self._reads = DrainCut()
 
     def features_stale(self) -> bool:
         replica = self.replica
@@ -403,10 +402,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         caller moves to another server now, not when the grace period cuts it off
         (CANCELLED, with answers lost). A stream waiting for its next message stops
         waiting; one that is busy stops at its next read."""
-        self._draining = True
-        for task in self._reading:
-            self._ended.add(task)
-            task.cancel()
+        self._reads.cut_all()
 
     async def Score(self, request: ScoreInput, context: grpc.aio.ServicerContext) -> bytes:
         metrics = self.rpc_metrics["Score"]
@@ -496,21 +492,20 @@ class ScoringService(pb_grpc.ScoringServicer):
         """The next message, validated and its Score started; None at the stream's end.
         An invalid message's answer is its error. Raises StreamDrained at a drain: a
         message that arrived as the read was cut off is not scored, only dropped."""
-        if self._draining:
+        reads = self._reads
+        if reads.draining:
             raise StreamDrained
         task = asyncio.current_task()
         assert task is not None
-        self._reading.add(task)
+        reads.enter(task)  # (not reads.waiting(): a generator per message)
         try:
             request = await context.read()
         except asyncio.CancelledError:
-            if task not in self._ended:
+            if not reads.was_cut(task):
                 raise
-            self._ended.discard(task)
-            task.uncancel()
             raise StreamDrained from None
         finally:
-            self._reading.discard(task)
+            reads.leave(task)
         if request is grpc.aio.EOF:
             return None
         started = time.perf_counter()
