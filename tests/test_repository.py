@@ -182,6 +182,17 @@ def test_training_exports_onnx_torchscript_and_metadata(trained_model: Path) -> 
     np.testing.assert_allclose(session.run(None, {"features": rows})[0][:, 0], want, atol=1e-5)
 
 
+def test_training_writes_files_others_can_read(trained_model: Path) -> None:
+    """Every file as a plain open() makes it (0666 less the umask): a Triton server or a
+    server under another user reads the repository too (its atomic writes were 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    files = [path for path in (trained_model / MODEL).rglob("*") if path.is_file()]
+    assert {"metadata.json", "config.pbtxt", "model.py", "model.onnx"} <= {p.name for p in files}
+    modes = {path.relative_to(trained_model): oct(path.stat().st_mode & 0o777) for path in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 # -- the registry -----------------------------------------------------------------------
 
 
@@ -358,12 +369,117 @@ async def test_a_broken_new_version_keeps_the_old_one_serving(
         break_a_version(repository, 2)
         await wait_for(lambda: registry.reload_failures >= 1)
         await asyncio.sleep(0.2)
-        assert registry.reload_failures == 1  # not retried until the repository changes
+        assert registry.reload_failures == 1  # not retried every poll (RELOAD_RETRY_S)
         assert registry.primary.metadata.version == "1"
         assert (await registry.primary.backend.infer(rows)).shape == (len(rows),)
         # A good newer version is still picked up afterwards.
         await asyncio.to_thread(publish_other_model, repository, 3, 7)
         await wait_for(lambda: registry.primary.metadata.version == "3")
+    finally:
+        await registry.stop()
+
+
+def misdescribe_a_version(repository: Path, directory: int, changes: dict[str, object]) -> None:
+    """A copy of version 1 renamed in as ``directory``, its metadata changed as given."""
+    staging = repository / MODEL / f".{directory}.staging"
+    shutil.copytree(repository / MODEL / "1", staging)
+    metadata = json.loads((staging / "metadata.json").read_text())
+    (staging / "metadata.json").write_text(
+        json.dumps({**metadata, "version": str(directory), **changes})
+    )
+    staging.rename(repository / MODEL / str(directory))
+
+
+@pytest.mark.parametrize(
+    ("changes", "refusal"),
+    [
+        # A typo in an input: every Score would fail on it (it did, INTERNAL).
+        ({"inputs_typo": True}, "inputs \\['card_txn_count_10m'\\] are not features"),
+        # A copied directory whose metadata still names the version it was copied
+        # from: its answers would be labelled with the other version.
+        ({"version": "1"}, "describes fraud_mlp v1, but lies in the directory of fraud_mlp v2"),
+    ],
+)
+async def test_a_version_that_could_not_answer_as_itself_is_refused_at_load(
+    trained_model: Path, tmp_path: Path, changes: dict[str, object], refusal: str
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    inputs = list(ModelRepository(repository).metadata(MODEL, "1").inputs)
+    if changes.pop("inputs_typo", False):
+        changes["inputs"] = ["card_txn_count_10m", *inputs[1:]]
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0)
+    await registry.start()
+    try:
+        misdescribe_a_version(repository, 2, changes)
+        with pytest.raises(ValueError, match=refusal):
+            await registry.reload()  # the watcher logs this and keeps serving 1
+        assert registry.primary.metadata.version == "1"
+    finally:
+        await registry.stop()
+    with pytest.raises(ValueError, match=refusal):
+        ServedModel(repository / MODEL / "2")
+    with pytest.raises(ValueError, match=refusal):
+        # The newest version at the start: the server does not start on it.
+        await ModelRegistry(repository, MODEL, reload_interval_s=0).start()
+
+
+async def test_a_version_that_failed_to_load_is_tried_again_without_a_change(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load can fail for a while with nothing changed in the repository (Triton had
+    not loaded the new version yet): it is tried again after a delay, not only when
+    the repository changes."""
+    import streamscore.server.repository as repository_module
+
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05, reload_retry_s=0.3)
+    await registry.start()
+    create_backend = repository_module.create_backend
+    not_ready = {"2": 2}  # version 2's backend fails its first two loads
+
+    def flaky_create_backend(directory: Path, *args: object, **kwargs: object) -> object:
+        if not_ready.get(directory.name, 0) > 0:
+            not_ready[directory.name] -= 1
+            raise RuntimeError(f"model not ready: version {directory.name}")
+        return create_backend(directory, *args, **kwargs)
+
+    monkeypatch.setattr(repository_module, "create_backend", flaky_create_backend)
+    try:
+        await asyncio.to_thread(publish_other_model, repository, 2, 7)
+        await wait_for(lambda: registry.primary.metadata.version == "2")
+        assert registry.reload_failures == 2
+    finally:
+        await registry.stop()
+
+
+async def test_a_fix_made_while_a_load_fails_is_tried_next(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repository's state a failed load is remembered by is the one read before
+    it: a fix written while the load was failing is loaded at the next poll, not
+    taken for the broken content (and left until the long retry)."""
+    import streamscore.server.repository as repository_module
+
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05, reload_retry_s=3600)
+    await registry.start()
+    create_backend = repository_module.create_backend
+
+    def fixed_while_failing(directory: Path, *args: object, **kwargs: object) -> object:
+        metadata = directory / "metadata.json"
+        data = json.loads(metadata.read_text())
+        if directory.name == "2" and data["max_queue_delay_us"] != 150:
+            # The load fails on what it read; meanwhile its author fixes the file.
+            metadata.write_text(json.dumps({**data, "max_queue_delay_us": 150}))
+            raise RuntimeError("a slow load that failed")
+        return create_backend(directory, *args, **kwargs)
+
+    monkeypatch.setattr(repository_module, "create_backend", fixed_while_failing)
+    try:
+        await asyncio.to_thread(publish_other_model, repository, 2, 7)
+        await wait_for(lambda: registry.primary.metadata.version == "2")
+        assert registry.reload_failures == 1
+        assert registry.primary.metadata.max_queue_delay_us == 150
     finally:
         await registry.stop()
 

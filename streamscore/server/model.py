@@ -161,10 +161,24 @@ class ModelMetadata:
         write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
+    try:  # Linux: read it, without setting it process-wide for a moment
+        with open("/proc/self/status", encoding="ascii") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # reading the umask elsewhere means setting it
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write a file so readers see either the old or the new content, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp's file is its owner's alone (0600); the file it replaces is not: a
+        # Triton server or a server under another user reads the repository too.
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         os.replace(tmp, path)

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -32,6 +32,7 @@ from streamscore.server.batcher import Batcher, LatencyModel
 from streamscore.server.breaker import CircuitBreaker
 from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
 from streamscore.server.model import ModelMetadata, latest_version, version_dirs
+from streamscore.stream.features import REQUEST_FEATURES, feature_names
 
 log = logging.getLogger("streamscore.models")
 
@@ -52,6 +53,36 @@ class BatchingSettings:
     breaker_cooldown_s: float = 1.0
 
 
+# What Score computes for a model to take as inputs: the default pack's stateful
+# features and the request-derived ones (stream/assembly.py all_feature_names).
+SERVED_FEATURE_NAMES = (*feature_names(), *REQUEST_FEATURES)
+
+
+def check_in_place(directory: Path, metadata: ModelMetadata) -> None:
+    """ValueError when a version's metadata names another model or version than the
+    directory it lies in."""
+    if (metadata.name, metadata.version) != (directory.parent.name, directory.name):
+        raise ValueError(
+            f"{directory / 'metadata.json'} describes {metadata.name} v{metadata.version}, "
+            f"but lies in the directory of {directory.parent.name} v{directory.name}"
+        )
+
+
+def check_served(directory: Path, metadata: ModelMetadata, computed: Collection[str]) -> None:
+    """Refuse, before anything starts, a version that could not answer a single call
+    as the one it claims to be: one that takes an input the server does not compute
+    (every Score would fail), or whose metadata names another model or version than
+    its directory (a copied directory: its answers would carry the wrong label, in
+    the decision log and the rollout's comparisons too)."""
+    check_in_place(directory, metadata)
+    unknown = [name for name in metadata.inputs if name not in computed]
+    if unknown:
+        raise ValueError(
+            f"{directory / 'metadata.json'}: inputs {unknown} are not features this server "
+            f"computes; it computes {', '.join(computed)}"
+        )
+
+
 class ServedModel:
     """One model version taking traffic (or about to)."""
 
@@ -63,9 +94,11 @@ class ServedModel:
         triton_url: str = "",
         torch_device: str = "auto",
         onnx_kernel: str = "auto",
+        feature_names: Collection[str] = SERVED_FEATURE_NAMES,
     ) -> None:
         self.directory = directory
         self.metadata = ModelMetadata.load(directory / "metadata.json")
+        check_served(directory, self.metadata, feature_names)
         self.key = (self.metadata.name, self.metadata.version)  # (looked up per request)
         self.backend: Backend = create_backend(
             directory,
@@ -229,13 +262,9 @@ class ModelRepository:
     def metadata(self, name: str, version: str) -> ModelMetadata:
         """A version's metadata (defaults for fields an older file lacks); ValueError when
         it is malformed or names another model or version than its directory."""
-        path = self.version_path(name, version) / "metadata.json"
-        metadata = ModelMetadata.load(path)
-        if (metadata.name, metadata.version) != (name, str(version)):
-            raise ValueError(
-                f"{path} describes {metadata.name} v{metadata.version}, "
-                f"but lies in the directory of {name} v{version}"
-            )
+        directory = self.version_path(name, version)
+        metadata = ModelMetadata.load(directory / "metadata.json")
+        check_in_place(directory, metadata)
         return metadata
 
     def scan(self, name: str | None = None) -> tuple[tuple[str, str], ...]:
@@ -261,6 +290,12 @@ def repository_fingerprint(repository: Path, name: str) -> str:
     return digest.hexdigest()
 
 
+# A version that failed to load is tried again after this long, then twice as long
+# each time up to the cap, while the repository stays as it was.
+RELOAD_RETRY_S = 2.0
+RELOAD_RETRY_MAX_S = 60.0
+
+
 class ModelRegistry:
     """The primary model version, hot-reloaded from the repository, and any other
     versions loaded by name and version (canary, shadow: ``load``/``get``/``unload``)."""
@@ -276,6 +311,7 @@ class ModelRegistry:
         torch_device: str = "auto",
         onnx_kernel: str = "auto",
         reload_interval_s: float = 1.0,
+        reload_retry_s: float = RELOAD_RETRY_S,
     ) -> None:
         self.repository = repository
         self.name = name
@@ -285,6 +321,7 @@ class ModelRegistry:
         self.torch_device = torch_device
         self.onnx_kernel = onnx_kernel
         self.reload_interval_s = reload_interval_s
+        self.reload_retry_s = reload_retry_s
         self.reloads = 0
         self.reload_failures = 0
         self._primary: ServedModel | None = None
@@ -401,17 +438,36 @@ class ModelRegistry:
     async def _watch(self) -> None:
         # Polling a few stats a second is cheaper and more portable than inotify, and
         # a bad new version must never take the server down: log it, keep serving.
+        loop = asyncio.get_running_loop()
+        failed = ""  # the repository's fingerprint when a load last failed
+        retry_in, retry_at = 0.0, 0.0
         while True:
             await asyncio.sleep(self.reload_interval_s)
+            # Read before the attempt: a fix made while a load fails is tried next.
+            fingerprint = repository_fingerprint(self.repository, self.name)
+            if fingerprint == failed and loop.time() < retry_at:
+                continue
             try:
                 await self.reload()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.reload_failures += 1
-                # Don't retry the same broken content every second.
-                self._fingerprint = repository_fingerprint(self.repository, self.name)
-                log.exception("model reload failed; still serving the previous version")
+                # The same content is tried again, less and less often, not every
+                # poll: a failure can pass without a change here (Triton loads a new
+                # version on its own schedule, a file server comes back).
+                retry_in = (
+                    min(2 * retry_in, RELOAD_RETRY_MAX_S)
+                    if fingerprint == failed
+                    else self.reload_retry_s
+                )
+                failed, retry_at = fingerprint, loop.time() + retry_in
+                log.exception(
+                    "model reload failed; still serving the previous version",
+                    extra={"retry_in_s": retry_in},
+                )
+            else:
+                failed = ""
 
     async def stop(self) -> None:
         if self._watcher is not None:
