@@ -79,6 +79,7 @@ class _ReadAhead:
     def __init__(self, first: _StreamItem) -> None:
         self.answers: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
         self.answers.put_nowait(first)
+        self.last = first[2]  # the answer to the newest message read
         self.room = asyncio.Semaphore(STREAM_READ_AHEAD - 1)
         self.unanswered = 1
         self.reader: asyncio.Task[bool] | None = None
@@ -488,10 +489,17 @@ class ScoringService(pb_grpc.ScoringServicer):
                 await ahead.abandon()
             await _close_requests(request_iterator)
 
-    async def _read_one(self, context: grpc.aio.ServicerContext, parent: Any) -> _StreamItem | None:
+    async def _read_one(
+        self,
+        context: grpc.aio.ServicerContext,
+        parent: Any,
+        earlier: asyncio.Future[bytes] | None = None,
+    ) -> _StreamItem | None:
         """The next message, validated and its Score started; None at the stream's end.
         An invalid message's answer is its error. Raises StreamDrained at a drain: a
-        message that arrived as the read was cut off is not scored, only dropped."""
+        message that arrived as the read was cut off is not scored, only dropped.
+        ``earlier``: the answer to the message before it, when that may still be
+        coming (reading ahead)."""
         reads = self._reads
         if reads.draining:
             raise StreamDrained
@@ -519,10 +527,33 @@ class ScoringService(pb_grpc.ScoringServicer):
             return request.request_id, started, refused
         # Started now: a Score that never waits (a cheap model, answered in the
         # batcher's submit) is done here, with no task and no loop turn.
-        answer = start_eagerly(
-            self.score(request, context.time_remaining(), parent, validated=True)
-        )
-        return request.request_id, started, answer
+        if earlier is None or earlier.done():
+            scoring = self.score(request, context.time_remaining(), parent, validated=True)
+        else:
+            scoring = self._score_after(request, context, parent, earlier)
+        return request.request_id, started, start_eagerly(scoring)
+
+    async def _score_after(
+        self,
+        request: PyScoreFields,
+        context: grpc.aio.ServicerContext,
+        parent: Any,
+        earlier: asyncio.Future[bytes],
+    ) -> bytes:
+        """A stream's message read ahead: scored now, or, when shed as over capacity
+        while the stream's earlier messages are still being scored, once the message
+        before it is answered. A stream's read-ahead is its own queue: shed, its
+        messages would end the whole stream (it has one status) on load it made itself,
+        where a caller's concurrent unary calls would each only be refused; waiting
+        for its own earlier answers lets the queue drain first. Shed again, the stream
+        ends as before."""
+        try:
+            return await self.score(request, context.time_remaining(), parent, validated=True)
+        except Overloaded:
+            if earlier.done():
+                raise
+        await asyncio.wait((earlier,))
+        return await self.score(request, context.time_remaining(), parent, validated=True)
 
     async def _read_ahead(
         self, context: grpc.aio.ServicerContext, parent: Any, ahead: _ReadAhead
@@ -533,9 +564,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             while True:
                 await ahead.room.acquire()
-                item = await self._read_one(context, parent)
+                item = await self._read_one(context, parent, ahead.last)
                 if item is None:
                     return False
+                ahead.last = item[2]
                 ahead.answers.put_nowait(item)
                 ahead.unanswered += 1
                 answer = item[2]
