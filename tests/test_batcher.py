@@ -628,6 +628,7 @@ async def test_slow_backend_answers_at_the_deadline_and_discards_the_late_score(
     with pytest.raises(DeadlineUnreachable) as caught:
         await batcher.submit(vector(0), now + 0.05)
     assert caught.value.stage == "in_flight"
+    assert caught.value.overdue  # far past its predicted 1 ms: counts against the backend
     assert batcher.clock() - now < 0.4  # before the backend returned
     await batcher.stop()  # waits for the batch
     after = REGISTRY.get_sample_value("streamscore_batch_late_results_total", {"model": "unit"})
@@ -1047,8 +1048,27 @@ async def test_inline_score_after_the_deadline_is_refused() -> None:
     await batcher.start()
     with pytest.raises(DeadlineUnreachable) as caught:
         await batcher.submit(vector(1), batcher.clock() + 0.01)
-    assert caught.value.stage == "in_flight"
+    assert caught.value.stage == "in_flight" and caught.value.overdue
     assert len(backend.calls) == 1  # it ran: the late score was discarded
+    await batcher.stop()
+
+
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_tight_deadline_missed_in_flight_is_not_the_backends_failure(
+    inline: bool,
+) -> None:
+    """A call that runs a little past its predicted time, and past a caller's deadline
+    set just beyond that prediction, is a tight deadline on a busy CPU, not a failing
+    backend: not overdue, so it does not count towards opening the breaker (callers
+    with 2-6 ms deadlines opened a healthy Triton's breaker for everyone)."""
+    backend = FakeBackend([(0.03, "ok")])
+    options = {"infer_inline": backend.infer_inline} if inline else {}
+    batcher = make(backend, predicted_s=0.02, **options)
+    await batcher.start()
+    predicted = batcher.latency_model.predict(1)
+    with pytest.raises(DeadlineUnreachable) as caught:
+        await batcher.submit(vector(1), batcher.clock() + predicted + 0.002)
+    assert caught.value.stage == "in_flight" and not caught.value.overdue
     await batcher.stop()
 
 

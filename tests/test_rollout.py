@@ -461,7 +461,9 @@ async def test_a_backend_that_hangs_opens_the_breaker(
             nonlocal calls
             calls += 1
             await asyncio.sleep(max(0.0, deadline - primary.batcher.clock()))
-            raise DeadlineUnreachable("in_flight", "the backend is slower than the deadline")
+            raise DeadlineUnreachable(
+                "in_flight", "the backend is slower than the deadline", overdue=True
+            )
 
         monkeypatch.setattr(primary.batcher, "submit", hung)
         answers = [await scoring.Score(request(i, f"card-{i}"), timeout=5) for i in range(12)]

@@ -119,6 +119,11 @@ ALONE_SAMPLE_EVERY = 4
 # While predictions refuse every request, one request this often goes to an idle
 # backend anyway, to measure it again (``Batcher._probe_due``).
 PROBE_INTERVAL_S = 0.5
+# A deadline missed in flight counts against the backend (its circuit breaker) only
+# when the call had run this many times its predicted time (a high quantile already):
+# callers with deadlines tighter than a healthy backend's time, on a busy CPU, opened
+# the breaker of a healthy Triton for everyone else.
+OVERDUE_FACTOR = 2.0
 
 _NEW, _RUNNING, _STOPPING, _STOPPED = "new", "running", "stopping", "stopped"
 
@@ -171,9 +176,14 @@ class DeadlineUnreachable(BatcherError):
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
-    def __init__(self, stage: str, message: str) -> None:
+    def __init__(self, stage: str, message: str, *, overdue: bool = False) -> None:
         super().__init__(message)
         self.stage = stage
+        # In flight for more than OVERDUE_FACTOR times the backend's predicted time:
+        # the backend is failing (hung, or far slower than measured). A miss within
+        # that is the caller's tight deadline (or a busy CPU), and says nothing against
+        # the backend: it must not open the breaker for every other caller.
+        self.overdue = overdue
 
 
 class BatcherStopped(BatcherError):
@@ -954,22 +964,30 @@ class Batcher:
             raise self._backend_failed(exc) from exc
         if score is None and scores is None:
             return None
+        ended = self.clock()
+        # Judged against the prediction before this call's own time is folded in.
+        overdue = ended > deadline and self._overdue(1, ended - started)
         self._m_admitted_alone.count += 1
         if scores is not None:
-            checked, ended = self._checked_scores(1, scores, started)
+            checked = self._checked_scores(1, scores, started, ended)
             if checked is None:
                 self._m_shed["backend_failed"].inc()
                 raise self._backend_failed(_wrong_count(scores, 1))
             score = float(checked[0])
         else:
             self._alone_calls += 1
-            ended = self._observe_call(1, started, not self._alone_calls % ALONE_SAMPLE_EVERY)
+            self._observe_call(1, started, ended, not self._alone_calls % ALONE_SAMPLE_EVERY)
         self._observe_single_call(ended - started)
         if ended > deadline:
             self._m_late.inc()
             self._m_shed["deadline_in_flight"].inc()
-            raise _finished_late()
+            raise _finished_late(overdue)
         return score
+
+    def _overdue(self, n: int, seconds: float) -> bool:
+        """Whether a call of ``n`` that took ``seconds`` is overdue (see
+        ``DeadlineUnreachable``)."""
+        return seconds > OVERDUE_FACTOR * self.latency_model.predict(n)
 
     def _observe_single_call(self, seconds: float) -> None:
         """Fold one call of one request's cost into ``single_call_s`` (capped, so one
@@ -1012,34 +1030,34 @@ class Batcher:
         self._m_failures["error"].inc()
 
     def _checked_scores(
-        self, n: int, scores: np.ndarray, started: float
-    ) -> tuple[np.ndarray | None, float]:
-        """Account for a backend call of ``n`` that returned: its scores (None when not
-        ``(n,)``, counted as a wrong count) and the clock when it ended."""
+        self, n: int, scores: np.ndarray, started: float, ended: float
+    ) -> np.ndarray | None:
+        """Account for a backend call of ``n`` that ran from ``started`` to ``ended``:
+        its scores (None when not ``(n,)``, counted as a wrong count)."""
         scores = np.asarray(scores)
         counted = scores.shape == (n,)
-        ended = self._observe_call(n, started, counted)
+        self._observe_call(n, started, ended, counted)
         if not counted:
             self._m_failures["wrong_count"].inc()
-            return None, ended
-        return scores, ended
+            return None
+        return scores
 
-    def _observe_call(self, n: int, started: float, counted: bool = True) -> float:
+    def _observe_call(self, n: int, started: float, ended: float, counted: bool = True) -> None:
         """A backend call of ``n`` that returned: its time, and, when it gave the
-        right count of scores (and is sampled), the latency model's sample; the clock
-        when it ended."""
-        ended = self.clock()
+        right count of scores (and is sampled), the latency model's sample."""
         self._last_measured = ended
         elapsed = ended - started
         self._m_backend.observe(elapsed)
         if counted:
             self.latency_model.observe(n, elapsed)
-        return ended
 
     def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:
         """Answer a batch from its scores: each request in time gets its score."""
         n = len(live)
-        checked, ended = self._checked_scores(n, scores, started)
+        ended = self.clock()
+        # Judged against the prediction before this call's own time is folded in.
+        overdue = self._overdue(n, ended - started)
+        checked = self._checked_scores(n, scores, started, ended)
         if checked is None:
             self._fail_batch(live, _wrong_count(scores, n))
             return
@@ -1052,7 +1070,7 @@ class Batcher:
                     self._m_late.inc()  # answered at its deadline already
             elif ended > request.deadline:
                 self._m_late.inc()
-                self._answer_error(request, _finished_late(), "deadline_in_flight")
+                self._answer_error(request, _finished_late(overdue), "deadline_in_flight")
             else:
                 future.set_result(score)
 
@@ -1062,10 +1080,13 @@ class Batcher:
         now = self.clock()
         requests = batch.requests
         i = batch.next_expiry
+        overdue = self._overdue(len(requests), now - batch.started)
         while i < len(requests) and requests[i].deadline <= now + TIMER_GRAIN_S:
             self._answer_error(
                 requests[i],
-                DeadlineUnreachable("in_flight", "the backend is slower than the deadline"),
+                DeadlineUnreachable(
+                    "in_flight", "the backend is slower than the deadline", overdue=overdue
+                ),
                 "deadline_in_flight",
             )
             i += 1
@@ -1096,5 +1117,7 @@ def _wrong_count(scores: np.ndarray, n: int) -> ValueError:
     return ValueError(f"backend returned {np.shape(scores)} scores for {n} requests")
 
 
-def _finished_late() -> DeadlineUnreachable:
-    return DeadlineUnreachable("in_flight", "the backend finished after the deadline")
+def _finished_late(overdue: bool) -> DeadlineUnreachable:
+    return DeadlineUnreachable(
+        "in_flight", "the backend finished after the deadline", overdue=overdue
+    )

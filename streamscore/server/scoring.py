@@ -358,8 +358,9 @@ class ScoringService(pb_grpc.ScoringServicer):
             except DeadlineUnreachable as missed:
                 # A backend that did not answer in time counts as failing (a hung one
                 # must open the breaker, not cost every call its whole budget); one
-                # predicted to miss says nothing new about it.
-                if missed.stage == "in_flight":
+                # predicted to miss, or missing a deadline tighter than its usual time,
+                # says nothing new about it.
+                if missed.overdue:
                     breaker.record_failure()
                 else:
                     breaker.release()
