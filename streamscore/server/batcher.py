@@ -672,8 +672,8 @@ class Batcher:
         if not probe and start + one > deadline:
             self._m_shed["overloaded"].inc()
             raise Overloaded(
-                f"over capacity: {self._queued} queued for {self.name!r} would take it "
-                f"past its deadline"
+                f"over capacity: {self._queued} queued and {len(self._running)} batches "
+                f"running for {self.name!r} would take it past its deadline"
             )
         assert self._loop is not None
         request = _Request(vector, deadline, self._loop.create_future(), now)
