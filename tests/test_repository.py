@@ -423,6 +423,25 @@ async def test_a_version_that_could_not_answer_as_itself_is_refused_at_load(
         await ModelRegistry(repository, MODEL, reload_interval_s=0).start()
 
 
+async def test_a_pinned_version_is_not_reloaded_when_another_version_changes(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, version="1", reload_interval_s=0)
+    await registry.start()
+    try:
+        primary = registry.primary
+        await asyncio.to_thread(publish_other_model, repository, 2, 7)
+        assert not await registry.reload()  # a new version 2: nothing to reload
+        assert registry.primary is primary and registry.reloads == 0
+        metadata = repository / MODEL / "1" / "metadata.json"
+        metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "warmup": []}))
+        assert await registry.reload()  # its own metadata changed: reloaded
+        assert registry.primary is not primary and registry.primary.metadata.warmup == ()
+    finally:
+        await registry.stop()
+
+
 async def test_a_version_that_failed_to_load_is_tried_again_without_a_change(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -274,10 +274,13 @@ class ModelRepository:
         return tuple((model, repository_fingerprint(self.path, model)) for model in names)
 
 
-def repository_fingerprint(repository: Path, name: str) -> str:
-    """Changes when a version directory appears or goes, or its metadata or model files change."""
+def repository_fingerprint(repository: Path, name: str, version: str = "") -> str:
+    """Changes when a version directory appears or goes, or its metadata or model files
+    change; of that one version's directory alone when ``version`` is given."""
     digest = hashlib.sha256()
     for directory in version_dirs(repository, name):
+        if version and directory.name != version:
+            continue
         metadata = directory / "metadata.json"
         digest.update(directory.name.encode())
         if metadata.is_file():
@@ -348,6 +351,12 @@ class ModelRegistry:
             onnx_kernel=self.onnx_kernel,
         )
 
+    def _scan(self) -> str:
+        """The fingerprint of what the primary is loaded from: the pinned version alone
+        (another version added or changed does not reload and re-warm it), or every
+        version."""
+        return repository_fingerprint(self.repository, self.name, self.pinned_version)
+
     def _target_dir(self) -> Path:
         if self.pinned_version:
             # "no version '9' of model ...", not a missing metadata.json.
@@ -369,7 +378,7 @@ class ModelRegistry:
         return served
 
     async def start(self) -> None:
-        self._fingerprint = repository_fingerprint(self.repository, self.name)
+        self._fingerprint = self._scan()
         self._primary = await self._load()
         if self.reload_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="model-watcher")
@@ -414,7 +423,7 @@ class ModelRegistry:
             return await self._reload()
 
     async def _reload(self) -> bool:
-        fingerprint = repository_fingerprint(self.repository, self.name)
+        fingerprint = self._scan()
         if fingerprint == self._fingerprint:
             return False
         new = await self._load()
@@ -444,7 +453,7 @@ class ModelRegistry:
         while True:
             await asyncio.sleep(self.reload_interval_s)
             # Read before the attempt: a fix made while a load fails is tried next.
-            fingerprint = repository_fingerprint(self.repository, self.name)
+            fingerprint = self._scan()
             if fingerprint == failed and loop.time() < retry_at:
                 continue
             try:
