@@ -48,6 +48,13 @@ them unconditionally. Each quirk below was reproduced against tansu from
 Compaction settings are accepted but never applied, and all data is lost when tansu
 stops; nothing client-side can help with those.
 
+One workaround is for aiokafka itself, with any broker: **a consumer stopped while its
+broker is down can raise CancelledError from ``stop()``.** ``Fetcher.close()`` cancels
+its pending fetch requests and awaits them unguarded, so a request sleeping in its
+retry backoff ends ``stop()`` with its cancel: the rest of the close is skipped, and a
+server draining during a broker outage exited 1 with a traceback. ``stop_consumer``
+stops a consumer without it.
+
 This module uses a few private aiokafka/Faust attributes (``consumer._client``,
 ``consumer._fetcher``, ``consumer._coordinator``, the coordinator's
 ``_maybe_leave_group`` and Faust's ``AIOKafkaConsumerThread._highwaters``); the
@@ -80,6 +87,7 @@ __all__ = [
     "leave_group",
     "producer_kwargs",
     "seek_to_true_end",
+    "stop_consumer",
     "true_end_offsets",
 ]
 
@@ -343,6 +351,29 @@ async def _send_leave_group(coordinator: Any) -> bool:
     return True
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, finished when aiokafka's ``Fetcher.close()`` raises the
+    cancel of one of its own fetch requests into it (see the module docstring). A
+    cancel of the caller's task still propagates."""
+    task = asyncio.current_task()
+    cancels = task.cancelling() if task is not None else 0
+    try:
+        await consumer.stop()
+        return
+    except asyncio.CancelledError:
+        if task is None or task.cancelling() > cancels:
+            raise  # the caller's own cancel
+    # The close stopped at the first fetch request it awaited: end the others and
+    # close the connections, as the rest of stop() would have.
+    logger.debug("a fetch request's cancel escaped the consumer's stop; closing the rest")
+    fetcher = consumer._fetcher
+    pending = list(fetcher._pending_tasks)
+    for request in pending:
+        request.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    await consumer._client.close()
+
+
 async def leave_group(consumer: AIOKafkaConsumer) -> bool:
     """Stop ``consumer``, leaving its group explicitly even at generation 0.
 
@@ -359,7 +390,7 @@ async def leave_group(consumer: AIOKafkaConsumer) -> bool:
     """
     coordinator = getattr(consumer, "_coordinator", None)
     if not isinstance(coordinator, GroupCoordinator):
-        await consumer.stop()  # no group_id (or never started): nothing to leave
+        await stop_consumer(consumer)  # no group_id (or never started): nothing to leave
         return False
     outcome: list[bool] = []
 
@@ -370,7 +401,7 @@ async def leave_group(consumer: AIOKafkaConsumer) -> bool:
     # An instance attribute shadows the class method for this coordinator only;
     # GroupCoordinator.close() calls self._maybe_leave_group() as its last step.
     coordinator._maybe_leave_group = _maybe_leave_group
-    await consumer.stop()
+    await stop_consumer(consumer)
     return any(outcome)
 
 

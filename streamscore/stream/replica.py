@@ -408,5 +408,5 @@ class FeatureReplica:
         if lean is not None:
             await lean.close()
         if self._consumer is not None:
-            await self._consumer.stop()
+            await kafka_compat.stop_consumer(self._consumer)
             self._consumer = None

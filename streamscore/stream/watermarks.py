@@ -129,7 +129,7 @@ class WatermarkCheckpoints:
                 self.gate.newest_ms[partition] = newest
             reread = await self._reapply(consumer, payments, start, offset)
         finally:
-            await consumer.stop()
+            await kafka_compat.stop_consumer(consumer)
         self._next[partition] = offset
         log.info(
             "watermark recovered",
