@@ -10,6 +10,7 @@ import logging
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -65,6 +66,17 @@ async def test_logs_are_json_name_the_request_and_hash_the_card(
                 async for _ in stream:
                     pass
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # Refused inside Score, which a stream runs in a context of its own: the
+            # refusal's line is written in the handler's, and names it too.
+            future_ms = int(time.time() * 1000) + 600_000
+            for request, code in (
+                (score_request("r-stream-future", event_time_ms=future_ms), "INVALID_ARGUMENT"),
+                (score_request("r-stream-broken-model"), "UNAVAILABLE"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in stub.ScoreStream(iter([request])):
+                        pass
+                assert caught.value.code().name == code
     finally:
         await server.stop()
         root.removeHandler(handler)
@@ -84,6 +96,10 @@ async def test_logs_are_json_name_the_request_and_hash_the_card(
     assert "fallback model failed" in broken
     assert [e["code"] for e in by_request["r-bad-amount"]] == ["INVALID_ARGUMENT"]
     assert [e["code"] for e in by_request["r-stream-bad"]] == ["INVALID_ARGUMENT"]
+    assert [e["code"] for e in by_request["r-stream-future"]] == ["INVALID_ARGUMENT"]
+    stream_broken = by_request["r-stream-broken-model"]
+    assert [e["code"] for e in stream_broken if "code" in e] == ["UNAVAILABLE"]
+    assert "fallback model failed" in {e["msg"] for e in stream_broken}
     # Lines outside any request carry no request fields.
     assert any("request_id" not in e for e in entries)
     # Extras with non-string keys are logged too (warm-up time per batch size).

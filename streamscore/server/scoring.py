@@ -52,10 +52,10 @@ STREAM_READ_AHEAD = 64
 # policy: the in-process ONNX fallback takes well under a millisecond.
 FALLBACK_RESERVE_S = 0.001
 READ_AHEAD_TASK = "ScoreStream read-ahead"
-# (request id, when it was read on time.perf_counter, its answer's bytes to come)
-_StreamItem = tuple[str, float, "asyncio.Future[bytes]"]
 # A request as Score's deserializer gives it (server/wire.py).
 ScoreInput = PyScoreFields | MalformedRequest
+# (the request, when it was read on time.perf_counter, its answer's bytes to come)
+_StreamItem = tuple[ScoreInput, float, "asyncio.Future[bytes]"]
 
 # Enum names by value, without protobuf's Python-level lookup per request.
 _DECISION_NAMES = {value: name for name, value in pb.Decision.items()}
@@ -450,11 +450,11 @@ class ScoringService(pb_grpc.ScoringServicer):
                 # (Measured: the read-ahead machinery costs 10-14 % of a cheap
                 # message's CPU.)
                 while (item := await self._read_one(context, parent)) is not None:
-                    request_id, started, answer = item
+                    request, started, answer = item
                     if not answer.done():
                         break
                     response = await _guard(
-                        context, metrics, answer, request_id=request_id, started=started
+                        context, metrics, answer, request=request, started=started
                     )
                     if response is None:
                         return  # refused: the stream ends with the status _guard set
@@ -468,9 +468,9 @@ class ScoringService(pb_grpc.ScoringServicer):
                     name=READ_AHEAD_TASK,
                 )
                 while (item := await ahead.answers.get()) is not None:
-                    request_id, started, answer = item
+                    request, started, answer = item
                     response = await _guard(
-                        context, metrics, answer, request_id=request_id, started=started
+                        context, metrics, answer, request=request, started=started
                     )
                     if response is None:
                         return
@@ -521,18 +521,16 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             validate_score_request(request, replay=self.replay)
         except ServingError as error:
-            # Its refusal's log line names it, as a unary call's does (score() sets it).
-            CURRENT_REQUEST.set((request.request_id, request.card_id))
             refused: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             refused.set_exception(error)
-            return request.request_id, started, refused
+            return request, started, refused
         # Started now: a Score that never waits (a cheap model, answered in the
         # batcher's submit) is done here, with no task and no loop turn.
         if earlier is None or earlier.done():
             scoring = self.score(request, context.time_remaining(), parent, validated=True)
         else:
             scoring = self._score_after(request, context, parent, earlier)
-        return request.request_id, started, start_eagerly(scoring)
+        return request, started, start_eagerly(scoring)
 
     async def _score_after(
         self,
@@ -639,11 +637,14 @@ async def _guard(
     metrics: RpcMetrics,
     work: Awaitable[Any],
     *,
-    request_id: str = "",
+    request: ScoreInput | None = None,
     started: float | None = None,
 ) -> Any:
     """Await a call's work, mapping our error taxonomy to gRPC status codes; count and
     time it (from ``started``, on ``time.perf_counter``, when the work began earlier).
+    ``request``: a stream's message, whose work ran in a context of its own: a
+    refusal names it in its status and its log line (a unary call's work runs in
+    the call's context, where Score set its ids).
 
     A refused call's status is set on the context and None returned (the handler then
     returns, and grpc sends that status), rather than ``context.abort()``: abort keeps
@@ -657,10 +658,13 @@ async def _guard(
         return await work
     except ServingError as error:
         code = error.code.name
+        suffix = ""
+        if request is not None:
+            CURRENT_REQUEST.set((request.request_id, request.card_id))
+            suffix = f" (request_id {request.request_id!r})"
         # Debug only: refusals can come thousands a second under overload; the
         # streamscore_rpc_seconds_count{code} series counts them.
         log.debug("request refused", extra={"code": code, "reason": str(error)})
-        suffix = f" (request_id {request_id!r})" if request_id else ""
         context.set_code(error.code)
         context.set_details(f"{error}{suffix}")
     except asyncio.CancelledError:
@@ -668,6 +672,8 @@ async def _guard(
         raise
     except Exception:
         code = "INTERNAL"
+        if request is not None:
+            CURRENT_REQUEST.set((request.request_id, request.card_id))
         log.exception("unexpected error while serving")
         context.set_code(grpc.StatusCode.INTERNAL)
         context.set_details("internal error")
