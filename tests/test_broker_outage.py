@@ -33,6 +33,11 @@ OUTAGE_S = 6.0
 STALE_AFTER_S = 2.0
 
 
+def read_server_log(logdir: Path) -> str:
+    (server_log,) = [p.read_text() for p in logdir.glob("*.log") if "server" in p.name]
+    return server_log
+
+
 async def test_a_hung_broker_degrades_scores_and_loses_nothing(
     trained_model: Path, tmp_path: Path
 ) -> None:
@@ -129,6 +134,13 @@ async def test_a_hung_broker_degrades_scores_and_loses_nothing(
         f"answers during the outage not marked stale, sent at {fresh_in_outage} s from resume"
     )
     assert fresh_after and not any(fresh_after), "still stale after the broker came back"
+    # The log says so too, beside the answers and the metric: stale, with its cause,
+    # then fresh again.
+    server_log = read_server_log(tmp_path)
+    stale_at = server_log.find("features are stale: answers are marked FEATURES_STALE")
+    assert stale_at >= 0, server_log
+    assert "no fetch from the broker for" in server_log[stale_at:], server_log
+    assert "features are fresh again" in server_log[stale_at:], server_log
 
 
 async def test_a_broker_that_comes_back_empty_is_folded_from_its_start(

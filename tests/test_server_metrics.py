@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from streamscore.server.metrics import ServerCollector
+from streamscore.server.metrics import ScoreMetrics, ServerCollector
 from streamscore.stream.state import FeatureStore, FoldRecord
 
 HOUR = 3_600_000
@@ -51,3 +51,15 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
     assert "# TYPE streamscore_replica_fold_outcomes_total counter" in lines  # only grows
     assert 'streamscore_decisions_total{outcome="published"} 7.0' in lines
     assert 'streamscore_decisions_total{outcome="failed"} 2.0' in lines
+
+
+def test_degraded_and_answer_series_are_exported_before_the_first_one() -> None:
+    """An alert on rate() of a series that does not exist sees no data, not 0: the
+    known reasons and the primary's decisions are exported at 0 from the start."""
+    ScoreMetrics()
+    for reason in ("FEATURES_STALE", "FALLBACK_MODEL", "DEADLINE_FALLBACK"):
+        sample = {"reason": reason}
+        assert REGISTRY.get_sample_value("streamscore_degraded_answers_total", sample) is not None
+    for decision in ("APPROVE", "REVIEW", "DECLINE"):
+        labels = {"variant": "primary", "decision": decision}
+        assert REGISTRY.get_sample_value("streamscore_answers_total", labels) is not None

@@ -155,6 +155,12 @@ class ScoreMetrics:
         # (features time, model time, answers) by (variant, decision), found once.
         self._series: dict[tuple[str, str], tuple[HistogramChild, HistogramChild, CounterChild]]
         self._series = {}
+        # Every known series exported from the start, at 0: an alert on rate() or
+        # increase() sees 0, not "no data", until the first degraded answer.
+        for reason in ("FEATURES_STALE", "FALLBACK_MODEL", "DEADLINE_FALLBACK"):
+            DEGRADED.labels(reason)
+        for decision in ("APPROVE", "REVIEW", "DECLINE"):
+            ANSWERS.labels("primary", decision)
 
     def observe(
         self,

@@ -139,15 +139,41 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.tracer = tracer
         # Streams waiting for their next message: a drain ends them (end_streams).
         self._reads = DrainCut()
+        self._stale = False  # as answers were last marked (logged when it changes)
 
     def features_stale(self) -> bool:
         replica = self.replica
         if replica is None:
             return False
-        return (
+        stale = (
             replica.failure is not None
             or not replica.caught_up
             or replica.seconds_since_fetch() > self.stale_after_s
+        )
+        if stale is not self._stale:
+            self._stale = stale
+            self._log_staleness(replica, stale)
+        return stale
+
+    def _log_staleness(self, replica: FeatureReplica, stale: bool) -> None:
+        """One line when answers start to be marked FEATURES_STALE, one when they stop:
+        beside the metric, the log says when and why."""
+        if not stale:
+            log.info("features are fresh again: answers are no longer marked FEATURES_STALE")
+            return
+        if replica.failure is not None:
+            cause = f"the feature replica failed: {replica.failure!r}"
+        elif not replica.caught_up:
+            cause = "the feature replica is catching up with the log"
+        else:
+            cause = (
+                f"no fetch from the broker for {replica.seconds_since_fetch():.1f} s "
+                f"(stale_after_s {self.stale_after_s})"
+            )
+        log.warning(
+            "features are stale: answers are marked FEATURES_STALE; %s",
+            cause,
+            extra={"cause": cause},
         )
 
     def _check_exact(self, entity_type: str, entity_id: str, t_ms: int, field: str) -> None:
