@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "tls_client_ca_file",
     )
     if not settings.kafka:
-        raise SystemExit("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+        raise ValueError("serve needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
     from streamscore.supervisor import check_ports
 
     check_ports(settings, args.workers)
@@ -133,7 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args, "metrics_port")
     if not settings.kafka:
-        raise SystemExit("worker needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
+        raise ValueError("worker needs --kafka HOST:PORT (or STREAMSCORE_KAFKA)")
     from streamscore.config import topic_layout
     from streamscore.stream.worker import run_worker
 
@@ -290,7 +290,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("STREAMSCORE_ADMIN_TOKEN", "")
     if not token:
-        raise SystemExit("rollout needs --token or STREAMSCORE_ADMIN_TOKEN")
+        raise ValueError("rollout needs --token or STREAMSCORE_ADMIN_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),)
     with _client_tls(args).channel(args.target) as channel:
         stub = apb_grpc.AdminStub(channel)

@@ -254,6 +254,32 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     assert "\n" not in err and expected in fatal_message(err), err
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["serve", "--log-format", "json"], "serve needs --kafka"),
+        (["worker", "--log-format", "json"], "worker needs --kafka"),
+        (["rollout", "show"], "rollout needs --token"),
+    ],
+)
+def test_a_missing_setting_stops_with_one_json_line(
+    argv: list[str],
+    expected: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under JSON logging, as every other stop (it was a plain-text line)."""
+    from streamscore.cli import main
+
+    for name in ("STREAMSCORE_KAFKA", "STREAMSCORE_ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("STREAMSCORE_LOG_FORMAT", "json")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("{") and "\n" not in err, err
+    assert expected in fatal_message(err), err
+
+
 def fatal_message(line: str) -> str:
     """The message of the line a command stops with: JSON once JSON logging is on (a
     container's log pipeline reads only JSON), else ``streamscore: MESSAGE``."""

@@ -204,7 +204,7 @@ class ScoringServer:
                 self._metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
             except OSError as error:  # which port: gRPC's is fine
                 port = settings.metrics_port
-                raise OSError(error.errno, f"metrics_port {port}: {error}") from None
+                raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None
         log.info(
             "grpc server listening",
             extra={

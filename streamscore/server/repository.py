@@ -137,6 +137,7 @@ class ServedModel:
                 1,
                 kernel=onnx_kernel,
                 sample_rows=self.metadata.warmup_rows(),
+                role="the fallback's onnxruntime model",
             )
             if onnx.is_file()
             else None

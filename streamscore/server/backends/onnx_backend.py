@@ -61,6 +61,7 @@ class OnnxBackend:
         output: str = OUTPUT_NAME,
         kernel: str = "auto",
         sample_rows: np.ndarray | None = None,
+        role: str = "onnxruntime model",
     ) -> None:
         if n_inputs < 1 or max_batch_size < 1:
             raise ValueError("n_inputs and max_batch_size must be >= 1")
@@ -78,7 +79,7 @@ class OnnxBackend:
         self.max_batch_size = max_batch_size
         self.output = output
         self._outputs = [output]
-        self._where = f"onnxruntime model {onnx_path}"
+        self._where = f"{role} {onnx_path}"  # what its log lines name
         self._session: Any = None
         # The session's run, without the Python wrapper (set by ``load``).
         self._run: Any = None
