@@ -11,6 +11,12 @@
 # _TLS_KEY_FILE / _TLS_CLIENT_CA_FILE (TLS, mutual TLS), STREAMSCORE_TRITON_URL,
 # STREAMSCORE_BUDGET_MS, STREAMSCORE_DRAIN_DELAY_S / _DRAIN_TIMEOUT_S (SIGTERM drain:
 # set the orchestrator's grace period above their sum), STREAMSCORE_LOG_FORMAT.
+# With TLS on, the HEALTHCHECK below is a TLS client too and needs its own variables,
+# or the container stays unhealthy while it serves: STREAMSCORE_TLS_CA (the CA that
+# signed the server certificate: always), STREAMSCORE_TLS_CLIENT_CERT /
+# _TLS_CLIENT_KEY (mutual TLS: a client certificate signed by the client CA), and
+# STREAMSCORE_TLS_SERVER_NAME (when the certificate names a DNS name, not 127.0.0.1:
+# the check connects to 127.0.0.1). `streamscore health` prints why a check failed.
 # Lint: .venv/bin/hadolint Dockerfile (run by .ci/run).
 
 FROM python:3.11-slim AS build
@@ -41,8 +47,9 @@ RUN streamscore train --log-format text
 EXPOSE 50051
 # `streamscore health --container` checks what the container runs: a serve (or demo)
 # on its --port or STREAMSCORE_PORT; a worker, which serves no gRPC, is healthy while
-# it runs. It honours STREAMSCORE_TLS_CA / _CLIENT_CERT / _CLIENT_KEY / _SERVER_NAME,
-# so the check keeps working when TLS or mutual TLS is turned on.
+# it runs. With TLS on it needs STREAMSCORE_TLS_CA (and, for mutual TLS,
+# _TLS_CLIENT_CERT / _TLS_CLIENT_KEY; for a DNS-name certificate, _TLS_SERVER_NAME):
+# see the header.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
     CMD ["streamscore", "health", "--container", "--timeout", "3"]
 ENTRYPOINT ["streamscore"]

@@ -384,7 +384,9 @@ def cmd_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            print(f"{args.target}: {error.code().name}", file=sys.stderr)
+            # The details say why (a certificate not trusted, a name mismatch, no
+            # connection): the code alone would leave a failing health check unexplained.
+            print(f"{args.target}: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.target}: {status}")

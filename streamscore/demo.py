@@ -29,7 +29,7 @@ from hdrh.histogram import HdrHistogram
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
-from streamscore.config import Settings, settings_environment, topic_layout
+from streamscore.config import ENV_PREFIX, Settings, settings_environment, topic_layout
 from streamscore.processes import ChildExited, ChildProcess, stop_on_signals
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -275,7 +275,22 @@ def _last_line(path: str | None) -> str:
     return lines[-1][-300:] if lines else "(its log is empty)"
 
 
+def _check_plaintext(settings: Settings) -> None:
+    """The demo's own clients (its wait for SERVING, its traffic) speak plaintext: with
+    TLS settings its server would refuse them (it waited 120 s, then failed without a
+    word about TLS). Refused at once instead, naming the settings."""
+    names = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    tls = [name for name in names if getattr(settings, name)]
+    if tls:
+        variables = ", ".join(ENV_PREFIX + name.upper() for name in tls)
+        raise ValueError(
+            f"the demo serves and scores in plaintext: unset {', '.join(tls)} ({variables}) "
+            "to run it"
+        )
+
+
 async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: float) -> int:
+    _check_plaintext(settings)
     stop = stop_on_signals()
     logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
     async with contextlib.AsyncExitStack() as stack:

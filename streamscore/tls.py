@@ -3,19 +3,33 @@
 Server: a certificate chain and key turn TLS on; a client CA file on top turns on
 mutual TLS, where a client must present a certificate signed by that CA or the
 handshake fails (the call never reaches a handler). Clients (the CLI, the health
-check, the demo): a CA file to trust the server, and a certificate and key when the
-server asks for one. Files are read once, at start; a wrong combination or an
-unreadable file is a clear error then, not a handshake failure later.
+check): a CA file to trust the server, and a certificate and key when the server asks
+for one (the demo's own clients are plaintext: it refuses TLS settings). Files are
+read once, at start; a wrong combination, an unreadable file, a key that does not
+fit its certificate or an expired certificate is a clear error then, naming the file,
+not a handshake failure later (gRPC core would only say that it failed to bind, and
+log the cause as a plain-text line outside the JSON log).
 """
 
 from __future__ import annotations
 
+import _ssl
+import datetime
+import logging
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-__all__ = ["ClientTls", "TlsError", "server_credentials"]
+__all__ = ["ClientTls", "TlsError", "check_server_files", "server_credentials"]
+
+log = logging.getLogger("streamscore.tls")
+
+# A server certificate that expires sooner than this is served, with a warning: it
+# must be renewed (and the server restarted) before clients start refusing it.
+EXPIRY_WARNING = datetime.timedelta(days=7)
 
 
 class TlsError(ValueError):
@@ -32,16 +46,117 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
+def check_server_files(cert_file: str, key_file: str, client_ca_file: str = "") -> None:
+    """Refuse server TLS settings that cannot serve, naming the file and the reason;
+    warn of a certificate about to expire. Nothing to check when TLS is off. Also for
+    a process that serves nothing itself (``serve --workers``), before it starts any."""
+    if not cert_file and not key_file:
+        if client_ca_file:
+            raise TlsError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        return
+    if not (cert_file and key_file):
+        raise TlsError("TLS needs both tls_cert_file and tls_key_file")
+    _check_pair(cert_file, key_file)
+    _check_expiry(cert_file)
+    if client_ca_file:
+        _check_client_ca(client_ca_file)
+
+
+def _check_pair(cert_file: str, key_file: str) -> None:
+    """The certificate and key load together, as OpenSSL (gRPC's too) loads them."""
+    cert, key = _read(cert_file, "TLS certificate"), _read(key_file, "TLS key")
+    if _is_key_only(cert) and b"CERTIFICATE" in key and b"PRIVATE KEY" not in key:
+        raise TlsError(
+            f"tls_cert_file {cert_file!r} holds a private key and tls_key_file {key_file!r} "
+            "a certificate: swapped?"
+        )
+    _not_after(cert_file)  # a certificate at all
+    if b"PRIVATE KEY" not in key:
+        raise TlsError(f"the TLS key {key_file!r} is not a PEM private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(
+            _local(cert_file), _local(key_file), password=_no_password(key_file)
+        )
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise TlsError(
+                f"the TLS key {key_file!r} does not match the certificate {cert_file!r}"
+            ) from None
+        raise TlsError(
+            f"the TLS key {key_file!r} holds no usable private key ({error.reason or error})"
+        ) from None
+
+
+def _local(path: str) -> str:
+    """The path as ``_read`` opens it (``ssl`` does not expand ``~``)."""
+    return str(Path(path).expanduser())
+
+
+def _is_key_only(pem: bytes) -> bool:
+    return b"PRIVATE KEY" in pem and b"CERTIFICATE" not in pem
+
+
+def _no_password(key_file: str) -> Callable[[], str]:
+    """OpenSSL asks for an encrypted key's passphrase on the terminal unless a callback
+    answers: this one refuses (gRPC cannot take a passphrase either)."""
+
+    def refuse() -> str:
+        raise TlsError(f"the TLS key {key_file!r} is encrypted: give it without a passphrase")
+
+    return refuse
+
+
+def _not_after(cert_file: str) -> datetime.datetime:
+    """When the first certificate in ``cert_file`` (the server's own) expires.
+    ``_test_decode_cert`` is the standard library's own certificate parser (the ``ssl``
+    tests use it); the public ``cryptography`` would be a dependency for this alone."""
+    try:
+        decoded = _ssl._test_decode_cert(_local(cert_file))  # type: ignore[attr-defined]
+    except ssl.SSLError:
+        raise TlsError(f"the TLS certificate {cert_file!r} is not a PEM certificate") from None
+    seconds = ssl.cert_time_to_seconds(decoded["notAfter"])
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+
+
+def _check_expiry(cert_file: str) -> None:
+    """An expired certificate is refused by every client (the health check too): refuse
+    to start; one about to expire, a warning."""
+    not_after = _not_after(cert_file)
+    left = not_after - datetime.datetime.now(datetime.UTC)
+    when = not_after.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if left <= datetime.timedelta(0):
+        raise TlsError(f"the TLS certificate {cert_file!r} expired on {when}")
+    if left < EXPIRY_WARNING:
+        log.warning(
+            "the TLS certificate expires soon: renew it, then restart",
+            extra={"file": cert_file, "not_after": when},
+        )
+
+
+def _check_client_ca(ca_file: str) -> None:
+    """gRPC core would take a file without a certificate, then fail to bind."""
+    _read(ca_file, "client CA")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=_local(ca_file))
+    except ssl.SSLError as error:
+        if error.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            raise TlsError(f"the client CA file {ca_file!r} holds no certificate") from None
+        raise TlsError(
+            f"the client CA file {ca_file!r} holds no usable certificate ({error.reason or error})"
+        ) from None
+    if not context.cert_store_stats()["x509"]:  # a CRL only
+        raise TlsError(f"the client CA file {ca_file!r} holds no certificate")
+
+
 def server_credentials(
     cert_file: str, key_file: str, client_ca_file: str = ""
 ) -> grpc.ServerCredentials | None:
     """Credentials for ``add_secure_port``, or None when TLS is off (no cert, no key)."""
-    if not cert_file and not key_file:
-        if client_ca_file:
-            raise TlsError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+    check_server_files(cert_file, key_file, client_ca_file)
+    if not cert_file:
         return None
-    if not (cert_file and key_file):
-        raise TlsError("TLS needs both tls_cert_file and tls_key_file")
     pair = (_read(key_file, "TLS key"), _read(cert_file, "TLS certificate"))
     if client_ca_file:
         return grpc.ssl_server_credentials(

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_tls import Authority
 
 from system import free_port
 
@@ -156,6 +157,29 @@ def test_demo_whose_server_cannot_start_says_why_at_once(trained_model: Path) ->
             assert expected in line, line
             if setting == "metrics":  # the server's, P (or the worker's, P + 1, if taken)
                 assert "metrics_port" in line and ".log)" in line, line
+
+
+def test_demo_with_tls_settings_refuses_at_once(trained_model: Path, tmp_path: Path) -> None:
+    """Its own clients speak plaintext: with TLS settings reaching its server, it
+    waited 120 s for SERVING, then failed without a word about TLS."""
+    cert, key = Authority(tmp_path, "demo-ca").issue("server", server=True)
+    env = {**os.environ, "STREAMSCORE_TLS_CERT_FILE": cert, "STREAMSCORE_TLS_KEY_FILE": key}
+    started = time.monotonic()
+    result = subprocess.run(
+        demo_argv(trained_model, "--duration", "5"),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert time.monotonic() - started < 30, output[-3000:]
+    assert "embedded broker" not in output, output[-3000:]  # nothing started
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+    assert "plaintext" in line and "STREAMSCORE_TLS_CERT_FILE" in line, line
+    assert "tls_key_file" in line, line
 
 
 def test_demo_hands_its_config_file_to_its_server_and_worker(

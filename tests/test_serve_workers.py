@@ -8,12 +8,15 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from test_rollout import request
+from test_tls import Authority
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
@@ -197,3 +200,31 @@ async def test_a_second_server_on_a_port_in_use_fails_to_start(trained_model: Pa
                 await server.stop()
     finally:
         await first.stop()
+
+
+def test_workers_with_a_bad_tls_setting_fail_once_with_the_reason(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Checked before any worker starts: each worker died of it, was started again, and
+    the set ended on "workers keep dying", the cause buried in their output."""
+    authority = Authority(tmp_path, "workers-ca")
+    cert, _ = authority.issue("server", server=True)
+    _, other_key = authority.issue("other", server=True)
+    missing = str(tmp_path / "missing.key")
+    for key, reason in (
+        (other_key, "does not match the certificate"),
+        (missing, f"cannot read the TLS key {missing!r}"),
+    ):
+        argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
+        argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
+        argv += ["--model-repository", str(trained_model), "--log-format", "text"]
+        argv += ["--tls-cert-file", cert, "--tls-key-file", key]
+        started = time.monotonic()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output[-3000:]
+        assert time.monotonic() - started < 30, output[-3000:]
+        # No worker started (each would have died of it, again and again).
+        assert "server-0" not in output and "keep dying" not in output, output[-3000:]
+        [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+        assert reason in line, line

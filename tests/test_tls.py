@@ -8,6 +8,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.cli import main as cli_main
 from streamscore.config import Settings, load_settings
 from streamscore.server.app import ScoringServer
-from streamscore.tls import ClientTls, TlsError
+from streamscore.tls import ClientTls, TlsError, server_credentials
 
 TOKEN = "s3cret-admin-token-value"
 
@@ -47,8 +48,12 @@ class Authority:
         )
 
     def _builder(
-        self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey
+        self,
+        subject: x509.Name,
+        public_key: ec.EllipticCurvePublicKey,
+        expires_in: datetime.timedelta = datetime.timedelta(days=30),
     ) -> x509.CertificateBuilder:
+        # 30 days by default: more than the server's warning threshold (7 days).
         now = datetime.datetime.now(datetime.UTC)
         return (
             x509.CertificateBuilder()
@@ -56,8 +61,8 @@ class Authority:
             .issuer_name(getattr(self, "name", subject))
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_before(min(now, now + expires_in) - datetime.timedelta(days=1))
+            .not_valid_after(now + expires_in)
         )
 
     def _write(self, name: str, data: bytes) -> str:
@@ -65,11 +70,20 @@ class Authority:
         path.write_bytes(data)
         return str(path)
 
-    def issue(self, name: str, *, server: bool) -> tuple[str, str]:
-        """(certificate file, key file) for localhost / 127.0.0.1 (server) or a client."""
+    def issue(
+        self,
+        name: str,
+        *,
+        server: bool,
+        expires_in: datetime.timedelta = datetime.timedelta(days=30),
+        passphrase: bytes = b"",
+    ) -> tuple[str, str]:
+        """(certificate file, key file) for localhost / 127.0.0.1 (server) or a client;
+        ``expires_in`` may be negative (an expired certificate), ``passphrase`` encrypts
+        the key."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = self._builder(subject, key.public_key())
+        builder = self._builder(subject, key.public_key(), expires_in)
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
@@ -85,7 +99,9 @@ class Authority:
                 key.private_bytes(
                     serialization.Encoding.PEM,
                     serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
+                    serialization.BestAvailableEncryption(passphrase)
+                    if passphrase
+                    else serialization.NoEncryption(),
                 ),
             ),
         )
@@ -205,6 +221,72 @@ async def test_bad_tls_settings_fail_the_start_clearly(
         with pytest.raises(TlsError, match=message):
             async with serving(trained_model, tmp_path, **overrides):
                 pass
+
+
+async def test_tls_files_that_cannot_serve_fail_the_start_naming_file_and_reason(
+    trained_model: Path, tmp_path: Path, pki: dict
+) -> None:
+    """gRPC core takes these, then fails to bind: the start said "Failed to bind ...
+    (the port is in use?)", the cause only in gRPC's plain-text log lines."""
+    authority = Authority(tmp_path, "start-ca")
+    cert, key = authority.issue("start-server", server=True)
+    _, other_key = authority.issue("other", server=True)
+    encrypted = authority.issue("locked", server=True, passphrase=b"secret")
+    for overrides, message in (
+        ({"tls_key_file": other_key}, f"TLS key '{other_key}' does not match the certificate"),
+        ({"tls_cert_file": encrypted[0], "tls_key_file": encrypted[1]}, "is encrypted"),
+        ({"tls_cert_file": key, "tls_key_file": cert}, "swapped"),
+        ({"tls_key_file": cert}, f"TLS key '{cert}' is not a PEM private key"),
+        ({"tls_cert_file": key}, f"TLS certificate '{key}' is not a PEM certificate"),
+        ({"tls_client_ca_file": key}, f"client CA file '{key}' holds no certificate"),
+    ):
+        settings = {"tls_cert_file": cert, "tls_key_file": key, **overrides}
+        with pytest.raises(TlsError, match=re.escape(message)):
+            async with serving(trained_model, tmp_path, **settings):
+                pass
+    # The good pair, with the client CA, still serves.
+    client_ca = {"tls_client_ca_file": pki["ca"]}
+    async with serving(
+        trained_model, tmp_path, tls_cert_file=cert, tls_key_file=key, **client_ca
+    ) as target:
+        client_cert, client_key = pki["client"]
+        good = ClientTls(ca_file=authority.ca_file, cert_file=client_cert, key_file=client_key)
+        assert (await score(target, good)).request_id == "r-1"
+
+
+def test_an_expired_certificate_is_refused_and_one_expiring_soon_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An expired server certificate was served without a word (every client, the
+    health check too, then refused it)."""
+    authority = Authority(tmp_path, "expiry-ca")
+    cert, key = authority.issue("expired", server=True, expires_in=-datetime.timedelta(hours=1))
+    with pytest.raises(TlsError, match=rf"TLS certificate '{re.escape(cert)}' expired on 20\d\d-"):
+        server_credentials(cert, key)
+    caplog.set_level(logging.WARNING, logger="streamscore.tls")
+    cert, key = authority.issue("fresh", server=True)
+    assert server_credentials(cert, key) is not None
+    assert not caplog.records
+    cert, key = authority.issue("soon", server=True, expires_in=datetime.timedelta(days=2))
+    assert server_credentials(cert, key) is not None
+    [record] = caplog.records
+    assert "expires soon" in record.getMessage() and record.__dict__["file"] == cert
+
+
+async def test_health_says_why_it_failed(
+    trained_model: Path, tmp_path: Path, pki: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The container's health check printed only "UNAVAILABLE" for a server that is up
+    but not trusted (the image's TLS variables incomplete)."""
+    cert, key = pki["server"]
+    async with serving(trained_model, tmp_path, tls_cert_file=cert, tls_key_file=key) as target:
+        rogue_ca = str(Path(pki["rogue_client"][0]).parent / "rogue-ca.crt")
+        capsys.readouterr()
+        health = ["health", "--target", target, "--tls-ca", rogue_ca]
+        assert await asyncio.to_thread(cli_main, health) == 1
+    err = capsys.readouterr().err
+    assert f"{target}: UNAVAILABLE: " in err, err
+    assert "CERTIFICATE_VERIFY_FAILED" in err or "certificate verify failed" in err, err
 
 
 async def test_oversized_messages_are_refused(trained_model: Path, tmp_path: Path) -> None:
