@@ -87,7 +87,8 @@ class RepeatLimiter(logging.Filter):
 
     def __init__(
         self,
-        prefixes: tuple[str, ...] = ("aiokafka", "kafka"),
+        # Ours too: refused Admin calls (a token being guessed) could come as fast.
+        prefixes: tuple[str, ...] = ("aiokafka", "kafka", "streamscore.auth"),
         period_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ):

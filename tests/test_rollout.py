@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from onnx import TensorProto, helper
+from prometheus_client import REGISTRY
 
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
@@ -161,13 +163,36 @@ async def drive(scoring: pb_grpc.ScoringStub, cards: int, rounds: int) -> list[p
     return answers
 
 
-async def test_admin_needs_the_token(trained_model: Path, tmp_path: Path) -> None:
+def admin_calls(method: str, code: str) -> float:
+    labels = {"rpc": f"Admin/{method}", "code": code}
+    return REGISTRY.get_sample_value("streamscore_rpc_seconds_count", labels) or 0.0
+
+
+async def test_admin_needs_the_token(
+    trained_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refused calls are counted, and logged with the caller, never the token (a
+    security log must see a token being guessed)."""
+    refused_before, ok_before = (
+        admin_calls("GetRollout", "UNAUTHENTICATED"),
+        admin_calls("GetRollout", "OK"),
+    )
     async with serving(trained_model, tmp_path) as (_, admin, _, _):
-        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await admin.GetRollout(apb.GetRolloutRequest(), metadata=metadata)
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with caplog.at_level(logging.WARNING, logger="streamscore.auth"):
+            for metadata in (
+                (),
+                (("authorization", "Bearer wrong-guess"),),
+                (("authorization", TOKEN),),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await admin.GetRollout(apb.GetRolloutRequest(), metadata=metadata)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        refusals = [r for r in caplog.records if r.name == "streamscore.auth"]
+        assert refusals and all("127.0.0.1" in str(getattr(r, "peer", "")) for r in refusals)
+        assert not any("wrong-guess" in r.getMessage() or TOKEN in r.getMessage() for r in refusals)
+        assert admin_calls("GetRollout", "UNAUTHENTICATED") == refused_before + 3
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert admin_calls("GetRollout", "OK") == ok_before + 1
         assert status.rollout.primary_version == "1"
         listed = await admin.ListModels(apb.ListModelsRequest(), metadata=AUTH)
         assert [v.version for v in listed.versions] == ["1", "2", "3", "4"]

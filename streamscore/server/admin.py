@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,47 +18,66 @@ import grpc
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore.server.errors import InvalidRequest
+from streamscore.server.metrics import RpcMetrics
 from streamscore.server.repository import ModelRepository
 from streamscore.server.rollout import RolloutConflict, RolloutManager, RolloutState
 
 log = logging.getLogger("streamscore.admin")
+auth_log = logging.getLogger("streamscore.auth")
 
 
 class AdminService(apb_grpc.AdminServicer):
     def __init__(self, rollouts: RolloutManager, token: str) -> None:
         self.rollouts = rollouts
         self._token = token.encode()
+        # Every Admin call counted and timed by method and status code, refusals
+        # included (streamscore_rpc_seconds{rpc="Admin/..."}), as Scoring's are.
+        self._metrics: dict[str, RpcMetrics] = {}
 
-    async def _authorized(self, context: grpc.aio.ServicerContext) -> None:
+    def _refusal(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Why the call is not authorized; None when it is."""
         if not self._token:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "admin API disabled: no admin_token configured"
-            )
+            return "admin API disabled: no admin_token configured"
         supplied = b""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
                 supplied = value.removeprefix("Bearer ").encode()
         if not hmac.compare_digest(supplied, self._token):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+            return "missing or wrong bearer token"
+        return None
 
     async def _call(
-        self, context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[Any]]
+        self, rpc: str, context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[Any]]
     ) -> Any:
-        await self._authorized(context)
+        started = time.perf_counter()
+        metrics = self._metrics.get(rpc) or self._metrics.setdefault(
+            rpc, RpcMetrics(f"Admin/{rpc}")
+        )
+        code, details = grpc.StatusCode.OK, ""
         try:
-            return await action()
+            refusal = self._refusal(context)
+            if refusal is not None:
+                # The caller, never the token: a security log must see guessing. At
+                # most a line per 10 s (logs.RepeatLimiter), the rest counted there.
+                auth_log.warning(
+                    "admin call refused: %s", refusal, extra={"rpc": rpc, "peer": context.peer()}
+                )
+                code, details = grpc.StatusCode.UNAUTHENTICATED, refusal
+            else:
+                return await action()
         except RolloutConflict as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            code, details = grpc.StatusCode.FAILED_PRECONDITION, str(error)
         except InvalidRequest as error:
-            await context.abort(error.code, str(error))
+            code, details = error.code, str(error)
         except (ValueError, KeyError, FileNotFoundError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._public(error))
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, self._public(error)
         except Exception as error:  # a version that fails to load or warm up
             log.exception("rollout change failed")
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"rollout not changed: {self._public(error)} (the server's log has more)",
-            )
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            details = f"rollout not changed: {self._public(error)} (the server's log has more)"
+        finally:
+            metrics.observe(code.name, time.perf_counter() - started)
+        await context.abort(code, details)
 
     def _public(self, error: BaseException) -> str:
         """An error's text without the repository's path, which is no caller's business
@@ -95,7 +115,7 @@ class AdminService(apb_grpc.AdminServicer):
         async def action() -> apb.RolloutStatus:
             return self.status()
 
-        return await self._call(context, action)
+        return await self._call("GetRollout", context, action)
 
     async def SetRollout(
         self, request: apb.SetRolloutRequest, context: grpc.aio.ServicerContext
@@ -119,7 +139,7 @@ class AdminService(apb_grpc.AdminServicer):
             )
             return self.status()
 
-        return await self._call(context, action)
+        return await self._call("SetRollout", context, action)
 
     def _check_versions(self, wanted: apb.Rollout) -> None:
         """Every version named is one in the repository, or the field is refused by
@@ -174,7 +194,7 @@ class AdminService(apb_grpc.AdminServicer):
                 ]
             )
 
-        return await self._call(context, action)
+        return await self._call("ListModels", context, action)
 
     async def Promote(
         self, request: apb.PromoteRequest, context: grpc.aio.ServicerContext
@@ -183,7 +203,7 @@ class AdminService(apb_grpc.AdminServicer):
             await self.rollouts.promote()
             return self.status()
 
-        return await self._call(context, action)
+        return await self._call("Promote", context, action)
 
     async def Rollback(
         self, request: apb.RollbackRequest, context: grpc.aio.ServicerContext
@@ -192,4 +212,4 @@ class AdminService(apb_grpc.AdminServicer):
             await self.rollouts.roll_back(request.reason)
             return self.status()
 
-        return await self._call(context, action)
+        return await self._call("Rollback", context, action)
