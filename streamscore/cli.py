@@ -19,6 +19,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from streamscore.config import Settings, load_settings, unknown_environment
 from streamscore.logs import setup_logging
+from streamscore.stream import kafka_security
 from streamscore.tls import ClientTls
 
 
@@ -42,6 +43,9 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     }
     settings = load_settings(args.config, flags)
     setup_logging(settings.log_level, settings.log_format)
+    # Every Kafka client this process makes connects this way (checked with the
+    # settings).
+    kafka_security.configure(settings.kafka_security())
     unknown = unknown_environment(os.environ)
     if unknown:
         logging.getLogger("streamscore").warning(

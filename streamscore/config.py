@@ -5,18 +5,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamscore.stream.kafka_security import PROTOCOLS, SASL_MECHANISMS, KafkaSecurity
 from streamscore.stream.state import DEFAULT_FOLD_HORIZON_MS
 from streamscore.stream.topics import TopicLayout
 
 ENV_PREFIX = "STREAMSCORE_"
 # Settings that are secrets: never printed, logged or echoed in an error.
-SECRET_SETTINGS = ("admin_token", "card_hash_key")
+SECRET_SETTINGS = ("admin_token", "card_hash_key", "kafka_sasl_password")
 
 
 def default_model_repository() -> Path:
@@ -43,6 +45,18 @@ class Settings:
     # (stream/lean_fetch.py: about half aiokafka's CPU per fetch); false: the consumer's
     # fetcher throughout.
     kafka_lean_fetch: bool = True
+    # How every Kafka client connects (stream/kafka_security.py): plaintext, ssl,
+    # sasl_plaintext or sasl_ssl; TLS files in PEM (no CA file: the system's CAs; a
+    # certificate and key: mutual TLS); SASL's mechanism (plain, scram-sha-256,
+    # scram-sha-512) and credentials, the password a secret (set it through
+    # STREAMSCORE_KAFKA_SASL_PASSWORD).
+    kafka_security_protocol: str = "plaintext"
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    kafka_sasl_mechanism: str = "plain"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
     host: str = "127.0.0.1"
     port: int = 50051
     model_repository: Path = field(default_factory=default_model_repository)
@@ -157,6 +171,17 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
 
+    def kafka_security(self) -> KafkaSecurity:
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol,
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password,
+        )
+
     def redacted(self) -> dict[str, Any]:
         """Every setting, secrets replaced by "***" when set: safe to print or log."""
         values = dataclasses.asdict(self)
@@ -270,6 +295,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "onnx_kernel": ONNX_KERNELS,
     "log_level": ("debug", "info", "warning", "error", "critical"),
     "log_format": ("json", "text"),
+    "kafka_security_protocol": PROTOCOLS,
+    "kafka_sasl_mechanism": SASL_MECHANISMS,
 }
 
 
@@ -293,7 +320,16 @@ def _check_bootstrap(bootstrap: str) -> None:
             or bad_port
             or (":" in host and not server.startswith("["))
         ):
-            raise ValueError(f"setting kafka: {bootstrap!r} is not host:port[,host:port...]")
+            raise ValueError(
+                f"setting kafka: {_without_credentials(bootstrap)!r} is not "
+                "host:port[,host:port...] (credentials and TLS: the kafka_security_protocol "
+                "and kafka_sasl_* settings)"
+            )
+
+
+def _without_credentials(bootstrap: str) -> str:
+    """The bootstrap with any ``user:password@`` masked: an error message is logged."""
+    return re.sub(r"[^,/@]*@", "***@", bootstrap)
 
 
 def _check_values(settings: Settings) -> None:
@@ -307,6 +343,31 @@ def _check_values(settings: Settings) -> None:
         value = getattr(settings, name)
         if value not in choices:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
+    settings.kafka_security().check()
+    _check_admin_token(settings.admin_token)
+
+
+# Shorter, a bearer token can be guessed; the README suggests `openssl rand -hex 32`.
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+def _check_admin_token(token: str) -> None:
+    """A token no client could send (gRPC metadata is printable ASCII: a trailing
+    newline from a secret file, a non-ASCII character) or one easily guessed would
+    turn the Admin API on and leave it unusable or open. Refused naming the setting,
+    never the value."""
+    if not token:
+        return
+    if not (token.isascii() and token.isprintable()) or token != token.strip():
+        raise ValueError(
+            "setting admin_token: must be printable ASCII without surrounding whitespace "
+            "(a trailing newline from a secret file?)"
+        )
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"setting admin_token: at least {MIN_ADMIN_TOKEN_LENGTH} characters "
+            "(e.g. `openssl rand -hex 32`)"
+        )
 
 
 # STREAMSCORE_* variables that are no settings: the clients' TLS (streamscore health,

@@ -31,7 +31,7 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.config import ENV_PREFIX, Settings, settings_environment, topic_layout
 from streamscore.processes import ChildExited, ChildProcess, stop_on_signals
-from streamscore.stream import kafka_compat
+from streamscore.stream import kafka_compat, kafka_security
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import PAYMENTS
 from streamscore.tasks import cancel_and_wait
@@ -179,7 +179,10 @@ async def drive_traffic(
     stats = DemoStats()
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=5, **kafka_compat.PRODUCER_KWARGS
+        bootstrap_servers=bootstrap,
+        linger_ms=5,
+        **kafka_compat.PRODUCER_KWARGS,
+        **kafka_security.client_kwargs(),
     )
     await producer.start()
     tasks: set[asyncio.Task[None]] = set()

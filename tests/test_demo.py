@@ -189,7 +189,7 @@ def test_demo_hands_its_config_file_to_its_server_and_worker(
     Admin), each with its own metrics port; --port 0 picks a port it then reaches."""
     metrics = free_port()
     config = tmp_path / "demo.toml"
-    config.write_text(f'metrics_port = {metrics}\nadmin_token = "demo-token"\n')
+    config.write_text(f'metrics_port = {metrics}\nadmin_token = "demo-admin-token-0123"\n')
     argv = demo_argv(trained_model, "--duration", "8", "--config", str(config))
     argv[argv.index("--port") + 1] = "0"
     process, lines = demo_serving(argv)
@@ -201,7 +201,7 @@ def test_demo_hands_its_config_file_to_its_server_and_worker(
                 assert b"streamscore_" in reply.read(), name
         shown = subprocess.run(
             [sys.executable, "-m", "streamscore", "rollout", "show", "--target", target.group(1)],
-            env={**os.environ, "STREAMSCORE_ADMIN_TOKEN": "demo-token"},
+            env={**os.environ, "STREAMSCORE_ADMIN_TOKEN": "demo-admin-token-0123"},
             capture_output=True,
             text=True,
             timeout=30,

@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 
 from streamscore.logs import hash_id
 from streamscore.server.backends.base import Row
-from streamscore.stream import kafka_compat
+from streamscore.stream import kafka_compat, kafka_security
 from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.decisions")
@@ -83,7 +83,10 @@ class DecisionLog:
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, linger_ms=20, **kafka_compat.producer_kwargs()
+            bootstrap_servers=self.bootstrap,
+            linger_ms=20,
+            **kafka_compat.producer_kwargs(),
+            **kafka_security.client_kwargs(),
         )
         await producer.start()
         self._producer = producer

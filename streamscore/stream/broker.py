@@ -40,6 +40,7 @@ from streamscore.loopback_process import (
     accepts_tcp,
     find_free_port,
 )
+from streamscore.stream import kafka_security
 
 __all__ = ["BrokerError", "EmbeddedBroker", "create_topics", "find_free_port"]
 
@@ -258,7 +259,9 @@ async def create_topics(
     if not topics:
         return
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(request_timeout_s * 1000)
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=int(request_timeout_s * 1000),
+        **kafka_security.client_kwargs(),
     )
     await admin.start()
     try:

@@ -31,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streamscore.stream import kafka_compat
+from streamscore.stream import kafka_compat, kafka_security
 from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import PAYMENTS, WATERMARKS
@@ -100,6 +100,7 @@ class WatermarkCheckpoints:
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             fetch_max_wait_ms=kafka_compat.FETCH_MAX_WAIT_MS,
+            **kafka_security.client_kwargs(),
         )
         await consumer.start()
         try:

@@ -28,7 +28,7 @@ import mode
 import orjson
 from prometheus_client import Counter
 
-from streamscore.stream import kafka_compat
+from streamscore.stream import kafka_compat, kafka_security
 from streamscore.stream.events import InvalidEvent, PaymentEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.state import DEFAULT_LATENESS_MS, DEFAULT_SKEW_MS
@@ -134,6 +134,7 @@ def create_app(
         stream_recovery_delay=0.0,
         broker_commit_interval=1.0,
         producer_linger_ms=2,
+        broker_credentials=kafka_security.faust_credentials(),
         **kafka_compat.FAUST_BROKER_SETTINGS,
     )
     stats = WorkerStats()
