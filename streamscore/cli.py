@@ -120,7 +120,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stop = stop_on_signals()
         await freezer.start()
         try:
-            await server.start()
+            # A signal while starting stops it there: a `serve --workers` process
+            # waits for its features to catch up before it listens (server/app.py),
+            # which on a long log takes minutes.
+            starting = asyncio.ensure_future(server.start())
+            signalled = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                await asyncio.wait({starting})
+                await server.stop()
+                logging.getLogger("streamscore.server").info("stopped while starting")
+                return 0
+            signalled.cancel()
+            starting.result()  # a failed start raises here
             try:
                 await stop.wait()
             except BaseException:

@@ -5,8 +5,10 @@ SIGTERM stops the set cleanly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -228,3 +230,69 @@ def test_workers_with_a_bad_tls_setting_fail_once_with_the_reason(
         assert "server-0" not in output and "keep dying" not in output, output[-3000:]
         [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
         assert reason in line, line
+
+
+async def test_a_worker_listens_only_once_its_features_caught_up(
+    trained_model: Path, broker: EmbeddedBroker
+) -> None:
+    """On a shared port the kernel hands connections to every process on it, whatever
+    its health: a restarted worker listening while its replica rebuilt answered its
+    share with features not yet folded. A process on a shared port (reuse_port, as
+    `serve --workers` runs them) listens once caught up; one on a port of its own
+    listens at once, and says NOT_SERVING until then."""
+
+    class AtListening(logging.Handler):
+        """Whether the features had caught up when the server began to listen."""
+
+        caught_up: bool | None = None
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "grpc server listening":
+                replica = server.replica
+                self.caught_up = replica is not None and replica.caught_up
+
+    for reuse_port in (True, False):
+        settings = Settings(
+            port=0, model_repository=trained_model, kafka=broker.bootstrap, reuse_port=reuse_port
+        )
+        server = ScoringServer(settings)
+        at_listening = AtListening()
+        logger = logging.getLogger("streamscore.server")
+        level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(at_listening)
+        try:
+            await server.start()
+        finally:
+            logger.removeHandler(at_listening)
+            logger.setLevel(level)
+            await server.stop()
+        assert at_listening.caught_up is reuse_port
+
+
+def test_a_signal_while_starting_stops_the_server_at_once(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A worker waiting for its features to catch up (minutes on a long log) stops at
+    once on SIGTERM, as a running one drains: here its broker never answers."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # accepts, never answers: the start waits on its first request
+    try:
+        argv = [sys.executable, "-m", "streamscore", "serve"]
+        argv += ["--kafka", f"127.0.0.1:{silent.getsockname()[1]}", "--port", "0"]
+        argv += ["--model-repository", str(trained_model), "--log-format", "text"]
+        process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(5)  # started, waiting on the broker
+            assert process.poll() is None
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+        assert process.returncode == 0, err[-3000:]
+        assert time.monotonic() - signalled < 5, err[-3000:]
+        assert "stopped while starting" in err, err[-3000:]
+    finally:
+        silent.close()

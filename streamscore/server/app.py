@@ -38,6 +38,8 @@ from streamscore.tls import server_credentials
 
 log = logging.getLogger("streamscore.server")
 
+# How long the features may take to catch up with the log before the start fails.
+CATCH_UP_TIMEOUT_S = 600.0
 SCORING_SERVICE = pb.DESCRIPTOR.services_by_name["Scoring"].full_name
 ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 
@@ -186,6 +188,14 @@ class ScoringServer:
         # Admin answers from the start (the rollout is read, and can be changed, while
         # the features catch up); it stops with the rest at a drain.
         await self.health.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if settings.reuse_port and self.replica is not None:
+            # The kernel spreads a shared port's connections over every process on it,
+            # whatever their health says: a restarted `serve --workers` process that
+            # listened while its replica rebuilt would answer its share with features
+            # not yet folded (marked FEATURES_STALE) for as long as the rebuild takes.
+            # It listens once caught up.
+            await self.replica.start()
+            await self.replica.wait_caught_up(timeout=CATCH_UP_TIMEOUT_S)
         self.port = _listen(server, settings.host, settings.port, credentials)
         # This process's own port (serve --workers: worker i's is the base + i), for
         # clients that spread calls over the workers themselves.
@@ -221,7 +231,7 @@ class ScoringServer:
                 "backend": self.models.primary.metadata.backend,
             },
         )
-        if self.replica is None:
+        if self.replica is None or self.replica.caught_up:
             await self._start_serving()
             return
         await self.replica.start()
@@ -231,7 +241,7 @@ class ScoringServer:
 
     async def _serve_when_caught_up(self) -> None:
         assert self.replica is not None
-        await self.replica.wait_caught_up(timeout=600)
+        await self.replica.wait_caught_up(timeout=CATCH_UP_TIMEOUT_S)
         await self._start_serving()
 
     async def _start_serving(self) -> None:
