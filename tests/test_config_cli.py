@@ -390,3 +390,19 @@ def test_the_container_health_check_reads_the_config_file(tmp_path: Path) -> Non
     assert container_target(["streamscore", "serve", "--config", str(config)], {}) == (
         "127.0.0.1:7003"
     )
+
+
+def test_serve_needs_at_least_one_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    from streamscore.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--workers", "0"])
+    assert exited.value.code == 2
+    assert "--workers: must be 1 or more, not 0" in capsys.readouterr().err
+
+
+def test_only_loopback_hosts_keep_an_admin_token_off_the_network() -> None:
+    from streamscore.server.app import _is_loopback
+
+    assert all(map(_is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")))
+    assert not any(map(_is_loopback, ("0.0.0.0", "::", "10.0.0.5", "scoring.internal")))

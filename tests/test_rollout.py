@@ -193,6 +193,9 @@ async def test_admin_needs_the_token(
         assert admin_calls("GetRollout", "UNAUTHENTICATED") == refused_before + 3
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert admin_calls("GetRollout", "OK") == ok_before + 1
+        # The scheme in any case (RFC 7235): some clients send it lowercased.
+        lowercased = (("authorization", f"bearer {TOKEN}"),)
+        assert (await admin.GetRollout(apb.GetRolloutRequest(), metadata=lowercased)).rollout
         assert status.rollout.primary_version == "1"
         listed = await admin.ListModels(apb.ListModelsRequest(), metadata=AUTH)
         assert [v.version for v in listed.versions] == ["1", "2", "3", "4"]

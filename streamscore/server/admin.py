@@ -40,8 +40,9 @@ class AdminService(apb_grpc.AdminServicer):
             return "admin API disabled: no admin_token configured"
         supplied = b""
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                supplied = value.removeprefix("Bearer ").encode()
+            # The scheme is case-insensitive (RFC 7235): some clients send "bearer".
+            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+                supplied = value[7:].encode()
         if not hmac.compare_digest(supplied, self._token):
             return "missing or wrong bearer token"
         return None

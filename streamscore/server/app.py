@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from wsgiref.simple_server import WSGIServer
 
@@ -188,6 +189,12 @@ class ScoringServer:
         # Admin answers from the start (the rollout is read, and can be changed, while
         # the features catch up); it stops with the rest at a drain.
         await self.health.set(ADMIN_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        if settings.admin_token and credentials is None and not _is_loopback(settings.host):
+            log.warning(
+                "the Admin API's bearer token crosses the network in clear: the server "
+                "listens on %s without TLS (set tls_cert_file and tls_key_file)",
+                settings.host,
+            )
         if settings.reuse_port and self.replica is not None:
             # The kernel spreads a shared port's connections over every process on it,
             # whatever their health says: a restarted `serve --workers` process that
@@ -335,6 +342,15 @@ def pending_call_options(limit: int) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", limit),
         ("grpc.server.max_pending_requests_hard_limit", limit),
     ]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: may well be reached from elsewhere
 
 
 def _listen(
