@@ -49,7 +49,10 @@ EXPOSE 50051
 # on its --port or STREAMSCORE_PORT; a worker, which serves no gRPC, is healthy while
 # it runs. With TLS on it needs STREAMSCORE_TLS_CA (and, for mutual TLS,
 # _TLS_CLIENT_CERT / _TLS_CLIENT_KEY; for a DNS-name certificate, _TLS_SERVER_NAME):
-# see the header.
+# see the header. A server is NOT_SERVING until its features have caught up with the
+# log: on a production log (7 days) that can take minutes, longer than the start period
+# below; raise it (`docker run --health-start-period`, or the orchestrator's probe) to
+# suit, or a probe that restarts unhealthy containers will restart it mid catch-up.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s \
     CMD ["streamscore", "health", "--container", "--timeout", "3"]
 ENTRYPOINT ["streamscore"]
