@@ -192,6 +192,11 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple
             rates = parse_rates(args.rates)
             for round_ in range(args.rounds):
                 order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
+                if round_ % 2:
+                    # Rotated alone, each server keeps the one it follows: "this tree"
+                    # ran right after the base in most rounds, and an A/A of the same
+                    # code measured it ~2.5 % dearer (BENCHMARKS.md, session 22).
+                    order.reverse()
                 for rate in rates:
                     for server in order:
                         row = await asyncio.to_thread(
