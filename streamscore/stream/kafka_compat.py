@@ -53,7 +53,8 @@ broker is down can raise CancelledError from ``stop()``.** ``Fetcher.close()`` c
 its pending fetch requests and awaits them unguarded, so a request sleeping in its
 retry backoff ends ``stop()`` with its cancel: the rest of the close is skipped, and a
 server draining during a broker outage exited 1 with a traceback. ``stop_consumer``
-stops a consumer without it.
+stops a consumer without it; ``install_fetcher_close_fix`` (which it, and
+``install_faust_fixes``, install) fixes it process-wide, for Faust's consumers too.
 
 This module uses a few private aiokafka/Faust attributes (``consumer._client``,
 ``consumer._fetcher``, ``consumer._coordinator``, the coordinator's
@@ -65,6 +66,7 @@ each of them against a real tansu.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -72,6 +74,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka import errors as kafka_errors
+from aiokafka.consumer.fetcher import Fetcher
 from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.group import LeaveGroupRequest
@@ -351,27 +354,44 @@ async def _send_leave_group(coordinator: Any) -> bool:
     return True
 
 
+# aiokafka's own ``Fetcher.close``, kept for the test that checks it still needs the fix.
+AIOKAFKA_FETCHER_CLOSE = Fetcher.close
+_FETCHER_CLOSE_MARK = "_streamscore_fetcher_close_fix"
+
+
+def install_fetcher_close_fix() -> bool:
+    """Process-wide: aiokafka's ``Fetcher.close()`` cancels its pending fetch requests
+    and awaits them one by one, unguarded, so a request sleeping in its retry backoff
+    (the broker down) raised its cancel out of ``consumer.stop()``, skipping the rest of
+    the stop: a server exited 1 with a traceback, and Faust's consumer thread died and
+    held a worker's stop for a minute. The replacement waits for all of them, keeping
+    their cancels to themselves; a cancel of the caller still reaches it. Returns True
+    if installed by this call."""
+    if getattr(Fetcher.close, _FETCHER_CLOSE_MARK, False):
+        return False
+
+    async def close(self: Fetcher) -> None:
+        self._closed = True
+        self._fetch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._fetch_task
+        for waiter in self._fetch_waiters:
+            self._notify(waiter)
+        pending = list(self._pending_tasks)
+        for request in pending:
+            request.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    setattr(close, _FETCHER_CLOSE_MARK, True)
+    Fetcher.close = close
+    return True
+
+
 async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
-    """``consumer.stop()``, finished when aiokafka's ``Fetcher.close()`` raises the
-    cancel of one of its own fetch requests into it (see the module docstring). A
-    cancel of the caller's task still propagates."""
-    task = asyncio.current_task()
-    cancels = task.cancelling() if task is not None else 0
-    try:
-        await consumer.stop()
-        return
-    except asyncio.CancelledError:
-        if task is None or task.cancelling() > cancels:
-            raise  # the caller's own cancel
-    # The close stopped at the first fetch request it awaited: end the others and
-    # close the connections, as the rest of stop() would have.
-    logger.debug("a fetch request's cancel escaped the consumer's stop; closing the rest")
-    fetcher = consumer._fetcher
-    pending = list(fetcher._pending_tasks)
-    for request in pending:
-        request.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    await consumer._client.close()
+    """``consumer.stop()``, with aiokafka's unguarded close fixed (see
+    ``install_fetcher_close_fix``)."""
+    install_fetcher_close_fix()
+    await consumer.stop()
 
 
 async def leave_group(consumer: AIOKafkaConsumer) -> bool:
@@ -474,7 +494,9 @@ def install_faust_fetch_wait_fix(max_wait_ms: int = FETCH_MAX_WAIT_MS) -> bool:
 
 
 def install_faust_fixes(fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS) -> None:
-    """All Faust shims: true end offsets for recovery, leave-group on stop, short fetches."""
+    """All Faust shims: true end offsets for recovery, leave-group on stop, short
+    fetches, and aiokafka's close fixed for Faust's consumers too."""
+    install_fetcher_close_fix()
     install_faust_end_offset_fix()
     install_faust_leave_group_fix()
     install_faust_fetch_wait_fix(fetch_max_wait_ms)
