@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -321,15 +320,18 @@ def _check_bootstrap(bootstrap: str) -> None:
             or (":" in host and not server.startswith("["))
         ):
             raise ValueError(
-                f"setting kafka: {_without_credentials(bootstrap)!r} is not "
-                "host:port[,host:port...] (credentials and TLS: the kafka_security_protocol "
-                "and kafka_sasl_* settings)"
+                f"setting kafka: {_shown(bootstrap)} is not host:port[,host:port...] "
+                "(credentials and TLS: the kafka_security_protocol and kafka_sasl_* settings)"
             )
 
 
-def _without_credentials(bootstrap: str) -> str:
-    """The bootstrap with any ``user:password@`` masked: an error message is logged."""
-    return re.sub(r"[^,/@]*@", "***@", bootstrap)
+def _shown(bootstrap: str) -> str:
+    """The bootstrap as an error message (which is logged) may show it: not at all when
+    it may hold credentials (user:password@, ?password=...), whose password may itself
+    hold any character."""
+    if any(mark in bootstrap for mark in "@?=;"):
+        return "(the value is not shown: it looks like it holds credentials)"
+    return repr(bootstrap)
 
 
 def _check_values(settings: Settings) -> None:

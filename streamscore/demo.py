@@ -279,9 +279,15 @@ def _last_line(path: str | None) -> str:
 
 
 def _check_plaintext(settings: Settings) -> None:
-    """The demo's own clients (its wait for SERVING, its traffic) speak plaintext: with
-    TLS settings its server would refuse them (it waited 120 s, then failed without a
-    word about TLS). Refused at once instead, naming the settings."""
+    """The demo's own clients (its wait for SERVING, its traffic) speak plaintext, as
+    its embedded broker does: with TLS settings its server would refuse them (it
+    waited 120 s, then failed without a word about TLS), and Kafka security settings
+    failed after 10 s ("Unable to bootstrap"). Refused at once instead, naming them."""
+    if not settings.kafka and settings.kafka_security_protocol != "plaintext":
+        raise ValueError(
+            "the demo's embedded broker is plaintext: kafka_security_protocol "
+            f"{settings.kafka_security_protocol} applies to a cluster given with --kafka"
+        )
     names = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
     tls = [name for name in names if getattr(settings, name)]
     if tls:

@@ -70,7 +70,7 @@ def _check_pair(cert_file: str, key_file: str) -> None:
             f"tls_cert_file {cert_file!r} holds a private key and tls_key_file {key_file!r} "
             "a certificate: swapped?"
         )
-    _not_after(cert_file)  # a certificate at all
+    _validity(cert_file)  # a certificate at all
     if b"PRIVATE KEY" not in key:
         raise TlsError(f"the TLS key {key_file!r} is not a PEM private key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -107,23 +107,34 @@ def _no_password(key_file: str) -> Callable[[], str]:
     return refuse
 
 
-def _not_after(cert_file: str) -> datetime.datetime:
-    """When the first certificate in ``cert_file`` (the server's own) expires.
-    ``_test_decode_cert`` is the standard library's own certificate parser (the ``ssl``
-    tests use it); the public ``cryptography`` would be a dependency for this alone."""
+def _validity(cert_file: str) -> tuple[datetime.datetime, datetime.datetime]:
+    """When the first certificate in ``cert_file`` (the server's own) becomes valid
+    and expires. ``_test_decode_cert`` is the standard library's own certificate parser
+    (the ``ssl`` tests use it); the public ``cryptography`` would be a dependency for
+    this alone."""
     try:
         decoded = _ssl._test_decode_cert(_local(cert_file))  # type: ignore[attr-defined]
     except ssl.SSLError:
         raise TlsError(f"the TLS certificate {cert_file!r} is not a PEM certificate") from None
-    seconds = ssl.cert_time_to_seconds(decoded["notAfter"])
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    not_before, not_after = (
+        datetime.datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded[name]), datetime.UTC)
+        for name in ("notBefore", "notAfter")
+    )
+    return not_before, not_after
 
 
 def _check_expiry(cert_file: str) -> None:
-    """An expired certificate is refused by every client (the health check too): refuse
-    to start; one about to expire, a warning."""
-    not_after = _not_after(cert_file)
-    left = not_after - datetime.datetime.now(datetime.UTC)
+    """A certificate not yet valid or expired is refused by every client (the health
+    check too): refuse to start; one about to expire, a warning."""
+    not_before, not_after = _validity(cert_file)
+    now = datetime.datetime.now(datetime.UTC)
+    if not_before > now:
+        since = not_before.strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise TlsError(
+            f"the TLS certificate {cert_file!r} is not valid before {since} "
+            "(a certificate issued ahead, or this machine's clock is wrong)"
+        )
+    left = not_after - now
     when = not_after.strftime("%Y-%m-%d %H:%M:%S UTC")
     if left <= datetime.timedelta(0):
         raise TlsError(f"the TLS certificate {cert_file!r} expired on {when}")

@@ -77,6 +77,7 @@ def test_sasl_ssl_gives_every_client_the_same_security(authority: Authority) -> 
     [
         ({"protocol": "sasl_ssl"}, "needs kafka_sasl_username and kafka_sasl_password"),
         ({"protocol": "tls"}, "kafka_security_protocol: 'tls' is not one of"),
+        ({"protocol": "ssl", "sasl_username": "u"}, "kafka_sasl_username or kafka_sasl_pass"),
         ({"protocol": "ssl", "sasl_mechanism": "gssapi"}, "kafka_sasl_mechanism: 'gssapi'"),
         ({"ssl_cafile": "CA"}, "kafka_ssl_\\* files are set but kafka_security_protocol is"),
         ({"protocol": "ssl", "ssl_cafile": "/nonexistent/ca.pem"}, "no file /nonexistent"),

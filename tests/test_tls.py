@@ -52,16 +52,18 @@ class Authority:
         subject: x509.Name,
         public_key: ec.EllipticCurvePublicKey,
         expires_in: datetime.timedelta = datetime.timedelta(days=30),
+        starts_in: datetime.timedelta | None = None,
     ) -> x509.CertificateBuilder:
         # 30 days by default: more than the server's warning threshold (7 days).
         now = datetime.datetime.now(datetime.UTC)
+        starts = now + starts_in if starts_in is not None else min(now, now + expires_in)
         return (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(getattr(self, "name", subject))
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(min(now, now + expires_in) - datetime.timedelta(days=1))
+            .not_valid_before(starts - datetime.timedelta(days=1 if starts_in is None else 0))
             .not_valid_after(now + expires_in)
         )
 
@@ -76,14 +78,15 @@ class Authority:
         *,
         server: bool,
         expires_in: datetime.timedelta = datetime.timedelta(days=30),
+        starts_in: datetime.timedelta | None = None,
         passphrase: bytes = b"",
     ) -> tuple[str, str]:
         """(certificate file, key file) for localhost / 127.0.0.1 (server) or a client;
-        ``expires_in`` may be negative (an expired certificate), ``passphrase`` encrypts
-        the key."""
+        ``expires_in`` may be negative (an expired certificate), ``starts_in`` positive
+        (one not yet valid), ``passphrase`` encrypts the key."""
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = self._builder(subject, key.public_key(), expires_in)
+        builder = self._builder(subject, key.public_key(), expires_in, starts_in)
         if server:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName(
@@ -262,6 +265,10 @@ def test_an_expired_certificate_is_refused_and_one_expiring_soon_warned_of(
     authority = Authority(tmp_path, "expiry-ca")
     cert, key = authority.issue("expired", server=True, expires_in=-datetime.timedelta(hours=1))
     with pytest.raises(TlsError, match=rf"TLS certificate '{re.escape(cert)}' expired on 20\d\d-"):
+        server_credentials(cert, key)
+    # Not yet valid: every client refused it too (it was served without a word).
+    cert, key = authority.issue("early", server=True, starts_in=datetime.timedelta(days=2))
+    with pytest.raises(TlsError, match=rf"'{re.escape(cert)}' is not valid before 20\d\d-"):
         server_credentials(cert, key)
     caplog.set_level(logging.WARNING, logger="streamscore.tls")
     cert, key = authority.issue("fresh", server=True)

@@ -57,6 +57,12 @@ class KafkaSecurity:
                 f"setting kafka_sasl_mechanism: {self.sasl_mechanism!r} is not one of "
                 f"{', '.join(SASL_MECHANISMS)}"
             )
+        if not self.sasl and (self.sasl_username or self.sasl_password):
+            raise ValueError(
+                "kafka_sasl_username or kafka_sasl_password is set but "
+                f"kafka_security_protocol is {self.protocol}: set it to sasl_ssl or "
+                "sasl_plaintext"
+            )
         if self.sasl and not (self.sasl_username and self.sasl_password):
             raise ValueError(
                 f"kafka_security_protocol {self.protocol} needs kafka_sasl_username and "
