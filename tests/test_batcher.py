@@ -611,6 +611,9 @@ async def test_queued_request_expires_when_it_can_no_longer_make_it() -> None:
     with pytest.raises(DeadlineUnreachable) as caught:
         await batcher.submit(vector(1), now + 0.05)
     assert caught.value.stage == "queue"
+    # Behind a call running far past its predicted 1 ms: the backend's failure (a
+    # hung one must open the breaker, whose callers all expire queued).
+    assert caught.value.overdue
     assert batcher.clock() - now < 1.0  # answered at its deadline, not when the slot freed
     assert batcher.queued == 0
     backend.gate.set()
@@ -1050,6 +1053,25 @@ async def test_inline_score_after_the_deadline_is_refused() -> None:
         await batcher.submit(vector(1), batcher.clock() + 0.01)
     assert caught.value.stage == "in_flight" and caught.value.overdue
     assert len(backend.calls) == 1  # it ran: the late score was discarded
+    await batcher.stop()
+
+
+async def test_a_request_expiring_behind_a_call_within_its_time_is_not_overdue() -> None:
+    backend = FakeBackend([(0.0, "ok")])
+    backend.gate = asyncio.Event()
+    batcher = make(backend, predicted_s=0.5, max_batch_size=1)  # a slow, healthy backend
+    await batcher.start()
+    now = batcher.clock()
+    running = asyncio.create_task(batcher.submit(vector(0), now + 30))
+    await asyncio.sleep(0)
+    one = batcher.latency_model.predict(1)
+    with pytest.raises(DeadlineUnreachable) as caught:
+        # Admitted behind the running call, then expires queued (at about ``one``
+        # from now) while that call is still within twice its predicted time.
+        await batcher.submit(vector(1), now + 2 * one + 0.05)
+    assert (caught.value.stage, caught.value.overdue) == ("queue", False)
+    backend.gate.set()
+    await running
     await batcher.stop()
 
 

@@ -747,13 +747,16 @@ class Batcher:
         model = self.latency_model
         one = model.predict(1)
         # Queued requests that could not make it even alone, now.
+        hung: bool | None = None
         while (top := self._top()) is not None and now + one > top.deadline and not top.probe:
             heapq.heappop(self._heap)
             top.queued = False
             self._queued -= 1
+            if hung is None:
+                hung = self._slots_hung(now)
             self._answer_error(
                 top,
-                DeadlineUnreachable("queue", "deadline passed while queued"),
+                DeadlineUnreachable("queue", "deadline passed while queued", overdue=hung),
                 "deadline_queue",
             )
         while self._queued and len(self._running) < self.max_concurrent_batches:
@@ -983,6 +986,15 @@ class Batcher:
             self._m_shed["deadline_in_flight"].inc()
             raise _finished_late(overdue)
         return score
+
+    def _slots_hung(self, now: float) -> bool:
+        """Every slot held by a batch overdue: a request that expires queued behind them
+        waited on a hung backend, which must count against it (else a hung Triton with
+        four slots took some 18 callers' whole budgets before its breaker opened)."""
+        running = self._running
+        return len(running) >= self.max_concurrent_batches and all(
+            self._overdue(len(batch.requests), now - batch.started) for batch in running
+        )
 
     def _overdue(self, n: int, seconds: float) -> bool:
         """Whether a call of ``n`` that took ``seconds`` is overdue (see
