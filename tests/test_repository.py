@@ -418,9 +418,19 @@ async def test_a_version_that_could_not_answer_as_itself_is_refused_at_load(
         await registry.stop()
     with pytest.raises(ValueError, match=refusal):
         ServedModel(repository / MODEL / "2")
+    # The newest version at a start: the newest that loads serves (a restart during a
+    # bad publish failed outright), and the newest is tried again.
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0)
+    await registry.start()
+    try:
+        assert registry.primary.metadata.version == "1"
+        with pytest.raises(ValueError, match=refusal):
+            await registry.reload()
+    finally:
+        await registry.stop()
     with pytest.raises(ValueError, match=refusal):
-        # The newest version at the start: the server does not start on it.
-        await ModelRegistry(repository, MODEL, reload_interval_s=0).start()
+        # Pinned to it: the server does not start.
+        await ModelRegistry(repository, MODEL, version="2", reload_interval_s=0).start()
 
 
 async def test_a_pinned_version_is_not_reloaded_when_another_version_changes(

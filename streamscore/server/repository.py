@@ -364,8 +364,8 @@ class ModelRegistry:
             return ModelRepository(self.repository).version_path(self.name, self.pinned_version)
         return latest_version(self.repository, self.name)
 
-    async def _load(self) -> ServedModel:
-        served = self._served(self._target_dir())
+    async def _load(self, directory: Path | None = None) -> ServedModel:
+        served = self._served(directory or self._target_dir())
         timings = await served.start()
         log.info(
             "model version ready",
@@ -380,9 +380,37 @@ class ModelRegistry:
 
     async def start(self) -> None:
         self._fingerprint = self._scan()
-        self._primary = await self._load()
+        try:
+            self._primary = await self._load()
+        except Exception as error:
+            # The newest version does not load: serve the newest one that does, as a
+            # running server keeps its version when a new one fails (a restart, or a
+            # scale-up, during a bad publish would otherwise fail outright). The
+            # watcher tries the newest again (an empty fingerprint is a change).
+            older = None if self.pinned_version else await self._load_an_older_one(error)
+            if older is None:
+                raise
+            self._primary, self._fingerprint = older, ""
         if self.reload_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="model-watcher")
+
+    async def _load_an_older_one(self, error: Exception) -> ServedModel | None:
+        """After the newest version failed to load with ``error``: the newest version
+        below it that loads (the failures logged), or None."""
+        newest, *older = reversed(version_dirs(self.repository, self.name))
+        for directory in older:
+            try:
+                served = await self._load(directory)
+            except Exception:
+                log.exception("model version failed to load", extra={"version": directory.name})
+                continue
+            log.error(
+                "the newest model version failed to load: serving an older one until it does",
+                exc_info=error,
+                extra={"version": served.metadata.version, "newest": newest.name},
+            )
+            return served
+        return None
 
     def get(self, name: str, version: str) -> ServedModel:
         """A loaded version: the primary or one added by ``load``; KeyError otherwise."""
