@@ -59,6 +59,20 @@ def demo_serving(argv: list[str]) -> tuple[subprocess.Popen[str], list[str]]:
     return process, lines
 
 
+def stop_line(
+    argv: list[str], env: dict[str, str], *, code: int, within_s: float
+) -> tuple[str, str]:
+    """The one ``streamscore:`` line of a demo that stops at start with ``code``, as
+    it should, and all it wrote."""
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=150, check=False, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output[-3000:]
+    assert time.monotonic() - started < within_s, output[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+    return line, output
+
+
 def children_of(pid: int) -> list[str]:
     result = subprocess.run(
         ["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True, check=False
@@ -146,14 +160,7 @@ def test_demo_whose_server_cannot_start_says_why_at_once(trained_model: Path) ->
                 argv[argv.index("--port") + 1] = str(port)
             else:
                 env["STREAMSCORE_METRICS_PORT"] = str(port)
-            started = time.monotonic()
-            result = subprocess.run(
-                argv, capture_output=True, text=True, timeout=150, check=False, env=env
-            )
-            output = result.stdout + result.stderr
-            assert result.returncode == 1, output[-3000:]
-            assert time.monotonic() - started < 60, output[-3000:]
-            [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+            line, _ = stop_line(argv, env, code=1, within_s=60)
             assert expected in line, line
             if setting == "metrics":  # the server's, P (or the worker's, P + 1, if taken)
                 assert "metrics_port" in line and ".log)" in line, line
@@ -172,20 +179,9 @@ def test_demo_with_tls_settings_refuses_at_once(
     if secured == "kafka":
         env = {**os.environ, "STREAMSCORE_KAFKA_SECURITY_PROTOCOL": "ssl"}
         expected = ("embedded broker is plaintext", "kafka_security_protocol ssl")
-    started = time.monotonic()
-    result = subprocess.run(
-        demo_argv(trained_model, "--duration", "5"),
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-        env=env,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
-    assert time.monotonic() - started < 30, output[-3000:]
+    argv = demo_argv(trained_model, "--duration", "5")
+    line, output = stop_line(argv, env, code=2, within_s=30)
     assert "embedded broker (tansu) on" not in output, output[-3000:]  # nothing started
-    [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
     assert all(part in line for part in expected), line
 
 

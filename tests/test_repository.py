@@ -452,33 +452,51 @@ async def test_a_pinned_version_is_not_reloaded_when_another_version_changes(
         await registry.stop()
 
 
+BackendFactory = Callable[..., object]
+
+
+async def publish_version_2_with(
+    registry: ModelRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    factory: Callable[[BackendFactory], BackendFactory],
+) -> ModelMetadata:
+    """Version 2 published (as ``train`` does) to a running ``registry`` whose backend
+    factory ``factory`` wraps; once version 2 serves, its metadata (as loaded)."""
+    import streamscore.server.repository as repository_module
+
+    monkeypatch.setattr(
+        repository_module, "create_backend", factory(repository_module.create_backend)
+    )
+    await registry.start()
+    try:
+        await asyncio.to_thread(publish_other_model, registry.repository, 2, 7)
+        await wait_for(lambda: registry.primary.metadata.version == "2")
+        return registry.primary.metadata
+    finally:
+        await registry.stop()
+
+
 async def test_a_version_that_failed_to_load_is_tried_again_without_a_change(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A load can fail for a while with nothing changed in the repository (Triton had
     not loaded the new version yet): it is tried again after a delay, not only when
     the repository changes."""
-    import streamscore.server.repository as repository_module
-
     repository = copy_repository(trained_model, tmp_path)
     registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05, reload_retry_s=0.3)
-    await registry.start()
-    create_backend = repository_module.create_backend
     not_ready = {"2": 2}  # version 2's backend fails its first two loads
 
-    def flaky_create_backend(directory: Path, *args: object, **kwargs: object) -> object:
-        if not_ready.get(directory.name, 0) > 0:
-            not_ready[directory.name] -= 1
-            raise RuntimeError(f"model not ready: version {directory.name}")
-        return create_backend(directory, *args, **kwargs)
+    def flaky(create_backend: BackendFactory) -> BackendFactory:
+        def create(directory: Path, *args: object, **kwargs: object) -> object:
+            if not_ready.get(directory.name, 0) > 0:
+                not_ready[directory.name] -= 1
+                raise RuntimeError(f"model not ready: version {directory.name}")
+            return create_backend(directory, *args, **kwargs)
 
-    monkeypatch.setattr(repository_module, "create_backend", flaky_create_backend)
-    try:
-        await asyncio.to_thread(publish_other_model, repository, 2, 7)
-        await wait_for(lambda: registry.primary.metadata.version == "2")
-        assert registry.reload_failures == 2
-    finally:
-        await registry.stop()
+        return create
+
+    await publish_version_2_with(registry, monkeypatch, flaky)
+    assert registry.reload_failures == 2
 
 
 async def test_a_fix_made_while_a_load_fails_is_tried_next(
@@ -487,30 +505,24 @@ async def test_a_fix_made_while_a_load_fails_is_tried_next(
     """The repository's state a failed load is remembered by is the one read before
     it: a fix written while the load was failing is loaded at the next poll, not
     taken for the broken content (and left until the long retry)."""
-    import streamscore.server.repository as repository_module
-
     repository = copy_repository(trained_model, tmp_path)
     registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05, reload_retry_s=3600)
-    await registry.start()
-    create_backend = repository_module.create_backend
 
-    def fixed_while_failing(directory: Path, *args: object, **kwargs: object) -> object:
-        metadata = directory / "metadata.json"
-        data = json.loads(metadata.read_text())
-        if directory.name == "2" and data["max_queue_delay_us"] != 150:
-            # The load fails on what it read; meanwhile its author fixes the file.
-            metadata.write_text(json.dumps({**data, "max_queue_delay_us": 150}))
-            raise RuntimeError("a slow load that failed")
-        return create_backend(directory, *args, **kwargs)
+    def fixed_while_failing(create_backend: BackendFactory) -> BackendFactory:
+        def create(directory: Path, *args: object, **kwargs: object) -> object:
+            metadata = directory / "metadata.json"
+            data = json.loads(metadata.read_text())
+            if directory.name == "2" and data["max_queue_delay_us"] != 150:
+                # The load fails on what it read; meanwhile its author fixes the file.
+                metadata.write_text(json.dumps({**data, "max_queue_delay_us": 150}))
+                raise RuntimeError("a slow load that failed")
+            return create_backend(directory, *args, **kwargs)
 
-    monkeypatch.setattr(repository_module, "create_backend", fixed_while_failing)
-    try:
-        await asyncio.to_thread(publish_other_model, repository, 2, 7)
-        await wait_for(lambda: registry.primary.metadata.version == "2")
-        assert registry.reload_failures == 1
-        assert registry.primary.metadata.max_queue_delay_us == 150
-    finally:
-        await registry.stop()
+        return create
+
+    served = await publish_version_2_with(registry, monkeypatch, fixed_while_failing)
+    assert registry.reload_failures == 1
+    assert served.max_queue_delay_us == 150
 
 
 async def test_a_version_without_onnx_serves_and_warns_it_has_no_fallback(
