@@ -590,15 +590,16 @@ async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -
 
 
 async def run_load_profile(trained_model: Path, samples: Path, *extra: str) -> str:
-    """``loadtest.load_profile`` for a smoke test: 5 s at 300/s, a small replica. Enough
+    """``loadtest.load_profile`` for a smoke test: 8 s at 300/s, a small replica. Enough
     requests that every part of Score gets samples: at 2 s and 100/s (about 140
     samples) the feature reads, ~2 % of the CPU there, went unsampled in one run of
-    fifty or so, and at 3 s (259 samples) once in CI."""
+    fifty or so, at 3 s (259 samples) once in CI, and at 5 s (397 samples: py-spy
+    kept a sixth of its 500 a second) all of Score's Python once in CI."""
     return await run_module(
         "loadtest.load_profile",
         "--model-repository", str(trained_model),
         "--rate", "300",
-        "--seconds", "5",
+        "--seconds", "8",
         "--replica-seconds", "20",
         "--out", str(samples),
         *extra,
