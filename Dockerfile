@@ -6,7 +6,8 @@
 # Configuration is by environment (every setting is STREAMSCORE_<NAME>; the full list
 # with defaults: `docker run streamscore config`, README "Configuration"). The ones a
 # deployment sets: STREAMSCORE_KAFKA (bootstrap, required by serve and worker),
-# STREAMSCORE_PORT (gRPC, 50051), STREAMSCORE_METRICS_PORT (Prometheus, 0 = off),
+# STREAMSCORE_PORT (gRPC, 50051), STREAMSCORE_METRICS_PORT (Prometheus, 0 = off;
+# STREAMSCORE_METRICS_HOST: its address, a private interface, else STREAMSCORE_HOST),
 # STREAMSCORE_ADMIN_TOKEN (a secret: enables the Admin API), STREAMSCORE_TLS_CERT_FILE /
 # _TLS_KEY_FILE / _TLS_CLIENT_CA_FILE (TLS, mutual TLS), STREAMSCORE_TRITON_URL,
 # STREAMSCORE_BUDGET_MS, STREAMSCORE_DRAIN_DELAY_S / _DRAIN_TIMEOUT_S (SIGTERM drain:

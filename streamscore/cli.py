@@ -160,7 +160,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         # Served from its own thread for the life of the process.
         try:
-            start_http_server(settings.metrics_port, addr=settings.host)
+            start_http_server(settings.metrics_port, addr=settings.metrics_address)
         except OSError as error:  # which port
             port = settings.metrics_port
             raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None

@@ -104,6 +104,10 @@ class Settings:
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
     metrics_port: int = 0
+    # The address /metrics listens on; empty: the gRPC host. A container listens on
+    # 0.0.0.0 for gRPC, while metrics (model versions, rates, internals) belong on a
+    # private interface.
+    metrics_host: str = ""
     # A second gRPC port that this process alone listens on; with serve --workers N,
     # worker i listens on worker_port_base + i. The shared port spreads connections
     # (the kernel's choice, uneven with few clients); these let a client spread its
@@ -169,6 +173,10 @@ class Settings:
     entity_partitions: int = 4
     log_level: str = "info"
     log_format: str = "json"
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_host or self.host
 
     def kafka_security(self) -> KafkaSecurity:
         return KafkaSecurity(

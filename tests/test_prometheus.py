@@ -275,3 +275,30 @@ async def test_real_prometheus_scrapes_the_serving_metrics(
     finally:
         await asyncio.to_thread(prometheus.stop)
         await server.stop()
+
+
+async def test_metrics_listen_on_their_own_address(trained_model: Path) -> None:
+    """A container's gRPC listens on 0.0.0.0; its metrics belong on a private interface
+    (they listened wherever gRPC did)."""
+    port = find_free_port()
+    settings = Settings(
+        port=0,
+        model_repository=trained_model,
+        model_reload_interval_s=0,
+        metrics_port=port,
+        metrics_host="127.0.0.2",  # another loopback address, as a private interface
+    )
+    server = ScoringServer(settings)
+    await server.start()
+    try:
+        text = await asyncio.to_thread(scrape, f"http://127.0.0.2:{port}/metrics")
+        assert "streamscore_rpc_in_flight" in text
+        with pytest.raises(urllib.error.URLError):
+            await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+    finally:
+        await server.stop()
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return str(answer.read().decode())

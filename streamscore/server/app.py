@@ -218,7 +218,9 @@ class ScoringServer:
             REGISTRY.register(self._collector)
             # prometheus_client serves from its own thread: scrapes never wait on the loop.
             try:
-                self._metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
+                self._metrics_http, _ = start_http_server(
+                    settings.metrics_port, addr=settings.metrics_address
+                )
             except OSError as error:  # which port: gRPC's is fine
                 port = settings.metrics_port
                 raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None
