@@ -23,7 +23,13 @@ from pathlib import Path
 
 import grpc
 
-__all__ = ["ClientTls", "TlsError", "check_server_files", "server_credentials"]
+__all__ = [
+    "ClientTls",
+    "TlsError",
+    "check_server_files",
+    "refuse_passphrase",
+    "server_credentials",
+]
 
 log = logging.getLogger("streamscore.tls")
 
@@ -76,7 +82,7 @@ def _check_pair(cert_file: str, key_file: str) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(
-            _local(cert_file), _local(key_file), password=_no_password(key_file)
+            _local(cert_file), _local(key_file), password=refuse_passphrase(key_file)
         )
     except ssl.SSLError as error:
         if error.reason == "KEY_VALUES_MISMATCH":
@@ -97,9 +103,10 @@ def _is_key_only(pem: bytes) -> bool:
     return b"PRIVATE KEY" in pem and b"CERTIFICATE" not in pem
 
 
-def _no_password(key_file: str) -> Callable[[], str]:
-    """OpenSSL asks for an encrypted key's passphrase on the terminal unless a callback
-    answers: this one refuses (gRPC cannot take a passphrase either)."""
+def refuse_passphrase(key_file: str) -> Callable[[], str]:
+    """For ``load_cert_chain(password=...)``: OpenSSL asks for an encrypted key's
+    passphrase on the terminal unless a callback answers; this one refuses, with a
+    TlsError naming the file (gRPC cannot take a passphrase either)."""
 
     def refuse() -> str:
         raise TlsError(f"the TLS key {key_file!r} is encrypted: give it without a passphrase")

@@ -12,10 +12,13 @@ Plaintext (the default, and the embedded broker's) adds nothing.
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from streamscore.tls import TlsError, refuse_passphrase
 
 PROTOCOLS = ("plaintext", "ssl", "sasl_plaintext", "sasl_ssl")
 SASL_MECHANISMS = ("plain", "scram-sha-256", "scram-sha-512")
@@ -84,12 +87,13 @@ class KafkaSecurity:
             if path and not Path(path).is_file():
                 raise ValueError(f"setting {name}: no file {path}")
         if self.tls:
-            self.ssl_context()
+            _ = self.ssl_context  # the files load
 
+    @functools.cached_property
     def ssl_context(self) -> ssl.SSLContext:
         """A client context verifying the brokers' certificates and names (against
         the CA file, else the system's CAs), with this client's certificate when set
-        (mutual TLS)."""
+        (mutual TLS). Built once: the start's check and every client share it."""
         try:
             context = ssl.create_default_context(cafile=self.ssl_cafile or None)
         except (ssl.SSLError, OSError) as error:
@@ -98,8 +102,12 @@ class KafkaSecurity:
             ) from None
         if self.ssl_certfile:
             try:
-                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=_no_password)
-            except (ssl.SSLError, OSError, _EncryptedKey) as error:
+                context.load_cert_chain(
+                    self.ssl_certfile,
+                    self.ssl_keyfile,
+                    password=refuse_passphrase(self.ssl_keyfile),
+                )
+            except (ssl.SSLError, OSError, TlsError) as error:
                 raise ValueError(
                     f"settings kafka_ssl_certfile and kafka_ssl_keyfile: {self.ssl_certfile} "
                     f"and {self.ssl_keyfile} do not load as a certificate and its "
@@ -113,7 +121,7 @@ class KafkaSecurity:
             return {}
         kwargs: dict[str, Any] = {"security_protocol": self.protocol.upper()}
         if self.tls:
-            kwargs["ssl_context"] = self.ssl_context()
+            kwargs["ssl_context"] = self.ssl_context
         if self.sasl:
             kwargs.update(
                 sasl_mechanism=self.sasl_mechanism.upper(),
@@ -130,21 +138,12 @@ class KafkaSecurity:
             return faust.SASLCredentials(
                 username=self.sasl_username,
                 password=self.sasl_password,
-                ssl_context=self.ssl_context() if self.tls else None,
+                ssl_context=self.ssl_context if self.tls else None,
                 mechanism=self.sasl_mechanism.upper(),
             )
         if self.tls:
-            return faust.SSLCredentials(self.ssl_context())
+            return faust.SSLCredentials(self.ssl_context)
         return None
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    """An encrypted key is refused, never asked for on a terminal."""
-    raise _EncryptedKey("the key is encrypted")
 
 
 _configured = KafkaSecurity()
