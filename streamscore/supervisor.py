@@ -63,11 +63,11 @@ def spread_target(host: str, port_base: int, workers: int) -> str:
 
 
 def check_ports(settings: Settings, workers: int) -> None:
-    """Refuse, with the reason, ports that ``workers`` processes could not all bind
-    apart: each worker's own port and metrics port must be no other port of the set
-    (SO_REUSEPORT would let a clash bind, silently)."""
+    """Refuse (ValueError, a usage error), with the reason, ports that ``workers``
+    processes could not all bind apart: each worker's own port and metrics port must be
+    no other port of the set (SO_REUSEPORT would let a clash bind, silently)."""
     if workers > 1 and not settings.port:
-        raise SystemExit("--workers needs a fixed --port (port 0 would differ per worker)")
+        raise ValueError("--workers needs a fixed --port (port 0 would differ per worker)")
     ranges = {"--port": range(settings.port, settings.port + 1)}
     for name, base in (
         ("--metrics-port", settings.metrics_port),
@@ -76,13 +76,13 @@ def check_ports(settings: Settings, workers: int) -> None:
         if not base:
             continue
         if base + workers - 1 > 65535:
-            raise SystemExit(f"{name} {base} leaves no room for {workers} ports")
+            raise ValueError(f"{name} {base} leaves no room for {workers} ports")
         ranges[name] = range(base, base + workers)
     names = list(ranges)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             if set(ranges[first]) & set(ranges[second]):
-                raise SystemExit(
+                raise ValueError(
                     f"{first} and {second} overlap (ports {_span(ranges[first])} and "
                     f"{_span(ranges[second])})"
                 )

@@ -198,13 +198,13 @@ def test_spread_target_lists_every_workers_port() -> None:
 def test_ports_that_would_clash_are_refused_with_the_reason() -> None:
     check_ports(Settings(port=7000, metrics_port=9100, worker_port_base=7001), 4)  # apart
     check_ports(Settings(port=0), 1)  # one process may take any free port
-    with pytest.raises(SystemExit, match="--port and --worker-port-base overlap"):
+    with pytest.raises(ValueError, match="--port and --worker-port-base overlap"):
         check_ports(Settings(port=7002, worker_port_base=7000), 4)
-    with pytest.raises(SystemExit, match=r"ports 9100-9103 and 9102-9105"):
+    with pytest.raises(ValueError, match=r"ports 9100-9103 and 9102-9105"):
         check_ports(Settings(port=7000, metrics_port=9100, worker_port_base=9102), 4)
-    with pytest.raises(SystemExit, match="no room for 4 ports"):
+    with pytest.raises(ValueError, match="no room for 4 ports"):
         check_ports(Settings(port=7000, worker_port_base=65534), 4)
-    with pytest.raises(SystemExit, match="needs a fixed --port"):
+    with pytest.raises(ValueError, match="needs a fixed --port"):
         check_ports(Settings(port=0), 2)
 
 
@@ -270,6 +270,10 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
         (["serve", "--log-format", "json"], "serve needs --kafka"),
         (["worker", "--log-format", "json"], "worker needs --kafka"),
         (["rollout", "show"], "rollout needs --token"),
+        (
+            ["serve", "--kafka", "127.0.0.1:9", "--workers", "2", "--port", "0"],
+            "--workers needs a fixed --port",
+        ),
     ],
 )
 def test_a_missing_setting_stops_with_one_json_line(
