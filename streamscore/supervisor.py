@@ -101,7 +101,12 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     # Each worker would die of a bad TLS file, again at each restart, until the set gave
     # up on "workers keep dying" with the cause buried in their output: refuse once,
     # with the reason, as a lone serve does.
-    check_server_files(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    check_server_files(
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.tls_client_ca_file,
+        warn_expiry=False,  # each worker warns, as it serves the certificate
+    )
     stop = stop_on_signals()
     if not settings.card_hash_key:
         # One key for the set, so that its workers' card hashes match each other.

@@ -52,10 +52,13 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def check_server_files(cert_file: str, key_file: str, client_ca_file: str = "") -> None:
+def check_server_files(
+    cert_file: str, key_file: str, client_ca_file: str = "", *, warn_expiry: bool = True
+) -> None:
     """Refuse server TLS settings that cannot serve, naming the file and the reason;
-    warn of a certificate about to expire. Nothing to check when TLS is off. Also for
-    a process that serves nothing itself (``serve --workers``), before it starts any."""
+    warn of a certificate about to expire (``warn_expiry``: a process that serves
+    nothing itself, ``serve --workers``, checks before it starts any and leaves the
+    warning to the workers, each of which serves the certificate)."""
     if not cert_file and not key_file:
         if client_ca_file:
             raise TlsError("tls_client_ca_file needs tls_cert_file and tls_key_file")
@@ -63,7 +66,7 @@ def check_server_files(cert_file: str, key_file: str, client_ca_file: str = "") 
     if not (cert_file and key_file):
         raise TlsError("TLS needs both tls_cert_file and tls_key_file")
     _check_pair(cert_file, key_file)
-    _check_expiry(cert_file)
+    _check_expiry(cert_file, warn=warn_expiry)
     if client_ca_file:
         _check_client_ca(client_ca_file)
 
@@ -130,7 +133,7 @@ def _validity(cert_file: str) -> tuple[datetime.datetime, datetime.datetime]:
     return not_before, not_after
 
 
-def _check_expiry(cert_file: str) -> None:
+def _check_expiry(cert_file: str, *, warn: bool) -> None:
     """A certificate not yet valid or expired is refused by every client (the health
     check too): refuse to start; one about to expire, a warning."""
     not_before, not_after = _validity(cert_file)
@@ -145,7 +148,7 @@ def _check_expiry(cert_file: str) -> None:
     when = not_after.strftime("%Y-%m-%d %H:%M:%S UTC")
     if left <= datetime.timedelta(0):
         raise TlsError(f"the TLS certificate {cert_file!r} expired on {when}")
-    if left < EXPIRY_WARNING:
+    if warn and left < EXPIRY_WARNING:
         log.warning(
             "the TLS certificate expires soon: renew it, then restart",
             extra={"file": cert_file, "not_after": when},

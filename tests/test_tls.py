@@ -25,7 +25,7 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.cli import main as cli_main
 from streamscore.config import Settings, load_settings
 from streamscore.server.app import ScoringServer
-from streamscore.tls import ClientTls, TlsError, server_credentials
+from streamscore.tls import ClientTls, TlsError, check_server_files, server_credentials
 
 TOKEN = "s3cret-admin-token-value"
 
@@ -278,6 +278,10 @@ def test_an_expired_certificate_is_refused_and_one_expiring_soon_warned_of(
     assert server_credentials(cert, key) is not None
     [record] = caplog.records
     assert "expires soon" in record.getMessage() and record.__dict__["file"] == cert
+    # A supervisor's own check (serve --workers) leaves the warning to its workers:
+    # with two workers it was logged three times.
+    check_server_files(cert, key, warn_expiry=False)
+    assert len(caplog.records) == 1
 
 
 async def test_health_says_why_it_failed(
