@@ -19,7 +19,7 @@ import torch
 
 from streamscore.server.backends.torch_backend import TorchBackend
 from streamscore.server.batcher import warm_up_sizes
-from streamscore.server.model import ModelMetadata, Thresholds, latest_version
+from streamscore.server.model import ModelMetadata, Thresholds, latest_version, write_atomic
 from streamscore.server.repository import ModelRegistry, ModelRepository, ServedModel
 from streamscore.training import FraudMLP, export_version
 
@@ -191,6 +191,22 @@ def test_training_writes_files_others_can_read(trained_model: Path) -> None:
     assert {"metadata.json", "config.pbtxt", "model.py", "model.onnx"} <= {p.name for p in files}
     modes = {path.relative_to(trained_model): oct(path.stat().st_mode & 0o777) for path in files}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path: Path) -> None:
+    """``train`` rewrites the model's shared config.pbtxt: under a stricter umask it
+    became unreadable to the Triton server that had read it."""
+    shared, new = tmp_path / "config.pbtxt", tmp_path / "metadata.json"
+    shared.write_bytes(b"old")
+    shared.chmod(0o644)
+    umask = os.umask(0o077)
+    try:
+        write_atomic(shared, b"new")
+        write_atomic(new, b"{}")
+    finally:
+        os.umask(umask)
+    assert shared.read_bytes() == b"new" and oct(shared.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(new.stat().st_mode & 0o777) == oct(0o600)  # a new file: the umask's mode
 
 
 # -- the registry -----------------------------------------------------------------------

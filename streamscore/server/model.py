@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -173,12 +174,18 @@ def _new_file_mode() -> int:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so readers see either the old or the new content, never a part."""
+    """Write a file so readers see either the old or the new content, never a part.
+    A file replaced keeps its mode; a new one gets the mode ``open()`` would give it."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = _new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp's file is its owner's alone (0600); the file it replaces is not: a
-        # Triton server or a server under another user reads the repository too.
-        os.fchmod(fd, _new_file_mode())
+        # Triton server or a server under another user reads the repository too (a
+        # shared config.pbtxt rewritten under a stricter umask is still theirs to read).
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         os.replace(tmp, path)
