@@ -282,6 +282,29 @@ def test_a_malformed_stream_message_ends_the_stream_with_invalid_argument(
     assert "ScoreRequest" in caught.value.details()  # type: ignore[attr-defined]
 
 
+def test_a_stream_message_with_bad_text_is_named_by_its_readable_id(
+    event_loop_server: str,
+) -> None:
+    """The stream's status names the message it refused: its id was readable, but a
+    message that did not parse was named with an empty one."""
+    bad = (
+        pb.ScoreRequest(request_id="s-2", transaction=pb.Transaction(card_id="CARD"))
+        .SerializeToString()
+        .replace(b"CARD", b"\xff\xfe\xed\xa0")
+    )
+    with grpc.insecure_channel(event_loop_server) as channel:
+        stream = channel.stream_stream(
+            "/streamscore.v1.Scoring/ScoreStream",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ScoreResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stream(iter([bad]), timeout=5))
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "transaction.card_id: not valid UTF-8 (request_id 's-2')"
+
+
 def test_the_server_is_still_up_and_report(event_loop_server: str) -> None:
     with grpc.insecure_channel(event_loop_server) as channel:
         good = pb.ScoreRequest(

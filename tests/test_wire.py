@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server import _wire, wire
+from streamscore.server.malformed import readable_text
 from streamscore.server.wire import (
     MalformedRequest,
     PyScoreFields,
@@ -211,6 +212,22 @@ def test_the_decoder_leaves_groups_and_bad_text_to_protobuf() -> None:
     not_utf8 = _unknown_field(1, 2, b"\x02\xc3\x28")
     assert _wire.decode_score_request(not_utf8) is None
     assert isinstance(parse_score_request(not_utf8), MalformedRequest)
+
+
+def test_a_request_that_does_not_parse_keeps_its_readable_id() -> None:
+    def bad_card(request_id: str) -> bytes:
+        request = pb.ScoreRequest(request_id=request_id, transaction=pb.Transaction(card_id="CARD"))
+        return request.SerializeToString().replace(b"CARD", b"\xff\xfe\xed\xa0")
+
+    assert parse_score_request(bad_card("r-7")).request_id == "r-7"
+    assert parse_score_request(bad_card("")).request_id == ""
+    # The last copy is protobuf's: an unreadable last copy leaves the id unknown.
+    two = _unknown_field(1, 2, b"\x01a") + _unknown_field(1, 2, b"\x01\xff")
+    assert readable_text(pb.ScoreRequest.DESCRIPTOR, two, "request_id") == ""
+    assert readable_text(pb.ScoreRequest.DESCRIPTOR, two[:3], "request_id") == "a"
+    assert readable_text(pb.ScoreRequest.DESCRIPTOR, two[:3], "no_such_field") == ""
+    cut = _unknown_field(1, 2, b"\x03r-8") + b"\x12\x7f"  # a transaction cut short
+    assert parse_score_request(cut).request_id == "r-8"
 
 
 def test_the_decoder_takes_any_buffer_and_refuses_other_types() -> None:

@@ -20,12 +20,12 @@ class MalformedRequest:
     """Stands in for a request whose bytes are not the RPC's message type."""
 
     # Read by Score (for its log lines) and ScoreStream (naming the request in an
-    # error); unknown here.
-    request_id = ""
+    # error): the request's own id where its bytes still show it, the card unknown.
     card_id = ""
 
     def __init__(self, descriptor: Descriptor, data: bytes) -> None:
         self.type_name = descriptor.full_name
+        self.request_id = readable_text(descriptor, data, "request_id")
         text_field = bad_text_field(descriptor, data)
         # What validation answers: the field and why.
         self.field, self.reason = (
@@ -43,6 +43,39 @@ def bad_text_field(descriptor: Descriptor, data: bytes) -> str | None:
         return _walk(descriptor, memoryview(data), 0)
     except (IndexError, ValueError):
         return None
+
+
+def readable_text(descriptor: Descriptor, data: bytes, name: str) -> str:
+    """The top-level string field ``name`` as far as ``data`` shows it (the last
+    readable copy, as protobuf takes the last); "" when it is absent, not UTF-8, or
+    the bytes break before it. Best effort, for naming a request that did not parse."""
+    field = descriptor.fields_by_name.get(name)
+    if field is None or field.type != FieldDescriptor.TYPE_STRING:
+        return ""
+    text, view, at = "", memoryview(data), 0
+    try:
+        while at < len(view):
+            key, at = _varint(view, at)
+            wire_type = key & 7
+            if wire_type == _VARINT:
+                _, at = _varint(view, at)
+            elif wire_type in (_I64, _I32):
+                at += 8 if wire_type == _I64 else 4
+            elif wire_type == _LEN:
+                length, at = _varint(view, at)
+                if at + length > len(view):
+                    break
+                if key >> 3 == field.number:
+                    try:
+                        text = str(view[at : at + length], "utf-8")
+                    except UnicodeDecodeError:
+                        text = ""  # this copy, the one protobuf would take, is unreadable
+                at += length
+            else:
+                break
+    except (IndexError, ValueError):  # a varint past the end, or too long
+        pass
+    return text
 
 
 def _varint(data: memoryview, at: int) -> tuple[int, int]:
