@@ -88,7 +88,12 @@ def event_loop_server(
     plain synchronous client (hypothesis tests are synchronous)."""
     repository = tmp_path_factory.mktemp("fuzz") / "models"
     shutil.copytree(trained_model_once, repository)
-    settings_ = Settings(port=0, model_repository=repository, model_reload_interval_s=0)
+    settings_ = Settings(
+        port=0,
+        model_repository=repository,
+        model_reload_interval_s=0,
+        admin_token=ADMIN_TOKEN,
+    )
     loop = asyncio.new_event_loop()
     server = ScoringServer(settings_)
     loop.run_until_complete(server.start())
@@ -106,6 +111,9 @@ def event_loop_server(
 
 
 SEEN: Counter[str] = Counter()
+ADMIN_TOKEN = "fuzz-admin-token-0123456789"
+# Sent on every call below: only Admin reads it.
+WITH_TOKEN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 def call(channel: grpc.Channel, method: str, payload: bytes) -> str:
@@ -186,23 +194,51 @@ def test_undecodable_bytes_to_every_service_are_invalid_argument(
 ) -> None:
     """Not only Scoring's: the admin, health and reflection services too, whose
     generated handlers let protobuf's parse error become UNKNOWN (server/guarded.py).
-    Refused before the servicer, so before the admin token is looked at."""
+    (Admin's caller has the token: one without it is refused for that, below.)"""
     identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
     with grpc.insecure_channel(event_loop_server) as channel:
         for payload in UNDECODABLE:
             with pytest.raises(grpc.RpcError) as caught:
                 if shape == "unary":
-                    channel.unary_unary(path, **identity)(payload, timeout=5)
+                    channel.unary_unary(path, **identity)(payload, timeout=5, metadata=WITH_TOKEN)
                 elif shape == "stream answers":
-                    list(channel.unary_stream(path, **identity)(payload, timeout=5))
+                    list(
+                        channel.unary_stream(path, **identity)(
+                            payload, timeout=5, metadata=WITH_TOKEN
+                        )
+                    )
                 else:
-                    list(channel.stream_stream(path, **identity)(iter([payload]), timeout=5))
+                    list(
+                        channel.stream_stream(path, **identity)(
+                            iter([payload]), timeout=5, metadata=WITH_TOKEN
+                        )
+                    )
             error: Any = caught.value
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, error.details())
             assert error.details().startswith("request: not a valid "), error.details()
         # Still serving.
         good = pb.ScoreRequest(transaction=pb.Transaction(card_id="c", merchant_id="m"))
         assert call(channel, "Score", good.SerializeToString()) == "OK"
+
+
+@pytest.mark.parametrize(
+    "method", ["GetRollout", "SetRollout", "ListModels", "Promote", "Rollback"]
+)
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer not-the-admin-token"),)])
+def test_undecodable_admin_requests_without_the_token_are_unauthenticated(
+    event_loop_server: str, method: str, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    """Admin authenticates its caller before it answers on the request: a caller
+    without the token was told which field of its request was wrong."""
+    identity = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+    with grpc.insecure_channel(event_loop_server) as channel:
+        rpc = channel.unary_unary(f"/streamscore.v1.Admin/{method}", **identity)
+        for payload in (*UNDECODABLE, b"\x0a\x01\xff"):
+            with pytest.raises(grpc.RpcError) as caught:
+                rpc(payload, timeout=5, metadata=metadata)
+            error: Any = caught.value
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+            assert error.details() == "missing or wrong bearer token"
 
 
 def test_guarded_services_still_answer(event_loop_server: str) -> None:
@@ -255,7 +291,7 @@ def test_text_that_is_not_utf8_is_refused_naming_its_field(
             path, request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
         with pytest.raises(grpc.RpcError) as caught:
-            rpc(payload, timeout=5)
+            rpc(payload, timeout=5, metadata=WITH_TOKEN)
     error: Any = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == f"{field}: not valid UTF-8"

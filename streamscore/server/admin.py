@@ -18,6 +18,7 @@ import grpc
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore.server.errors import InvalidRequest
+from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics
 from streamscore.server.repository import ModelRepository
 from streamscore.server.rollout import RolloutConflict, RolloutManager, RolloutState
@@ -79,6 +80,18 @@ class AdminService(apb_grpc.AdminServicer):
         finally:
             metrics.observe(code.name, time.perf_counter() - started)
         await context.abort(code, details)
+
+    async def refuse_malformed(
+        self, rpc: str, request: MalformedRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        """A request that did not parse, answered as any Admin call: a caller without
+        the token is refused for that (UNAUTHENTICATED, logged), never told which
+        field it got wrong; one with it gets INVALID_ARGUMENT naming the field."""
+
+        async def action() -> None:
+            raise InvalidRequest(request.field, request.reason)
+
+        await self._call(rpc, context, action)
 
     def _public(self, error: BaseException) -> str:
         """An error's text without the repository's path, which is no caller's business

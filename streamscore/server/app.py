@@ -171,10 +171,12 @@ class ScoringServer:
         add_scoring_service(service, server)
         # The rest with requests that do not parse refused (INVALID_ARGUMENT), not
         # answered UNKNOWN by gRPC (server/guarded.py).
+        admin = AdminService(self.rollouts, settings.admin_token)
         add_guarded(
             apb_grpc.add_AdminServicer_to_server,
-            AdminService(self.rollouts, settings.admin_token),
+            admin,
             server,
+            on_malformed=admin.refuse_malformed,  # the caller authenticated first
         )
         add_guarded(
             health_pb2_grpc.add_HealthServicer_to_server,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -49,23 +49,38 @@ def add_guarded(
     *,
     service_name: str = "",
     open_streams: DrainCut | None = None,
+    on_malformed: OnMalformed | None = None,
 ) -> None:
     """``add_to_server(servicer, server)``, with requests that do not parse refused;
     ``service_name``: serve it under that name instead (a service whose messages
     are the same on the wire under another version's name); ``open_streams``: gets
     the task of each call that answers with a stream while it is open (health's
-    Watch, reflection), for a drain to end them: only their callers would."""
+    Watch, reflection), for a drain to end them: only their callers would;
+    ``on_malformed``: answers a unary call whose request did not parse, in place of
+    the plain refusal (a service that authenticates its callers first: Admin)."""
     captured = _Captured()
     add_to_server(servicer, captured)
     if not captured.handlers:
         raise ValueError(f"{add_to_server.__name__} registered no method handlers")
     name = service_name or captured.name
     handlers = {
-        method: _lenient_handler(handler, open_streams)
+        method: _lenient_handler(handler, open_streams, _bound(on_malformed, method))
         for method, handler in captured.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
+
+
+# (method, the request that did not parse, context) -> the call's answer.
+OnMalformed = Callable[[str, MalformedRequest, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _bound(
+    on_malformed: OnMalformed | None, method: str
+) -> Callable[[MalformedRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None:
+    if on_malformed is None:
+        return None
+    return lambda request, context: on_malformed(method, request, context)
 
 
 def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
@@ -87,7 +102,12 @@ def _cut_off(streams: DrainCut, context: grpc.aio.ServicerContext) -> bool:
 _UNDRAINED = DrainCut()  # for the calls of a service no drain cuts off (never cut)
 
 
-def _lenient_handler(handler: Any, open_streams: DrainCut | None = None) -> Any:
+def _lenient_handler(
+    handler: Any,
+    open_streams: DrainCut | None = None,
+    on_malformed: Callable[[MalformedRequest, grpc.aio.ServicerContext], Awaitable[Any]]
+    | None = None,
+) -> Any:
     """The handler with a parser that never raises and a behaviour that refuses what
     it could not parse (a unary request at once; a streamed one where it comes); one
     that answers with a stream is in ``open_streams`` while it runs."""
@@ -102,6 +122,8 @@ def _lenient_handler(handler: Any, open_streams: DrainCut | None = None) -> Any:
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedRequest):
+                if on_malformed is not None:
+                    return await on_malformed(request, context)
                 return _refuse(context, request)
             return await call(request, context)
 
