@@ -38,7 +38,10 @@ IP) and sprees. Each request carries the wall clock as ``event_time_ms``. Enviro
 ``STREAMSCORE_CARDS`` (5000), ``STREAMSCORE_MERCHANTS`` (500),
 ``STREAMSCORE_FRAUD_FRACTION`` (0.02), ``STREAMSCORE_SEED`` (7; plus the worker index
 with ``--processes``), ``STREAMSCORE_WAIT_S`` (think time between a user's requests,
-default 0), ``STREAMSCORE_TIMEOUT_S`` (per-request deadline, default 5).
+default 0), ``STREAMSCORE_TIMEOUT_S`` (per-request deadline, default 5). A TLS
+server: ``STREAMSCORE_TLS_CA`` (TLS on), ``STREAMSCORE_TLS_CLIENT_CERT`` and
+``STREAMSCORE_TLS_CLIENT_KEY`` (mutual TLS), ``STREAMSCORE_TLS_SERVER_NAME``, as for
+the CLI's clients.
 
 What these numbers mean, and what they do not:
 
@@ -77,6 +80,7 @@ from locust.exception import LocustError
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event
+from streamscore.tls import ClientTls
 from streamscore.traffic import TrafficConfig, TrafficGenerator
 
 # gRPC's own threads must cooperate with gevent's monkey patching (done by importing
@@ -94,6 +98,12 @@ def _env_int(name: str, default: int) -> int:
 
 TIMEOUT_S = _env_float("STREAMSCORE_TIMEOUT_S", 5.0)
 WAIT_S = _env_float("STREAMSCORE_WAIT_S", 0.0)
+CLIENT_TLS = ClientTls(
+    ca_file=os.environ.get("STREAMSCORE_TLS_CA", ""),
+    cert_file=os.environ.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
+    key_file=os.environ.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
+    server_name=os.environ.get("STREAMSCORE_TLS_SERVER_NAME", ""),
+)
 
 
 class RpcFailure(Exception):
@@ -155,7 +165,9 @@ class _GrpcUser(User):
         if not self.host:
             raise LocustError("set the server address with --host HOST:PORT")
         host = self.host.removeprefix("grpc://").removeprefix("http://")
-        self.channel = grpc.insecure_channel(host)
+        # Over TLS as the CLI's clients reach a TLS server: STREAMSCORE_TLS_CA (TLS
+        # on), STREAMSCORE_TLS_CLIENT_CERT and _KEY, STREAMSCORE_TLS_SERVER_NAME.
+        self.channel = CLIENT_TLS.channel(host)
         self.stub = pb_grpc.ScoringStub(self.channel)
 
     def _report(

@@ -47,6 +47,7 @@ from hdrh.histogram import HdrHistogram
 from loadtest.openloop import LoadResult, describe_error, open_loop
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.tls import ClientTls, add_client_tls_arguments
 
 SCORE = "/streamscore.v1.Scoring/Score"
 RPCS = ("score", "stream", "echo", "echo-stream")
@@ -84,6 +85,9 @@ def score_requests(events: Sequence[dict], prefix: str = "r") -> list[bytes]:
     ]
 
 
+PLAINTEXT = ClientTls()  # the load tools' default: a plaintext server
+
+
 # -- client processes --------------------------------------------------------------------
 
 
@@ -91,9 +95,15 @@ class _Client:
     """Inside a client process: channels per target, warm-up, one load step per job."""
 
     def __init__(
-        self, requests: list[bytes], index: int, clients: int, connections: int = 1
+        self,
+        requests: list[bytes],
+        index: int,
+        clients: int,
+        connections: int = 1,
+        tls: ClientTls = PLAINTEXT,
     ) -> None:
         self.requests = requests
+        self.tls = tls
         self.ids = request_ids(requests)
         self.index = index
         self.clients = clients
@@ -112,7 +122,7 @@ class _Client:
             if "," in target:  # several addresses (loadtest.scaling --spread client)
                 options.append(("grpc.lb_policy_name", "round_robin"))
             self.channels[target] = [
-                grpc.aio.insecure_channel(target, options=options) for _ in range(self.connections)
+                self.tls.aio_channel(target, options) for _ in range(self.connections)
             ]
         return self.channels[target]
 
@@ -236,12 +246,17 @@ class _Client:
 
 
 def _client_main(
-    conn: Connection, requests: list[bytes], index: int, clients: int, connections: int
+    conn: Connection,
+    requests: list[bytes],
+    index: int,
+    clients: int,
+    connections: int,
+    tls: ClientTls,
 ) -> None:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_Client(requests, index, clients, connections).serve(conn))
+        runner.run(_Client(requests, index, clients, connections, tls).serve(conn))
 
 
 # -- results -----------------------------------------------------------------------------
@@ -363,9 +378,16 @@ def cpu_seconds(pid: int) -> float:
 
 class ClientPool:
     """``clients`` load-generator processes (spawned once) driven step by step; each
-    spreads its unary calls over ``connections`` TCP connections per target."""
+    spreads its unary calls over ``connections`` TCP connections per target, over TLS
+    when ``tls`` says so (a server load-tested as deployed)."""
 
-    def __init__(self, clients: int, requests: list[bytes], connections: int = 1) -> None:
+    def __init__(
+        self,
+        clients: int,
+        requests: list[bytes],
+        connections: int = 1,
+        tls: ClientTls = PLAINTEXT,
+    ) -> None:
         if clients < 1:
             raise ValueError("clients must be >= 1")
         if connections < 1:
@@ -375,6 +397,7 @@ class ClientPool:
         self.clients = clients
         self.connections = connections
         self.requests = requests
+        self.tls = tls
         self.processes: list[multiprocessing.process.BaseProcess] = []
         self.conns: list[Connection] = []
 
@@ -384,7 +407,7 @@ class ClientPool:
             parent, child = context.Pipe()
             process = context.Process(
                 target=_client_main,
-                args=(child, self.requests, index, self.clients, self.connections),
+                args=(child, self.requests, index, self.clients, self.connections, self.tls),
                 name=f"loadtest-client-{index}",
                 daemon=True,
             )
@@ -595,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--requests", type=int, default=4000, help="distinct requests, cycled (default 4000)"
     )
     parser.add_argument("--json", type=Path, help="write rows and the max rate here")
+    add_client_tls_arguments(parser)
     args = parser.parse_args(argv)
     command = shlex.join([Path(sys.executable).name, "-m", "loadtest.sweep", *sys.argv[1:]])
 
@@ -607,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(HEADER, flush=True)
     print("|---" * (HEADER.count("|") - 1) + "|", flush=True)
-    with ClientPool(args.clients, requests) as pool:
+    with ClientPool(args.clients, requests, tls=ClientTls.from_arguments(args)) as pool:
         try:
             rows, best = sweep(
                 pool,

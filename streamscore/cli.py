@@ -20,7 +20,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from streamscore.config import Settings, load_settings, unknown_environment
 from streamscore.logs import setup_logging
 from streamscore.stream import kafka_security
-from streamscore.tls import ClientTls
+from streamscore.tls import ClientTls, add_client_tls_arguments
 
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
@@ -57,24 +57,11 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
 def _client_options(parser: argparse.ArgumentParser) -> None:
     """Where the server is and how to reach it (TLS flags fall back to the environment)."""
     parser.add_argument("--target", default="127.0.0.1:50051", help="server address")
-    parser.add_argument("--tls-ca", help="CA file to trust the server (STREAMSCORE_TLS_CA); TLS on")
-    parser.add_argument(
-        "--tls-cert", help="client certificate for mutual TLS (STREAMSCORE_TLS_CLIENT_CERT)"
-    )
-    parser.add_argument("--tls-key", help="client key for mutual TLS (STREAMSCORE_TLS_CLIENT_KEY)")
-    parser.add_argument(
-        "--tls-server-name", help="name on the server certificate, if not the target's host"
-    )
+    add_client_tls_arguments(parser)
 
 
 def _client_tls(args: argparse.Namespace) -> ClientTls:
-    env = os.environ
-    return ClientTls(
-        ca_file=args.tls_ca or env.get("STREAMSCORE_TLS_CA", ""),
-        cert_file=args.tls_cert or env.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
-        key_file=args.tls_key or env.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
-        server_name=args.tls_server_name or env.get("STREAMSCORE_TLS_SERVER_NAME", ""),
-    )
+    return ClientTls.from_arguments(args)
 
 
 async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:

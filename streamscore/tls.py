@@ -14,18 +14,22 @@ log the cause as a plain-text line outside the JSON log).
 from __future__ import annotations
 
 import _ssl
+import argparse
 import datetime
 import logging
+import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 __all__ = [
     "ClientTls",
     "TlsError",
+    "add_client_tls_arguments",
     "check_server_files",
     "refuse_passphrase",
     "server_credentials",
@@ -222,7 +226,36 @@ class ClientTls:
             return grpc.insecure_channel(target)
         return grpc.secure_channel(target, self.credentials(), options=self._options())
 
-    def aio_channel(self, target: str) -> grpc.aio.Channel:
+    def aio_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
         if not self.enabled:
-            return grpc.aio.insecure_channel(target)
-        return grpc.aio.secure_channel(target, self.credentials(), options=self._options())
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(
+            target, self.credentials(), options=[*options, *self._options()]
+        )
+
+    @classmethod
+    def from_arguments(
+        cls, args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+    ) -> ClientTls:
+        """From ``add_client_tls_arguments``'s flags, each else its variable."""
+        return cls(
+            ca_file=args.tls_ca or environ.get("STREAMSCORE_TLS_CA", ""),
+            cert_file=args.tls_cert or environ.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
+            key_file=args.tls_key or environ.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
+            server_name=args.tls_server_name or environ.get("STREAMSCORE_TLS_SERVER_NAME", ""),
+        )
+
+
+def add_client_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a client reaches a TLS server: the CLI's clients and the load tools share
+    these flags, each falling back to its environment variable."""
+    parser.add_argument("--tls-ca", help="CA file to trust the server (STREAMSCORE_TLS_CA); TLS on")
+    parser.add_argument(
+        "--tls-cert", help="client certificate for mutual TLS (STREAMSCORE_TLS_CLIENT_CERT)"
+    )
+    parser.add_argument("--tls-key", help="client key for mutual TLS (STREAMSCORE_TLS_CLIENT_KEY)")
+    parser.add_argument(
+        "--tls-server-name",
+        help="name on the server certificate, if not the target's host "
+        "(STREAMSCORE_TLS_SERVER_NAME)",
+    )

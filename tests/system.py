@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.broker import find_free_port as free_port
 from streamscore.stream.topics import PAYMENTS, TopicLayout
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_event(
@@ -209,3 +212,25 @@ def model_score(repository: Path, model: str, version: str, features: dict) -> f
     session = ort.InferenceSession(str(directory / "model.onnx"))
     vector = np.array([[features[name] for name in inputs]], dtype=np.float32)
     return float(session.run(None, {"features": vector})[0][0, 0])
+
+
+async def run_module(*argv: str, timeout: float, expect_exit_0: bool = True) -> str:
+    """``python -m ARGV`` from the repository root; its output, asserting exit 0 (or,
+    with ``expect_exit_0=False``, not 0)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        *argv,
+        cwd=REPOSITORY_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    output = out.decode(errors="replace")
+    assert (process.returncode == 0) == expect_exit_0, output
+    return output

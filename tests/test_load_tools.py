@@ -33,6 +33,8 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 
+from system import run_module
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,28 +61,6 @@ async def echo_target() -> AsyncIterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
-
-
-async def run_module(*argv: str, timeout: float, expect_exit_0: bool = True) -> str:
-    """``python -m ARGV`` from the repository root; its output, asserting exit 0 (or,
-    with ``expect_exit_0=False``, not 0)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        *argv,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout=timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    output = out.decode(errors="replace")
-    assert (process.returncode == 0) == expect_exit_0, output
-    return output
 
 
 async def test_echo_server_score_stream(echo_target: str) -> None:

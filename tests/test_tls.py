@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import json
 import logging
 import re
 import shutil
@@ -26,6 +27,8 @@ from streamscore.cli import main as cli_main
 from streamscore.config import Settings, load_settings
 from streamscore.server.app import ScoringServer
 from streamscore.tls import ClientTls, TlsError, check_server_files, server_credentials
+
+from system import run_module
 
 TOKEN = "s3cret-admin-token-value"
 
@@ -282,6 +285,28 @@ def test_an_expired_certificate_is_refused_and_one_expiring_soon_warned_of(
     # with two workers it was logged three times.
     check_server_files(cert, key, warn_expiry=False)
     assert len(caplog.records) == 1
+
+
+async def test_the_open_loop_sweep_loads_a_mutual_tls_server(
+    trained_model: Path, tmp_path: Path, pki: dict
+) -> None:
+    """A TLS deployment is load-tested as deployed: the load tools spoke plaintext only."""
+    cert, key = pki["server"]
+    client_cert, client_key = pki["client"]
+    async with serving(
+        trained_model, tmp_path, tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=pki["ca"]
+    ) as target:
+        out = tmp_path / "sweep.json"
+        sweep = ["loadtest.sweep", "--target", target, "--rates", "20", "--seconds", "1"]
+        sweep += ["--clients", "1", "--requests", "100", "--budget-p99-ms", "5000"]
+        tls = ["--tls-ca", pki["ca"], "--tls-cert", client_cert, "--tls-key", client_key]
+        for rpc in ("score", "stream"):
+            output = await run_module(*sweep, "--rpc", rpc, *tls, "--json", str(out), timeout=60)
+            [row] = json.loads(out.read_text())["rows"]
+            assert (row["ok"], row["errors"]) == (20, 0), output
+        # Without them the sweep cannot reach it, and says why.
+        output = await run_module(*sweep, "--json", str(out), timeout=60, expect_exit_0=False)
+        assert "UNAVAILABLE" in output, output
 
 
 async def test_health_says_why_it_failed(
