@@ -30,6 +30,7 @@ import time
 
 from streamscore.config import Settings, settings_environment
 from streamscore.processes import ChildProcess, stop_on_signals
+from streamscore.server.repository import primary_dir
 from streamscore.tls import check_server_files
 
 log = logging.getLogger("streamscore.supervisor")
@@ -97,10 +98,14 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     rebuilds from the log meanwhile, its connections go to the others), unless workers
     died ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S``: then the whole set stops,
     exit 1, for the process manager. The caller checked the ports (``check_ports``)
-    before anything started; the TLS files are checked here (a ``TlsError``)."""
+    before anything started; the TLS files (a ``TlsError``) and that the repository holds
+    the version to serve (FileNotFoundError) are checked here."""
     # Each worker would die of a bad TLS file, again at each restart, until the set gave
     # up on "workers keep dying" with the cause buried in their output: refuse once,
     # with the reason, as a lone serve does.
+    # A repository without the model (a wrong path or name, a pinned version not
+    # there) likewise: each worker would stop on it.
+    primary_dir(settings.model_repository, settings.model_name, settings.model_version)
     check_server_files(
         settings.tls_cert_file,
         settings.tls_key_file,

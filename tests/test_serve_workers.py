@@ -232,6 +232,22 @@ def test_workers_with_a_bad_tls_setting_fail_once_with_the_reason(
         assert reason in line, line
 
 
+def test_workers_without_the_model_fail_once_with_the_reason(tmp_path: Path) -> None:
+    """A repository without the model (a wrong path): each worker died of it, was
+    started again, and the set ended on "workers keep dying"."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
+    argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
+    argv += ["--model-repository", str(empty), "--log-format", "text"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "server-0" not in output and "keep dying" not in output, output[-3000:]
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
+    assert f"no versions of model 'fraud_mlp' under {empty}" in line, line
+
+
 async def test_a_worker_listens_only_once_its_features_caught_up(
     trained_model: Path, broker: EmbeddedBroker
 ) -> None:

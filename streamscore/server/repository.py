@@ -275,6 +275,15 @@ class ModelRepository:
         return tuple((model, repository_fingerprint(self.path, model)) for model in names)
 
 
+def primary_dir(repository: Path, name: str, pinned_version: str = "") -> Path:
+    """The version directory a server starts serving: the pinned version, else the
+    newest. FileNotFoundError naming what is missing ("no version '9' of model ...",
+    not a missing metadata.json)."""
+    if pinned_version:
+        return ModelRepository(repository).version_path(name, pinned_version)
+    return latest_version(repository, name)
+
+
 def repository_fingerprint(repository: Path, name: str, version: str = "") -> str:
     """Changes when a version directory appears or goes, or its metadata or model files
     change; of that one version's directory alone when ``version`` is given."""
@@ -359,10 +368,7 @@ class ModelRegistry:
         return repository_fingerprint(self.repository, self.name, self.pinned_version)
 
     def _target_dir(self) -> Path:
-        if self.pinned_version:
-            # "no version '9' of model ...", not a missing metadata.json.
-            return ModelRepository(self.repository).version_path(self.name, self.pinned_version)
-        return latest_version(self.repository, self.name)
+        return primary_dir(self.repository, self.name, self.pinned_version)
 
     async def _load(self, directory: Path | None = None) -> ServedModel:
         served = self._served(directory or self._target_dir())
