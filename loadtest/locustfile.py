@@ -98,12 +98,7 @@ def _env_int(name: str, default: int) -> int:
 
 TIMEOUT_S = _env_float("STREAMSCORE_TIMEOUT_S", 5.0)
 WAIT_S = _env_float("STREAMSCORE_WAIT_S", 0.0)
-CLIENT_TLS = ClientTls(
-    ca_file=os.environ.get("STREAMSCORE_TLS_CA", ""),
-    cert_file=os.environ.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
-    key_file=os.environ.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
-    server_name=os.environ.get("STREAMSCORE_TLS_SERVER_NAME", ""),
-)
+CLIENT_TLS = ClientTls.from_environment()
 
 
 class RpcFailure(Exception):
@@ -165,8 +160,6 @@ class _GrpcUser(User):
         if not self.host:
             raise LocustError("set the server address with --host HOST:PORT")
         host = self.host.removeprefix("grpc://").removeprefix("http://")
-        # Over TLS as the CLI's clients reach a TLS server: STREAMSCORE_TLS_CA (TLS
-        # on), STREAMSCORE_TLS_CLIENT_CERT and _KEY, STREAMSCORE_TLS_SERVER_NAME.
         self.channel = CLIENT_TLS.channel(host)
         self.stub = pb_grpc.ScoringStub(self.channel)
 

@@ -234,15 +234,27 @@ class ClientTls:
         )
 
     @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> ClientTls:
+        """From ``STREAMSCORE_TLS_CA`` (TLS on), ``STREAMSCORE_TLS_CLIENT_CERT`` and
+        ``_KEY`` (mutual TLS) and ``STREAMSCORE_TLS_SERVER_NAME``."""
+        return cls(
+            ca_file=environ.get("STREAMSCORE_TLS_CA", ""),
+            cert_file=environ.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
+            key_file=environ.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
+            server_name=environ.get("STREAMSCORE_TLS_SERVER_NAME", ""),
+        )
+
+    @classmethod
     def from_arguments(
         cls, args: argparse.Namespace, environ: Mapping[str, str] = os.environ
     ) -> ClientTls:
         """From ``add_client_tls_arguments``'s flags, each else its variable."""
+        variables = cls.from_environment(environ)
         return cls(
-            ca_file=args.tls_ca or environ.get("STREAMSCORE_TLS_CA", ""),
-            cert_file=args.tls_cert or environ.get("STREAMSCORE_TLS_CLIENT_CERT", ""),
-            key_file=args.tls_key or environ.get("STREAMSCORE_TLS_CLIENT_KEY", ""),
-            server_name=args.tls_server_name or environ.get("STREAMSCORE_TLS_SERVER_NAME", ""),
+            ca_file=args.tls_ca or variables.ca_file,
+            cert_file=args.tls_cert or variables.cert_file,
+            key_file=args.tls_key or variables.key_file,
+            server_name=args.tls_server_name or variables.server_name,
         )
 
 
