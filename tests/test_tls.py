@@ -26,7 +26,13 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.cli import main as cli_main
 from streamscore.config import Settings, load_settings
 from streamscore.server.app import ScoringServer
-from streamscore.tls import ClientTls, TlsError, check_server_files, server_credentials
+from streamscore.tls import (
+    ClientTls,
+    TlsError,
+    add_client_tls_arguments,
+    check_server_files,
+    server_credentials,
+)
 
 from system import run_module
 
@@ -307,6 +313,19 @@ async def test_the_open_loop_sweep_loads_a_mutual_tls_server(
         # Without them the sweep cannot reach it, and says why.
         output = await run_module(*sweep, "--json", str(out), timeout=60, expect_exit_0=False)
         assert "UNAVAILABLE" in output, output
+
+
+def test_client_flags_fall_back_to_the_environment_one_by_one() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_client_tls_arguments(parser)
+    environ = {"STREAMSCORE_TLS_CA": "/env-ca.pem", "STREAMSCORE_TLS_SERVER_NAME": "env-name"}
+    args = parser.parse_args(["--tls-ca", "/flag-ca.pem", "--tls-cert", "/c.pem"])
+    assert ClientTls.from_arguments(args, environ) == ClientTls(
+        ca_file="/flag-ca.pem", cert_file="/c.pem", server_name="env-name"
+    )
+    assert ClientTls.from_environment({}) == ClientTls() and not ClientTls().enabled
 
 
 async def test_health_says_why_it_failed(
