@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -14,6 +18,8 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
+from streamscore.server.model import Thresholds
+from streamscore.server.rollout_stats import LatencyErrorWindow, PairComparison
 from streamscore.stream.broker import find_free_port
 
 NAMES = ("a", "b", "constant")
@@ -94,3 +100,57 @@ async def test_server_exports_drift_of_its_live_traffic(trained_model: Path) -> 
         if line.startswith("streamscore_drift_psi{")
     }
     assert values['feature="amount",version="1"'] > 0.25, values
+
+
+def scrape_failures(read: Callable[[], object], write: Callable[[], None], seconds: float) -> list:
+    """``read`` on a thread of its own, as a Prometheus scrape runs on the metrics
+    thread, while this thread calls ``write`` as the event loop does; the GIL handed
+    over as often as CPython allows, so that a read that lets a write in finds it."""
+    failures: list[BaseException] = []
+    stop = time.monotonic() + seconds
+
+    def scrape() -> None:
+        while time.monotonic() < stop:
+            try:
+                read()
+            except Exception as error:
+                failures.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    scraper = threading.Thread(target=scrape)
+    try:
+        scraper.start()
+        while time.monotonic() < stop:
+            write()
+    finally:
+        scraper.join()
+        sys.setswitchinterval(interval)
+    return failures
+
+
+def test_a_scrape_reads_the_windows_while_the_loop_appends() -> None:
+    """/metrics answered HTTP 500 for a few per cent of scrapes on a busy server: the
+    drift PSI iterated the deque that each answer appends to ("deque mutated during
+    iteration"), as the rollout's comparison did."""
+    rng = np.random.default_rng(3)
+    rows, scores = training(rng, 2000)
+    names = tuple(f"f{i}" for i in range(rows.shape[1]))
+    monitor = DriftMonitor(Baseline.fit(rows, names, scores), window=2000)
+    comparison = PairComparison(Thresholds(0.5, 0.8), Thresholds(0.5, 0.8), window=2000)
+    window = LatencyErrorWindow(2000)
+    row = tuple(float(x) for x in rows[0])
+    for _ in range(2000):
+        monitor.observe(row, 0.3)
+
+    def answer() -> None:
+        monitor.observe(row, 0.3)
+        comparison.observe(0.3, 0.4)
+        window.add(0.001, True)
+
+    def scrape() -> None:
+        monitor.psi()
+        comparison.summary()
+        window.p99()
+
+    assert scrape_failures(scrape, answer, seconds=2.0) == []

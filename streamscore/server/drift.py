@@ -95,12 +95,18 @@ class DriftMonitor:
         return len(self._recent)
 
     def psi(self) -> dict[str, float]:
-        """PSI per feature name, plus ``score``; empty before anything was observed."""
-        if not self._recent:
+        """PSI per feature name, plus ``score``; empty before anything was observed.
+
+        Called on the metrics thread while the event loop appends: it reads a copy.
+        ``list()`` copies the deque in C, with no Python code run in between, so no
+        append can come in the middle (iterating the deque itself in a generator let
+        one in: "deque mutated during iteration", and the whole scrape failed)."""
+        recent = list(self._recent)
+        if not recent:
             return {}
-        rows = np.frombuffer(b"".join(vector for vector, _ in self._recent), np.float32)
-        rows = rows.reshape(len(self._recent), -1).astype(np.float64)
-        scores = np.fromiter((score for _, score in self._recent), np.float64)
+        rows = np.frombuffer(b"".join(vector for vector, _ in recent), np.float32)
+        rows = rows.reshape(len(recent), -1).astype(np.float64)
+        scores = np.fromiter((score for _, score in recent), np.float64)
         base = self.baseline
         out = {
             name: psi(counts, _bin_counts(rows[:, j], edges))

@@ -257,7 +257,10 @@ class ServerCollector:
         )
         registry = self.server.models
         for name, version in registry.loaded():
-            served = registry.get(name, version)
+            try:
+                served = registry.get(name, version)
+            except KeyError:  # unloaded on the loop since it was listed
+                continue
             backend = served.backend
             compute.add_metric(
                 [version, backend.kind, getattr(backend, "compute", backend.kind)], 1.0

@@ -429,9 +429,11 @@ class ModelRegistry:
             raise KeyError(f"model {name!r} version {version!r} is not loaded") from None
 
     def loaded(self) -> list[tuple[str, str]]:
-        """(name, version) of every loaded version, the primary first."""
+        """(name, version) of every loaded version, the primary first. (Also read on
+        the metrics thread: over a copy of the others, made in C, which a version
+        loaded or unloaded on the loop meanwhile cannot change under it.)"""
         keys = [] if self._primary is None else [self._primary.key]
-        return keys + [key for key in self._others if key not in keys]
+        return keys + [key for key in dict(self._others) if key not in keys]
 
     async def load(self, name: str, version: str) -> ServedModel:
         """Load, start and warm up a version next to the primary (e.g. a canary or a

@@ -615,7 +615,9 @@ class RolloutManager:
 
     def candidate_stats(self) -> list[tuple[str, str, dict[str, float]]]:
         out = []
-        for (version, variant), candidate in self._candidates.items():
+        # A copy of the candidates (a rollout change adds and removes them on the loop
+        # while a scrape reads them on the metrics thread).
+        for (version, variant), candidate in dict(self._candidates).items():
             stats = dict(candidate.comparison.summary())
             stats["p99_s"] = candidate.window.p99()
             stats["error_rate"] = candidate.window.error_rate()

@@ -81,9 +81,10 @@ class LatencyErrorWindow:
         return self._failed / len(self._failures) if self._failures else 0.0
 
     def p99(self) -> float:
-        if not self._latencies:
+        latencies = list(self._latencies)  # a copy made in C: see PairComparison.summary
+        if not latencies:
             return 0.0
-        return float(np.quantile(np.fromiter(self._latencies, float), 0.99))
+        return float(np.quantile(np.asarray(latencies, dtype=np.float64), 0.99))
 
 
 class PairComparison:
@@ -98,12 +99,15 @@ class PairComparison:
         self._pairs.append((primary_score, candidate_score))
 
     def summary(self) -> dict[str, float]:
-        if not self._pairs:
+        # A copy (made in C, so no append from the loop can come in the middle): a
+        # scrape reads it on the metrics thread.
+        recent = list(self._pairs)
+        if not recent:
             return {"compared": 0.0}
-        pairs = np.asarray(self._pairs, dtype=np.float64)
+        pairs = np.asarray(recent, dtype=np.float64)
         primary, candidate = pairs[:, 0], pairs[:, 1]
         diff = candidate - primary
-        agree = sum(self.primary.decide(p) == self.candidate.decide(c) for p, c in self._pairs)
+        agree = sum(self.primary.decide(p) == self.candidate.decide(c) for p, c in recent)
         bins = np.concatenate(([-math.inf], SCORE_BINS, [math.inf]))
         return {
             "compared": float(len(pairs)),
