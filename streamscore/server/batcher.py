@@ -500,6 +500,8 @@ class Batcher:
         self._timer_at = math.inf
         self._last_measured = -math.inf  # when a backend call last ended (``_probe_due``)
 
+        metrics.hold_model_series(name)  # released by stop()
+        self._holds_series = True
         self._m_size = metrics.BATCH_SIZE.labels(name)
         self._m_wait = metrics.BATCH_QUEUE_WAIT.labels(name)
         # Batches of one admitted by ``_call_alone``: a size of 1 and no queue wait,
@@ -510,22 +512,13 @@ class Batcher:
         self._m_backend = metrics.BACKEND_SECONDS.labels(name)
         self._m_late = metrics.LATE_RESULTS.labels(name)
         self._m_shed = {
-            reason: metrics.SHED_REQUESTS.labels(name, reason)
-            for reason in (
-                "queue_full",
-                "overloaded",
-                "deadline_submit",
-                "deadline_queue",
-                "deadline_dispatch",
-                "deadline_in_flight",
-                "stopped",
-                "backend_failed",
-            )
+            reason: metrics.SHED_REQUESTS.labels(name, reason) for reason in metrics.SHED_REASONS
         }
-        self._m_cancelled_before = metrics.CANCELLED_REQUESTS.labels(name, "before_model")
-        self._m_cancelled_during = metrics.CANCELLED_REQUESTS.labels(name, "during_model")
+        before, during = metrics.CANCEL_STAGES
+        self._m_cancelled_before = metrics.CANCELLED_REQUESTS.labels(name, before)
+        self._m_cancelled_during = metrics.CANCELLED_REQUESTS.labels(name, during)
         self._m_failures = {
-            kind: metrics.BACKEND_FAILURES.labels(name, kind) for kind in ("error", "wrong_count")
+            kind: metrics.BACKEND_FAILURES.labels(name, kind) for kind in metrics.FAILURE_KINDS
         }
 
     # -- observation ---------------------------------------------------------------
@@ -588,9 +581,11 @@ class Batcher:
         """Answer every queued request with :class:`BatcherStopped`, cancel the timer and
         wait for the running batches (their requests still get their scores). After
         ``timeout`` seconds the remaining batches are cancelled (their requests get
-        :class:`BatcherStopped`). Safe to call twice."""
+        :class:`BatcherStopped`). Safe to call twice. Its series leave /metrics with
+        the last batcher of its name."""
         if self._state == _NEW:
             self._state = _STOPPED
+            self._release_series()
             return
         self._state = _STOPPING
         self._cancel_timer()
@@ -610,6 +605,12 @@ class Batcher:
             if pending:
                 await asyncio.wait(pending)
         self._state = _STOPPED
+        self._release_series()
+
+    def _release_series(self) -> None:
+        if self._holds_series:
+            self._holds_series = False
+            metrics.release_model_series(self.name)
 
     # -- the hot path --------------------------------------------------------------
 

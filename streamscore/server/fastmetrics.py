@@ -107,6 +107,11 @@ class _Family(Collector, Generic[ChildT]):
             child = self._children[values] = self._new_child()
         return child
 
+    def remove(self, *values: str) -> None:
+        """Drop the child of ``values`` (absent: nothing to do); a later ``labels``
+        starts a new one."""
+        self._children.pop(values, None)
+
     def _new_child(self) -> ChildT:
         raise NotImplementedError
 

@@ -11,6 +11,8 @@ prometheus_client counters, bound to their labels once by their users.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import gc
 from collections.abc import Iterator
 from typing import Any
@@ -62,14 +64,23 @@ BACKEND_SECONDS = FastHistogram(
     ["model"],
     buckets=LATENCY_BUCKETS_S,
 )
-# reason: queue_full, overloaded, deadline_submit, deadline_queue, deadline_dispatch,
-# deadline_in_flight, stopped, backend_failed.
+SHED_REASONS = (
+    "queue_full",
+    "overloaded",
+    "deadline_submit",
+    "deadline_queue",
+    "deadline_dispatch",
+    "deadline_in_flight",
+    "stopped",
+    "backend_failed",
+)
 SHED_REQUESTS = Counter(
     "streamscore_batch_shed_requests_total",
     "Requests the batcher answered without a score, by reason.",
     ["model", "reason"],
 )
-# stage: before_model (left the queue or the batch before the call), during_model.
+# before_model: left the queue or the batch before the call.
+CANCEL_STAGES = ("before_model", "during_model")
 CANCELLED_REQUESTS = Counter(
     "streamscore_batch_cancelled_requests_total",
     "Requests whose caller went away, by the stage they were at.",
@@ -80,12 +91,41 @@ LATE_RESULTS = Counter(
     "Scores computed after their request's deadline and therefore discarded.",
     ["model"],
 )
-# kind: error (the backend raised), wrong_count (result shape != batch size).
+# error: the backend raised; wrong_count: result shape != batch size.
+FAILURE_KINDS = ("error", "wrong_count")
 BACKEND_FAILURES = Counter(
     "streamscore_backend_failures_total",
     "Failed backend calls (each fails every request of its batch), by kind.",
     ["model", "kind"],
 )
+# Batchers holding each model label's series: a version's series leave /metrics with
+# its last batcher (a hot reload of one version runs two for a moment), else every
+# version ever loaded kept ~84 series until a restart.
+_MODEL_SERIES_USERS: collections.Counter[str] = collections.Counter()
+
+
+def hold_model_series(model: str) -> None:
+    _MODEL_SERIES_USERS[model] += 1
+
+
+def release_model_series(model: str) -> None:
+    """One batcher of ``model`` stopped; with the last, its series go."""
+    _MODEL_SERIES_USERS[model] -= 1
+    if _MODEL_SERIES_USERS[model] > 0:
+        return
+    del _MODEL_SERIES_USERS[model]
+    for histogram in (BATCH_SIZE, BATCH_QUEUE_WAIT, BACKEND_SECONDS):
+        histogram.remove(model)
+    labels = [
+        (LATE_RESULTS, ()),
+        *((SHED_REQUESTS, (reason,)) for reason in SHED_REASONS),
+        *((CANCELLED_REQUESTS, (stage,)) for stage in CANCEL_STAGES),
+        *((BACKEND_FAILURES, (kind,)) for kind in FAILURE_KINDS),
+    ]
+    for counter, rest in labels:
+        with contextlib.suppress(KeyError):  # never used
+            counter.remove(model, *rest)
+
 
 # generation: 0, 1, 2. Observed from gc.callbacks, in whichever thread collects:
 # lock-free is safe there (collections never overlap, so neither do observations),
