@@ -179,11 +179,18 @@ def cmd_broker(args: argparse.Namespace) -> int:
     async def main() -> int:
         from streamscore.config import topic_layout
         from streamscore.processes import stop_on_signals
+        from streamscore.server.decisions import DECISIONS_TOPIC
         from streamscore.stream.broker import EmbeddedBroker, create_topics
 
         stop = stop_on_signals()
         async with EmbeddedBroker(port=args.port or None) as broker:
-            await create_topics(broker.bootstrap, topic_layout(settings).partitions())
+            # The decision log's too, which serve creates only at its start: tansu
+            # acknowledges writes to a topic it does not have and drops them, so a
+            # server outliving a broker restart would log its decisions into nothing
+            # while counting them published.
+            topics = topic_layout(settings).partitions()
+            topics[DECISIONS_TOPIC] = settings.entity_partitions
+            await create_topics(broker.bootstrap, topics)
             print(broker.bootstrap, flush=True)
             await stop.wait()
         return 0

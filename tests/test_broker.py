@@ -762,3 +762,31 @@ async def test_a_consumer_stops_cleanly_while_its_broker_is_down(
         with pytest.raises(asyncio.CancelledError):
             await consumer.stop()
         await consumer._client.close()  # what the interrupted stop() left open
+
+
+async def test_the_broker_command_creates_every_topic_serve_writes() -> None:
+    """The decision log's topic too: serve creates it only at its start, and tansu
+    acknowledges writes to a topic it does not have and drops them, so a server that
+    outlived a restart of `streamscore broker` logged its decisions into nothing."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from streamscore.server.decisions import DECISIONS_TOPIC
+    from streamscore.stream.topics import DEAD_LETTER, ENTITY_EVENTS, PAYMENTS, WATERMARKS
+
+    command = [sys.executable, "-m", "streamscore", "broker", "--log-format", "text"]
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        assert process.stdout is not None
+        bootstrap = (await asyncio.wait_for(process.stdout.readline(), 60)).decode().strip()
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            topics = set(await admin.list_topics())  # (a Metadata request for all topics)
+        finally:
+            await admin.close()
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 30)
+    assert {PAYMENTS, DEAD_LETTER, ENTITY_EVENTS, WATERMARKS, DECISIONS_TOPIC} <= topics, topics
