@@ -87,8 +87,15 @@ class RepeatLimiter(logging.Filter):
 
     def __init__(
         self,
-        # Ours too: refused Admin calls (a token being guessed) could come as fast.
-        prefixes: tuple[str, ...] = ("aiokafka", "kafka", "streamscore.auth"),
+        # Ours too: refused Admin calls (a token being guessed), and dead-lettered
+        # events (a producer sending bad ones: each is in the DLQ and counted) could
+        # come as fast.
+        prefixes: tuple[str, ...] = (
+            "aiokafka",
+            "kafka",
+            "streamscore.auth",
+            "streamscore.dead_letters",
+        ),
         period_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ):

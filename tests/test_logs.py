@@ -174,3 +174,7 @@ def test_a_librarys_repeated_errors_are_limited_and_counted() -> None:
     again = record("aiokafka.conn", "Unable connect to %s")
     assert limiter.filter(again) and again.repeats_held_back == 49
     assert all(limiter.filter(record("streamscore.replica", "fetch failed")) for _ in range(20))
+    # A producer sending bad events: each is dead-lettered and counted, its line limited.
+    dead = [limiter.filter(record("streamscore.dead_letters", "dead-lettered event"))]
+    dead += [limiter.filter(record("streamscore.dead_letters", "dead-lettered event"))]
+    assert dead == [True, False]

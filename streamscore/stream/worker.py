@@ -42,6 +42,8 @@ from streamscore.stream.topics import (
 from streamscore.stream.watermarks import WatermarkCheckpoints
 
 log = logging.getLogger("streamscore.worker")
+# One line per event sent to the dead-letter topic, limited per 10 s (logs.RepeatLimiter).
+dead_letter_log = logging.getLogger("streamscore.dead_letters")
 
 # Micro-batching: per-message costs in Faust's stream, the producer and every replica
 # dominate a per-event pipeline. 10 ms bounds the freshness cost of waiting for more.
@@ -184,7 +186,9 @@ def create_app(
                     "partition": message.partition,
                     "offset": message.offset,
                 }
-                log.info("dead-lettered event", extra={"reason": error.reason, **source})
+                dead_letter_log.info(
+                    "dead-lettered event", extra={"reason": error.reason, **source}
+                )
                 sent.append(
                     await dead_letters.send(
                         key=event.key, value=dead_letter_record(raw, error, source)
