@@ -9,7 +9,8 @@
 - Its own session (a Ctrl-C at the terminal reaches our process group only, and we
   stop our children in order), killed with its parent (PR_SET_PDEATHSIG) even if we
   are SIGKILLed, and by a finalizer if its owner forgets ``stop()``.
-- ``stop()``: SIGTERM, wait ``stop_timeout``, then kill. Idempotent.
+- ``stop()``: its stop signal (SIGTERM unless the subclass says), wait
+  ``stop_timeout``, then kill. Idempotent.
 
 Subclasses bring the argv, the readiness check and the start loop; ``Popen`` (not
 asyncio's subprocess) keeps the lifecycle independent of the running loop's child
@@ -106,6 +107,8 @@ class LoopbackServerProcess:
     #: What ``port`` raises while nothing runs (each subclass has its own error).
     error: ClassVar[type[RuntimeError]] = RuntimeError
     logger: ClassVar[logging.Logger] = logging.getLogger("streamscore.processes")
+    #: What asks it to stop.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
 
     def __init__(
         self,
@@ -168,7 +171,7 @@ class LoopbackServerProcess:
     # -- lifecycle ------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """SIGTERM, wait ``stop_timeout``, then kill. Idempotent."""
+        """``stop_signal``, wait ``stop_timeout``, then kill. Idempotent."""
         if self._proc is None:
             return
         pid = self._proc.pid
@@ -286,12 +289,13 @@ class LoopbackServerProcess:
         proc = self._detach()
         try:
             if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(self.stop_signal)
                 if not await wait_exit(proc, self._stop_timeout):
                     self.logger.warning(
-                        "%s (pid %d) ignored SIGTERM for %.1fs; killing it",
+                        "%s (pid %d) ignored %s for %.1fs; killing it",
                         self.label,
                         proc.pid,
+                        self.stop_signal.name,
                         self._stop_timeout,
                     )
                     self._kill(proc)

@@ -790,3 +790,23 @@ async def test_the_broker_command_creates_every_topic_serve_writes() -> None:
         process.terminate()
         await asyncio.wait_for(process.wait(), 30)
     assert {PAYMENTS, DEAD_LETTER, ENTITY_EVENTS, WATERMARKS, DECISIONS_TOPIC} <= topics, topics
+
+
+async def test_a_broker_with_clients_stops_on_its_signal(caplog: pytest.LogCaptureFixture) -> None:
+    """tansu 0.6 with a consumer fetching sat out SIGTERM for its own 5 s, and was
+    killed: every stop of a demo, a test run or `streamscore broker` waited for it."""
+    broker = EmbeddedBroker()
+    await broker.start()
+    topic = _name("stop")
+    await create_topics(broker.bootstrap, {topic: 1})
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=broker.bootstrap, fetch_max_wait_ms=20)
+    await consumer.start()
+    fetching = asyncio.create_task(consumer.getone())
+    try:
+        await asyncio.sleep(1)  # fetching
+        with caplog.at_level("WARNING", logger="streamscore.broker"):
+            await broker.stop()
+    finally:
+        fetching.cancel()
+        await kafka_compat.stop_consumer(consumer)
+    assert "killing it" not in caplog.text, caplog.text
