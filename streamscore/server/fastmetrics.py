@@ -138,7 +138,7 @@ class FastHistogram(_Family[HistogramChild]):
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
+        for values, child in dict(self._children).items():  # a copy made in C
             counts, total = child.snapshot()
             cumulative, buckets = 0, []
             for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
@@ -158,7 +158,7 @@ class FastCounter(_Family[CounterChild]):
         # prometheus_client appends "_total" to a counter family's samples.
         name = self.name.removesuffix("_total")
         family = CounterMetricFamily(name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
+        for values, child in dict(self._children).items():  # a copy made in C
             family.add_metric(list(values), child.value)
         yield family
 
