@@ -100,6 +100,12 @@ class Settings:
     # deadline (10,000 answered 2 % of 8,000/s offered on two cores, 256 answered
     # 45 %, the process's capacity). Raise it for bursty callers with long deadlines.
     max_pending_calls: int = 256
+    # A connection idle this long is pinged; one whose peer does not answer within
+    # keepalive_timeout_s is closed, ending its calls. A client host that died (no
+    # FIN, no RST) otherwise kept its ScoreStreams open, with their state, until the
+    # kernel's TCP keepalive (2 h). 0: no pings.
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
@@ -274,6 +280,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "worker_port_base": (0, 65535),
     "max_message_bytes": (1, 2**31 - 1),
     "max_pending_calls": (1, 2**31 - 1),
+    "keepalive_s": (0, 86_400),
+    "keepalive_timeout_s": (1e-3, 3600),
     "budget_ms": (1e-3, 3_600_000),
     "breaker_failures": (1, 2**31 - 1),
     "breaker_cooldown_s": (1e-3, 3600),

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -232,3 +233,70 @@ async def test_sigterm_ends_open_streams_after_answering_them(
         # was sent (the rest: not scored, to send again).
         assert len(answered) > 50 and answered == sent[: len(answered)]
         assert "0 cut off by the grace period" in (tmp_path / "server.log").read_text()
+
+
+# A client of ScoreStream that sends one message, reads its answer, then waits forever
+# with the stream open (no deadline, no half-close): stopped by SIGSTOP, it is a
+# client host that died without closing its connection.
+STREAM_CLIENT = """
+import sys, time, grpc
+from streamscore._proto.v1 import scoring_pb2 as pb
+channel = grpc.insecure_channel(sys.argv[1])
+stream = channel.stream_stream(
+    "/streamscore.v1.Scoring/ScoreStream",
+    request_serializer=pb.ScoreRequest.SerializeToString,
+    response_deserializer=pb.ScoreResponse.FromString,
+)
+def messages():
+    yield pb.ScoreRequest(
+        request_id="r-1", transaction=pb.Transaction(card_id="c", merchant_id="m")
+    )
+    time.sleep(3600)
+call = stream(messages())  # kept: a call collected is cancelled
+print(next(call).request_id, flush=True)
+time.sleep(3600)
+"""
+
+
+async def test_a_dead_clients_stream_is_closed_by_keepalive(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A client host that died without closing (no FIN, no RST) kept its ScoreStreams
+    open, and their state, until TCP's own keepalive (2 h): the server pings a
+    connection idle for keepalive_s and closes it unanswered (keepalive 0: not)."""
+    from streamscore.config import Settings
+    from streamscore.server.app import ScoringServer
+
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    for keepalive_s, closes in ((0.0, False), (1.0, True)):
+        settings = Settings(
+            port=0,
+            model_repository=repository,
+            model_reload_interval_s=0,
+            keepalive_s=keepalive_s,
+            keepalive_timeout_s=1.0,
+        )
+        server = ScoringServer(settings)
+        await server.start()
+        streams = server.service.rpc_metrics["ScoreStream"]
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            STREAM_CLIENT,
+            f"127.0.0.1:{server.port}",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert client.stdout is not None
+            assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
+            assert streams.in_flight == 1
+            client.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + (15 if closes else 5)
+            while streams.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            assert (streams.in_flight == 0) == closes, (keepalive_s, streams.in_flight)
+        finally:
+            client.kill()
+            await client.wait()
+            await server.stop()

@@ -166,6 +166,7 @@ class ScoringServer:
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 *pending_call_options(settings.max_pending_calls),
+                *keepalive_options(settings.keepalive_s, settings.keepalive_timeout_s),
             ]
         )
         add_scoring_service(service, server)
@@ -345,6 +346,21 @@ def pending_call_options(limit: int) -> list[tuple[str, int]]:
     return [
         ("grpc.server.max_pending_requests", limit),
         ("grpc.server.max_pending_requests_hard_limit", limit),
+    ]
+
+
+def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]:
+    """Ping a connection idle for ``every_s``; close it when its peer does not answer
+    within ``timeout_s`` (0: never ping). gRPC 1.85 times the answer with
+    ``grpc.http2.ping_timeout_ms``: with ``grpc.keepalive_timeout_ms`` alone a
+    stopped peer's calls stayed open."""
+    if not every_s:
+        return []
+    timeout_ms = max(1, round(timeout_s * 1000))
+    return [
+        ("grpc.keepalive_time_ms", max(1, round(every_s * 1000))),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
     ]
 
 
