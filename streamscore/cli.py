@@ -45,7 +45,7 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     setup_logging(settings.log_level, settings.log_format)
     # Every Kafka client this process makes connects this way (checked with the
     # settings).
-    kafka_security.configure(settings.kafka_security())
+    kafka_security.configure(settings.kafka_security)
     unknown = unknown_environment(os.environ)
     if unknown:
         logging.getLogger("streamscore").warning(
@@ -58,10 +58,6 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     """Where the server is and how to reach it (TLS flags fall back to the environment)."""
     parser.add_argument("--target", default="127.0.0.1:50051", help="server address")
     add_client_tls_arguments(parser)
-
-
-def _client_tls(args: argparse.Namespace) -> ClientTls:
-    return ClientTls.from_arguments(args)
 
 
 async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:
@@ -277,7 +273,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     from streamscore._proto.v1 import scoring_pb2 as pb
     from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 
-    with _client_tls(args).channel(args.target) as channel:
+    with ClientTls.from_arguments(args).channel(args.target) as channel:
         request = pb.FeaturesRequest(entity_type=args.entity_type, entity_id=args.entity_id)
         if args.as_of_ms is not None:  # has presence: unset is the server clock
             request.as_of_ms = args.as_of_ms
@@ -303,7 +299,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if not token:
         raise ValueError("rollout needs --token or STREAMSCORE_ADMIN_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),)
-    with _client_tls(args).channel(args.target) as channel:
+    with ClientTls.from_arguments(args).channel(args.target) as channel:
         stub = apb_grpc.AdminStub(channel)
         try:
             if args.action == "show":
@@ -389,7 +385,7 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(f"{' '.join(argv)}: running (no gRPC to check)")
             return 0
         args.target = target
-    with _client_tls(args).channel(args.target) as channel:
+    with ClientTls.from_arguments(args).channel(args.target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

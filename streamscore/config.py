@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import tomllib
 from collections.abc import Mapping
@@ -184,7 +185,11 @@ class Settings:
     def metrics_address(self) -> str:
         return self.metrics_host or self.host
 
+    @functools.cached_property
     def kafka_security(self) -> KafkaSecurity:
+        """How this process's Kafka clients connect: one value, so that its SSL
+        context (cached on it) is loaded once, for the settings' check and for
+        ``kafka_security.configure``. (Settings are replaced, never changed.)"""
         return KafkaSecurity(
             protocol=self.kafka_security_protocol,
             ssl_cafile=self.kafka_ssl_cafile,
@@ -361,7 +366,7 @@ def _check_values(settings: Settings) -> None:
         value = getattr(settings, name)
         if value not in choices:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
-    settings.kafka_security().check()
+    settings.kafka_security.check()
     _check_admin_token(settings.admin_token)
 
 

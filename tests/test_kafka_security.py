@@ -131,14 +131,14 @@ def test_settings_carry_the_security_and_keep_the_password_secret(
     monkeypatch.setenv("STREAMSCORE_KAFKA_SASL_USERNAME", "streamscore")
     monkeypatch.setenv("STREAMSCORE_KAFKA_SASL_PASSWORD", PASSWORD)
     settings = load_settings(None, {})
-    security = settings.kafka_security()
+    security = settings.kafka_security
     assert (security.protocol, security.sasl_mechanism) == ("sasl_ssl", "scram-sha-256")
     assert security.sasl_password == PASSWORD
     assert PASSWORD not in repr(settings) and PASSWORD not in str(settings.redacted())
     monkeypatch.delenv("STREAMSCORE_KAFKA_SASL_PASSWORD")
     with pytest.raises(ValueError, match="needs kafka_sasl_username and kafka_sasl_password"):
         load_settings(None, {})
-    assert Settings().kafka_security() == KafkaSecurity()
+    assert Settings().kafka_security == KafkaSecurity()
 
 
 async def test_clients_speak_tls_to_the_cluster_and_check_its_certificate(

@@ -14,6 +14,7 @@ their own requests (``scoring.add_scoring_service``) to the same effect.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -64,7 +65,9 @@ def add_guarded(
         raise ValueError(f"{add_to_server.__name__} registered no method handlers")
     name = service_name or captured.name
     handlers = {
-        method: _lenient_handler(handler, open_streams, _bound(on_malformed, method))
+        method: _lenient_handler(
+            handler, open_streams, functools.partial(on_malformed, method) if on_malformed else None
+        )
         for method, handler in captured.handlers.items()
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
@@ -73,14 +76,6 @@ def add_guarded(
 
 # (method, the request that did not parse, context) -> the call's answer.
 OnMalformed = Callable[[str, MalformedRequest, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def _bound(
-    on_malformed: OnMalformed | None, method: str
-) -> Callable[[MalformedRequest, grpc.aio.ServicerContext], Awaitable[Any]] | None:
-    if on_malformed is None:
-        return None
-    return lambda request, context: on_malformed(method, request, context)
 
 
 def _refuse(context: grpc.aio.ServicerContext, request: MalformedRequest) -> None:
