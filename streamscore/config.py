@@ -107,6 +107,11 @@ class Settings:
     # kernel's TCP keepalive (2 h). 0: no pings.
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    # ScoreStreams open at once; past it a new one is refused (RESOURCE_EXHAUSTED)
+    # and the streams already open go on. Each open stream holds ~22 KB (gRPC's
+    # buffers, its handler), so a live client that leaks streams (opens them and
+    # never closes) could otherwise grow the process without bound. 0: no limit.
+    max_streams: int = 10_000
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
@@ -287,6 +292,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "max_pending_calls": (1, 2**31 - 1),
     "keepalive_s": (0, 86_400),
     "keepalive_timeout_s": (1e-3, 3600),
+    "max_streams": (0, 2**31 - 1),
     "budget_ms": (1e-3, 3_600_000),
     "breaker_failures": (1, 2**31 - 1),
     "breaker_cooldown_s": (1e-3, 3600),

@@ -87,14 +87,16 @@ class RepeatLimiter(logging.Filter):
 
     def __init__(
         self,
-        # Ours too: refused Admin calls (a token being guessed), and dead-lettered
-        # events (a producer sending bad ones: each is in the DLQ and counted) could
-        # come as fast.
+        # Ours too: refused Admin calls (a token being guessed), dead-lettered events
+        # (a producer sending bad ones: each is in the DLQ and counted) and
+        # ScoreStreams refused past max_streams (a client leaking them) could come as
+        # fast.
         prefixes: tuple[str, ...] = (
             "aiokafka",
             "kafka",
             "streamscore.auth",
             "streamscore.dead_letters",
+            "streamscore.streams",
         ),
         period_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,

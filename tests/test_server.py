@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -64,10 +65,10 @@ EVENTS = [
 
 @contextlib.asynccontextmanager
 async def served_server(
-    repository: Path, replay: bool
+    repository: Path, replay: bool, **settings: Any
 ) -> AsyncIterator[tuple[ScoringServer, pb_grpc.ScoringStub]]:
     """A started server with EVENTS folded in, and a stub talking to it over loopback."""
-    server = ScoringServer(Settings(port=0, model_repository=repository, replay=replay))
+    server = ScoringServer(Settings(port=0, model_repository=repository, replay=replay, **settings))
     await server.start()
     try:
         for raw in EVENTS:
@@ -311,6 +312,12 @@ async def test_score_stream_answers_in_order_and_stops_at_a_bad_request(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "transaction.card_id" in (caught.value.details() or "")
     assert "bad-one" in (caught.value.details() or "")
+    # A message without an id: its refusal names no id (not "request_id ''").
+    unnamed = pb.ScoreRequest(transaction=transaction(card_id=""))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in replay_stub.ScoreStream(iter([unnamed])):
+            pass
+    assert caught.value.details() == "transaction.card_id: is required"
 
 
 async def test_score_stream_reads_ahead_and_still_answers_in_order(
@@ -371,6 +378,45 @@ async def test_score_stream_reads_ahead_only_while_answers_wait(trained_model: P
         assert any(read_ahead_seen[5:30])  # read ahead while answers waited
         assert not any(read_ahead_seen[31:])  # handed back: in turn again
         assert not read_ahead_running()
+
+
+async def test_score_streams_past_max_streams_are_refused_and_the_open_ones_go_on(
+    trained_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A client that leaks streams (opens them, never closes) is bounded: past
+    # max_streams a new one is refused at once, named, counted and warned of; the open
+    # ones still answer, and a closed one makes room.
+    def request(i: int) -> pb.ScoreRequest:
+        return pb.ScoreRequest(request_id=f"o-{i}", transaction=transaction())
+
+    async with served_server(trained_model, replay=True, max_streams=2) as (server, stub):
+        first, second = stub.ScoreStream(), stub.ScoreStream()
+        for i, call in enumerate((first, second)):
+            await call.write(request(i))
+            assert (await call.read()).request_id == f"o-{i}"
+        refused = stub.ScoreStream()
+        with caplog.at_level("WARNING", logger="streamscore.streams"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await refused.write(request(2))
+                await refused.read()
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams" in (caught.value.details() or "")
+        assert "ScoreStream refused: 2 open" in caplog.text
+        await second.write(request(3))
+        assert (await second.read()).request_id == "o-3"
+        await first.done_writing()
+        assert await first.read() is grpc.aio.EOF
+        metrics = server.service.rpc_metrics["ScoreStream"]
+        deadline = time.monotonic() + 10
+        while metrics.in_flight > 1 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        third = stub.ScoreStream()
+        await third.write(request(4))
+        assert (await third.read()).request_id == "o-4"
+        assert sum(metrics._seconds["RESOURCE_EXHAUSTED"].snapshot()[0]) == 1
+        for call in (second, third):
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
 
 
 def test_thresholds_decide() -> None:

@@ -157,6 +157,7 @@ class ScoringServer:
             deadline_fallback=settings.deadline_policy == "fallback",
             decisions=self.decisions,
             tracer=ScoreTracer() if settings.tracing else None,
+            max_streams=settings.max_streams,
         )
         self.service = service
         server = grpc.aio.server(

@@ -45,6 +45,8 @@ from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
 
 log = logging.getLogger("streamscore.scoring")
+# Its own logger, so that logs.RepeatLimiter limits it (see _refuse_stream).
+streams_log = logging.getLogger("streamscore.streams")
 
 # ScoreStream: messages read and being scored ahead of the one being answered.
 STREAM_READ_AHEAD = 64
@@ -124,6 +126,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         decisions: DecisionLog | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
         tracer: ScoreTracer | None = None,
+        max_streams: int = 0,
     ) -> None:
         self.store = store
         self.rollouts = rollouts
@@ -137,6 +140,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.rpc_metrics = {rpc: RpcMetrics(rpc) for rpc in ("Score", "ScoreStream", "GetFeatures")}
         self.score_metrics = ScoreMetrics()
         self.tracer = tracer
+        self.max_streams = max_streams  # open at once (Settings.max_streams); 0: any
         # Streams waiting for their next message: a drain ends them (end_streams).
         self._reads = DrainCut()
         self._stale = False  # as answers were last marked (logged when it changes)
@@ -471,6 +475,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         parent = self._trace_parent(context)
         ahead: _ReadAhead | None = None
         try:
+            if self.max_streams and metrics.in_flight > self.max_streams:
+                self._refuse_stream(context, metrics)
+                return
             while True:
                 # In turn: no reader task and no queue, one wake-up per message.
                 # (Measured: the read-ahead machinery costs 10-14 % of a cheap
@@ -515,6 +522,22 @@ class ScoringService(pb_grpc.ScoringServicer):
             if ahead is not None:
                 await ahead.abandon()
             await _close_requests(request_iterator)
+
+    def _refuse_stream(self, context: grpc.aio.ServicerContext, metrics: RpcMetrics) -> None:
+        """A stream past ``max_streams``: RESOURCE_EXHAUSTED before any message is
+        read; the open ones go on. Warned of (rate-limited: a leaking client retries
+        as fast as it is refused), since it means a leak or a limit set too low."""
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details(
+            f"{self.max_streams} ScoreStreams are open, the server's limit (max_streams): "
+            "close streams you no longer use, or use another server"
+        )
+        metrics.observe("RESOURCE_EXHAUSTED", 0.0)
+        streams_log.warning(
+            "ScoreStream refused: %d open, the limit (max_streams)",
+            self.max_streams,
+            extra={"max_streams": self.max_streams},
+        )
 
     async def _read_one(
         self,
@@ -687,7 +710,8 @@ async def _guard(
         suffix = ""
         if request is not None:
             CURRENT_REQUEST.set((request.request_id, request.card_id))
-            suffix = f" (request_id {request.request_id!r})"
+            if request.request_id:  # (none: the error says it is missing)
+                suffix = f" (request_id {request.request_id!r})"
         # Debug only: refusals can come thousands a second under overload; the
         # streamscore_rpc_seconds_count{code} series counts them.
         log.debug("request refused", extra={"code": code, "reason": str(error)})
