@@ -31,12 +31,11 @@ from streamscore.server.batcher import (
     BatcherError,
     BatcherStopped,
     DeadlineUnreachable,
-    LatencyModel,
     Overloaded,
     QueueFull,
     warm_up,
-    warm_up_sizes,
 )
+from streamscore.server.latency_model import LatencyModel, warm_up_sizes
 
 PROPERTIES = settings(
     max_examples=50,

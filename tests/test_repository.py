@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from streamscore.server.backends.torch_backend import TorchBackend
-from streamscore.server.batcher import warm_up_sizes
+from streamscore.server.latency_model import warm_up_sizes
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version, write_atomic
 from streamscore.server.repository import ModelRegistry, ModelRepository, ServedModel
 from streamscore.training import FraudMLP, export_version

@@ -28,9 +28,10 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.base import Backend, Row
 from streamscore.server.backends.factory import create_backend
 from streamscore.server.backends.onnx_backend import OnnxBackend
-from streamscore.server.batcher import Batcher, LatencyModel
+from streamscore.server.batcher import Batcher
 from streamscore.server.breaker import CircuitBreaker
 from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
+from streamscore.server.latency_model import LatencyModel
 from streamscore.server.model import ModelMetadata, latest_version, version_dirs
 from streamscore.stream.features import REQUEST_FEATURES, feature_names
 
