@@ -557,6 +557,27 @@ async def test_shadow_comparisons_start_again_when_the_primary_changes(
         assert stats["requests"] == stats["compared"] == len(again), stats
 
 
+async def test_shadow_work_queued_before_a_removal_is_not_counted_when_added_again(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Shadow work still queued when its shadow leaves the rollout goes with its
+    comparison: added again straight after, the shadow's fresh comparison counted it
+    (a flaky 12 against 10 requests under load)."""
+    async with serving(trained_model, tmp_path) as (_, admin, server, repository):
+        add_version(repository, 5)
+        await set_rollout(admin, shadow_versions=["5"])
+        rollouts = server.rollouts
+        vector = tuple(0.0 for _ in rollouts.primary_model().metadata.inputs)
+        for i in range(600):  # more than the worker takes at once: most stay queued
+            rollouts.shadow(vector, 0.5, f"q-{i}")
+        await set_rollout(admin)
+        await set_rollout(admin, shadow_versions=["5"])
+        await asyncio.sleep(0.5)  # the worker has long taken whatever was left
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        counted = [dict(c.stats) for c in status.candidates if c.variant == "shadow"]
+        assert counted == [] or counted[0]["requests"] == 0, counted
+
+
 async def test_a_rollout_change_reaches_every_process_and_survives_a_restart(
     trained_model: Path, tmp_path: Path
 ) -> None:

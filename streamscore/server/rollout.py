@@ -539,10 +539,32 @@ class RolloutManager:
         window stays: its recent answers are the baseline, also for a canary at
         100 %, which leaves the primary no live answers. A shadow taken out of the
         rollout takes its comparison along (added again, it starts afresh)."""
+        dropped = set(before.shadows) - set(after.shadows)
+        for version in dropped:
+            self._candidates.pop((version, "shadow"), None)
         if after.canary != before.canary or (after.canary_percent and not before.canary_percent):
             self._candidates.pop((before.canary, "canary"), None)
-        for version in set(before.shadows) - set(after.shadows):
-            self._candidates.pop((version, "shadow"), None)
+            dropped.add(f"primary-of:{before.canary}")
+        self._drop_queued(dropped)
+
+    def _drop_queued(self, versions: set[str]) -> None:
+        """Take ``versions`` out of the work still queued for comparisons: it was
+        queued for a comparison now gone, and a version added again straight after
+        would count it in its fresh one. (Rare: at a rollout change; a batch being
+        scored meanwhile goes to the comparison it was taken for.)"""
+        if not versions or self._queue.empty():
+            return
+        kept = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not versions.isdisjoint(item.versions):
+                left = tuple(v for v in item.versions if v not in versions)
+                if not left:
+                    continue
+                item = dataclasses.replace(item, versions=left)
+            kept.append(item)
+        for item in kept:
+            self._queue.put_nowait(item)
 
     async def _unload_unused(self, versions: Iterable[str]) -> None:
         """Unload those of ``versions`` the rollout no longer uses."""
