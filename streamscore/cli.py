@@ -333,8 +333,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             print(f"streamscore rollout: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     rollout = status.rollout
+    primary = (
+        rollout.primary_version
+        if rollout.primary_version
+        else f"{rollout.serving_primary_version} (the highest version: follows new ones)"
+    )
     print(
-        f"{rollout.model_name}: primary {rollout.primary_version}, "
+        f"{rollout.model_name}: primary {primary}, "
         f"canary {rollout.canary_version or '-'} at {rollout.canary_percent:g}%, "
         f"shadows {','.join(rollout.shadow_versions) or '-'} (generation {rollout.generation})"
     )

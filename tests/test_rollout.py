@@ -321,7 +321,8 @@ async def test_shadows_are_compared_off_the_response_path(
 
 def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys) -> None:
     async def scenario() -> None:
-        async with serving(trained_model, tmp_path) as (_, _, server, _):
+        # No primary named: it is the repository's highest version, 4.
+        async with serving(trained_model, tmp_path, model_version="") as (_, _, server, _):
             target = f"127.0.0.1:{server.port}"
             loop = asyncio.get_running_loop()
             args = [
@@ -336,15 +337,27 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
                 "--percent",
                 "10",
             ]
-            assert await loop.run_in_executor(None, cli_main, args) == 0
             show = ["rollout", "show", "--target", target, "--token", TOKEN]
             assert await loop.run_in_executor(None, cli_main, show) == 0
+            assert await loop.run_in_executor(None, cli_main, args) == 0
+            # A set without --primary leaves a primary that follows new versions so.
+            assert server.rollouts.state.primary == ""
+            assert await loop.run_in_executor(None, cli_main, show) == 0
+            pin = ["rollout", "set", "--target", target, "--token", TOKEN, "--primary", "1"]
+            assert await loop.run_in_executor(None, cli_main, pin) == 0
             wrong = ["rollout", "show", "--target", target, "--token", "nope"]
             assert await loop.run_in_executor(None, cli_main, wrong) == 1
 
     asyncio.run(scenario())
     out = capsys.readouterr()
-    assert "canary 2 at 10%" in out.out
+    shown = [line for line in out.out.splitlines() if line.startswith("fraud_mlp:")]
+    # Unpinned, the primary shows as following new versions, not as a pinned "4";
+    # then as pinned once named.
+    floating = "fraud_mlp: primary 4 (the highest version: follows new ones), canary"
+    assert shown[0] == f"{floating} - at 0%, shadows - (generation 1)", shown
+    assert shown[1] == f"{floating} 2 at 10%, shadows - (generation 2)", shown
+    assert shown[2] == shown[1], shown
+    assert shown[3] == "fraud_mlp: primary 1, canary 2 at 10%, shadows - (generation 3)", shown
     assert "UNAUTHENTICATED" in out.err
 
 

@@ -105,7 +105,11 @@ class AdminService(apb_grpc.AdminServicer):
         return apb.RolloutStatus(
             rollout=apb.Rollout(
                 model_name=registry.name,
-                primary_version=state.primary or registry.primary.metadata.version,
+                # Empty while it follows the repository's highest version: shown
+                # resolved, a floating primary looked pinned, and a change read and
+                # written back (rollout set) pinned it.
+                primary_version=state.primary,
+                serving_primary_version=self.rollouts.primary_model().metadata.version,
                 canary_version=state.canary,
                 canary_percent=state.canary_percent,
                 shadow_versions=list(state.shadows),

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -547,7 +548,7 @@ class RolloutManager:
             dropped.add(f"primary-of:{before.canary}")
         self._drop_queued(dropped)
 
-    def _drop_queued(self, versions: set[str]) -> None:
+    def _drop_queued(self, versions: AbstractSet[str]) -> None:
         """Take ``versions`` out of the work still queued for comparisons: it was
         queued for a comparison now gone, and a version added again straight after
         would count it in its fresh one. (Rare: at a rollout change; a batch being

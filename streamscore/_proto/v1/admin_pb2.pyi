@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Rollout(_message.Message):
-    __slots__ = ("model_name", "primary_version", "canary_version", "canary_percent", "shadow_versions", "generation")
+    __slots__ = ("model_name", "primary_version", "canary_version", "canary_percent", "shadow_versions", "generation", "serving_primary_version")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
     CANARY_VERSION_FIELD_NUMBER: _ClassVar[int]
     CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    SERVING_PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     primary_version: str
     canary_version: str
     canary_percent: float
     shadow_versions: _containers.RepeatedScalarFieldContainer[str]
     generation: int
-    def __init__(self, model_name: _Optional[str] = ..., primary_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ...) -> None: ...
+    serving_primary_version: str
+    def __init__(self, model_name: _Optional[str] = ..., primary_version: _Optional[str] = ..., canary_version: _Optional[str] = ..., canary_percent: _Optional[float] = ..., shadow_versions: _Optional[_Iterable[str]] = ..., generation: _Optional[int] = ..., serving_primary_version: _Optional[str] = ...) -> None: ...
 
 class RollbackEvent(_message.Message):
     __slots__ = ("version", "reason", "time_ms", "automatic")
