@@ -235,6 +235,14 @@ class Settings:
             raise ValueError(
                 "kafka_fetch_max_wait_ms must be at least 1 and under half of stale_after_s"
             )
+        # Else the worker admits events (within lateness_ms of their partition's newest)
+        # that every server's replica drops as too old to fold: neither dead-lettered
+        # nor in any feature.
+        if updated.fold_horizon_ms <= updated.lateness_ms:
+            raise ValueError(
+                f"fold_horizon_ms ({updated.fold_horizon_ms}) must exceed lateness_ms "
+                f"({updated.lateness_ms}): servers would drop events the worker admits"
+            )
         return updated
 
 

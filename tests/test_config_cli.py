@@ -58,6 +58,16 @@ def test_fetch_wait_is_bounded_by_what_tansu_and_staleness_allow() -> None:
             load_settings(environ=bad)
 
 
+def test_the_fold_horizon_must_exceed_the_lateness() -> None:
+    # A lateness raised alone made the worker admit events every server then dropped
+    # as too old to fold: neither dead-lettered nor in any feature.
+    late = {"STREAMSCORE_LATENESS_MS": "10800000"}
+    with pytest.raises(ValueError, match=r"fold_horizon_ms .* must exceed lateness_ms"):
+        load_settings(environ=late)
+    both = load_settings(environ={**late, "STREAMSCORE_FOLD_HORIZON_MS": "14400000"})
+    assert (both.lateness_ms, both.fold_horizon_ms) == (10_800_000, 14_400_000)
+
+
 def test_lean_fetch_is_on_unless_turned_off() -> None:
     assert load_settings(environ={}).kafka_lean_fetch is True
     off = load_settings(environ={"STREAMSCORE_KAFKA_LEAN_FETCH": "false"})
