@@ -17,7 +17,13 @@ from typing import Any
 # operator asks for more. Set before grpc is imported (streamscore.tls imports it).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from streamscore.config import Settings, load_settings, unknown_environment
+from streamscore.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Settings,
+    load_settings,
+    unknown_environment,
+)
 from streamscore.logs import setup_logging
 from streamscore.stream import kafka_security
 from streamscore.tls import ClientTls, add_client_tls_arguments
@@ -33,8 +39,13 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 def _common(parser: argparse.ArgumentParser, *, kafka_help: str) -> None:
     parser.add_argument("--config", type=Path, help="TOML settings file (see README)")
     parser.add_argument("--kafka", metavar="HOST:PORT", help=kafka_help)
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", choices=["json", "text"])
+    _log_arguments(parser)
+
+
+def _log_arguments(parser: argparse.ArgumentParser) -> None:
+    # Read whatever their case, as the settings' choices are ("INFO" is "info").
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS)
+    parser.add_argument("--log-format", type=str.lower, choices=LOG_FORMATS)
 
 
 def _settings(args: argparse.Namespace, *names: str) -> Settings:
@@ -46,12 +57,16 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     # Every Kafka client this process makes connects this way (checked with the
     # settings).
     kafka_security.configure(settings.kafka_security)
+    _warn_of_unknown_environment()
+    return settings
+
+
+def _warn_of_unknown_environment() -> None:
     unknown = unknown_environment(os.environ)
     if unknown:
         logging.getLogger("streamscore").warning(
             "environment variables that are no settings, ignored: %s", ", ".join(unknown)
         )
-    return settings
 
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
@@ -408,6 +423,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the effective settings (defaults < file < environment), secrets masked."""
     settings = load_settings(args.config)
+    setup_logging(settings.log_level, settings.log_format)  # (on stderr)
+    _warn_of_unknown_environment()
     for name, value in settings.redacted().items():
         print(f"{name} = {_toml_value(value)}")
     return 0
@@ -521,8 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--no-progress", action="store_true", help="no progress bar")
     backfill.add_argument("--config", type=Path, help="TOML settings file (see README)")
-    backfill.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    backfill.add_argument("--log-format", choices=["json", "text"])
+    _log_arguments(backfill)
 
     features = add("features", cmd_features, "Show an entity's features (GetFeatures).")
     features.add_argument("entity_type", choices=["card", "merchant", "device", "ip"])

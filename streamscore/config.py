@@ -323,12 +323,14 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "payments_partitions": (1, 100_000),
     "entity_partitions": (1, 100_000),
 }
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("json", "text")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "deadline_policy": ("fallback", "error"),
     "torch_device": TORCH_DEVICES,
     "onnx_kernel": ONNX_KERNELS,
-    "log_level": ("debug", "info", "warning", "error", "critical"),
-    "log_format": ("json", "text"),
+    "log_level": LOG_LEVELS,
+    "log_format": LOG_FORMATS,
     "kafka_security_protocol": PROTOCOLS,
     "kafka_sasl_mechanism": SASL_MECHANISMS,
 }

@@ -380,6 +380,31 @@ def test_a_misspelt_environment_variable_is_named_with_the_likely_setting() -> N
     ]
 
 
+def test_config_names_a_misspelt_variable_too(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command that shows the effective settings is where an operator checks
+    them: it said nothing of a variable it ignored (serve warned)."""
+    from streamscore.cli import main
+
+    monkeypatch.setenv("STREAMSCORE_BUDGETMS", "5")
+    assert main(["config"]) == 0
+    captured = capsys.readouterr()
+    assert "budget_ms = 50.0" in captured.out
+    assert "STREAMSCORE_BUDGETMS (did you mean STREAMSCORE_BUDGET_MS?)" in captured.err
+
+
+def test_log_flags_are_read_whatever_their_case() -> None:
+    from streamscore.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["serve"], ["backfill", "events.jsonl", "-o", "out.jsonl"]):
+        args = parser.parse_args([*argv, "--log-level", "CRITICAL", "--log-format", "Text"])
+        assert (args.log_level, args.log_format) == ("critical", "text")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--log-level", "verbose"])
+
+
 def test_backfill_refuses_to_write_over_its_event_log(tmp_path: Path) -> None:
     from streamscore.cli import main
 
