@@ -11,7 +11,11 @@
 # STREAMSCORE_ADMIN_TOKEN (a secret: enables the Admin API), STREAMSCORE_TLS_CERT_FILE /
 # _TLS_KEY_FILE / _TLS_CLIENT_CA_FILE (TLS, mutual TLS), STREAMSCORE_TRITON_URL,
 # STREAMSCORE_BUDGET_MS, STREAMSCORE_DRAIN_DELAY_S / _DRAIN_TIMEOUT_S (SIGTERM drain:
-# set the orchestrator's grace period above their sum), STREAMSCORE_LOG_FORMAT.
+# set the orchestrator's grace period above their sum), STREAMSCORE_LOG_FORMAT,
+# STREAMSCORE_CARD_HASH_KEY (a secret: the same on every server whose card hashes in logs
+# and decisions must match), and for a secured Kafka cluster (README "A secured Kafka
+# cluster") STREAMSCORE_KAFKA_SECURITY_PROTOCOL with STREAMSCORE_KAFKA_SASL_* and
+# STREAMSCORE_KAFKA_SSL_*.
 # With TLS on, the HEALTHCHECK below is a TLS client too and needs its own variables,
 # or the container stays unhealthy while it serves: STREAMSCORE_TLS_CA (the CA that
 # signed the server certificate: always), STREAMSCORE_TLS_CLIENT_CERT /

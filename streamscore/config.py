@@ -98,8 +98,9 @@ class Settings:
     # gRPC refuses calls at once (callers see CANCELLED; the server never counts
     # them). About what one process answers within a budget (~2,000/s x 50 ms) plus
     # room for bursts: deeper, every call of a sustained overload waits past its
-    # deadline (10,000 answered 2 % of 8,000/s offered on two cores, 256 answered
-    # 45 %, the process's capacity). Raise it for bursty callers with long deadlines.
+    # deadline (10,000 answered 5-6 % of 8,000/s offered on two cores, 256 answered
+    # 37-39 %, the process's capacity: BENCHMARKS.md, "Sustained overload"). Raise it
+    # for bursty callers with long deadlines.
     max_pending_calls: int = 256
     # A connection idle this long is pinged; one whose peer does not answer within
     # keepalive_timeout_s is closed, ending its calls. A client host that died (no
@@ -114,7 +115,7 @@ class Settings:
     max_streams: int = 10_000
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
-    # Prometheus /metrics over HTTP on this port (same host as gRPC); 0: off.
+    # Prometheus /metrics over HTTP on this port (on metrics_host); 0: off.
     metrics_port: int = 0
     # The address /metrics listens on; empty: the gRPC host. A container listens on
     # 0.0.0.0 for gRPC, while metrics (model versions, rates, internals) belong on a

@@ -15,7 +15,7 @@ in every worker); worker i serves metrics on ``metrics_port + i`` and, with
 a client with the ``round_robin`` policy can spread its calls evenly over the workers
 (``spread_target``). SIGTERM / SIGINT are passed on (each worker drains). A worker
 that dies on its own is started again while the others keep serving; only a crash
-loop (``RESTARTS_MAX`` deaths within ``RESTART_WINDOW_S``) stops the set, exit 1, for
+loop (more than ``RESTARTS_MAX`` deaths within ``RESTART_WINDOW_S``) stops the set, exit 1, for
 the process manager.
 """
 
@@ -35,7 +35,7 @@ from streamscore.tls import check_server_files
 
 log = logging.getLogger("streamscore.supervisor")
 
-# A worker that dies is started again, unless this many deaths came within the window
+# A worker that dies is started again, unless more deaths than this came within the window
 # (a crash loop: the set stops, for the process manager to see).
 RESTARTS_MAX = 5
 RESTART_WINDOW_S = 60.0
@@ -96,7 +96,7 @@ def _span(ports: range) -> str:
 async def serve_workers(settings: Settings, workers: int) -> int:
     """Run the set until a signal; a worker that dies is started again (its replica
     rebuilds from the log meanwhile, its connections go to the others), unless workers
-    died ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S``: then the whole set stops,
+    died more than ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S``: then the whole set stops,
     exit 1, for the process manager. The caller checked the ports (``check_ports``)
     before anything started; the TLS files (a ``TlsError``) and that the repository holds
     the version to serve (FileNotFoundError) are checked here."""

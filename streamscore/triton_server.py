@@ -310,9 +310,6 @@ class EmbeddedTriton(LoopbackServerProcess):
         """(Re)load ``name`` from the repository: picks up versions written since."""
         await self._repository_call("load_model", name, timeout)
 
-    async def unload_model(self, name: str, *, timeout: float = 30.0) -> None:
-        await self._repository_call("unload_model", name, timeout)
-
     # -- internals ------------------------------------------------------------------
 
     async def _repository_call(self, method: str, name: str, timeout: float) -> None:

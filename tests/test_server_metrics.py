@@ -24,6 +24,31 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
     fold("e1", 10 * HOUR)  # a redelivery
     fold("e2", 12 * HOUR)
     fold("e3", 10 * HOUR)  # two hours behind the merchant's newest: too late for it
+    lines = scrape(store)
+    assert 'streamscore_replica_fold_outcomes_total{outcome="applied"} 2.0' in lines
+    assert 'streamscore_replica_fold_outcomes_total{outcome="duplicate"} 1.0' in lines
+    assert 'streamscore_replica_fold_outcomes_total{outcome="too_late"} 1.0' in lines
+    assert "# TYPE streamscore_replica_fold_outcomes_total counter" in lines  # only grows
+    assert 'streamscore_decisions_total{outcome="published"} 7.0' in lines
+    assert 'streamscore_decisions_total{outcome="failed"} 2.0' in lines
+
+
+def test_idle_entities_swept_and_kept_are_exposed() -> None:
+    """Swept entities are kept (their newest event time) for the process's life: the
+    count is what an operator watches for that memory."""
+    store = FeatureStore()
+    store.fold("merchant", "m1", FoldRecord("e1", 10 * HOUR, 100, False, "m1", "c1"))
+    later = 10 * HOUR + 9 * 24 * HOUR  # past every window of m1's newest event
+    store.fold("card", "c1", FoldRecord("e2", later, 100, False, "m1", "c1"))
+    assert store.sweep_idle("merchant", ["m1"]) == 1
+    lines = scrape(store, entities_swept=1)
+    assert "streamscore_entities 1.0" in lines
+    assert "streamscore_entities_idle 1.0" in lines
+    assert "streamscore_replica_entities_swept_total 1.0" in lines
+
+
+def scrape(store: FeatureStore, **replica_values: object) -> list[str]:
+    """The collector's lines for a server on ``store``, its replica's values given."""
     replica = SimpleNamespace(
         entries_folded=4,
         bad_records=0,
@@ -33,7 +58,9 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
         fetching_lean=True,
         lean_fallbacks=0,
         log_resets=0,
+        entities_swept=0,
     )
+    vars(replica).update(replica_values)
     server = SimpleNamespace(
         rollouts=None,
         decisions=SimpleNamespace(published=7, dropped=1, failed=2),
@@ -44,13 +71,7 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
     )
     registry = CollectorRegistry()
     registry.register(ServerCollector(server))
-    lines = generate_latest(registry).decode().splitlines()
-    assert 'streamscore_replica_fold_outcomes_total{outcome="applied"} 2.0' in lines
-    assert 'streamscore_replica_fold_outcomes_total{outcome="duplicate"} 1.0' in lines
-    assert 'streamscore_replica_fold_outcomes_total{outcome="too_late"} 1.0' in lines
-    assert "# TYPE streamscore_replica_fold_outcomes_total counter" in lines  # only grows
-    assert 'streamscore_decisions_total{outcome="published"} 7.0' in lines
-    assert 'streamscore_decisions_total{outcome="failed"} 2.0' in lines
+    return generate_latest(registry).decode().splitlines()
 
 
 def test_degraded_and_answer_series_are_exported_before_the_first_one() -> None:

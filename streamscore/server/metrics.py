@@ -342,6 +342,12 @@ class ServerCollector:
                 replica.bad_records,
             )
             yield _counter(
+                "streamscore_replica_entities_swept",
+                "Entities idle past every window, swept out of memory to their newest "
+                "event time (streamscore_entities_idle holds what is left of them).",
+                replica.entities_swept,
+            )
+            yield _counter(
                 "streamscore_replica_log_resets",
                 "Partitions found with a log end behind what was folded (the broker lost "
                 "its log): folded again from the new log's start.",
@@ -377,6 +383,12 @@ class ServerCollector:
                     float(replica.fetching_lean),
                 ),
                 ("streamscore_entities", "Entities held in memory.", len(self.server.store)),
+                (
+                    "streamscore_entities_idle",
+                    "Entities swept as idle, kept as their newest event time and count "
+                    "(about 180 bytes each, for the process's life).",
+                    self.server.store.idle_count(),
+                ),
             ):
                 family = GaugeMetricFamily(name, help_)
                 family.add_metric([], float(value))
@@ -384,9 +396,9 @@ class ServerCollector:
             outcomes = CounterMetricFamily(
                 "streamscore_replica_fold_outcomes",
                 "Events folded into one entity each, by outcome: applied; duplicate (a "
-                "redelivery); too_late (older than the entity's newest event minus the "
-                "allowed lateness, which only payments partitions that far apart in "
-                'event time can send: README, "Partitions far apart").',
+                "redelivery); too_late (older than the entity's newest event from its "
+                "partition minus fold_horizon_ms, which only payments partitions that "
+                'far apart in event time can send: README, "Partitions far apart").',
                 labels=["outcome"],
             )
             for outcome, count in self.server.store.counts.items():

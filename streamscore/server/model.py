@@ -34,10 +34,6 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 # Tensor names of the ONNX model (Triton's config and python-backend model use them too).
 INPUT_NAME = "features"
 OUTPUT_NAME = "score"
-# Files of one version directory.
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.pt"
-METADATA_FILE = "metadata.json"
 
 BACKENDS = ("onnxruntime", "torch", "triton", "tensorrt")
 DEFAULT_BACKEND = "onnxruntime"

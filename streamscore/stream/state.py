@@ -314,6 +314,11 @@ class FeatureStore:
                 swept += 1
         return swept
 
+    def idle_count(self) -> int:
+        """Entities swept as idle (``self.idle``): read at scrape time, off the loop,
+        so a sum of ``len()`` calls, each atomic; the dict of types never changes."""
+        return sum(len(swept) for swept in self.idle.values())
+
     def get(self, entity_type: str, entity_id: str) -> EntityState | None:
         return self.entities[entity_type].get(entity_id)
 

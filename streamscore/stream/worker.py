@@ -20,7 +20,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Awaitable
-from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -62,12 +61,6 @@ DEAD_LETTERS = Counter(
     "Events sent to the dead-letter topic, by reason (bad_json, missing_field, too_late, ...).",
     ["reason"],
 )
-
-
-@dataclass
-class WorkerStats:
-    valid: int = 0
-    dead_lettered: int = 0
 
 
 # The most of a malformed message's bytes (and of its error's detail) that its
@@ -116,7 +109,7 @@ def create_app(
     fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
     datadir: str | None = None,
     exit_on_error: bool = False,
-) -> tuple[faust.App, WorkerStats]:
+) -> faust.App:
     """Build the Faust app; the caller runs it (``faust.Worker``) or starts it in tests.
 
     ``datadir``: where Faust keeps its table files. The worker holds no tables, but
@@ -139,7 +132,6 @@ def create_app(
         broker_credentials=kafka_security.faust_credentials(),
         **kafka_compat.FAUST_BROKER_SETTINGS,
     )
-    stats = WorkerStats()
     event_gate = gate or EventTimeGate()
     payments = app.topic(
         PAYMENTS,
@@ -178,7 +170,6 @@ def create_app(
                 payment = parse_event(raw)
                 event_gate.admit(payment, message.partition)
             except InvalidEvent as error:
-                stats.dead_lettered += 1
                 DEAD_LETTERS.labels(error.reason).inc()
                 EVENTS.labels("dead_lettered").inc()
                 source = {
@@ -212,7 +203,6 @@ def create_app(
         await asyncio.gather(*sent)
         for partition, value in positions.due():
             await watermarks.send(value=value, partition=partition)
-        stats.valid += len(valid)
         EVENTS.labels("routed").inc(len(valid))
 
     # An error here ends the worker (exit status 1), instead of Faust's default of
@@ -237,7 +227,7 @@ def create_app(
                 logging.shutdown()
                 os._exit(1)
 
-    return app, stats
+    return app
 
 
 def _event_order(routed: tuple[PaymentEvent, int]) -> tuple[int, str]:
@@ -263,7 +253,7 @@ def run_worker(
     # A throwaway data directory, so that running a worker leaves no empty
     # "streamscore-worker-data" behind in the user's working directory.
     with tempfile.TemporaryDirectory(prefix="streamscore-worker-") as datadir:
-        app, _ = create_app(
+        app = create_app(
             bootstrap,
             payments_partitions=payments_partitions,
             entity_events_partitions=entity_events_partitions,
