@@ -105,7 +105,7 @@ class Settings:
     # A connection idle this long is pinged; one whose peer does not answer within
     # keepalive_timeout_s is closed, ending its calls. A client host that died (no
     # FIN, no RST) otherwise kept its ScoreStreams open, with their state, until the
-    # kernel's TCP keepalive (2 h). 0: no pings.
+    # kernel's TCP keepalive (2 h). 0: gRPC's own default (a ping after 2 h idle).
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     # ScoreStreams open at once; past it a new one is refused (RESOURCE_EXHAUSTED)
@@ -378,13 +378,20 @@ def _check_values(settings: Settings) -> None:
     for name, (low, high) in _BOUNDS.items():
         value = getattr(settings, name)
         if not low <= value <= high:
-            raise ValueError(f"setting {name}: {value!r} is not within [{low:g}, {high:g}]")
+            raise ValueError(
+                f"setting {name}: {value!r} is not within [{_bound(low)}, {_bound(high)}]"
+            )
     for name, choices in _CHOICES.items():
         value = getattr(settings, name)
         if value not in choices:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
     settings.kafka_security.check()
     _check_admin_token(settings.admin_token)
+
+
+def _bound(value: float) -> str:
+    """A bound as written, exactly: 2147483647, not %g's 2.14748e+09."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 # Shorter, a bearer token can be guessed; the README suggests `openssl rand -hex 32`.

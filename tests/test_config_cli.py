@@ -111,7 +111,7 @@ def test_choices_are_read_whatever_their_case() -> None:
         ("admin_token = 123", "setting admin_token: expected a string, got a value of another"),
         ("port = [", "config file .*streamscore.toml: "),
         ("budget_ms = 0", "setting budget_ms: 0.0 is not within"),
-        ("batch_max_queue = -5", "setting batch_max_queue: -5 is not within"),
+        ("batch_max_queue = -5", r"setting batch_max_queue: -5 is not within \[1, 2147483647\]"),
         ("max_message_bytes = -1", "setting max_message_bytes: -1 is not within"),
         ("breaker_failures = 0", "setting breaker_failures: 0 is not within"),
         ("canary_percent = 500", "setting canary_percent: 500.0 is not within"),
