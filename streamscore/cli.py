@@ -304,7 +304,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    """Talk to the Admin API: show, set, promote, rollback."""
+    """Talk to the Admin API: show, set, promote, rollback; models lists the versions."""
     import grpc
 
     from streamscore._proto.v1 import admin_pb2 as apb
@@ -317,6 +317,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     with ClientTls.from_arguments(args).channel(args.target) as channel:
         stub = apb_grpc.AdminStub(channel)
         try:
+            if args.action == "models":
+                listed = stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=10)
+                for info in listed.versions:
+                    state = "loaded" if info.loaded else "not loaded"
+                    print(f"{info.name} {info.version}: {info.backend}, {state}")
+                return 0
             if args.action == "show":
                 status = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
             elif args.action == "set":
@@ -549,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     rollout = add("rollout", cmd_rollout, "Show or change the model rollout (Admin API).")
-    rollout.add_argument("action", choices=["show", "set", "promote", "rollback"])
+    rollout.add_argument("action", choices=["show", "set", "promote", "rollback", "models"])
     _client_options(rollout)
     rollout.add_argument("--token", help="admin bearer token (or STREAMSCORE_ADMIN_TOKEN)")
     rollout.add_argument("--primary", help="set: primary version ('' = highest)")

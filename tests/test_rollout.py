@@ -345,6 +345,8 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
             assert await loop.run_in_executor(None, cli_main, show) == 0
             pin = ["rollout", "set", "--target", target, "--token", TOKEN, "--primary", "1"]
             assert await loop.run_in_executor(None, cli_main, pin) == 0
+            models = ["rollout", "models", "--target", target, "--token", TOKEN]
+            assert await loop.run_in_executor(None, cli_main, models) == 0
             wrong = ["rollout", "show", "--target", target, "--token", "nope"]
             assert await loop.run_in_executor(None, cli_main, wrong) == 1
 
@@ -358,6 +360,9 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
     assert shown[1] == f"{floating} 2 at 10%, shadows - (generation 2)", shown
     assert shown[2] == shown[1], shown
     assert shown[3] == "fraud_mlp: primary 1, canary 2 at 10%, shadows - (generation 3)", shown
+    listed = [line for line in out.out.splitlines() if line.startswith("fraud_mlp ")]
+    assert listed[:2] == ["fraud_mlp 1: onnxruntime, loaded", "fraud_mlp 2: onnxruntime, loaded"]
+    assert len(listed) == 4, listed
     assert "UNAUTHENTICATED" in out.err
 
 
