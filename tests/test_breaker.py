@@ -74,21 +74,43 @@ def test_bad_settings_are_refused() -> None:
 
 
 @given(
-    st.lists(st.tuples(st.sampled_from(["ok", "fail", "release"]), st.floats(0, 3)), max_size=60)
+    st.lists(
+        st.tuples(st.sampled_from(["ok", "fail", "release", "lost"]), st.floats(0, 3)),
+        max_size=60,
+    )
 )
 def test_while_open_at_most_one_probe_per_cooldown(steps: list[tuple[str, float]]) -> None:
+    """Time passes between calls, and a probe may be lost (never reported): while open,
+    no call goes through within a cooldown of the opening, nor within one of a probe
+    still out; a probe that reports lets the next caller decide again."""
     clock = Clock()
     breaker = CircuitBreaker(failures_to_open=2, cooldown_s=1.0, max_cooldown_s=8.0, clock=clock)
+    opened: tuple[float, float] | None = None  # (when, its cooldown), as seen from outside
+    probe_out: tuple[float, float] | None = None  # a probe never reported: (when, cooldown)
     for outcome, wait in steps:
         clock.now += wait
         was_closed = breaker.state == "closed"
         allowed = breaker.allow()
         assert allowed or not was_closed  # closed always lets calls through
+        if not was_closed:
+            assert opened is not None
+            if clock.now - opened[0] < opened[1]:
+                assert not allowed  # open: within the cooldown of its opening
+            if probe_out is not None and clock.now - probe_out[0] < probe_out[1]:
+                assert not allowed  # a probe is out
         if allowed and not was_closed:
             # A probe is out: nobody else gets through until it reports or a cooldown passes.
             assert not breaker.allow()
-        if allowed:
+        if allowed and outcome != "lost":
             {"ok": breaker.record_success, "fail": breaker.record_failure}.get(
                 outcome, breaker.release
             )()
+            probe_out = None
+        elif allowed and not was_closed:
+            probe_out = (clock.now, breaker.cooldown_s)
+        if breaker.state == "closed":
+            opened = probe_out = None
+        elif opened is None or (allowed and outcome == "fail" and not was_closed):
+            opened = (clock.now, breaker.cooldown_s)  # opened, or opened again for longer
+            probe_out = None
         assert 1.0 <= breaker.cooldown_s <= 8.0

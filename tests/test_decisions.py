@@ -122,19 +122,23 @@ async def test_a_dead_broker_never_blocks_or_fails_the_caller() -> None:
     await log.start()
     await broker.stop()
     record = DecisionRecord("r", 0, "primary", "m", "1", 0.5, "APPROVE", "h", "c")
-    started = time.perf_counter()
+    # Never blocks: a plain call that queues or drops, with nothing to await.
+    assert not asyncio.iscoroutinefunction(log.record)
     for _ in range(20_000):
         log.record(record)
-    assert time.perf_counter() - started < 1.0  # microseconds each, no I/O
     assert log.dropped >= 19_000 - log.published
-    started = time.perf_counter()
-    await log.stop(timeout=2)
-    assert time.perf_counter() - started < 10
+    # Stops within its timeout, what it could not publish left behind (no hang).
+    await asyncio.wait_for(log.stop(timeout=2), 10)
 
 
 class FlakyProducer:
     """Stands in for the Kafka producer: its first send fails, as a broker that went
-    away and came back does; then every send is stored."""
+    away and came back does; then every send is stored.
+
+    A fake, for the drain's requeue logic alone: with the real producer a failed send
+    takes aiokafka's request timeout (40 s), and a restarted embedded tansu (in
+    memory) acknowledges writes to the topic it no longer has before the topic is
+    made again, and drops them, so it cannot show a retry either."""
 
     def __init__(self) -> None:
         self.stored: list[bytes] = []

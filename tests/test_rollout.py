@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from onnx import TensorProto, helper
 from prometheus_client import REGISTRY
@@ -317,6 +318,29 @@ async def test_shadows_are_compared_off_the_response_path(
         # Version 2 is version 1's model: identical scores, full agreement.
         assert stats["agreement"] == pytest.approx(1.0)
         assert stats["compared"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
+
+
+async def test_a_slow_shadow_does_not_hold_the_primarys_answers(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Off the response path: a shadow whose every call takes tens of milliseconds
+    (version 4) leaves the primary's answers as quick as they were. Scored on the
+    path, each answer would take at least one of its calls."""
+    async with serving(trained_model, tmp_path) as (scoring, admin, _, _):
+        await set_rollout(admin, shadow_versions=["4"])
+        answers = await drive(scoring, cards=40, rounds=1)
+        assert all(a.model.version == "1" and a.model.variant == pb.PRIMARY for a in answers)
+        shadow: dict[str, float] = {}
+        for _ in range(100):
+            status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+            shadow = next((dict(c.stats) for c in status.candidates if c.variant == "shadow"), {})
+            if shadow.get("compared", 0) >= 1:
+                break
+            await asyncio.sleep(0.1)
+        shadow_call_s = shadow["p99_s"]
+        assert shadow_call_s > 0.005, shadow  # the shadow is slow...
+        answer_s = float(np.median([a.timings.total_us for a in answers])) / 1e6
+        assert answer_s < shadow_call_s / 4, (answer_s, shadow)  # ...its callers are not
 
 
 def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys) -> None:
