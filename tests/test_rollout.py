@@ -320,6 +320,36 @@ async def test_shadows_are_compared_off_the_response_path(
         assert stats["compared"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
 
 
+async def test_a_canary_replaced_in_place_is_reloaded_and_compared_afresh(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """train --replace of the canary's version: the canary answers with the new files
+    (it kept answering with the model no longer on disk, under the same version), and
+    its comparison starts again (pairs of the old model say nothing of the new)."""
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, repository):
+        await set_rollout(admin, canary_version="2", canary_percent=100)
+        answers = await drive(scoring, cards=20, rounds=1)
+        assert all((a.model.version, a.model.variant) == ("2", pb.CANARY) for a in answers)
+        assert all(a.score != 0.5 for a in answers)
+
+        async def canary_requests() -> float:
+            status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+            return next(c.stats["requests"] for c in status.candidates if c.variant == "canary")
+
+        assert await canary_requests() == 20
+        version_dir = repository / MODEL / "2"
+        k = len(json.loads((version_dir / "metadata.json").read_text())["inputs"])
+        staged = version_dir / ".model.onnx.new"
+        staged.write_bytes(onnx_bytes(k, "slow", repeats=1))  # sigmoid(0): always 0.5
+        staged.rename(version_dir / "model.onnx")
+        assert await server.models.reload() is False  # the primary's files are unchanged
+        reply = await scoring.Score(request(1, "card-1"))
+        assert (reply.model.version, reply.model.variant, reply.score) == ("2", pb.CANARY, 0.5)
+        assert await canary_requests() == 1
+        assert await server.models.reload() is False  # nothing changed since: no reload
+        assert server.models.reloads == 1
+
+
 async def test_a_slow_shadow_does_not_hold_the_primarys_answers(
     trained_model: Path, tmp_path: Path
 ) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from operator import itemgetter
@@ -84,6 +86,9 @@ def check_served(directory: Path, metadata: ModelMetadata, computed: Collection[
         )
 
 
+_LOADS = itertools.count(1)
+
+
 class ServedModel:
     """One model version taking traffic (or about to)."""
 
@@ -98,6 +103,12 @@ class ServedModel:
         feature_names: Collection[str] = SERVED_FEATURE_NAMES,
     ) -> None:
         self.directory = directory
+        # What its files were as it was loaded (``repository_fingerprint`` of its
+        # version): the registry reloads it when they change.
+        self.fingerprint = version_fingerprint(directory)
+        # One per load: a version replaced in place is a new model under the same key,
+        # so comparisons made against the old one start again (rollout.py).
+        self.serial = next(_LOADS)
         self.metadata = ModelMetadata.load(directory / "metadata.json")
         check_served(directory, self.metadata, feature_names)
         self.key = (self.metadata.name, self.metadata.version)  # (looked up per request)
@@ -304,6 +315,12 @@ def repository_fingerprint(repository: Path, name: str, version: str = "") -> st
     return digest.hexdigest()
 
 
+def version_fingerprint(directory: Path) -> str:
+    """``repository_fingerprint`` of the one version in ``directory``
+    (<repository>/<model>/<version>)."""
+    return repository_fingerprint(directory.parent.parent, directory.parent.name, directory.name)
+
+
 # A version that failed to load is tried again after this long, then twice as long
 # each time up to the cap, while the repository stays as it was.
 RELOAD_RETRY_S = 2.0
@@ -343,6 +360,8 @@ class ModelRegistry:
         self._watcher: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._others: dict[tuple[str, str], ServedModel] = {}
+        # A version whose reload failed: (its files' fingerprint then, retry after).
+        self._failed_others: dict[tuple[str, str], tuple[str, float]] = {}
         self._lock = asyncio.Lock()  # one load/swap at a time (watcher, reload, load)
         # Versions a hot reload must not stop when it replaces the primary: the
         # rollout's (RolloutManager sets it); they stay loaded, as by ``load``.
@@ -438,7 +457,8 @@ class ModelRegistry:
 
     async def load(self, name: str, version: str) -> ServedModel:
         """Load, start and warm up a version next to the primary (e.g. a canary or a
-        shadow); the already loaded one if there is one. Not hot-reloaded."""
+        shadow); the already loaded one if there is one. Hot-reloaded as the primary
+        is, when its files change (``_reload_others``)."""
         async with self._lock:
             with contextlib.suppress(KeyError):
                 return self.get(name, version)
@@ -456,9 +476,48 @@ class ModelRegistry:
             await served.stop()
 
     async def reload(self) -> bool:
-        """Load the repository's target version and swap it in; False if unchanged."""
+        """Load the repository's target version and swap it in; False if unchanged.
+        Then the other loaded versions whose files changed (each failure logged)."""
         async with self._lock:
-            return await self._reload()
+            swapped = await self._reload()
+            await self._reload_others()
+            return swapped
+
+    async def _reload_others(self) -> None:
+        """A canary or shadow (or a primary the rollout names) replaced in place
+        (``train --replace``) is loaded again and swapped in, as the primary is: it
+        kept answering with the model no longer on disk, under the same version. A
+        load that fails keeps the loaded one and is tried again when the files change
+        again, or after ``RELOAD_RETRY_MAX_S``."""
+        now = time.monotonic()
+        for key, served in list(self._others.items()):
+            directory = served.directory
+            if not directory.is_dir():
+                continue  # deleted: the rollout's business (it keeps what it loaded)
+            fingerprint = version_fingerprint(directory)
+            failed = self._failed_others.get(key)
+            if fingerprint == served.fingerprint or (
+                failed is not None and failed[0] == fingerprint and now < failed[1]
+            ):
+                continue
+            try:
+                new = await self._load(directory)
+            except Exception:
+                self.reload_failures += 1
+                self._failed_others[key] = (fingerprint, now + RELOAD_RETRY_MAX_S)
+                log.exception(
+                    "model reload failed; still serving the previous files",
+                    extra={"version": key[1]},
+                )
+                continue
+            self._failed_others.pop(key, None)
+            if self._others.get(key) is not served:  # unloaded meanwhile
+                await new.stop()
+                continue
+            self._others[key] = new  # the atomic swap
+            self.reloads += 1
+            log.info("model swapped", extra={"version": key[1], "replaced_in_place": True})
+            self._retire(served)
 
     async def _reload(self) -> bool:
         fingerprint = self._scan()
@@ -472,10 +531,14 @@ class ModelRegistry:
         if old is not None and old.key != new.key and self.keep(old.metadata.version):
             self._others[old.key] = old  # the rollout still uses it
         elif old is not None:
-            task = asyncio.create_task(old.stop(), name="retire-model")
-            self._retiring.add(task)
-            task.add_done_callback(self._retired)
+            self._retire(old)
         return True
+
+    def _retire(self, old: ServedModel) -> None:
+        """Stop a version swapped out, once the calls that started on it are done."""
+        task = asyncio.create_task(old.stop(), name="retire-model")
+        self._retiring.add(task)
+        task.add_done_callback(self._retired)
 
     def _retired(self, task: asyncio.Task[None]) -> None:
         self._retiring.discard(task)

@@ -119,7 +119,9 @@ class _Candidate:
     variant: str
     comparison: PairComparison
     window: LatencyErrorWindow
-    primary: str = ""  # the primary version it is compared with
+    # The loads compared (ServedModel.serial of the primary, of the candidate): a
+    # promote, a hot reload or a version replaced in place starts a fresh comparison.
+    models: tuple[int, int] = (0, 0)
     errors: int = 0
     answered: int = 0
 
@@ -472,22 +474,25 @@ class RolloutManager:
         key = (version, variant)
         candidate = self._candidates.get(key)
         primary_model = self.primary_model()
-        if candidate is not None and candidate.primary != primary_model.metadata.version:
-            # The primary changed (a promote, a hot reload): pairs against the old one,
-            # at its thresholds, say nothing about this one; start again.
+        try:
+            candidate_model: ServedModel | None = self.registry.get(self.registry.name, version)
+        except KeyError:
+            candidate_model = None
+        models = (primary_model.serial, candidate_model.serial if candidate_model else 0)
+        if candidate is not None and candidate.models != models:
+            # Either side changed (a promote, a hot reload, a version replaced in
+            # place): pairs against the old models, at their thresholds, say nothing
+            # about these; start again.
             candidate = None
         if candidate is None:
             primary = primary_model.metadata.thresholds
-            try:
-                thresholds = self.registry.get(self.registry.name, version).metadata.thresholds
-            except KeyError:
-                thresholds = primary
+            thresholds = candidate_model.metadata.thresholds if candidate_model else primary
             candidate = self._candidates[key] = _Candidate(
                 version,
                 variant,
                 PairComparison(primary, thresholds, window=self.window),
                 LatencyErrorWindow(self.window),
-                primary=primary_model.metadata.version,
+                models=models,
             )
         return candidate
 
