@@ -56,6 +56,15 @@ def hash_id(value: str) -> str:
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+def clipped(text: str, limit: int = 64) -> str:
+    """``text``, or its first ``limit`` characters and its length when longer: an id
+    as a caller sent it may be of any length (refused past 256 characters), and
+    echoed whole it made a status too large for gRPC's metadata (16 KiB)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -67,7 +76,9 @@ class JsonFormatter(logging.Formatter):
         }
         request = CURRENT_REQUEST.get()
         if request is not None:
-            entry["request_id"], entry["card_hash"] = request[0], hash_id(request[1])
+            entry["request_id"] = clipped(request[0])
+            if request[1]:  # (none: a request that did not parse, or left it out)
+                entry["card_hash"] = hash_id(request[1])
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -22,7 +22,7 @@ from streamscore import logs
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
-from streamscore.logs import JsonFormatter, hash_id
+from streamscore.logs import CURRENT_REQUEST, JsonFormatter, hash_id
 from streamscore.server.app import ScoringServer
 from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
@@ -126,6 +126,22 @@ def test_card_hashes_are_keyed_so_card_numbers_cannot_be_tried(
     assert hash_id(card) == shared  # stable
     logs.set_hash_key("another secret")
     assert hash_id(card) != shared
+
+
+def test_a_requests_line_names_its_id_clipped_and_no_hash_of_no_card() -> None:
+    """A request that did not parse (or left the card out) had the hash of an empty
+    card id, one value for unrelated requests; an id of any length was written whole."""
+    record = logging.LogRecord("streamscore.scoring", logging.INFO, "", 0, "refused", None, None)
+    lines = []
+    for request in (("r-1", ""), ("R" * 1000, "4111")):
+        token = CURRENT_REQUEST.set(request)
+        try:
+            lines.append(orjson.loads(JsonFormatter().format(record)))
+        finally:
+            CURRENT_REQUEST.reset(token)
+    assert lines[0]["request_id"] == "r-1" and "card_hash" not in lines[0]
+    assert lines[1]["request_id"] == "R" * 64 + "... (1000 characters)"
+    assert lines[1]["card_hash"] == hash_id("4111")
 
 
 async def test_the_worker_writes_only_json_lines(tmp_path: Path) -> None:

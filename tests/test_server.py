@@ -320,6 +320,25 @@ async def test_score_stream_answers_in_order_and_stops_at_a_bad_request(
     assert caught.value.details() == "transaction.card_id: is required"
 
 
+async def test_a_stream_refusal_names_a_long_request_id_clipped(
+    replay_stub: pb_grpc.ScoringStub,
+) -> None:
+    # Echoed whole, an id of 20,000 characters made the status larger than gRPC's
+    # metadata limit: the caller saw RESOURCE_EXHAUSTED, not the field refused.
+    long_id = "R" * 20_000
+    for request in (
+        pb.ScoreRequest(request_id=long_id, transaction=transaction()),  # too long
+        pb.ScoreRequest(request_id=long_id, transaction=transaction(card_id="")),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in replay_stub.ScoreStream(iter([request])):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert details.endswith(f"(request_id '{'R' * 64}... (20000 characters)')"), details
+        assert len(details) < 200
+
+
 async def test_score_stream_reads_ahead_and_still_answers_in_order(
     replay_stub: pb_grpc.ScoringStub,
 ) -> None:

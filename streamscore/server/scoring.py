@@ -13,7 +13,7 @@ import grpc
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
-from streamscore.logs import CURRENT_REQUEST
+from streamscore.logs import CURRENT_REQUEST, clipped
 from streamscore.server.backends.base import Row
 from streamscore.server.batcher import (
     BackendFailed,
@@ -711,7 +711,7 @@ async def _guard(
         if request is not None:
             CURRENT_REQUEST.set((request.request_id, request.card_id))
             if request.request_id:  # (none: the error says it is missing)
-                suffix = f" (request_id {request.request_id!r})"
+                suffix = f" (request_id {clipped(request.request_id)!r})"
         # Debug only: refusals can come thousands a second under overload; the
         # streamscore_rpc_seconds_count{code} series counts them.
         log.debug("request refused", extra={"code": code, "reason": str(error)})
