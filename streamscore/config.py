@@ -102,10 +102,11 @@ class Settings:
     # 37-39 %, the process's capacity: BENCHMARKS.md, "Sustained overload"). Raise it
     # for bursty callers with long deadlines.
     max_pending_calls: int = 256
-    # A connection idle this long is pinged; one whose peer does not answer within
-    # keepalive_timeout_s is closed, ending its calls. A client host that died (no
-    # FIN, no RST) otherwise kept its ScoreStreams open, with their state, until the
-    # kernel's TCP keepalive (2 h). 0: gRPC's own default (a ping after 2 h idle).
+    # A connection idle this long (with calls in flight or none) is pinged; one whose
+    # peer does not answer within keepalive_timeout_s is closed, ending its calls. A
+    # client host that died (no FIN, no RST) otherwise kept its ScoreStreams open, with
+    # their state, until the kernel's TCP keepalive (2 h). 0: gRPC's own default (a
+    # ping after 2 h idle).
     keepalive_s: float = 60.0
     keepalive_timeout_s: float = 20.0
     # ScoreStreams open at once; past it a new one is refused (RESOURCE_EXHAUSTED)

@@ -258,45 +258,179 @@ time.sleep(3600)
 """
 
 
+# A unary caller between payments: one Score answered, then its channel kept open
+# with no call in flight.
+IDLE_CLIENT = """
+import sys, time, grpc
+from streamscore._proto.v1 import scoring_pb2 as pb
+channel = grpc.insecure_channel(sys.argv[1])
+score = channel.unary_unary(
+    "/streamscore.v1.Scoring/Score",
+    request_serializer=pb.ScoreRequest.SerializeToString,
+    response_deserializer=pb.ScoreResponse.FromString,
+)
+transaction = pb.Transaction(card_id="c", merchant_id="m")
+print(score(pb.ScoreRequest(request_id="r-1", transaction=transaction)).request_id, flush=True)
+time.sleep(3600)
+"""
+
+
+# A ScoreStream client with a keepalive of its own, as grpc-go and grpc-java clients
+# use to find a dead server: pings every 6 s, also between messages.
+PINGING_CLIENT = """
+import queue, sys, time, grpc
+from streamscore._proto.v1 import scoring_pb2 as pb
+options = [("grpc.keepalive_time_ms", int(sys.argv[3])), ("grpc.http2.max_pings_without_data", 0)]
+channel = grpc.insecure_channel(sys.argv[1], options=options)
+stream = channel.stream_stream(
+    "/streamscore.v1.Scoring/ScoreStream",
+    request_serializer=pb.ScoreRequest.SerializeToString,
+    response_deserializer=pb.ScoreResponse.FromString,
+)
+sent = queue.Queue()
+def messages():
+    while (message := sent.get()) is not None:
+        yield message
+transaction = pb.Transaction(card_id="c", merchant_id="m")
+answers = stream(messages())
+try:
+    for i, pause in enumerate((0, float(sys.argv[2]))):
+        time.sleep(pause)
+        sent.put(pb.ScoreRequest(request_id=f"r-{i}", transaction=transaction))
+        print(next(answers).request_id, flush=True)
+    sent.put(None)
+except grpc.RpcError as error:
+    print(error.code().name, error.details(), flush=True)
+"""
+
+
+def established_on(port: int) -> int:
+    """Established TCP connections whose local port is ``port`` (this host's)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "01":
+                    count += 1
+    return count
+
+
 async def test_a_dead_clients_stream_is_closed_by_keepalive(
     trained_model: Path, tmp_path: Path
 ) -> None:
     """A client host that died without closing (no FIN, no RST) kept its ScoreStreams
     open, and their state, until TCP's own keepalive (2 h): the server pings a
     connection idle for keepalive_s and closes it unanswered (keepalive 0: not)."""
-    from streamscore.config import Settings
-    from streamscore.server.app import ScoringServer
 
     repository = tmp_path / "models"
     shutil.copytree(trained_model, repository)
     for keepalive_s, closes in ((0.0, False), (1.0, True)):
-        settings = Settings(
-            port=0,
-            model_repository=repository,
-            model_reload_interval_s=0,
-            keepalive_s=keepalive_s,
-            keepalive_timeout_s=1.0,
-        )
-        server = ScoringServer(settings)
-        await server.start()
-        streams = server.service.rpc_metrics["ScoreStream"]
+        await _stream_client_stopped(repository, keepalive_s, closes)
+
+
+async def test_a_dead_clients_idle_connection_is_closed_by_keepalive(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """With no call in flight too: gRPC pings only connections with calls unless told
+    otherwise, so a dead unary caller kept its connection until TCP's keepalive."""
+    from streamscore.config import Settings
+    from streamscore.server.app import ScoringServer
+
+    settings = Settings(
+        port=0,
+        model_repository=trained_model,
+        model_reload_interval_s=0,
+        keepalive_s=1.0,
+        keepalive_timeout_s=1.0,
+    )
+    server = ScoringServer(settings)
+    await server.start()
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        IDLE_CLIENT,
+        f"127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert client.stdout is not None
+        assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
+        assert established_on(server.port) == 1
+        await asyncio.sleep(3)  # idle past keepalive: pinged, answered, kept
+        assert established_on(server.port) == 1
+        client.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 15
+        while established_on(server.port) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        assert established_on(server.port) == 0
+    finally:
+        client.kill()
+        await client.wait()
+        await server.stop()
+
+
+async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
+    trained_model: Path,
+) -> None:
+    """gRPC's default let a client ping at most every 5 min without data: a client
+    pinging every 6 s had its idle stream ended (GOAWAY "too_many_pings") after about
+    24 s, its fourth ping. Clients may ping every 5 s."""
+    from streamscore.config import Settings
+    from streamscore.server.app import ScoringServer
+
+    settings = Settings(port=0, model_repository=trained_model, model_reload_interval_s=0)
+    server = ScoringServer(settings)
+    await server.start()
+    try:
         client = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            STREAM_CLIENT,
+            PINGING_CLIENT,
             f"127.0.0.1:{server.port}",
+            "34",  # idle past five of its pings
+            "6000",
             stdout=asyncio.subprocess.PIPE,
         )
-        try:
-            assert client.stdout is not None
-            assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
-            assert streams.in_flight == 1
-            client.send_signal(signal.SIGSTOP)
-            deadline = time.monotonic() + (15 if closes else 5)
-            while streams.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            assert (streams.in_flight == 0) == closes, (keepalive_s, streams.in_flight)
-        finally:
-            client.kill()
-            await client.wait()
-            await server.stop()
+        out, _ = await asyncio.wait_for(client.communicate(), 90)
+        assert out.decode().split() == ["r-0", "r-1"], out
+    finally:
+        await server.stop()
+
+
+async def _stream_client_stopped(repository: Path, keepalive_s: float, closes: bool) -> None:
+    """A client with a ScoreStream open, SIGSTOPped: its stream ends (``closes``) or not."""
+    from streamscore.config import Settings
+    from streamscore.server.app import ScoringServer
+
+    settings = Settings(
+        port=0,
+        model_repository=repository,
+        model_reload_interval_s=0,
+        keepalive_s=keepalive_s,
+        keepalive_timeout_s=1.0,
+    )
+    server = ScoringServer(settings)
+    await server.start()
+    streams = server.service.rpc_metrics["ScoreStream"]
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        STREAM_CLIENT,
+        f"127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert client.stdout is not None
+        assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
+        assert streams.in_flight == 1
+        client.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + (15 if closes else 5)
+        while streams.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        assert (streams.in_flight == 0) == closes, (keepalive_s, streams.in_flight)
+    finally:
+        client.kill()
+        await client.wait()
+        await server.stop()

@@ -350,18 +350,33 @@ def pending_call_options(limit: int) -> list[tuple[str, int]]:
     ]
 
 
+# Clients may ping this often, with or without calls: gRPC's default (5 min) sent a
+# GOAWAY "too_many_pings" to clients with their own 10-30 s keepalive (what grpc-go and
+# grpc-java clients use to find a dead server), ending their open ScoreStreams. Half
+# the shortest usual client interval: a 10 s client's pings arrive a little early now
+# and then, and two early ones were enough for the GOAWAY at 10 s.
+CLIENT_PING_MIN_INTERVAL_MS = 5_000
+
+
 def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]:
-    """Ping a connection idle for ``every_s``; close it when its peer does not answer
-    within ``timeout_s`` (0: never ping). gRPC 1.85 times the answer with
-    ``grpc.http2.ping_timeout_ms``: with ``grpc.keepalive_timeout_ms`` alone a
-    stopped peer's calls stayed open."""
+    """Ping a connection idle for ``every_s``, with calls in flight or none; close it
+    when its peer does not answer within ``timeout_s`` (0: gRPC's defaults). gRPC 1.85
+    times the answer with ``grpc.http2.ping_timeout_ms``: with
+    ``grpc.keepalive_timeout_ms`` alone a stopped peer's calls stayed open. Without
+    ``grpc.keepalive_permit_without_calls`` a dead client with no call in flight (a
+    unary caller between payments) kept its connection until TCP's keepalive (2 h)."""
+    accept_pings = [
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_INTERVAL_MS),
+    ]
     if not every_s:
-        return []
+        return accept_pings
     timeout_ms = max(1, round(timeout_s * 1000))
     return [
         ("grpc.keepalive_time_ms", max(1, round(every_s * 1000))),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        *accept_pings,
     ]
 
 
