@@ -96,10 +96,12 @@ def _span(ports: range) -> str:
 async def serve_workers(settings: Settings, workers: int) -> int:
     """Run the set until a signal; a worker that dies is started again (its replica
     rebuilds from the log meanwhile, its connections go to the others), unless workers
-    died more than ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S``: then the whole set stops,
-    exit 1, for the process manager. The caller checked the ports (``check_ports``)
-    before anything started; the TLS files (a ``TlsError``) and that the repository holds
-    the version to serve (FileNotFoundError) are checked here."""
+    died more than ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S`` (the set stops,
+    exit 1, for the process manager), or one stopped on what it was given (exit 2: a
+    model that does not load), which no restart mends (exit 2 at once). The caller
+    checked the ports (``check_ports``) before anything started; the TLS files (a
+    ``TlsError``) and that the repository holds the version to serve
+    (FileNotFoundError) are checked here."""
     # Each worker would die of a bad TLS file, again at each restart, until the set gave
     # up on "workers keep dying" with the cause buried in their output: refuse once,
     # with the reason, as a lone serve does.
@@ -142,7 +144,7 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     log.info("workers started", extra=extra)
     stopped = asyncio.ensure_future(stop.wait())
     deaths: list[float] = []
-    failed = False
+    failed = 0  # the set's exit status
     while True:
         died = {asyncio.ensure_future(child.exited.wait()): i for i, child in enumerate(children)}
         await asyncio.wait([stopped, *died], return_when=asyncio.FIRST_COMPLETED)
@@ -152,13 +154,25 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             break
         now = time.monotonic()
         dead = [i for i, child in enumerate(children) if child.exited.is_set()]
+        misconfigured = [children[i].name for i in dead if children[i].returncode == 2]
+        if misconfigured:
+            # Exit 2: what it was given cannot work (a model that does not load,
+            # invalid metadata), and would not at any restart: stop now, not after
+            # six deaths, with the cause in its own line just above.
+            log.error(
+                "a worker stopped on what it was given (exit 2, the reason above): "
+                "stopping the set",
+                extra={"worker": misconfigured[0]},
+            )
+            failed = 2
+            break
         deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now] * len(dead)
         if len(deaths) > RESTARTS_MAX:
             log.error(
                 "workers keep dying, stopping the set",
                 extra={"deaths": len(deaths), "window_s": RESTART_WINDOW_S},
             )
-            failed = True
+            failed = 1
             break
         for i in dead:
             log.error("worker exited, starting it again", extra={"worker": children[i].name})
@@ -168,7 +182,7 @@ async def serve_workers(settings: Settings, workers: int) -> int:
     timeout = settings.drain_delay_s + settings.drain_timeout_s + 10
     await asyncio.gather(*(child.stop(timeout=timeout) for child in children))
     stopped.cancel()
-    return 1 if failed else 0
+    return failed
 
 
 __all__ = ["check_ports", "serve_workers", "spread_target", "worker_environment"]

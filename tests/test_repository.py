@@ -395,6 +395,24 @@ async def test_a_broken_new_version_keeps_the_old_one_serving(
         await registry.stop()
 
 
+def test_serve_on_a_corrupt_model_stops_with_one_line(
+    trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated or corrupt model file, and no other version: as invalid metadata,
+    one line naming the version and the backend's reason, exit 2 (it was a 49-line
+    traceback of onnxruntime's own error type, exit 1)."""
+    from streamscore.cli import main
+
+    repository = copy_repository(trained_model, tmp_path)
+    (repository / MODEL / "1" / "model.onnx").write_bytes(b"not a model")
+    argv = ["serve", "--kafka", "127.0.0.1:9", "--port", "0", "--model-repository"]
+    assert main([*argv, str(repository), "--log-format", "text"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"streamscore: model version {repository / MODEL / '1'} does not")
+    assert "INVALID_PROTOBUF" in err[0]
+
+
 def misdescribe_a_version(repository: Path, directory: int, changes: dict[str, object]) -> None:
     """A copy of version 1 renamed in as ``directory``, its metadata changed as given."""
     staging = repository / MODEL / f".{directory}.staging"

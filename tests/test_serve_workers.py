@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -246,6 +247,26 @@ def test_workers_without_the_model_fail_once_with_the_reason(tmp_path: Path) -> 
     assert "server-0" not in output and "keep dying" not in output, output[-3000:]
     [line] = [x for x in result.stderr.splitlines() if x.startswith("streamscore:")]
     assert f"no versions of model 'fraud_mlp' under {empty}" in line, line
+
+
+def test_workers_on_a_model_that_does_not_load_stop_at_the_first(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A worker that stops on what it was given (exit 2: here a corrupt model file)
+    stops the set at once, exit 2: six more deaths mended nothing and buried the
+    cause under "workers keep dying"."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    (repository / "fraud_mlp" / "1" / "model.onnx").write_bytes(b"not a model")
+    argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
+    argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
+    argv += ["--model-repository", str(repository), "--log-format", "text"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "keep dying" not in output and "starting it again" not in output, output[-3000:]
+    assert "does not load: InvalidProtobuf" in output, output[-3000:]
+    assert "a worker stopped on what it was given (exit 2" in output, output[-3000:]
 
 
 async def test_a_worker_listens_only_once_its_features_caught_up(

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.backends.base import Backend, Row
+from streamscore.server.backends.base import Backend, BackendUnavailable, Row
 from streamscore.server.backends.factory import create_backend
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.batcher import Batcher
@@ -87,6 +87,12 @@ def check_served(directory: Path, metadata: ModelMetadata, computed: Collection[
 
 
 _LOADS = itertools.count(1)
+
+
+class ModelLoadError(ValueError):
+    """A version whose files are there but make no model its backend takes (a corrupt
+    or truncated model file): bad input, as invalid metadata is (a start stops on it
+    with one line, exit 2)."""
 
 
 class ServedModel:
@@ -391,8 +397,18 @@ class ModelRegistry:
         return primary_dir(self.repository, self.name, self.pinned_version)
 
     async def _load(self, directory: Path | None = None) -> ServedModel:
-        served = self._served(directory or self._target_dir())
-        timings = await served.start()
+        directory = directory or self._target_dir()
+        try:
+            served = self._served(directory)
+            timings = await served.start()
+        except (ValueError, OSError, BackendUnavailable):
+            raise  # says what is wrong: bad metadata, a file missing, Triton not there
+        except Exception as error:
+            # A corrupt or truncated model file: a backend's own error type (an
+            # onnxruntime InvalidProtobuf), which would end a start in a traceback.
+            raise ModelLoadError(
+                f"model version {directory} does not load: {type(error).__name__}: {error}"
+            ) from error
         log.info(
             "model version ready",
             extra={
