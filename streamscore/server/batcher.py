@@ -22,7 +22,9 @@ Dispatch rule:
   the queue is full (nothing more can come in).
 * Batches are filled earliest deadline first (with one budget for everyone that is
   arrival order; a caller with a tighter gRPC deadline goes ahead).
-* All slots busy: requests wait in the bounded queue (``QueueFull`` beyond it).
+* All slots busy: requests wait in the bounded queue (``QueueFull`` beyond it). The
+  requests a batch's deadline cuts from it at dispatch go back in even past the bound
+  (they were admitted): by at most all but one of each running batch.
 
 Requests that cannot make their deadline are answered at once, never run late:
 
@@ -736,7 +738,14 @@ class Batcher:
         return live
 
     def _requeue(self, requests: list[_Request]) -> None:
-        """Back in the queue, by their deadlines, for the next batch."""
+        """Back in the queue, by their deadlines, for the next batch; answered
+        BatcherStopped instead while the batcher stops. (A batch dispatched before a
+        stop and admitted after it put them back in a queue the stop had already
+        emptied: no batch ever took them, and their callers waited for good.)"""
+        if self._state != _RUNNING:
+            for request in requests:
+                self._answer_error(request, BatcherStopped("the batcher stopped"), "stopped")
+            return
         if not self._queued:
             self._window_start = requests[0].arrival
         for request in requests:
@@ -845,7 +854,7 @@ class Batcher:
         queued = self._queued
         live = self._waiting(batch.requests) if admitted else self._admit(batch.requests, now)
         batch.requests = live
-        if self._queued > queued:
+        if self._queued > queued and self._state == _RUNNING:
             self._schedule(now)  # requeued by ``_admit``: another slot may take them
         if not live:
             return
