@@ -8,8 +8,10 @@ ONNX, TorchScript, metadata and Triton's files into the model repository.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import stat
 import time
 import warnings
 from dataclasses import dataclass
@@ -108,6 +110,26 @@ def build_dataset(
     return np.asarray(rows, dtype=np.float32), np.asarray(labels, dtype=np.int64), names
 
 
+def _modes_of(directory: Path) -> dict[Path, int]:
+    """The mode of ``directory`` and of everything under it, by relative path."""
+    return {
+        path.relative_to(directory): stat.S_IMODE(path.stat().st_mode)
+        for path in [directory, *directory.rglob("*")]
+    }
+
+
+def _apply_modes(directory: Path, modes: dict[Path, int]) -> None:
+    """Give the paths under ``directory`` the ``modes`` of their namesakes in the
+    version it replaces: made under a stricter umask, the replaced version was
+    unreadable to the Triton server or server under another user that read it before.
+    A path new to the version keeps the umask's mode."""
+    for path in [directory, *directory.rglob("*")]:
+        mode = modes.get(path.relative_to(directory))
+        if mode is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.chmod(mode)
+
+
 def export_version(
     repository: Path,
     version: int,
@@ -162,7 +184,10 @@ def export_version(
         baseline.dump(staging / BASELINE_FILE)
     directory = model_dir / str(version)
     retired = model_dir / f".{version}.retired"
+    modes: dict[Path, int] = {}
     if directory.exists():  # retraining a version: swap in two renames, never absent long
+        modes = _modes_of(directory)
+        _apply_modes(staging, modes)
         shutil.rmtree(retired, ignore_errors=True)
         directory.rename(retired)
     staging.rename(directory)
@@ -177,6 +202,7 @@ def export_version(
         max_batch_size=metadata.max_batch_size,
         max_queue_delay_us=metadata.max_queue_delay_us,
     )
+    _apply_modes(directory, modes)  # the Triton files written just now too
     return directory
 
 

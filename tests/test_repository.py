@@ -193,6 +193,33 @@ def test_training_writes_files_others_can_read(trained_model: Path) -> None:
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
 
+def test_a_replaced_version_keeps_its_modes(tmp_path: Path) -> None:
+    """train --replace under a stricter umask: the version's directory and files took
+    the umask's modes (700, 600), unreadable to the Triton server or server under
+    another user that read it before; a file new to the version keeps the umask's."""
+    from streamscore.training import _apply_modes, _modes_of
+
+    old, new = tmp_path / "1", tmp_path / ".1.staging"
+    old.mkdir(mode=0o755)
+    new.mkdir(mode=0o700)
+    for name in ("model.onnx", "metadata.json"):
+        (old / name).write_bytes(b"old")
+        (old / name).chmod(0o644)
+    for name in ("model.onnx", "metadata.json", "baseline.json"):
+        (new / name).write_bytes(b"new")
+        (new / name).chmod(0o600)
+    old.chmod(0o755)
+    new.chmod(0o700)
+    _apply_modes(new, _modes_of(old))
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [new, *new.iterdir()]}
+    assert modes == {
+        ".1.staging": "0o755",
+        "model.onnx": "0o644",
+        "metadata.json": "0o644",
+        "baseline.json": "0o600",
+    }
+
+
 def test_a_rewritten_file_keeps_its_mode(tmp_path: Path) -> None:
     """``train`` rewrites the model's shared config.pbtxt: under a stricter umask it
     became unreadable to the Triton server that had read it."""
