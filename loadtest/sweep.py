@@ -151,7 +151,9 @@ class _Client:
                     await each(self.requests[0], timeout=1)
                     break
                 except grpc.aio.AioRpcError as error:
-                    if time.monotonic() > deadline:
+                    # Waited out for a server still starting; a TLS failure is the
+                    # same at every try (a wrong CA, name or client key): said now.
+                    if time.monotonic() > deadline or _tls_failure(error):
                         return (
                             f"{target} did not answer Score: {error.code().name} {error.details()}"
                         )
@@ -683,3 +685,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _tls_failure(error: grpc.aio.AioRpcError) -> bool:
+    """A call that failed on TLS (handshake, certificate, a client key that does not
+    match its certificate): no retry mends it."""
+    details = (error.details() or "").lower()
+    return any(mark in details for mark in ("handshake", "ssl", "certificate"))

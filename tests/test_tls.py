@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -313,6 +314,15 @@ async def test_the_open_loop_sweep_loads_a_mutual_tls_server(
         # Without them the sweep cannot reach it, and says why.
         output = await run_module(*sweep, "--json", str(out), timeout=60, expect_exit_0=False)
         assert "UNAVAILABLE" in output, output
+        # Not trusting the server: said at once, not after its 30 s wait for a server
+        # still starting (no retry mends a certificate).
+        rogue_ca = str(Path(pki["rogue_client"][0]).parent / "rogue-ca.crt")
+        started = time.monotonic()
+        output = await run_module(
+            *sweep, "--tls-ca", rogue_ca, "--json", str(out), timeout=60, expect_exit_0=False
+        )
+        assert "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify" in output, output
+        assert time.monotonic() - started < 25, output
 
 
 def test_client_flags_fall_back_to_the_environment_one_by_one() -> None:
