@@ -237,6 +237,10 @@ class Settings:
             raise ValueError(
                 "kafka_fetch_max_wait_ms must be at least 1 and under half of stale_after_s"
             )
+        # A ping every few milliseconds per connection is load, not liveness, and
+        # clients answer pings that frequent with GOAWAY too_many_pings.
+        if 0 < updated.keepalive_s < 1:
+            raise ValueError(f"keepalive_s ({updated.keepalive_s:g}) must be 0 (off) or at least 1")
         # Else the worker admits events (within lateness_ms of their partition's newest)
         # that every server's replica drops as too old to fold: neither dead-lettered
         # nor in any feature.

@@ -58,6 +58,13 @@ def test_fetch_wait_is_bounded_by_what_tansu_and_staleness_allow() -> None:
             load_settings(environ=bad)
 
 
+def test_keepalive_is_off_or_at_least_a_second() -> None:
+    assert load_settings(environ={"STREAMSCORE_KEEPALIVE_S": "0"}).keepalive_s == 0
+    assert load_settings(environ={"STREAMSCORE_KEEPALIVE_S": "1"}).keepalive_s == 1
+    with pytest.raises(ValueError, match=r"keepalive_s \(0.001\) must be 0 \(off\) or at least 1"):
+        load_settings(environ={"STREAMSCORE_KEEPALIVE_S": "0.001"})
+
+
 def test_the_fold_horizon_must_exceed_the_lateness() -> None:
     # A lateness raised alone made the worker admit events every server then dropped
     # as too old to fold: neither dead-lettered nor in any feature.
