@@ -495,9 +495,10 @@ class ModelRegistry:
         """Load the repository's target version and swap it in; False if unchanged.
         Then the other loaded versions whose files changed (each failure logged)."""
         async with self._lock:
-            swapped = await self._reload()
-            await self._reload_others()
-            return swapped
+            try:
+                return await self._reload()
+            finally:  # a primary that fails to load holds back no other version
+                await self._reload_others()
 
     async def _reload_others(self) -> None:
         """A canary or shadow (or a primary the rollout names) replaced in place
