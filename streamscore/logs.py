@@ -116,13 +116,15 @@ class RepeatLimiter(logging.Filter):
         self.prefixes = prefixes
         self.period_s = period_s
         self.clock = clock
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}  # key: (when, held)
+        self._last: dict[tuple[str, str, object], tuple[float, int]] = {}  # (when, held)
 
     def filter(self, record: logging.LogRecord) -> bool:
         # On the handler: a logger's own filters do not see its children's records.
         if not record.name.startswith(self.prefixes):
             return True  # ours, and other libraries': whole
-        key = (record.name, str(record.msg))
+        # Per reason too, where a record gives one (a dead letter's): a flood of one
+        # kind of bad event must not hide the first of another.
+        key = (record.name, str(record.msg), getattr(record, "reason", None))
         now = self.clock()
         last = self._last.get(key)
         if last is not None and now - last[0] < self.period_s:

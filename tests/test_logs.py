@@ -194,3 +194,10 @@ def test_a_librarys_repeated_errors_are_limited_and_counted() -> None:
     dead = [limiter.filter(record("streamscore.dead_letters", "dead-lettered event"))]
     dead += [limiter.filter(record("streamscore.dead_letters", "dead-lettered event"))]
     assert dead == [True, False]
+    # Limited per reason: the first event of another kind is still told.
+    reasons = []
+    for reason in ("bad_json", "bad_json", "too_late"):
+        line = record("streamscore.dead_letters", "dead-lettered event")
+        line.reason = reason
+        reasons.append(limiter.filter(line))
+    assert reasons == [True, False, True]
