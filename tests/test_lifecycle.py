@@ -317,90 +317,9 @@ def established_on(port: int) -> int:
     return count
 
 
-async def test_a_dead_clients_stream_is_closed_by_keepalive(
-    trained_model: Path, tmp_path: Path
-) -> None:
-    """A client host that died without closing (no FIN, no RST) kept its ScoreStreams
-    open, and their state, until TCP's own keepalive (2 h): the server pings a
-    connection idle for keepalive_s and closes it unanswered (keepalive 0: not)."""
-
-    repository = tmp_path / "models"
-    shutil.copytree(trained_model, repository)
-    for keepalive_s, closes in ((0.0, False), (1.0, True)):
-        await _stream_client_stopped(repository, keepalive_s, closes)
-
-
-async def test_a_dead_clients_idle_connection_is_closed_by_keepalive(
-    trained_model: Path, tmp_path: Path
-) -> None:
-    """With no call in flight too: gRPC pings only connections with calls unless told
-    otherwise, so a dead unary caller kept its connection until TCP's keepalive."""
-    from streamscore.config import Settings
-    from streamscore.server.app import ScoringServer
-
-    settings = Settings(
-        port=0,
-        model_repository=trained_model,
-        model_reload_interval_s=0,
-        keepalive_s=1.0,
-        keepalive_timeout_s=1.0,
-    )
-    server = ScoringServer(settings)
-    await server.start()
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        IDLE_CLIENT,
-        f"127.0.0.1:{server.port}",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert client.stdout is not None
-        assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
-        assert established_on(server.port) == 1
-        await asyncio.sleep(3)  # idle past keepalive: pinged, answered, kept
-        assert established_on(server.port) == 1
-        client.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + 15
-        while established_on(server.port) and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        assert established_on(server.port) == 0
-    finally:
-        client.kill()
-        await client.wait()
-        await server.stop()
-
-
-async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
-    trained_model: Path,
-) -> None:
-    """gRPC's default let a client ping at most every 5 min without data: a client
-    pinging every 6 s had its idle stream ended (GOAWAY "too_many_pings") after about
-    24 s, its fourth ping. Clients may ping every 5 s."""
-    from streamscore.config import Settings
-    from streamscore.server.app import ScoringServer
-
-    settings = Settings(port=0, model_repository=trained_model, model_reload_interval_s=0)
-    server = ScoringServer(settings)
-    await server.start()
-    try:
-        client = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            PINGING_CLIENT,
-            f"127.0.0.1:{server.port}",
-            "34",  # idle past five of its pings
-            "6000",
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await asyncio.wait_for(client.communicate(), 90)
-        assert out.decode().split() == ["r-0", "r-1"], out
-    finally:
-        await server.stop()
-
-
-async def _stream_client_stopped(repository: Path, keepalive_s: float, closes: bool) -> None:
-    """A client with a ScoreStream open, SIGSTOPped: its stream ends (``closes``) or not."""
+@contextlib.asynccontextmanager
+async def keepalive_server(repository: Path, keepalive_s: float = 60.0) -> AsyncIterator[Any]:
+    """A started server pinging idle connections every ``keepalive_s`` (1 s timeout)."""
     from streamscore.config import Settings
     from streamscore.server.app import ScoringServer
 
@@ -413,24 +332,76 @@ async def _stream_client_stopped(repository: Path, keepalive_s: float, closes: b
     )
     server = ScoringServer(settings)
     await server.start()
-    streams = server.service.rpc_metrics["ScoreStream"]
-    client = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        STREAM_CLIENT,
-        f"127.0.0.1:{server.port}",
-        stdout=asyncio.subprocess.PIPE,
-    )
     try:
-        assert client.stdout is not None
-        assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
-        assert streams.in_flight == 1
-        client.send_signal(signal.SIGSTOP)
-        deadline = time.monotonic() + (15 if closes else 5)
-        while streams.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        assert (streams.in_flight == 0) == closes, (keepalive_s, streams.in_flight)
+        yield server
     finally:
-        client.kill()
-        await client.wait()
         await server.stop()
+
+
+async def client_process(script: str, port: int, *args: str) -> asyncio.subprocess.Process:
+    """``script`` run by this interpreter against the server on ``port``."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, f"127.0.0.1:{port}", *args, stdout=asyncio.subprocess.PIPE
+    )
+
+
+async def test_a_dead_clients_stream_is_closed_by_keepalive(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A client host that died without closing (no FIN, no RST) kept its ScoreStreams
+    open, and their state, until TCP's own keepalive (2 h): the server pings a
+    connection idle for keepalive_s and closes it unanswered (keepalive 0: not)."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    for keepalive_s, closes in ((0.0, False), (1.0, True)):
+        async with keepalive_server(repository, keepalive_s) as server:
+            streams = server.service.rpc_metrics["ScoreStream"]
+            client = await client_process(STREAM_CLIENT, server.port)
+            try:
+                assert client.stdout is not None
+                assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
+                assert streams.in_flight == 1
+                client.send_signal(signal.SIGSTOP)
+                deadline = time.monotonic() + (15 if closes else 5)
+                while streams.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+                assert (streams.in_flight == 0) == closes, (keepalive_s, streams.in_flight)
+            finally:
+                client.kill()
+                await client.wait()
+
+
+async def test_a_dead_clients_idle_connection_is_closed_by_keepalive(
+    trained_model: Path,
+) -> None:
+    """With no call in flight too: gRPC pings only connections with calls unless told
+    otherwise, so a dead unary caller kept its connection until TCP's keepalive."""
+    async with keepalive_server(trained_model, 1.0) as server:
+        client = await client_process(IDLE_CLIENT, server.port)
+        try:
+            assert client.stdout is not None
+            assert await asyncio.wait_for(client.stdout.readline(), 30) == b"r-1\n"
+            assert established_on(server.port) == 1
+            await asyncio.sleep(3)  # idle past keepalive: pinged, answered, kept
+            assert established_on(server.port) == 1
+            client.send_signal(signal.SIGSTOP)
+            deadline = time.monotonic() + 15
+            while established_on(server.port) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            assert established_on(server.port) == 0
+        finally:
+            client.kill()
+            await client.wait()
+
+
+async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
+    trained_model: Path,
+) -> None:
+    """gRPC's default let a client ping at most every 5 min without data: a client
+    pinging every 6 s had its idle stream ended (GOAWAY "too_many_pings") after about
+    24 s, its fourth ping. Clients may ping every 5 s."""
+    async with keepalive_server(trained_model) as server:
+        # Idle 34 s, past five of its pings every 6 s.
+        client = await client_process(PINGING_CLIENT, server.port, "34", "6000")
+        out, _ = await asyncio.wait_for(client.communicate(), 90)
+        assert out.decode().split() == ["r-0", "r-1"], out

@@ -205,6 +205,15 @@ async def test_a_second_server_on_a_port_in_use_fails_to_start(trained_model: Pa
         await first.stop()
 
 
+def serve_two_workers(repository: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``serve --workers 2`` on ``repository`` (a broker nowhere), run to its end: for
+    what stops a set before it serves."""
+    argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
+    argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
+    argv += ["--model-repository", str(repository), "--log-format", "text", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
 def test_workers_with_a_bad_tls_setting_fail_once_with_the_reason(
     trained_model: Path, tmp_path: Path
 ) -> None:
@@ -218,12 +227,8 @@ def test_workers_with_a_bad_tls_setting_fail_once_with_the_reason(
         (other_key, "does not match the certificate"),
         (missing, f"cannot read the TLS key {missing!r}"),
     ):
-        argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
-        argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
-        argv += ["--model-repository", str(trained_model), "--log-format", "text"]
-        argv += ["--tls-cert-file", cert, "--tls-key-file", key]
         started = time.monotonic()
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+        result = serve_two_workers(trained_model, "--tls-cert-file", cert, "--tls-key-file", key)
         output = result.stdout + result.stderr
         assert result.returncode == 2, output[-3000:]
         assert time.monotonic() - started < 30, output[-3000:]
@@ -238,10 +243,7 @@ def test_workers_without_the_model_fail_once_with_the_reason(tmp_path: Path) -> 
     started again, and the set ended on "workers keep dying"."""
     empty = tmp_path / "models"
     empty.mkdir()
-    argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
-    argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
-    argv += ["--model-repository", str(empty), "--log-format", "text"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    result = serve_two_workers(empty)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "server-0" not in output and "keep dying" not in output, output[-3000:]
@@ -258,10 +260,7 @@ def test_workers_on_a_model_that_does_not_load_stop_at_the_first(
     repository = tmp_path / "models"
     shutil.copytree(trained_model, repository)
     (repository / "fraud_mlp" / "1" / "model.onnx").write_bytes(b"not a model")
-    argv = [sys.executable, "-m", "streamscore", "serve", "--workers", "2"]
-    argv += ["--kafka", "127.0.0.1:9", "--port", str(find_free_port())]
-    argv += ["--model-repository", str(repository), "--log-format", "text"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    result = serve_two_workers(repository)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "keep dying" not in output and "starting it again" not in output, output[-3000:]
