@@ -302,3 +302,29 @@ async def test_metrics_listen_on_their_own_address(trained_model: Path) -> None:
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as answer:
         return str(answer.read().decode())
+
+
+async def test_metrics_answer_while_grpc_drains(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape during the stop's grace period (calls in flight draining) is answered:
+    the metrics were shut first, so it failed, unanswered, just when the drain was
+    worth watching."""
+    port = find_free_port()
+    settings = Settings(
+        port=0, model_repository=trained_model, model_reload_interval_s=0, metrics_port=port
+    )
+    server = ScoringServer(settings)
+    await server.start()
+    stop_grpc = server._stop_grpc
+    during: list[str] = []
+
+    async def scraped_while_stopping(*args: object) -> None:
+        during.append(await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics"))
+        await stop_grpc(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(server, "_stop_grpc", scraped_while_stopping)
+    await server.stop()
+    assert during and "streamscore_rpc_in_flight" in during[0]
+    with pytest.raises(urllib.error.URLError):  # and shut once gRPC is stopped
+        await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")

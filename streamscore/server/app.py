@@ -296,6 +296,12 @@ class ScoringServer:
     async def stop(self, grace_s: float = 5.0) -> None:
         ready, self._ready_task = self._ready_task, None
         await cancel_and_wait(ready)
+        if self._server is not None:
+            await self._set_serving(False)
+            await self._stop_grpc(self._server, grace_s)
+            self._server = None
+        # After gRPC, not before as its start order would have it: a scrape during the
+        # grace period sees the calls in flight drain (it failed, unanswered).
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -303,10 +309,6 @@ class ScoringServer:
         if self._collector is not None:
             REGISTRY.unregister(self._collector)
             self._collector = None
-        if self._server is not None:
-            await self._set_serving(False)
-            await self._stop_grpc(self._server, grace_s)
-            self._server = None
         if self.decisions is not None:  # after gRPC: every answered call is in it
             await self.decisions.stop()
         if self.replica is not None:
