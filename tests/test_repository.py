@@ -494,6 +494,56 @@ async def test_a_version_that_could_not_answer_as_itself_is_refused_at_load(
         await ModelRegistry(repository, MODEL, version="2", reload_interval_s=0).start()
 
 
+def replace_model_file(repository: Path, version: int, data: bytes) -> None:
+    """A version's model file written over in place (atomically), as train --replace
+    leaves it: same version, other files."""
+    staged = repository / MODEL / str(version) / ".model.onnx.new"
+    staged.write_bytes(data)
+    staged.rename(repository / MODEL / str(version) / "model.onnx")
+
+
+async def test_a_version_not_loaded_changing_reloads_nothing(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Unpinned, the primary (the highest version) was loaded again, the same files,
+    when an older version was replaced in place: every comparison against it started
+    again, the canary's rollback window with them."""
+    repository = copy_repository(trained_model, tmp_path)
+    await asyncio.to_thread(publish_other_model, repository, 2, 7)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0)
+    await registry.start()
+    try:
+        serving = registry.primary
+        assert serving.metadata.version == "2"
+        replace_model_file(repository, 1, (repository / MODEL / "2" / "model.onnx").read_bytes())
+        assert await registry.reload() is False
+        assert registry.primary is serving and registry.reloads == 0
+    finally:
+        await registry.stop()
+
+
+async def test_a_primary_waiting_to_retry_holds_back_no_other_version(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A pinned primary whose reload keeps failing waits seconds between tries; a
+    canary or shadow replaced meanwhile is reloaded at the next poll, not then."""
+    repository = copy_repository(trained_model, tmp_path)
+    await asyncio.to_thread(publish_other_model, repository, 2, 7)
+    registry = ModelRegistry(
+        repository, MODEL, version="1", reload_interval_s=0.05, reload_retry_s=60
+    )
+    await registry.start()
+    try:
+        other = await registry.load(MODEL, "2")
+        replace_model_file(repository, 1, b"not a model")
+        await wait_for(lambda: registry.reload_failures >= 1)
+        replace_model_file(repository, 2, (repository / MODEL / "2" / "model.onnx").read_bytes())
+        await wait_for(lambda: registry.get(MODEL, "2") is not other)  # not in 60 s
+        assert registry.primary.metadata.version == "1" and registry.reload_failures == 1
+    finally:
+        await registry.stop()
+
+
 async def test_a_pinned_version_is_not_reloaded_when_another_version_changes(
     trained_model: Path, tmp_path: Path
 ) -> None:

@@ -401,8 +401,12 @@ class ModelRegistry:
         try:
             served = self._served(directory)
             timings = await served.start()
+        except (FileNotFoundError, PermissionError) as error:
+            # A version without its metadata or model file, or one not readable: as
+            # bad a version as a corrupt file (no restart mends it).
+            raise ModelLoadError(f"model version {directory} does not load: {error}") from error
         except (ValueError, OSError, BackendUnavailable):
-            raise  # says what is wrong: bad metadata, a file missing, Triton not there
+            raise  # says what is wrong: bad metadata, Triton not there
         except Exception as error:
             # A corrupt or truncated model file: a backend's own error type (an
             # onnxruntime InvalidProtobuf), which would end a start in a traceback.
@@ -540,6 +544,16 @@ class ModelRegistry:
         fingerprint = self._scan()
         if fingerprint == self._fingerprint:
             return False
+        primary, target = self._primary, self._target_dir()
+        if (
+            primary is not None
+            and primary.directory == target
+            and primary.fingerprint == version_fingerprint(target)
+        ):
+            # Another version changed (one not loaded, replaced in place), not this
+            # one: loaded again, it would restart every comparison against it.
+            self._fingerprint = fingerprint
+            return False
         new = await self._load()
         old, self._primary = self._primary, new  # the atomic swap
         self._fingerprint = fingerprint
@@ -573,6 +587,9 @@ class ModelRegistry:
             # Read before the attempt: a fix made while a load fails is tried next.
             fingerprint = self._scan()
             if fingerprint == failed and loop.time() < retry_at:
+                # The primary waits for its retry; the other versions do not.
+                async with self._lock:
+                    await self._reload_others()
                 continue
             try:
                 await self.reload()
