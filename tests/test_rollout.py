@@ -249,6 +249,23 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
         assert "no canary to roll back" in (caught.value.details() or "")
 
 
+async def test_unpinning_cannot_make_a_candidate_the_primary(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Unpinned, the primary is the highest version (4 here): unpinning while 4 is the
+    canary or a shadow would compare it with itself. Refused, naming the field."""
+    async with serving(trained_model, tmp_path, model_version="") as (_, admin, _, _):
+        await set_rollout(admin, primary_version="1", canary_version="4", canary_percent=5)
+        for fields, field in (
+            ({"canary_version": "4", "canary_percent": 5}, "rollout.canary_version"),
+            ({"shadow_versions": ["4"]}, "rollout.shadow_versions[0]"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await set_rollout(admin, primary_version="", **fields)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() == f"{field}: version '4' is already the primary"
+
+
 async def test_canary_is_a_sticky_slice_then_promoted(trained_model: Path, tmp_path: Path) -> None:
     # Version 2 is version 1: no automatic rollback here, even when a loaded box makes
     # the max of a few dozen canary answers (their p99) an outlier.
@@ -343,6 +360,8 @@ async def test_a_canary_replaced_in_place_is_reloaded_and_compared_afresh(
         staged.write_bytes(onnx_bytes(k, "slow", repeats=1))  # sigmoid(0): always 0.5
         staged.rename(version_dir / "model.onnx")
         assert await server.models.reload() is False  # the primary's files are unchanged
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert [c for c in status.candidates if c.variant == "canary"] == []  # none yet
         reply = await scoring.Score(request(1, "card-1"))
         assert (reply.model.version, reply.model.variant, reply.score) == ("2", pb.CANARY, 0.5)
         assert await canary_requests() == 1
@@ -641,7 +660,7 @@ async def test_shadow_work_queued_before_a_removal_is_not_counted_when_added_aga
         rollouts = server.rollouts
         vector = tuple(0.0 for _ in rollouts.primary_model().metadata.inputs)
         for i in range(600):  # more than the worker takes at once: most stay queued
-            rollouts.shadow(vector, 0.5, f"q-{i}")
+            rollouts.shadow(rollouts.primary_model(), vector, 0.5, f"q-{i}")
         await set_rollout(admin)
         await set_rollout(admin, shadow_versions=["5"])
         await asyncio.sleep(0.5)  # the worker has long taken whatever was left

@@ -183,7 +183,10 @@ class AdminService(apb_grpc.AdminServicer):
                 raise InvalidRequest(field, f"no version {shown!r} of model {name!r}")
         # Each version in one role: a canary or shadow of the primary itself, or a
         # shadow twice, would only compare a version with itself.
-        primary = wanted.primary_version or self.rollouts.primary_model().metadata.version
+        # Unpinned, the primary is the repository's highest version: the registry's,
+        # not the one pinned now (unpinning made a canary or shadow of the highest
+        # version the primary itself).
+        primary = wanted.primary_version or self.rollouts.registry.primary.metadata.version
         taken = {primary: "the primary"}
         for field, version in named[1:]:
             if not version:

@@ -59,6 +59,9 @@ class _ShadowItem:
     vector: Row
     reference_score: float  # the primary's (shadows) or the canary's score
     versions: tuple[str, ...]
+    # The load that gave reference_score (ServedModel.serial): one replaced since
+    # (a hot reload, train --replace) says nothing of the model serving now.
+    answered_by: int
     request_id: str = ""
     card_id: str = ""
 
@@ -387,15 +390,22 @@ class RolloutManager:
         """Queue the primary's score of a canary answer (off the response path: the
         primary shadows the canary's slice) for the canary's comparison."""
         versions = (f"primary-of:{served.metadata.version}",)
-        self._enqueue(_ShadowItem(vector, canary_score, versions))
+        self._enqueue(_ShadowItem(vector, canary_score, versions, served.serial))
 
     def shadow(
-        self, vector: Row, primary_score: float, request_id: str = "", card_id: str = ""
+        self,
+        served: ServedModel,
+        vector: Row,
+        primary_score: float,
+        request_id: str = "",
+        card_id: str = "",
     ) -> None:
-        """Queue shadow scoring of a primary answer; never blocks, drops when full."""
+        """Queue shadow scoring of a primary answer (``served``'s); never blocks,
+        drops when full."""
         shadows = self.state.shadows
         if shadows:
-            self._enqueue(_ShadowItem(vector, primary_score, shadows, request_id, card_id))
+            item = _ShadowItem(vector, primary_score, shadows, served.serial, request_id, card_id)
+            self._enqueue(item)
 
     def _enqueue(self, item: _ShadowItem) -> None:
         try:
@@ -428,6 +438,10 @@ class RolloutManager:
             candidate_version = version.removeprefix("primary-of:")
             if candidate_version != self.state.canary:
                 return  # promoted or replaced meanwhile: its comparison went with it
+            try:
+                answering = self.registry.get(name, candidate_version).serial
+            except KeyError:
+                return
             served, variant = self.primary_model(), "canary"
         else:
             candidate_version = version
@@ -437,7 +451,11 @@ class RolloutManager:
                 served = self.registry.get(name, version)
             except KeyError:
                 return
-            variant = "shadow"
+            answering, variant = self.primary_model().serial, "shadow"
+        # Answers of a model replaced since they were queued: not this comparison's.
+        pairs = [item for item in pairs if item.answered_by == answering]
+        if not pairs:
+            return
         candidate = self._candidate(candidate_version, variant)
         limit = served.backend.max_batch_size
         for start in range(0, len(pairs), limit):
@@ -470,14 +488,19 @@ class RolloutManager:
                 for item, score in zip(chunk, scores.tolist(), strict=True):
                     candidate.comparison.observe(score, item.reference_score)
 
+    def _compared(self, version: str) -> tuple[ServedModel, ServedModel | None]:
+        """The loads a comparison of ``version`` is between now: the primary's, and the
+        candidate's (None when it is not loaded)."""
+        try:
+            candidate: ServedModel | None = self.registry.get(self.registry.name, version)
+        except KeyError:
+            candidate = None
+        return self.primary_model(), candidate
+
     def _candidate(self, version: str, variant: str) -> _Candidate:
         key = (version, variant)
         candidate = self._candidates.get(key)
-        primary_model = self.primary_model()
-        try:
-            candidate_model: ServedModel | None = self.registry.get(self.registry.name, version)
-        except KeyError:
-            candidate_model = None
+        primary_model, candidate_model = self._compared(version)
         models = (primary_model.serial, candidate_model.serial if candidate_model else 0)
         if candidate is not None and candidate.models != models:
             # Either side changed (a promote, a hot reload, a version replaced in
@@ -646,6 +669,11 @@ class RolloutManager:
         # A copy of the candidates (a rollout change adds and removes them on the loop
         # while a scrape reads them on the metrics thread).
         for (version, variant), candidate in dict(self._candidates).items():
+            primary_model, candidate_model = self._compared(version)
+            if candidate.models != (primary_model.serial, getattr(candidate_model, "serial", 0)):
+                # Of models replaced since (its next pair starts it again): not shown
+                # as the comparison of the ones serving now.
+                continue
             stats = dict(candidate.comparison.summary())
             stats["p99_s"] = candidate.window.p99()
             stats["error_rate"] = candidate.window.error_rate()

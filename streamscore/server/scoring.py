@@ -272,7 +272,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         if served.drift is not None:
             served.drift.observe(vector, score)
         if variant == pb.PRIMARY:
-            self.rollouts.shadow(vector, score, request_id, card_id)
+            self.rollouts.shadow(served, vector, score, request_id, card_id)
         else:
             self.rollouts.compare_canary(served, vector, score)
         model_done = time.perf_counter_ns()
