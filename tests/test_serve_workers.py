@@ -251,20 +251,29 @@ def test_workers_without_the_model_fail_once_with_the_reason(tmp_path: Path) -> 
     assert f"no versions of model 'fraud_mlp' under {empty}" in line, line
 
 
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [("corrupt", "does not load: InvalidProtobuf"), ("missing", "No such file or directory")],
+)
 def test_workers_on_a_model_that_does_not_load_stop_at_the_first(
-    trained_model: Path, tmp_path: Path
+    trained_model: Path, tmp_path: Path, broken: str, reason: str
 ) -> None:
-    """A worker that stops on what it was given (exit 2: here a corrupt model file)
-    stops the set at once, exit 2: six more deaths mended nothing and buried the
-    cause under "workers keep dying"."""
+    """A worker that stops on what it was given (exit 2: here a corrupt model file,
+    or a version without its metadata) stops the set at once, exit 2: six more
+    deaths mended nothing and buried the cause under "workers keep dying"."""
     repository = tmp_path / "models"
     shutil.copytree(trained_model, repository)
-    (repository / "fraud_mlp" / "1" / "model.onnx").write_bytes(b"not a model")
+    version = repository / "fraud_mlp" / "1"
+    if broken == "corrupt":
+        (version / "model.onnx").write_bytes(b"not a model")
+    else:
+        (version / "metadata.json").unlink()
     result = serve_two_workers(repository)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "keep dying" not in output and "starting it again" not in output, output[-3000:]
-    assert "does not load: InvalidProtobuf" in output, output[-3000:]
+    assert f"model version {version} does not load" in output, output[-3000:]
+    assert reason in output, output[-3000:]
     assert "a worker stopped on what it was given (exit 2" in output, output[-3000:]
 
 
