@@ -691,4 +691,5 @@ def _tls_failure(error: grpc.aio.AioRpcError) -> bool:
     """A call that failed on TLS (handshake, certificate, a client key that does not
     match its certificate): no retry mends it."""
     details = (error.details() or "").lower()
-    return any(mark in details for mark in ("handshake", "ssl", "certificate"))
+    marks = ("handshake", "ssl", "certificate", "peer name", "verification")
+    return any(mark in details for mark in marks)

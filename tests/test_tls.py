@@ -323,6 +323,14 @@ async def test_the_open_loop_sweep_loads_a_mutual_tls_server(
         )
         assert "CERTIFICATE_VERIFY_FAILED" in output or "certificate verify" in output, output
         assert time.monotonic() - started < 25, output
+        # Nor a server whose certificate names another host.
+        started = time.monotonic()
+        name = ["--tls-server-name", "elsewhere.example"]
+        output = await run_module(
+            *sweep, *tls, *name, "--json", str(out), timeout=60, expect_exit_0=False
+        )
+        assert "Hostname Verification Check failed" in output, output
+        assert time.monotonic() - started < 25, output
 
 
 def test_client_flags_fall_back_to_the_environment_one_by_one() -> None:
