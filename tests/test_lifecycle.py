@@ -304,6 +304,35 @@ except grpc.RpcError as error:
 """
 
 
+# A unary caller with a keepalive of its own, pinging every 6 s also with no call
+# in flight: prints the states its connection went through after the first READY.
+IDLE_PINGING_CLIENT = """
+import sys, time, grpc
+from streamscore._proto.v1 import scoring_pb2 as pb
+options = [
+    ("grpc.keepalive_time_ms", 6000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+channel = grpc.insecure_channel(sys.argv[1], options=options)
+states = []
+record = states.append
+channel.subscribe(record, try_to_connect=True)
+score = channel.unary_unary(
+    "/streamscore.v1.Scoring/Score",
+    request_serializer=pb.ScoreRequest.SerializeToString,
+    response_deserializer=pb.ScoreResponse.FromString,
+)
+transaction = pb.Transaction(card_id="c", merchant_id="m")
+score(pb.ScoreRequest(request_id="r-0", transaction=transaction), timeout=30)
+time.sleep(float(sys.argv[2]))
+ready = states.index(grpc.ChannelConnectivity.READY)
+print(" ".join(state.name for state in states[ready:]), flush=True)
+channel.unsubscribe(record)  # (its polling thread keeps the process alive)
+channel.close()
+"""
+
+
 def established_on(port: int) -> int:
     """Established TCP connections whose local port is ``port`` (this host's)."""
     count = 0
@@ -399,9 +428,21 @@ async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
 ) -> None:
     """gRPC's default let a client ping at most every 5 min without data: a client
     pinging every 6 s had its idle stream ended (GOAWAY "too_many_pings") after about
-    24 s, its fourth ping. Clients may ping every 5 s."""
-    async with keepalive_server(trained_model) as server:
-        # Idle 34 s, past five of its pings every 6 s.
-        client = await client_process(PINGING_CLIENT, server.port, "34", "6000")
-        out, _ = await asyncio.wait_for(client.communicate(), 90)
-        assert out.decode().split() == ["r-0", "r-1"], out
+    24 s, its fourth ping. Clients may ping every 5 s, with calls in flight or none,
+    whatever the server's own keepalive."""
+
+    async def stream_kept() -> None:
+        async with keepalive_server(trained_model) as server:
+            # Idle 34 s, past five of its pings every 6 s.
+            client = await client_process(PINGING_CLIENT, server.port, "34", "6000")
+            out, _ = await asyncio.wait_for(client.communicate(), 90)
+            assert out.decode().split() == ["r-0", "r-1"], out
+
+    async def idle_connection_kept() -> None:
+        # With no call in flight, and the server's own pings off (keepalive_s 0).
+        async with keepalive_server(trained_model, 0.0) as server:
+            client = await client_process(IDLE_PINGING_CLIENT, server.port, "34")
+            out, _ = await asyncio.wait_for(client.communicate(), 90)
+            assert out.decode().split() == ["READY"], out  # never dropped
+
+    await asyncio.gather(stream_kept(), idle_connection_kept())

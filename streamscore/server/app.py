@@ -367,7 +367,10 @@ def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]
     ``grpc.keepalive_timeout_ms`` alone a stopped peer's calls stayed open. Without
     ``grpc.keepalive_permit_without_calls`` a dead client with no call in flight (a
     unary caller between payments) kept its connection until TCP's keepalive (2 h)."""
+    # (Without calls permitted, a client's pings on a connection with no call were
+    # strikes too, whatever the interval.)
     accept_pings = [
+        ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_INTERVAL_MS),
     ]
     if not every_s:
@@ -377,7 +380,6 @@ def keepalive_options(every_s: float, timeout_s: float) -> list[tuple[str, int]]
         ("grpc.keepalive_time_ms", max(1, round(every_s * 1000))),
         ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.http2.ping_timeout_ms", timeout_ms),
-        ("grpc.keepalive_permit_without_calls", 1),
         *accept_pings,
     ]
 
