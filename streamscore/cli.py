@@ -357,7 +357,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     primary = (
         rollout.primary_version
         if rollout.primary_version
-        else f"{rollout.serving_primary_version} (the highest version: follows new ones)"
+        else f"{rollout.serving_primary_version} (unpinned: follows new versions)"
     )
     print(
         f"{rollout.model_name}: primary {primary}, "

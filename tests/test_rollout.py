@@ -428,7 +428,7 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
     shown = [line for line in out.out.splitlines() if line.startswith("fraud_mlp:")]
     # Unpinned, the primary shows as following new versions, not as a pinned "4";
     # then as pinned once named.
-    floating = "fraud_mlp: primary 4 (the highest version: follows new ones), canary"
+    floating = "fraud_mlp: primary 4 (unpinned: follows new versions), canary"
     assert shown[0] == f"{floating} - at 0%, shadows - (generation 1)", shown
     assert shown[1] == f"{floating} 2 at 10%, shadows - (generation 2)", shown
     assert shown[2] == shown[1], shown
