@@ -488,20 +488,20 @@ class RolloutManager:
                 for item, score in zip(chunk, scores.tolist(), strict=True):
                     candidate.comparison.observe(score, item.reference_score)
 
-    def _compared(self, version: str) -> tuple[ServedModel, ServedModel | None]:
-        """The loads a comparison of ``version`` is between now: the primary's, and the
-        candidate's (None when it is not loaded)."""
+    def _compared(self, version: str) -> tuple[ServedModel, ServedModel | None, tuple[int, int]]:
+        """The loads a comparison of ``version`` is between now: the primary's, the
+        candidate's (None when it is not loaded), and their serials (``models``)."""
+        primary = self.primary_model()
         try:
             candidate: ServedModel | None = self.registry.get(self.registry.name, version)
         except KeyError:
             candidate = None
-        return self.primary_model(), candidate
+        return primary, candidate, (primary.serial, candidate.serial if candidate else 0)
 
     def _candidate(self, version: str, variant: str) -> _Candidate:
         key = (version, variant)
         candidate = self._candidates.get(key)
-        primary_model, candidate_model = self._compared(version)
-        models = (primary_model.serial, candidate_model.serial if candidate_model else 0)
+        primary_model, candidate_model, models = self._compared(version)
         if candidate is not None and candidate.models != models:
             # Either side changed (a promote, a hot reload, a version replaced in
             # place): pairs against the old models, at their thresholds, say nothing
@@ -669,8 +669,7 @@ class RolloutManager:
         # A copy of the candidates (a rollout change adds and removes them on the loop
         # while a scrape reads them on the metrics thread).
         for (version, variant), candidate in dict(self._candidates).items():
-            primary_model, candidate_model = self._compared(version)
-            if candidate.models != (primary_model.serial, getattr(candidate_model, "serial", 0)):
+            if candidate.models != self._compared(version)[2]:
                 # Of models replaced since (its next pair starts it again): not shown
                 # as the comparison of the ones serving now.
                 continue
