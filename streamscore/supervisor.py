@@ -154,7 +154,7 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             break
         now = time.monotonic()
         dead = [i for i, child in enumerate(children) if child.exited.is_set()]
-        misconfigured = [children[i].name for i in dead if children[i].returncode == 2]
+        misconfigured = next((children[i].name for i in dead if children[i].returncode == 2), "")
         if misconfigured:
             # Exit 2: what it was given cannot work (a model that does not load,
             # invalid metadata), and would not at any restart: stop now, not after
@@ -162,7 +162,7 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             log.error(
                 "a worker stopped on what it was given (exit 2, the reason above): "
                 "stopping the set",
-                extra={"worker": misconfigured[0]},
+                extra={"worker": misconfigured},
             )
             failed = 2
             break

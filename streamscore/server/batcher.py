@@ -854,7 +854,7 @@ class Batcher:
         queued = self._queued
         live = self._waiting(batch.requests) if admitted else self._admit(batch.requests, now)
         batch.requests = live
-        if self._queued > queued and self._state == _RUNNING:
+        if self._queued > queued:  # (never while stopping: ``_requeue`` answers them)
             self._schedule(now)  # requeued by ``_admit``: another slot may take them
         if not live:
             return
