@@ -751,6 +751,43 @@ async def test_a_pinned_primary_keeps_answering_when_a_newer_version_appears(
         assert status.rollout.primary_version == "1"
 
 
+async def test_the_listening_line_names_the_stored_rollouts_primary(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A restart on a stored rollout that pins version 1 beside a newer 2: the start's
+    "grpc server listening" line named 2 (the registry's newest), which never answered."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    async with server_on(repository) as (_, admin, _):
+        await set_rollout(admin, canary_version="2", canary_percent=10)
+
+    class Listening(logging.Handler):
+        fields: dict[str, object] = {}
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "grpc server listening":
+                Listening.fields = dict(record.__dict__)
+
+    logger = logging.getLogger("streamscore.server")
+    level, handler = logger.level, Listening()
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        async with server_on(repository) as (scoring, _, server):
+            assert server.models.primary.metadata.version == "2"  # the registry's newest
+            card = next(c for c in (f"card-{i}" for i in range(100)) if not in_canary(c, 10))
+            reply = await scoring.Score(request(1, card))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    fields = Listening.fields
+    assert (fields["version"], fields["pinned"]) == ("1", True), fields
+    assert (fields["canary"], fields["canary_percent"]) == ("2", 10.0), fields
+    assert fields["shadows"] is None
+    assert (reply.model.version, reply.model.variant) == ("1", pb.PRIMARY)  # as it said
+
+
 async def test_processes_that_reached_one_generation_differently_agree(
     trained_model: Path, tmp_path: Path
 ) -> None:

@@ -228,6 +228,8 @@ class ScoringServer:
             except OSError as error:  # which port: gRPC's is fine
                 port = settings.metrics_port
                 raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None
+        rollout = self.rollouts.state
+        primary = self.rollouts.primary_model(rollout)
         log.info(
             "grpc server listening",
             extra={
@@ -239,9 +241,15 @@ class ScoringServer:
                 else "mutual"
                 if settings.tls_client_ca_file
                 else "on",
-                "model": self.models.primary.metadata.name,
-                "version": self.models.primary.metadata.version,
-                "backend": self.models.primary.metadata.backend,
+                # What answers: the rollout's primary (a stored rollout may pin one
+                # other than the registry's newest), and its canary and shadows.
+                "model": primary.metadata.name,
+                "version": primary.metadata.version,
+                "backend": primary.metadata.backend,
+                "pinned": bool(rollout.primary),
+                "canary": rollout.canary or None,
+                "canary_percent": rollout.canary_percent if rollout.canary else None,
+                "shadows": list(rollout.shadows) or None,
             },
         )
         if self.replica is None or self.replica.caught_up:
