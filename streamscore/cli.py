@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--replace",
         action="store_true",
-        help="write over an existing --version (a server hot-reloads it under the same number)",
+        help="write over an existing --version (a server hot-reloads it under the same "
+        "number); files in it that train does not write are kept",
     )
     train.add_argument(
         "--duration", type=_positive, default=1800.0, help="seconds of synthetic traffic"

@@ -118,6 +118,23 @@ def _modes_of(directory: Path) -> dict[Path, int]:
     }
 
 
+# The files of a version that ``export_version`` writes. Anything else in a version it
+# replaces (an operator's notes, a model card) is not its to delete and is carried over;
+# one of these it did not write this time (a baseline) would be stale, and is not.
+VERSION_FILES = frozenset({"model.pt", "model.onnx", "metadata.json", BASELINE_FILE})
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy into ``new`` what ``old`` holds beside the version's own files."""
+    for path in old.iterdir():
+        if path.name in VERSION_FILES or (new / path.name).exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.copytree(path, new / path.name, symlinks=True)
+        else:
+            shutil.copy2(path, new / path.name, follow_symlinks=False)
+
+
 def _apply_modes(directory: Path, modes: dict[Path, int]) -> None:
     """Give the paths under ``directory`` the ``modes`` of their namesakes in the
     version it replaces: made under a stricter umask, the replaced version was
@@ -186,6 +203,7 @@ def export_version(
     retired = model_dir / f".{version}.retired"
     modes: dict[Path, int] = {}
     if directory.exists():  # retraining a version: swap in two renames, never absent long
+        _carry_over(directory, staging)
         modes = _modes_of(directory)
         _apply_modes(staging, modes)
         shutil.rmtree(retired, ignore_errors=True)

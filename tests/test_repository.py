@@ -220,6 +220,28 @@ def test_a_replaced_version_keeps_its_modes(tmp_path: Path) -> None:
     }
 
 
+def test_a_replaced_version_keeps_files_it_did_not_write(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """train --replace deleted whatever else the version's directory held (an
+    operator's notes, a model card). Those are carried over; a file of the version's own
+    that the new export does not write (a drift baseline) is not, as it would be stale."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    version = repository / MODEL / "1"
+    assert (version / "baseline.json").is_file()  # the trained one has a baseline
+    (version / "NOTES.md").write_text("approved by risk, ticket 42")
+    (version / "card").mkdir()
+    (version / "card" / "model-card.json").write_text("{}")
+    old_onnx = (version / "model.onnx").read_bytes()
+    publish_other_model(repository, 1, seed=3)  # exports no baseline
+    assert (version / "NOTES.md").read_text() == "approved by risk, ticket 42"
+    assert (version / "card" / "model-card.json").read_text() == "{}"
+    assert not (version / "baseline.json").exists()
+    assert (version / "model.onnx").read_bytes() != old_onnx
+    assert not list((repository / MODEL).glob(".1.*"))  # no staging or retired left
+
+
 def test_a_rewritten_file_keeps_its_mode(tmp_path: Path) -> None:
     """``train`` rewrites the model's shared config.pbtxt: under a stricter umask it
     became unreadable to the Triton server that had read it."""
