@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextvars
+import functools
 import hashlib
 import logging
 import os
@@ -94,7 +96,8 @@ class RepeatLimiter(logging.Filter):
     that repeat themselves: aiokafka logs each failed reconnect, metadata update and
     fetch, about every 100 ms per client, so a broker outage wrote some 50 error lines
     a second per process and buried ours. The next one let through says how many were
-    held back."""
+    held back; at exit (``flush``) the last one held back is written, saying how many
+    others were, so a flood's count is never lost with its last line."""
 
     def __init__(
         self,
@@ -116,7 +119,8 @@ class RepeatLimiter(logging.Filter):
         self.prefixes = prefixes
         self.period_s = period_s
         self.clock = clock
-        self._last: dict[tuple[str, str, object], tuple[float, int]] = {}  # (when, held)
+        # (when one was let through, how many held back since, the last held back)
+        self._last: dict[tuple[str, str, object], tuple[float, int, logging.LogRecord | None]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         # On the handler: a logger's own filters do not see its children's records.
@@ -128,14 +132,24 @@ class RepeatLimiter(logging.Filter):
         now = self.clock()
         last = self._last.get(key)
         if last is not None and now - last[0] < self.period_s:
-            self._last[key] = (last[0], last[1] + 1)
+            self._last[key] = (last[0], last[1] + 1, record)
             return False
         if last is not None and last[1]:
             record.repeats_held_back = last[1]
         if len(self._last) > 1024:  # templates are few; bound it anyway
             self._last.clear()
-        self._last[key] = (now, 0)
+        self._last[key] = (now, 0, None)
         return True
+
+    def flush(self, handler: logging.Handler) -> None:
+        """Write through ``handler`` the last record held back of each kind, with how
+        many others were held back before it (at exit: nothing follows to say it)."""
+        held = [(n, record) for _, n, record in self._last.values() if record is not None]
+        self._last.clear()
+        for n, record in held:
+            if n > 1:
+                record.repeats_held_back = n - 1
+            handler.handle(record)
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
@@ -151,4 +165,14 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     # Third-party chatter at INFO drowns ours.
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
-    handler.addFilter(RepeatLimiter())
+    limiter = RepeatLimiter()
+    handler.addFilter(limiter)
+    global _flush_at_exit
+    if _flush_at_exit is None:  # once per process: a later setup replaces the pair
+        atexit.register(lambda: _flush_at_exit is not None and _flush_at_exit())
+    _flush_at_exit = functools.partial(limiter.flush, handler)
+
+
+# The current handler's RepeatLimiter.flush, called at exit (before logging's own
+# shutdown, registered earlier, closes the handlers).
+_flush_at_exit: Callable[[], None] | None = None

@@ -9,6 +9,7 @@ import io
 import logging
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -201,3 +202,24 @@ def test_a_librarys_repeated_errors_are_limited_and_counted() -> None:
         line.reason = reason
         reasons.append(limiter.filter(line))
     assert reasons == [True, False, True]
+
+
+def test_the_count_held_back_after_the_last_line_is_written_at_exit() -> None:
+    """A burst of bad events, then none: the line after the burst that would have said
+    how many were held back never came, so the log undercounted for good. At exit the
+    last one held back is written, with how many others were."""
+    script = (
+        "import logging\n"
+        "from streamscore.logs import setup_logging\n"
+        "setup_logging()\n"
+        "log = logging.getLogger('streamscore.dead_letters')\n"
+        "for i in range(5):\n"
+        "    log.warning('dead-lettered event', extra={'reason': 'bad_json', 'n': i})\n"
+        "log.warning('dead-lettered event', extra={'reason': 'too_late', 'n': 9})\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]
+    told = [(e["reason"], e["n"], e.get("repeats_held_back")) for e in lines]
+    assert told == [("bad_json", 0, None), ("too_late", 9, None), ("bad_json", 4, 3)], told
