@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train, kafka_help="(ignored)")
     train.add_argument("--model-repository", type=Path, help="model repository directory")
     train.add_argument(
-        "--version", type=int, help="version number to write (default: the next one)"
+        "--version", type=_at_least_one, help="version number to write (default: the next one)"
     )
     train.add_argument(
         "--replace",

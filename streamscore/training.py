@@ -260,6 +260,8 @@ def train(
     existing = [int(p.name) for p in version_dirs(repository, MODEL_NAME)]
     if version is None:
         version = max(existing, default=0) + 1
+    elif version < 1:  # before training: Triton and the registry know only versions 1, 2...
+        raise TrainingRefused(f"version must be 1 or more, not {version}")
     elif version in existing and not replace:
         raise TrainingRefused(
             f"version {version} of {MODEL_NAME} exists under {repository}; give another "

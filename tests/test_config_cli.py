@@ -447,6 +447,21 @@ def test_serve_needs_at_least_one_worker(capsys: pytest.CaptureFixture[str]) -> 
     assert "--workers: must be 1 or more, not 0" in capsys.readouterr().err
 
 
+def test_train_refuses_a_version_below_one_before_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``train --version 0`` trained for a minute, then failed, leaving a staging
+    directory behind; a negative one wrote a directory the registry never reads."""
+    from streamscore.cli import main
+
+    for version in ("0", "-3"):
+        with pytest.raises(SystemExit) as exited:
+            main(["train", "--model-repository", str(tmp_path), "--version", version])
+        assert exited.value.code == 2
+        assert f"--version: must be 1 or more, not {version}" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_only_loopback_hosts_keep_an_admin_token_off_the_network() -> None:
     from streamscore.server.app import _is_loopback
 

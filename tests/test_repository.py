@@ -717,6 +717,9 @@ def test_train_writes_the_next_version_and_replaces_one_only_when_asked(
 
     with pytest.raises(TrainingRefused, match="version 1 of fraud_mlp exists"):
         train(trained_model, version=1)
+    for version in (0, -3):  # refused before a minute of training, not after
+        with pytest.raises(TrainingRefused, match=f"1 or more, not {version}"):
+            train(trained_model, version=version)
     with pytest.raises(TrainingRefused, match="not fit to serve"):
         train(trained_model, duration_s=1, epochs=1)  # ten rows: no fraud held out
     with pytest.raises(TrainingRefused, match="not fit to serve"):
