@@ -67,28 +67,57 @@ def clipped(text: str, limit: int = 64) -> str:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    """A line's fields beyond the message: the request being served, then the extras."""
+    fields: dict[str, object] = {}
+    request = CURRENT_REQUEST.get()
+    if request is not None:
+        fields["request_id"] = clipped(request[0])
+        if request[1]:  # (none: a request that did not parse, or left it out)
+            fields["card_hash"] = hash_id(request[1])
+    for key, value in record.__dict__.items():
+        if key not in _STANDARD and not key.startswith("_"):
+            fields[key] = value
+    return fields
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        request = CURRENT_REQUEST.get()
-        if request is not None:
-            entry["request_id"] = clipped(request[0])
-            if request[1]:  # (none: a request that did not parse, or left it out)
-                entry["card_hash"] = hash_id(request[1])
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+        entry.update(_fields(record))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         # Non-string keys (a dict of batch size -> time) become strings, as json does;
         # without the option orjson refuses them and the whole line is lost.
         return orjson.dumps(entry, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """One line for a reader: time, level, logger, message, then the extra fields as
+    ``key=value`` (without them a line said "grpc server listening", not where)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = [
+            f"{key}={_text_value(value)}"
+            for key, value in _fields(record).items()
+            if value is not None
+        ]
+        return f"{line} {' '.join(fields)}" if fields else line
+
+
+def _text_value(value: object) -> str:
+    text = str(value)
+    return orjson.dumps(text).decode() if not text or any(c.isspace() for c in text) else text
 
 
 class RepeatLimiter(logging.Filter):
@@ -154,11 +183,7 @@ class RepeatLimiter(logging.Filter):
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

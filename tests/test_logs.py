@@ -223,3 +223,25 @@ def test_the_count_held_back_after_the_last_line_is_written_at_exit() -> None:
     lines = [orjson.loads(line) for line in done.stderr.splitlines()]
     told = [(e["reason"], e["n"], e.get("repeats_held_back")) for e in lines]
     assert told == [("bad_json", 0, None), ("too_late", 9, None), ("bad_json", 4, 3)], told
+
+
+def test_text_logs_keep_the_fields() -> None:
+    """``--log-format text`` wrote the message alone: "grpc server listening", without
+    the port that ``serve --port 0`` had picked, and no request id on a request's lines."""
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(logs.TextFormatter())
+    record = logging.LogRecord(
+        "streamscore.server", logging.INFO, __file__, 1, "listening", (), None
+    )
+    record.__dict__.update(port=50123, host="127.0.0.1", own_port=None, note="two words")
+    token = CURRENT_REQUEST.set(("req-7", "4111111111111111"))
+    try:
+        line = handler.format(record)
+    finally:
+        CURRENT_REQUEST.reset(token)
+    assert line.endswith(
+        "INFO streamscore.server: listening request_id=req-7 "
+        f"card_hash={hash_id('4111111111111111')} port=50123 host=127.0.0.1 "
+        'note="two words"'
+    ), line
+    assert "4111111111111111" not in line and "own_port" not in line
