@@ -41,6 +41,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.processes import ChildProcess
+from streamscore.server.rollout_store import FILE_NAME as ROLLOUT_FILE
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.events import event_from_dict
@@ -71,6 +72,26 @@ def echo_process(
     return ChildProcess(name, argv, log_path=log_path)
 
 
+# Copies of the repositories given to load tools, by source, for this process's life.
+_PRIVATE: dict[Path, tempfile.TemporaryDirectory[str]] = {}
+
+
+def private_repository(source: Path) -> Path:
+    """A copy of the model repository ``source`` for a load tool's servers, without its
+    stored rollout. Served in place, a benchmark's server applied its own settings to
+    the shared rollout (``rollout.json``) as a change: a live server on the same
+    repository lost its promoted primary to the benchmark's version. Removed at exit."""
+    source = source.resolve()
+    if source not in _PRIVATE:
+        _PRIVATE[source] = tempfile.TemporaryDirectory(prefix="streamscore-bench-models-")
+        shutil.copytree(
+            source,
+            Path(_PRIVATE[source].name) / "models",
+            ignore=shutil.ignore_patterns(ROLLOUT_FILE, f"{ROLLOUT_FILE}.lock"),
+        )
+    return Path(_PRIVATE[source].name) / "models"
+
+
 def serve_process(
     name: str,
     bootstrap: str,
@@ -84,12 +105,13 @@ def serve_process(
 ) -> ChildProcess:
     """A quiet ``streamscore serve`` under load (warnings only, text logs), with ``env``
     on top of this process's environment; ``cwd`` picks the checkout it imports.
-    ``module``: the one run with ``python -m`` (``loadtest.null_score``: Score empty)."""
+    ``module``: the one run with ``python -m`` (``loadtest.null_score``: Score empty).
+    It serves a private copy of ``repository`` (``private_repository``)."""
     return ChildProcess.serve(
         name,
         bootstrap,
         port,
-        repository,
+        private_repository(repository),
         "--log-level",
         "warning",
         module=module,

@@ -28,6 +28,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from hdrh.histogram import HdrHistogram
 
+from loadtest.backend_bench import private_repository
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
@@ -175,7 +176,8 @@ async def main(args: argparse.Namespace) -> None:
         )
         server_args = ["--port", str(port)]
         if args.model_repository:
-            server_args += ["--model-repository", str(args.model_repository)]
+            repository = private_repository(args.model_repository)
+            server_args += ["--model-repository", str(repository)]
         server = ChildProcess.streamscore(
             "server", "serve", *common, *server_args, log_path=str(logdir / "server.log")
         )

@@ -475,7 +475,9 @@ async def test_null_score_is_the_server_with_an_empty_score(
 ) -> None:
     """``loadtest.null_score serve``: Score and each ScoreStream message answered with
     the echo's canned response, while the rest is streamscore's server (its health,
-    its GetFeatures from the replica)."""
+    its GetFeatures from the replica). Like every load tool's server, it serves a copy
+    of the repository: served in place, its settings were applied to the repository's
+    stored rollout, and a live server sharing it lost its pinned primary."""
     from loadtest.backend_bench import serve_process
     from loadtest.echo_server import canned
     from streamscore.client import wait_serving
@@ -485,11 +487,17 @@ async def test_null_score_is_the_server_with_an_empty_score(
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, TopicLayout().partitions())
         port = find_free_port()
+        repository = tmp_path / "models"
+        shutil.copytree(trained_model, repository)
+        pinned = {"primary": "1", "canary": "", "canary_percent": 0.0, "shadows": []}
+        stored = repository / "fraud_mlp" / "rollout.json"
+        stored.write_text(json.dumps({**pinned, "generation": 7, "settings": pinned}))
+        live_rollout = stored.read_bytes()
         server = serve_process(
             "null Score",
             broker.bootstrap,
             port,
-            trained_model,
+            repository,
             env={},
             log_path=str(tmp_path / "null-score.log"),
             cwd=str(ROOT),
@@ -517,6 +525,7 @@ async def test_null_score_is_the_server_with_an_empty_score(
             await server.stop()
     assert [unary, *streamed] == [canned(r.request_id) for r in requests]
     assert features.entity_id == "c-1" and features.features["card_txn_count_1h"] == 0
+    assert stored.read_bytes() == live_rollout
 
 
 def test_ab_builds_the_bases_c_kernels(tmp_path: Path) -> None:
