@@ -444,6 +444,39 @@ async def test_a_broken_new_version_keeps_the_old_one_serving(
         await registry.stop()
 
 
+async def test_a_version_that_cannot_be_read_is_retried_and_the_watcher_lives_on(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A version published with a metadata.json the server cannot read (another user's
+    umask): reading the repository raised outside the watcher's error handling, which
+    ended it without a word; nothing was hot-reloaded again, and the stop re-raised
+    the old error (exit 1). Unreadable here as root too: a link to /proc/self/mem,
+    whose first page is unmapped (EIO)."""
+    repository = copy_repository(trained_model, tmp_path)
+    registry = ModelRegistry(repository, MODEL, reload_interval_s=0.05)
+    await registry.start()
+    try:
+        staging = repository / MODEL / ".2.staging"
+        shutil.copytree(repository / MODEL / "1", staging)
+        metadata = json.loads((staging / "metadata.json").read_text())
+        (staging / "metadata.json").unlink()
+        (staging / "metadata.json").symlink_to("/proc/self/mem")
+        staging.rename(repository / MODEL / "2")
+        with pytest.raises(OSError):
+            (repository / MODEL / "2" / "metadata.json").read_bytes()
+        await wait_for(lambda: registry.reload_failures >= 1)
+        await asyncio.sleep(0.3)
+        assert registry.reload_failures == 1  # retried after RELOAD_RETRY_S, not every poll
+        assert registry._watcher is not None and not registry._watcher.done()
+        assert registry.primary.metadata.version == "1"
+        fixed = repository / MODEL / "2" / "metadata.json"
+        fixed.unlink()
+        fixed.write_text(json.dumps({**metadata, "version": "2"}))
+        await wait_for(lambda: registry.primary.metadata.version == "2")
+    finally:
+        await registry.stop()  # raised the watcher's old error
+
+
 def test_serve_on_a_corrupt_model_stops_with_one_line(
     trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -485,3 +485,26 @@ async def test_the_batchers_deadline_counts_from_the_calls_start(
         await stub.Score(pb.ScoreRequest(transaction=transaction()), timeout=10)
         budget = server.settings.budget_ms / 1000
         assert len(left) == 1 and left[0] <= budget - 0.03, (left, budget)
+
+
+async def test_a_part_whose_stop_fails_leaves_the_rest_stopped(
+    trained_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One part's stop raising (the model watcher re-raised an old error) ended the
+    server's stop there: the models and the loop-lag probe after it kept running. The
+    failure is logged, the parts after it stop, and the error is raised at the end."""
+    server = ScoringServer(Settings(port=0, model_repository=trained_model, kafka=""))
+    await server.start()
+    assert server.rollouts is not None
+
+    async def fails() -> None:
+        raise RuntimeError("stop failed")
+
+    server.rollouts.stop = fails  # type: ignore[method-assign]
+    primary = server.models.primary
+    assert server.loop_lag._task is not None
+    with pytest.raises(RuntimeError, match="stop failed"):
+        await server.stop()
+    assert server.models._primary is None and not primary.backend.started  # type: ignore[attr-defined]
+    assert server.loop_lag._task is None
+    assert "stopping the rollouts failed" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Awaitable, Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -317,14 +318,24 @@ class ScoringServer:
         if self._collector is not None:
             REGISTRY.unregister(self._collector)
             self._collector = None
+        parts: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         if self.decisions is not None:  # after gRPC: every answered call is in it
-            await self.decisions.stop()
+            parts.append(("decision log", self.decisions.stop))
         if self.replica is not None:
-            await self.replica.stop()
+            parts.append(("feature replica", self.replica.stop))
         if self.rollouts is not None:
-            await self.rollouts.stop()
-        await self.models.stop()
-        await self.loop_lag.stop()
+            parts.append(("rollouts", self.rollouts.stop))
+        parts += [("models", self.models.stop), ("loop lag probe", self.loop_lag.stop)]
+        # A part whose stop fails does not leave the ones after it running.
+        failed: BaseException | None = None
+        for name, stop in parts:
+            try:
+                await stop()
+            except Exception as error:
+                log.exception("stopping the %s failed", name)
+                failed = failed or error
+        if failed is not None:
+            raise failed
 
     async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
         """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut.

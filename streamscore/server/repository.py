@@ -36,6 +36,7 @@ from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
 from streamscore.server.latency_model import LatencyModel
 from streamscore.server.model import ModelMetadata, latest_version, version_dirs
 from streamscore.stream.features import REQUEST_FEATURES, feature_names
+from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.models")
 
@@ -438,7 +439,12 @@ class ModelRegistry:
                 raise
             self._primary, self._fingerprint = older, ""
         if self.reload_interval_s > 0:
-            self._watcher = asyncio.create_task(self._watch(), name="model-watcher")
+            self._watcher = start_background(
+                self._watch(),
+                name="model-watcher",
+                log=log,
+                failure="model watcher stopped; new versions are not loaded",
+            )
 
     async def _load_an_older_one(self, error: Exception) -> ServedModel | None:
         """After the newest version failed to load with ``error``: the newest version
@@ -580,18 +586,23 @@ class ModelRegistry:
         # Polling a few stats a second is cheaper and more portable than inotify, and
         # a bad new version must never take the server down: log it, keep serving.
         loop = asyncio.get_running_loop()
-        failed = ""  # the repository's fingerprint when a load last failed
+        # The repository's fingerprint when a load last failed; None: it could not be
+        # read (a version or metadata.json another user published unreadable).
+        failed: str | None = ""
         retry_in, retry_at = 0.0, 0.0
         while True:
             await asyncio.sleep(self.reload_interval_s)
-            # Read before the attempt: a fix made while a load fails is tried next.
-            fingerprint = self._scan()
-            if fingerprint == failed and loop.time() < retry_at:
-                # The primary waits for its retry; the other versions do not.
-                async with self._lock:
-                    await self._reload_others()
+            if failed is None and loop.time() < retry_at:
                 continue
+            fingerprint: str | None = None
             try:
+                # Read before the attempt: a fix made while a load fails is tried next.
+                fingerprint = self._scan()
+                if fingerprint == failed and loop.time() < retry_at:
+                    # The primary waits for its retry; the other versions do not.
+                    async with self._lock:
+                        await self._reload_others()
+                    continue
                 await self.reload()
             except asyncio.CancelledError:
                 raise
@@ -614,11 +625,8 @@ class ModelRegistry:
                 failed = ""
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        watcher, self._watcher = self._watcher, None
+        await cancel_and_wait(watcher)
         for task in list(self._retiring):
             await task
         others, self._others = list(self._others.values()), {}
