@@ -132,14 +132,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 return 0
             signalled.cancel()
             starting.result()  # a failed start raises here
+            # A signal, or a part the server needs dying (its replica): drain either way.
+            ended = [asyncio.ensure_future(e.wait()) for e in (stop, server.failed)]
             try:
-                await stop.wait()
+                await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
             except BaseException:
                 await server.stop()
                 raise
+            finally:
+                for waiting in ended:
+                    waiting.cancel()
             await server.drain()
         finally:
             await freezer.stop()
+        if server.failure:
+            raise PartFailed(server.failure)
         return 0
 
     return _run(main())
@@ -617,6 +624,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class PartFailed(RuntimeError):
+    """A running server stopped because a part it needs died (``ScoringServer.failed``)."""
+
+
 def _fatal(message: str, args: argparse.Namespace) -> None:
     """Why the command stops, as one line: a JSON log line under JSON logging (the one
     line that explains why a container exited must reach a JSON-only pipeline), else
@@ -656,6 +667,8 @@ def _operator_error(error: Exception) -> str | None:
         return f"{error.code().name}: {error.details()}"
     if isinstance(error, ChildExited | BrokerError):  # a child of ours that could not start
         return str(error).splitlines()[0]  # (a broker's adds its output: in the log above)
+    if isinstance(error, PartFailed):
+        return str(error)
     if isinstance(error, RuntimeError) and "Failed to bind" in str(error):
         return f"{error} (the port is in use?)"
     return None

@@ -694,6 +694,7 @@ async def test_replica_counts_bad_fold_entries_and_folds_the_rest(broker: Embedd
         entry("negative", -1),
         entry("huge", 2**63),
         entry("float-time", 5, 1.5),
+        entry("time-past-int64", 5, 2**63),  # OverflowError: it ended the replica
         entry("good-2", 2**63 - 1),
     ]
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -708,11 +709,11 @@ async def test_replica_counts_bad_fold_entries_and_folds_the_rest(broker: Embedd
     try:
         await replica.wait_caught_up(timeout=30)
         assert replica.failure is None
-        assert replica.bad_records == 3
+        assert replica.bad_records == 4
         assert store.features("card", "good-1", 1_000)["card_amount_sum_24h"] == 500.0
         assert store.features("card", "good-2", 1_000)["card_amount_max_24h"] == float(2**63 - 1)
         # A refused entry changed nothing of its entity: no event, no time of one.
-        for refused in ("negative", "huge", "float-time"):
+        for refused in ("negative", "huge", "float-time", "time-past-int64"):
             assert store.features("card", refused, 1_000)["card_seconds_since_last"] == -1.0
             assert store.features("card", refused, 1_000)["card_txn_count_24h"] == 0.0
     finally:

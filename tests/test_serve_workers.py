@@ -341,3 +341,61 @@ def test_a_signal_while_starting_stops_the_server_at_once(
         assert "stopped while starting" in err, err[-3000:]
     finally:
         silent.close()
+
+
+# `serve` whose feature replica dies of a bug once serving (a fold that raises past the
+# per-entry skip): a stand-in for any error that ends the replica's task.
+DYING_REPLICA_SERVE = """
+import sys
+from streamscore.cli import main
+from streamscore.stream.replica import FeatureReplica
+
+async def fold(self, records):
+    if records:
+        raise RuntimeError("fold bug")
+
+FeatureReplica._fold = fold
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_serve_whose_replica_dies_drains_and_exits_1(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The replica's task ended on an error it did not expect: the server stayed up and
+    SERVING, every answer FEATURES_STALE for good, /metrics still saying caught up. It
+    drains (NOT_SERVING first) and exits 1 naming the cause, to be restarted."""
+    import orjson
+    from aiokafka import AIOKafkaProducer
+
+    from streamscore.stream.topics import ENTITY_EVENTS
+
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        port = find_free_port()
+        argv = ["serve", "--kafka", broker.bootstrap, "--port", str(port), "--log-format", "text"]
+        argv += ["--model-repository", str(trained_model)]
+        log = tmp_path / "serve.log"
+        with log.open("wb") as out:
+            serve = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", DYING_REPLICA_SERVE, *argv, stdout=out, stderr=out
+            )
+            try:
+                await wait_serving(f"127.0.0.1:{port}", timeout=60)
+                producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+                await producer.start()
+                try:
+                    entry = ["card", "c-1", "e-1", int(time.time() * 1000), 100, 0, "m", "c-1"]
+                    await producer.send_and_wait(ENTITY_EVENTS, orjson.dumps([entry]))
+                finally:
+                    await producer.stop()
+                returncode = await asyncio.wait_for(serve.wait(), 60)
+            finally:
+                if serve.returncode is None:
+                    serve.kill()
+                    await serve.wait()
+    output = log.read_text()
+    assert returncode == 1, output[-3000:]
+    assert "draining" in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last == "streamscore: feature replica failed: RuntimeError: fold bug", output[-3000:]

@@ -72,6 +72,12 @@ class ScoringServer:
         # ends them, rather than wait its whole grace period for them.
         self._callers_streams = DrainCut()
         self.loop_lag = LoopLagMonitor(settings.loop_lag_interval_s)
+        # Set when a part it cannot serve without has died (the feature replica, a
+        # start that cannot become ready); ``failure`` says which and why. `serve`
+        # then drains and exits 1, to be restarted, rather than stay up, SERVING
+        # features frozen for good or never ready.
+        self.failed = asyncio.Event()
+        self.failure = ""
         self.models = ModelRegistry(
             settings.model_repository,
             settings.model_name,
@@ -123,6 +129,7 @@ class ScoringServer:
                 self.store,
                 fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
                 lean_fetch=settings.kafka_lean_fetch,
+                on_failure=self._part_failed("feature replica"),
             )
         self.rollouts = RolloutManager(
             self.models,
@@ -258,7 +265,11 @@ class ScoringServer:
             return
         await self.replica.start()
         self._ready_task = start_background(
-            self._serve_when_caught_up(), name="ready", log=log, failure="server never became ready"
+            self._serve_when_caught_up(),
+            name="ready",
+            log=log,
+            failure="server never became ready",
+            on_failure=self._part_failed("start"),
         )
 
     async def _serve_when_caught_up(self) -> None:
@@ -286,6 +297,14 @@ class ScoringServer:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+    def _part_failed(self, part: str) -> Callable[[BaseException], None]:
+        def failed(error: BaseException) -> None:
+            if not self.failed.is_set():
+                self.failure = f"{part} failed: {type(error).__name__}: {error}"
+                self.failed.set()
+
+        return failed
 
     async def drain(self) -> None:
         """Stop gracefully (SIGTERM): NOT_SERVING first, still answering for the drain

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -70,7 +70,11 @@ class FeatureReplica:
         # consumer's fetcher: about half its CPU per fetch. Plaintext only: it speaks
         # neither TLS nor SASL, so a secured cluster is fetched from by the consumer.
         lean_fetch: bool = True,
+        # Told when the fold task dies (features are no longer updated): the server
+        # stops, rather than answer from features frozen for good.
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
+        self.on_failure = on_failure
         self.bootstrap = bootstrap
         self.store = store
         self.topic = topic
@@ -221,6 +225,8 @@ class FeatureReplica:
 
     def _failed(self, exc: BaseException) -> None:
         self.failure = exc
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     async def _run(self) -> None:
         consumer = self._consumer
@@ -378,7 +384,7 @@ class FeatureReplica:
                 if record.value is None:
                     raise ValueError("a record with no value")
                 entries = decode_fold_batch(record.value)
-            except ValueError:
+            except Exception:
                 # Only our own worker writes this topic; a bad record is a bug to see
                 # in metrics, not a reason to stop folding everything else.
                 self.bad_records += 1
@@ -388,7 +394,7 @@ class FeatureReplica:
                 for entry in entries[start : start + step]:
                     try:
                         fold(*entry)
-                    except (ValueError, TypeError, KeyError):
+                    except Exception:  # e.g. a time past int64: OverflowError
                         self.bad_records += 1
                         log.exception("bad fold entry at offset %s", record.offset)
                 # Let waiting Score calls run: each pause stays around a millisecond.
