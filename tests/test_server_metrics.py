@@ -31,6 +31,7 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
     assert "# TYPE streamscore_replica_fold_outcomes_total counter" in lines  # only grows
     assert 'streamscore_decisions_total{outcome="published"} 7.0' in lines
     assert 'streamscore_decisions_total{outcome="failed"} 2.0' in lines
+    assert "streamscore_decisions_queued 3.0" in lines
 
 
 def test_idle_entities_swept_and_kept_are_exposed() -> None:
@@ -63,7 +64,7 @@ def scrape(store: FeatureStore, **replica_values: object) -> list[str]:
     vars(replica).update(replica_values)
     server = SimpleNamespace(
         rollouts=None,
-        decisions=SimpleNamespace(published=7, dropped=1, failed=2),
+        decisions=SimpleNamespace(published=7, dropped=1, failed=2, queued=3),
         models=SimpleNamespace(loaded=list),
         service=None,
         replica=replica,

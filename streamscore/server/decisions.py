@@ -80,6 +80,12 @@ class DecisionLog:
         self._idle.set()
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
+        self._sending = 0  # decisions of the batch being published, out of the queue
+
+    @property
+    def queued(self) -> int:
+        """Decisions recorded and not published yet (a broker outage grows it)."""
+        return len(self._queue) + self._sending
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
@@ -115,6 +121,7 @@ class DecisionLog:
                 self._wake.clear()
                 await self._wake.wait()
             batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
+            self._sending = len(batch)
             try:
                 sends = [
                     await self._producer.send(
@@ -129,6 +136,7 @@ class DecisionLog:
                 # and variant); what comes meanwhile queues, or is dropped when full.
                 self.failed += len(batch)
                 self._queue.extendleft(reversed(batch))
+                self._sending = 0
                 log.warning(
                     "decision log publish failed, retrying",
                     extra={"error": repr(error), "decisions": len(batch)},
@@ -138,6 +146,7 @@ class DecisionLog:
                 continue
             backoff = 0.1
             self.published += len(batch)
+            self._sending = 0
             if not self._queue:
                 self._idle.set()
 
@@ -152,6 +161,16 @@ class DecisionLog:
                     await asyncio.wait_for(self._idle.wait(), timeout)
             task, self._task = self._task, None
             await cancel_and_wait(task)
+            # The broker still down at the stop: what it never took is lost from the
+            # audit trail. Counted as dropped and said, never silently.
+            lost, self._sending = self.queued, 0
+            self._queue.clear()
+            if lost:
+                self.dropped += lost
+                log.error(
+                    "decision log stopped with decisions not published: dropped",
+                    extra={"decisions": lost, "timeout_s": timeout},
+                )
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), timeout)

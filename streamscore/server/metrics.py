@@ -273,6 +273,12 @@ class ServerCollector:
             for outcome in ("published", "dropped", "failed"):
                 published.add_metric([outcome], getattr(decisions, outcome))
             yield published
+            yield _gauge(
+                "streamscore_decisions_queued",
+                "Decisions recorded and not yet published (grows while the broker is down; "
+                "dropped past the queue's bound, and at a stop that could not publish them).",
+                decisions.queued,
+            )
         drift = GaugeMetricFamily(
             "streamscore_drift_psi",
             'PSI of each input feature and of the score (feature="score") over the '
@@ -390,9 +396,7 @@ class ServerCollector:
                     self.server.store.idle_count(),
                 ),
             ):
-                family = GaugeMetricFamily(name, help_)
-                family.add_metric([], float(value))
-                yield family
+                yield _gauge(name, help_, value)
             outcomes = CounterMetricFamily(
                 "streamscore_replica_fold_outcomes",
                 "Events folded into one entity each, by outcome: applied; duplicate (a "
@@ -404,6 +408,12 @@ class ServerCollector:
             for outcome, count in self.server.store.counts.items():
                 outcomes.add_metric([outcome.value], float(count))
             yield outcomes
+
+
+def _gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_)
+    family.add_metric([], float(value))
+    return family
 
 
 def _counter(name: str, help_: str, value: float) -> CounterMetricFamily:
