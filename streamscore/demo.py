@@ -53,6 +53,7 @@ class DemoStats:
     failed: int = 0
     published: int = 0
     malformed_sent: int = 0
+    publish_failed: int = 0  # events the broker never took (it went away)
     decisions: Counter[str] = field(default_factory=Counter)
     fraud_flagged: int = 0
     fraud_seen: int = 0
@@ -97,6 +98,7 @@ class DemoStats:
             f"failed {self.failed} "
             f"degraded {self.degraded} | {decisions} | fraud flagged "
             f"{self.fraud_flagged}/{self.fraud_seen} | malformed sent {self.malformed_sent}"
+            + (f" | not published {self.publish_failed}" if self.publish_failed else "")
         )
 
 
@@ -162,10 +164,29 @@ async def _score_and_publish(
         if stats.published % MALFORMED_EVERY == MALFORMED_EVERY - 1:
             payload = payload[: len(payload) // 2]  # truncated JSON: a dead letter
             stats.malformed_sent += 1
-        await producer.send(PAYMENTS, payload, key=item.event["card_id"].encode())
+        delivery = await producer.send(PAYMENTS, payload, key=item.event["card_id"].encode())
+        delivery.add_done_callback(lambda sent: _count_failed(sent, stats))
         stats.published += 1
     finally:
         slots.release()
+
+
+def _count_failed(delivery: asyncio.Future[object], stats: DemoStats) -> None:
+    """A delivery the broker never acknowledged, counted (its error taken, not left for
+    asyncio to report as never retrieved)."""
+    if not delivery.cancelled() and delivery.exception() is not None:
+        stats.publish_failed += 1
+
+
+async def _free_slot(slots: asyncio.Semaphore, stop: asyncio.Event, until: float | None) -> bool:
+    """A slot for one more request (True); False once ``stop`` is set or the demo's time
+    (``until``, on perf_counter) is up. With every slot held by calls that hang (the
+    broker gone), waiting on the semaphore alone ignored both."""
+    while not stop.is_set() and (until is None or time.perf_counter() < until):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(slots.acquire(), 0.25)
+            return True
+    return False
 
 
 async def drive_traffic(
@@ -211,7 +232,9 @@ async def drive_traffic(
                         await asyncio.wait_for(stop.wait(), intended - now)
                 if stop.is_set():
                     break
-                await slots.acquire()
+                until = None if duration_s is None else start + duration_s
+                if not await _free_slot(slots, stop, until):
+                    break
                 task = asyncio.create_task(
                     _score_and_publish(stub, producer, item, intended, stats, slots)
                 )
@@ -220,7 +243,15 @@ async def drive_traffic(
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
     finally:
-        await producer.stop()
+        # Calls still hanging after that (a broker gone) are given up, and their
+        # errors taken: none is left for asyncio to report as never retrieved.
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded: with the broker gone it waits out aiokafka's delivery timeout (40 s)
+        # for what it still holds, which will not be delivered.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(producer.stop(), 5)
     return stats
 
 
@@ -249,6 +280,23 @@ async def _stop_when_one_exits(children: tuple[ChildProcess, ...], stop: asyncio
     finally:
         for wait in waits:
             wait.cancel()
+
+
+async def _stop_when_broker_exits(broker: EmbeddedBroker, stop: asyncio.Event) -> None:
+    # A Popen, not an asyncio child: no event to wait on, so polled (twice a second).
+    while broker.running:  # noqa: ASYNC110
+        await asyncio.sleep(0.5)
+    stop.set()
+
+
+def _check_broker(broker: EmbeddedBroker | None, when: str) -> None:
+    """The embedded broker gone ends the demo, naming it (not the worker that then
+    timed out on it)."""
+    if broker is not None and not broker.running:
+        last = _last_line(str(broker.log_path) if broker.log_path else None)
+        raise ChildExited(
+            f"the demo's embedded broker (tansu) exited {when}: {last} (its log: {broker.log_path})"
+        )
 
 
 def _check_running(children: tuple[ChildProcess, ...], when: str) -> None:
@@ -304,12 +352,16 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
     logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
     async with contextlib.AsyncExitStack() as stack:
         bootstrap = settings.kafka
+        broker: EmbeddedBroker | None = None
         if not bootstrap:
             broker = EmbeddedBroker()
             await broker.start()
             stack.push_async_callback(broker.stop)
             bootstrap = broker.bootstrap
             print(f"embedded broker (tansu) on {bootstrap}", flush=True)
+            # A part like the worker and the server: its exit ends the demo.
+            broker_watch = asyncio.create_task(_stop_when_broker_exits(broker, stop))
+            stack.push_async_callback(cancel_and_wait, broker_watch)
         await create_topics(bootstrap, topic_layout(settings).partitions())
         await ensure_model(settings)
         # The children get this command's settings (file, environment, flags), each
@@ -338,6 +390,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         stack.push_async_callback(cancel_and_wait, watcher)
         target = f"{settings.host}:{port}"
         serving = await _serving(target, stop)
+        _check_broker(broker, "at start")
         _check_running(children, "at start")
         if not serving:
             return 130  # stopped (Ctrl-C) while starting
@@ -345,6 +398,7 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         if metrics:
             print(f"metrics on ports {metrics} (server) and {metrics + 1} (worker)", flush=True)
         stats = await drive_traffic(target, bootstrap, demo_traffic(rate_per_s), stop, duration_s)
+        _check_broker(broker, "while running")
         _check_running(children, "while running")
         print(stats.summary_line(), flush=True)
         total = stats.total

@@ -232,3 +232,22 @@ def test_demo_ends_when_a_part_dies_while_running(trained_model: Path) -> None:
     assert time.monotonic() - started < 20
     assert process.returncode == 1, rest[-3000:]
     assert "worker exited while running (code -9)" in rest, rest[-3000:]
+
+
+def test_demo_ends_when_its_embedded_broker_dies(trained_model: Path) -> None:
+    """tansu killed mid-run: the demo ran on past --duration and ignored SIGTERM (every
+    slot held by a call hanging on the broker), and wrote hundreds of "exception was
+    never retrieved". It stops at once, naming the broker."""
+    process, _ = demo_serving(demo_argv(trained_model, "--duration", "60"))
+    try:
+        [tansu] = [c for c in children_of(process.pid) if "tansu" in c]
+        time.sleep(1)
+        os.kill(int(tansu.split()[0]), signal.SIGKILL)
+        started = time.monotonic()
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert time.monotonic() - started < 20, rest[-3000:]
+    assert process.returncode == 1, rest[-3000:]
+    assert "the demo's embedded broker (tansu) exited while running" in rest, rest[-3000:]
+    assert "never retrieved" not in rest, rest[-3000:]
