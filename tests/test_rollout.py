@@ -729,13 +729,15 @@ async def test_a_rollout_change_reaches_every_process_and_survives_a_restart(
 
 
 async def test_a_pinned_primary_keeps_answering_when_a_newer_version_appears(
-    trained_model: Path, tmp_path: Path
+    trained_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A rollout that names its primary: a hot reload of the repository's highest
     version must not replace it (Score answered the new version while the rollout
-    still named the old one)."""
+    still named the old one). Nor does its log line say "model swapped" (an SRE took
+    version 2 for what answered)."""
     repository = tmp_path / "models"
     shutil.copytree(trained_model, repository)
+    caplog.set_level(logging.INFO, logger="streamscore.models")
     async with server_on(repository) as (scoring, admin, server):
         await set_rollout(admin)  # primary "1", named
         reloads = server.models.reloads
@@ -749,6 +751,10 @@ async def test_a_pinned_primary_keeps_answering_when_a_newer_version_appears(
         assert reply.model.version == "1"
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert status.rollout.primary_version == "1"
+    loaded = [r for r in caplog.records if r.name == "streamscore.models"]
+    assert "model swapped" not in [r.getMessage() for r in loaded]
+    [line] = [r for r in loaded if "pinned primary still answers" in r.getMessage()]
+    assert (line.version, line.serving) == ("2", "1")  # type: ignore[attr-defined]
 
 
 async def test_the_listening_line_names_the_stored_rollouts_primary(

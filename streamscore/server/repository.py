@@ -373,6 +373,9 @@ class ModelRegistry:
         # Versions a hot reload must not stop when it replaces the primary: the
         # rollout's (RolloutManager sets it); they stay loaded, as by ``load``.
         self.keep: Callable[[str], bool] = lambda version: False
+        # The primary version a rollout pins ("" for none: the registry's answers), set
+        # by the rollout: for the log line of a reload that is not what answers.
+        self.rollout_primary: Callable[[], str] = lambda: ""
 
     @property
     def primary(self) -> ServedModel:
@@ -564,7 +567,14 @@ class ModelRegistry:
         old, self._primary = self._primary, new  # the atomic swap
         self._fingerprint = fingerprint
         self.reloads += 1
-        log.info("model swapped", extra={"version": new.metadata.version})
+        pinned = self.rollout_primary()
+        if pinned and pinned != new.metadata.version:
+            log.info(
+                "newest model version loaded; the rollout's pinned primary still answers",
+                extra={"version": new.metadata.version, "serving": pinned},
+            )
+        else:
+            log.info("model swapped", extra={"version": new.metadata.version})
         if old is not None and old.key != new.key and self.keep(old.metadata.version):
             self._others[old.key] = old  # the rollout still uses it
         elif old is not None:

@@ -177,6 +177,7 @@ class RolloutManager:
         # A version the rollout uses stays loaded when a hot reload replaces the
         # registry's primary (a pinned primary, then, keeps answering).
         registry.keep = self._in_use
+        registry.rollout_primary = lambda: self.state.primary
 
     # -- lifecycle -----------------------------------------------------------------------
 
