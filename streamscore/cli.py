@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import shlex
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -611,6 +612,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:
+        # Its reader went away (`streamscore config | head -1`): quietly, as a tool
+        # killed by SIGPIPE, and with nothing more written to the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ValueError as error:  # bad settings
         _fatal(str(error), args)
         return 2

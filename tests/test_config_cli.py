@@ -467,3 +467,16 @@ def test_only_loopback_hosts_keep_an_admin_token_off_the_network() -> None:
 
     assert all(map(_is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")))
     assert not any(map(_is_loopback, ("0.0.0.0", "::", "10.0.0.5", "scoring.internal")))
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """``streamscore config | head -1`` ended with a critical "BrokenPipeError" line
+    and exit 1. Its reader gone, it ends as a tool killed by SIGPIPE does: 141, silent."""
+    command = [sys.executable, "-m", "streamscore", "config"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # before it writes: its first write meets a closed pipe
+    with child.stderr:
+        err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141, err
+    assert err == "", err
