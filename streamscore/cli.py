@@ -37,9 +37,11 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-def _common(parser: argparse.ArgumentParser, *, kafka_help: str) -> None:
+def _common(parser: argparse.ArgumentParser, *, kafka_help: str | None) -> None:
+    """``--config``, ``--kafka`` (None: a command with no use for it, which still
+    takes it, unlisted, so that one command line fits every command) and logging."""
     parser.add_argument("--config", type=Path, help="TOML settings file (see README)")
-    parser.add_argument("--kafka", metavar="HOST:PORT", help=kafka_help)
+    parser.add_argument("--kafka", metavar="HOST:PORT", help=kafka_help or argparse.SUPPRESS)
     _log_arguments(parser)
 
 
@@ -72,7 +74,9 @@ def _warn_of_unknown_environment() -> None:
 
 def _client_options(parser: argparse.ArgumentParser) -> None:
     """Where the server is and how to reach it (TLS flags fall back to the environment)."""
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server address")
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="server address (default: %(default)s)"
+    )
     add_client_tls_arguments(parser)
 
 
@@ -517,11 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     broker = add("broker", cmd_broker, "Run the embedded Kafka-compatible broker (tansu).")
-    _common(broker, kafka_help="(ignored)")
+    _common(broker, kafka_help=None)
     broker.add_argument("--port", type=int, default=0, help="listen port (default: a free one)")
 
     train = add("train", cmd_train, "Train the demo fraud model into the model repository.")
-    _common(train, kafka_help="(ignored)")
+    _common(train, kafka_help=None)
     train.add_argument("--model-repository", type=Path, help="model repository directory")
     train.add_argument(
         "--version", type=_at_least_one, help="version number to write (default: the next one)"
@@ -533,10 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
         "number); files in it that train does not write are kept",
     )
     train.add_argument(
-        "--duration", type=_positive, default=1800.0, help="seconds of synthetic traffic"
+        "--duration",
+        type=_positive,
+        default=1800.0,
+        help="seconds of synthetic traffic (default: %(default)g)",
     )
-    train.add_argument("--rate", type=_positive, default=10.0, help="synthetic payments per second")
-    train.add_argument("--seed", type=int, default=7)
+    train.add_argument(
+        "--rate",
+        type=_positive,
+        default=10.0,
+        help="synthetic payments per second (default: %(default)g)",
+    )
+    train.add_argument("--seed", type=int, default=7, help="random seed (default: %(default)s)")
 
     backfill = add(
         "backfill",

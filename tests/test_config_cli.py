@@ -480,3 +480,22 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
         err = child.stderr.read().decode()
     assert child.wait(timeout=60) == 141, err
     assert err == "", err
+
+
+def test_help_gives_the_defaults_a_user_is_told_to_change(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``train`` refuses a model with "train on more traffic (--duration, --rate)",
+    whose help did not say what they were; ``broker`` and ``train`` listed a --kafka
+    they ignore; no client command said which server it called by default."""
+    from streamscore.cli import main
+
+    def helped(*argv: str) -> str:
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    train = helped("train")
+    assert "(default: 1800)" in train and "(default: 10)" in train, train
+    assert "--kafka" not in train and "--kafka" not in helped("broker")
+    assert "server address (default: 127.0.0.1:50051)" in helped("health")
