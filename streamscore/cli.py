@@ -26,6 +26,7 @@ from streamscore.config import (
     unknown_environment,
 )
 from streamscore.logs import setup_logging
+from streamscore.server.model import BACKENDS
 from streamscore.stream import kafka_security
 from streamscore.tls import ClientTls, add_client_tls_arguments
 
@@ -239,6 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         duration_s=args.duration,
         rate_per_s=args.rate,
         seed=args.seed,
+        backend=args.backend,
     )
     print(f"model written to {report.path}")
     print(
@@ -549,6 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic payments per second (default: %(default)g)",
     )
     train.add_argument("--seed", type=int, default=7, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--backend",
+        type=str.lower,
+        choices=BACKENDS,
+        default="onnxruntime",
+        help="what serves the version (metadata's backend; default: %(default)s): "
+        "triton calls the Triton server at triton_url, which serves the same repository",
+    )
 
     backfill = add(
         "backfill",

@@ -25,7 +25,7 @@ from torch import nn
 
 from streamscore.server.backends.triton_repo import write_triton_model
 from streamscore.server.drift import BASELINE_FILE, Baseline
-from streamscore.server.model import ModelMetadata, Thresholds, version_dirs
+from streamscore.server.model import BACKENDS, ModelMetadata, Thresholds, version_dirs
 from streamscore.stream.assembly import all_feature_names
 from streamscore.stream.backfill import backfill
 from streamscore.stream.events import event_from_dict
@@ -248,6 +248,7 @@ def train(
     rate_per_s: float = 10.0,
     seed: int = 7,
     epochs: int = 300,
+    backend: str = "onnxruntime",
 ) -> TrainReport:
     """Train the demo model and write it as ``version`` (None: the next one).
 
@@ -262,6 +263,8 @@ def train(
         version = max(existing, default=0) + 1
     elif version < 1:  # before training: Triton and the registry know only versions 1, 2...
         raise TrainingRefused(f"version must be 1 or more, not {version}")
+    if backend not in BACKENDS:
+        raise TrainingRefused(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     elif version in existing and not replace:
         raise TrainingRefused(
             f"version {version} of {MODEL_NAME} exists under {repository}; give another "
@@ -315,6 +318,7 @@ def train(
         thresholds,
         warmup=x_test[:8],
         check=x_test[:256],
+        backend=backend,
         baseline=Baseline.fit(x_train, names, train_scores),
     )
     return TrainReport(

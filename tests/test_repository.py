@@ -758,5 +758,8 @@ def test_train_writes_the_next_version_and_replaces_one_only_when_asked(
     with pytest.raises(TrainingRefused, match="not fit to serve"):
         train(trained_model, duration_s=1, rate_per_s=1, epochs=1)  # one row: it crashed
     assert sorted(p.name for p in (trained_model / "fraud_mlp").iterdir() if p.is_dir()) == ["1"]
-    report = train(trained_model, duration_s=600, epochs=20)
+    with pytest.raises(TrainingRefused, match="backend must be one of"):
+        train(trained_model, backend="tensorflow")
+    report = train(trained_model, duration_s=600, epochs=20, backend="torch")
     assert report.path == trained_model / "fraud_mlp" / "2"
+    assert ModelRepository(trained_model).metadata(MODEL, "2").backend == "torch"
