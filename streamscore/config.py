@@ -224,7 +224,9 @@ class Settings:
                 continue
             name = key.replace("-", "_")
             if name not in fields:
-                raise ValueError(f"unknown setting {key!r}")
+                close = difflib.get_close_matches(name, fields, n=1, cutoff=0.8)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown setting {key!r}{hint}")
             changes[name] = _coerce(getattr(self, name), value, name)
             if name in _CHOICES and isinstance(changes[name], str):
                 changes[name] = changes[name].lower()  # "FALLBACK" is "fallback"
@@ -468,12 +470,17 @@ def load_settings(
 ) -> Settings:
     settings = Settings()
     if config_file is not None:
-        with config_file.open("rb") as handle:
-            try:
+        try:
+            with config_file.open("rb") as handle:
                 values = tomllib.load(handle)
-            except tomllib.TOMLDecodeError as error:
-                raise ValueError(f"config file {config_file}: {error}") from None
-        settings = settings.override(values)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"config file {config_file}: {error}") from None
+        except OSError as error:  # a usage error as the others are (exit 2), not a crash
+            raise ValueError(f"config file {config_file}: {error.strerror or error}") from None
+        try:
+            settings = settings.override(values)
+        except ValueError as error:  # which file the value came from
+            raise ValueError(f"config file {config_file}: {error}") from None
     env = os.environ if environ is None else environ
     names = {f.name for f in dataclasses.fields(Settings)}
     from_env = {
@@ -481,4 +488,8 @@ def load_settings(
         for key, value in env.items()
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names
     }
-    return settings.override(from_env).override(flags or {})
+    try:
+        settings = settings.override(from_env)
+    except ValueError as error:
+        raise ValueError(f"{error} (from the {ENV_PREFIX}* environment variables)") from None
+    return settings.override(flags or {})

@@ -266,7 +266,6 @@ def test_backfill_skips_invalid_events_and_names_them(
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["config", "--config", "/nonexistent/streamscore.toml"], "No such file or directory"),
         (["backfill", "/nonexistent/events.jsonl", "-o", "/tmp/out.jsonl"], "No such file"),
         (["features", "card", "c1", "--target", "127.0.0.1:1"], "UNAVAILABLE"),
     ],
@@ -285,6 +284,11 @@ def test_an_operators_mistake_is_one_line_not_a_traceback(
     ("argv", "expected"),
     [
         (["serve", "--log-format", "json"], "serve needs --kafka"),
+        # A usage error like the others (exit 2), naming the file: it was exit 1.
+        (
+            ["config", "--config", "/nonexistent/streamscore.toml"],
+            "config file /nonexistent/streamscore.toml: No such file or directory",
+        ),
         (["worker", "--log-format", "json"], "worker needs --kafka"),
         (["rollout", "show"], "rollout needs --token"),
         (
@@ -499,3 +503,26 @@ def test_help_gives_the_defaults_a_user_is_told_to_change(
     assert "(default: 1800)" in train and "(default: 10)" in train, train
     assert "--kafka" not in train and "--kafka" not in helped("broker")
     assert "server address (default: 127.0.0.1:50051)" in helped("health")
+
+
+def test_a_bad_setting_says_where_it_came_from(tmp_path: Path) -> None:
+    """``unknown setting 'portt'`` named neither its file nor the setting meant, and
+    ``cannot read 'abc'`` did not say whether a variable or a file held it."""
+    from streamscore.config import load_settings
+
+    misspelt = tmp_path / "misspelt.toml"
+    misspelt.write_text("portt = 1\n")
+    with pytest.raises(ValueError) as caught:
+        load_settings(misspelt, environ={})
+    assert (
+        str(caught.value)
+        == f"config file {misspelt}: unknown setting 'portt' (did you mean 'port'?)"
+    )
+    unreadable = tmp_path / "unreadable.toml"
+    unreadable.write_text('port = "abc"\n')
+    with pytest.raises(ValueError, match=f"config file {unreadable}: setting port: cannot read"):
+        load_settings(unreadable, environ={})
+    with pytest.raises(
+        ValueError, match=r"cannot read 'abc' \(from the STREAMSCORE_\* environment"
+    ):
+        load_settings(None, environ={"STREAMSCORE_PORT": "abc"})
