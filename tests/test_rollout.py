@@ -932,3 +932,29 @@ async def test_canary_answers_in_flight_across_a_promote_leave_no_comparison(
         server.rollouts.compare_canary(canary, vector, 0.5)
         await asyncio.sleep(0.5)  # the comparison worker's turn
         assert [(v, kind) for v, kind, _ in server.rollouts.candidate_stats()] == []
+
+
+async def test_an_unreadable_stored_rollout_is_said_once_not_every_poll(
+    trained_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Read every poll (0.1 s here, 1 s by default): an unreadable file was logged at
+    error every time, for as long as it lasted. Once per cause, and once when read
+    again."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    caplog.set_level(logging.INFO, logger="streamscore.rollout")
+    async with server_on(repository) as (_, _, server):
+        stored = repository / MODEL / "rollout.json"
+        good = stored.read_bytes()
+        stored.write_text("{not json")
+        await asyncio.sleep(1.0)  # ten polls
+        told = [r for r in caplog.records if r.getMessage() == "rollout file unreadable: ignored"]
+        assert len(told) == 1, [r.getMessage() for r in caplog.records]
+        stored.write_bytes(good)
+        for _ in range(50):
+            if any(r.getMessage() == "rollout file readable again" for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("not said when readable again")
+        assert server.rollouts is not None and server.rollouts.failure is None

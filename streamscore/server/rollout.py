@@ -174,6 +174,7 @@ class RolloutManager:
         self._change = asyncio.Lock()
         self._initial = RolloutState()  # the settings' rollout (``start``)
         self._stored_settings: object = None  # the stored rollout's (``_read_stored``)
+        self._unreadable = ""  # why the stored rollout last could not be read
         # A version the rollout uses stays loaded when a hot reload replaces the
         # registry's primary (a pinned primary, then, keeps answering).
         registry.keep = self._in_use
@@ -292,8 +293,14 @@ class RolloutManager:
             rollbacks = [RollbackRecord(**record) for record in data.get("rollbacks", ())]
             self._stored_settings = data.get("settings")
         except (OSError, ValueError, TypeError, KeyError) as error:
-            log.error("rollout file unreadable: ignored", extra={"error": str(error)})
+            # Read every poll (a second): said once per cause, not every second.
+            if str(error) != self._unreadable:
+                self._unreadable = str(error)
+                log.error("rollout file unreadable: ignored", extra={"error": str(error)})
             return None
+        if self._unreadable:
+            self._unreadable = ""
+            log.info("rollout file readable again")
         return state, rollbacks
 
     def _save(self) -> None:
