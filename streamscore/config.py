@@ -394,6 +394,13 @@ def _check_values(settings: Settings) -> None:
             raise ValueError(f"setting {name}: {value!r} is not one of {', '.join(choices)}")
     settings.kafka_security.check()
     _check_admin_token(settings.admin_token)
+    # A short key is itself tried in moments, and with it the card numbers behind the
+    # hashes (a BIN and last four digits leave about 10^5 candidates).
+    if settings.card_hash_key and len(settings.card_hash_key) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"setting card_hash_key: at least {MIN_ADMIN_TOKEN_LENGTH} characters "
+            "(e.g. `openssl rand -hex 32`)"
+        )
 
 
 def _bound(value: float) -> str:
@@ -401,7 +408,8 @@ def _bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-# Shorter, a bearer token can be guessed; the README suggests `openssl rand -hex 32`.
+# Shorter, a bearer token (or the card hash key) can be guessed; the README suggests
+# `openssl rand -hex 32`.
 MIN_ADMIN_TOKEN_LENGTH = 16
 
 

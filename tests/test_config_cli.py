@@ -143,6 +143,8 @@ def test_choices_are_read_whatever_their_case() -> None:
         ('admin_token = " a-long-enough-token"', "admin_token: must be printable ASCII without"),
         ('admin_token = "a-long-enough-tokén"', "admin_token: must be printable ASCII without"),
         ('admin_token = "short"', "setting admin_token: at least 16 characters"),
+        # A short key is tried in moments, and the card numbers behind the hashes then.
+        ('card_hash_key = "a"', "setting card_hash_key: at least 16 characters"),
     ],
 )
 def test_bad_values_in_a_config_file_are_refused_naming_the_setting(
