@@ -161,6 +161,19 @@ async def test_features_only_when_asked(replay_stub: pb_grpc.ScoringStub) -> Non
     assert len(response.features) == 0
 
 
+async def test_a_live_server_refuses_as_of_ms(live_stub: pb_grpc.ScoringStub) -> None:
+    """It answered as of its clock, without a word, a caller who asked for another
+    time (the answer's as_of_ms alone said so)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await live_stub.GetFeatures(
+            pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=1_000)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (caught.value.details() or "").startswith("as_of_ms: honoured in replay mode only")
+    reply = await live_stub.GetFeatures(pb.FeaturesRequest(entity_type="card", entity_id="c-1"))
+    assert abs(reply.as_of_ms - time.time() * 1000) < 60_000  # unset: the server clock
+
+
 async def test_get_features_as_of_in_replay_mode(replay_stub: pb_grpc.ScoringStub) -> None:
     as_of = T0 - 40 * MINUTE
     reply = await replay_stub.GetFeatures(
@@ -205,10 +218,8 @@ async def test_replay_reads_beyond_the_fold_horizon_are_refused(
 
 async def test_live_mode_uses_server_clock(live_stub: pb_grpc.ScoringStub) -> None:
     before = time.time_ns() // 1_000_000
-    reply = await live_stub.GetFeatures(
-        pb.FeaturesRequest(entity_type="card", entity_id="c-1", as_of_ms=T0)
-    )
-    assert reply.as_of_ms >= before  # as_of_ms is ignored outside replay mode
+    reply = await live_stub.GetFeatures(pb.FeaturesRequest(entity_type="card", entity_id="c-1"))
+    assert reply.as_of_ms >= before  # (as_of_ms is refused outside replay mode)
     # T0 is long ago: every window is empty now, but the last event is still known.
     assert reply.features["card_txn_count_24h"] == 0
     assert reply.features["card_seconds_since_last"] == pytest.approx(

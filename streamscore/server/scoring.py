@@ -642,8 +642,15 @@ class ScoringService(pb_grpc.ScoringServicer):
 
     def get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
         validate_features_request(request)
-        # as_of_ms is honoured in replay mode only; live answers are as of the server clock.
-        t_ms = request.as_of_ms if self.replay and request.HasField("as_of_ms") else self.clock_ms()
+        # as_of_ms in replay mode only; live answers are as of the server clock. Given to
+        # a live server it was ignored without a word (the answer's as_of_ms said so).
+        if request.HasField("as_of_ms") and not self.replay:
+            raise InvalidRequest(
+                "as_of_ms",
+                "honoured in replay mode only; this server answers as of its clock "
+                "(leave it unset)",
+            )
+        t_ms = request.as_of_ms if request.HasField("as_of_ms") else self.clock_ms()
         self._check_exact(request.entity_type, request.entity_id, t_ms, "as_of_ms")
         newest, folded = self.store.summary(request.entity_type, request.entity_id)
         # Unset (field presence) when none: 0 is a time, an event's at the epoch.
