@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    import time
     from collections import Counter
 
     from tqdm import tqdm
@@ -383,7 +383,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(f"  {candidate.variant} {candidate.version}: {stats}")
     for event in status.rollbacks:
         kind = "automatic" if event.automatic else "manual"
-        print(f"  rollback of {event.version} ({kind}) at {event.time_ms}: {event.reason}")
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.time_ms / 1000))
+        print(f"  rollback of {event.version} ({kind}) at {when}: {event.reason}")
     return 0
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -420,6 +421,9 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
             assert await loop.run_in_executor(None, cli_main, pin) == 0
             models = ["rollout", "models", "--target", target, "--token", TOKEN]
             assert await loop.run_in_executor(None, cli_main, models) == 0
+            back = ["rollout", "rollback", "--target", target, "--token", TOKEN, "--reason", "fp"]
+            assert await loop.run_in_executor(None, cli_main, back) == 0
+            assert await loop.run_in_executor(None, cli_main, show) == 0
             wrong = ["rollout", "show", "--target", target, "--token", "nope"]
             assert await loop.run_in_executor(None, cli_main, wrong) == 1
 
@@ -436,6 +440,11 @@ def test_rollout_cli_shows_and_sets(trained_model: Path, tmp_path: Path, capsys)
     listed = [line for line in out.out.splitlines() if line.startswith("fraud_mlp ")]
     assert listed[:2] == ["fraud_mlp 1: onnxruntime, loaded", "fraud_mlp 2: onnxruntime, loaded"]
     assert len(listed) == 4, listed
+    # A rollback's time as a reader reads one (it was epoch milliseconds).
+    rolled = next(line for line in out.out.splitlines() if "rollback of 2" in line)
+    assert re.fullmatch(
+        r"  rollback of 2 \(manual\) at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: fp", rolled
+    )
     assert "UNAUTHENTICATED" in out.err
 
 
