@@ -72,24 +72,24 @@ def echo_process(
     return ChildProcess(name, argv, log_path=log_path)
 
 
-# Copies of the repositories given to load tools, by source, for this process's life.
-_PRIVATE: dict[Path, tempfile.TemporaryDirectory[str]] = {}
+# The copies of repositories made for load tools' servers, removed at exit.
+_PRIVATE: list[tempfile.TemporaryDirectory[str]] = []
 
 
 def private_repository(source: Path) -> Path:
-    """A copy of the model repository ``source`` for a load tool's servers, without its
-    stored rollout. Served in place, a benchmark's server applied its own settings to
-    the shared rollout (``rollout.json``) as a change: a live server on the same
-    repository lost its promoted primary to the benchmark's version. Removed at exit."""
-    source = source.resolve()
-    if source not in _PRIVATE:
-        _PRIVATE[source] = tempfile.TemporaryDirectory(prefix="streamscore-bench-models-")
-        shutil.copytree(
-            source,
-            Path(_PRIVATE[source].name) / "models",
-            ignore=shutil.ignore_patterns(ROLLOUT_FILE, f"{ROLLOUT_FILE}.lock"),
-        )
-    return Path(_PRIVATE[source].name) / "models"
+    """A copy of the model repository ``source`` as it is now, for one of a load tool's
+    servers, without its stored rollout. Served in place, a benchmark's server applied
+    its own settings to the shared rollout (``rollout.json``) as a change: a live
+    server on the same repository lost its promoted primary to the benchmark's
+    version. One copy per call: a tool adds versions between its servers (shadows).
+    Removed at exit (not when the tool is killed)."""
+    copy = tempfile.TemporaryDirectory(prefix="streamscore-bench-models-")
+    _PRIVATE.append(copy)
+    target = Path(copy.name) / "models"
+    shutil.copytree(
+        source, target, ignore=shutil.ignore_patterns(ROLLOUT_FILE, f"{ROLLOUT_FILE}.lock")
+    )
+    return target
 
 
 def serve_process(

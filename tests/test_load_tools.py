@@ -964,3 +964,20 @@ async def test_fetch_cost_measures_each_way_of_fetching() -> None:
         # tansu answers an idle Fetch when its 20 ms wait runs out: tens per second.
         assert 10 < float(row[column["fetches/s"]]) < 100, out
         assert float(row[column["us of CPU per fetch"]]) > 0, out
+
+
+def test_each_private_repository_is_the_repository_as_it_is_then(trained_model: Path) -> None:
+    """``backend_bench --shadows`` adds versions to its repository between its servers:
+    a copy kept per source served the shadows' server the repository before they were
+    added ("no version '2'"), and the run failed after its 120 s start wait."""
+    from loadtest.backend_bench import add_copy, private_repository
+
+    stored = trained_model / "fraud_mlp" / "rollout.json"
+    stored.write_text("{}")
+    first = private_repository(trained_model)
+    add_copy(trained_model, "2")
+    second = private_repository(trained_model)
+    assert first != second
+    assert sorted(p.name for p in (first / "fraud_mlp").iterdir() if p.is_dir()) == ["1"]
+    assert sorted(p.name for p in (second / "fraud_mlp").iterdir() if p.is_dir()) == ["1", "2"]
+    assert not (second / "fraud_mlp" / "rollout.json").exists()  # the live rollout stays
