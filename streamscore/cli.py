@@ -662,8 +662,9 @@ def _fatal(message: str, args: argparse.Namespace) -> None:
     line that explains why a container exited must reach a JSON-only pipeline), else
     ``streamscore: MESSAGE``. The format is the one asked for, by flag or environment,
     even when the settings themselves were what failed."""
-    from streamscore.logs import JsonFormatter
+    from streamscore.logs import JsonFormatter, flush_held_back
 
+    flush_held_back()  # before: the line that says why it stopped stays the last
     handlers = logging.getLogger().handlers
     formatter = handlers[0].formatter if handlers else None
     if formatter is None:

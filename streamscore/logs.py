@@ -106,7 +106,9 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
+        # Control characters escaped: a caller's request id (or text quoted in a
+        # message) with a newline or a terminal escape would forge or hide lines.
+        line = super().formatMessage(record).translate(_CONTROL_ESCAPES)
         fields = [
             f"{key}={_text_value(value)}"
             for key, value in _fields(record).items()
@@ -115,9 +117,15 @@ class TextFormatter(logging.Formatter):
         return f"{line} {' '.join(fields)}" if fields else line
 
 
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]}
+
+
 def _text_value(value: object) -> str:
+    """Bare when it reads unambiguously, else a JSON string (quoted, escaped)."""
     text = str(value)
-    return orjson.dumps(text).decode() if not text or any(c.isspace() for c in text) else text
+    if text and all(c.isprintable() and not c.isspace() and c not in '"=' for c in text):
+        return text
+    return orjson.dumps(text).decode()
 
 
 class RepeatLimiter(logging.Filter):
@@ -194,8 +202,15 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
     handler.addFilter(limiter)
     global _flush_at_exit
     if _flush_at_exit is None:  # once per process: a later setup replaces the pair
-        atexit.register(lambda: _flush_at_exit is not None and _flush_at_exit())
+        atexit.register(flush_held_back)
     _flush_at_exit = functools.partial(limiter.flush, handler)
+
+
+def flush_held_back() -> None:
+    """Write the lines the limiter holds back (at exit; and before the line a command
+    stops with, which must stay the last)."""
+    if _flush_at_exit is not None:
+        _flush_at_exit()
 
 
 # The current handler's RepeatLimiter.flush, called at exit (before logging's own

@@ -245,3 +245,39 @@ def test_text_logs_keep_the_fields() -> None:
         'note="two words"'
     ), line
     assert "4111111111111111" not in line and "own_port" not in line
+    # A caller's id cannot forge a line or hide one behind a terminal escape.
+    token = CURRENT_REQUEST.set(("r\n2026-11-30 INFO forged\x1b[2K", ""))
+    try:
+        forged = handler.format(record)
+    finally:
+        CURRENT_REQUEST.reset(token)
+    assert "\n" not in forged and "\x1b" not in forged, forged
+    assert 'request_id="r\\n2026-11-30 INFO forged\\u001b[2K"' in forged, forged
+    record.msg = "line\none"
+    assert "listening" not in handler.format(record) and "line\\x0aone" in handler.format(record)
+
+
+def test_lines_held_back_come_before_the_line_a_command_stops_with(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Written at exit, the held-back lines came after the one line that says why the
+    command stopped, which must stay the last (a container's last log line)."""
+    import argparse
+
+    from streamscore.cli import _fatal
+
+    root = logging.getLogger()
+    handlers, level, flush = root.handlers[:], root.level, logs._flush_at_exit
+    try:
+        logs.setup_logging(fmt="text")
+        dead = logging.getLogger("streamscore.dead_letters")
+        for _ in range(3):
+            dead.info("dead-lettered event", extra={"reason": "bad_json"})
+        _fatal("the reason it stopped", argparse.Namespace(log_format="text"))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logs._flush_at_exit = flush
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "streamscore: the reason it stopped", lines
+    assert "repeats_held_back=1" in lines[-2], lines
