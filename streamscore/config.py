@@ -215,8 +215,10 @@ class Settings:
                 values[name] = "***"
         return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
-    def override(self, values: dict[str, Any]) -> Settings:
-        """A copy with ``values`` (already typed or strings) applied; unknown keys are errors."""
+    def override(self, values: dict[str, Any], *, check: bool = True) -> Settings:
+        """A copy with ``values`` (already typed or strings) applied; unknown keys are
+        errors. ``check``: the values together are checked too (``checked``); off for
+        a layer that a later one may still mend (``load_settings``)."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
         for key, value in values.items():
@@ -231,27 +233,31 @@ class Settings:
             if name in _CHOICES and isinstance(changes[name], str):
                 changes[name] = changes[name].lower()  # "FALLBACK" is "fallback"
         updated = dataclasses.replace(self, **changes)
-        _check_values(updated)
+        return updated.checked() if check else updated
+
+    def checked(self) -> Settings:
+        """These settings, when every value and every pairing of values is valid."""
+        _check_values(self)
         # 0 is not "no wait": tansu answers it with no partitions at all (kafka_compat,
         # quirk 4). A wait as long as stale_after_s would mark features stale between
         # two answers of an idle broker.
-        if not 1 <= updated.kafka_fetch_max_wait_ms < updated.stale_after_s * 1000 / 2:
+        if not 1 <= self.kafka_fetch_max_wait_ms < self.stale_after_s * 1000 / 2:
             raise ValueError(
                 "kafka_fetch_max_wait_ms must be at least 1 and under half of stale_after_s"
             )
         # A ping every few milliseconds per connection is load, not liveness, and
         # clients answer pings that frequent with GOAWAY too_many_pings.
-        if 0 < updated.keepalive_s < 1:
-            raise ValueError(f"keepalive_s ({updated.keepalive_s:g}) must be 0 (off) or at least 1")
+        if 0 < self.keepalive_s < 1:
+            raise ValueError(f"keepalive_s ({self.keepalive_s:g}) must be 0 (off) or at least 1")
         # Else the worker admits events (within lateness_ms of their partition's newest)
         # that every server's replica drops as too old to fold: neither dead-lettered
         # nor in any feature.
-        if updated.fold_horizon_ms <= updated.lateness_ms:
+        if self.fold_horizon_ms <= self.lateness_ms:
             raise ValueError(
-                f"fold_horizon_ms ({updated.fold_horizon_ms}) must exceed lateness_ms "
-                f"({updated.lateness_ms}): servers would drop events the worker admits"
+                f"fold_horizon_ms ({self.fold_horizon_ms}) must exceed lateness_ms "
+                f"({self.lateness_ms}): servers would drop events the worker admits"
             )
-        return updated
+        return self
 
 
 def _coerce(current: Any, value: Any, name: str) -> Any:
@@ -486,7 +492,7 @@ def load_settings(
         except OSError as error:  # a usage error as the others are (exit 2), not a crash
             raise ValueError(f"config file {config_file}: {error.strerror or error}") from None
         try:
-            settings = settings.override(values)
+            settings = settings.override(values, check=False)
         except ValueError as error:  # which file the value came from
             raise ValueError(f"config file {config_file}: {error}") from None
     env = os.environ if environ is None else environ
@@ -497,7 +503,9 @@ def load_settings(
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names
     }
     try:
-        settings = settings.override(from_env)
+        settings = settings.override(from_env, check=False)
     except ValueError as error:
         raise ValueError(f"{error} (from the {ENV_PREFIX}* environment variables)") from None
+    # Checked once all are applied: a value a later layer overrides (a placeholder key
+    # in the file, the environment's real one) does not refuse the start.
     return settings.override(flags or {})

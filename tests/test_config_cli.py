@@ -528,3 +528,22 @@ def test_a_bad_setting_says_where_it_came_from(tmp_path: Path) -> None:
         ValueError, match=r"cannot read 'abc' \(from the STREAMSCORE_\* environment"
     ):
         load_settings(None, environ={"STREAMSCORE_PORT": "abc"})
+
+
+def test_a_value_a_later_layer_mends_does_not_refuse_the_start(tmp_path: Path) -> None:
+    """Each layer was checked alone: a placeholder card_hash_key in the file refused the
+    start although the environment gave the real one, as did lateness_ms raised in
+    the file with fold_horizon_ms raised in the environment. What is checked is what
+    the layers make together."""
+    from streamscore.config import load_settings
+
+    config = tmp_path / "streamscore.toml"
+    config.write_text('card_hash_key = "changeme"\nlateness_ms = 10800000\n')
+    environ = {
+        "STREAMSCORE_CARD_HASH_KEY": "a-real-key-of-32-characters-0123",
+        "STREAMSCORE_FOLD_HORIZON_MS": "14400000",
+    }
+    settings = load_settings(config, environ=environ)
+    assert settings.fold_horizon_ms == 14_400_000 and settings.lateness_ms == 10_800_000
+    with pytest.raises(ValueError, match="card_hash_key: at least 16"):
+        load_settings(config, environ={"STREAMSCORE_FOLD_HORIZON_MS": "14400000"})
