@@ -153,6 +153,12 @@ class LoopbackServerProcess:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """How the child exited (negative: the signal that ended it); None while it
+        runs, or before it started."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
     def log_path(self) -> Path | None:
         """File holding the child's stdout+stderr; removed by ``stop()`` unless ``log_dir``."""
         return self._log_path

@@ -249,5 +249,36 @@ def test_demo_ends_when_its_embedded_broker_dies(trained_model: Path) -> None:
         process.kill()
     assert time.monotonic() - started < 20, rest[-3000:]
     assert process.returncode == 1, rest[-3000:]
-    assert "the demo's embedded broker (tansu) exited while running" in rest, rest[-3000:]
+    assert "the demo's embedded broker (tansu) exited while running (code -9)" in rest, rest[-3000:]
     assert "never retrieved" not in rest, rest[-3000:]
+
+
+def test_demo_on_a_broker_of_its_own_that_dies_says_what_was_lost(trained_model: Path) -> None:
+    """With ``--kafka``, a broker the demo does not run: killed mid-run, the demo ended
+    with "stopped cleanly" and exit 0, its events lost without a word."""
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "streamscore", "broker", "--log-format", "text"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert broker.stdout is not None
+        with broker.stdout:
+            bootstrap = broker.stdout.readline().strip()
+        process, _ = demo_serving(demo_argv(trained_model, "--duration", "8", "--kafka", bootstrap))
+        try:
+            time.sleep(1)
+            broker.kill()  # its tansu child follows (PDEATHSIG)
+            rest, _ = process.communicate(timeout=90)
+        finally:
+            process.kill()
+    finally:
+        broker.kill()
+        broker.wait()
+    assert process.returncode == 1, rest[-3000:]
+    # Whichever it meets first: its worker exits on the broker gone, or its events
+    # are found undelivered at the end.
+    lost = re.search(r"\d+ of \d+ payment events were not delivered to Kafka", rest)
+    assert lost or "the demo's worker exited while running" in rest, rest[-3000:]
+    assert "stopped cleanly" not in rest and "never retrieved" not in rest, rest[-3000:]
