@@ -171,13 +171,13 @@ async def _score_and_publish(
             payload = payload[: len(payload) // 2]  # truncated JSON: a dead letter
             stats.malformed_sent += 1
         delivery = await producer.send(PAYMENTS, payload, key=item.event["card_id"].encode())
-        delivery.add_done_callback(lambda sent: _count_failed(sent, stats))
+        delivery.add_done_callback(lambda sent: _count_delivered(sent, stats))
         stats.published += 1
     finally:
         slots.release()
 
 
-def _count_failed(delivery: asyncio.Future[object], stats: DemoStats) -> None:
+def _count_delivered(delivery: asyncio.Future[object], stats: DemoStats) -> None:
     """A delivery the broker acknowledged is counted; a failed one has its error taken
     (not left for asyncio to report as never retrieved)."""
     if not delivery.cancelled() and delivery.exception() is None:
@@ -258,7 +258,7 @@ async def drive_traffic(
         # for what it still holds, which will not be delivered.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(producer.stop(), 5)
-        await asyncio.sleep(0)  # the last deliveries' callbacks (``_count_failed``) run
+        await asyncio.sleep(0)  # the last deliveries' callbacks (``_count_delivered``) run
     return stats
 
 
