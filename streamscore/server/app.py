@@ -72,10 +72,9 @@ class ScoringServer:
         # ends them, rather than wait its whole grace period for them.
         self._callers_streams = DrainCut()
         self.loop_lag = LoopLagMonitor(settings.loop_lag_interval_s)
-        # Set when a part it cannot serve without has died (the feature replica, a
-        # start that cannot become ready); ``failure`` says which and why. `serve`
-        # then drains and exits 1, to be restarted, rather than stay up, SERVING
-        # features frozen for good or never ready.
+        # Set when a part it cannot serve without has died (the feature replica);
+        # ``failure`` says which and why. `serve` then drains and exits 1, to be
+        # restarted, rather than stay up SERVING features frozen for good.
         self.failed = asyncio.Event()
         self.failure = ""
         self.models = ModelRegistry(
@@ -274,7 +273,10 @@ class ScoringServer:
 
     async def _serve_when_caught_up(self) -> None:
         assert self.replica is not None
-        await self.replica.wait_caught_up(timeout=CATCH_UP_TIMEOUT_S)
+        # As long as it takes: this server listens (NOT_SERVING) meanwhile, and a
+        # replica that fails ends it (``failed``). A timeout here made a log too long
+        # to fold in it a restart loop that never caught up.
+        await self.replica.wait_caught_up(timeout=None)
         await self._start_serving()
 
     async def _start_serving(self) -> None:

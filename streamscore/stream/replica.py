@@ -211,7 +211,7 @@ class FeatureReplica:
             await consumer._client.force_metadata_update()
             await asyncio.sleep(0.2)
 
-    async def wait_caught_up(self, timeout: float) -> None:
+    async def wait_caught_up(self, timeout: float | None) -> None:
         waiter = asyncio.ensure_future(self._caught_up.wait())
         assert self._task is not None
         await asyncio.wait(
