@@ -347,14 +347,19 @@ class ScoringServer:
         if self.rollouts is not None:
             parts.append(("rollouts", self.rollouts.stop))
         parts += [("models", self.models.stop), ("loop lag probe", self.loop_lag.stop)]
-        # A part whose stop fails does not leave the ones after it running.
-        failed: BaseException | None = None
+        # A part whose stop fails does not leave the ones after it running. The first
+        # failure is raised at the end as what it is, a failed stop: raised as it came
+        # (a ValueError), `serve` read it as bad settings, exit 2, which `serve
+        # --workers` takes for "no restart mends" and stops the whole set.
+        failed: RuntimeError | None = None
         for name, stop in parts:
             try:
                 await stop()
             except Exception as error:
                 log.exception("stopping the %s failed", name)
-                failed = failed or error
+                if failed is None:
+                    failed = RuntimeError(f"stopping the {name} failed: {error!r}")
+                    failed.__cause__ = error
         if failed is not None:
             raise failed
 
