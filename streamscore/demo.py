@@ -224,6 +224,7 @@ async def drive_traffic(
             first = await asyncio.to_thread(next, events)
             start = time.perf_counter() + (start_ms - time.time_ns() // 1_000_000) / 1000
             next_summary = start + summary_every_s
+            until = None if duration_s is None else start + duration_s  # perf_counter
             stats.restart_clock()
             for item in itertools.chain([first], events):
                 intended = start + (item.event["event_time_ms"] - start_ms) / 1000
@@ -238,7 +239,6 @@ async def drive_traffic(
                         await asyncio.wait_for(stop.wait(), intended - now)
                 if stop.is_set():
                     break
-                until = None if duration_s is None else start + duration_s
                 if not await _free_slot(slots, stop, until):
                     break
                 task = asyncio.create_task(

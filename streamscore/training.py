@@ -263,13 +263,13 @@ def train(
         version = max(existing, default=0) + 1
     elif version < 1:  # before training: Triton and the registry know only versions 1, 2...
         raise TrainingRefused(f"version must be 1 or more, not {version}")
-    if backend not in BACKENDS:
-        raise TrainingRefused(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     elif version in existing and not replace:
         raise TrainingRefused(
             f"version {version} of {MODEL_NAME} exists under {repository}; give another "
             "--version (default: the next one), or --replace to write over it"
         )
+    if backend not in BACKENDS:
+        raise TrainingRefused(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     torch.manual_seed(seed)
     x, y, names = build_dataset(TrafficConfig(rate_per_s=rate_per_s, seed=seed), duration_s)
     split = int(len(x) * 0.8)  # rows are in event-time order: test on the later slice

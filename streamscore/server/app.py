@@ -351,17 +351,16 @@ class ScoringServer:
         # failure is raised at the end as what it is, a failed stop: raised as it came
         # (a ValueError), `serve` read it as bad settings, exit 2, which `serve
         # --workers` takes for "no restart mends" and stops the whole set.
-        failed: RuntimeError | None = None
+        first_failure: tuple[str, Exception] | None = None
         for name, stop in parts:
             try:
                 await stop()
             except Exception as error:
                 log.exception("stopping the %s failed", name)
-                if failed is None:
-                    failed = RuntimeError(f"stopping the {name} failed: {error!r}")
-                    failed.__cause__ = error
-        if failed is not None:
-            raise failed
+                first_failure = first_failure or (name, error)
+        if first_failure is not None:
+            part, cause = first_failure
+            raise RuntimeError(f"stopping the {part} failed: {cause!r}") from cause
 
     async def _stop_grpc(self, server: grpc.aio.Server, grace_s: float) -> None:
         """Refuse new calls, give in-flight ones ``grace_s`` to finish, log what was cut.
