@@ -194,6 +194,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         lateness_ms=settings.lateness_ms,
         skew_ms=settings.skew_ms,
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        stop_timeout_s=settings.worker_stop_timeout_s,
     )
     return 0
 

@@ -183,6 +183,11 @@ class Settings:
     # calls are refused and in-flight ones get up to drain_timeout_s to finish.
     drain_delay_s: float = 2.0
     drain_timeout_s: float = 10.0
+    # Worker: how long its stop (the consumer's commit, the producer's flush) may wait
+    # on the broker before it exits 1 (stream/worker.py). A healthy stop takes about a
+    # second; 15 s is below Kubernetes' default grace period (30 s), so the worker says
+    # why it stopped before it is killed.
+    worker_stop_timeout_s: float = 15.0
     payments_partitions: int = 4
     entity_partitions: int = 4
     log_level: str = "info"
@@ -334,6 +339,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "loop_lag_interval_s": (0, 3600),
     "drain_delay_s": (0, 3600),
     "drain_timeout_s": (0, 3600),
+    "worker_stop_timeout_s": (0.1, 3600),
     "payments_partitions": (1, 100_000),
     "entity_partitions": (1, 100_000),
 }

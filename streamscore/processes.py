@@ -12,19 +12,48 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from streamscore._pdeathsig import launcher
+from streamscore.logs import flush_held_back
 
 log = logging.getLogger("streamscore.processes")
 
 
 def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM: the one way our long-running commands stop."""
+    """An event set by SIGINT or SIGTERM: the one way our long-running commands stop.
+
+    A second signal ends the process at once (``exit_now``), as a second Ctrl-C does
+    in most servers: a stop is bounded (drain, flushes), but whoever sends a second
+    signal has decided not to wait for it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    signalled: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if signalled:
+            exit_on_second_signal(sig)
+        signalled.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     return stop
+
+
+def exit_on_second_signal(sig: signal.Signals) -> NoReturn:
+    exit_now(f"{sig.name} again while stopping: exiting now, the stop unfinished", sig)
+
+
+def exit_now(message: str, sig: signal.Signals | None = None) -> NoReturn:
+    """End the process at once, with no cleanup, after ``message`` at critical: for a
+    stop cut short. Exit status 128 + the signal's number when one asked for it, as a
+    process killed by that signal reports; else 1. Children started by ChildProcess
+    die with it (PR_SET_PDEATHSIG); temporary directories are left behind."""
+    flush_held_back()  # before: the line that says why it stopped stays the last
+    log.critical(message)
+    logging.shutdown()
+    os._exit(128 + sig if sig is not None else 1)
 
 
 class ChildExited(RuntimeError):

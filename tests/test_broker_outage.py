@@ -16,10 +16,12 @@ from pathlib import Path
 
 import grpc
 from aiokafka import AIOKafkaProducer
+from test_fault_tolerance import entity_log_entries
 from test_rollout import request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
+from streamscore.processes import ChildProcess
 from streamscore.server.app import ScoringServer
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
@@ -190,3 +192,52 @@ async def publish_folds(bootstrap: str, events: list[dict]) -> None:
         await producer.flush()
     finally:
         await producer.stop()
+
+
+async def test_a_worker_stopped_in_an_outage_exits_within_its_stop_timeout(
+    tmp_path: Path,
+) -> None:
+    """A worker told to stop while the broker hangs, with payments in flight: Faust's
+    stop waited on the broker (the commit, the producer's flush) for as long as the
+    outage lasted, past any orchestrator's grace period. It exits 1 after
+    ``worker_stop_timeout_s``, saying why; what it had not committed is redelivered."""
+    t0 = int(time.time() * 1000) - 60_000
+    events = [
+        make_event(f"card-{i % 7}", "m-1", "d-1", "ip-1", t0 + i * 10, 100) for i in range(400)
+    ]
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, TopicLayout().partitions())
+        worker = ChildProcess.streamscore(
+            "worker",
+            "worker",
+            "--kafka",
+            broker.bootstrap,
+            "--log-format",
+            "text",
+            env={"STREAMSCORE_WORKER_STOP_TIMEOUT_S": "3"},
+            log_path=str(tmp_path / "worker.log"),
+        )
+        await worker.start()
+        try:
+            await publish(broker.bootstrap, events)
+            deadline = time.monotonic() + 60
+            while await entity_log_entries(broker.bootstrap) < len(events):  # a quarter
+                worker.check_running()
+                assert time.monotonic() < deadline, "the worker routes nothing"
+                await asyncio.sleep(0.1)
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                assert worker.process is not None
+                worker.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                code = await asyncio.wait_for(worker.process.wait(), 30)
+                took = time.monotonic() - signalled
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+        finally:
+            await worker.stop()
+            print_logs(tmp_path)
+    log = (tmp_path / "worker.log").read_text()
+    assert code == 1 and 3 <= took < 10, (code, took)
+    assert "the worker's stop took more than stop_timeout_s (3 s" in log

@@ -154,6 +154,26 @@ async def test_sigterm_drains_without_failing_an_admitted_call(
         assert answered <= {r["request_id"] for r in records}
 
 
+async def test_a_second_sigterm_ends_the_drain_at_once(trained_model: Path, tmp_path: Path) -> None:
+    """Whoever sends a second signal will not wait for the drain (here a minute long):
+    the process exits at once, 128 + SIGTERM as if killed by it, saying so."""
+    async with slow_server(trained_model, tmp_path, drain_delay_s="60") as (_, server, target):
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            draining = False
+            while not draining:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                draining = reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                await asyncio.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.exited.wait(), 10)
+        assert server.returncode == 128 + signal.SIGTERM
+    log = (tmp_path / "server.log").read_text()
+    assert "SIGTERM again while stopping: exiting now, the stop unfinished" in log
+
+
 async def test_sigterm_ends_open_streams_after_answering_them(
     trained_model: Path, tmp_path: Path
 ) -> None:

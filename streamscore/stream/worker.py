@@ -18,7 +18,9 @@ import asyncio
 import base64
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Awaitable
 from typing import Any
 
@@ -27,6 +29,8 @@ import mode
 import orjson
 from prometheus_client import Counter
 
+from streamscore.config import Settings
+from streamscore.processes import exit_now, exit_on_second_signal
 from streamscore.stream import kafka_compat, kafka_security
 from streamscore.stream.events import InvalidEvent, PaymentEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
@@ -230,6 +234,38 @@ def create_app(
     return app
 
 
+class _Worker(faust.Worker):
+    """Faust's worker, with a stop that ends. Faust's own stop waits on the broker
+    (the consumer's commit, the producer's flush) for as long as it takes: a worker
+    told to stop during a broker outage stayed for minutes, until the orchestrator
+    killed it. After ``stop_timeout_s`` it now exits 1, naming the cause, and at a
+    second signal at once. Nothing is lost: what it had not committed is redelivered
+    to the next worker, and the state de-duplicates by event id."""
+
+    def __init__(self, app: faust.App, *, stop_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.stop_timeout_s = stop_timeout_s
+        # A thread, not a loop timer: it fires whatever the loop is doing.
+        self.stop_overrun: threading.Timer | None = None
+
+    def _schedule_shutdown(self, sig: signal.Signals) -> None:
+        if self._signal_stop_time:
+            exit_on_second_signal(sig)
+        log.info("worker stopping", extra={"signal": sig.name})
+        self.stop_overrun = threading.Timer(
+            self.stop_timeout_s,
+            exit_now,
+            (
+                f"the worker's stop took more than stop_timeout_s ({self.stop_timeout_s:g} s; "
+                "a broker that does not answer?): exiting now; the payments it had not "
+                "committed are redelivered to the next worker",
+            ),
+        )
+        self.stop_overrun.daemon = True
+        self.stop_overrun.start()
+        super()._schedule_shutdown(sig)
+
+
 def _event_order(routed: tuple[PaymentEvent, int]) -> tuple[int, str]:
     return routed[0].event_time_ms, routed[0].event_id
 
@@ -244,9 +280,11 @@ def run_worker(
     skew_ms: int = DEFAULT_SKEW_MS,
     fetch_max_wait_ms: int = kafka_compat.FETCH_MAX_WAIT_MS,
     gate: EventTimeGate | None = None,
+    stop_timeout_s: float = Settings.worker_stop_timeout_s,
 ) -> None:
     """Run one worker in the foreground until SIGTERM/SIGINT (Faust handles signals).
     ``gate``: the event-time rules (by default from ``lateness_ms`` and ``skew_ms``).
+    ``stop_timeout_s``: how long its stop may take before it exits 1 (``_Worker``).
 
     Exits with status 1 when routing fails with an error (its Faust agent crashed):
     a worker alive but routing nothing would hold its partitions, unnoticed."""
@@ -263,10 +301,19 @@ def run_worker(
             exit_on_error=True,
         )
         # Our logging (structured JSON, set up by the CLI) stays in charge.
-        worker = faust.Worker(
-            app, loglevel=loglevel, quiet=True, override_logging=False, redirect_stdouts=False
+        worker = _Worker(
+            app,
+            stop_timeout_s=stop_timeout_s,
+            loglevel=loglevel,
+            quiet=True,
+            override_logging=False,
+            redirect_stdouts=False,
         )
         # Its progress spinner writes terminal escapes to stdout even when stdout is no
         # terminal: with stdout and stderr merged (a container) they corrupt a JSON line.
         worker.spinner = None
-        worker.execute_from_commandline()
+        try:
+            worker.execute_from_commandline()
+        finally:
+            if worker.stop_overrun is not None:
+                worker.stop_overrun.cancel()
