@@ -4,7 +4,8 @@ A closed-loop client (send, wait, send) slows down with the server and so hides 
 worst moments (coordinated omission). Here request i is due at ``start + i / rate``
 whatever happened before; its latency runs from that due time to the answer, so a
 stall shows up in every request that should have been sent during it. Requests still
-in flight beyond ``max_in_flight`` are counted as dropped, not queued forever.
+in flight beyond ``max_in_flight`` are counted as dropped, not queued forever; those
+still unanswered ``drain_timeout`` seconds after the last send, as errors.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class LoadResult:
     errors: int
     dropped: int
     histogram: HdrHistogram  # microseconds
+    unanswered: int = 0  # of the errors: calls cut off by the drain timeout
 
     @property
     def achieved_rate(self) -> float:
@@ -50,16 +52,30 @@ class LoadResult:
         )
 
 
+def requests_in(rate: float, seconds: float, clients: int = 1, index: int = 0) -> int:
+    """Client ``index``'s share of the ``rate * seconds`` requests of a step, shared so
+    that the shares add up to it (each client's own ``int()`` lost up to one request
+    per client, which read as the server falling behind at low rates)."""
+    total = round(rate * seconds)
+    return total // clients + (index < total % clients)
+
+
 async def open_loop(
     call: Callable[[int], Awaitable[object]],
     rate: float,
     seconds: float,
     *,
     max_in_flight: int = 512,
+    total: int | None = None,
+    drain_timeout: float = 30.0,
 ) -> LoadResult:
-    """Call ``call(i)`` at ``rate`` per second for ``seconds``; latency per intended send."""
+    """Call ``call(i)`` at ``rate`` per second for ``seconds`` (``total`` calls, by
+    default ``rate * seconds``); latency per intended send. Calls still unanswered
+    ``drain_timeout`` seconds after the last send are cancelled and counted as
+    errors (they were counted nowhere, and a step passed with calls never answered)."""
     histogram = HdrHistogram(1, 60_000_000, 3)
-    total = int(rate * seconds)
+    if total is None:
+        total = requests_in(rate, seconds)
     ok = errors = dropped = 0
     in_flight: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -86,6 +102,20 @@ async def open_loop(
         task = loop.create_task(one(i, due))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
+    unanswered = 0
     if in_flight:
-        await asyncio.wait(in_flight, timeout=30)
-    return LoadResult(rate, time.perf_counter() - start, ok, errors, dropped, histogram)
+        await asyncio.wait(in_flight, timeout=drain_timeout)
+        left = list(in_flight)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        unanswered = len(left)
+    return LoadResult(
+        rate,
+        time.perf_counter() - start,
+        ok,
+        errors + unanswered,
+        dropped,
+        histogram,
+        unanswered,
+    )

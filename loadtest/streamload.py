@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from loadtest.openloop import LoadResult, describe_error
+from loadtest.openloop import LoadResult, describe_error, requests_in
 from streamscore._proto.v1 import scoring_pb2 as pb
 
 SCORE_STREAM = "/streamscore.v1.Scoring/ScoreStream"
@@ -138,13 +138,16 @@ async def open_loop_streams(
     max_in_flight: int = 512,
     drain_timeout: float = 30.0,
     ids: Sequence[str] | None = None,
+    total: int | None = None,
 ) -> tuple[LoadResult, str]:
-    """Send ``rate * seconds`` requests over ``streams`` ScoreStreams, open loop.
+    """Send ``total`` requests (by default ``rate * seconds``) over ``streams``
+    ScoreStreams, open loop.
 
     Returns the result and the first error's text ('' when none)."""
     ids = request_ids(requests) if ids is None else ids
     counts = _Counts()
-    total = int(rate * seconds)
+    if total is None:
+        total = requests_in(rate, seconds)
     n = len(requests)
     start = time.perf_counter()
     workers = [_Stream(open_call, counts) for _ in range(max(1, streams))]

@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from loadtest.openloop import LoadResult, describe_error, open_loop
+from loadtest.openloop import LoadResult, describe_error, open_loop, requests_in
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.tls import ClientTls, add_client_tls_arguments
@@ -89,6 +89,9 @@ PLAINTEXT = ClientTls()  # the load tools' default: a plaintext server
 
 
 # -- client processes --------------------------------------------------------------------
+
+# Warm-up streams opened before a server whose every one fails is not measured.
+WARM_UP_TRIES = 3
 
 
 class _Client:
@@ -158,19 +161,35 @@ class _Client:
                             f"{target} did not answer Score: {error.code().name} {error.details()}"
                         )
                     await asyncio.sleep(0.1)
-        try:
+        # A failed warm-up call is no reason not to measure: a server that refuses some
+        # calls (RESOURCE_EXHAUSTED) is what the step's error count is for. Only a
+        # server that fails every one is not measured.
+        failure: grpc.aio.AioRpcError | None = None
+        for _ in range(WARM_UP_TRIES if rpc in STREAM_RPCS else 1):
             if rpc in STREAM_RPCS:
-                call = stream_opener(channel)()
-                for request in self.requests[:20]:
-                    await call.write(request)
-                    await call.read()
-                await call.done_writing()
-                await call.read()  # EOF: the stream ended cleanly
+                try:
+                    call = stream_opener(channel)()
+                    for request in self.requests[:20]:
+                        await call.write(request)
+                        await call.read()
+                    await call.done_writing()
+                    await call.read()  # EOF: the stream ended cleanly
+                    failure = None
+                    break
+                except grpc.aio.AioRpcError as error:
+                    failure = error
             else:
+                answered = 0
                 for request in self.requests[:20]:
-                    await unary(request, timeout=1)
-        except grpc.aio.AioRpcError as error:
-            return f"warm-up {rpc} on {target}: {error.code().name} {error.details()}"
+                    try:
+                        await unary(request, timeout=1)
+                        answered += 1
+                    except grpc.aio.AioRpcError as error:
+                        failure = error
+                if answered:
+                    failure = None
+        if failure is not None:
+            return f"warm-up {rpc} on {target}: {failure.code().name} {failure.details()}"
         self.warm.add((target, rpc))
         return ""
 
@@ -183,6 +202,7 @@ class _Client:
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu_before = time.process_time()
         first_error = ""
+        total = requests_in(job["rate"], job["seconds"], self.clients, self.index)
         if job["rpc"] in STREAM_RPCS:
             result, first_error = await open_loop_streams(
                 stream_opener(channel),
@@ -194,6 +214,7 @@ class _Client:
                 max_in_flight=max(1, job["max_in_flight"] // job["streams"]),
                 drain_timeout=job["drain_timeout"],
                 ids=self.ids,
+                total=total,
             )
         else:
             unaries = self.unaries(job["target"])
@@ -209,7 +230,19 @@ class _Client:
                         first_error = describe_error(error)
                     raise
 
-            result = await open_loop(call, rate, job["seconds"], max_in_flight=job["max_in_flight"])
+            result = await open_loop(
+                call,
+                rate,
+                job["seconds"],
+                max_in_flight=job["max_in_flight"],
+                total=total,
+                drain_timeout=job["drain_timeout"],
+            )
+            if result.unanswered and not first_error:
+                first_error = (
+                    f"{result.unanswered} calls unanswered {job['drain_timeout']:g} s "
+                    "after the last send"
+                )
         cpu = time.process_time() - cpu_before
         return {
             "ok": result.ok,
@@ -255,8 +288,13 @@ def _client_main(
     connections: int,
     tls: ClientTls,
 ) -> None:
+    import signal
+
     import uvloop
 
+    # A Ctrl-C at the terminal reaches every process of the group: the parent stops
+    # the clients, which would otherwise each print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_Client(requests, index, clients, connections, tls).serve(conn))
 
@@ -419,14 +457,15 @@ class ClientPool:
             self.conns.append(parent)
         return self
 
-    def close(self) -> None:
+    def close(self, *, at_once: bool = False) -> None:
+        """Stop the clients: each after its step, or ``at_once`` (an interrupted run)."""
         for conn in self.conns:
             try:
                 conn.send(None)
             except OSError:
                 pass
         for process in self.processes:
-            process.join(timeout=10)
+            process.join(timeout=0 if at_once else 10)
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5)
@@ -437,8 +476,8 @@ class ClientPool:
     def __enter__(self) -> ClientPool:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.close(at_once=exc_type is not None)
 
     def _all(self, jobs: Sequence[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
         for conn, job in zip(self.conns, jobs, strict=True):
@@ -472,6 +511,10 @@ class ClientPool:
         for reply in self._all([prepare] * self.clients, timeout=90):
             if reply["error"]:
                 raise RuntimeError(reply["error"])
+        if rpc not in STREAM_RPCS:
+            # A unary call ends at its deadline: waiting less for it cut off calls that
+            # were still going to answer, or fail, within it.
+            drain_timeout = max(drain_timeout, timeout_s + 1.0)
         cpu_before = sum(cpu_seconds(pid) for pid in server_pids)
         jiffies_before = cpu_jiffies()
         job = {
@@ -588,6 +631,23 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a step of 0 s measured nothing, and read as
+    a client using 6,000 % of a core)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT")
@@ -600,11 +660,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server (the stream baseline). Default score",
     )
     parser.add_argument("--rates", type=parse_rates, required=True, help="e.g. 200,400,800")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per step (default 5)")
-    parser.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    parser.add_argument("--seconds", type=positive_float, default=5.0, help="per step (default 5)")
+    parser.add_argument(
+        "--clients", type=positive_int, default=2, help="client processes (default 2)"
+    )
     parser.add_argument(
         "--streams",
-        type=int,
+        type=positive_int,
         default=2,
         help="ScoreStreams per client (rpc stream and echo-stream; default 2)",
     )
@@ -614,10 +676,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--keep-going", action="store_true", help="try every rate, not only up to the first miss"
     )
     parser.add_argument("--server-pid", type=int, help="server process: CPU per request")
-    parser.add_argument("--timeout-s", type=float, default=1.0, help="unary deadline (default 1)")
-    parser.add_argument("--max-in-flight", type=int, default=512, help="all clients together")
     parser.add_argument(
-        "--requests", type=int, default=4000, help="distinct requests, cycled (default 4000)"
+        "--timeout-s", type=positive_float, default=1.0, help="unary deadline (default 1)"
+    )
+    parser.add_argument(
+        "--max-in-flight", type=positive_int, default=512, help="all clients together"
+    )
+    parser.add_argument(
+        "--requests",
+        type=positive_int,
+        default=4000,
+        help="distinct requests, cycled (default 4000)",
     )
     parser.add_argument("--json", type=Path, help="write rows and the max rate here")
     add_client_tls_arguments(parser)
@@ -633,8 +702,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(HEADER, flush=True)
     print("|---" * (HEADER.count("|") - 1) + "|", flush=True)
-    with ClientPool(args.clients, requests, tls=ClientTls.from_arguments(args)) as pool:
-        try:
+    done: list[Row] = []
+
+    def on_row(row: Row) -> None:
+        done.append(row)
+        print(table_row(row), flush=True)
+
+    try:
+        with ClientPool(args.clients, requests, tls=ClientTls.from_arguments(args)) as pool:
             rows, best = sweep(
                 pool,
                 args.target,
@@ -644,15 +719,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.budget_p99_ms,
                 refine=args.refine,
                 keep_going=args.keep_going,
-                on_row=lambda row: print(table_row(row), flush=True),
+                on_row=on_row,
                 streams=args.streams,
                 timeout_s=args.timeout_s,
                 max_in_flight=args.max_in_flight,
                 server_pids=[args.server_pid] if args.server_pid else [],
             )
-        except (RuntimeError, TimeoutError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+    except (RuntimeError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # The steps measured so far are kept: a long sweep stopped by hand is not lost.
+        print(f"interrupted after {len(done)} steps; no highest rate found", flush=True)
+        if args.json:
+            write_json(args.json, args, command, done, None, interrupted=True)
+        return 130
     errors = [row.first_error for row in rows if row.first_error]
     if errors:
         print(f"first error: {errors[0]}")
@@ -662,25 +743,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = "none of the rates" if best is None else f"{best:,.0f}/s"
     print(f"highest offered rate with p99 <= {args.budget_p99_ms:g} ms, no errors: {verdict}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "target": args.target,
-                    "rpc": args.rpc,
-                    "clients": args.clients,
-                    "streams": args.streams if args.rpc in STREAM_RPCS else None,
-                    "seconds": args.seconds,
-                    "budget_p99_ms": args.budget_p99_ms,
-                    "command": command,
-                    "rows": [row.to_json() for row in rows],
-                    "max_rate": best,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        write_json(args.json, args, command, rows, best)
     return 0
+
+
+def write_json(
+    path: Path,
+    args: argparse.Namespace,
+    command: str,
+    rows: Sequence[Row],
+    best: float | None,
+    *,
+    interrupted: bool = False,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "target": args.target,
+        "rpc": args.rpc,
+        "clients": args.clients,
+        "streams": args.streams if args.rpc in STREAM_RPCS else None,
+        "seconds": args.seconds,
+        "budget_p99_ms": args.budget_p99_ms,
+        "command": command,
+        "rows": [row.to_json() for row in rows],
+        "max_rate": best,
+        "interrupted": interrupted,
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

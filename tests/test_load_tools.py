@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -27,7 +29,9 @@ import grpc
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from loadtest.openloop import open_loop, requests_in
 from loadtest.sweep import cpu_jiffies, steal_pct
+from loadtest.sweep import main as sweep_main
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
@@ -207,6 +211,139 @@ async def test_sweep_two_clients_json(target: str, tmp_path: Path, rpc: str) -> 
 
 async def test_sweep_echo_stream_json(echo_target: str, tmp_path: Path) -> None:
     await check_sweep(echo_target, tmp_path, "echo-stream")
+
+
+async def test_open_loop_counts_calls_never_answered_as_errors() -> None:
+    """A call still unanswered ``drain_timeout`` after the last send was counted
+    nowhere (not ok, not an error), so a step with calls never answered passed."""
+    never = asyncio.Event()
+
+    async def call(i: int) -> None:
+        if i % 10 == 3:
+            await never.wait()
+
+    result = await open_loop(call, 200, 0.2, drain_timeout=0.3)
+    assert (result.ok, result.errors, result.unanswered, result.dropped) == (36, 4, 4, 0)
+
+
+@pytest.mark.parametrize(
+    ("rate", "seconds", "clients"), [(10, 1, 4), (30, 1, 4), (1000, 5, 3), (7.5, 2, 2), (1, 1, 3)]
+)
+def test_the_clients_shares_add_up_to_the_steps_requests(
+    rate: float, seconds: float, clients: int
+) -> None:
+    """Each client's own int(rate / clients * seconds) lost up to one request per
+    client: 10/s for 1 s from 4 clients sent 8, read as the server falling behind."""
+    shares = [requests_in(rate, seconds, clients, index) for index in range(clients)]
+    assert sum(shares) == round(rate * seconds), shares
+    assert max(shares) - min(shares) <= 1, shares
+
+
+@contextlib.asynccontextmanager
+async def refusing_server(every: int) -> AsyncIterator[str]:
+    """A Scoring server that answers Score with an empty answer, and refuses every
+    ``every``-th call with RESOURCE_EXHAUSTED; yields its target."""
+    calls = 0
+
+    async def score(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls % every == 0:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "refused on purpose")
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        "streamscore.v1.Scoring", {"Score": grpc.unary_unary_rpc_method_handler(score)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_sweep_measures_a_server_that_refuses_some_calls(tmp_path: Path) -> None:
+    """One refused warm-up call ended the whole sweep, exit 1, nothing measured; the
+    refusals are what the step's error count is for."""
+    out = tmp_path / "sweep.json"
+    async with refusing_server(every=5) as target:
+        output = await run_module(
+            "loadtest.sweep",
+            "--target",
+            target,
+            "--rates",
+            "50",
+            "--seconds",
+            "1",
+            "--clients",
+            "1",
+            "--json",
+            str(out),
+            timeout=60,
+        )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["ok"], row["errors"]) == (40, 10), (row, output)
+    assert row["passed"] is False and "RESOURCE_EXHAUSTED" in row["first_error"], row
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--seconds", "0"), ("--seconds", "-2"), ("--clients", "0")]
+)
+def test_sweep_refuses_a_step_that_measures_nothing(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        sweep_main(["--target", "127.0.0.1:1", "--rates", "10", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
+
+
+async def test_an_interrupted_sweep_keeps_its_finished_steps(
+    echo_target: str, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during the second
+    step: the first step's row is kept in --json, exit 130, and no traceback from
+    the sweep or its client processes."""
+    out = tmp_path / "sweep.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "loadtest.sweep",
+        "--target",
+        echo_target,
+        "--rpc",
+        "echo",
+        "--rates",
+        "20,40",
+        "--seconds",
+        "3",
+        "--json",
+        str(out),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        while b"| 20 |" not in await asyncio.wait_for(process.stdout.readline(), 60):
+            pass
+        await asyncio.sleep(1.0)  # into the second step
+        os.killpg(process.pid, signal.SIGINT)
+        rest, errors = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert process.returncode == 130, errors
+    assert b"interrupted after 1 steps" in rest, rest
+    assert b"Traceback" not in errors, errors
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True and report["max_rate"] is None
+    assert [row["offered_rate"] for row in report["rows"]] == [20.0]
 
 
 def test_steal_pct_is_the_stolen_share_of_the_machines_cpu_time() -> None:
