@@ -25,6 +25,7 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.cli import main as cli_main
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
+from streamscore.server.rollout import RolloutManager
 from streamscore.server.rollout_stats import in_canary
 
 MODEL = "fraud_mlp"
@@ -336,6 +337,26 @@ async def test_shadows_are_compared_off_the_response_path(
         # Version 2 is version 1's model: identical scores, full agreement.
         assert stats["agreement"] == pytest.approx(1.0)
         assert stats["compared"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
+
+
+async def test_a_dead_shadow_worker_fails_the_server(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shadow worker ending on an error it did not expect (a bug) left the server
+    SERVING with no shadow nor canary compared, so no bad canary rolled back, and said
+    so only in one log line. The server is told, as for a dead replica: ``serve``
+    drains and exits 1 naming it (test_serve_workers), to be restarted."""
+
+    async def broken(self: object, pairs: object, version: str) -> None:
+        raise RuntimeError("shadow bug")
+
+    monkeypatch.setattr(RolloutManager, "_shadow_batch", broken)
+    async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
+        assert not server.failed.is_set()
+        await set_rollout(admin, shadow_versions=["2"])
+        await drive(scoring, cards=5, rounds=1)
+        await asyncio.wait_for(server.failed.wait(), 10)
+        assert server.failure == "rollout failed: RuntimeError: shadow bug"
 
 
 async def test_a_canary_replaced_in_place_is_reloaded_and_compared_afresh(

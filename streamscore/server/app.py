@@ -140,6 +140,7 @@ class ScoringServer:
             ),
             state_file=RolloutFile(settings.model_repository / settings.model_name / FILE_NAME),
             poll_s=settings.model_reload_interval_s or 1.0,
+            on_failure=self._part_failed("rollout"),
         )
         await self.rollouts.start(
             RolloutState(

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
@@ -149,8 +149,13 @@ class RolloutManager:
         shadow_queue: int = 1000,
         state_file: RolloutFile | None = None,
         poll_s: float = 1.0,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.registry = registry
+        # Told when a background task of the rollout dies (a bug): without the shadow
+        # worker no canary is compared (nor rolled back), without the follower other
+        # processes' changes are not seen. The server ends, to be restarted.
+        self.on_failure = on_failure
         # Shared with the host's other server processes, and kept across restarts
         # (rollout_store.py); None: this process's alone.
         self.state_file = state_file
@@ -356,6 +361,8 @@ class RolloutManager:
 
     def _failed(self, exc: BaseException) -> None:
         self.failure = exc
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     # -- routing (the Score hot path) ------------------------------------------------------
 
