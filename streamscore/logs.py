@@ -67,9 +67,18 @@ def clipped(text: str, limit: int = 64) -> str:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+# Set by ``serve --workers`` in each worker's environment: its index.
+WORKER_INDEX_VARIABLE = "STREAMSCORE_WORKER_INDEX"
+
+# Fields on every line of this process: ``worker`` (its index) in a ``serve --workers``
+# set, whose workers' lines are merged into one stream.
+PROCESS_FIELDS: dict[str, object] = {}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    """A line's fields beyond the message: the request being served, then the extras."""
-    fields: dict[str, object] = {}
+    """A line's fields beyond the message: the process's, the request being served,
+    then the extras."""
+    fields: dict[str, object] = dict(PROCESS_FIELDS)
     request = CURRENT_REQUEST.get()
     if request is not None:
         fields["request_id"] = clipped(request[0])
@@ -190,6 +199,9 @@ class RepeatLimiter(logging.Filter):
 
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
+    worker = os.environ.get(WORKER_INDEX_VARIABLE)
+    if worker is not None:
+        PROCESS_FIELDS["worker"] = int(worker) if worker.isdigit() else worker
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -29,6 +29,7 @@ import secrets
 import time
 
 from streamscore.config import Settings, settings_environment
+from streamscore.logs import WORKER_INDEX_VARIABLE
 from streamscore.processes import ChildProcess, stop_on_signals
 from streamscore.server.repository import primary_dir
 from streamscore.tls import check_server_files
@@ -125,9 +126,9 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             )
 
     def worker(i: int) -> ChildProcess:
-        return ChildProcess.streamscore(
-            f"server-{i}", "serve", "--workers", "1", env=worker_environment(settings, i)
-        )
+        # Its index on each of its log lines: the set's lines are merged into one stream.
+        env = {**worker_environment(settings, i), WORKER_INDEX_VARIABLE: str(i)}
+        return ChildProcess.streamscore(f"server-{i}", "serve", "--workers", "1", env=env)
 
     children = [worker(i) for i in range(workers)]
     for child in children:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -173,6 +174,15 @@ async def test_two_workers_share_the_port_and_both_serve_features(
             await supervisor.stop()
             await worker.stop()
             print_logs(tmp_path)
+    # The workers' lines, merged into the supervisor's output, each say whose they are.
+    listening = [
+        line
+        for line in (tmp_path / "supervisor.log").read_text().splitlines()
+        if "grpc server listening" in line
+    ]
+    indexes = [re.findall(r" worker=(\d+)", line) for line in listening]
+    assert sorted({i for found in indexes for i in found}) == ["0", "1"], listening
+    assert all(len(found) == 1 for found in indexes), listening
 
 
 async def test_a_second_server_on_a_port_in_use_fails_to_start(trained_model: Path) -> None:
