@@ -174,10 +174,10 @@ class ScoringService(pb_grpc.ScoringServicer):
                 f"no fetch from the broker for {replica.seconds_since_fetch():.1f} s "
                 f"(stale_after_s {self.stale_after_s})"
             )
+        # The cause as a field only: a text line showed it twice, and a constant
+        # message is one an alert can match.
         log.warning(
-            "features are stale: answers are marked FEATURES_STALE; %s",
-            cause,
-            extra={"cause": cause},
+            "features are stale: answers are marked FEATURES_STALE", extra={"cause": cause}
         )
 
     def _check_exact(self, entity_type: str, entity_id: str, t_ms: int, field: str) -> None:
