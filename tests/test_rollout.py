@@ -339,6 +339,38 @@ async def test_shadows_are_compared_off_the_response_path(
         assert stats["compared"] + server.rollouts.shadow_dropped >= 150  # type: ignore[union-attr]
 
 
+async def test_a_rollout_set_that_changes_nothing_keeps_its_generation(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Setting the rollout it already has made a new generation, which refused, as
+    stale, a change another operator had prepared on the one before."""
+    async with serving(trained_model, tmp_path) as (_, admin, _server, repository):
+        first = await set_rollout(admin, shadow_versions=["2"])
+        stored = (repository / MODEL / "rollout.json").read_bytes()
+        again = await set_rollout(admin, shadow_versions=["2"])
+        assert again.rollout.generation == first.rollout.generation
+        assert (repository / MODEL / "rollout.json").read_bytes() == stored
+        # A change prepared on that generation still applies.
+        changed = await admin.SetRollout(
+            apb.SetRolloutRequest(
+                rollout=apb.Rollout(primary_version="1", shadow_versions=["2", "4"]),
+                expected_generation=first.rollout.generation,
+            ),
+            metadata=AUTH,
+        )
+        assert changed.rollout.generation == first.rollout.generation + 1
+        # A no-op on a stale generation is refused like any change.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.SetRollout(
+                apb.SetRolloutRequest(
+                    rollout=apb.Rollout(primary_version="1", shadow_versions=["2", "4"]),
+                    expected_generation=first.rollout.generation,
+                ),
+                metadata=AUTH,
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
 async def test_a_dead_shadow_worker_fails_the_server(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

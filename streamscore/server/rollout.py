@@ -106,6 +106,12 @@ class RolloutState:
             raise ValueError("canary_percent needs a canary_version")
 
 
+def _check_generation(current: RolloutState, expected: int) -> None:
+    """A change made on the rollout of generation ``expected`` (0: on any)."""
+    if expected and expected != current.generation:
+        raise RolloutConflict(f"rollout is at generation {current.generation}, not {expected}")
+
+
 @dataclass(frozen=True)
 class RollbackRecord:
     version: str
@@ -539,16 +545,19 @@ class RolloutManager:
     async def set(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
         async with self._change, self._file_lock():
             await self._sync()  # another process's change first: the generation is its
+            current = self.state
+            if dataclasses.replace(new, generation=current.generation) == current:
+                # Nothing changes: no new generation (which would refuse, as stale, a
+                # change another operator prepared on this one), nothing stored.
+                _check_generation(current, expected_generation)
+                return current
             state = await self._apply(new, expected_generation)
             self._save()
             return state
 
     async def _apply(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
         current = self.state
-        if expected_generation and expected_generation != current.generation:
-            raise RolloutConflict(
-                f"rollout is at generation {current.generation}, not {expected_generation}"
-            )
+        _check_generation(current, expected_generation)
         await self._load(new)
         if self.state is not current:
             # An automatic rollback landed while the versions loaded: writing this

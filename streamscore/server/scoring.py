@@ -176,9 +176,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             )
         # The cause as a field only: a text line showed it twice, and a constant
         # message is one an alert can match.
-        log.warning(
-            "features are stale: answers are marked FEATURES_STALE", extra={"cause": cause}
-        )
+        log.warning("features are stale: answers are marked FEATURES_STALE", extra={"cause": cause})
 
     def _check_exact(self, entity_type: str, entity_id: str, t_ms: int, field: str) -> None:
         """Refuse a replay-mode time too far behind the entity's newest event."""
