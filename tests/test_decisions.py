@@ -4,7 +4,9 @@ blocks or fails the caller."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from streamscore.server.decisions import (
     DecisionRecord,
     card_hash,
 )
-from streamscore.stream.broker import EmbeddedBroker
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 
 
 def request(i: int) -> pb.ScoreRequest:
@@ -137,6 +139,34 @@ async def test_a_dead_broker_never_blocks_or_fails_the_caller(
     await asyncio.wait_for(log.stop(timeout=2), 10)
     assert log.published + log.dropped == 20_000 and log.queued == 0
     assert "decision log stopped with decisions not published: dropped" in caplog.text
+
+
+async def test_a_batch_the_producers_stop_delivers_is_counted_published() -> None:
+    """A stop that cuts off the batch being sent (a hung broker) counted all of it as
+    dropped, and said so, although the producer's own stop (its flush) may still
+    deliver it: here the broker wakes during that stop, and every decision arrives."""
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, {"decisions-hung": 1})
+        log = DecisionLog(broker.bootstrap, topic="decisions-hung")
+        await log.start()
+        assert broker.pid is not None
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            for i in range(50):
+                log.record(
+                    DecisionRecord(f"r-{i}", 0, "primary", "m", "1", 0.5, "APPROVE", "h", "c")
+                )
+            await asyncio.sleep(0.2)
+            assert log._sending == 50  # one batch, cut off by the stop
+            stopping = asyncio.create_task(log.stop(timeout=1.5))
+            await asyncio.sleep(2.0)  # past the wait for the batch: in the producer's stop
+            os.kill(broker.pid, signal.SIGCONT)
+            await asyncio.wait_for(stopping, 10)
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        assert (log.published, log.dropped, log.queued) == (50, 0, 0)
+        stored = await consume_all(broker.bootstrap, "decisions-hung", 50)
+        assert len({record["request_id"] for record in stored}) == 50
 
 
 class FlakyProducer:

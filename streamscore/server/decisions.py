@@ -17,6 +17,7 @@ import hashlib
 import logging
 from collections import deque
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -57,6 +58,10 @@ def features_hash(vector: Row) -> str:
 card_hash = hash_id
 
 
+def _delivered(sent: asyncio.Future[Any]) -> bool:
+    return sent.done() and not sent.cancelled() and sent.exception() is None
+
+
 class DecisionLog:
     def __init__(
         self,
@@ -81,6 +86,9 @@ class DecisionLog:
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sending = 0  # decisions of the batch being published, out of the queue
+        # That batch's sends so far: a stop may cut the batch off while the producer
+        # still holds them, and its own stop (a flush) may yet deliver them.
+        self._sends: list[asyncio.Future[Any]] = []
 
     @property
     def queued(self) -> int:
@@ -122,21 +130,24 @@ class DecisionLog:
                 await self._wake.wait()
             batch = [self._queue.popleft() for _ in range(min(self.batch_max, len(self._queue)))]
             self._sending = len(batch)
+            self._sends = sends = []
             try:
-                sends = [
-                    await self._producer.send(
-                        self.topic, orjson.dumps(asdict(d)), key=d.request_id.encode()
-                    )
-                    for d in batch
-                ]
-                await asyncio.gather(*sends)
+                for d in batch:
+                    value, key = orjson.dumps(asdict(d)), d.request_id.encode()
+                    sends.append(await self._producer.send(self.topic, value, key=key))
+                # Not gather: cancelled at a stop, it would cancel the sends too, and
+                # whether the producer's flush delivered them could not be told.
+                if sends:
+                    await asyncio.wait(sends)
+                for sent in sends:
+                    sent.result()  # a failed send raises its KafkaError
             except KafkaError as error:
                 # Never the caller's problem: back off and send the batch again (some
                 # of it may have been stored: a consumer de-duplicates by request id
                 # and variant); what comes meanwhile queues, or is dropped when full.
                 self.failed += len(batch)
                 self._queue.extendleft(reversed(batch))
-                self._sending = 0
+                self._sending, self._sends = 0, []
                 log.warning(
                     "decision log publish failed, retrying",
                     extra={"error": repr(error), "decisions": len(batch)},
@@ -146,7 +157,7 @@ class DecisionLog:
                 continue
             backoff = 0.1
             self.published += len(batch)
-            self._sending = 0
+            self._sending, self._sends = 0, []
             if not self._queue:
                 self._idle.set()
 
@@ -161,17 +172,21 @@ class DecisionLog:
                     await asyncio.wait_for(self._idle.wait(), timeout)
             task, self._task = self._task, None
             await cancel_and_wait(task)
-            # The broker still down at the stop: what it never took is lost from the
-            # audit trail. Counted as dropped and said, never silently.
-            lost, self._sending = self.queued, 0
-            self._queue.clear()
-            if lost:
-                self.dropped += lost
-                log.error(
-                    "decision log stopped with decisions not published: dropped",
-                    extra={"decisions": lost, "timeout_s": timeout},
-                )
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._producer.stop(), timeout)
             self._producer = None
+        # Of the batch cut off, what the producer's stop delivered is published.
+        delivered = sum(map(_delivered, self._sends))
+        self.published += delivered
+        # The broker still down at the stop: what it never took is lost from the audit
+        # trail. Counted as dropped and said, never silently.
+        lost = self.queued - delivered
+        self._sending, self._sends = 0, []
+        self._queue.clear()
+        if lost:
+            self.dropped += lost
+            log.error(
+                "decision log stopped with decisions not published: dropped",
+                extra={"decisions": lost, "timeout_s": timeout},
+            )
