@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from loadtest.sweep import (
     realistic_events,
     score_requests,
 )
+from loadtest.workdir import work_directory
 from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -117,28 +117,28 @@ def build_extensions(checkout: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the base (and ``--head``) out into worktrees, compare, remove them."""
-    work = Path(tempfile.mkdtemp(prefix="streamscore-ab-"))
     checkouts = {"base": args.base, **({"head": args.head} if args.head else {})}
     worktrees: dict[str, Path] = {}
-    try:
-        for name, commit in checkouts.items():
-            worktree = worktrees[name] = work / name
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), commit],
-                check=True,
-                capture_output=True,
-            )
-            build_extensions(worktree)
-        head = (f"head {args.head}", worktrees["head"]) if args.head else ("this tree", REPO)
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main(args, work, worktrees["base"], head))
-    finally:
-        for worktree in worktrees.values():
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
-                check=False,
-                capture_output=True,
-            )
+    with work_directory("ab") as work:
+        try:
+            for name, commit in checkouts.items():
+                worktree = worktrees[name] = work / name
+                subprocess.run(
+                    ["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), commit],
+                    check=True,
+                    capture_output=True,
+                )
+                build_extensions(worktree)
+            head = (f"head {args.head}", worktrees["head"]) if args.head else ("this tree", REPO)
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main(args, work, worktrees["base"], head))
+        finally:
+            for worktree in worktrees.values():
+                subprocess.run(
+                    ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)],
+                    check=False,
+                    capture_output=True,
+                )
 
 
 async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple[str, Path]) -> int:

@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaProducer
 
 from loadtest.openloop import LoadResult, open_loop
 from loadtest.sweep import positive_float
+from loadtest.workdir import exit_on_sigterm, work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
@@ -83,7 +84,8 @@ def private_repository(source: Path) -> Path:
     its own settings to the shared rollout (``rollout.json``) as a change: a live
     server on the same repository lost its promoted primary to the benchmark's
     version. One copy per call: a tool adds versions between its servers (shadows).
-    Removed at exit (not when the tool is killed)."""
+    Removed at exit, a SIGTERM's included (not at a SIGKILL)."""
+    exit_on_sigterm()
     copy = tempfile.TemporaryDirectory(prefix="streamscore-bench-models-")
     _PRIVATE.append(copy)
     target = Path(copy.name) / "models"
@@ -173,7 +175,11 @@ async def load_features(bootstrap: str, events: list[dict]) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    root = Path(tempfile.mkdtemp(prefix="streamscore-backend-bench-"))
+    with work_directory("backend-bench") as root:
+        await _bench(args, root)
+
+
+async def _bench(args: argparse.Namespace, root: Path) -> None:
     base = args.model_repository
     if base is None:
         from streamscore.training import train

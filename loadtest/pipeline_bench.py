@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 from hdrh.histogram import HdrHistogram
 
 from loadtest.backend_bench import private_repository
+from loadtest.workdir import work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
@@ -166,7 +166,11 @@ async def score_latency(
 
 
 async def main(args: argparse.Namespace) -> None:
-    logdir = Path(tempfile.mkdtemp(prefix="streamscore-bench-"))
+    with work_directory("pipeline-bench") as logdir:
+        await _bench(args, logdir)
+
+
+async def _bench(args: argparse.Namespace, logdir: Path) -> None:
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, TopicLayout().partitions())
         port = find_free_port()

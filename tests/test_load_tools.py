@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -1118,3 +1119,56 @@ def test_each_private_repository_is_the_repository_as_it_is_then(trained_model: 
     assert sorted(p.name for p in (first / "fraud_mlp").iterdir() if p.is_dir()) == ["1"]
     assert sorted(p.name for p in (second / "fraud_mlp").iterdir() if p.is_dir()) == ["1", "2"]
     assert not (second / "fraud_mlp" / "rollout.json").exists()  # the live rollout stays
+
+
+def test_a_load_tool_stopped_by_sigterm_removes_its_private_repository(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A load tool stopped by SIGTERM (a process manager, `timeout`) left its copy of
+    the repository in the temporary directory, one more at every run."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from loadtest.backend_bench import private_repository\n"
+        "print(private_repository(Path(sys.argv[1])), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(trained_model)],
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as tool:
+        try:
+            assert tool.stdout is not None
+            copy = Path(tool.stdout.readline().strip())
+            assert copy.is_dir() and copy.is_relative_to(temp), copy
+            tool.send_signal(signal.SIGTERM)
+            assert tool.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            tool.kill()
+    assert list(temp.iterdir()) == []
+
+
+def test_a_tools_work_directory_is_removed_unless_the_run_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """backend_bench, pipeline_bench and ab left their directory (servers' logs,
+    repository copies) in the temporary directory at every run."""
+    from loadtest.workdir import work_directory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with work_directory("tool") as done:
+        (done / "server.log").write_text("fine")
+    assert not done.exists()
+    with pytest.raises(KeyboardInterrupt), work_directory("tool") as stopped:
+        raise KeyboardInterrupt
+    assert not stopped.exists()
+    with pytest.raises(RuntimeError), work_directory("tool") as failed:
+        (failed / "server.log").write_text("why")
+        raise RuntimeError("server did not start")
+    assert (failed / "server.log").read_text() == "why"
+    assert f"tool failed; its files and logs are in {failed}" in capsys.readouterr().err
