@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def start_background(
@@ -41,3 +44,34 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def in_daemon_thread(fn: Callable[[], T], *, name: str) -> T:
+    """``fn()`` in a thread of its own, off the event loop, that does not hold the
+    process's exit. ``asyncio.to_thread``'s pool threads are joined at exit: a stop
+    during a slow model load (a warm-up, a TensorRT engine build of minutes) waited
+    for the load to finish, though its caller had long been cancelled. Cancelled,
+    this returns at once; the thread's late result is dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():  # cancelled meanwhile
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as raised:  # handed to the caller, whatever it is
+            result, error = None, raised
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from streamscore.tasks import cancel_and_wait, start_background
+from streamscore.tasks import cancel_and_wait, in_daemon_thread, start_background
 
 log = logging.getLogger("streamscore.test_tasks")
 
@@ -118,3 +119,34 @@ async def test_a_server_whose_replica_never_catches_up_says_so_and_still_stops(
     assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     (record,) = never_ready()
     assert record.exc_info is not None and isinstance(record.exc_info[1], ReplicaFailed)
+
+
+async def test_in_daemon_thread_returns_and_raises_as_the_function_does() -> None:
+    assert await in_daemon_thread(lambda: 6 * 7, name="answer") == 42
+    with pytest.raises(ZeroDivisionError):
+        await in_daemon_thread(lambda: 1 / 0, name="broken")
+
+
+SLOW_LOAD_STOPPED = """
+import asyncio, time
+from streamscore.tasks import in_daemon_thread
+
+async def main():
+    loading = asyncio.ensure_future(in_daemon_thread(lambda: time.sleep(60), name="load"))
+    await asyncio.sleep(0.2)
+    loading.cancel()  # a stop during the load
+    await asyncio.gather(loading, return_exceptions=True)
+    print("stopped", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_load_cancelled_in_its_thread_does_not_hold_the_exit() -> None:
+    """``asyncio.to_thread``'s thread is joined at exit: a server stopped during a
+    slow model load (a warm-up, an engine build) waited for the load to finish."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SLOW_LOAD_STOPPED, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0 and out == b"stopped\n"

@@ -16,7 +16,6 @@ every batch.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from streamscore.server.model import (
     check_score,
     check_scores,
 )
+from streamscore.tasks import in_daemon_thread
 
 __all__ = ["KERNELS", "OnnxBackend", "check_rows"]
 
@@ -181,7 +181,7 @@ class OnnxBackend:
 
     async def start(self) -> None:
         if self._session is None:
-            await asyncio.to_thread(self.load)
+            await in_daemon_thread(self.load, name="model-load")
 
     async def stop(self) -> None:
         self._session = None

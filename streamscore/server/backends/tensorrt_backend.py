@@ -8,7 +8,6 @@ that names this backend fails loudly at load, never at the first request.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from streamscore.server.backends.base import BackendUnavailable
 from streamscore.server.model import check_batch, check_scores
+from streamscore.tasks import in_daemon_thread
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -49,7 +49,7 @@ class TensorRTBackend:
             raise BackendUnavailable(f"TensorRT backend unavailable: {reason}")
         if self._context is None:
             # Building an engine takes seconds: not on the event loop.
-            await asyncio.to_thread(self._build)
+            await in_daemon_thread(self._build, name="tensorrt-build")
 
     def _build(self) -> None:
         import tensorrt as trt

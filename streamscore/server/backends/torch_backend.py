@@ -8,7 +8,6 @@ thread (``offload.InlineOrThread``).
 
 from __future__ import annotations
 
-import asyncio
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from streamscore.config import TORCH_DEVICES
 from streamscore.server.backends.base import BackendUnavailable
 from streamscore.server.backends.offload import InlineOrThread
 from streamscore.server.model import check_batch, check_scores
+from streamscore.tasks import in_daemon_thread
 
 
 class TorchBackend:
@@ -65,7 +65,7 @@ class TorchBackend:
         # it per calling thread, and cheap calls run on the loop's thread.
         self._one_thread()
         if self._module is None:
-            await asyncio.to_thread(self.load)
+            await in_daemon_thread(self.load, name="model-load")
 
     def _one_thread(self) -> None:
         if self.device.type == "cpu":
