@@ -146,7 +146,7 @@ class _Client:
         channel = self.channel(target)
         unaries = self.unaries(target)
         unary = unaries[0]
-        deadline = time.monotonic() + 30
+        start = time.monotonic()
         for each in unaries:
             # The echo server has no health service: call until each connection answers.
             while True:
@@ -156,9 +156,18 @@ class _Client:
                 except grpc.aio.AioRpcError as error:
                     # Waited out for a server still starting; a TLS failure is the
                     # same at every try (a wrong CA, name or client key): said now.
-                    if time.monotonic() > deadline or _tls_failure(error):
+                    waited = time.monotonic() - start
+                    if waited > 30 or _tls_failure(error):
                         return (
                             f"{target} did not answer Score: {error.code().name} {error.details()}"
+                        )
+                    if self.tls.enabled and waited > 3 and _closed_on_us(error):
+                        # A server still starting refuses the connection; one that takes
+                        # it and closes it over TLS refuses this client's certificate.
+                        return (
+                            f"{target} closed every TLS connection: does it require a "
+                            f"client certificate (--tls-cert, --tls-key) it accepts? "
+                            f"{error.code().name} {error.details()}"
                         )
                     await asyncio.sleep(0.1)
         # A failed warm-up call is no reason not to measure: a server that refuses some
@@ -774,6 +783,12 @@ def write_json(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _closed_on_us(error: grpc.aio.AioRpcError) -> bool:
+    """The server took the connection and closed it (gRPC's "Socket closed"), as a
+    mutual-TLS server does with a client certificate it does not accept."""
+    return "socket closed" in (error.details() or "").lower()
 
 
 def _tls_failure(error: grpc.aio.AioRpcError) -> bool:

@@ -331,6 +331,14 @@ async def test_the_open_loop_sweep_loads_a_mutual_tls_server(
         )
         assert "Hostname Verification Check failed" in output, output
         assert time.monotonic() - started < 25, output
+        # Nor a server that refuses the client's certificate (none here): it closes
+        # each connection, where one still starting refuses it; the sweep waited 30 s.
+        started = time.monotonic()
+        output = await run_module(
+            *sweep, "--tls-ca", pki["ca"], "--json", str(out), timeout=60, expect_exit_0=False
+        )
+        assert "does it require a client certificate" in output, output
+        assert time.monotonic() - started < 20, output
 
 
 def test_client_flags_fall_back_to_the_environment_one_by_one() -> None:
