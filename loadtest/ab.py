@@ -42,12 +42,11 @@ from loadtest.sweep import (
     echo_rpc,
     format_steal,
     parse_rates,
-    positive_float,
-    positive_int,
     realistic_events,
     score_requests,
 )
 from loadtest.workdir import work_directory
+from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -247,10 +246,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")
     p.add_argument("--rates", default="500", help="offered rates, e.g. 300,600")
-    p.add_argument("--seconds", type=positive_float, default=6.0, help="per step (default 6)")
-    p.add_argument("--rounds", type=positive_int, default=5)
-    p.add_argument("--clients", type=positive_int, default=2, help="load processes (default 2)")
-    p.add_argument("--streams", type=positive_int, default=2, help="ScoreStreams per client")
+    p.add_argument("--seconds", type=positive, default=6.0, help="per step (default 6)")
+    p.add_argument("--rounds", type=at_least_one, default=5)
+    p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")
+    p.add_argument("--streams", type=at_least_one, default=2, help="ScoreStreams per client")
     p.add_argument("--replica-seconds", type=float, default=400.0)
     p.add_argument(
         "--model-echo",

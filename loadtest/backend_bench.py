@@ -37,10 +37,10 @@ import uvloop
 from aiokafka import AIOKafkaProducer
 
 from loadtest.openloop import LoadResult, open_loop
-from loadtest.sweep import positive_float
 from loadtest.workdir import exit_on_sigterm, work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.argtypes import positive
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.server.rollout_store import FILE_NAME as ROLLOUT_FILE
@@ -333,7 +333,7 @@ def report(rows: list[tuple[str, LoadResult, float]], budget_ms: float) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="300,600,1000,1500")
-    parser.add_argument("--seconds", type=positive_float, default=4.0)
+    parser.add_argument("--seconds", type=positive, default=4.0)
     parser.add_argument("--budget-ms", type=float, default=10.0)
     parser.add_argument("--backends", default="onnxruntime,torch,triton")
     parser.add_argument("--model-repository", type=Path)

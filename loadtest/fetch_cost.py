@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 
-from loadtest.sweep import positive_float, positive_int
+from streamscore.argtypes import at_least_one, positive
 from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.lean_fetch import LeanFetcher
 from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout
@@ -166,8 +166,8 @@ async def main(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=positive_float, default=5.0, help="per mode and round")
-    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--seconds", type=positive, default=5.0, help="per mode and round")
+    p.add_argument("--rounds", type=at_least_one, default=3)
     p.add_argument("--fetch-wait-ms", type=int, default=20, help="the Fetch wait (default 20)")
     return p
 

@@ -36,7 +36,7 @@ import uvloop
 from hdrh.histogram import HdrHistogram
 
 from loadtest.feature_bench import START_MS, card_log, fold
-from loadtest.sweep import positive_float
+from streamscore.argtypes import positive
 from streamscore.gc_tuning import tune_for_large_state
 from streamscore.server.gc_policy import LongLivedFreezer
 from streamscore.stream.assembly import event_features
@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policy", choices=["on", "off", "both"], default="both")
     p.add_argument("--cards", type=int, default=300_000, help="card entities folded first")
-    p.add_argument("--seconds", type=positive_float, default=30.0, help="of serving (default 30)")
+    p.add_argument("--seconds", type=positive, default=30.0, help="of serving (default 30)")
     p.add_argument("--rate", type=float, default=500.0, help="feature reads per second")
     p.add_argument("--events-per-s", type=float, default=2000.0, help="new events folded")
     p.add_argument("--interval", type=float, default=0.25, help="freeze interval (policy on)")

@@ -48,11 +48,10 @@ from loadtest.scrape import Samples, histogram_quantile, scrape, total
 from loadtest.sweep import (
     ClientPool,
     cpu_seconds,
-    positive_float,
-    positive_int,
     realistic_events,
     score_requests,
 )
+from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -364,10 +363,10 @@ def parser() -> argparse.ArgumentParser:
         "--flows", type=parse_flows, default="0,200,800", help="payment events/s, e.g. 0,200,800"
     )
     p.add_argument("--score-rate", type=float, default=500.0, help="Score calls/s")
-    p.add_argument("--seconds", type=positive_float, default=6.0, help="per phase")
+    p.add_argument("--seconds", type=positive, default=6.0, help="per phase")
     p.add_argument("--settle-s", type=float, default=1.0, help="before each phase")
-    p.add_argument("--rounds", type=positive_int, default=3)
-    p.add_argument("--clients", type=positive_int, default=2, help="load processes")
+    p.add_argument("--rounds", type=at_least_one, default=3)
+    p.add_argument("--clients", type=at_least_one, default=2, help="load processes")
     p.add_argument("--replica-seconds", type=float, default=400.0)
     p.add_argument("--json", type=Path, help="also write the rows and steps here")
     return p

@@ -47,7 +47,8 @@ from pathlib import Path
 import uvloop
 
 from loadtest.backend_bench import echo_process, load_features, serve_process
-from loadtest.sweep import ClientPool, echo_rpc, positive_int, realistic_events, score_requests
+from loadtest.sweep import ClientPool, echo_rpc, realistic_events, score_requests
+from streamscore.argtypes import at_least_one
 from streamscore.client import wait_serving
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
@@ -247,10 +248,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")
     p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s")
-    p.add_argument("--seconds", type=positive_int, default=12, help="profiled seconds (default 12)")
-    p.add_argument("--clients", type=positive_int, default=2, help="load processes (default 2)")
+    p.add_argument("--seconds", type=at_least_one, default=12, help="profiled seconds (default 12)")
+    p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")
     p.add_argument("--replica-seconds", type=float, default=400.0, help="of events folded")
-    p.add_argument("--streams", type=positive_int, default=2, help="ScoreStreams per client")
+    p.add_argument("--streams", type=at_least_one, default=2, help="ScoreStreams per client")
     p.add_argument("--out", type=Path, help="py-spy's raw samples (default: a temp file)")
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument(

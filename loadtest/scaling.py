@@ -51,12 +51,11 @@ from loadtest.sweep import (
     Row,
     cpu_seconds,
     parse_rates,
-    positive_float,
-    positive_int,
     realistic_events,
     score_requests,
     sweep,
 )
+from streamscore.argtypes import at_least_one, positive
 from streamscore.loopback_process import find_free_ports
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -411,8 +410,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1")
     p.add_argument("--workers", type=parse_counts, default=[1, 2], help="e.g. 1,2,4,8")
     p.add_argument("--rates", type=parse_rates, required=True, help="offered rates, ascending")
-    p.add_argument("--seconds", type=positive_float, default=3.0, help="per step (default 3)")
-    p.add_argument("--clients", type=positive_int, default=4, help="load processes (default 4)")
+    p.add_argument("--seconds", type=positive, default=3.0, help="per step (default 3)")
+    p.add_argument("--clients", type=at_least_one, default=4, help="load processes (default 4)")
     p.add_argument(
         "--connections", type=int, default=8, help="TCP connections per client (default 8)"
     )

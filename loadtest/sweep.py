@@ -47,6 +47,7 @@ from hdrh.histogram import HdrHistogram
 from loadtest.openloop import LoadResult, describe_error, open_loop, requests_in
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore.argtypes import at_least_one, positive
 from streamscore.tls import ClientTls, add_client_tls_arguments
 
 SCORE = "/streamscore.v1.Scoring/Score"
@@ -640,23 +641,6 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a number above 0 (a step of 0 s measured nothing, and read as
-    a client using 6,000 % of a core)."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT")
@@ -669,13 +653,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server (the stream baseline). Default score",
     )
     parser.add_argument("--rates", type=parse_rates, required=True, help="e.g. 200,400,800")
-    parser.add_argument("--seconds", type=positive_float, default=5.0, help="per step (default 5)")
+    parser.add_argument("--seconds", type=positive, default=5.0, help="per step (default 5)")
     parser.add_argument(
-        "--clients", type=positive_int, default=2, help="client processes (default 2)"
+        "--clients", type=at_least_one, default=2, help="client processes (default 2)"
     )
     parser.add_argument(
         "--streams",
-        type=positive_int,
+        type=at_least_one,
         default=2,
         help="ScoreStreams per client (rpc stream and echo-stream; default 2)",
     )
@@ -686,14 +670,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--server-pid", type=int, help="server process: CPU per request")
     parser.add_argument(
-        "--timeout-s", type=positive_float, default=1.0, help="unary deadline (default 1)"
+        "--timeout-s", type=positive, default=1.0, help="unary deadline (default 1)"
     )
     parser.add_argument(
-        "--max-in-flight", type=positive_int, default=512, help="all clients together"
+        "--max-in-flight", type=at_least_one, default=512, help="all clients together"
     )
     parser.add_argument(
         "--requests",
-        type=positive_int,
+        type=at_least_one,
         default=4000,
         help="distinct requests, cycled (default 4000)",
     )

@@ -19,6 +19,7 @@ from typing import Any
 # operator asks for more. Set before grpc is imported (streamscore.tls imports it).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from streamscore.argtypes import at_least_one, positive
 from streamscore.config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -476,10 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", cmd_demo, "Run everything on this machine and score live synthetic traffic.")
     _common(demo, kafka_help="use this Kafka cluster instead of the embedded broker")
     demo.add_argument(
-        "--duration", type=_positive, help="stop after this many seconds (default: Ctrl-C)"
+        "--duration", type=positive, help="stop after this many seconds (default: Ctrl-C)"
     )
     demo.add_argument(
-        "--rate", type=_positive, default=200.0, help="payments per second (default 200)"
+        "--rate", type=positive, default=200.0, help="payments per second (default 200)"
     )
     demo.add_argument(
         "--port", type=int, help="gRPC port of the server (default 50051; 0 picks one)"
@@ -496,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_at_least_one,
+        type=at_least_one,
         default=1,
         help="server processes sharing the port (SO_REUSEPORT), each with all features (default 1)",
     )
@@ -532,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train, kafka_help=None)
     train.add_argument("--model-repository", type=Path, help="model repository directory")
     train.add_argument(
-        "--version", type=_at_least_one, help="version number to write (default: the next one)"
+        "--version", type=at_least_one, help="version number to write (default: the next one)"
     )
     train.add_argument(
         "--replace",
@@ -542,13 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--duration",
-        type=_positive,
+        type=positive,
         default=1800.0,
         help="seconds of synthetic traffic (default: %(default)g)",
     )
     train.add_argument(
         "--rate",
-        type=_positive,
+        type=positive,
         default=10.0,
         help="synthetic payments per second (default: %(default)g)",
     )
@@ -611,20 +612,6 @@ def build_parser() -> argparse.ArgumentParser:
     config = add("config", cmd_config, "Print the effective settings, secrets masked.")
     config.add_argument("--config", type=Path, help="TOML settings file (see README)")
     return parser
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
