@@ -92,7 +92,7 @@ class System:
     def _common(self) -> list[str]:
         return ["--kafka", self.bootstrap, "--log-format", "text"]
 
-    async def add_worker(self, *args: str) -> ChildProcess:
+    async def add_worker(self, *args: str, env: dict[str, str] | None = None) -> ChildProcess:
         name = f"worker-{len(self.children)}"
         # Run in the log directory, so running_system can check that a worker leaves
         # nothing in its working directory.
@@ -101,6 +101,7 @@ class System:
             "worker",
             *self._common(),
             *args,
+            env=env,
             log_path=str(self.logdir / f"{name}.log"),
             cwd=str(self.logdir),
         )

@@ -21,7 +21,6 @@ from test_rollout import request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
-from streamscore.processes import ChildProcess
 from streamscore.server.app import ScoringServer
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
@@ -207,17 +206,8 @@ async def test_a_worker_stopped_in_an_outage_exits_within_its_stop_timeout(
     ]
     async with EmbeddedBroker() as broker:
         await create_topics(broker.bootstrap, TopicLayout().partitions())
-        worker = ChildProcess.streamscore(
-            "worker",
-            "worker",
-            "--kafka",
-            broker.bootstrap,
-            "--log-format",
-            "text",
-            env={"STREAMSCORE_WORKER_STOP_TIMEOUT_S": "3"},
-            log_path=str(tmp_path / "worker.log"),
-        )
-        await worker.start()
+        system = System(broker.bootstrap, tmp_path, tmp_path)  # a worker, no server
+        worker = await system.add_worker(env={"STREAMSCORE_WORKER_STOP_TIMEOUT_S": "3"})
         try:
             await publish(broker.bootstrap, events)
             deadline = time.monotonic() + 60
@@ -236,8 +226,8 @@ async def test_a_worker_stopped_in_an_outage_exits_within_its_stop_timeout(
             finally:
                 os.kill(broker.pid, signal.SIGCONT)
         finally:
-            await worker.stop()
+            await system.stop()
             print_logs(tmp_path)
-    log = (tmp_path / "worker.log").read_text()
+    log = (tmp_path / "worker-0.log").read_text()
     assert code == 1 and 3 <= took < 10, (code, took)
     assert "the worker's stop took more than stop_timeout_s (3 s" in log
