@@ -81,6 +81,8 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
         "--target", default="127.0.0.1:50051", help="server address (default: %(default)s)"
     )
     add_client_tls_arguments(parser)
+    # A command a person types: its errors are one plain line (``_fatal``).
+    parser.set_defaults(client=True)
 
 
 async def _create_topics(bootstrap: str, partitions: dict[str, int]) -> int:
@@ -321,7 +323,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     """Talk to the Admin API: show, set, promote, rollback; models lists the versions."""
-    import grpc
 
     from streamscore._proto.v1 import admin_pb2 as apb
     from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
@@ -332,43 +333,39 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     metadata = (("authorization", f"Bearer {token}"),)
     with ClientTls.from_arguments(args).channel(args.target) as channel:
         stub = apb_grpc.AdminStub(channel)
-        try:
-            if args.action == "models":
-                listed = stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=10)
-                for info in listed.versions:
-                    state = "loaded" if info.loaded else "not loaded"
-                    print(f"{info.name} {info.version}: {info.backend}, {state}")
-                return 0
-            if args.action == "show":
-                status = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
-            elif args.action == "set":
-                current = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
-                wanted = current.rollout
-                if args.primary is not None:
-                    wanted.primary_version = args.primary
-                if args.canary is not None:
-                    wanted.canary_version = args.canary
-                if args.percent is not None:
-                    wanted.canary_percent = args.percent
-                if args.shadows is not None:
-                    del wanted.shadow_versions[:]
-                    wanted.shadow_versions.extend(v for v in args.shadows.split(",") if v)
-                status = stub.SetRollout(
-                    apb.SetRolloutRequest(
-                        rollout=wanted, expected_generation=current.rollout.generation
-                    ),
-                    metadata=metadata,
-                    timeout=120,
-                )
-            elif args.action == "promote":
-                status = stub.Promote(apb.PromoteRequest(), metadata=metadata, timeout=60)
-            else:
-                status = stub.Rollback(
-                    apb.RollbackRequest(reason=args.reason), metadata=metadata, timeout=10
-                )
-        except grpc.RpcError as error:
-            print(f"streamscore rollout: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+        if args.action == "models":
+            listed = stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=10)
+            for info in listed.versions:
+                state = "loaded" if info.loaded else "not loaded"
+                print(f"{info.name} {info.version}: {info.backend}, {state}")
+            return 0
+        if args.action == "show":
+            status = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
+        elif args.action == "set":
+            current = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
+            wanted = current.rollout
+            if args.primary is not None:
+                wanted.primary_version = args.primary
+            if args.canary is not None:
+                wanted.canary_version = args.canary
+            if args.percent is not None:
+                wanted.canary_percent = args.percent
+            if args.shadows is not None:
+                del wanted.shadow_versions[:]
+                wanted.shadow_versions.extend(v for v in args.shadows.split(",") if v)
+            status = stub.SetRollout(
+                apb.SetRolloutRequest(
+                    rollout=wanted, expected_generation=current.rollout.generation
+                ),
+                metadata=metadata,
+                timeout=120,
+            )
+        elif args.action == "promote":
+            status = stub.Promote(apb.PromoteRequest(), metadata=metadata, timeout=60)
+        else:
+            status = stub.Rollback(
+                apb.RollbackRequest(reason=args.reason), metadata=metadata, timeout=10
+            )
     rollout = status.rollout
     primary = (
         rollout.primary_version
@@ -657,7 +654,9 @@ def _fatal(message: str, args: argparse.Namespace) -> None:
     formatter = handlers[0].formatter if handlers else None
     if formatter is None:
         asked = getattr(args, "log_format", None) or os.environ.get("STREAMSCORE_LOG_FORMAT")
-        formatter = JsonFormatter() if (asked or "json").lower() == "json" else None
+        # A client command (rollout, features) runs no logging: plain, unless asked.
+        default = "text" if getattr(args, "client", False) else "json"
+        formatter = JsonFormatter() if (asked or default).lower() == "json" else None
     if isinstance(formatter, JsonFormatter):
         record = logging.LogRecord("streamscore", logging.CRITICAL, __file__, 0, message, (), None)
         print(formatter.format(record), file=sys.stderr)

@@ -371,6 +371,22 @@ async def test_a_rollout_set_that_changes_nothing_keeps_its_generation(
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_the_client_commands_say_a_refusal_in_one_plain_line(
+    trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rollout`` printed its own ``streamscore rollout: CODE: ...`` line while
+    ``features`` wrote a JSON log line: a command a person types says it plainly."""
+    async with serving(trained_model, tmp_path) as (_, _admin, server, _repository):
+        target = ["--target", f"127.0.0.1:{server.port}"]
+        capsys.readouterr()
+        wrong = ["rollout", "show", *target, "--token", "not-the-token-at-all"]
+        assert await asyncio.to_thread(cli_main, wrong) == 1
+        assert capsys.readouterr().err.startswith("streamscore: UNAUTHENTICATED: ")
+        as_of = ["features", "card", "card-1", *target, "--as-of-ms", "5"]
+        assert await asyncio.to_thread(cli_main, as_of) == 1
+        assert capsys.readouterr().err.startswith("streamscore: INVALID_ARGUMENT: as_of_ms")
+
+
 async def test_a_dead_shadow_worker_fails_the_server(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
