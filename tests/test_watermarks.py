@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import orjson
@@ -11,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import EmbeddedBroker, create_topics
+from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import PAYMENTS, WATERMARKS
 from streamscore.stream.watermarks import WatermarkCheckpoints, checkpoint_record
@@ -65,3 +66,24 @@ async def test_records_that_are_no_checkpoints_are_skipped() -> None:
         await WatermarkCheckpoints(broker.bootstrap, gate).recover(0, 3)
         # From the checkpoint (offset 2, its watermark), then event 2 re-read.
         assert gate.newest_ms == {0: now - 1}
+
+
+async def test_a_recovery_waits_for_a_broker_that_is_not_answering_yet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker exited 1 when the broker did not answer during a recovery (after a
+    restart in an outage): restarted into the same outage, it exited again. It tries
+    again until the broker is back (here: started a few seconds later on its port)."""
+    now = int(time.time() * 1000)
+    port = find_free_port()
+    gate = EventTimeGate()
+    recovering = asyncio.create_task(WatermarkCheckpoints(f"127.0.0.1:{port}", gate).recover(0, 1))
+    await asyncio.sleep(3.0)
+    assert not recovering.done()
+    async with EmbeddedBroker(port=port) as broker:
+        await create_topics(broker.bootstrap, {PAYMENTS: 1, WATERMARKS: 1})
+        event = make_event("c", "m", "d", "ip", now - 60_000, 100)
+        await produce(broker.bootstrap, PAYMENTS, [orjson.dumps(event)])
+        await asyncio.wait_for(recovering, 60)
+    assert gate.newest_ms == {0: now - 60_000}
+    assert "watermark recovery failed, the broker not answering: trying again" in caplog.text

@@ -24,6 +24,7 @@ its offsets were committed) are never taken: only those at or before it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -45,6 +46,8 @@ CHECKPOINTS_SCANNED = 64
 REREAD_MAX = 200_000
 READ_TIMEOUT_S = 60.0
 CHECKPOINT_READ_TIMEOUT_S = 10.0
+# How long a watermark recovery waits for a broker that does not answer.
+RECOVER_RETRY_S = 300.0
 
 
 def checkpoint_record(next_offset: int, newest_ms: int | None) -> bytes:
@@ -94,7 +97,29 @@ class WatermarkCheckpoints:
         return out
 
     async def recover(self, partition: int, offset: int) -> None:
-        """Set the gate's watermark of ``partition`` to what it was before ``offset``."""
+        """Set the gate's watermark of ``partition`` to what it was before ``offset``.
+
+        A broker that does not answer (down, hung: aiokafka gives up after 40 s) is
+        waited for, trying again with backoff for up to ``RECOVER_RETRY_S``: the worker
+        exited 1 on it and, restarted into the same outage, exited again, a crash loop
+        whose restart backoff outlasted the outage. Past it, the error ends the
+        worker as before (routing stops with it; nothing is acknowledged)."""
+        deadline = time.monotonic() + RECOVER_RETRY_S
+        backoff = 1.0
+        while True:
+            try:
+                return await self._recover(partition, offset)
+            except (TimeoutError, KafkaError) as error:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                log.warning(
+                    "watermark recovery failed, the broker not answering: trying again",
+                    extra={"partition": partition, "error": repr(error), "in_s": backoff},
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    async def _recover(self, partition: int, offset: int) -> None:
         started = time.monotonic()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
@@ -102,8 +127,8 @@ class WatermarkCheckpoints:
             fetch_max_wait_ms=kafka_compat.FETCH_MAX_WAIT_MS,
             **kafka_security.client_kwargs(),
         )
-        await consumer.start()
         try:
+            await consumer.start()
             try:
                 checkpoint = await self._checkpoint_before(consumer, partition, offset)
             except (TimeoutError, KafkaError) as error:
