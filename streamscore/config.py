@@ -114,6 +114,11 @@ class Settings:
     # buffers, its handler), so a live client that leaks streams (opens them and
     # never closes) could otherwise grow the process without bound. 0: no limit.
     max_streams: int = 10_000
+    # Calls (ScoreStreams and unary calls alike: HTTP/2 streams) open at once on one
+    # connection, advertised to the client (SETTINGS_MAX_CONCURRENT_STREAMS), whose
+    # further calls wait on its side until one ends: one client cannot take every
+    # slot of max_streams. 0: gRPC's own (no limit).
+    max_calls_per_connection: int = 1000
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (on metrics_host); 0: off.
@@ -320,6 +325,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "keepalive_s": (0, 86_400),
     "keepalive_timeout_s": (1e-3, 3600),
     "max_streams": (0, 2**31 - 1),
+    "max_calls_per_connection": (0, 2**31 - 1),
     "budget_ms": (1e-3, 3_600_000),
     "breaker_failures": (1, 2**31 - 1),
     "breaker_cooldown_s": (1e-3, 3600),

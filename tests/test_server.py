@@ -449,6 +449,43 @@ async def test_score_streams_past_max_streams_are_refused_and_the_open_ones_go_o
             assert await call.read() is grpc.aio.EOF
 
 
+async def test_one_connection_holds_at_most_max_calls_per_connection(
+    trained_model: Path,
+) -> None:
+    """A client could take every ScoreStream slot of the server (``max_streams``) on
+    one connection. Past ``max_calls_per_connection`` its further calls wait on its
+    side; another connection is served meanwhile, and an ended stream makes room."""
+
+    def request(i: int) -> pb.ScoreRequest:
+        return pb.ScoreRequest(request_id=f"c-{i}", transaction=transaction())
+
+    async with served_server(trained_model, replay=True, max_calls_per_connection=2) as (
+        server,
+        stub,
+    ):
+        first, second = stub.ScoreStream(), stub.ScoreStream()
+        for i, call in enumerate((first, second)):
+            await call.write(request(i))
+            assert (await call.read()).request_id == f"c-{i}"
+        waiting = stub.ScoreStream()
+        write = asyncio.ensure_future(waiting.write(request(2)))
+        answer = asyncio.ensure_future(waiting.read())
+        await asyncio.sleep(1.0)
+        assert not answer.done()  # held by the client: the connection is full
+        # A connection of its own (channels to one target share one by default).
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=own) as other:
+            reply = await pb_grpc.ScoringStub(other).Score(request(3), timeout=5)
+            assert reply.request_id == "c-3"
+        await first.done_writing()
+        assert await first.read() is grpc.aio.EOF
+        await asyncio.wait_for(write, 5)
+        assert (await asyncio.wait_for(answer, 5)).request_id == "c-2"
+        for call in (second, waiting):
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+
+
 def test_thresholds_decide() -> None:
     thresholds = Thresholds(review=0.3, decline=0.8)
     assert [thresholds.decide(s) for s in (0.0, 0.3, 0.79, 0.8, 1.0)] == [

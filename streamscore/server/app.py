@@ -176,6 +176,11 @@ class ScoringServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 *pending_call_options(settings.max_pending_calls),
                 *keepalive_options(settings.keepalive_s, settings.keepalive_timeout_s),
+                *(
+                    [("grpc.max_concurrent_streams", settings.max_calls_per_connection)]
+                    if settings.max_calls_per_connection
+                    else []
+                ),
             ]
         )
         add_scoring_service(service, server)
