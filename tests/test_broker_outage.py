@@ -230,4 +230,4 @@ async def test_a_worker_stopped_in_an_outage_exits_within_its_stop_timeout(
             print_logs(tmp_path)
     log = (tmp_path / "worker-0.log").read_text()
     assert code == 1 and 3 <= took < 10, (code, took)
-    assert "the worker's stop took more than stop_timeout_s (3 s" in log
+    assert "the worker's stop took more than worker_stop_timeout_s (3 s" in log

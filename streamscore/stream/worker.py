@@ -256,9 +256,9 @@ class _Worker(faust.Worker):
             self.stop_timeout_s,
             exit_now,
             (
-                f"the worker's stop took more than stop_timeout_s ({self.stop_timeout_s:g} s; "
-                "a broker that does not answer?): exiting now; the payments it had not "
-                "committed are redelivered to the next worker",
+                "the worker's stop took more than worker_stop_timeout_s "
+                f"({self.stop_timeout_s:g} s; a broker that does not answer?): exiting "
+                "now; the payments it had not committed are redelivered to the next worker",
             ),
         )
         self.stop_overrun.daemon = True
