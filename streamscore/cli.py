@@ -650,13 +650,14 @@ def _fatal(message: str, args: argparse.Namespace) -> None:
     from streamscore.logs import JsonFormatter, flush_held_back
 
     flush_held_back()  # before: the line that says why it stopped stays the last
+    asked = getattr(args, "log_format", None) or os.environ.get("STREAMSCORE_LOG_FORMAT")
     handlers = logging.getLogger().handlers
     formatter = handlers[0].formatter if handlers else None
-    if formatter is None:
-        asked = getattr(args, "log_format", None) or os.environ.get("STREAMSCORE_LOG_FORMAT")
-        # A client command (rollout, features) runs no logging: plain, unless asked.
-        default = "text" if getattr(args, "client", False) else "json"
-        formatter = JsonFormatter() if (asked or default).lower() == "json" else None
+    if getattr(args, "client", False):
+        # A command a person types (rollout, features, health): plain, unless asked.
+        formatter = JsonFormatter() if (asked or "text").lower() == "json" else None
+    elif formatter is None:
+        formatter = JsonFormatter() if (asked or "json").lower() == "json" else None
     if isinstance(formatter, JsonFormatter):
         record = logging.LogRecord("streamscore", logging.CRITICAL, __file__, 0, message, (), None)
         print(formatter.format(record), file=sys.stderr)

@@ -115,10 +115,12 @@ class Settings:
     # never closes) could otherwise grow the process without bound. 0: no limit.
     max_streams: int = 10_000
     # Calls (ScoreStreams and unary calls alike: HTTP/2 streams) open at once on one
-    # connection, advertised to the client (SETTINGS_MAX_CONCURRENT_STREAMS), whose
-    # further calls wait on its side until one ends: one client cannot take every
-    # slot of max_streams. 0: gRPC's own (no limit).
-    max_calls_per_connection: int = 1000
+    # connection, advertised to the client (SETTINGS_MAX_CONCURRENT_STREAMS): one
+    # client cannot take every slot of max_streams. Off by default: a burst past it
+    # opened before the client has the server's settings is refused (UNAVAILABLE),
+    # which broke a client multiplexing thousands of calls on one connection.
+    # 0: gRPC's own (no limit).
+    max_calls_per_connection: int = 0
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (on metrics_host); 0: off.

@@ -380,11 +380,15 @@ async def test_the_client_commands_say_a_refusal_in_one_plain_line(
         target = ["--target", f"127.0.0.1:{server.port}"]
         capsys.readouterr()
         wrong = ["rollout", "show", *target, "--token", "not-the-token-at-all"]
+        # The last line: in process, logging set up by an earlier test may write to a
+        # stream its capture has closed ("--- Logging error ---") before it.
         assert await asyncio.to_thread(cli_main, wrong) == 1
-        assert capsys.readouterr().err.startswith("streamscore: UNAUTHENTICATED: ")
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("streamscore: UNAUTHENTICATED: "), last
         as_of = ["features", "card", "card-1", *target, "--as-of-ms", "5"]
         assert await asyncio.to_thread(cli_main, as_of) == 1
-        assert capsys.readouterr().err.startswith("streamscore: INVALID_ARGUMENT: as_of_ms")
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("streamscore: INVALID_ARGUMENT: as_of_ms"), last
 
 
 async def test_a_dead_shadow_worker_fails_the_server(
