@@ -46,6 +46,7 @@ from hdrh.histogram import HdrHistogram
 
 from loadtest.openloop import LoadResult, describe_error, open_loop, requests_in
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
+from loadtest.workdir import exit_on_sigterm
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.argtypes import at_least_one, positive
 from streamscore.tls import ClientTls, add_client_tls_arguments
@@ -684,6 +685,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write rows and the max rate here")
     add_client_tls_arguments(parser)
     args = parser.parse_args(argv)
+    if args.requests < 2:
+        parser.error("argument --requests: must be 2 or more (requests are cycled)")
+    if round(min(args.rates) * args.seconds) < args.clients:
+        parser.error("--rates x --seconds: each step must send each client one request or more")
+    exit_on_sigterm()
     command = shlex.join([Path(sys.executable).name, "-m", "loadtest.sweep", *sys.argv[1:]])
 
     events = realistic_events(seconds=max(args.requests / 50 + 10, 40))[-args.requests :]
@@ -721,12 +727,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        # The steps measured so far are kept: a long sweep stopped by hand is not lost.
+    except (KeyboardInterrupt, SystemExit) as stopped:
+        # The steps measured so far are kept: a long sweep stopped by hand (Ctrl-C) or
+        # by SIGTERM (`timeout`, a cancelled job: an exit, exit_on_sigterm) is not lost.
         print(f"interrupted after {len(done)} steps; no highest rate found", flush=True)
         if args.json:
             write_json(args.json, args, command, done, None, interrupted=True)
-        return 130
+        code = stopped.code if isinstance(stopped, SystemExit) else None
+        return code if isinstance(code, int) else 130
     errors = [row.first_error for row in rows if row.first_error]
     if errors:
         print(f"first error: {errors[0]}")

@@ -155,8 +155,8 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             break
         now = time.monotonic()
         dead = [i for i, child in enumerate(children) if child.exited.is_set()]
-        misconfigured = next((children[i].name for i in dead if children[i].returncode == 2), "")
-        if misconfigured:
+        misconfigured = next((i for i in dead if children[i].returncode == 2), None)
+        if misconfigured is not None:
             # Exit 2: what it was given cannot work (a model that does not load,
             # invalid metadata), and would not at any restart: stop now, not after
             # six deaths, with the cause in its own line just above.
@@ -176,7 +176,8 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             failed = 1
             break
         for i in dead:
-            log.error("worker exited, starting it again", extra={"worker": children[i].name})
+            # The worker's index, as on its own lines (logs.PROCESS_FIELDS).
+            log.error("worker exited, starting it again", extra={"worker": i})
             children[i] = worker(i)
             await children[i].start()
     # Each worker drains on SIGTERM; allow for its drain delay and timeout.

@@ -302,12 +302,16 @@ def test_sweep_refuses_a_step_that_measures_nothing(
     assert f"argument {flag}: must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("sig", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "term"]
+)
 async def test_an_interrupted_sweep_keeps_its_finished_steps(
-    echo_target: str, tmp_path: Path
+    echo_target: str, tmp_path: Path, sig: signal.Signals, to_group: bool
 ) -> None:
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during the second
-    step: the first step's row is kept in --json, exit 130, and no traceback from
-    the sweep or its client processes."""
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM to the
+    sweep alone (`timeout`, a cancelled job) during the second step: the first
+    step's row is kept in --json, exit 128 + the signal, and no traceback from the
+    sweep or its client processes."""
     out = tmp_path / "sweep.json"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -333,13 +337,16 @@ async def test_an_interrupted_sweep_keeps_its_finished_steps(
         while b"| 20 |" not in await asyncio.wait_for(process.stdout.readline(), 60):
             pass
         await asyncio.sleep(1.0)  # into the second step
-        os.killpg(process.pid, signal.SIGINT)
+        if to_group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
         rest, errors = await asyncio.wait_for(process.communicate(), 30)
     finally:
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
-    assert process.returncode == 130, errors
+    assert process.returncode == 128 + sig, errors
     assert b"interrupted after 1 steps" in rest, rest
     assert b"Traceback" not in errors, errors
     report = json.loads(out.read_text())

@@ -175,11 +175,10 @@ async def test_two_workers_share_the_port_and_both_serve_features(
             await worker.stop()
             print_logs(tmp_path)
     # The workers' lines, merged into the supervisor's output, each say whose they are.
-    listening = [
-        line
-        for line in (tmp_path / "supervisor.log").read_text().splitlines()
-        if "grpc server listening" in line
-    ]
+    log_lines = (tmp_path / "supervisor.log").read_text().splitlines()
+    listening = [line for line in log_lines if "grpc server listening" in line]
+    restarted = [line for line in log_lines if "worker exited, starting it again" in line]
+    assert restarted and all(re.search(r" worker=\d+( |$)", line) for line in restarted)
     indexes = [re.findall(r" worker=(\d+)", line) for line in listening]
     assert sorted({i for found in indexes for i in found}) == ["0", "1"], listening
     assert all(len(found) == 1 for found in indexes), listening
