@@ -41,12 +41,11 @@ from loadtest.sweep import (
     Row,
     echo_rpc,
     format_steal,
-    parse_rates,
     realistic_events,
     score_requests,
 )
 from loadtest.workdir import work_directory
-from streamscore.argtypes import at_least_one, positive
+from streamscore.argtypes import at_least_one, positive, positives
 from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -190,7 +189,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple
             for server in servers:
                 await wait_serving(server.target, timeout=120)
             rows: dict[tuple[str, float], list[Row]] = {}
-            rates = parse_rates(args.rates)
+            rates = args.rates
             for round_ in range(args.rounds):
                 order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
                 if round_ % 2:
@@ -245,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")
-    p.add_argument("--rates", default="500", help="offered rates, e.g. 300,600")
+    p.add_argument("--rates", type=positives, default=[500.0], help="offered rates, e.g. 300,600")
     p.add_argument("--seconds", type=positive, default=6.0, help="per step (default 6)")
     p.add_argument("--rounds", type=at_least_one, default=5)
     p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")

@@ -334,7 +334,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="300,600,1000,1500")
     parser.add_argument("--seconds", type=positive, default=4.0)
-    parser.add_argument("--budget-ms", type=float, default=10.0)
+    parser.add_argument("--budget-ms", type=positive, default=10.0)
     parser.add_argument("--backends", default="onnxruntime,torch,triton")
     parser.add_argument("--model-repository", type=Path)
     parser.add_argument(

@@ -64,11 +64,10 @@ from loadtest.sweep import (
     ClientPool,
     Row,
     format_steal,
-    parse_rates,
     realistic_events,
     score_requests,
 )
-from streamscore.argtypes import at_least_one, positive
+from streamscore.argtypes import at_least_one, positive, positives
 
 BEGIN = "<!-- report:begin -->"
 END = "<!-- report:end -->"
@@ -863,13 +862,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--plots", type=Path, default=Path("docs/bench"))
     parser.add_argument("--quick", action="store_true", help="tiny CI run (about a minute)")
-    parser.add_argument("--rates", type=parse_rates, help="offered rates (default 250,500,750)")
+    parser.add_argument("--rates", type=positives, help="offered rates (default 250,500,750)")
     parser.add_argument("--seconds", type=positive, help="per step (default 4)")
     parser.add_argument("--rounds", type=at_least_one, help="interleaved rounds (default 3)")
     parser.add_argument("--clients", type=at_least_one, default=1, help="load client processes")
     parser.add_argument("--streams", type=at_least_one, default=2, help="ScoreStreams per client")
-    parser.add_argument("--budget-p99-ms", type=float, default=10.0)
-    parser.add_argument("--timeout-s", type=float, default=1.0, help="unary deadline")
+    parser.add_argument("--budget-p99-ms", type=positive, default=10.0)
+    parser.add_argument("--timeout-s", type=positive, default=1.0, help="unary deadline")
     parser.add_argument(
         "--backends", help="default onnxruntime,torch,triton (triton when it can start)"
     )

@@ -50,12 +50,11 @@ from loadtest.sweep import (
     ClientPool,
     Row,
     cpu_seconds,
-    parse_rates,
     realistic_events,
     score_requests,
     sweep,
 )
-from streamscore.argtypes import at_least_one, positive
+from streamscore.argtypes import at_least_one, positive, positives
 from streamscore.loopback_process import find_free_ports
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -409,7 +408,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--model-version", default="1")
     p.add_argument("--workers", type=parse_counts, default=[1, 2], help="e.g. 1,2,4,8")
-    p.add_argument("--rates", type=parse_rates, required=True, help="offered rates, ascending")
+    p.add_argument("--rates", type=positives, required=True, help="offered rates, ascending")
     p.add_argument("--seconds", type=positive, default=3.0, help="per step (default 3)")
     p.add_argument("--clients", type=at_least_one, default=4, help="load processes (default 4)")
     p.add_argument(
@@ -422,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
         help="kernel: one shared port (SO_REUSEPORT spreads connections); client: a port "
         "per process, calls spread by round_robin (default kernel)",
     )
-    p.add_argument("--budget-p99-ms", type=float, default=10.0)
+    p.add_argument("--budget-p99-ms", type=positive, default=10.0)
     p.add_argument("--refine", type=int, default=2, help="bisection steps after each sweep")
     p.add_argument("--max-in-flight", type=int, default=2048, help="all clients together")
     p.add_argument("--replica-seconds", type=float, default=400.0)

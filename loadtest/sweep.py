@@ -48,7 +48,7 @@ from loadtest.openloop import LoadResult, describe_error, open_loop, requests_in
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from loadtest.workdir import exit_on_sigterm
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.argtypes import at_least_one, positive
+from streamscore.argtypes import at_least_one, positive, positives
 from streamscore.tls import ClientTls, add_client_tls_arguments
 
 SCORE = "/streamscore.v1.Scoring/Score"
@@ -635,13 +635,6 @@ def format_steal(pct: float | None) -> str:
     return "" if pct is None else f"{pct:.1f} %"
 
 
-def parse_rates(text: str) -> list[float]:
-    rates = [float(r) for r in text.split(",") if r.strip()]
-    if not rates or any(r <= 0 for r in rates):
-        raise argparse.ArgumentTypeError("rates: comma-separated positive numbers")
-    return rates
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="HOST:PORT")
@@ -653,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadtest/echo_server.py (the baseline); echo-stream: ScoreStream on the echo "
         "server (the stream baseline). Default score",
     )
-    parser.add_argument("--rates", type=parse_rates, required=True, help="e.g. 200,400,800")
+    parser.add_argument("--rates", type=positives, required=True, help="e.g. 200,400,800")
     parser.add_argument("--seconds", type=positive, default=5.0, help="per step (default 5)")
     parser.add_argument(
         "--clients", type=at_least_one, default=2, help="client processes (default 2)"
@@ -664,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="ScoreStreams per client (rpc stream and echo-stream; default 2)",
     )
-    parser.add_argument("--budget-p99-ms", type=float, default=10.0)
+    parser.add_argument("--budget-p99-ms", type=positive, default=10.0)
     parser.add_argument("--refine", type=int, default=0, help="bisection steps after the sweep")
     parser.add_argument(
         "--keep-going", action="store_true", help="try every rate, not only up to the first miss"

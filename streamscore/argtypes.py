@@ -4,14 +4,24 @@ command do nothing (a step of 0 s, 0 workers) is a usage error, exit 2, naming i
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive(text: str) -> float:
-    """A number above 0."""
+    """A finite number above 0 (``inf`` would make a step or a wait endless, ``nan``
+    compares false with everything, so a budget of ``nan`` passed nothing)."""
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number more than 0, not {text}")
     return value
+
+
+def positives(text: str) -> list[float]:
+    """A comma-separated list of finite numbers above 0 (offered rates, say)."""
+    values = [positive(item) for item in text.split(",") if item.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("must be one or more comma-separated numbers")
+    return values
 
 
 def at_least_one(text: str) -> int:

@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     health_check = add("health", cmd_health, "Check a server's gRPC health (exit 0: SERVING).")
     _client_options(health_check)
     health_check.add_argument("--service", default="", help="service name ('' = the server)")
-    health_check.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    health_check.add_argument("--timeout", type=positive, default=3.0, help="seconds (default 3)")
     health_check.add_argument(
         "--container",
         action="store_true",

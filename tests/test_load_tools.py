@@ -291,7 +291,16 @@ async def test_sweep_measures_a_server_that_refuses_some_calls(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--seconds", "0"), ("--seconds", "-2"), ("--clients", "0")]
+    ("flag", "value"),
+    [
+        ("--seconds", "0"),
+        ("--seconds", "-2"),
+        ("--seconds", "inf"),
+        ("--clients", "0"),
+        ("--rates", "nan"),
+        ("--rates", "100,inf"),
+        ("--budget-p99-ms", "nan"),
+    ],
 )
 def test_sweep_refuses_a_step_that_measures_nothing(
     flag: str, value: str, capsys: pytest.CaptureFixture[str]
