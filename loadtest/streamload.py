@@ -29,14 +29,17 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 SCORE_STREAM = "/streamscore.v1.Scoring/ScoreStream"
 
 
-def stream_opener(channel: grpc.aio.Channel) -> Callable[[], grpc.aio.StreamStreamCall]:
-    """Opens a ScoreStream that takes serialized requests and yields parsed answers."""
+def stream_opener(
+    channel: grpc.aio.Channel, timeout: float | None = None
+) -> Callable[[], grpc.aio.StreamStreamCall]:
+    """Opens a ScoreStream that takes serialized requests and yields parsed answers,
+    ended by gRPC after ``timeout`` seconds (None: never)."""
     method = channel.stream_stream(
         SCORE_STREAM,
         request_serializer=None,  # the requests are bytes already
         response_deserializer=pb.ScoreResponse.FromString,
     )
-    return lambda: method()
+    return lambda: method(timeout=timeout)
 
 
 class _Counts:

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -243,8 +244,17 @@ def test_the_clients_shares_add_up_to_the_steps_requests(
 @contextlib.asynccontextmanager
 async def refusing_server(every: int) -> AsyncIterator[str]:
     """A Scoring server that answers Score with an empty answer, and refuses every
-    ``every``-th call with RESOURCE_EXHAUSTED; yields its target."""
+    ``every``-th call with RESOURCE_EXHAUSTED; its ScoreStream reads and never
+    answers. Yields its target."""
     calls = 0
+
+    async def silent_stream(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            pass
+        await asyncio.Event().wait()
+        yield b""
 
     async def score(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         nonlocal calls
@@ -254,7 +264,11 @@ async def refusing_server(every: int) -> AsyncIterator[str]:
         return b""
 
     handler = grpc.method_handlers_generic_handler(
-        "streamscore.v1.Scoring", {"Score": grpc.unary_unary_rpc_method_handler(score)}
+        "streamscore.v1.Scoring",
+        {
+            "Score": grpc.unary_unary_rpc_method_handler(score),
+            "ScoreStream": grpc.stream_stream_rpc_method_handler(silent_stream),
+        },
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
@@ -288,6 +302,22 @@ async def test_sweep_measures_a_server_that_refuses_some_calls(tmp_path: Path) -
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["ok"], row["errors"]) == (40, 10), (row, output)
     assert row["passed"] is False and "RESOURCE_EXHAUSTED" in row["first_error"], row
+
+
+async def test_a_sweep_names_a_score_stream_that_never_answers_its_warm_up() -> None:
+    """The warm-up stream had no deadline: the sweep waited out its clients' 90 s,
+    then failed naming only the timeout."""
+    started = time.monotonic()
+    async with refusing_server(every=10**9) as target:
+        output = await run_module(
+            "loadtest.sweep",
+            *("--target", target, "--rpc", "stream", "--rates", "20", "--seconds", "1"),
+            *("--clients", "1"),
+            timeout=150,  # past the clients' own 90 s, so that a regression fails, not hangs
+            expect_exit_0=False,
+        )
+    assert "warm-up stream" in output and "DEADLINE_EXCEEDED" in output, output
+    assert time.monotonic() - started < 60, output
 
 
 @pytest.mark.parametrize(
