@@ -928,6 +928,37 @@ async def test_a_stored_rollout_that_cannot_be_served_gives_way_to_the_settings(
         assert (await scoring.Score(request(1, "card-1"))).model.version == "1"
 
 
+async def test_a_rollback_reason_is_bounded_so_admin_answers_stay_within_grpcs_limit(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Every Admin answer carries the kept rollbacks: two reasons of 150 KB made every
+    answer, GetRollout included, fail RESOURCE_EXHAUSTED after applying its change,
+    restarts included. A long reason is refused naming the field, nothing changed;
+    one stored before the limit (or by hand) is read cut."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    async with server_on(repository) as (_, admin, _):
+        before = await set_rollout(admin, canary_version="2", canary_percent=10)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await admin.Rollback(apb.RollbackRequest(reason="x" * 1001), metadata=AUTH)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (caught.value.details() or "").startswith("reason: at most 1000 characters")
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert status.rollout == before.rollout and not status.rollbacks
+        await admin.Rollback(apb.RollbackRequest(reason="y" * 1000), metadata=AUTH)
+    stored_path = repository / MODEL / "rollout.json"
+    stored = json.loads(stored_path.read_text())
+    stored["rollbacks"] = stored["rollbacks"] * 100
+    for record in stored["rollbacks"]:
+        record["reason"] = "z" * 50_000  # 5 MB of reasons in all
+    stored_path.write_text(json.dumps(stored))
+    async with server_on(repository) as (_, admin, _):
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert len(status.rollbacks) == 100
+        assert {r.reason for r in status.rollbacks} == {"z" * 999 + "…"}
+
+
 async def test_a_changed_setting_is_applied_over_the_stored_rollout_alone(
     trained_model: Path, tmp_path: Path
 ) -> None:

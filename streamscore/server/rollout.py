@@ -33,6 +33,7 @@ import numpy as np
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.base import Row
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
+from streamscore.server.errors import InvalidRequest
 from streamscore.server.repository import ModelRegistry, ServedModel
 from streamscore.server.rollout_stats import (
     LatencyErrorWindow,
@@ -52,6 +53,10 @@ SHADOW_BATCH = 256
 SHADOW_LINGER_S = 0.01
 # Rollback records kept in the rollout's file.
 ROLLBACKS_KEPT = 100
+# Longest rollback reason, in characters. Every Admin answer carries the kept records:
+# two rollbacks with reasons of 150 KB made every answer larger than gRPC's 4 MB
+# limit, so the Admin API failed after applying each change, restarts included.
+ROLLBACK_REASON_MAX = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +123,15 @@ class RollbackRecord:
     reason: str
     time_ms: int
     automatic: bool
+
+    @classmethod
+    def stored(cls, record: dict[str, Any]) -> RollbackRecord:
+        """A record read from the rollout's file, its reason cut to the longest
+        accepted (a file written before the limit, or by hand)."""
+        stored = cls(**record)
+        if len(stored.reason) <= ROLLBACK_REASON_MAX:
+            return stored
+        return dataclasses.replace(stored, reason=stored.reason[: ROLLBACK_REASON_MAX - 1] + "…")
 
 
 @dataclass
@@ -301,7 +315,7 @@ class RolloutManager:
                 shadows=tuple(str(v) for v in data.get("shadows", ())),
                 generation=int(data["generation"]),
             )
-            rollbacks = [RollbackRecord(**record) for record in data.get("rollbacks", ())]
+            rollbacks = [RollbackRecord.stored(record) for record in data.get("rollbacks", ())]
             self._stored_settings = data.get("settings")
         except (OSError, ValueError, TypeError, KeyError) as error:
             # Read every poll (a second): said once per cause, not every second.
@@ -650,6 +664,10 @@ class RolloutManager:
         """The canary to 0 % (a canary already there: no change). With no canary, as
         after a promote, there is nothing to roll back: refused, for an operator must
         not believe a promote undone (a primary changes back with ``set``)."""
+        if len(reason) > ROLLBACK_REASON_MAX:
+            raise InvalidRequest(
+                "reason", f"at most {ROLLBACK_REASON_MAX} characters, not {len(reason):,}"
+            )
         async with self._change, self._file_lock():
             await self._sync()
             if not self.state.canary:
