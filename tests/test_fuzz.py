@@ -297,6 +297,50 @@ def test_text_that_is_not_utf8_is_refused_naming_its_field(
     assert error.details() == f"{field}: not valid UTF-8"
 
 
+GOOD_SCORE = pb.ScoreRequest(
+    request_id="r", transaction=pb.Transaction(card_id="c", merchant_id="m", amount_minor=5)
+).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        # A second transaction (protobuf merges them) with its amount as text: it was
+        # read as unset, and the payment scored as an amount of 0.
+        (
+            "/streamscore.v1.Scoring/Score",
+            GOOD_SCORE + b"\x12\x03\x32\x01\x31",
+            "transaction.amount_minor",
+        ),
+        ("/streamscore.v1.Scoring/Score", GOOD_SCORE + b"\x1a\x01\x31", "include_features"),
+        ("/streamscore.v1.Scoring/Score", b"\x0d\x00\x00\x00\x00" + GOOD_SCORE, "request_id"),
+        (
+            "/streamscore.v1.Scoring/GetFeatures",
+            pb.FeaturesRequest(entity_type="card", entity_id="c").SerializeToString()
+            + b"\x1a\x01\x31",
+            "as_of_ms",
+        ),
+        ("/streamscore.v1.Admin/SetRollout", b"\x0a\x02\x20\x05", "rollout.canary_percent"),
+        ("/grpc.health.v1.Health/Check", b"\x08\x01", "service"),
+    ],
+)
+def test_a_field_sent_as_another_type_is_refused_naming_it(
+    event_loop_server: str, path: str, payload: bytes, field: str
+) -> None:
+    """Protobuf keeps a known field sent with another wire type among the unknown
+    fields and reads the field as unset: the server answered as if it were absent."""
+    with grpc.insecure_channel(event_loop_server) as channel:
+        rpc = channel.unary_unary(
+            path, request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(payload, timeout=5, metadata=WITH_TOKEN)
+        assert call(channel, "Score", GOOD_SCORE) == "OK"  # the same, well typed
+    error: Any = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == f"{field}: sent as another type than the field's"
+
+
 def test_a_malformed_stream_message_ends_the_stream_with_invalid_argument(
     event_loop_server: str,
 ) -> None:

@@ -9,7 +9,13 @@ well formed but a string field is not UTF-8 (protobuf refuses those, saying only
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+M = TypeVar("M", bound=Message)
 
 # Wire types (protobuf encoding): varint, 64-bit, length-delimited, 32-bit.
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -23,16 +29,51 @@ class MalformedRequest:
     # error): the request's own id where its bytes still show it, the card unknown.
     card_id = ""
 
-    def __init__(self, descriptor: Descriptor, data: bytes) -> None:
+    def __init__(self, descriptor: Descriptor, data: bytes, mistyped: str | None = None) -> None:
         self.type_name = descriptor.full_name
         self.request_id = readable_text(descriptor, data, "request_id")
-        text_field = bad_text_field(descriptor, data)
         # What validation answers: the field and why.
+        if mistyped is not None:
+            self.field, self.reason = mistyped, "sent as another type than the field's"
+            return
+        text_field = bad_text_field(descriptor, data)
         self.field, self.reason = (
             (text_field, "not valid UTF-8")
             if text_field is not None
             else ("request", f"not a valid {self.type_name} message")
         )
+
+
+def parsed_or_malformed(message: M, data: bytes) -> M | MalformedRequest:
+    """A message protobuf parsed from ``data``, or a ``MalformedRequest`` naming a
+    field sent as another type (see ``mistyped_field``)."""
+    mistyped = mistyped_field(message)
+    return message if mistyped is None else MalformedRequest(message.DESCRIPTOR, data, mistyped)
+
+
+def mistyped_field(message: Message) -> str | None:
+    """The dotted name of the first field sent with a wire type its type never has
+    (``transaction.amount_minor`` as a string, say); None when there is none.
+    Protobuf keeps such a field among the unknown ones and reads the field as unset:
+    a payment whose amount was sent as text was scored as an amount of 0."""
+    known = message.DESCRIPTOR.fields_by_number
+    for unknown in UnknownFieldSet(message):
+        field = known.get(unknown.field_number)
+        if field is not None:
+            return field.name
+    for field, value in message.ListFields():
+        if field.type != FieldDescriptor.TYPE_MESSAGE or field.message_type.GetOptions().map_entry:
+            continue
+        if field.is_repeated:
+            for i, item in enumerate(value):
+                inner = mistyped_field(item)
+                if inner is not None:
+                    return f"{field.name}[{i}].{inner}"
+        else:
+            inner = mistyped_field(value)
+            if inner is not None:
+                return f"{field.name}.{inner}"
+    return None
 
 
 def bad_text_field(descriptor: Descriptor, data: bytes) -> str | None:

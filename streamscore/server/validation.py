@@ -9,7 +9,7 @@ from google.protobuf.message import DecodeError, Message
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.errors import InvalidRequest
-from streamscore.server.malformed import MalformedRequest
+from streamscore.server.malformed import MalformedRequest, parsed_or_malformed
 from streamscore.server.wire import PyScoreFields
 from streamscore.stream.features import ENTITY_TYPES
 
@@ -26,7 +26,7 @@ def lenient_parser(message_type: type[Message]) -> Any:
 
     def parse(data: bytes) -> Message | MalformedRequest:
         try:
-            return message_type.FromString(data)
+            return parsed_or_malformed(message_type.FromString(data), data)
         except DecodeError:
             return MalformedRequest(descriptor, data)
 

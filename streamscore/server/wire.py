@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from google.protobuf.message import DecodeError
 
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.malformed import MalformedRequest
+from streamscore.server.malformed import MalformedRequest, parsed_or_malformed
 
 
 class PyScoreFields(NamedTuple):
@@ -68,11 +68,22 @@ def fields_of_message(request: pb.ScoreRequest, encoded_size: int | None = None)
 
 
 def _decode_py(data: bytes) -> PyScoreFields | None:
-    """The reference decoder: protobuf's parse, as a record (None: not a message)."""
+    """The reference decoder: protobuf's parse, as a record (None: not a message, or
+    one with a field sent as another type, which ``parse_score_request`` refuses)."""
+    parsed = _parse_py(data)
+    return None if isinstance(parsed, MalformedRequest) else parsed
+
+
+def _parse_py(data: bytes) -> PyScoreFields | MalformedRequest:
+    """The request through protobuf: its record, or a ``MalformedRequest`` for bytes
+    that are not a message, or a message with a field sent as another type."""
     try:
-        return fields_of_message(pb.ScoreRequest.FromString(data), len(data))
+        request = parsed_or_malformed(pb.ScoreRequest.FromString(data), data)
     except DecodeError:
-        return None
+        return MalformedRequest(pb.ScoreRequest.DESCRIPTOR, data)
+    if isinstance(request, MalformedRequest):
+        return request
+    return fields_of_message(request, len(data))
 
 
 def _encode_py(
@@ -123,12 +134,7 @@ else:
 
 def parse_score_request(data: bytes) -> PyScoreFields | MalformedRequest:
     """Score's request deserializer; never raises (see ``MalformedRequest``). Bytes the
-    compiled decoder leaves undecided (odd encodings, or not a message) go to
-    protobuf, which decides."""
+    compiled decoder leaves undecided (odd encodings, a field sent as another type,
+    or not a message) go to protobuf, which decides."""
     fields = decode_score_request(data)
-    if fields is not None:
-        return fields
-    try:
-        return fields_of_message(pb.ScoreRequest.FromString(data), len(data))
-    except DecodeError:
-        return MalformedRequest(pb.ScoreRequest.DESCRIPTOR, data)
+    return fields if fields is not None else _parse_py(data)
