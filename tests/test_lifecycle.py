@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from test_decisions import consume_all
@@ -466,3 +468,26 @@ async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
             assert out.decode().split() == ["READY"], out  # never dropped
 
     await asyncio.gather(stream_kept(), idle_connection_kept())
+
+
+async def test_a_start_that_fails_stops_what_it_had_started(trained_model: Path) -> None:
+    """The metrics port taken fails the start after gRPC listens: only the loop-lag
+    probe was stopped, so in process the gRPC port went on answering, its models
+    loaded, with no server object left to stop them."""
+    from streamscore.config import Settings
+    from streamscore.server.app import ScoringServer
+
+    with contextlib.closing(socket.socket()) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(
+            port=0, model_repository=trained_model, metrics_port=taken.getsockname()[1]
+        )
+        server = ScoringServer(settings)
+        with pytest.raises(OSError, match="metrics_port"):
+            await server.start()
+    assert server.port  # it had listened
+    with pytest.raises(ConnectionRefusedError):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.close()
+    assert server.models.loaded() == []

@@ -100,13 +100,18 @@ class ScoringServer:
         credentials = server_credentials(
             settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
         )
-        # First, so that catch-up's folds are seen too; stopped last, and at once if
-        # the start fails (its caller then has no server to stop).
+        # First, so that catch-up's folds are seen too; stopped last.
         await self.loop_lag.start()
         try:
             await self._start_parts(settings, credentials)
         except BaseException:
-            await self.loop_lag.stop()
+            # Whatever started is stopped at once: the caller has no server to stop,
+            # and a part left running (gRPC listening, say, when the metrics port
+            # was taken) would outlive a start that failed, in process.
+            try:
+                await self.stop(grace_s=0)
+            except Exception:
+                log.exception("stopping what a failed start had started failed")
             raise
 
     async def _start_parts(
