@@ -24,19 +24,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from streamscore.server.batcher import (
-    ALONE_SAMPLE_EVERY,
-    DEFER_MIN_S,
+from streamscore.server.batcher import ALONE_SAMPLE_EVERY, DEFER_MIN_S, Batcher
+from streamscore.server.errors import (
     BackendFailed,
-    Batcher,
     BatcherError,
     BatcherStopped,
     DeadlineUnreachable,
     Overloaded,
     QueueFull,
-    warm_up,
 )
-from streamscore.server.latency_model import LatencyModel, warm_up_sizes
+from streamscore.server.latency_model import LatencyModel, warm_up, warm_up_sizes
 
 # Derandomized, so that CI runs the same cases every time; HYPOTHESIS_EXPLORE=1 draws
 # new ones (run it a few times after changing the batcher).

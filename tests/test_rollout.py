@@ -528,7 +528,8 @@ async def test_an_automatic_rollback_during_a_change_is_not_undone(
     (the canary failing) must stand: the change is refused as a conflict, not written
     over it with the same generation. And the canary, enabled again, starts a fresh
     comparison instead of the window that rolled it back."""
-    from streamscore.server.rollout import RolloutConflict, RolloutState
+    from streamscore.server.errors import RolloutConflict
+    from streamscore.server.rollout import RolloutState
 
     async with serving(trained_model, tmp_path) as (_, admin, server, _):
         await set_rollout(admin, canary_version="2", canary_percent=10)
@@ -573,7 +574,7 @@ async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
     """A canary that never makes the deadline is answered by its fallback, marked
     DEADLINE_FALLBACK, and quickly: those answers count against it like errors, or a
     canary too slow for its budget would never be rolled back."""
-    from streamscore.server.batcher import DeadlineUnreachable
+    from streamscore.server.errors import DeadlineUnreachable
 
     async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
         await set_rollout(admin, canary_version="2", canary_percent=50)
@@ -652,7 +653,7 @@ async def test_a_backend_that_hangs_opens_the_breaker(
     """A backend that stops answering (a hung Triton, not a dead one) fails every call
     at its deadline: after breaker_failures of them the breaker opens and calls go
     straight to the fallback, instead of each waiting its whole budget."""
-    from streamscore.server.batcher import DeadlineUnreachable
+    from streamscore.server.errors import DeadlineUnreachable
 
     async with serving(trained_model, tmp_path, budget_ms=20.0) as (scoring, _, server, _):
         primary = server.rollouts.primary_model()

@@ -17,11 +17,11 @@ import grpc
 
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
-from streamscore.server.errors import InvalidRequest
+from streamscore.server.errors import InvalidRequest, ServingError
 from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics
 from streamscore.server.repository import ModelRepository
-from streamscore.server.rollout import RolloutConflict, RolloutManager, RolloutState
+from streamscore.server.rollout import RolloutManager, RolloutState
 
 log = logging.getLogger("streamscore.admin")
 auth_log = logging.getLogger("streamscore.auth")
@@ -67,9 +67,7 @@ class AdminService(apb_grpc.AdminServicer):
                 code, details = grpc.StatusCode.UNAUTHENTICATED, refusal
             else:
                 return await action()
-        except RolloutConflict as error:
-            code, details = grpc.StatusCode.FAILED_PRECONDITION, str(error)
-        except InvalidRequest as error:
+        except ServingError as error:  # InvalidRequest, RolloutConflict
             code, details = error.code, str(error)
         except (ValueError, KeyError, FileNotFoundError) as error:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, self._public(error)
@@ -79,7 +77,10 @@ class AdminService(apb_grpc.AdminServicer):
             details = f"rollout not changed: {self._public(error)} (the server's log has more)"
         finally:
             metrics.observe(code.name, time.perf_counter() - started)
-        await context.abort(code, details)
+        # Set, not context.abort(): see scoring._guard (a reference cycle per refusal).
+        context.set_code(code)
+        context.set_details(details)
+        return None
 
     async def refuse_malformed(
         self, rpc: str, request: MalformedRequest, context: grpc.aio.ServicerContext

@@ -10,7 +10,7 @@ Deadlines. Each request carries an absolute deadline on :attr:`Batcher.clock`
 ``loop.time()`` is the same clock truncated to milliseconds, so compute deadlines with
 ``batcher.clock() + min(grpc_time_remaining, budget)``). A :class:`LatencyModel`
 predicts the backend's time per batch size (a high quantile of recent batches, times a
-margin; :func:`warm_up` seeds it with real batches before serving).
+margin; ``latency_model.warm_up`` seeds it with real batches before serving).
 
 Dispatch rule:
 
@@ -82,18 +82,22 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 
-import grpc
 import numpy as np
 
 from streamscore.server import metrics
-from streamscore.server.backends.base import InferInline, Row, ScoreRowInline
-from streamscore.server.errors import ServingError
+from streamscore.server.backends.base import Infer, InferInline, Row, ScoreRowInline
+from streamscore.server.errors import (
+    BackendFailed,
+    BatcherError,
+    BatcherStopped,
+    DeadlineUnreachable,
+    Overloaded,
+    QueueFull,
+)
 from streamscore.server.fastmetrics import Tally
-from streamscore.server.latency_model import LatencyModel, warm_up_sizes
-
-Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
+from streamscore.server.latency_model import LatencyModel, warm_up
 
 # uvloop's timers have millisecond resolution (and may fire up to ~1 ms early).
 TIMER_GRAIN_S = 0.001
@@ -150,85 +154,6 @@ def _array_length(vector: Row) -> int:
     if len(shape) != 1:
         raise ValueError(f"expected a vector, got shape {shape}")
     return int(shape[0])
-
-
-# -- errors ----------------------------------------------------------------------------
-
-
-class BatcherError(ServingError):
-    """A request the batcher answered without a score."""
-
-
-class Overloaded(BatcherError):
-    """Over capacity: the work already queued would make this request miss its
-    deadline, though it alone would make it. Shed at once, never answered by the
-    fallback (which would add work exactly when there is too much)."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class QueueFull(Overloaded):
-    """The bounded queue is full: overload, shed at once."""
-
-
-class DeadlineUnreachable(BatcherError):
-    """The request cannot be scored by its deadline; ``stage`` is where that was seen:
-    ``submit``, ``queue``, ``dispatch`` or ``in_flight``. Policy decides between a
-    fallback score marked degraded and DEADLINE_EXCEEDED."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def __init__(self, stage: str, message: str, *, overdue: bool = False) -> None:
-        super().__init__(message)
-        self.stage = stage
-        # In flight for more than OVERDUE_FACTOR times the backend's predicted time:
-        # the backend is failing (hung, or far slower than measured). A miss within
-        # that is the caller's tight deadline (or a busy CPU), and says nothing against
-        # the backend: it must not open the breaker for every other caller.
-        self.overdue = overdue
-
-
-class BatcherStopped(BatcherError):
-    """The batcher is not running (not started yet, stopping, or stopped)."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class BackendFailed(BatcherError):
-    """The backend call of this request's batch failed; ``__cause__`` is why."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-async def warm_up(
-    infer: Infer,
-    inputs: np.ndarray,
-    model: LatencyModel,
-    *,
-    sizes: Iterable[int] | None = None,
-    repeats: int = 3,
-    untimed: int = 1,
-    clock: Callable[[], float] = time.perf_counter,
-) -> dict[int, float]:
-    """Run real batches of each size (rows of ``inputs`` repeated to fill them):
-    ``untimed`` calls, then ``repeats`` timed ones fed to ``model``. Returns the
-    predicted seconds per size. Call it before the batcher serves (it calls ``infer``
-    directly)."""
-    rows = np.atleast_2d(np.asarray(inputs, dtype=np.float32))
-    predicted: dict[int, float] = {}
-    for size in warm_up_sizes(model.max_batch_size) if sizes is None else sizes:
-        batch = np.resize(rows, (size, rows.shape[1]))
-        for _ in range(untimed):
-            await infer(batch)
-        for _ in range(repeats):
-            started = clock()
-            scores = await infer(batch)
-            elapsed = clock() - started
-            if np.shape(scores) != (size,):
-                raise BackendFailed(f"warm-up: {np.shape(scores)} scores for a batch of {size}")
-            model.seed(size, elapsed)
-        predicted[size] = model.predict(size)
-    return predicted
 
 
 # -- batcher ---------------------------------------------------------------------------
@@ -386,7 +311,8 @@ class Batcher:
         repeats: int = 3,
         untimed: int = 1,
     ) -> dict[int, float]:
-        """Seed the latency model with real batches (see :func:`warm_up`); before start.
+        """Seed the latency model with real batches (``latency_model.warm_up``); before
+        start.
 
         The warm-up's call of one also seeds ``single_call_s`` (by wall time, as
         every call of one is measured): a cheap model's first requests

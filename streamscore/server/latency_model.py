@@ -7,7 +7,12 @@ import bisect
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from streamscore.server.backends.base import Infer
+from streamscore.server.errors import BackendFailed
 
 
 class LatencyModel:
@@ -178,3 +183,34 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
     """1, 2, 4, ... below ``max_batch_size``, then ``max_batch_size`` itself."""
     sizes = [1 << b for b in range(max_batch_size.bit_length()) if 1 << b < max_batch_size]
     return [*sizes, max_batch_size]
+
+
+async def warm_up(
+    infer: Infer,
+    inputs: np.ndarray,
+    model: LatencyModel,
+    *,
+    sizes: Iterable[int] | None = None,
+    repeats: int = 3,
+    untimed: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[int, float]:
+    """Run real batches of each size (rows of ``inputs`` repeated to fill them):
+    ``untimed`` calls, then ``repeats`` timed ones fed to ``model``. Returns the
+    predicted seconds per size. Call it before the batcher serves (it calls ``infer``
+    directly)."""
+    rows = np.atleast_2d(np.asarray(inputs, dtype=np.float32))
+    predicted: dict[int, float] = {}
+    for size in warm_up_sizes(model.max_batch_size) if sizes is None else sizes:
+        batch = np.resize(rows, (size, rows.shape[1]))
+        for _ in range(untimed):
+            await infer(batch)
+        for _ in range(repeats):
+            started = clock()
+            scores = await infer(batch)
+            elapsed = clock() - started
+            if np.shape(scores) != (size,):
+                raise BackendFailed(f"warm-up: {np.shape(scores)} scores for a batch of {size}")
+            model.seed(size, elapsed)
+        predicted[size] = model.predict(size)
+    return predicted

@@ -33,7 +33,7 @@ import numpy as np
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.base import Row
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
-from streamscore.server.errors import InvalidRequest
+from streamscore.server.errors import InvalidRequest, RolloutConflict
 from streamscore.server.repository import ModelRegistry, ServedModel
 from streamscore.server.rollout_stats import (
     LatencyErrorWindow,
@@ -84,12 +84,6 @@ def _shadow_decision(served: ServedModel, item: _ShadowItem, score: float) -> De
         card_hash=card_hash(item.card_id),
         primary_score=item.reference_score,
     )
-
-
-class RolloutConflict(Exception):
-    """The rollout is not in the state the change needs (FAILED_PRECONDITION): it
-    changed since the caller read it (another generation, or an automatic rollback
-    meanwhile), or there is no canary to promote or roll back."""
 
 
 @dataclass(frozen=True)

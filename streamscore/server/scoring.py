@@ -15,16 +15,19 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
 from streamscore.logs import CURRENT_REQUEST, clipped
 from streamscore.server.backends.base import Row
-from streamscore.server.batcher import (
-    BackendFailed,
-    BatcherStopped,
-    DeadlineUnreachable,
-    Overloaded,
-)
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.drain import DrainCut
 from streamscore.server.eager import start_eagerly
-from streamscore.server.errors import InvalidRequest, OutOfRange, ServingError, Unavailable
+from streamscore.server.errors import (
+    BackendFailed,
+    BatcherStopped,
+    DeadlineUnreachable,
+    InvalidRequest,
+    OutOfRange,
+    Overloaded,
+    ServingError,
+    StreamDrained,
+)
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
@@ -62,16 +65,6 @@ _StreamItem = tuple[ScoreInput, float, "asyncio.Future[bytes]"]
 # Enum names by value, without protobuf's Python-level lookup per request.
 _DECISION_NAMES = {value: name for name, value in pb.Decision.items()}
 _DEGRADED_NAMES = {value: name for name, value in pb.DegradedReason.items()}
-
-
-class StreamDrained(Unavailable):
-    """The server is draining: a stream ends after answering every message it read."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the server is draining: every message before this status was answered, "
-            "none after; send the rest again on a new stream"
-        )
 
 
 class _ReadAhead:

@@ -1,14 +1,16 @@
 """The one interface every model backend implements.
 
 A backend turns a float32 batch of feature vectors, shape (n, len(inputs)), in the
-model's input order, into n float32 scores in 0..1. In-process backends compute inline
-(a small MLP takes microseconds, far less than a thread hand-off); remote ones
-(Triton) await the network. The batcher in front of a backend decides batch sizes.
+model's input order, into n float32 scores in 0..1. In-process backends run one call
+at a time: inline on the event loop while a call is cheap (a small MLP takes
+microseconds, far less than a thread hand-off), else on their one worker thread
+(backends/offload.py); remote ones (Triton) await the network. The batcher in front
+of a backend decides batch sizes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import numpy as np
@@ -17,6 +19,9 @@ import numpy as np
 class BackendUnavailable(Exception):
     """The backend cannot run here (no GPU, no runtime) or its server is unreachable."""
 
+
+# A backend's ``infer``: scores, shape (n,), for a float32 (n, k) batch.
+Infer = Callable[[np.ndarray], Awaitable[np.ndarray]]
 
 # In-process backends also have ``infer_inline(batch) -> scores | None``: the scores
 # computed synchronously, right now, while a call is cheap enough to run on the event
