@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from streamscore.server.metrics import ScoreMetrics, ServerCollector
+from streamscore.server.collector import ServerCollector
+from streamscore.server.metrics import ScoreMetrics
 from streamscore.stream.state import FeatureStore, FoldRecord
 
 HOUR = 3_600_000

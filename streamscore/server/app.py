@@ -18,13 +18,13 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.config import Settings, topic_layout
 from streamscore.logs import hash_key_shared, set_hash_key
 from streamscore.server.admin import AdminService
+from streamscore.server.collector import ServerCollector
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
 from streamscore.server.drain import DrainCut
 from streamscore.server.gc_policy import LongLivedFreezer
 from streamscore.server.guarded import add_guarded
 from streamscore.server.health import HealthServicer
 from streamscore.server.loop_lag import LoopLagMonitor
-from streamscore.server.metrics import ServerCollector
 from streamscore.server.reflection import add_reflection
 from streamscore.server.repository import BatchingSettings, ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState

@@ -36,7 +36,7 @@ off (CPython's collector as configured by ``gc_tuning``).
 
 Every collection's pause is timed through ``gc.callbacks`` into
 ``streamscore_gc_pause_seconds{generation}``, whatever started it; the permanent
-generation's size is ``streamscore_gc_frozen_objects`` (``metrics.ServerCollector``).
+generation's size is ``streamscore_gc_frozen_objects`` (``collector.ServerCollector``).
 """
 
 from __future__ import annotations
