@@ -171,14 +171,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     _run(_create_topics(settings.kafka, topic_layout(settings).partitions()))
     if settings.metrics_port:
-        from prometheus_client import start_http_server
+        from streamscore.metrics_http import start_metrics_http
 
-        # Served from its own thread for the life of the process.
-        try:
-            start_http_server(settings.metrics_port, addr=settings.metrics_address)
-        except OSError as error:  # which port
-            port = settings.metrics_port
-            raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None
+        start_metrics_http(settings.metrics_port, settings.metrics_address)  # the process's life
     # A line before the first event, for whoever tails a new worker's log.
     logging.getLogger("streamscore.worker").info(
         "worker starting",

@@ -10,13 +10,14 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.config import Settings, topic_layout
 from streamscore.logs import hash_key_shared, set_hash_key
+from streamscore.metrics_http import start_metrics_http
 from streamscore.server.admin import AdminService
 from streamscore.server.collector import ServerCollector
 from streamscore.server.decisions import DECISIONS_TOPIC, DecisionLog
@@ -238,14 +239,7 @@ class ScoringServer:
         if settings.metrics_port:
             self._collector = ServerCollector(self)
             REGISTRY.register(self._collector)
-            # prometheus_client serves from its own thread: scrapes never wait on the loop.
-            try:
-                self._metrics_http, _ = start_http_server(
-                    settings.metrics_port, addr=settings.metrics_address
-                )
-            except OSError as error:  # which port: gRPC's is fine
-                port = settings.metrics_port
-                raise OSError(error.errno, f"metrics_port {port}: {error.strerror}") from None
+            self._metrics_http = start_metrics_http(settings.metrics_port, settings.metrics_address)
         rollout = self.rollouts.state
         primary = self.rollouts.primary_model(rollout)
         log.info(
