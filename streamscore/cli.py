@@ -270,7 +270,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rejected: Counter[str] = Counter()
     events = sort_events(read_events(args.events, rejected))
-    store = FeatureStore(lateness_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
+    store = FeatureStore(fold_horizon_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
     columns = ("event_id", *all_feature_names(store))
     progress = tqdm(
         total=len(events),

@@ -136,7 +136,7 @@ def fold_record(event: dict) -> FoldRecord:
 def fold_all(arrivals: list[dict], lateness_ms: int = DEFAULT_LATENESS_MS):
     """Fold every event into all four entity types; returns the store and the outcomes
     per (entity type, entity id), in arrival order."""
-    store = FeatureStore(lateness_ms=lateness_ms)
+    store = FeatureStore(fold_horizon_ms=lateness_ms)
     outcomes: dict[tuple[str, str], list[str]] = {}
     for event in arrivals:
         record = fold_record(event)
@@ -283,7 +283,7 @@ def test_sweeping_idle_entities_changes_no_answer_and_counts_nothing_twice(data)
     events = data.draw(event_logs(lateness_ms), "events")
     arrivals = bounded_order(events, data.draw(delays(len(events), lateness_ms), "delays"))
     plain, _ = fold_all(arrivals, lateness_ms)
-    swept = FeatureStore(lateness_ms=lateness_ms)
+    swept = FeatureStore(fold_horizon_ms=lateness_ms)
     applied: dict[tuple[str, str], set[str]] = {}
     sweeps = 0
     for event in arrivals:
@@ -309,7 +309,7 @@ def test_sweeping_idle_entities_changes_no_answer_and_counts_nothing_twice(data)
 
 
 def test_sweep_keeps_newest_time_and_refuses_unverifiable_redeliveries():
-    store = FeatureStore(lateness_ms=10 * MINUTE, skew_ms=0)
+    store = FeatureStore(fold_horizon_ms=10 * MINUTE, skew_ms=0)
     ip = dict(event_id="a", time_ms=0, amount=5, declined=False, merchant_id="m", card_id="c")
     store.fold("ip", "i", FoldRecord(**ip))
     later = {**ip, "event_id": "b", "time_ms": 3 * HOUR}

@@ -99,7 +99,7 @@ async def test_served_features_equal_backfill_for_every_event(
     # What each entity has folded after each event, by the stream's own rules (the
     # store the server runs), to wait for before the next Score: the check is the
     # comparison of the served values with the backfill's, not these counts.
-    mirror = FeatureStore(lateness_ms=Settings().fold_horizon_ms)
+    mirror = FeatureStore(fold_horizon_ms=Settings().fold_horizon_ms)
     compared = 0
     async with running_system(tmp_path, trained_model, server_args=("--replay",)) as (
         bootstrap,

@@ -23,8 +23,8 @@ def test_fold_outcomes_are_exposed_per_outcome() -> None:
 
     fold("e1", 10 * HOUR)
     fold("e1", 10 * HOUR)  # a redelivery
-    fold("e2", 12 * HOUR)
-    fold("e3", 10 * HOUR)  # two hours behind the merchant's newest: too late for it
+    fold("e2", 13 * HOUR)
+    fold("e3", 10 * HOUR)  # three hours behind the merchant's newest: past the 2 h horizon
     lines = scrape(store)
     assert 'streamscore_replica_fold_outcomes_total{outcome="applied"} 2.0' in lines
     assert 'streamscore_replica_fold_outcomes_total{outcome="duplicate"} 1.0' in lines

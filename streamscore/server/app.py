@@ -57,7 +57,9 @@ class ScoringServer:
     def __init__(self, settings: Settings, *, gc_freezer: LongLivedFreezer | None = None) -> None:
         self.settings = settings
         self.gc_freezer = gc_freezer
-        self.store = FeatureStore(lateness_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
+        self.store = FeatureStore(
+            fold_horizon_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms
+        )
         self.replica: FeatureReplica | None = None
         self.health = HealthServicer()
         self.port = 0

@@ -38,7 +38,7 @@ def backfill(
     which the contract leaves open, counts exactly where the stream counts it.
     """
     # The replicas' fold horizon, which decides which copies count (see above).
-    store = store or FeatureStore(lateness_ms=DEFAULT_FOLD_HORIZON_MS)
+    store = store or FeatureStore(fold_horizon_ms=DEFAULT_FOLD_HORIZON_MS)
     seen: set[str] = set()
     for event in sort_events(events):
         if event.event_id not in seen:

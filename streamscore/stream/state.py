@@ -141,7 +141,7 @@ def _fold_plan(layout: EntityLayout, expire_lag_ms: int) -> tuple[tuple[tuple[in
     return tuple(
         (
             tuple(DISTINCT_SOURCES.index(f) for f in layout.distinct_fields[r]),
-            # Queries go back at most lateness (replay) or skew (live) before the
+            # Queries go back at most the fold horizon (replay) or skew (live) before the
             # newest event, then one window; older buckets can never count.
             expire_lag_ms + layout.max_window_ms[r],
         )
@@ -155,7 +155,7 @@ class FeatureStore:
     def __init__(
         self,
         pack: tuple[FeatureDef, ...] = DEFAULT_PACK,
-        lateness_ms: int = DEFAULT_LATENESS_MS,
+        fold_horizon_ms: int = DEFAULT_FOLD_HORIZON_MS,
         skew_ms: int = DEFAULT_SKEW_MS,
         *,
         reference: bool = False,
@@ -166,7 +166,7 @@ class FeatureStore:
         self.pack = pack
         self._tiles_type: type[PyTiles] = PyTiles if reference else Tiles
         self._read_windows = _windowed_values_py if reference else windowed_values
-        self.lateness_ms = lateness_ms
+        self.fold_horizon_ms = fold_horizon_ms
         self.skew_ms = skew_ms
         self.layouts = {entity: entity_layout(entity, pack) for entity in ENTITY_TYPES}
         self.entities: dict[str, dict[str, EntityState]] = {e: {} for e in ENTITY_TYPES}
@@ -177,7 +177,7 @@ class FeatureStore:
             for entity, layout in self.layouts.items()
         }
         self._plans = {
-            entity: _fold_plan(layout, lateness_ms + skew_ms)
+            entity: _fold_plan(layout, fold_horizon_ms + skew_ms)
             for entity, layout in self.layouts.items()
         }
         self._outcome_counts = [0, 0, 0]
@@ -190,7 +190,7 @@ class FeatureStore:
         # goes down, so a caller may wait on it).
         self.idle: dict[str, dict[str, tuple[int, int]]] = {e: {} for e in ENTITY_TYPES}
         self.idle_after_ms = {
-            entity: max(layout.max_window_ms.values(), default=0) + lateness_ms + skew_ms
+            entity: max(layout.max_window_ms.values(), default=0) + fold_horizon_ms + skew_ms
             for entity, layout in self.layouts.items()
         }
 
@@ -232,7 +232,7 @@ class FeatureStore:
         state = states.get(entity_id)
         if state is None:
             state = states[entity_id] = EntityState(
-                self.layouts[entity_type], self.lateness_ms, self._tiles_type
+                self.layouts[entity_type], self.fold_horizon_ms, self._tiles_type
             )
             swept = self.idle[entity_type].pop(entity_id, None)
             if swept is not None:
@@ -240,14 +240,15 @@ class FeatureStore:
                 state.folded = swept[1]
         recent = state.recent
         if source != state.source:
-            recent = state.recent_of(source, self.lateness_ms)
+            recent = state.recent_of(source, self.fold_horizon_ms)
         newest = recent.newest_ms
         if time_ms <= state.recent.floor_ms or (
-            newest is not None and time_ms < newest - self.lateness_ms
+            newest is not None and time_ms < newest - self.fold_horizon_ms
         ):
             outcome = TOO_LATE
         elif (event_id in recent or state.others is not None) and state.seen(
-            event_id, (time_ms if newest is None or time_ms > newest else newest) - self.lateness_ms
+            event_id,
+            (time_ms if newest is None or time_ms > newest else newest) - self.fold_horizon_ms,
         ):
             outcome = DUPLICATE
         else:
@@ -283,18 +284,19 @@ class FeatureStore:
         """
         floors = []
         if self.watermark_ms is not None:
-            floors.append(self.watermark_ms - self.lateness_ms)
+            floors.append(self.watermark_ms - self.fold_horizon_ms)
         state = self.entities[entity_type].get(entity_id)
         newest = state.newest_ms() if state is not None else None
         if newest is not None:
-            floors.append(newest - self.lateness_ms)
+            floors.append(newest - self.fold_horizon_ms)
         return max(floors, default=None)
 
     def sweep_idle(self, entity_type: str, entity_ids: list[str]) -> int:
         """Drop those of ``entity_ids`` idle past every window; returns how many.
 
-        Idle: newest event older than the watermark minus (longest window + lateness
-        + skew). Any query the store still answers exactly (t >= watermark - lateness)
+        Idle: newest event older than the watermark minus (longest window + fold
+        horizon + skew). Any query the store still answers exactly (t >= watermark -
+        fold horizon)
         sees nothing of such an entity but its newest event time, which is kept.
         """
         if self.watermark_ms is None:
