@@ -20,7 +20,12 @@ import torch
 from streamscore.server.backends.torch_backend import TorchBackend
 from streamscore.server.latency_model import warm_up_sizes
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version, write_atomic
-from streamscore.server.repository import ModelRegistry, ModelRepository, ServedModel
+from streamscore.server.repository import (
+    ModelRegistry,
+    ModelRepository,
+    ServedModel,
+    repository_fingerprint,
+)
 from streamscore.training import FraudMLP, export_version
 
 MODEL = "fraud_mlp"
@@ -111,11 +116,10 @@ def test_repository_lists_models_and_numeric_versions(tmp_path: Path) -> None:
     repository = ModelRepository(tmp_path)
     assert repository.models() == ["m", "other"]
     assert repository.versions("m") == ["1", "2", "10"]
-    assert repository.latest_version("m") == "10"
     assert latest_version(tmp_path, "m") == tmp_path / "m" / "10"
     assert repository.metadata("m", "2").version == "2"
     with pytest.raises(FileNotFoundError):
-        repository.latest_version("empty")
+        latest_version(tmp_path, "empty")
     with pytest.raises(FileNotFoundError):
         repository.metadata("m", "7")
     assert ModelRepository(tmp_path / "absent").models() == []
@@ -130,26 +134,24 @@ def test_metadata_must_match_its_directory(tmp_path: Path) -> None:
         ModelRepository(tmp_path).metadata("m", "2")
 
 
-def test_scan_changes_with_versions_and_metadata(tmp_path: Path) -> None:
-    repository = ModelRepository(tmp_path)
+def test_the_fingerprint_changes_with_versions_and_metadata(tmp_path: Path) -> None:
     write_metadata(tmp_path, "m", "1")
-    first = repository.scan()
-    assert repository.scan() == first
-    assert repository.scan("m") == first
+    first = repository_fingerprint(tmp_path, "m")
+    assert repository_fingerprint(tmp_path, "m") == first
     # Another file in a version directory (model.py for Triton) is not a change.
     (tmp_path / "m" / "1" / "model.py").write_text("")
-    assert repository.scan() == first
+    assert repository_fingerprint(tmp_path, "m") == first
     write_metadata(tmp_path, "m", "2")
-    second = repository.scan()
+    second = repository_fingerprint(tmp_path, "m")
     assert second != first
     # Same size, same mtime, different content: still a change.
     path = tmp_path / "m" / "2" / "metadata.json"
     stat = path.stat()
     path.write_text(path.read_text().replace("0.5", "0.6"))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert repository.scan() != second
+    assert repository_fingerprint(tmp_path, "m") != second
     shutil.rmtree(tmp_path / "m" / "2")
-    assert repository.scan() == first
+    assert repository_fingerprint(tmp_path, "m") == first
 
 
 # -- the training export ----------------------------------------------------------------

@@ -32,7 +32,9 @@ class RecentEvents:
         self._times: dict[str, int] | tuple[str, int] | None = None
 
     def is_too_old(self, time_ms: int) -> bool:
-        """True when an event this old is outside the horizon (the caller drops it)."""
+        """True when an event this old is outside the horizon. The rule
+        ``FeatureStore.fold`` applies inline (a call per event costs there); stated
+        here for the tests of the window kernels."""
         return self.newest_ms is not None and time_ms < self.newest_ms - self.horizon_ms
 
     def __contains__(self, key: str) -> bool:

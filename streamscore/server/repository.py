@@ -269,10 +269,6 @@ class ModelRepository:
         """A model's versions, oldest first (numeric order: "2" before "10")."""
         return [p.name for p in version_dirs(self.path, name)]
 
-    def latest_version(self, name: str) -> str:
-        """The highest version; FileNotFoundError when there is none."""
-        return latest_version(self.path, name).name
-
     def version_path(self, name: str, version: str) -> Path:
         path = self.path / name / str(version)
         if not str(version).isdigit() or not path.is_dir():
@@ -286,12 +282,6 @@ class ModelRepository:
         metadata = ModelMetadata.load(directory / "metadata.json")
         check_in_place(directory, metadata)
         return metadata
-
-    def scan(self, name: str | None = None) -> tuple[tuple[str, str], ...]:
-        """A fingerprint of the repository (or of one model), per model: see
-        ``repository_fingerprint``; compare two scans with ==."""
-        names = self.models() if name is None else [name]
-        return tuple((model, repository_fingerprint(self.path, model)) for model in names)
 
 
 def primary_dir(repository: Path, name: str, pinned_version: str = "") -> Path:
