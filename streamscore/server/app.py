@@ -48,7 +48,14 @@ ADMIN_SERVICE = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 
 
 class ScoringServer:
-    """Start: model, replica, gRPC (NOT_SERVING until the replica caught up). Stop: reverse.
+    """The serving process's parts, started in this order: the loop-lag probe, the
+    models, the feature replica (built), the rollout, the decision log, gRPC
+    (listening, NOT_SERVING), the metrics endpoint, then the replica's catch-up, and
+    SERVING once it caught up. A start that fails stops what it had started.
+
+    Stopped in reverse, but for two parts: gRPC goes first and the metrics endpoint
+    after it (a scrape during the grace period sees the calls in flight drain), and
+    the decision log right after gRPC (every answered call is in it).
 
     ``gc_freezer``: the process's GC policy, when it has one (``streamscore serve``);
     the state the replica folded while catching up is then frozen just before
