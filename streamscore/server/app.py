@@ -51,7 +51,8 @@ class ScoringServer:
     """The serving process's parts, started in this order: the loop-lag probe, the
     models, the feature replica (built), the rollout, the decision log, gRPC
     (listening, NOT_SERVING), the metrics endpoint, then the replica's catch-up, and
-    SERVING once it caught up. A start that fails stops what it had started.
+    SERVING once it caught up (on a shared port, ``reuse_port``, the replica catches
+    up before gRPC listens). A start that fails stops what it had started.
 
     Stopped in reverse, but for two parts: gRPC goes first and the metrics endpoint
     after it (a scrape during the grace period sees the calls in flight drain), and
