@@ -115,51 +115,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return _run(serve_workers(settings, args.workers))
 
-    async def main() -> int:
-        from streamscore.processes import stop_on_signals
-        from streamscore.server.app import ScoringServer
-        from streamscore.server.gc_policy import LongLivedFreezer
+    from streamscore.server.run import run_server
 
-        # The process's policy, not the server's: it freezes everything the process
-        # holds, the feature state above all (server/gc_policy.py). First, so that the
-        # replica's catch-up is frozen as it folds.
-        freezer = LongLivedFreezer(settings.gc_freeze_interval_s)
-        server = ScoringServer(settings, gc_freezer=freezer)
-        stop = stop_on_signals()
-        await freezer.start()
-        try:
-            # A signal while starting stops it there: a `serve --workers` process
-            # waits for its features to catch up before it listens (server/app.py),
-            # which on a long log takes minutes.
-            starting = asyncio.ensure_future(server.start())
-            signalled = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():
-                starting.cancel()
-                await asyncio.wait({starting})
-                await server.stop()
-                logging.getLogger("streamscore.server").info("stopped while starting")
-                return 0
-            signalled.cancel()
-            starting.result()  # a failed start raises here
-            # A signal, or a part the server needs dying (its replica): drain either way.
-            ended = [asyncio.ensure_future(e.wait()) for e in (stop, server.failed)]
-            try:
-                await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                await server.stop()
-                raise
-            finally:
-                for waiting in ended:
-                    waiting.cancel()
-            await server.drain()
-        finally:
-            await freezer.stop()
-        if server.failure:
-            raise PartFailed(server.failure)
-        return 0
-
-    return _run(main())
+    return _run(run_server(settings))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -633,10 +591,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class PartFailed(RuntimeError):
-    """A running server stopped because a part it needs died (``ScoringServer.failed``)."""
-
-
 def _fatal(message: str, args: argparse.Namespace) -> None:
     """Why the command stops, as one line: a JSON log line under JSON logging (the one
     line that explains why a container exited must reach a JSON-only pipeline), else
@@ -664,7 +618,7 @@ def _operator_error(error: Exception) -> str | None:
     import grpc
     from aiokafka.errors import KafkaError
 
-    from streamscore.processes import ChildExited
+    from streamscore.processes import ChildExited, PartFailed
     from streamscore.server.backends.base import BackendUnavailable
     from streamscore.stream.broker import BrokerError
 

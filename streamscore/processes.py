@@ -60,6 +60,11 @@ class ChildExited(RuntimeError):
     """A child process ended while it was supposed to be running."""
 
 
+class PartFailed(RuntimeError):
+    """A running process stopped because a part it needs died (a server's feature
+    replica, say: ``ScoringServer.failed``)."""
+
+
 class ChildProcess:
     def __init__(
         self,
