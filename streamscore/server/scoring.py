@@ -28,6 +28,7 @@ from streamscore.server.errors import (
     ServingError,
     StreamDrained,
 )
+from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
 from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
@@ -37,12 +38,7 @@ from streamscore.server.validation import (
     validate_features_request,
     validate_score_request,
 )
-from streamscore.server.wire import (
-    MalformedRequest,
-    PyScoreFields,
-    encode_score_response,
-    parse_score_request,
-)
+from streamscore.server.wire import PyScoreFields, encode_score_response, parse_score_request
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
@@ -171,6 +167,16 @@ class ScoringService(pb_grpc.ScoringServicer):
         # message is one an alert can match.
         log.warning("features are stale: answers are marked FEATURES_STALE", extra={"cause": cause})
 
+    def _check_exact_for_all(self, fields: PyScoreFields, t_ms: int) -> None:
+        """Replay mode: every entity of the transaction answers exactly as of ``t_ms``."""
+        for entity_type, entity_id in (
+            ("card", fields.card_id),
+            ("merchant", fields.merchant_id),
+            ("device", fields.device_id),
+            ("ip", fields.ip),
+        ):
+            self._check_exact(entity_type, entity_id, t_ms, "transaction.event_time_ms")
+
     def _check_exact(self, entity_type: str, entity_id: str, t_ms: int, field: str) -> None:
         """Refuse a replay-mode time too far behind the entity's newest event."""
         earliest = self.store.earliest_exact_ms(entity_type, entity_id)
@@ -215,13 +221,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                 f"clock ({now_ms}); event times are milliseconds since the epoch",
             )
         if self.replay:
-            for entity_type, entity_id in (
-                ("card", card_id),
-                ("merchant", fields.merchant_id),
-                ("device", fields.device_id),
-                ("ip", fields.ip),
-            ):
-                self._check_exact(entity_type, entity_id, t_ms, "transaction.event_time_ms")
+            self._check_exact_for_all(fields, t_ms)
         features = assemble_features(
             self.store,
             card_id=card_id,
@@ -234,13 +234,13 @@ class ScoringService(pb_grpc.ScoringServicer):
         )
         features_done = time.perf_counter_ns()
         degraded: list[int] = []
-        # Route (primary, or the canary for its slice of cards); the version is then
-        # fixed for the whole call: a rollout change or hot reload swaps references,
-        # and a version is stopped only once its calls are done.
         # The call's budget ends here (perf_counter_ns): the gRPC deadline capped by the
         # server's, both from the call's start, for every try (a failed canary's too).
         budget = self.budget_s if time_remaining is None else min(time_remaining, self.budget_s)
         budget_end = started + int(budget * 1e9)
+        # Route (primary, or the canary for its slice of cards); the version is then
+        # fixed for the whole call: a rollout change or hot reload swaps references,
+        # and a version is stopped only once its calls are done.
         served, variant = self.rollouts.route(card_id)
         queue_waits: list[float] = []  # the batcher's queue, when the model call waited
         try:
@@ -629,12 +629,9 @@ class ScoringService(pb_grpc.ScoringServicer):
             metrics.exit()
 
     async def _get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
-        return self.get_features(request)
-
-    def get_features(self, request: pb.FeaturesRequest) -> pb.FeaturesResponse:
         validate_features_request(request)
-        # as_of_ms in replay mode only; live answers are as of the server clock. Given to
-        # a live server it was ignored without a word (the answer's as_of_ms said so).
+        # as_of_ms in replay mode only; live answers are as of the server clock. Given
+        # to a live server it is refused rather than silently ignored.
         if request.HasField("as_of_ms") and not self.replay:
             raise InvalidRequest(
                 "as_of_ms",
