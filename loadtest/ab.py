@@ -36,11 +36,11 @@ from pathlib import Path
 
 import uvloop
 
+from loadtest.procstat import format_steal
 from loadtest.sweep import (
     ClientPool,
     Row,
     echo_rpc,
-    format_steal,
     realistic_events,
     score_requests,
 )

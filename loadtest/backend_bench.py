@@ -37,6 +37,7 @@ import uvloop
 from aiokafka import AIOKafkaProducer
 
 from loadtest.openloop import LoadResult, open_loop
+from loadtest.procstat import cpu_seconds
 from loadtest.workdir import exit_on_sigterm, work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
@@ -122,12 +123,6 @@ def serve_process(
         log_path=log_path,
         cwd=cwd,
     )
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

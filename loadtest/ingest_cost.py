@@ -44,10 +44,10 @@ import uvloop
 from aiokafka import AIOKafkaProducer
 
 from loadtest.backend_bench import load_features, serve_process
+from loadtest.procstat import cpu_seconds
 from loadtest.scrape import Samples, histogram_quantile, scrape, total
 from loadtest.sweep import (
     ClientPool,
-    cpu_seconds,
     realistic_events,
     score_requests,
 )

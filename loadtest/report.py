@@ -59,11 +59,11 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
+from loadtest.procstat import cpu_seconds, format_steal
 from loadtest.sweep import (
     STREAM_RPCS,
     ClientPool,
     Row,
-    format_steal,
     realistic_events,
     score_requests,
 )
@@ -440,7 +440,6 @@ class Suite:
 
     async def measure(self, pool: ClientPool, direct: Any) -> None:
         from loadtest.openloop import open_loop
-        from loadtest.sweep import cpu_seconds
 
         args = self.args
         n = len(self.configs)

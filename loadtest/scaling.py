@@ -45,11 +45,11 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.backend_bench import echo_process, load_features, serve_process
+from loadtest.procstat import cpu_seconds, descendants
 from loadtest.scrape import scrape, total
 from loadtest.sweep import (
     ClientPool,
     Row,
-    cpu_seconds,
     realistic_events,
     score_requests,
     sweep,
@@ -85,23 +85,6 @@ class Result:
             "cpu_seconds_per_process": self.cpu_s,
             "rows": [row.to_json() for row in self.rows],
         }
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid``'s child processes and theirs (Linux /proc)."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as children:
-                for child in children.read().split():
-                    found += [int(child), *descendants(int(child))]
-        except FileNotFoundError:
-            continue
-    return found
 
 
 async def wait_all_serving(target: str, workers: int, timeout: float = 180.0) -> None:

@@ -45,6 +45,7 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from loadtest.openloop import LoadResult, describe_error, open_loop, requests_in
+from loadtest.procstat import cpu_jiffies, cpu_seconds, format_steal, steal_pct
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from loadtest.workdir import exit_on_sigterm
 from streamscore._proto.v1 import scoring_pb2 as pb
@@ -406,30 +407,6 @@ def merge(results: Sequence[dict[str, Any]], offered: float, seconds: float) -> 
     )
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """The machine's (stolen, total) CPU time so far, from /proc/stat; None where
-    there is none."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return (fields[7] if len(fields) > 7 else 0), sum(fields)
-
-
-def steal_pct(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """Percent of the machine's CPU time stolen between two ``cpu_jiffies()``."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return 100 * (after[0] - before[0]) / (after[1] - before[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    from loadtest.backend_bench import cpu_seconds as read
-
-    return read(pid)
-
-
 class ClientPool:
     """``clients`` load-generator processes (spawned once) driven step by step; each
     spreads its unary calls over ``connections`` TCP connections per target, over TLS
@@ -632,10 +609,6 @@ def table_row(row: Row) -> str:
         f"{row.errors} | {row.dropped} | {cpu} | {row.client_cpu:.0%} | "
         f"{format_steal(row.steal_pct)} | {verdict} |"
     )
-
-
-def format_steal(pct: float | None) -> str:
-    return "" if pct is None else f"{pct:.1f} %"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

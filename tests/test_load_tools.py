@@ -32,7 +32,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 
 from loadtest.openloop import open_loop, requests_in
-from loadtest.sweep import cpu_jiffies, steal_pct
+from loadtest.procstat import cpu_jiffies, steal_pct
 from loadtest.sweep import main as sweep_main
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
