@@ -244,3 +244,38 @@ async def test_a_restarted_worker_keeps_its_lateness_watermark(
             # Nothing late was folded (the copies of on-time events count once).
             reply = await wait_folded(stub, "card", "card-w", 12, timeout=3)
             assert reply.events_folded == 11
+
+
+async def test_an_event_refused_as_from_the_future_stays_refused_after_a_restart(
+    tmp_path: Path, trained_model: Path
+) -> None:
+    """Refused as from the future, then read again by a restarted worker once the clock
+    had caught up with it: it passed, and became the partition's watermark, so an
+    event an uninterrupted worker admits (within the hour of the newest admitted) was
+    refused as too late, and lost (audit AB)."""
+    skew = {"STREAMSCORE_SKEW_MS": "2000"}
+    now = int(time.time() * 1000)
+    on_time = make_event("card-f", "m-f", "d-f", "ip-f", now - 60_000, 100)
+    # Within the hour of on_time; not within the hour of the event from the future.
+    old = {**make_event("card-f", "m-f", "d-f", "ip-f", now - 3_600_000, 100), "event_id": "old"}
+    async with system_on_broker(tmp_path, trained_model) as system:
+        worker = await system.add_worker(env=skew)
+        _, target = await system.add_server()
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.ScoringStub(channel)
+            await publish(system.bootstrap, [on_time])
+            await wait_folded(stub, "card", "card-f", 1)  # the worker is routing
+            ahead_ms = int(time.time() * 1000) + 4_000
+            ahead = {**make_event("card-f", "m-f", "d-f", "ip-f", ahead_ms, 100), "event_id": "a"}
+            await publish(system.bootstrap, [ahead])
+            letters = await dead_letters(system.bootstrap, 1)
+            assert [(x["reason"], orjson.loads(x["payload"])["event_id"]) for x in letters] == [
+                ("future", "a")
+            ]
+            await asyncio.sleep(max(0.0, (ahead_ms - 2_000) / 1000 - time.time()) + 0.5)
+            await worker.stop()  # the event from the future is within the skew now
+            await system.add_worker(env=skew)
+            await publish(system.bootstrap, [old])
+            reply = await wait_folded(stub, "card", "card-f", 2, timeout=30)
+            assert reply.events_folded == 2
+        assert len(await dead_letters(system.bootstrap, 2, timeout=2)) == 1

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import PAYMENTS, WATERMARKS
 from streamscore.stream.watermarks import WatermarkCheckpoints, checkpoint_record
@@ -47,6 +48,50 @@ async def test_an_event_from_the_future_re_read_does_not_become_the_watermark() 
         gate = EventTimeGate()
         await WatermarkCheckpoints(broker.bootstrap, gate).recover(0, 2)
         assert gate.newest_ms == {0: now - 60_000}
+
+
+async def test_an_event_refused_as_from_the_future_is_refused_again_when_read_again() -> None:
+    """A few minutes ahead, refused as from the future; read again a minute later,
+    after a restart, it was within the skew: admitted, it became the watermark, and
+    events an uninterrupted worker admits were refused as too late. The worker's own
+    checkpoint now says it was refused: after a stop (the batch acknowledged, the
+    checkpoint taken) and after a crash (the batch not acknowledged: Kafka delivers the
+    event again) alike."""
+    now = int(time.time() * 1000)
+    on_time = make_event("c", "m", "d", "ip", now, 100)
+    future = make_event("c", "m", "d", "ip", now + 5 * 60_000 + 20_000, 100)
+    clock = [now]
+    async with EmbeddedBroker() as broker:
+        await create_topics(broker.bootstrap, {PAYMENTS: 1, WATERMARKS: 1})
+        await produce(broker.bootstrap, PAYMENTS, [orjson.dumps(on_time), orjson.dumps(future)])
+        # The first worker: routes both, the second refused, and checkpoints.
+        first = WatermarkCheckpoints(broker.bootstrap, EventTimeGate(clock_ms=lambda: clock[0]))
+        first.gate.admit(parse_event(orjson.dumps(on_time)), 0)
+        first.routed(0, 0)
+        with pytest.raises(InvalidEvent, match="future"):
+            first.gate.admit(parse_event(orjson.dumps(future)), 0)
+        first.refused_as_future(0, 1)
+        first.routed(0, 1)
+        (checkpoint,) = first.due()
+        assert orjson.loads(checkpoint[1])["future"] == [1]
+        await produce(broker.bootstrap, WATERMARKS, [checkpoint[1]])
+        clock[0] = now + 60_000  # the future event is within the skew now
+        for start in (2, 1):  # after a stop; after a crash (offset 1 delivered again)
+            again = WatermarkCheckpoints(broker.bootstrap, EventTimeGate(clock_ms=lambda: clock[0]))
+            await again.recover(0, start)
+            assert again.gate.newest_ms == {0: now}, start
+            assert again.refused_before(0, 1) is (start == 1)
+            assert not again.refused_before(0, 1)  # (once)
+        # A checkpoint before it, and the one after it that names it: re-read, it is
+        # skipped (one of an older worker's, with no such checkpoint, is judged now).
+        await produce(
+            broker.bootstrap,
+            WATERMARKS,
+            [checkpoint_record(1, now), checkpoint_record(9, now + 1, [1])],
+        )
+        again = WatermarkCheckpoints(broker.bootstrap, EventTimeGate(clock_ms=lambda: clock[0]))
+        await again.recover(0, 2)
+        assert again.gate.newest_ms == {0: now}
 
 
 async def test_records_that_are_no_checkpoints_are_skipped() -> None:

@@ -6,17 +6,24 @@ in the worker's memory, so a restarted worker, or one that takes a partition ove
 a rebalance, would start the partition with none and admit events it should refuse.
 
 So the worker checkpoints it: after a batch, at most once every ``every_s`` per
-partition, it writes ``{"next_offset": n, "newest_ms": w}`` to the same partition of
-``WATERMARKS``: the watermark after every event of the partition before offset n.
-When the worker reads a partition from an offset other than the one after the last
-event it routed there (it started, took the partition over, or Kafka redelivered
-after a crash), it takes the last checkpoint at or before that offset and re-reads
-the ``payments`` events between the two, re-applying the event-time rules: the
-watermark at that offset, as if the worker had never stopped. (The future rule
-compares with the clock, which has moved on: an event refused as from the future
-then may be admitted now, if it is no longer ahead of the clock; one still ahead is
-refused again, so it cannot become the watermark. With no checkpoint at all, or none
-readable, at most ``REREAD_MAX`` events before the offset are re-read.)
+partition, it writes ``{"next_offset": n, "newest_ms": w, "future": [...]}`` to the
+same partition of ``WATERMARKS``: the watermark after every event of the partition
+before offset n, and the offsets refused as from the future since the partition's
+previous checkpoint. When the worker reads a partition from an offset other than the
+one after the last event it routed there (it started, took the partition over, or
+Kafka redelivered after a crash), it takes the last checkpoint at or before that
+offset and re-reads the ``payments`` events between the two, re-applying the
+event-time rules: the watermark at that offset, as if the worker had never stopped.
+(With no checkpoint at all, or none readable, at most ``REREAD_MAX`` events before
+the offset are re-read.)
+
+The future rule compares with the wall clock, which has moved on by the time an
+event is read again: an event refused as from the future then could pass now, and
+become the watermark, so that events an uninterrupted worker admits would be refused
+as too late. So a batch that refused one is checkpointed at once, with its offset,
+and the checkpoint reaches the broker before the batch is acknowledged. An offset a
+scanned checkpoint says was refused as from the future is refused again, on the
+re-read and when Kafka redelivers it after a crash: the decision made the first time.
 
 Checkpoints written after the committed offset (a batch routed, then a crash before
 its offsets were committed) are never taken: only those at or before it.
@@ -27,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -50,8 +59,16 @@ CHECKPOINT_READ_TIMEOUT_S = 10.0
 RECOVER_RETRY_S = 300.0
 
 
-def checkpoint_record(next_offset: int, newest_ms: int | None) -> bytes:
-    return orjson.dumps({"next_offset": next_offset, "newest_ms": newest_ms})
+def checkpoint_record(
+    next_offset: int, newest_ms: int | None, future: Sequence[int] = ()
+) -> bytes:
+    return orjson.dumps({"next_offset": next_offset, "newest_ms": newest_ms, "future": future})
+
+
+class _Checkpoint(NamedTuple):
+    next_offset: int
+    newest_ms: int | None
+    future: tuple[int, ...]  # offsets before next_offset refused as from the future
 
 
 class WatermarkCheckpoints:
@@ -74,6 +91,11 @@ class WatermarkCheckpoints:
         self.watermarks = watermarks
         self._next: dict[int, int] = {}  # partition -> offset after the last routed
         self._written: dict[int, tuple[float, int]] = {}  # partition -> (when, next offset)
+        # partition -> offsets refused as from the future since its last checkpoint
+        self._future: dict[int, list[int]] = {}
+        # partition -> offsets not yet read again that a checkpoint says were refused
+        # as from the future (a redelivery after a crash reads them again)
+        self._refused: dict[int, set[int]] = {}
 
     def in_turn(self, partition: int, offset: int) -> bool:
         """Whether ``offset`` follows the last event of the partition this worker
@@ -84,16 +106,33 @@ class WatermarkCheckpoints:
         """An event was routed or dead-lettered: the gate's watermark now covers it."""
         self._next[partition] = offset + 1
 
+    def refused_before(self, partition: int, offset: int) -> bool:
+        """Whether a checkpoint says the event at ``offset`` was refused as from the
+        future when first read: it is refused again, whatever the clock says now."""
+        refused = self._refused.get(partition)
+        if not refused or offset not in refused:
+            return False
+        refused.discard(offset)
+        return True
+
+    def refused_as_future(self, partition: int, offset: int) -> None:
+        """The event at ``offset`` was refused as from the future: the partition's next
+        checkpoint says so, and is written after this batch (``due``)."""
+        self._future.setdefault(partition, []).append(offset)
+
     def due(self) -> list[tuple[int, bytes]]:
-        """The checkpoints to write now: (partition, value)."""
+        """The checkpoints to write now: (partition, value). A partition that refused
+        an event as from the future is always due."""
         now = time.monotonic()
         out = []
         for partition, next_offset in self._next.items():
             when, written = self._written.get(partition, (-float("inf"), -1))
-            if written != next_offset and now - when >= self.every_s:
+            future = self._future.get(partition)
+            if future or (written != next_offset and now - when >= self.every_s):
                 newest = self.gate.newest_ms.get(partition)
-                out.append((partition, checkpoint_record(next_offset, newest)))
+                out.append((partition, checkpoint_record(next_offset, newest, future or ())))
                 self._written[partition] = (now, next_offset)
+                self._future.pop(partition, None)
         return out
 
     async def recover(self, partition: int, offset: int) -> None:
@@ -129,8 +168,9 @@ class WatermarkCheckpoints:
         )
         try:
             await consumer.start()
+            refused: set[int] = set()
             try:
-                checkpoint = await self._checkpoint_before(consumer, partition, offset)
+                checkpoint = await self._checkpoint_before(consumer, partition, offset, refused)
             except (TimeoutError, KafkaError) as error:
                 # The checkpoints cannot be read (their topic deleted, say): as with none.
                 log.warning(
@@ -140,7 +180,7 @@ class WatermarkCheckpoints:
                 checkpoint = None
             payments = TopicPartition(self.payments, partition)
             if checkpoint is not None:
-                start, newest = checkpoint
+                start, newest = checkpoint.next_offset, checkpoint.newest_ms
             else:
                 first = (await consumer.beginning_offsets([payments]))[payments]
                 start, newest = max(first, offset - REREAD_MAX), None
@@ -153,10 +193,13 @@ class WatermarkCheckpoints:
             self.gate.newest_ms.pop(partition, None)
             if newest is not None:
                 self.gate.newest_ms[partition] = newest
-            reread = await self._reapply(consumer, payments, start, offset)
+            reread = await self._reapply(consumer, payments, start, offset, refused)
         finally:
             await kafka_compat.stop_consumer(consumer)
         self._next[partition] = offset
+        # Refusals this worker made and has not checkpointed yet count as written ones.
+        refused.update(self._future.pop(partition, ()))
+        self._refused[partition] = {o for o in refused if o >= offset}
         log.info(
             "watermark recovered",
             extra={
@@ -170,35 +213,47 @@ class WatermarkCheckpoints:
         )
 
     async def _checkpoint_before(
-        self, consumer: AIOKafkaConsumer, partition: int, offset: int
-    ) -> tuple[int, int | None] | None:
-        """(next offset, watermark) of the last checkpoint at or before ``offset``."""
+        self, consumer: AIOKafkaConsumer, partition: int, offset: int, refused: set[int]
+    ) -> _Checkpoint | None:
+        """The last checkpoint at or before ``offset``; the offsets every checkpoint
+        scanned says were refused as from the future are added to ``refused`` (those
+        of checkpoints past ``offset`` too: a crash before the batch was acknowledged
+        has Kafka deliver them again)."""
         tp = TopicPartition(self.watermarks, partition)
         first = (await consumer.beginning_offsets([tp]))[tp]
         end = (await kafka_compat.true_end_offsets(consumer, [tp]))[tp]
         scanned = CHECKPOINTS_SCANNED
         while True:
             start = max(first, end - scanned)
-            best: tuple[int, int | None] | None = None
-            for value in await _read(consumer, tp, start, end, CHECKPOINT_READ_TIMEOUT_S):
+            best: _Checkpoint | None = None
+            for _, value in await _read(consumer, tp, start, end, CHECKPOINT_READ_TIMEOUT_S):
                 record = _checkpoint(value)
                 if record is None:
                     log.warning("not a checkpoint: skipped", extra={"partition": partition})
-                elif record[0] <= offset:
+                    continue
+                refused.update(record.future)
+                if record.next_offset <= offset:
                     best = record
             if best is not None or start == first:
                 return best
             scanned *= 2
 
     async def _reapply(
-        self, consumer: AIOKafkaConsumer, payments: TopicPartition, start: int, offset: int
+        self,
+        consumer: AIOKafkaConsumer,
+        payments: TopicPartition,
+        start: int,
+        offset: int,
+        refused: set[int],
     ) -> int:
         """Re-apply the event-time rules to the partition's events in [start, offset):
-        the too-late rule as then, and the future rule against the clock now (an
-        event from the future, dead-lettered then, must not become the watermark)."""
+        the too-late rule as then; an event refused as from the future then (an
+        offset in ``refused``) is refused again, the rest against the clock now."""
         count = 0
-        for value in await _read(consumer, payments, start, offset):
+        for at, value in await _read(consumer, payments, start, offset):
             count += 1
+            if at in refused:
+                continue  # dead-lettered then; it moved no watermark
             try:
                 self.gate.admit(parse_event(value), payments.partition)
             except InvalidEvent:
@@ -206,16 +261,20 @@ class WatermarkCheckpoints:
         return count
 
 
-def _checkpoint(value: bytes | None) -> tuple[int, int | None] | None:
-    """(next offset, watermark) of a checkpoint record; None for anything else."""
+def _checkpoint(value: bytes | None) -> _Checkpoint | None:
+    """A checkpoint record's fields; None for anything else. (Checkpoints written
+    before the future offsets were kept have none.)"""
     try:
         record = orjson.loads(value or b"")
         next_offset, newest = record["next_offset"], record["newest_ms"]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
+        future = record.get("future", [])
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
         return None
     if type(next_offset) is not int or not (newest is None or type(newest) is int):
         return None
-    return next_offset, newest
+    if not isinstance(future, list) or not all(type(o) is int for o in future):
+        return None
+    return _Checkpoint(next_offset, newest, tuple(future))
 
 
 async def _read(
@@ -224,9 +283,9 @@ async def _read(
     start: int,
     end: int,
     timeout_s: float = READ_TIMEOUT_S,
-) -> list[bytes | None]:
-    """The values of the records of ``tp`` in [start, end)."""
-    values: list[bytes | None] = []
+) -> list[tuple[int, bytes | None]]:
+    """The (offset, value) of each record of ``tp`` in [start, end)."""
+    values: list[tuple[int, bytes | None]] = []
     if start >= end:
         return values
     consumer.assign([tp])
@@ -240,6 +299,6 @@ async def _read(
         for record in batches.get(tp, []):
             if record.offset >= end:
                 return values
-            values.append(record.value)
+            values.append((record.offset, record.value))
         if await consumer.position(tp) >= end:
             return values

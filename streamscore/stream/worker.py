@@ -172,8 +172,16 @@ def create_app(
             positions.routed(message.partition, message.offset)
             try:
                 payment = parse_event(raw)
+                if positions.refused_before(message.partition, message.offset):
+                    raise InvalidEvent(
+                        "future",
+                        f"event_time_ms {payment.event_time_ms} was beyond the allowed "
+                        "clock skew when the event was first read",
+                    )
                 event_gate.admit(payment, message.partition)
             except InvalidEvent as error:
+                if error.reason == "future":
+                    positions.refused_as_future(message.partition, message.offset)
                 DEAD_LETTERS.labels(error.reason).inc()
                 EVENTS.labels("dead_lettered").inc()
                 source = {
@@ -202,11 +210,13 @@ def create_app(
             events_in_order, entity_events_partitions, sources=sources
         ):
             sent.append(await entity_events.send(value=value, partition=partition))
+        # The watermark checkpoints too: one that says an event was refused as from
+        # the future must be there for whoever reads the partition after this batch.
+        for partition, value in positions.due():
+            sent.append(await watermarks.send(value=value, partition=partition))
         # Stored before the batch is acked: Faust commits acked offsets on its own
         # schedule, which must never run ahead of what reached the broker.
         await asyncio.gather(*sent)
-        for partition, value in positions.due():
-            await watermarks.send(value=value, partition=partition)
         EVENTS.labels("routed").inc(len(valid))
 
     # An error here ends the worker (exit status 1), instead of Faust's default of
