@@ -59,9 +59,7 @@ CHECKPOINT_READ_TIMEOUT_S = 10.0
 RECOVER_RETRY_S = 300.0
 
 
-def checkpoint_record(
-    next_offset: int, newest_ms: int | None, future: Sequence[int] = ()
-) -> bytes:
+def checkpoint_record(next_offset: int, newest_ms: int | None, future: Sequence[int] = ()) -> bytes:
     return orjson.dumps({"next_offset": next_offset, "newest_ms": newest_ms, "future": future})
 
 
