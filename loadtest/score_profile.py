@@ -36,9 +36,10 @@ from loadtest.feature_bench import fold, synthetic
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.onnx_backend import KERNELS
 from streamscore.server.malformed import MalformedRequest
-from streamscore.server.repository import BatchingSettings, ModelRegistry, ServedModel
+from streamscore.server.repository import ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.scoring import ScoringService
+from streamscore.server.served_model import BatchingSettings, ServedModel
 from streamscore.server.wire import parse_score_request
 from streamscore.stream.assembly import assemble_features
 from streamscore.stream.state import FeatureStore

@@ -31,7 +31,7 @@ import time
 from streamscore.config import Settings, settings_environment
 from streamscore.logs import WORKER_INDEX_VARIABLE
 from streamscore.processes import ChildProcess, stop_on_signals
-from streamscore.server.repository import primary_dir
+from streamscore.server.model_repository import primary_dir
 from streamscore.tls import check_server_files
 
 log = logging.getLogger("streamscore.supervisor")

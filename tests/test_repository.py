@@ -20,12 +20,9 @@ import torch
 from streamscore.server.backends.torch_backend import TorchBackend
 from streamscore.server.latency_model import warm_up_sizes
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version, write_atomic
-from streamscore.server.repository import (
-    ModelRegistry,
-    ModelRepository,
-    ServedModel,
-    repository_fingerprint,
-)
+from streamscore.server.model_repository import ModelRepository, repository_fingerprint
+from streamscore.server.repository import ModelRegistry
+from streamscore.server.served_model import ServedModel
 from streamscore.training import FraudMLP, export_version
 
 MODEL = "fraud_mlp"
@@ -630,11 +627,9 @@ async def publish_version_2_with(
 ) -> ModelMetadata:
     """Version 2 published (as ``train`` does) to a running ``registry`` whose backend
     factory ``factory`` wraps; once version 2 serves, its metadata (as loaded)."""
-    import streamscore.server.repository as repository_module
+    import streamscore.server.served_model as served_model
 
-    monkeypatch.setattr(
-        repository_module, "create_backend", factory(repository_module.create_backend)
-    )
+    monkeypatch.setattr(served_model, "create_backend", factory(served_model.create_backend))
     await registry.start()
     try:
         await asyncio.to_thread(publish_other_model, registry.repository, 2, 7)

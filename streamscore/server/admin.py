@@ -20,7 +20,7 @@ from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore.server.errors import InvalidRequest, ServingError
 from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics
-from streamscore.server.repository import ModelRepository
+from streamscore.server.model_repository import ModelRepository
 from streamscore.server.rollout import RolloutManager, RolloutState
 
 log = logging.getLogger("streamscore.admin")

@@ -27,11 +27,12 @@ from streamscore.server.guarded import add_guarded
 from streamscore.server.health import HealthServicer
 from streamscore.server.loop_lag import LoopLagMonitor
 from streamscore.server.reflection import add_reflection
-from streamscore.server.repository import BatchingSettings, ModelRegistry
+from streamscore.server.repository import ModelRegistry
 from streamscore.server.rollout import RolloutManager, RolloutState
 from streamscore.server.rollout_stats import RollbackPolicy
 from streamscore.server.rollout_store import FILE_NAME, RolloutFile
 from streamscore.server.scoring import ScoringService, add_scoring_service
+from streamscore.server.served_model import BatchingSettings
 from streamscore.server.tracing import ScoreTracer
 from streamscore.stream.broker import create_topics
 from streamscore.stream.replica import FeatureReplica

@@ -1,6 +1,6 @@
 """Model versions: metadata, decisions, and the input/output contract every backend checks.
 
-A model repository is a directory laid out like Triton's (see ``repository.py``)::
+A model repository is a directory laid out like Triton's (see ``model_repository.py``)::
 
     <repo>/<name>/<version>/model.onnx      ONNX: input "features" float32 [batch, k],
                                              output "score" float32 [batch, 1]

@@ -1,321 +1,41 @@
-"""Served model versions: load, warm up, swap atomically, hot reload from the repository.
+"""The versions a server holds: ``ModelRegistry`` loads, warms up, swaps atomically and
+hot-reloads them from the repository.
 
-``ServedModel`` is one version ready for traffic: its backend, a ``Batcher`` in front
-of it, and an in-process onnxruntime fallback (the same version's ``model.onnx``,
-used when the batcher sheds a request or a remote backend fails). ``ModelRegistry``
-holds the primary version; its watcher polls the repository (a fingerprint of
-version directories and metadata, once a second) and on a change loads the new
-version fully (backend started, latency model seeded by warm-up batches) before one
-reference assignment makes it current. The old version is stopped only once every
-call that started on it has finished, so a reload fails no request.
+The registry holds the primary version (a ``ServedModel``, served_model.py); its
+watcher polls the repository (a fingerprint of version directories and metadata,
+model_repository.py, once a second) and on a change loads the new version fully
+(backend started, latency model seeded by warm-up batches) before one reference
+assignment makes it current. The old version is stopped only once every call that
+started on it has finished, so a reload fails no request. Other versions (a canary,
+shadows) are loaded by name and version, and reloaded when their files change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from operator import itemgetter
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.backends.base import Backend, BackendUnavailable, Row
-from streamscore.server.backends.factory import create_backend
-from streamscore.server.backends.onnx_backend import OnnxBackend
-from streamscore.server.batcher import Batcher
-from streamscore.server.breaker import CircuitBreaker
-from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
-from streamscore.server.latency_model import LatencyModel
-from streamscore.server.model import ModelMetadata, latest_version, version_dirs
-from streamscore.stream.features import REQUEST_FEATURES, feature_names
+from streamscore.server.backends.base import BackendUnavailable
+from streamscore.server.model import version_dirs
+from streamscore.server.model_repository import (
+    ModelRepository,
+    primary_dir,
+    repository_fingerprint,
+    version_fingerprint,
+)
+from streamscore.server.served_model import (
+    BatchingSettings,
+    ModelLoadError,
+    ServedModel,
+)
 from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.models")
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    max_queue: int = 1024
-    # In-process backends compute on the event loop: one batch at a time. A remote
-    # backend (Triton) overlaps network round trips: several batches in flight.
-    max_concurrent_batches: int = 1
-    remote_concurrent_batches: int = 4
-    max_delay_s: float = 0.0
-    # Batching off: every request is its own backend call (for benchmarks).
-    enabled: bool = True
-    # Circuit breaker: consecutive backend failures that open it, and its first
-    # cooldown before a probe (doubling per failed probe, up to 10 s).
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 1.0
-
-
-# What Score computes for a model to take as inputs: the default pack's stateful
-# features and the request-derived ones (stream/assembly.py all_feature_names).
-SERVED_FEATURE_NAMES = (*feature_names(), *REQUEST_FEATURES)
-
-
-def check_in_place(directory: Path, metadata: ModelMetadata) -> None:
-    """ValueError when a version's metadata names another model or version than the
-    directory it lies in."""
-    if (metadata.name, metadata.version) != (directory.parent.name, directory.name):
-        raise ValueError(
-            f"{directory / 'metadata.json'} describes {metadata.name} v{metadata.version}, "
-            f"but lies in the directory of {directory.parent.name} v{directory.name}"
-        )
-
-
-def check_served(directory: Path, metadata: ModelMetadata, computed: Collection[str]) -> None:
-    """Refuse, before anything starts, a version that could not answer a single call
-    as the one it claims to be: one that takes an input the server does not compute
-    (every Score would fail), or whose metadata names another model or version than
-    its directory (a copied directory: its answers would carry the wrong label, in
-    the decision log and the rollout's comparisons too)."""
-    check_in_place(directory, metadata)
-    unknown = [name for name in metadata.inputs if name not in computed]
-    if unknown:
-        raise ValueError(
-            f"{directory / 'metadata.json'}: inputs {unknown} are not features this server "
-            f"computes; it computes {', '.join(computed)}"
-        )
-
-
-_LOADS = itertools.count(1)
-
-
-class ModelLoadError(ValueError):
-    """A version whose files are there but make no model its backend takes (a corrupt
-    or truncated model file): bad input, as invalid metadata is (a start stops on it
-    with one line, exit 2)."""
-
-
-class ServedModel:
-    """One model version taking traffic (or about to)."""
-
-    def __init__(
-        self,
-        directory: Path,
-        *,
-        batching: BatchingSettings = BatchingSettings(),
-        triton_url: str = "",
-        torch_device: str = "auto",
-        onnx_kernel: str = "auto",
-        feature_names: Collection[str] = SERVED_FEATURE_NAMES,
-    ) -> None:
-        self.directory = directory
-        # What its files were as it was loaded (``repository_fingerprint`` of its
-        # version): the registry reloads it when they change.
-        self.fingerprint = version_fingerprint(directory)
-        # One per load: a version replaced in place is a new model under the same key,
-        # so comparisons made against the old one start again (rollout.py).
-        self.serial = next(_LOADS)
-        self.metadata = ModelMetadata.load(directory / "metadata.json")
-        check_served(directory, self.metadata, feature_names)
-        self.key = (self.metadata.name, self.metadata.version)  # (looked up per request)
-        self.backend: Backend = create_backend(
-            directory,
-            self.metadata,
-            triton_url=triton_url,
-            torch_device=torch_device,
-            onnx_kernel=onnx_kernel,
-        )
-        limit = self.metadata.max_batch_size if batching.enabled else 1
-        self.batcher = Batcher(
-            self.backend.infer,
-            name=f"{self.metadata.name}:{self.metadata.version}",
-            max_batch_size=limit,
-            max_queue=batching.max_queue,
-            max_concurrent_batches=(
-                batching.remote_concurrent_batches
-                if self.metadata.backend == "triton"
-                else batching.max_concurrent_batches
-            ),
-            max_delay_s=batching.max_delay_s,
-            latency_model=LatencyModel(limit),
-            n_inputs=len(self.metadata.inputs),
-            infer_inline=getattr(self.backend, "infer_inline", None),
-            score_row_inline=getattr(self.backend, "score_row_inline", None),
-        )
-        self.breaker = CircuitBreaker(
-            failures_to_open=batching.breaker_failures,
-            cooldown_s=batching.breaker_cooldown_s,
-            max_cooldown_s=max(10.0, batching.breaker_cooldown_s),
-        )
-        onnx = directory / "model.onnx"
-        self.fallback = (
-            OnnxBackend(
-                onnx,
-                len(self.metadata.inputs),
-                1,
-                kernel=onnx_kernel,
-                sample_rows=self.metadata.warmup_rows(),
-                role="the fallback's onnxruntime model",
-            )
-            if onnx.is_file()
-            else None
-        )
-        # Warm-up: predicted seconds per batch size (1, 2, 4, ... max_batch_size), from
-        # real batches of the metadata's warm-up rows; set by start().
-        self.warmup_timings: dict[int, float] = {}
-        baseline = directory / BASELINE_FILE
-        self.drift = DriftMonitor(Baseline.load(baseline)) if baseline.is_file() else None
-        # Score path helpers, built once: the model's inputs picked from a features
-        # dict (a tuple, in input order) and, per variant, the part of a response that
-        # names the model (copying it is half the cost of building the reference).
-        inputs = self.metadata.inputs
-        pick = itemgetter(*inputs)
-        self.inputs_of: Callable[[dict[str, float]], tuple[float, ...]] = (
-            pick if len(inputs) > 1 else lambda features: (pick(features),)
-        )
-        # The version's ModelRef per variant, encoded once for every answer it gives.
-        self.model_refs = {
-            variant: pb.ModelRef(
-                name=self.metadata.name, version=self.metadata.version, variant=variant
-            ).SerializeToString()
-            for variant in (pb.PRIMARY, pb.CANARY)
-        }
-        self.in_flight = 0
-        # While ``stop`` waits for the calls in flight to end: done when they have
-        # (an Event cleared and set by every call would cost two calls per request).
-        self._drained: asyncio.Future[None] | None = None
-
-    async def start(self) -> dict[int, float]:
-        """Start the backend, seed the latency model with warm-up batches, open the batcher."""
-        await self.backend.start()
-        try:
-            if self.fallback is not None:
-                await self.fallback.start()
-            else:
-                log.warning(
-                    "model version has no in-process fallback (no model.onnx): a missed "
-                    "deadline or a failed backend is answered with an error, not degraded",
-                    extra={"model": self.metadata.name, "version": self.metadata.version},
-                )
-            # Three untimed calls per size: TorchScript's profiling executor specialises
-            # over its first calls (here 125 ms, then 3.5 ms, then ~0.1 ms), which
-            # would otherwise seed the latency model with a cold start.
-            timings = await self.batcher.warm_up(self.metadata.warmup_rows(), untimed=3)
-            await self.batcher.start()
-        except BaseException:
-            await self.backend.stop()
-            if self.fallback is not None:
-                await self.fallback.stop()
-            raise
-        self.warmup_timings = timings
-        return timings
-
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop after the calls that started on this version have finished."""
-        if self.in_flight:
-            self._drained = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._drained), drain_timeout)
-        await self.batcher.stop(timeout=drain_timeout)
-        await self.backend.stop()
-        if self.fallback is not None:
-            await self.fallback.stop()
-
-    def use(self) -> ServedModel:
-        """``with served.use():`` counts a call as running on this version for its
-        whole duration (``__enter__``/``__exit__``: no generator per request)."""
-        return self
-
-    def __enter__(self) -> ServedModel:
-        self.in_flight += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.in_flight -= 1
-        if not self.in_flight and self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
-
-    async def fallback_score(self, vector: Row) -> float | None:
-        """The same version in process, unbatched; None when it cannot run."""
-        if self.fallback is None:
-            return None
-        try:
-            return float((await self.fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
-        except Exception:
-            log.exception("fallback model failed")
-            return None
-
-
-class ModelRepository:
-    """A directory of models and versions, Triton's layout: ``<path>/<name>/<version>/``.
-
-    Only numeric version directories count (Triton's rule), so a staging directory
-    such as ``.2.staging`` is invisible until it is renamed into place.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def models(self) -> list[str]:
-        """Names of the models with at least one version."""
-        if not self.path.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.path.iterdir() if p.is_dir() and version_dirs(self.path, p.name)
-        )
-
-    def versions(self, name: str) -> list[str]:
-        """A model's versions, oldest first (numeric order: "2" before "10")."""
-        return [p.name for p in version_dirs(self.path, name)]
-
-    def version_path(self, name: str, version: str) -> Path:
-        path = self.path / name / str(version)
-        if not str(version).isdigit() or not path.is_dir():
-            raise FileNotFoundError(f"no version {version!r} of model {name!r} under {self.path}")
-        return path
-
-    def metadata(self, name: str, version: str) -> ModelMetadata:
-        """A version's metadata (defaults for fields an older file lacks); ValueError when
-        it is malformed or names another model or version than its directory."""
-        directory = self.version_path(name, version)
-        metadata = ModelMetadata.load(directory / "metadata.json")
-        check_in_place(directory, metadata)
-        return metadata
-
-
-def primary_dir(repository: Path, name: str, pinned_version: str = "") -> Path:
-    """The version directory a server starts serving: the pinned version, else the
-    newest. FileNotFoundError naming what is missing ("no version '9' of model ...",
-    not a missing metadata.json)."""
-    if pinned_version:
-        return ModelRepository(repository).version_path(name, pinned_version)
-    return latest_version(repository, name)
-
-
-def repository_fingerprint(repository: Path, name: str, version: str = "") -> str:
-    """Changes when a version directory appears or goes, or its metadata or model files
-    change; of that one version's directory alone when ``version`` is given."""
-    digest = hashlib.sha256()
-    for directory in version_dirs(repository, name):
-        if version and directory.name != version:
-            continue
-        metadata = directory / "metadata.json"
-        digest.update(directory.name.encode())
-        if metadata.is_file():
-            digest.update(metadata.read_bytes())
-        # A model file replaced in place (same metadata) is a new model too.
-        for model_file in ("model.onnx", "model.pt"):
-            with contextlib.suppress(FileNotFoundError):
-                stat = (directory / model_file).stat()
-                digest.update(f"{model_file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-def version_fingerprint(directory: Path) -> str:
-    """``repository_fingerprint`` of the one version in ``directory``
-    (<repository>/<model>/<version>)."""
-    return repository_fingerprint(directory.parent.parent, directory.parent.name, directory.name)
 
 
 # A version that failed to load is tried again after this long, then twice as long

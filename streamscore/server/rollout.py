@@ -34,7 +34,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.base import Row
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.errors import InvalidRequest, RolloutConflict
-from streamscore.server.repository import ModelRegistry, ServedModel
+from streamscore.server.repository import ModelRegistry
 from streamscore.server.rollout_stats import (
     LatencyErrorWindow,
     PairComparison,
@@ -42,6 +42,7 @@ from streamscore.server.rollout_stats import (
     in_canary,
 )
 from streamscore.server.rollout_store import RolloutFile
+from streamscore.server.served_model import ServedModel
 from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.rollout")

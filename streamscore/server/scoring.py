@@ -30,8 +30,8 @@ from streamscore.server.errors import (
 )
 from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics, ScoreMetrics
-from streamscore.server.repository import ServedModel
 from streamscore.server.rollout import RolloutManager
+from streamscore.server.served_model import ServedModel
 from streamscore.server.tracing import ScoreTracer
 from streamscore.server.validation import (
     lenient_parser,
