@@ -19,12 +19,19 @@ def start_background(
     log: logging.Logger,
     failure: str,
     on_failure: Callable[[BaseException], None] | None = None,
+    tracked: set[asyncio.Task[None]] | None = None,
 ) -> asyncio.Task[None]:
     """``coro`` as a task; should it end with an exception, ``on_failure`` gets it
-    (a part that keeps it, to refuse or report) and ``failure`` is logged with it."""
+    (a part that keeps it, to refuse or report) and ``failure`` is logged with it.
+    ``tracked``: a set the task is in until it ends (a part's tasks of one kind, which
+    its stop waits for or cancels)."""
     task = asyncio.create_task(coro, name=name)
+    if tracked is not None:
+        tracked.add(task)
 
     def on_done(done: asyncio.Task[None]) -> None:
+        if tracked is not None:
+            tracked.discard(done)
         if done.cancelled():
             return
         exc = done.exception()

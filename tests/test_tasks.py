@@ -36,6 +36,34 @@ async def test_a_failing_background_task_logs_its_failure(
     await cancel_and_wait(task)  # a failed task stops quietly
 
 
+async def test_a_tracked_task_is_in_its_set_until_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A part's tasks of one kind (retiring versions, rollbacks being stored), which
+    its stop waits for: each leaves the set as it ends, a failed one logged."""
+    release = asyncio.Event()
+
+    async def waits() -> None:
+        await release.wait()
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    tracked: set[asyncio.Task[None]] = set()
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        waiting = start_background(waits(), name="w", log=log, failure="x", tracked=tracked)
+        failing = start_background(fails(), name="f", log=log, failure="y", tracked=tracked)
+        assert tracked == {waiting, failing}
+        await asyncio.gather(failing, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert tracked == {waiting}
+        release.set()
+        await asyncio.gather(*tracked)
+        await asyncio.sleep(0)
+    assert not tracked
+    assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["y"]
+
+
 async def test_a_part_whose_task_failed_still_stops_without_raising(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -293,14 +293,13 @@ class ModelRegistry:
 
     def _retire(self, old: ServedModel) -> None:
         """Stop a version swapped out, once the calls that started on it are done."""
-        task = asyncio.create_task(old.stop(), name="retire-model")
-        self._retiring.add(task)
-        task.add_done_callback(self._retired)
-
-    def _retired(self, task: asyncio.Task[None]) -> None:
-        self._retiring.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("stopping a retired model version failed", exc_info=task.exception())
+        start_background(
+            old.stop(),
+            name="retire-model",
+            log=log,
+            failure="stopping a retired model version failed",
+            tracked=self._retiring,
+        )
 
     async def _watch(self) -> None:
         # Polling a few stats a second is cheaper and more portable than inotify, and
@@ -347,8 +346,8 @@ class ModelRegistry:
     async def stop(self) -> None:
         watcher, self._watcher = self._watcher, None
         await cancel_and_wait(watcher)
-        for task in list(self._retiring):
-            await task
+        # Waited for, not cancelled: each stops a version once its calls are done.
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         others, self._others = list(self._others.values()), {}
         for served in others:
             await served.stop()

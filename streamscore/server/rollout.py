@@ -683,11 +683,13 @@ class RolloutManager:
         self.state = dataclasses.replace(state, canary_percent=0.0, generation=state.generation + 1)
         if automatic and self.state_file is not None:
             self._rollbacks_unsaved.add(state.generation)
-            saving = asyncio.get_running_loop().create_task(
-                self._save_rollback(state.generation), name="save-rollback"
+            start_background(
+                self._save_rollback(state.generation),
+                name="save-rollback",
+                log=log,
+                failure="storing an automatic rollback failed",
+                tracked=self._saving,
             )
-            self._saving.add(saving)
-            saving.add_done_callback(self._saved)
         record = RollbackRecord(state.canary, reason, time.time_ns() // 1_000_000, automatic)
         self.rollbacks.append(record)
         log.warning(
@@ -695,11 +697,6 @@ class RolloutManager:
             extra={"version": state.canary, "reason": reason, "automatic": automatic},
         )
         return True
-
-    def _saved(self, task: asyncio.Task[None]) -> None:
-        self._saving.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("storing an automatic rollback failed", exc_info=task.exception())
 
     def candidate_stats(self) -> list[tuple[str, str, dict[str, float]]]:
         out = []
