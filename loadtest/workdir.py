@@ -1,7 +1,6 @@
 """Where a load tool keeps its files (its servers' logs, copies of a repository, git
 worktrees): removed when the tool ends, also when it is stopped (Ctrl-C, SIGTERM);
-kept, and named, when the run failed, for its logs. Each run used to leave its
-directory behind in the temporary directory."""
+kept, and named, when the run failed, for its logs."""
 
 from __future__ import annotations
 

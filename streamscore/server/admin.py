@@ -184,9 +184,8 @@ class AdminService(apb_grpc.AdminServicer):
                 raise InvalidRequest(field, f"no version {shown!r} of model {name!r}")
         # Each version in one role: a canary or shadow of the primary itself, or a
         # shadow twice, would only compare a version with itself.
-        # Unpinned, the primary is the repository's highest version: the registry's,
-        # not the one pinned now (unpinning made a canary or shadow of the highest
-        # version the primary itself).
+        # Unpinned, the primary is the repository's highest version (the registry's,
+        # not the one pinned now), so a canary or shadow may not name it.
         primary = wanted.primary_version or self.rollouts.registry.primary.metadata.version
         taken = {primary: "the primary"}
         for field, version in named[1:]:

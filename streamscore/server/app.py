@@ -290,8 +290,8 @@ class ScoringServer:
     async def _serve_when_caught_up(self) -> None:
         assert self.replica is not None
         # As long as it takes: this server listens (NOT_SERVING) meanwhile, and a
-        # replica that fails ends it (``failed``). A timeout here made a log too long
-        # to fold in it a restart loop that never caught up.
+        # replica that fails ends it (``failed``). No timeout: a log longer to fold
+        # than any fixed limit would make the server restart forever.
         await self.replica.wait_caught_up(timeout=None)
         await self._start_serving()
 
@@ -364,9 +364,9 @@ class ScoringServer:
             parts.append(("rollouts", self.rollouts.stop))
         parts += [("models", self.models.stop), ("loop lag probe", self.loop_lag.stop)]
         # A part whose stop fails does not leave the ones after it running. The first
-        # failure is raised at the end as what it is, a failed stop: raised as it came
-        # (a ValueError), `serve` read it as bad settings, exit 2, which `serve
-        # --workers` takes for "no restart mends" and stops the whole set.
+        # failure is raised at the end as a RuntimeError, never as the part's own
+        # type: `serve` maps a ValueError to exit 2 (bad settings), which `serve
+        # --workers` never restarts.
         first_failure: tuple[str, Exception] | None = None
         for name, stop in parts:
             try:
