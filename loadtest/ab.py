@@ -36,14 +36,8 @@ from pathlib import Path
 
 import uvloop
 
+from loadtest.client_pool import ClientPool, Row, echo_rpc, realistic_events, score_requests
 from loadtest.procstat import format_steal
-from loadtest.sweep import (
-    ClientPool,
-    Row,
-    echo_rpc,
-    realistic_events,
-    score_requests,
-)
 from loadtest.workdir import work_directory
 from streamscore.argtypes import at_least_one, positive, positives
 from streamscore.client import wait_serving

@@ -59,14 +59,8 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 from tqdm import tqdm
 
+from loadtest.client_pool import STREAM_RPCS, ClientPool, Row, realistic_events, score_requests
 from loadtest.procstat import cpu_seconds, format_steal
-from loadtest.sweep import (
-    STREAM_RPCS,
-    ClientPool,
-    Row,
-    realistic_events,
-    score_requests,
-)
 from streamscore.argtypes import at_least_one, positive, positives
 
 BEGIN = "<!-- report:begin -->"
