@@ -618,7 +618,7 @@ class Suite:
             f"protobuf {m['version_protobuf']}; commit `{m['commit'] or 'unknown'}`.",
             "",
             f"Method: open-loop load from {args.clients} client process(es) "
-            "(`loadtest/sweep.py`; latency from each request's intended send time, "
+            "(`loadtest/client_pool.py`; latency from each request's intended send time, "
             f"HdrHistogram), each configuration for {args.seconds:g} s at each offered rate, "
             f"configurations interleaved (order rotated each round), {args.rounds} round(s); "
             "the tables quote the median over rounds (p99 range: lowest and highest round), "
