@@ -139,7 +139,7 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple
     servers: list[Server] = []
     try:
         async with EmbeddedBroker() as broker:
-            from loadtest.backend_bench import echo_process, load_features, serve_process
+            from loadtest.servers import echo_process, load_features, serve_process
 
             await create_topics(broker.bootstrap, TopicLayout().partitions())
             await load_features(broker.bootstrap, events)

@@ -43,10 +43,10 @@ from typing import Any
 import uvloop
 from aiokafka import AIOKafkaProducer
 
-from loadtest.backend_bench import load_features, serve_process
 from loadtest.client_pool import ClientPool, realistic_events, score_requests
 from loadtest.procstat import cpu_seconds
 from loadtest.scrape import Samples, histogram_quantile, scrape, total
+from loadtest.servers import load_features, serve_process
 from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
 from streamscore.stream import kafka_compat

@@ -46,8 +46,8 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest.backend_bench import echo_process, load_features, serve_process
 from loadtest.client_pool import ClientPool, echo_rpc, realistic_events, score_requests
+from loadtest.servers import echo_process, load_features, serve_process
 from streamscore.argtypes import at_least_one
 from streamscore.client import wait_serving
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port

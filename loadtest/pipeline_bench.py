@@ -26,8 +26,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from hdrh.histogram import HdrHistogram
 
-from loadtest.backend_bench import private_repository
 from loadtest.procstat import cpu_seconds
+from loadtest.servers import private_repository
 from loadtest.workdir import work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc

@@ -275,7 +275,7 @@ class Suite:
         return repository
 
     async def run(self) -> None:
-        from loadtest.backend_bench import (
+        from loadtest.servers import (
             add_copy,
             echo_process,
             load_features,

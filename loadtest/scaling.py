@@ -44,10 +44,10 @@ import grpc
 import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.backend_bench import echo_process, load_features, serve_process
 from loadtest.client_pool import ClientPool, Row, realistic_events, score_requests
 from loadtest.procstat import cpu_seconds, descendants
 from loadtest.scrape import scrape, total
+from loadtest.servers import echo_process, load_features, serve_process
 from loadtest.sweep import sweep
 from streamscore.argtypes import at_least_one, positive, positives
 from streamscore.loopback_process import find_free_ports

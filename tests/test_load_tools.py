@@ -662,8 +662,8 @@ async def test_null_score_is_the_server_with_an_empty_score(
     its GetFeatures from the replica). Like every load tool's server, it serves a copy
     of the repository: served in place, its settings were applied to the repository's
     stored rollout, and a live server sharing it lost its pinned primary."""
-    from loadtest.backend_bench import serve_process
     from loadtest.echo_server import canned
+    from loadtest.servers import serve_process
     from streamscore.client import wait_serving
     from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
     from streamscore.stream.topics import TopicLayout
@@ -1154,7 +1154,7 @@ def test_each_private_repository_is_the_repository_as_it_is_then(trained_model: 
     """``backend_bench --shadows`` adds versions to its repository between its servers:
     a copy kept per source served the shadows' server the repository before they were
     added ("no version '2'"), and the run failed after its 120 s start wait."""
-    from loadtest.backend_bench import add_copy, private_repository
+    from loadtest.servers import add_copy, private_repository
 
     stored = trained_model / "fraud_mlp" / "rollout.json"
     stored.write_text("{}")
@@ -1175,7 +1175,7 @@ def test_a_load_tool_stopped_by_sigterm_removes_its_private_repository(
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from loadtest.backend_bench import private_repository\n"
+        "from loadtest.servers import private_repository\n"
         "print(private_repository(Path(sys.argv[1])), flush=True)\n"
         "time.sleep(60)\n"
     )
