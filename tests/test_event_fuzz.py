@@ -27,6 +27,7 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.events import InvalidEvent, parse_event
+from streamscore.stream.routing import DLQ_PAYLOAD_MAX_BYTES
 from streamscore.stream.topics import (
     DEAD_LETTER,
     ENTITY_EVENTS,
@@ -34,7 +35,6 @@ from streamscore.stream.topics import (
     TopicLayout,
     decode_fold_batch,
 )
-from streamscore.stream.worker import DLQ_PAYLOAD_MAX_BYTES
 
 from system import make_event, publish, running_system
 

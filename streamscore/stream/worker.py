@@ -14,93 +14,36 @@ partitions between them (Faust's consumer group).
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import logging
 import os
 import signal
 import tempfile
 import threading
-from collections.abc import Awaitable
 from typing import Any
 
 import faust
 import mode
-import orjson
-from prometheus_client import Counter
 
 from streamscore.config import Settings
 from streamscore.processes import exit_now, exit_on_second_signal
 from streamscore.stream import kafka_compat, kafka_security
-from streamscore.stream.events import InvalidEvent, PaymentEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
+from streamscore.stream.routing import BatchRouter
 from streamscore.stream.state import DEFAULT_LATENESS_MS, DEFAULT_SKEW_MS
 from streamscore.stream.topics import (
     DEAD_LETTER,
     ENTITY_EVENTS,
     PAYMENTS,
     WATERMARKS,
-    route_events,
 )
 from streamscore.stream.watermarks import WatermarkCheckpoints
 
 log = logging.getLogger("streamscore.worker")
-# One line per event sent to the dead-letter topic, limited per 10 s (logs.RepeatLimiter).
-dead_letter_log = logging.getLogger("streamscore.dead_letters")
 
 # Micro-batching: per-message costs in Faust's stream, the producer and every replica
 # dominate a per-event pipeline. 10 ms bounds the freshness cost of waiting for more.
 BATCH_MAX = 500
 BATCH_WITHIN_S = 0.01
-
-
-# Exported on /metrics when the worker runs with a metrics port.
-EVENTS = Counter(
-    "streamscore_worker_events_total",
-    "Payment events read, by outcome (routed or dead_lettered).",
-    ["outcome"],
-)
-DEAD_LETTERS = Counter(
-    "streamscore_worker_dead_lettered_total",
-    "Events sent to the dead-letter topic, by reason (bad_json, missing_field, too_late, ...).",
-    ["reason"],
-)
-
-
-# The most of a malformed message's bytes (and of its error's detail) that its
-# dead-letter record carries; the whole message stays in its source topic, at the
-# record's topic, partition and offset. Escaped as JSON, a payload can grow 6-fold
-# (control characters), and a record over the producer's or the broker's limit
-# would stop routing.
-DLQ_PAYLOAD_MAX_BYTES = 64 * 1024
-DLQ_DETAIL_MAX_CHARS = 1000
-
-
-def dead_letter_record(raw: bytes | None, error: InvalidEvent, source: dict[str, Any]) -> bytes:
-    """The dead-letter value: the reason, the source's coordinates and the original
-    payload, exact: as text when it is UTF-8 (``payload``), else base64
-    (``payload_base64``); only its first ``DLQ_PAYLOAD_MAX_BYTES`` when longer
-    (``payload_truncated``, with its full length in ``payload_bytes``)."""
-    record: dict[str, Any] = {
-        "reason": error.reason,
-        "detail": error.detail[:DLQ_DETAIL_MAX_CHARS],
-        **source,
-    }
-    if raw is None:
-        record["payload"] = None
-        return orjson.dumps(record)
-    kept = raw[:DLQ_PAYLOAD_MAX_BYTES]
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        record["payload_base64"] = base64.b64encode(kept).decode("ascii")
-    else:
-        # A cut may split the last character: only its bytes are dropped.
-        record["payload"] = kept.decode("utf-8", errors="ignore")
-    if len(kept) < len(raw):
-        record["payload_truncated"] = True
-        record["payload_bytes"] = len(raw)
-    return orjson.dumps(record)
 
 
 def create_app(
@@ -159,65 +102,14 @@ def create_app(
     )
     positions = WatermarkCheckpoints(bootstrap, event_gate)
 
-    async def route_batch(events: list[Any]) -> None:
-        sent: list[Awaitable[Any]] = []  # deliveries, awaited before the batch is acked
-        valid = []
-        for event in events:
-            raw = event.value
-            message = event.message
-            if not positions.in_turn(message.partition, message.offset):
-                # A start, a partition taken over, or a redelivery: the watermark as it
-                # was before this offset, not as this worker left it.
-                await positions.recover(message.partition, message.offset)
-            positions.routed(message.partition, message.offset)
-            try:
-                payment = parse_event(raw)
-                if positions.refused_before(message.partition, message.offset):
-                    raise InvalidEvent(
-                        "future",
-                        f"event_time_ms {payment.event_time_ms} was beyond the allowed "
-                        "clock skew when the event was first read",
-                    )
-                event_gate.admit(payment, message.partition)
-            except InvalidEvent as error:
-                if error.reason == "future":
-                    positions.refused_as_future(message.partition, message.offset)
-                DEAD_LETTERS.labels(error.reason).inc()
-                EVENTS.labels("dead_lettered").inc()
-                source = {
-                    "topic": message.topic,
-                    "partition": message.partition,
-                    "offset": message.offset,
-                }
-                dead_letter_log.info(
-                    "dead-lettered event", extra={"reason": error.reason, **source}
-                )
-                sent.append(
-                    await dead_letters.send(
-                        key=event.key, value=dead_letter_record(raw, error, source)
-                    )
-                )
-                continue
-            valid.append((payment, message.partition))
-        # In event-time order: a batch holds runs of several payments partitions (a
-        # backlog comes a partition at a time), and an entity that takes events from
-        # more than one (a merchant) refuses those more than its fold horizon behind
-        # its newest, so hours of one partition before another's lost the other's.
-        valid.sort(key=_event_order)
-        events_in_order = [payment for payment, _ in valid]
-        sources = [source for _, source in valid]
-        for partition, value in route_events(
-            events_in_order, entity_events_partitions, sources=sources
-        ):
-            sent.append(await entity_events.send(value=value, partition=partition))
-        # The watermark checkpoints too: one that says an event was refused as from
-        # the future must be there for whoever reads the partition after this batch.
-        for partition, value in positions.due():
-            sent.append(await watermarks.send(value=value, partition=partition))
-        # Stored before the batch is acked: Faust commits acked offsets on its own
-        # schedule, which must never run ahead of what reached the broker.
-        await asyncio.gather(*sent)
-        EVENTS.labels("routed").inc(len(valid))
+    router = BatchRouter(
+        event_gate,
+        positions,
+        dead_letters=dead_letters,
+        entity_events=entity_events,
+        watermarks=watermarks,
+        entity_events_partitions=entity_events_partitions,
+    )
 
     # An error here ends the worker (exit status 1), instead of Faust's default of
     # logging it and leaving the worker alive with its partitions, routing nothing (and
@@ -231,7 +123,7 @@ def create_app(
         batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
         async for events in batches:
             try:
-                await route_batch(events)
+                await router.route(events)
             except Exception:
                 if not exit_on_error:
                     raise
@@ -274,10 +166,6 @@ class _Worker(faust.Worker):
         self.stop_overrun.daemon = True
         self.stop_overrun.start()
         super()._schedule_shutdown(sig)
-
-
-def _event_order(routed: tuple[PaymentEvent, int]) -> tuple[int, str]:
-    return routed[0].event_time_ms, routed[0].event_id
 
 
 def run_worker(
