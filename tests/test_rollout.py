@@ -25,7 +25,6 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.cli import main as cli_main
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
-from streamscore.server.rollout import RolloutManager
 from streamscore.server.rollout_stats import in_canary
 
 MODEL = "fraud_mlp"
@@ -402,7 +401,9 @@ async def test_a_dead_shadow_worker_fails_the_server(
     async def broken(self: object, pairs: object, version: str) -> None:
         raise RuntimeError("shadow bug")
 
-    monkeypatch.setattr(RolloutManager, "_shadow_batch", broken)
+    from streamscore.server.comparisons import Comparisons
+
+    monkeypatch.setattr(Comparisons, "_shadow_batch", broken)
     async with serving(trained_model, tmp_path) as (scoring, admin, server, _):
         assert not server.failed.is_set()
         await set_rollout(admin, shadow_versions=["2"])

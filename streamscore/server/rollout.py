@@ -10,10 +10,9 @@ errors; when the canary's error rate or p99 is worse than the primary's by the
 policy's margin (over at least ``min_requests``), the canary is rolled back to 0 %
 automatically, logged and counted.
 
-Shadows: after the primary answered, the same feature vector is queued (bounded;
-when full the shadow work is dropped and counted, the caller never waits) and a
-background task scores it on each shadow version through that version's own batcher,
-comparing with the primary (score difference, decision agreement, PSI).
+Shadows: after the primary answered, the same feature vector is queued for each
+shadow version's comparison with the primary (``comparisons.py``), as a canary's
+answers are for the primary's scores of them.
 """
 
 from __future__ import annotations
@@ -24,20 +23,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.backends.base import Row
-from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
+from streamscore.server.comparisons import Comparisons, ShadowItem
+from streamscore.server.decisions import DecisionLog
 from streamscore.server.errors import InvalidRequest, RolloutConflict
 from streamscore.server.repository import ModelRegistry
 from streamscore.server.rollout_stats import (
     LatencyErrorWindow,
-    PairComparison,
     RollbackPolicy,
     in_canary,
 )
@@ -47,44 +43,12 @@ from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.rollout")
 
-# Most queued shadow items taken per backend call, and the pause after each round:
-# shadow vectors accumulate meanwhile, so they go out in batches (cheaper per vector)
-# and the Score path gets the loop and the core between rounds.
-SHADOW_BATCH = 256
-SHADOW_LINGER_S = 0.01
 # Rollback records kept in the rollout's file.
 ROLLBACKS_KEPT = 100
 # Longest rollback reason, in characters. Every Admin answer carries the kept records:
 # two rollbacks with reasons of 150 KB made every answer larger than gRPC's 4 MB
 # limit, so the Admin API failed after applying each change, restarts included.
 ROLLBACK_REASON_MAX = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class _ShadowItem:
-    vector: Row
-    reference_score: float  # the primary's (shadows) or the canary's score
-    versions: tuple[str, ...]
-    # The load that gave reference_score (ServedModel.serial): one replaced since
-    # (a hot reload, train --replace) says nothing of the model serving now.
-    answered_by: int
-    request_id: str = ""
-    card_id: str = ""
-
-
-def _shadow_decision(served: ServedModel, item: _ShadowItem, score: float) -> DecisionRecord:
-    return DecisionRecord(
-        request_id=item.request_id,
-        time_ms=time.time_ns() // 1_000_000,
-        variant="shadow",
-        model_name=served.metadata.name,
-        model_version=served.metadata.version,
-        score=score,
-        decision=pb.Decision.Name(served.metadata.thresholds.decide(score)),
-        features_hash=features_hash(item.vector),
-        card_hash=card_hash(item.card_id),
-        primary_score=item.reference_score,
-    )
 
 
 @dataclass(frozen=True)
@@ -129,21 +93,6 @@ class RollbackRecord:
         return dataclasses.replace(stored, reason=stored.reason[: ROLLBACK_REASON_MAX - 1] + "…")
 
 
-@dataclass
-class _Candidate:
-    """Comparison state of one candidate version against the primary."""
-
-    version: str
-    variant: str
-    comparison: PairComparison
-    window: LatencyErrorWindow
-    # The loads compared (ServedModel.serial of the primary, of the candidate): a
-    # promote, a hot reload or a version replaced in place starts a fresh comparison.
-    models: tuple[int, int] = (0, 0)
-    errors: int = 0
-    answered: int = 0
-
-
 def _settings_of(state: RolloutState) -> dict[str, object]:
     """A rollout from settings, as stored (JSON: shadows a list), no generation."""
     return {
@@ -176,17 +125,16 @@ class RolloutManager:
         self.state_file = state_file
         self.poll_s = poll_s
         self.policy = policy or RollbackPolicy()
-        self.window = window
         self.state = RolloutState()
         self.rollbacks: list[RollbackRecord] = []
-        self.shadow_dropped = 0
         # Set by the server when the decision log is on: shadow decisions go there too.
         self.decisions: DecisionLog | None = None
         self.failure: BaseException | None = None
         self._primary_window = LatencyErrorWindow(window)
-        self._candidates: dict[tuple[str, str], _Candidate] = {}
-        self._queue: asyncio.Queue[_ShadowItem] = asyncio.Queue(shadow_queue)
-        self._task: asyncio.Task[None] | None = None
+        self.comparisons = Comparisons(self, window=window, queue_size=shadow_queue)
+        # Bound once: the Score path calls them with no lookup through the comparisons.
+        self._enqueue = self.comparisons.enqueue
+        self._candidate = self.comparisons.candidate
         self._follower: asyncio.Task[None] | None = None
         self._saving: set[asyncio.Task[None]] = set()  # automatic rollbacks being written
         # Generations automatic rollbacks started from, until stored (``_sync``).
@@ -233,13 +181,7 @@ class RolloutManager:
                     "rollout from its file (the same settings, changed since)",
                     extra={"rollout": dataclasses.asdict(self.state)},
                 )
-        self._task = start_background(
-            self._shadow_worker(),
-            name="shadow-worker",
-            log=log,
-            failure="shadow worker stopped; shadows are dropped",
-            on_failure=self._failed,
-        )
+        self.comparisons.start(on_failure=self._failed)
         if self.state_file is not None and self.poll_s > 0:
             self._follower = start_background(
                 self._follow(),
@@ -252,8 +194,7 @@ class RolloutManager:
     async def stop(self) -> None:
         follower, self._follower = self._follower, None
         await cancel_and_wait(follower)
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        await self.comparisons.stop()
         for saving in list(self._saving):
             await cancel_and_wait(saving)
 
@@ -420,7 +361,7 @@ class RolloutManager:
         """Queue the primary's score of a canary answer (off the response path: the
         primary shadows the canary's slice) for the canary's comparison."""
         versions = (f"primary-of:{served.metadata.version}",)
-        self._enqueue(_ShadowItem(vector, canary_score, versions, served.serial))
+        self._enqueue(ShadowItem(vector, canary_score, versions, served.serial))
 
     def shadow(
         self,
@@ -434,120 +375,8 @@ class RolloutManager:
         drops when full."""
         shadows = self.state.shadows
         if shadows:
-            item = _ShadowItem(vector, primary_score, shadows, served.serial, request_id, card_id)
+            item = ShadowItem(vector, primary_score, shadows, served.serial, request_id, card_id)
             self._enqueue(item)
-
-    def _enqueue(self, item: _ShadowItem) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.shadow_dropped += 1
-
-    async def _shadow_worker(self) -> None:
-        # Shadow work is batched: take everything queued (up to one backend batch),
-        # score it with one backend call per version, compare, yield. Per vector that
-        # costs microseconds instead of a batcher round trip, and the Score path, which
-        # shares this event loop and this core, gets the loop back after each batch.
-        queue = self._queue
-        while True:
-            items = [await queue.get()]
-            while len(items) < SHADOW_BATCH and not queue.empty():
-                items.append(queue.get_nowait())
-            groups: dict[tuple[str, ...], list[_ShadowItem]] = {}
-            for item in items:
-                groups.setdefault(item.versions, []).append(item)
-            for versions, pairs in groups.items():
-                for version in versions:
-                    await self._shadow_batch(pairs, version)
-                    await asyncio.sleep(0)
-            await asyncio.sleep(SHADOW_LINGER_S)
-
-    async def _shadow_batch(self, pairs: list[_ShadowItem], version: str) -> None:
-        name = self.registry.name
-        if version.startswith("primary-of:"):
-            candidate_version = version.removeprefix("primary-of:")
-            if candidate_version != self.state.canary:
-                return  # promoted or replaced meanwhile: its comparison went with it
-            try:
-                answering = self.registry.get(name, candidate_version).serial
-            except KeyError:
-                return
-            served, variant = self.primary_model(), "canary"
-        else:
-            candidate_version = version
-            if version not in self.state.shadows:
-                return  # removed from the rollout meanwhile (its comparison with it)
-            try:
-                served = self.registry.get(name, version)
-            except KeyError:
-                return
-            answering, variant = self.primary_model().serial, "shadow"
-        # Answers of a model replaced since they were queued: not this comparison's.
-        pairs = [item for item in pairs if item.answered_by == answering]
-        if not pairs:
-            return
-        candidate = self._candidate(candidate_version, variant)
-        limit = served.backend.max_batch_size
-        for start in range(0, len(pairs), limit):
-            chunk = pairs[start : start + limit]
-            if variant == "canary":
-                # The primary's own backend: its calls for the comparison go after
-                # the primary's requests, never in front of them (a backend thread
-                # takes one call at a time); meanwhile the queue fills and drops.
-                # Polled, not an Event: setting one would cost every batch a call.
-                while not served.batcher.idle:  # noqa: ASYNC110
-                    await asyncio.sleep(SHADOW_LINGER_S)
-            batch = np.array([item.vector for item in chunk], np.float32)
-            started = time.perf_counter()
-            try:
-                with served.use():
-                    scores = await served.backend.infer(batch)
-            except Exception:
-                candidate.errors += len(chunk)
-                if variant == "shadow":
-                    candidate.window.add_many(time.perf_counter() - started, False, len(chunk))
-                continue
-            if variant == "shadow":
-                # Per request, as a canary's are: each waited for the whole call.
-                candidate.window.add_many(time.perf_counter() - started, True, len(chunk))
-                for item, score in zip(chunk, scores.tolist(), strict=True):
-                    candidate.comparison.observe(item.reference_score, score)
-                    if self.decisions is not None:
-                        self.decisions.record(_shadow_decision(served, item, score))
-            else:  # the primary's scores for canary answers
-                for item, score in zip(chunk, scores.tolist(), strict=True):
-                    candidate.comparison.observe(score, item.reference_score)
-
-    def _compared(self, version: str) -> tuple[ServedModel, ServedModel | None, tuple[int, int]]:
-        """The loads a comparison of ``version`` is between now: the primary's, the
-        candidate's (None when it is not loaded), and their serials (``models``)."""
-        primary = self.primary_model()
-        try:
-            candidate: ServedModel | None = self.registry.get(self.registry.name, version)
-        except KeyError:
-            candidate = None
-        return primary, candidate, (primary.serial, candidate.serial if candidate else 0)
-
-    def _candidate(self, version: str, variant: str) -> _Candidate:
-        key = (version, variant)
-        candidate = self._candidates.get(key)
-        primary_model, candidate_model, models = self._compared(version)
-        if candidate is not None and candidate.models != models:
-            # Either side changed (a promote, a hot reload, a version replaced in
-            # place): pairs against the old models, at their thresholds, say nothing
-            # about these; start again.
-            candidate = None
-        if candidate is None:
-            primary = primary_model.metadata.thresholds
-            thresholds = candidate_model.metadata.thresholds if candidate_model else primary
-            candidate = self._candidates[key] = _Candidate(
-                version,
-                variant,
-                PairComparison(primary, thresholds, window=self.window),
-                LatencyErrorWindow(self.window),
-                models=models,
-            )
-        return candidate
 
     # -- changes (Admin) ---------------------------------------------------------------------
 
@@ -591,42 +420,9 @@ class RolloutManager:
         one before it used."""
         current = self.state
         self.state = state  # the atomic switch
-        self._fresh_candidates(current, state)
+        self.comparisons.start_afresh(current, state)
         log.info(event, extra={"rollout": dataclasses.asdict(state)})
         await self._unload_unused(current.versions())
-
-    def _fresh_candidates(self, before: RolloutState, after: RolloutState) -> None:
-        """A new canary, or one enabled again after a rollback, starts a fresh
-        comparison (the old window would roll it back again at once). The primary's
-        window stays: its recent answers are the baseline, also for a canary at
-        100 %, which leaves the primary no live answers. A shadow taken out of the
-        rollout takes its comparison along (added again, it starts afresh)."""
-        dropped = set(before.shadows) - set(after.shadows)
-        for version in dropped:
-            self._candidates.pop((version, "shadow"), None)
-        if after.canary != before.canary or (after.canary_percent and not before.canary_percent):
-            self._candidates.pop((before.canary, "canary"), None)
-            dropped.add(f"primary-of:{before.canary}")
-        self._drop_queued(dropped)
-
-    def _drop_queued(self, versions: AbstractSet[str]) -> None:
-        """Take ``versions`` out of the work still queued for comparisons: it was
-        queued for a comparison now gone, and a version added again straight after
-        would count it in its fresh one. (Rare: at a rollout change; a batch being
-        scored meanwhile goes to the comparison it was taken for.)"""
-        if not versions or self._queue.empty():
-            return
-        kept = []
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not versions.isdisjoint(item.versions):
-                left = tuple(v for v in item.versions if v not in versions)
-                if not left:
-                    continue
-                item = dataclasses.replace(item, versions=left)
-            kept.append(item)
-        for item in kept:
-            self._queue.put_nowait(item)
 
     async def _unload_unused(self, versions: Iterable[str]) -> None:
         """Unload those of ``versions`` the rollout no longer uses."""
@@ -698,19 +494,11 @@ class RolloutManager:
         )
         return True
 
+    @property
+    def shadow_dropped(self) -> int:
+        """Comparison work (shadows', a canary's) dropped, its queue full."""
+        return self.comparisons.dropped
+
     def candidate_stats(self) -> list[tuple[str, str, dict[str, float]]]:
-        out = []
-        # A copy of the candidates (a rollout change adds and removes them on the loop
-        # while a scrape reads them on the metrics thread).
-        for (version, variant), candidate in dict(self._candidates).items():
-            if candidate.models != self._compared(version)[2]:
-                # Of models replaced since (its next pair starts it again): not shown
-                # as the comparison of the ones serving now.
-                continue
-            stats = dict(candidate.comparison.summary())
-            stats["p99_s"] = candidate.window.p99()
-            stats["error_rate"] = candidate.window.error_rate()
-            stats["requests"] = float(candidate.window.count)
-            stats["errors_total"] = float(candidate.errors)
-            out.append((version, variant, stats))
-        return out
+        """(version, variant, its figures) of every candidate's comparison now."""
+        return self.comparisons.stats()
