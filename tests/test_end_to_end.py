@@ -250,7 +250,24 @@ async def test_reflection_v1(system) -> None:
                 for raw in answer.file_descriptor_response.file_descriptor_proto
             ]
             # Built as a client builds them: the answer carries the file's dependencies.
-            assert built(files).FindServiceByName(name).full_name == name
+            service = built(files).FindServiceByName(name)
+            assert service.full_name == name
+            # Its methods too (`grpcurl describe SERVICE.METHOD`): protobuf's pool
+            # does not find them (grpc/grpc#34743).
+            for method in service.methods:
+                request = reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol=method.full_name
+                )
+                await call.write(request)
+                answer = await call.read()
+                kind = answer.WhichOneof("message_response")
+                assert kind == "file_descriptor_response", method.full_name
+        await call.write(
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="streamscore.v1.Nope.Nope"
+            )
+        )
+        assert (await call.read()).error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
         await call.done_writing()
 
 

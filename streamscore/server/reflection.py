@@ -8,6 +8,7 @@ servicer, its descriptors added to protobuf's default pool from v1alpha's.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -28,7 +29,9 @@ def add_reflection(
     streams in ``open_streams`` (see ``add_guarded``)."""
     _add_v1_descriptors()
     names = (reflection.SERVICE_NAME, V1_SERVICE)
-    servicer = reflection.aio.ReflectionServicer((*services, *names))
+    servicer = reflection.aio.ReflectionServicer(
+        (*services, *names), pool=_MethodsToo(descriptor_pool.Default())
+    )
     for name in names:
         add_guarded(
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
@@ -65,3 +68,28 @@ def _add_v1_descriptors() -> None:
 def _renamed(type_name: str, old: str, new: str) -> str:
     prefix = f".{old}."
     return f".{new}.{type_name[len(prefix) :]}" if type_name.startswith(prefix) else type_name
+
+
+class _MethodsToo:
+    """A descriptor pool whose ``FindFileContainingSymbol`` finds a service's methods
+    too (``grpcurl describe streamscore.v1.Scoring.Score``): protobuf's own finds
+    services, messages, fields and enums, not methods (grpc/grpc#34743)."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, name: str) -> Any:
+        try:
+            return self._pool.FindFileContainingSymbol(name)
+        except KeyError:
+            service_name, _, method = name.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                service = None
+            if service is None or method not in service.methods_by_name:
+                raise
+            return service.file
