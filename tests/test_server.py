@@ -257,7 +257,7 @@ async def test_a_live_event_time_far_ahead_of_the_clock_is_refused(
     """Live, an event time more than the allowed skew ahead of the server's clock is
     refused, as such an event is dead-lettered: mostly a unit mistake (here
     microseconds), which would skew the hour-of-day input. Within the skew it is
-    answered."""
+    answered. One before 2000 (seconds read as milliseconds) is refused too."""
     now_ms = int(time.time() * 1000)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await live_stub.Score(pb.ScoreRequest(transaction=transaction(event_time_ms=now_ms * 1000)))
@@ -268,6 +268,17 @@ async def test_a_live_event_time_far_ahead_of_the_clock_is_refused(
         pb.ScoreRequest(transaction=transaction(event_time_ms=now_ms + 60_000))
     )
     assert 0.0 <= answer.score <= 1.0
+    # Seconds, not milliseconds (and 0): 1970, which no payment scored now has.
+    for wrong in (now_ms // 1000, 0):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await live_stub.Score(pb.ScoreRequest(transaction=transaction(event_time_ms=wrong)))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert details.startswith("transaction.event_time_ms:") and "before 2000" in details
+    old = await live_stub.Score(
+        pb.ScoreRequest(transaction=transaction(event_time_ms=now_ms - 30 * 86_400_000))
+    )
+    assert 0.0 <= old.score <= 1.0  # a month late is late, not a unit mistake
 
 
 def test_lengths_are_checked_per_field_in_characters() -> None:

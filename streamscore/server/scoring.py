@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -53,6 +53,9 @@ STREAM_READ_AHEAD = 64
 # policy: the in-process ONNX fallback takes well under a millisecond.
 FALLBACK_RESERVE_S = 0.001
 READ_AHEAD_TASK = "ScoreStream read-ahead"
+# Live, an event time before 2000-01-01 is refused: a payment now has none, and it is
+# what a time in seconds looks like (1.7e9) read as milliseconds.
+EARLIEST_LIVE_MS = 946_684_800_000
 # A request as Score's deserializer gives it (server/wire.py).
 ScoreInput = PyScoreFields | MalformedRequest
 # (the request, when it was read on time.perf_counter, its answer's bytes to come)
@@ -167,6 +170,20 @@ class ScoringService(pb_grpc.ScoringServicer):
         # message is one an alert can match.
         log.warning("features are stale: answers are marked FEATURES_STALE", extra={"cause": cause})
 
+    def _refuse_event_time(self, event_time_ms: int, now_ms: int) -> NoReturn:
+        """A live event time that is no time in milliseconds of a payment now: more
+        than the skew ahead of the clock (as such an event is dead-lettered), or before
+        2000. Mostly a unit mistake (seconds; micro- or nanoseconds), which would skew
+        the hour-of-day input."""
+        if event_time_ms < EARLIEST_LIVE_MS:
+            why = "is before 2000 (seconds, not milliseconds?)"
+        else:
+            why = f"is more than {self.store.skew_ms} ms ahead of the server's clock ({now_ms})"
+        raise InvalidRequest(
+            "transaction.event_time_ms",
+            f"{event_time_ms} {why}; event times are milliseconds since the epoch",
+        )
+
     def _check_exact_for_all(self, fields: PyScoreFields, t_ms: int) -> None:
         """Replay mode: every entity of the transaction answers exactly as of ``t_ms``."""
         for entity_type, entity_id in (
@@ -212,16 +229,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         # None: not set (validation requires it in replay mode); 0 is a time.
         event_time_ms = now_ms if fields.event_time_ms is None else fields.event_time_ms
         t_ms = event_time_ms if self.replay else now_ms
-        if event_time_ms > now_ms + self.store.skew_ms and not self.replay:
-            # As an event from that far ahead is dead-lettered. Mostly a unit mistake
-            # (microseconds, nanoseconds), which would skew the hour-of-day input.
-            raise InvalidRequest(
-                "transaction.event_time_ms",
-                f"{event_time_ms} is more than {self.store.skew_ms} ms ahead of the server's "
-                f"clock ({now_ms}); event times are milliseconds since the epoch",
-            )
         if self.replay:
             self._check_exact_for_all(fields, t_ms)
+        elif not EARLIEST_LIVE_MS <= event_time_ms <= now_ms + self.store.skew_ms:
+            self._refuse_event_time(event_time_ms, now_ms)
         features = assemble_features(
             self.store,
             card_id=card_id,
