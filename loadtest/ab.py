@@ -243,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=at_least_one, default=5)
     p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")
     p.add_argument("--streams", type=at_least_one, default=2, help="ScoreStreams per client")
-    p.add_argument("--replica-seconds", type=float, default=400.0)
+    p.add_argument("--replica-seconds", type=positive, default=400.0)
     p.add_argument(
         "--model-echo",
         action="store_true",

@@ -46,7 +46,7 @@ from loadtest.servers import (
 from loadtest.workdir import work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
-from streamscore.argtypes import positive
+from streamscore.argtypes import positive, positives
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -155,7 +155,7 @@ async def _bench(args: argparse.Namespace, root: Path) -> None:
             if triton is not None:
                 targets.append(await triton_direct_target(triton, base, requests))
             rows: list[tuple[str, LoadResult, float]] = []
-            for rate in [float(r) for r in args.rates.split(",")]:
+            for rate in args.rates:
                 for target in targets:
                     before = cpu_seconds(target.pid)
                     result = await open_loop(target.call, rate, args.seconds)
@@ -219,7 +219,7 @@ def report(rows: list[tuple[str, LoadResult, float]], budget_ms: float) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="300,600,1000,1500")
+    parser.add_argument("--rates", type=positives, default=[300.0, 600.0, 1000.0, 1500.0])
     parser.add_argument("--seconds", type=positive, default=4.0)
     parser.add_argument("--budget-ms", type=positive, default=10.0)
     parser.add_argument("--backends", default="onnxruntime,torch,triton")

@@ -29,6 +29,7 @@ import uvloop
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.argtypes import positive
 from streamscore.config import Settings
 from streamscore.gc_tuning import tune_for_large_state
 from streamscore.server.app import ScoringServer
@@ -142,7 +143,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-repository", type=Path)
     p.add_argument("--rounds", type=int, default=200, help="of each kind of call")
-    p.add_argument("--interval", type=float, default=0.01, help="freeze interval, seconds")
+    p.add_argument("--interval", type=positive, default=0.01, help="freeze interval, seconds")
     p.add_argument("--client", metavar="TARGET", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.client:

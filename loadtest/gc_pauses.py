@@ -179,9 +179,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["on", "off", "both"], default="both")
     p.add_argument("--cards", type=int, default=300_000, help="card entities folded first")
     p.add_argument("--seconds", type=positive, default=30.0, help="of serving (default 30)")
-    p.add_argument("--rate", type=float, default=500.0, help="feature reads per second")
-    p.add_argument("--events-per-s", type=float, default=2000.0, help="new events folded")
-    p.add_argument("--interval", type=float, default=0.25, help="freeze interval (policy on)")
+    p.add_argument("--rate", type=positive, default=500.0, help="feature reads per second")
+    p.add_argument("--events-per-s", type=positive, default=2000.0, help="new events folded")
+    p.add_argument("--interval", type=positive, default=0.25, help="freeze interval (policy on)")
     p.add_argument("--json", type=Path, help="write the results here too")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     return p

@@ -358,12 +358,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flows", type=parse_flows, default="0,200,800", help="payment events/s, e.g. 0,200,800"
     )
-    p.add_argument("--score-rate", type=float, default=500.0, help="Score calls/s")
+    p.add_argument("--score-rate", type=positive, default=500.0, help="Score calls/s")
     p.add_argument("--seconds", type=positive, default=6.0, help="per phase")
     p.add_argument("--settle-s", type=float, default=1.0, help="before each phase")
     p.add_argument("--rounds", type=at_least_one, default=3)
     p.add_argument("--clients", type=at_least_one, default=2, help="load processes")
-    p.add_argument("--replica-seconds", type=float, default=400.0)
+    p.add_argument("--replica-seconds", type=positive, default=400.0)
     p.add_argument("--json", type=Path, help="also write the rows and steps here")
     return p
 

@@ -48,7 +48,7 @@ import uvloop
 
 from loadtest.client_pool import ClientPool, echo_rpc, realistic_events, score_requests
 from loadtest.servers import echo_process, load_features, serve_process
-from streamscore.argtypes import at_least_one
+from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
@@ -247,10 +247,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")
-    p.add_argument("--rate", type=float, default=1000.0, help="offered requests/s")
+    p.add_argument("--rate", type=positive, default=1000.0, help="offered requests/s")
     p.add_argument("--seconds", type=at_least_one, default=12, help="profiled seconds (default 12)")
     p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")
-    p.add_argument("--replica-seconds", type=float, default=400.0, help="of events folded")
+    p.add_argument("--replica-seconds", type=positive, default=400.0, help="of events folded")
     p.add_argument("--streams", type=at_least_one, default=2, help="ScoreStreams per client")
     p.add_argument("--out", type=Path, help="py-spy's raw samples (default: a temp file)")
     baseline = p.add_mutually_exclusive_group()

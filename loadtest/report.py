@@ -714,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shadows", default="2,3", help="shadow versions ('' for none)")
     parser.add_argument("--model-repository", type=Path, help="skip training, use this one")
     parser.add_argument(
-        "--replica-seconds", type=float, help="seconds of traffic in the replica (default 400)"
+        "--replica-seconds", type=positive, help="seconds of traffic in the replica (default 400)"
     )
     parser.add_argument("--no-pipeline", action="store_true", help="skip pipeline_bench")
     parser.add_argument("--pipeline-events", type=int, default=20_000)

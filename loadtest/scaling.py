@@ -402,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-p99-ms", type=positive, default=10.0)
     p.add_argument("--refine", type=int, default=2, help="bisection steps after each sweep")
     p.add_argument("--max-in-flight", type=int, default=2048, help="all clients together")
-    p.add_argument("--replica-seconds", type=float, default=400.0)
+    p.add_argument("--replica-seconds", type=positive, default=400.0)
     p.add_argument("--logs", type=Path, default=Path("scaling-logs"), help="server logs here")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="PNG: max rate in budget vs processes")

@@ -342,6 +342,30 @@ def test_sweep_refuses_a_step_that_measures_nothing(
 
 
 @pytest.mark.parametrize(
+    ("module", "flag", "value"),
+    [
+        ("loadtest.backend_bench", "--rates", "0"),
+        ("loadtest.backend_bench", "--rates", "300,nan"),
+        ("loadtest.gc_pauses", "--rate", "0"),
+        ("loadtest.load_profile", "--rate", "inf"),
+        ("loadtest.ingest_cost", "--score-rate", "-1"),
+    ],
+)
+def test_every_load_tool_refuses_a_rate_that_is_no_rate(module: str, flag: str, value: str) -> None:
+    """At once, exit 2, naming it: a rate of 0 ran a whole benchmark of 0/s, nan
+    crashed after starting its servers, and gc_pauses divided by 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"argument {flag}: must be a finite number more than 0" in done.stderr
+
+
+@pytest.mark.parametrize(
     ("sig", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "term"]
 )
 async def test_an_interrupted_sweep_keeps_its_finished_steps(

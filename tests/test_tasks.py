@@ -69,12 +69,13 @@ async def test_a_part_whose_task_failed_still_stops_without_raising(
 ) -> None:
     """The rollout manager's shadow worker dies: the failure is kept, and ``stop`` (which
     the server calls before stopping the model registry) returns instead of raising."""
+    from streamscore.server.comparisons import Comparisons
     from streamscore.server.rollout import RolloutManager
 
-    async def dies(self: RolloutManager) -> None:
+    async def dies(self: Comparisons) -> None:
         raise RuntimeError("shadow backend exploded")
 
-    monkeypatch.setattr(RolloutManager, "_shadow_worker", dies)
+    monkeypatch.setattr(Comparisons, "_work", dies)
     manager = RolloutManager(registry=SimpleNamespace())  # type: ignore[arg-type]  # unused
     await manager.start()
     for _ in range(3):
