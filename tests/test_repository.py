@@ -494,6 +494,26 @@ def test_serve_on_a_corrupt_model_stops_with_one_line(
     assert "INVALID_PROTOBUF" in err[0]
 
 
+@pytest.mark.parametrize("layout", ["empty", "absent"])
+def test_serve_with_no_model_says_which_and_how_to_make_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str
+) -> None:
+    """`serve` before `train`: it stopped on "not enough values to unpack (expected at
+    least 1, got 0)", naming neither the repository nor the model."""
+    from streamscore.cli import main
+
+    repository = tmp_path / "models"
+    if layout == "empty":
+        repository.mkdir()
+    argv = ["serve", "--kafka", "127.0.0.1:9", "--port", "0", "--model-repository"]
+    assert main([*argv, str(repository), "--log-format", "text"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"streamscore: no versions of model 'fraud_mlp' under {repository} "
+        f"(streamscore train --model-repository {repository} makes one)"
+    ]
+
+
 def misdescribe_a_version(repository: Path, directory: int, changes: dict[str, object]) -> None:
     """A copy of version 1 renamed in as ``directory``, its metadata changed as given."""
     staging = repository / MODEL / f".{directory}.staging"

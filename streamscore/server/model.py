@@ -261,5 +261,8 @@ def latest_version(repository: Path, name: str) -> Path:
     """The directory of the highest numeric version of a model."""
     versions = version_dirs(repository, name)
     if not versions:
-        raise FileNotFoundError(f"no versions of model {name!r} under {repository}")
+        raise FileNotFoundError(
+            f"no versions of model {name!r} under {repository} "
+            f"(streamscore train --model-repository {repository} makes one)"
+        )
     return versions[-1]

@@ -162,7 +162,10 @@ class ModelRegistry:
     async def _load_an_older_one(self, error: Exception) -> ServedModel | None:
         """After the newest version failed to load with ``error``: the newest version
         below it that loads (the failures logged), or None."""
-        newest, *older = reversed(version_dirs(self.repository, self.name))
+        versions = version_dirs(self.repository, self.name)
+        if len(versions) < 2:
+            return None  # (none at all: the caller raises the load's own error)
+        newest, *older = reversed(versions)
         for directory in older:
             try:
                 served = await self._load(directory)
