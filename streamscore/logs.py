@@ -192,6 +192,8 @@ class RepeatLimiter(logging.Filter):
         many others were held back before it (at exit: nothing follows to say it)."""
         held = [(n, record) for _, n, record in self._last.values() if record is not None]
         self._last.clear()
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            return  # its stream closed before the exit (a test's captured stderr)
         for n, record in held:
             if n > 1:
                 record.repeats_held_back = n - 1

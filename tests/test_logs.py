@@ -204,6 +204,28 @@ def test_a_librarys_repeated_errors_are_limited_and_counted() -> None:
     assert reasons == [True, False, True]
 
 
+def test_lines_held_back_for_a_stream_closed_since_are_dropped_quietly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """At exit, the held-back lines of a handler whose stream was closed before (a test
+    run's captured stderr, closed by pytest) printed "--- Logging error ---" and a
+    traceback after the test summary."""
+    import io
+
+    from streamscore.logs import RepeatLimiter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    limiter = RepeatLimiter()
+    for _ in range(3):
+        record = logging.LogRecord("aiokafka", logging.ERROR, __file__, 1, "down %s", ("x",), None)
+        if limiter.filter(record):
+            handler.handle(record)
+    stream.close()
+    limiter.flush(handler)
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_the_count_held_back_after_the_last_line_is_written_at_exit() -> None:
     """A burst of bad events, then none: the line after the burst that would have said
     how many were held back never came, so the log undercounted for good. At exit the
