@@ -5,7 +5,7 @@
 
 What it starts (all its own processes, stopped at the end): a freshly trained model
 (``streamscore train``) unless ``--model-repository`` is given; the embedded broker
-with a replica's worth of synthetic traffic (``backend_bench.load_features``); the
+with a replica's worth of synthetic traffic (``servers.load_features``); the
 bare grpc.aio echo server (``echo_server.py``, the baseline: measured on unary Score
 as ``echo`` and, when ScoreStream configurations run, on ScoreStream as
 ``echo, ScoreStream``); the model echo (``echo_server.py --model-repository``: the
@@ -15,8 +15,8 @@ with an empty Score, the server around Score, as ``null Score`` and ``null Score
 ScoreStream``); one ``streamscore serve`` per configuration: each backend
 (onnxruntime, torch; triton when ``backend_bench`` can start a tritonserver here)
 with batching on and off (``STREAMSCORE_BATCHING``), onnxruntime with two shadow
-versions (copies of the primary, ``backend_bench.add_copy``), and ScoreStream on
-onnxruntime; then the open loop of ``sweep.py`` (client processes, latency from the
+versions (copies of the primary, ``servers.add_copy``), and ScoreStream on
+onnxruntime; then the open loop of ``client_pool.py`` (client processes, latency from the
 intended send time, HdrHistogram) at fixed offered rates, configurations interleaved
 (order rotated each round), ``--rounds`` times; medians are quoted. Server CPU per
 request comes from /proc. The "vs echo" ratios compare unary rows with ``echo`` and

@@ -93,7 +93,7 @@ class ServedModel:
         # version): the registry reloads it when they change.
         self.fingerprint = version_fingerprint(directory)
         # One per load: a version replaced in place is a new model under the same key,
-        # so comparisons made against the old one start again (rollout.py).
+        # so comparisons made against the old one start again (comparisons.py).
         self.serial = next(_LOADS)
         self.metadata = ModelMetadata.load(directory / "metadata.json")
         check_served(directory, self.metadata, feature_names)
