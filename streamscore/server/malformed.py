@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 M = TypeVar("M", bound=Message)
@@ -44,9 +44,14 @@ class MalformedRequest:
         )
 
 
-def parsed_or_malformed(message: M, data: bytes) -> M | MalformedRequest:
-    """A message protobuf parsed from ``data``, or a ``MalformedRequest`` naming a
-    field sent as another type (see ``mistyped_field``)."""
+def parse_lenient(message_type: type[M], data: bytes) -> M | MalformedRequest:
+    """``data`` parsed by protobuf as ``message_type``; never raises: bytes that are not
+    such a message, or one with a field sent as another type (``mistyped_field``),
+    give a ``MalformedRequest``."""
+    try:
+        message = message_type.FromString(data)
+    except DecodeError:
+        return MalformedRequest(message_type.DESCRIPTOR, data)
     mistyped = mistyped_field(message)
     return message if mistyped is None else MalformedRequest(message.DESCRIPTOR, data, mistyped)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from operator import attrgetter
 from typing import Any
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.server.errors import InvalidRequest
-from streamscore.server.malformed import MalformedRequest, parsed_or_malformed
+from streamscore.server.malformed import MalformedRequest, parse_lenient
 from streamscore.server.wire import PyScoreFields
 from streamscore.stream.features import ENTITY_TYPES
 
@@ -22,15 +23,7 @@ _transaction_strings = attrgetter(*_REQUIRED_IDS, *_OPTIONAL_STRINGS)
 
 def lenient_parser(message_type: type[Message]) -> Any:
     """A request deserializer that never raises (see ``MalformedRequest``)."""
-    descriptor = message_type.DESCRIPTOR
-
-    def parse(data: bytes) -> Message | MalformedRequest:
-        try:
-            return parsed_or_malformed(message_type.FromString(data), data)
-        except DecodeError:
-            return MalformedRequest(descriptor, data)
-
-    return parse
+    return functools.partial(parse_lenient, message_type)
 
 
 def _check_parsed(request: object) -> None:

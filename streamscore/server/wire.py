@@ -19,10 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from google.protobuf.message import DecodeError
-
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.malformed import MalformedRequest, parsed_or_malformed
+from streamscore.server.malformed import MalformedRequest, parse_lenient
 
 
 class PyScoreFields(NamedTuple):
@@ -77,10 +75,7 @@ def _decode_py(data: bytes) -> PyScoreFields | None:
 def _parse_py(data: bytes) -> PyScoreFields | MalformedRequest:
     """The request through protobuf: its record, or a ``MalformedRequest`` for bytes
     that are not a message, or a message with a field sent as another type."""
-    try:
-        request = parsed_or_malformed(pb.ScoreRequest.FromString(data), data)
-    except DecodeError:
-        return MalformedRequest(pb.ScoreRequest.DESCRIPTOR, data)
+    request = parse_lenient(pb.ScoreRequest, data)
     if isinstance(request, MalformedRequest):
         return request
     return fields_of_message(request, len(data))

@@ -16,7 +16,6 @@ import orjson
 from prometheus_client import Counter
 
 from streamscore.stream.events import InvalidEvent, PaymentEvent, parse_event
-from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import route_events
 from streamscore.stream.watermarks import WatermarkCheckpoints
 
@@ -73,12 +72,12 @@ def dead_letter_record(raw: bytes | None, error: InvalidEvent, source: dict[str,
 
 
 class BatchRouter:
-    """Routes the worker's batches (``route``); the topics are Faust's (``send`` gives
-    a delivery to await)."""
+    """Routes the worker's batches (``route``), judging each event by the event-time
+    rules of ``positions`` (its gate and checkpoints); the topics are Faust's
+    (``send`` gives a delivery to await)."""
 
     def __init__(
         self,
-        gate: EventTimeGate,
         positions: WatermarkCheckpoints,
         *,
         dead_letters: Any,
@@ -86,7 +85,6 @@ class BatchRouter:
         watermarks: Any,
         entity_events_partitions: int,
     ) -> None:
-        self.gate = gate
         self.positions = positions
         self.dead_letters = dead_letters
         self.entity_events = entity_events
@@ -109,16 +107,8 @@ class BatchRouter:
             self.positions.routed(message.partition, message.offset)
             try:
                 payment = parse_event(raw)
-                if self.positions.refused_before(message.partition, message.offset):
-                    raise InvalidEvent(
-                        "future",
-                        f"event_time_ms {payment.event_time_ms} was beyond the allowed "
-                        "clock skew when the event was first read",
-                    )
-                self.gate.admit(payment, message.partition)
+                self.positions.admit(payment, message.partition, message.offset)
             except InvalidEvent as error:
-                if error.reason == "future":
-                    self.positions.refused_as_future(message.partition, message.offset)
                 DEAD_LETTERS.labels(error.reason).inc()
                 EVENTS.labels("dead_lettered").inc()
                 source = {

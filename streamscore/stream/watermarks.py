@@ -42,7 +42,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamscore.stream import kafka_compat, kafka_security
-from streamscore.stream.events import InvalidEvent, parse_event
+from streamscore.stream.events import InvalidEvent, PaymentEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import PAYMENTS, WATERMARKS
 
@@ -103,6 +103,24 @@ class WatermarkCheckpoints:
     def routed(self, partition: int, offset: int) -> None:
         """An event was routed or dead-lettered: the gate's watermark now covers it."""
         self._next[partition] = offset + 1
+
+    def admit(self, event: PaymentEvent, partition: int, offset: int) -> None:
+        """The event-time rules for the event at ``offset``: ``InvalidEvent`` when it
+        is refused, as ``gate.admit``; one refused as from the future is remembered
+        for the next checkpoint, and one a checkpoint says was refused so is refused
+        again (``refused_before``)."""
+        try:
+            if self.refused_before(partition, offset):
+                raise InvalidEvent(
+                    "future",
+                    f"event_time_ms {event.event_time_ms} was beyond the allowed clock "
+                    "skew when the event was first read",
+                )
+            self.gate.admit(event, partition)
+        except InvalidEvent as error:
+            if error.reason == "future":
+                self.refused_as_future(partition, offset)
+            raise
 
     def refused_before(self, partition: int, offset: int) -> bool:
         """Whether a checkpoint says the event at ``offset`` was refused as from the

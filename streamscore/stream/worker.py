@@ -103,7 +103,6 @@ def create_app(
     positions = WatermarkCheckpoints(bootstrap, event_gate)
 
     router = BatchRouter(
-        event_gate,
         positions,
         dead_letters=dead_letters,
         entity_events=entity_events,
