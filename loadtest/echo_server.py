@@ -7,7 +7,7 @@ is a plain ``async for ... yield`` handler (answers in request order, like
 streamscore's async generator, without its read-ahead), so ScoreStream rows have a
 streaming baseline rather than the unary one.
 
-    python loadtest/echo_server.py --port 50099
+    python -m loadtest.echo_server --port 50099
 
 ``--reuseport`` lets several echo processes share one port (the baseline for
 ``serve --workers N``; see ``loadtest/scaling.py``).
@@ -21,7 +21,7 @@ the echo is the model's own cost on the serving loop; Score over the model echo 
 everything else Score does (features, batcher, rollout, response, metrics): the most
 a faster Score body could save.
 
-    python loadtest/echo_server.py --port 50099 --model-repository DIR
+    python -m loadtest.echo_server --port 50099 --model-repository DIR
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
    worker's format; a fresh ``FeatureReplica`` folds it until caught up (what a
    restarted server does), timed.
 
-    python loadtest/feature_bench.py --events 50000 --recovery-cards 1000000
+    python -m loadtest.feature_bench --events 50000 --recovery-cards 1000000
 """
 
 from __future__ import annotations

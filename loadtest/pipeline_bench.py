@@ -10,7 +10,7 @@ then measures, in one run:
 3. Score latency, one request in flight, unary and on one ScoreStream, with the
    server's CPU time per request read from /proc (the steadiest figure on a noisy box).
 
-    python loadtest/pipeline_bench.py --events 20000 --requests 3000
+    python -m loadtest.pipeline_bench --events 20000 --requests 3000
 """
 
 from __future__ import annotations

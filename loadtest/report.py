@@ -65,6 +65,15 @@ from loadtest.report_output import Summary, plot, write_section
 from streamscore.argtypes import at_least_one, positive, positives
 
 HERE = Path(__file__).resolve().parent
+
+
+def pipeline_arguments(events: int, requests: int) -> list[str]:
+    """pipeline_bench's arguments after the interpreter, as the report runs it (from
+    the repository root) and prints it: as a module, like every tool here, since it
+    imports its neighbours as ``loadtest.*`` (run as a script it cannot)."""
+    return ["-m", "loadtest.pipeline_bench", "--events", str(events), "--requests", str(requests)]
+
+
 ECHO = "echo"  # the echo server's key, and its unary Score configuration
 ECHO_STREAM = "echo, ScoreStream"  # the echo server's ScoreStream configuration
 # The model echo (echo_server.py --model-repository): the echo plus Score's one model
@@ -453,13 +462,9 @@ class Suite:
     async def pipeline(self, base: Path) -> None:
         argv = [
             sys.executable,
-            str(HERE / "pipeline_bench.py"),
+            *pipeline_arguments(self.args.pipeline_events, self.args.pipeline_requests),
             "--model-repository",
             str(base),
-            "--events",
-            str(self.args.pipeline_events),
-            "--requests",
-            str(self.args.pipeline_requests),
         ]
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -654,14 +659,7 @@ class Suite:
         )
         if self.pipeline_output:
             pipeline_command = shlex.join(
-                [
-                    "python",
-                    "loadtest/pipeline_bench.py",
-                    "--events",
-                    str(args.pipeline_events),
-                    "--requests",
-                    str(args.pipeline_requests),
-                ]
+                ["python", *pipeline_arguments(args.pipeline_events, args.pipeline_requests)]
             )
             lines += [
                 "",

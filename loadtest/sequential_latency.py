@@ -2,7 +2,7 @@
 
 Talks to a running server only through the public gRPC API. Usage:
 
-    python loadtest/sequential_latency.py --target 127.0.0.1:50051 --requests 2000
+    python -m loadtest.sequential_latency --target 127.0.0.1:50051 --requests 2000
 
 It also reports the server's own timings (total_us from each response), which shows
 how much of the latency is gRPC and the network stack rather than our code.

@@ -365,6 +365,47 @@ def test_every_load_tool_refuses_a_rate_that_is_no_rate(module: str, flag: str, 
     assert f"argument {flag}: must be a finite number more than 0" in done.stderr
 
 
+TOOLS = sorted(
+    path.stem
+    for path in (ROOT / "loadtest").glob("*.py")
+    if 'if __name__ == "__main__":' in path.read_text()
+)
+
+
+def test_every_load_tool_starts_as_its_usage_says() -> None:
+    """Each tool runs as ``python -m loadtest.NAME`` from the repository root, the one
+    form its usage line and the README give (run as a script, a tool importing its
+    neighbours as ``loadtest.*`` cannot start: the report's pipeline step failed so),
+    and the report runs pipeline_bench in that form."""
+    from loadtest.report import pipeline_arguments
+
+    assert len(TOOLS) >= 15, TOOLS
+    commands = {name: ["-m", f"loadtest.{name}"] for name in TOOLS}
+    commands["report's pipeline step"] = pipeline_arguments(10, 10)
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, *argv, "--help"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, argv in commands.items()
+    }
+    failed = {}
+    for name, process in running.items():
+        output, _ = process.communicate(timeout=120)
+        if process.returncode != 0 or "usage:" not in output:
+            failed[name] = output[-500:]
+    assert not failed, failed
+    documented_as_scripts = [
+        name
+        for name in TOOLS
+        if "python loadtest/" in (ROOT / "loadtest" / f"{name}.py").read_text()
+    ]
+    assert not documented_as_scripts
+
+
 @pytest.mark.parametrize(
     ("sig", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c", "term"]
 )
