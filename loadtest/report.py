@@ -213,6 +213,10 @@ class Suite:
         self.args = args
         self.root = Path(tempfile.mkdtemp(prefix="streamscore-report-"))
         self.notes: list[str] = []
+        # Parts of the suite that failed: the report is still written, with their
+        # output, and the command exits 1 naming them (a report "done" with a traceback
+        # in its pipeline section went unnoticed).
+        self.failed: list[str] = []
         self.rows: list[tuple[Config, Row]] = []
         self.train_line = ""
         self.pipeline_output = ""
@@ -477,10 +481,11 @@ class Suite:
         except TimeoutError:
             process.kill()
             output, _ = await process.communicate()
-            self.notes.append("pipeline_bench did not finish within 900 s (killed)")
+            self.failed.append("pipeline_bench did not finish within 900 s (killed)")
         text = output.decode(errors="replace")
-        if process.returncode not in (0, None):
-            self.notes.append(f"pipeline_bench exited with code {process.returncode}")
+        if process.returncode not in (0, None) and not self.failed:
+            self.failed.append(f"pipeline_bench exited with code {process.returncode}")
+        self.notes += self.failed
         # Its own lines only (the children's logs go to files; drop any stray log lines).
         self.pipeline_output = "\n".join(
             line for line in text.splitlines() if not re.match(r"^\d{4}-\d\d-\d\d ", line)
@@ -733,12 +738,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     started = time.perf_counter()
+    suite = Suite(args)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
-            runner.run(Suite(args).run())
+            runner.run(suite.run())
         except RuntimeError as error:  # a server or client failed: say why, no traceback
             print(f"report failed: {error}", file=sys.stderr)
             return 1
+    if suite.failed:
+        print(f"report written, but part of it failed: {'; '.join(suite.failed)}", file=sys.stderr)
+        return 1
     print(f"report done in {time.perf_counter() - started:.0f} s")
     return 0
 

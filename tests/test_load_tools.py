@@ -535,6 +535,28 @@ async def test_report_quick(trained_model: Path, tmp_path: Path) -> None:
     assert json.loads((plots / "report.json").read_text())["rows"]
 
 
+async def test_a_failed_pipeline_step_is_named_and_fails_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report is still written with what the step printed, and the step is named
+    among the notes and as a failure (main exits 1 on it)."""
+    import loadtest.report as report
+
+    monkeypatch.setattr(
+        report,
+        "pipeline_arguments",
+        lambda events, requests: ["-c", "import sys; print('Traceback: boom'); sys.exit(3)"],
+    )
+    suite = report.Suite(argparse.Namespace(pipeline_events=10, pipeline_requests=10))
+    try:
+        await suite.pipeline(tmp_path)
+    finally:
+        shutil.rmtree(suite.root, ignore_errors=True)
+    assert suite.failed == ["pipeline_bench exited with code 3"]
+    assert suite.failed[0] in suite.notes
+    assert "Traceback: boom" in suite.pipeline_output
+
+
 def test_report_section_replaces_only_between_markers(tmp_path: Path) -> None:
     from loadtest.report import write_section
 
