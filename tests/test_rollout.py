@@ -9,6 +9,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -959,6 +960,46 @@ async def test_a_rollback_reason_is_bounded_so_admin_answers_stay_within_grpcs_l
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert len(status.rollbacks) == 100
         assert {r.reason for r in status.rollbacks} == {"z" * 999 + "…"}
+
+
+def rollbacks_counted(server: ScoringServer) -> float:
+    """The rollbacks counter as /metrics exports it (the server's scrape-time metrics)."""
+    from streamscore.server.collector import ServerCollector
+
+    samples = (sample for metric in ServerCollector(server).collect() for sample in metric.samples)
+    return next(s.value for s in samples if s.name == "streamscore_rollout_rollbacks_total")
+
+
+async def test_the_rollbacks_a_process_keeps_stay_bounded_and_its_counter_only_grows(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The file kept the last 100 rollbacks, but the process's list grew with every one,
+    and every Admin answer carries it: past ~257 rollbacks of 1,000 characters every
+    Admin call failed RESOURCE_EXHAUSTED until a restart. And the rollbacks counter was
+    that list's length: adopting another process's stored list moved it back."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    made = 120
+    async with server_on(repository) as (_, admin, server):
+        for i in range(made):
+            await set_rollout(admin, canary_version="2", canary_percent=10)
+            await admin.Rollback(apb.RollbackRequest(reason=f"{i:04}" + "r" * 996), metadata=AUTH)
+        status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+        assert len(status.rollbacks) == 100
+        assert status.rollbacks[-1].reason.startswith(f"{made - 1:04}")
+        assert len(server.rollouts.rollbacks) == 100
+        assert rollbacks_counted(server) == made
+        # Another process of the host changes the rollout; this one adopts it, with
+        # the stored list, and its own count stays.
+        async with server_on(repository) as (_, other, _):
+            changed = await set_rollout(other, canary_version="2", canary_percent=5)
+        deadline = time.monotonic() + 10
+        while server.rollouts.state.generation != changed.rollout.generation:
+            assert time.monotonic() < deadline, "the stored change was never adopted"
+            await asyncio.sleep(0.05)
+        assert len(server.rollouts.rollbacks) == 100
+        assert rollbacks_counted(server) == made
 
 
 async def test_a_changed_setting_is_applied_over_the_stored_rollout_alone(

@@ -63,7 +63,9 @@ def _rollout_metrics(rollouts: RolloutManager) -> Iterator[Metric]:
         rollouts.state.canary_percent,
     )
     yield _counter(
-        "streamscore_rollout_rollbacks", "Canary rollbacks so far.", len(rollouts.rollbacks)
+        "streamscore_rollout_rollbacks",
+        "Canary rollbacks made by this process (manual and automatic).",
+        rollouts.rollbacks_made,
     )
     yield _counter(
         "streamscore_shadow_dropped",

@@ -126,7 +126,12 @@ class RolloutManager:
         self.poll_s = poll_s
         self.policy = policy or RollbackPolicy()
         self.state = RolloutState()
+        # The last ROLLBACKS_KEPT rollbacks, as stored: every Admin answer carries them,
+        # so the list must not grow with the process's age (past ~250 the answers
+        # exceeded gRPC's message limit). ``rollbacks_made``: this process's own, for
+        # its counter, which adopting another process's stored list must not move back.
         self.rollbacks: list[RollbackRecord] = []
+        self.rollbacks_made = 0
         # Set by the server when the decision log is on: shadow decisions go there too.
         self.decisions: DecisionLog | None = None
         self.failure: BaseException | None = None
@@ -269,7 +274,7 @@ class RolloutManager:
             return
         data = {
             **dataclasses.asdict(self.state),
-            "rollbacks": [dataclasses.asdict(r) for r in self.rollbacks[-ROLLBACKS_KEPT:]],
+            "rollbacks": [dataclasses.asdict(r) for r in self.rollbacks],
             # The settings' rollout it started from: other settings at a start are a
             # change to apply, the same ones a restart that keeps what changed since.
             "settings": _settings_of(self._initial),
@@ -294,7 +299,7 @@ class RolloutManager:
 
     async def _adopt(self, state: RolloutState, rollbacks: list[RollbackRecord]) -> None:
         await self._load(state)
-        self.rollbacks = list(rollbacks)
+        self.rollbacks = list(rollbacks)[-ROLLBACKS_KEPT:]
         await self._switch(state, "rollout adopted")
 
     async def _follow(self) -> None:
@@ -488,6 +493,8 @@ class RolloutManager:
             )
         record = RollbackRecord(state.canary, reason, time.time_ns() // 1_000_000, automatic)
         self.rollbacks.append(record)
+        del self.rollbacks[:-ROLLBACKS_KEPT]
+        self.rollbacks_made += 1
         log.warning(
             "canary rolled back",
             extra={"version": state.canary, "reason": reason, "automatic": automatic},
