@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamscore.server.backends.base import BackendUnavailable
-from streamscore.server.model import version_dirs
+from streamscore.server.backends.factory import import_backend_modules
+from streamscore.server.model import ModelMetadata, version_dirs
 from streamscore.server.model_repository import (
     ModelRepository,
     primary_dir,
@@ -33,7 +34,7 @@ from streamscore.server.served_model import (
     ModelLoadError,
     ServedModel,
 )
-from streamscore.tasks import cancel_and_wait, start_background
+from streamscore.tasks import cancel_and_wait, in_daemon_thread, start_background
 
 log = logging.getLogger("streamscore.models")
 
@@ -92,6 +93,21 @@ class ModelRegistry:
         assert self._primary is not None, "registry not started"
         return self._primary
 
+    def _backends_named(self) -> set[str]:
+        """The backends the model's version directories name (unreadable ones skipped:
+        their own loads say why)."""
+        named = set()
+        for directory in version_dirs(self.repository, self.name):
+            with contextlib.suppress(OSError, ValueError):
+                named.add(ModelMetadata.load(directory / "metadata.json").backend)
+        return named
+
+    async def _build(self, directory: Path) -> ServedModel:
+        """``_served`` off the event loop: a backend's first construction imports its
+        library (torch: ~2 s of CPU), which held a serving loop that long. In a thread
+        the loop still runs, with pauses while the import holds the GIL."""
+        return await in_daemon_thread(lambda: self._served(directory), name="model-load")
+
     def _served(self, directory: Path) -> ServedModel:
         return ServedModel(
             directory,
@@ -113,7 +129,7 @@ class ModelRegistry:
     async def _load(self, directory: Path | None = None) -> ServedModel:
         directory = directory or self._target_dir()
         try:
-            served = self._served(directory)
+            served = await self._build(directory)
             timings = await served.start()
         except (FileNotFoundError, PermissionError) as error:
             # A version without its metadata or model file, or one not readable: as
@@ -139,6 +155,11 @@ class ModelRegistry:
         return served
 
     async def start(self) -> None:
+        # The libraries of every backend the repository's versions name, before serving:
+        # a version published or named by the rollout later then loads without them.
+        await in_daemon_thread(
+            lambda: import_backend_modules(self._backends_named()), name="backend-imports"
+        )
         self._fingerprint = self._scan()
         try:
             self._primary = await self._load()
@@ -205,7 +226,7 @@ class ModelRegistry:
             with contextlib.suppress(KeyError):
                 return self.get(name, version)
             directory = ModelRepository(self.repository).version_path(name, version)
-            served = self._served(directory)
+            served = await self._build(directory)
             await served.start()
             self._others[served.key] = served
             return served

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from streamscore.server.backends.base import Backend, BackendUnavailable
@@ -43,3 +44,24 @@ def create_backend(
 
         return TensorRTBackend(version_dir / "model.onnx", k, limit)
     raise BackendUnavailable(f"unknown backend {metadata.backend!r}")
+
+
+# The modules of the backends imported on first use, and what they import: torch's
+# takes about 2 s of CPU, which held a serving event loop that long when a torch
+# version was first published or named by the rollout.
+BACKEND_MODULES = {
+    "torch": "streamscore.server.backends.torch_backend",
+    "triton": "streamscore.server.backends.triton_backend",
+    "tensorrt": "streamscore.server.backends.tensorrt_backend",
+}
+
+
+def import_backend_modules(backends: set[str]) -> None:
+    """Import the modules of ``backends`` now (at a server's start, before it serves,
+    for the versions its repository holds). One that cannot import is left to the
+    version's own load, which says why."""
+    for backend in sorted(backends & BACKEND_MODULES.keys()):
+        try:
+            importlib.import_module(BACKEND_MODULES[backend])
+        except Exception:  # reported by the load that needs it
+            continue
