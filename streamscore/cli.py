@@ -289,6 +289,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if args.action == "models":
             listed = stub.ListModels(apb.ListModelsRequest(), metadata=metadata, timeout=10)
             for info in listed.versions:
+                if info.error:
+                    print(f"{info.name} {info.version}: cannot be served: {info.error}")
+                    continue
                 state = "loaded" if info.loaded else "not loaded"
                 print(f"{info.name} {info.version}: {info.backend}, {state}")
             return 0

@@ -251,6 +251,34 @@ async def test_admin_refuses_unknown_versions_naming_the_field(
         assert "no canary to roll back" in (caught.value.details() or "")
 
 
+async def test_a_version_that_cannot_be_served_is_listed_as_such_and_refused_by_field(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A copied version directory (its metadata names version 1) or one without
+    metadata.json made ListModels fail INVALID_ARGUMENT, the whole list lost, and a
+    SetRollout naming it was refused without naming the field (audit AF)."""
+    async with serving(trained_model, tmp_path) as (_, admin, _, repository):
+        shutil.copytree(repository / MODEL / "1", repository / MODEL / "8")
+        shutil.copytree(repository / MODEL / "1", repository / MODEL / "9")
+        (repository / MODEL / "9" / "metadata.json").unlink()
+        listed = await admin.ListModels(apb.ListModelsRequest(), metadata=AUTH)
+        by_version = {v.version: v for v in listed.versions}
+        assert list(by_version) == ["1", "2", "3", "4", "8", "9"]
+        assert all(by_version[v].backend == "onnxruntime" for v in "1234")
+        assert not any(by_version[v].error for v in "1234")
+        for version in ("8", "9"):
+            assert by_version[version].backend == "" and by_version[version].error
+            assert str(repository) not in by_version[version].error
+        assert "describes fraud_mlp v1" in by_version["8"].error
+        for version in ("8", "9"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await set_rollout(admin, canary_version=version, canary_percent=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = caught.value.details() or ""
+            assert details.startswith("rollout.canary_version: "), details
+            assert str(repository) not in details
+
+
 async def test_unpinning_cannot_make_a_candidate_the_primary(
     trained_model: Path, tmp_path: Path
 ) -> None:

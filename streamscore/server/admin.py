@@ -166,7 +166,8 @@ class AdminService(apb_grpc.AdminServicer):
         name = self.rollouts.registry.name
         if wanted.model_name and wanted.model_name != name:
             raise InvalidRequest("rollout.model_name", f"this server serves {name!r} only")
-        known = set(ModelRepository(self.rollouts.registry.repository).versions(name))
+        repository = ModelRepository(self.rollouts.registry.repository)
+        known = set(repository.versions(name))
         named = [
             ("rollout.primary_version", wanted.primary_version),
             ("rollout.canary_version", wanted.canary_version),
@@ -182,6 +183,12 @@ class AdminService(apb_grpc.AdminServicer):
             if version and version not in known:
                 shown = version if len(version) <= 32 else f"{version[:32]}..."
                 raise InvalidRequest(field, f"no version {shown!r} of model {name!r}")
+            if version:
+                try:
+                    repository.metadata(name, version)
+                except (ValueError, OSError) as error:
+                    # A copied directory, a metadata.json missing or malformed.
+                    raise InvalidRequest(field, self._public(error)) from error
         # Each version in one role: a canary or shadow of the primary itself, or a
         # shadow twice, would only compare a version with itself.
         # Unpinned, the primary is the repository's highest version (the registry's,
@@ -202,18 +209,21 @@ class AdminService(apb_grpc.AdminServicer):
             registry = self.rollouts.registry
             repository = ModelRepository(registry.repository)
             loaded = set(registry.loaded())
-            return apb.ListModelsResponse(
-                versions=[
-                    apb.ModelVersionInfo(
-                        name=name,
-                        version=version,
-                        backend=repository.metadata(name, version).backend,
-                        loaded=(name, version) in loaded,
+            versions = []
+            for name in repository.models():
+                for version in repository.versions(name):
+                    info = apb.ModelVersionInfo(
+                        name=name, version=version, loaded=(name, version) in loaded
                     )
-                    for name in repository.models()
-                    for version in repository.versions(name)
-                ]
-            )
+                    try:
+                        info.backend = repository.metadata(name, version).backend
+                    except (ValueError, OSError) as error:
+                        # A copied directory, a missing or malformed metadata.json:
+                        # said for that version; the caller sent nothing wrong, and
+                        # the other versions are still listed.
+                        info.error = self._public(error)
+                    versions.append(info)
+            return apb.ListModelsResponse(versions=versions)
 
         return await self._call("ListModels", context, action)
 
