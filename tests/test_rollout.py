@@ -598,6 +598,33 @@ async def test_an_automatic_rollback_during_a_change_is_not_undone(
         assert rollouts.state.canary_percent == 10.0 and len(rollouts.rollbacks) == 1
 
 
+async def test_calls_queued_on_a_slow_fallback_past_their_deadline_are_refused(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A version slower than the budget has every call shed by its batcher and answered
+    by its fallback, which runs one call at a time: 60 at once were all answered, up
+    to 400 ms past a 5 ms budget, none refused (audit AF). Now a call whose turn on the
+    fallback would end past its deadline is refused RESOURCE_EXHAUSTED at once."""
+    async with serving(trained_model, tmp_path, model_version="4", budget_ms=5) as (
+        scoring,
+        _,
+        _,
+        _,
+    ):
+        await scoring.Score(request(0, "warm"), timeout=10)  # the fallback's cost measured
+
+        async def one(i: int) -> str:
+            try:
+                answer = await scoring.Score(request(i, f"card-{i}"), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                return error.code().name
+            assert list(answer.degraded) == [pb.DEADLINE_FALLBACK]
+            return "OK"
+
+        codes = await asyncio.gather(*(one(i) for i in range(60)))
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+
+
 async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

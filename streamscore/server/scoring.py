@@ -416,7 +416,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         else:
             # The backend is known down: straight to the fallback, no wasted call.
             reason, error = pb.FALLBACK_MODEL, "circuit open"
-        fallback = await served.fallback_score(vector)
+        fallback = await served.fallback_score(vector, budget_end)
         if fallback is None:
             raise BackendFailed(f"no fallback model after a {error} failure")
         degraded.append(reason)

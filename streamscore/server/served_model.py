@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from operator import itemgetter
@@ -22,6 +23,7 @@ from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.batcher import Batcher
 from streamscore.server.breaker import CircuitBreaker
 from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
+from streamscore.server.errors import Overloaded
 from streamscore.server.latency_model import LatencyModel
 from streamscore.server.model import ModelMetadata
 from streamscore.server.model_repository import check_in_place, version_fingerprint
@@ -161,6 +163,7 @@ class ServedModel:
             for variant in (pb.PRIMARY, pb.CANARY)
         }
         self.in_flight = 0
+        self._fallbacks_in_flight = 0  # calls on the fallback model now
         # While ``stop`` waits for the calls in flight to end: done when they have
         # (an Event cleared and set by every call would cost two calls per request).
         self._drained: asyncio.Future[None] | None = None
@@ -215,12 +218,32 @@ class ServedModel:
         if not self.in_flight and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def fallback_score(self, vector: Row) -> float | None:
-        """The same version in process, unbatched; None when it cannot run."""
-        if self.fallback is None:
+    async def fallback_score(self, vector: Row, deadline_ns: int | None = None) -> float | None:
+        """The same version in process, unbatched; None when it cannot run.
+
+        Its calls run one at a time (a model too heavy for the event loop goes to one
+        thread), so they queue: with calls already waiting on it, one whose turn
+        would end past ``deadline_ns`` (``perf_counter_ns``) is refused Overloaded
+        (RESOURCE_EXHAUSTED). Without that bound, a version slower than the budget
+        had every call shed by the batcher queue on its fallback, answered hundreds
+        of milliseconds late, none refused. One call alone always runs."""
+        fallback = self.fallback
+        if fallback is None:
             return None
+        ahead = self._fallbacks_in_flight
+        if ahead and deadline_ns is not None:
+            cost_ns = fallback.call_cost_s * 1e9
+            if time.perf_counter_ns() + (ahead + 1) * cost_ns > deadline_ns:
+                raise Overloaded(
+                    f"over capacity: {ahead} calls already wait on the fallback of "
+                    f"{self.metadata.name}:{self.metadata.version}, which would take this "
+                    "one past its deadline"
+                )
+        self._fallbacks_in_flight += 1
         try:
-            return float((await self.fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
+            return float((await fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
         except Exception:
             log.exception("fallback model failed")
             return None
+        finally:
+            self._fallbacks_in_flight -= 1
