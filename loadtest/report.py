@@ -476,16 +476,19 @@ class Suite:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
+        failure = ""
         try:
             output, _ = await asyncio.wait_for(process.communicate(), timeout=900)
         except TimeoutError:
             process.kill()
             output, _ = await process.communicate()
-            self.failed.append("pipeline_bench did not finish within 900 s (killed)")
+            failure = "pipeline_bench did not finish within 900 s (killed)"
         text = output.decode(errors="replace")
-        if process.returncode not in (0, None) and not self.failed:
-            self.failed.append(f"pipeline_bench exited with code {process.returncode}")
-        self.notes += self.failed
+        if not failure and process.returncode not in (0, None):
+            failure = f"pipeline_bench exited with code {process.returncode}"
+        if failure:
+            self.failed.append(failure)
+            self.notes.append(failure)
         # Its own lines only (the children's logs go to files; drop any stray log lines).
         self.pipeline_output = "\n".join(
             line for line in text.splitlines() if not re.match(r"^\d{4}-\d\d-\d\d ", line)

@@ -20,6 +20,7 @@ from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
 from streamscore.server.errors import InvalidRequest, ServingError
 from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics
+from streamscore.server.model import ModelMetadata
 from streamscore.server.model_repository import ModelRepository
 from streamscore.server.rollout import RolloutManager, RolloutState
 
@@ -99,6 +100,16 @@ class AdminService(apb_grpc.AdminServicer):
         (a load error of onnxruntime names the model file)."""
         repository = str(self.rollouts.registry.repository)
         return str(error).replace(repository, "<model repository>")
+
+    def _metadata(
+        self, repository: ModelRepository, name: str, version: str
+    ) -> ModelMetadata | str:
+        """A version's metadata, or why it cannot be served (a copied directory, its
+        metadata.json missing or malformed), without the repository's path."""
+        try:
+            return repository.metadata(name, version)
+        except (ValueError, OSError) as error:
+            return self._public(error)
 
     def status(self) -> apb.RolloutStatus:
         state = self.rollouts.state
@@ -183,12 +194,9 @@ class AdminService(apb_grpc.AdminServicer):
             if version and version not in known:
                 shown = version if len(version) <= 32 else f"{version[:32]}..."
                 raise InvalidRequest(field, f"no version {shown!r} of model {name!r}")
-            if version:
-                try:
-                    repository.metadata(name, version)
-                except (ValueError, OSError) as error:
-                    # A copied directory, a metadata.json missing or malformed.
-                    raise InvalidRequest(field, self._public(error)) from error
+            read = self._metadata(repository, name, version) if version else None
+            if isinstance(read, str):
+                raise InvalidRequest(field, read)
         # Each version in one role: a canary or shadow of the primary itself, or a
         # shadow twice, would only compare a version with itself.
         # Unpinned, the primary is the repository's highest version (the registry's,
@@ -215,13 +223,13 @@ class AdminService(apb_grpc.AdminServicer):
                     info = apb.ModelVersionInfo(
                         name=name, version=version, loaded=(name, version) in loaded
                     )
-                    try:
-                        info.backend = repository.metadata(name, version).backend
-                    except (ValueError, OSError) as error:
-                        # A copied directory, a missing or malformed metadata.json:
-                        # said for that version; the caller sent nothing wrong, and
-                        # the other versions are still listed.
-                        info.error = self._public(error)
+                    # A version that cannot be served is listed with why: the caller
+                    # sent nothing wrong, and the other versions are still listed.
+                    read = self._metadata(repository, name, version)
+                    if isinstance(read, str):
+                        info.error = read
+                    else:
+                        info.backend = read.backend
                     versions.append(info)
             return apb.ListModelsResponse(versions=versions)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from streamscore.server.backends.base import BackendUnavailable
 from streamscore.server.backends.factory import import_backend_modules
-from streamscore.server.model import ModelMetadata, version_dirs
+from streamscore.server.model import version_dirs
 from streamscore.server.model_repository import (
     ModelRepository,
     primary_dir,
@@ -96,10 +96,11 @@ class ModelRegistry:
     def _backends_named(self) -> set[str]:
         """The backends the model's version directories name (unreadable ones skipped:
         their own loads say why)."""
+        repository = ModelRepository(self.repository)
         named = set()
-        for directory in version_dirs(self.repository, self.name):
+        for version in repository.versions(self.name):
             with contextlib.suppress(OSError, ValueError):
-                named.add(ModelMetadata.load(directory / "metadata.json").backend)
+                named.add(repository.metadata(self.name, version).backend)
         return named
 
     async def _build(self, directory: Path) -> ServedModel:

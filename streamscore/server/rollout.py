@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -127,10 +128,10 @@ class RolloutManager:
         self.policy = policy or RollbackPolicy()
         self.state = RolloutState()
         # The last ROLLBACKS_KEPT rollbacks, as stored: every Admin answer carries them,
-        # so the list must not grow with the process's age (past ~250 the answers
-        # exceeded gRPC's message limit). ``rollbacks_made``: this process's own, for
-        # its counter, which adopting another process's stored list must not move back.
-        self.rollbacks: list[RollbackRecord] = []
+        # so they must not grow with the process's age (past ~250 the answers exceeded
+        # gRPC's message limit). ``rollbacks_made``: this process's own, for its
+        # counter, which adopting another process's stored list must not move back.
+        self.rollbacks: deque[RollbackRecord] = deque(maxlen=ROLLBACKS_KEPT)
         self.rollbacks_made = 0
         # Set by the server when the decision log is on: shadow decisions go there too.
         self.decisions: DecisionLog | None = None
@@ -299,7 +300,7 @@ class RolloutManager:
 
     async def _adopt(self, state: RolloutState, rollbacks: list[RollbackRecord]) -> None:
         await self._load(state)
-        self.rollbacks = list(rollbacks)[-ROLLBACKS_KEPT:]
+        self.rollbacks = deque(rollbacks, maxlen=ROLLBACKS_KEPT)
         await self._switch(state, "rollout adopted")
 
     async def _follow(self) -> None:
@@ -493,7 +494,6 @@ class RolloutManager:
             )
         record = RollbackRecord(state.canary, reason, time.time_ns() // 1_000_000, automatic)
         self.rollbacks.append(record)
-        del self.rollbacks[:-ROLLBACKS_KEPT]
         self.rollbacks_made += 1
         log.warning(
             "canary rolled back",
