@@ -757,13 +757,14 @@ async def test_registry_places_torch_versions_on_the_configured_device(
         await registry.stop()
 
 
-async def test_backends_are_imported_and_versions_built_off_the_event_loop(
+async def test_backend_libraries_are_imported_off_the_event_loop(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A torch version's first construction imports torch (~2 s of CPU): on the loop,
     publishing one froze a serving process that long and its calls failed (audit AF).
     The libraries of the backends the repository names are imported at start, before
-    serving, and every version is built in a thread of its own."""
+    serving, and a version whose backend's library is still to import (published
+    later) has it imported in a thread of its own before it is built."""
     import threading
 
     import streamscore.server.repository as repository_module
@@ -776,27 +777,25 @@ async def test_backends_are_imported_and_versions_built_off_the_event_loop(
         json.dumps({**metadata, "version": "2", "backend": "torch"})
     )
     imported: list[tuple[set[str], bool]] = []
-    built: list[tuple[str, bool]] = []
     import_modules = repository_module.import_backend_modules
-    build = ModelRegistry._served
 
     def record_imports(backends: set[str]) -> None:
         imported.append((set(backends), threading.current_thread() is threading.main_thread()))
         import_modules(backends)
 
-    def record_build(self: ModelRegistry, directory: Path) -> ServedModel:
-        built.append((directory.name, threading.current_thread() is threading.main_thread()))
-        return build(self, directory)
-
     monkeypatch.setattr(repository_module, "import_backend_modules", record_imports)
-    monkeypatch.setattr(ModelRegistry, "_served", record_build)
     registry = ModelRegistry(repository, MODEL, version="1", reload_interval_s=0)
     await registry.start()
     try:
         assert imported == [({"onnxruntime", "torch"}, False)]
+        # As in a server whose repository had no torch version at its start (this
+        # test process has imported torch already).
+        monkeypatch.setattr(
+            repository_module, "backend_module_pending", lambda backend: backend == "torch"
+        )
         served = await registry.load(MODEL, "2")
         assert isinstance(served.backend, TorchBackend)
-        assert built == [("1", False), ("2", False)]
+        assert imported[1:] == [({"torch"}, False)]
     finally:
         await registry.stop()
 

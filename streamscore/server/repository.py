@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamscore.server.backends.base import BackendUnavailable
-from streamscore.server.backends.factory import import_backend_modules
-from streamscore.server.model import version_dirs
+from streamscore.server.backends.factory import backend_module_pending, import_backend_modules
+from streamscore.server.model import ModelMetadata, version_dirs
 from streamscore.server.model_repository import (
     ModelRepository,
     primary_dir,
@@ -104,10 +104,18 @@ class ModelRegistry:
         return named
 
     async def _build(self, directory: Path) -> ServedModel:
-        """``_served`` off the event loop: a backend's first construction imports its
-        library (torch: ~2 s of CPU), which held a serving loop that long. In a thread
-        the loop still runs, with pauses while the import holds the GIL."""
-        return await in_daemon_thread(lambda: self._served(directory), name="model-load")
+        """``_served``, its backend's library imported first off the event loop when
+        it is not yet (torch: ~2 s of CPU, which held a serving loop that long; in a
+        thread the loop still runs, with pauses while the import holds the GIL). The
+        version itself is built on the loop, as before: once its library is there,
+        that is cheap, and its model files load in ``start``, off the loop."""
+        with contextlib.suppress(OSError, ValueError):  # the build says what is wrong
+            backend = ModelMetadata.load(directory / "metadata.json").backend
+            if backend_module_pending(backend):
+                await in_daemon_thread(
+                    lambda: import_backend_modules({backend}), name="backend-import"
+                )
+        return self._served(directory)
 
     def _served(self, directory: Path) -> ServedModel:
         return ServedModel(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 from streamscore.server.backends.base import Backend, BackendUnavailable
@@ -65,3 +66,9 @@ def import_backend_modules(backends: set[str]) -> None:
             importlib.import_module(BACKEND_MODULES[backend])
         except Exception:  # reported by the load that needs it
             continue
+
+
+def backend_module_pending(backend: str) -> bool:
+    """Whether ``backend``'s module (and the library it imports) is still to import."""
+    module = BACKEND_MODULES.get(backend)
+    return module is not None and module not in sys.modules
