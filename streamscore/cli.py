@@ -184,7 +184,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args, "port", "model_repository")
     from streamscore.demo import run_demo
 
-    return _run(run_demo(settings, duration_s=args.duration, rate_per_s=args.rate))
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+    return _run(
+        run_demo(settings, duration_s=args.duration, rate_per_s=args.rate, log_dir=args.log_dir)
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -439,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help="gRPC port of the server (default 50051; 0 picks one)"
     )
     demo.add_argument("--model-repository", type=Path, help="model repository directory")
+    demo.add_argument(
+        "--log-dir",
+        type=Path,
+        help="write the server's and worker's logs here and keep them (default: a "
+        "temporary directory, removed after a clean stop)",
+    )
 
     serve = add("serve", cmd_serve, "Run the gRPC scoring server with its feature replica.")
     _common(serve, kafka_help="Kafka bootstrap server (required)")

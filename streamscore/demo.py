@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import shutil
 import socket
 import tempfile
 import time
@@ -355,10 +356,37 @@ def _check_plaintext(settings: Settings) -> None:
         )
 
 
-async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: float) -> int:
+async def run_demo(
+    settings: Settings,
+    *,
+    duration_s: float | None,
+    rate_per_s: float,
+    log_dir: Path | None = None,
+) -> int:
+    """The demo; its parts' logs in ``log_dir`` (an existing directory), kept, or in
+    a temporary directory that a clean stop removes (every run left one behind) and
+    anything else keeps, for the error that names a part's log."""
     _check_plaintext(settings)
-    stop = stop_on_signals()
+    if log_dir is not None:
+        return await _run_demo(settings, log_dir, duration_s, rate_per_s, keep_logs=True)
     logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
+    code = await _run_demo(settings, logdir, duration_s, rate_per_s, keep_logs=False)
+    if code == 0:
+        shutil.rmtree(logdir, ignore_errors=True)
+    else:
+        print(f"logs kept in {logdir}", flush=True)
+    return code
+
+
+async def _run_demo(
+    settings: Settings,
+    logdir: Path,
+    duration_s: float | None,
+    rate_per_s: float,
+    *,
+    keep_logs: bool,
+) -> int:
+    stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
         bootstrap = settings.kafka
         broker: EmbeddedBroker | None = None
@@ -403,7 +431,8 @@ async def run_demo(settings: Settings, *, duration_s: float | None, rate_per_s: 
         _check_running(children, "at start")
         if not serving:
             return 130  # stopped (Ctrl-C) while starting
-        print(f"server on {target}, worker running; logs in {logdir}", flush=True)
+        kept = "" if keep_logs else " (removed after a clean stop; --log-dir keeps them)"
+        print(f"server on {target}, worker running; logs in {logdir}{kept}", flush=True)
         if metrics:
             print(f"metrics on ports {metrics} (server) and {metrics + 1} (worker)", flush=True)
         stats = await drive_traffic(target, bootstrap, demo_traffic(rate_per_s), stop, duration_s)

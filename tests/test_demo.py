@@ -91,12 +91,18 @@ def test_demo_runs_for_a_duration_and_exits_zero(trained_model: Path) -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert_scored_and_stopped(output)
+    # Its parts' logs were in a temporary directory, which a clean stop removes.
+    logs = re.search(r"logs in (\S+) \(removed after a clean stop", output)
+    assert logs is not None, output[-3000:]
+    assert not Path(logs.group(1)).exists()
 
 
-def test_demo_stops_cleanly_on_ctrl_c(trained_model: Path) -> None:
+def test_demo_stops_cleanly_on_ctrl_c(trained_model: Path, tmp_path: Path) -> None:
     # Ctrl-C in a terminal signals the whole foreground process group: do the same.
+    # Its logs asked for in a directory of the user's, which is kept.
+    log_dir = tmp_path / "demo-logs"
     process = subprocess.Popen(
-        demo_argv(trained_model),
+        demo_argv(trained_model, "--log-dir", str(log_dir)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -118,6 +124,9 @@ def test_demo_stops_cleanly_on_ctrl_c(trained_model: Path) -> None:
     assert process.returncode == 0, output[-3000:]
     assert_scored_and_stopped(output)
     assert "exited unexpectedly" not in output
+    assert f"logs in {log_dir}\n" in output, output[-3000:]
+    for part in ("server", "worker"):
+        assert (log_dir / f"{part}.log").stat().st_size > 0, part
     for child in children:
         pid = int(child.split()[0])
         with pytest.raises(ProcessLookupError):
@@ -164,6 +173,9 @@ def test_demo_whose_server_cannot_start_says_why_at_once(trained_model: Path) ->
             assert expected in line, line
             if setting == "metrics":  # the server's, P (or the worker's, P + 1, if taken)
                 assert "metrics_port" in line and ".log)" in line, line
+                # The log it names is kept: only a clean stop removes the demo's logs.
+                named = re.search(r"(/\S+\.log)\)", line)
+                assert named is not None and Path(named.group(1)).stat().st_size > 0, line
 
 
 @pytest.mark.parametrize("secured", ["grpc", "kafka"])
