@@ -190,6 +190,8 @@ def odd_encodings(draw: st.DrawFn) -> bytes:
 @example(_unknown_field(3, 0, b"\xff" * 10 + b"\x01"))  # a varint of 11 bytes
 @example(_unknown_field(1, 2, b"\x02\xc3\x28"))  # not UTF-8
 @example(_unknown_field(3, 0, _varint(2)))  # include_features = 2
+@example(b"\x8a\x80\x80\x80\x80\x00\x01r")  # request_id's tag in 6 bytes: refused
+@example(b"\x8a\x80\x80\x80\x00\x01r")  # in 5, the most a tag takes: read
 def test_any_bytes_decode_as_protobuf_decodes_them(data: bytes) -> None:
     """Where the decoder takes an encoding it gives protobuf's fields; where it
     does not (None), the parser asks protobuf, so Score sees protobuf's answer."""

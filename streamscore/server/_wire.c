@@ -161,11 +161,14 @@ static int skip_value(Reader *r, unsigned wire_type)
     }
 }
 
-/* A tag: 1 with its field number and wire type, 0 malformed. */
+/* A tag: 1 with its field number and wire type, 0 malformed. A tag is a varint32:
+   protobuf refuses one written in more than 5 bytes (padded with 0x80s), so must this
+   decoder, or Score would answer bytes that every other service calls unreadable. */
 static int read_tag(Reader *r, uint32_t *field, unsigned *wire_type)
 {
     uint64_t tag;
-    if (!read_varint(r, &tag) || tag > UINT32_MAX || (tag >> 3) == 0) {
+    const uint8_t *start = r->p;
+    if (!read_varint(r, &tag) || r->p - start > 5 || tag > UINT32_MAX || (tag >> 3) == 0) {
         return 0;
     }
     *field = (uint32_t)(tag >> 3);
