@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from streamscore.server.batcher import ALONE_SAMPLE_EVERY, DEFER_MIN_S, Batcher
+from streamscore.server.eager import start_eagerly
 from streamscore.server.errors import (
     BackendFailed,
     BatcherError,
@@ -803,6 +804,29 @@ async def test_stop_answers_the_queue_and_finishes_running_batches() -> None:
     with pytest.raises(BatcherStopped):
         await batcher.submit(vector(3), deadline)
     await batcher.stop()  # twice is fine
+
+
+async def test_a_call_started_eagerly_and_cancelled_at_once_leaves_the_queue() -> None:
+    """ScoreStream starts each message's Score eagerly and cancels those it read ahead
+    when the stream ends: one cancelled before its task ever ran stayed queued (its
+    ``except CancelledError`` never ran) and was scored for nobody."""
+    backend = FakeBackend([(0.0, "ok")])
+    backend.gate = asyncio.Event()
+    batcher = make(backend, max_batch_size=1)
+    await batcher.start()
+    deadline = batcher.clock() + 30
+    first = asyncio.create_task(batcher.submit(vector(0), deadline))
+    await asyncio.sleep(0)
+    gone = start_eagerly(batcher.submit(vector(1), deadline))
+    assert batcher.queued == 1
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert batcher.queued == 0
+    backend.gate.set()
+    assert await first == own_score(0)
+    assert [c.ids for c in backend.calls] == [[0]]
+    await batcher.stop()
 
 
 async def test_stop_timeout_abandons_a_hung_batch() -> None:

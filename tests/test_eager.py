@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 
 import pytest
 
@@ -111,6 +112,43 @@ async def test_a_cancel_after_its_wait_ended_still_reaches_the_coroutine() -> No
     with pytest.raises(asyncio.CancelledError):
         await answer
     assert seen == ["cancelled in the sleep"]
+
+
+async def test_a_task_cancelled_before_its_first_step_still_cancels_the_coroutine() -> None:
+    """Cancelled before its task first ran (a ScoreStream ending cancels the Scores
+    it read ahead, at once), the coroutine was left where it waited: its cancel
+    handling never ran, and the error that what it waited for got in that same turn
+    was never read (asyncio logged "never retrieved" at ERROR; audit AG)."""
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    seen: list[str] = []
+
+    async def notes_the_cancel(future: asyncio.Future[int]) -> int:
+        try:
+            return await future
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    try:
+        for fails in (True, False):
+            pending: asyncio.Future[int] = loop.create_future()
+            answer = start_eagerly(notes_the_cancel(pending))
+            assert answer.cancel()  # before its task's first step
+            if fails:
+                pending.set_exception(ValueError("shed"))
+            with pytest.raises(asyncio.CancelledError):
+                await answer
+            assert pending.done()  # cancelled, if it had not failed
+            del pending, answer
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert seen == ["cancelled", "cancelled"]
+    assert unhandled == []
 
 
 async def test_many_waits_in_a_row_and_a_result() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -44,7 +45,30 @@ def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         failed: asyncio.Future[T] = loop.create_future()
         failed.set_exception(error)
         return failed
-    return loop.create_task(_carry_on(coro, waiting), context=context)
+    task = loop.create_task(_carry_on(coro, waiting), context=context)
+    task.add_done_callback(lambda _: _unwind_if_never_resumed(coro, waiting, context))
+    return task
+
+
+def _unwind_if_never_resumed(
+    coro: Coroutine[Any, Any, Any], waiting: Any, context: contextvars.Context
+) -> None:
+    """A task cancelled before its first step never runs ``_carry_on`` at all, so the
+    cancel never reached the coroutine: it was left where it waited, its ``except
+    CancelledError`` never run (the batcher's bookkeeping for a queued call, which was
+    then scored for nobody) and the error of what it waited for, set in that same
+    turn, never read (asyncio logged "Future exception was never retrieved" at ERROR).
+    Done here as the task would have: what it waits for cancelled, or its error read,
+    then the cancel thrown in where it waits."""
+    if inspect.getcoroutinestate(coro) != inspect.CORO_SUSPENDED:
+        return  # ``_carry_on`` ran it to its end
+    if asyncio.isfuture(waiting) and not waiting.cancel() and not waiting.cancelled():
+        waiting.exception()  # done meanwhile: read, as a task's wake-up reads it
+    try:
+        context.run(coro.throw, asyncio.CancelledError())
+    except (asyncio.CancelledError, StopIteration):  # (an error of its own: logged)
+        return
+    coro.close()  # it waited again while unwinding: nothing will resume it
 
 
 async def _carry_on(coro: Coroutine[Any, Any, T], waiting: Any) -> T:
