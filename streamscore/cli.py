@@ -649,8 +649,6 @@ def _operator_error(error: Exception) -> str | None:
         return str(error).splitlines()[0]  # (a broker's adds its output: in the log above)
     if isinstance(error, PartFailed):
         return str(error)
-    if isinstance(error, RuntimeError) and "Failed to bind" in str(error):
-        return f"{error} (the port is in use?)"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
-from streamscore.server.app import ScoringServer
+from streamscore.server.app import ScoringServer, _listen
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.errors import InvalidRequest
 from streamscore.server.model import ModelMetadata, Thresholds, latest_version
@@ -569,3 +570,24 @@ async def test_a_part_whose_stop_fails_leaves_the_rest_stopped(
     assert server.models._primary is None and not primary.backend.started  # type: ignore[attr-defined]
     assert server.loop_lag._task is None
     assert "stopping the rollouts failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("127.0.0.1", "Address already in use"),  # the port, taken below
+        ("not.a.host.invalid", "host 'not.a.host.invalid' does not resolve"),
+        ("192.0.2.1", "Cannot assign requested address"),  # not this machine's
+    ],
+)
+async def test_a_listen_that_fails_says_why_as_the_os_does(host: str, says: str) -> None:
+    """gRPC says only "Failed to bind to address"; the start added "(the port is in
+    use?)" to every such failure, a host that does not resolve included (audit AG)."""
+    server = grpc.aio.server()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] if host == "127.0.0.1" else 0
+        with pytest.raises(OSError, match=f"cannot listen on {host}:{port}: {says}"):
+            _listen(server, host, port, None)
+    await server.stop(None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from wsgiref.simple_server import WSGIServer
 
@@ -461,11 +462,34 @@ def _listen(
 ) -> int:
     """Add a listening port (0: a free one); the port bound."""
     address = f"{host}:{port}"
-    bound = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as error:  # gRPC's "Failed to bind to address ...", no cause
+        raise OSError(f"cannot listen on {address}: {bind_problem(host, port)}") from error
     if not bound:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: {bind_problem(host, port)}")
     return bound
+
+
+def bind_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on, as the OS says it: gRPC says only that
+    it failed to bind (a name that does not resolve, an address not of this machine
+    and a port in use all read the same)."""
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        return f"host {host!r} does not resolve ({error.strerror})"
+    for family, kind, proto, _, where in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(where)
+            except OSError as error:
+                return f"{error.strerror} ({where[0]} port {where[1]})"
+    return "gRPC failed to bind, though the address binds here (see gRPC's log lines)"
