@@ -491,5 +491,5 @@ def bind_problem(host: str, port: int) -> str:
             try:
                 probe.bind(where)
             except OSError as error:
-                return f"{error.strerror} ({where[0]} port {where[1]})"
+                return f"{error.strerror} ({host} port {port})"
     return "gRPC failed to bind, though the address binds here (see gRPC's log lines)"
