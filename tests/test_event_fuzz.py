@@ -27,7 +27,12 @@ from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.events import InvalidEvent, parse_event
-from streamscore.stream.routing import DLQ_PAYLOAD_MAX_BYTES
+from streamscore.stream.routing import (
+    DLQ_KEY_MAX_BYTES,
+    DLQ_PAYLOAD_MAX_BYTES,
+    DLQ_RECORD_MAX_BYTES,
+    dead_letter,
+)
 from streamscore.stream.topics import (
     DEAD_LETTER,
     ENTITY_EVENTS,
@@ -129,6 +134,36 @@ def bad_payloads(rng: random.Random, now_ms: int, n: int) -> list[bytes]:
     return payloads
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    unit=st.binary(min_size=1, max_size=8),
+    repeat=st.sampled_from([1, 1000, DLQ_PAYLOAD_MAX_BYTES // 3, 300_000]),
+    key=st.none() | st.binary(max_size=40) | st.sampled_from([b"k" * 1025, b"\xff" * 900_000]),
+)
+def test_a_dead_letter_record_is_bounded_and_keeps_the_payload_exactly(
+    unit: bytes, repeat: int, key: bytes | None
+) -> None:
+    """Whatever the bytes and the key, the record fits DLQ_RECORD_MAX_BYTES (a 700 kB
+    key, or a payload of control characters that JSON escapes 6-fold, made a record
+    over the producer's limit, which crashed the worker at every start: audit AH)."""
+    raw = unit * repeat
+    error = InvalidEvent("bad_json", "\x00" * 5000)
+    out_key, value = dead_letter(raw, key, error, {"topic": PAYMENTS, "partition": 0, "offset": 7})
+    assert len(out_key or b"") + len(value) <= DLQ_RECORD_MAX_BYTES
+    letter = orjson.loads(value)
+    kept, length = dead_letter_payload(letter)
+    assert length == len(raw)
+    if "payload" in letter:  # text: a cut may drop only a split last character
+        assert raw[: len(kept)] == kept and len(kept) > min(len(raw), DLQ_PAYLOAD_MAX_BYTES) - 4
+    else:
+        assert kept == raw[:DLQ_PAYLOAD_MAX_BYTES]
+    if key is not None and len(key) > DLQ_KEY_MAX_BYTES:
+        assert out_key == key[:DLQ_KEY_MAX_BYTES]
+        assert letter["key_truncated"] is True and letter["key_bytes"] == len(key)
+    else:
+        assert out_key == key and "key_truncated" not in letter
+
+
 def dead_letter_payload(letter: dict) -> tuple[bytes, int]:
     """A dead-letter record's payload bytes, and the length of the original."""
     if "payload_base64" in letter:
@@ -148,6 +183,11 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
     # Large ones, within real Kafka's default message limit, whose dead-letter records
     # escaped as JSON would be several times larger: kept in part, with their length.
     bad += [b"\x01" * 200_000, b"\xff" * 400_000, b'"' * 600_000, b"x" * 1_040_000]
+    # And one with a large key (800 kB with its value, under Kafka's default 1 MB):
+    # its record, the key copied whole and the control characters escaped 6-fold,
+    # was over the producer's limit, and the worker died on it at every start.
+    big_key, big_key_payload = b"K" * 700_000, b"\x01" * 100_000
+    bad.append(big_key_payload)
     good = [
         orjson.dumps(
             make_event("card-good", "m-1", "d-1", "198.51.100.7", now_ms - 1000 + i, 100 + i)
@@ -164,7 +204,8 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
         await producer.start()
         try:
             for payload in mixed:
-                await producer.send(PAYMENTS, payload, key=b"k" + bytes([rng.randrange(256)]))
+                key = big_key if payload is big_key_payload else b"k" + bytes([rng.randrange(256)])
+                await producer.send(PAYMENTS, payload, key=key)
             await producer.flush()
         finally:
             await producer.stop()
@@ -176,13 +217,18 @@ async def test_every_bad_event_is_dead_lettered_and_nothing_dies(
         )
         await consumer.start()
         letters: list[dict] = []
+        keys: list[bytes] = []
         try:
             deadline = time.monotonic() + 60
             while len(letters) < len(bad) and time.monotonic() < deadline:
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     letters.extend(orjson.loads(r.value) for r in records)
+                    keys.extend(r.key for r in records)
         finally:
             await consumer.stop()
+        [cut] = [i for i, letter in enumerate(letters) if letter.get("key_truncated")]
+        assert letters[cut]["key_bytes"] == len(big_key)
+        assert keys[cut] == big_key[:DLQ_KEY_MAX_BYTES]
         reasons = Counter(letter["reason"] for letter in letters)
         counts = dict(sorted(reasons.items()))
         print(f"{len(bad)} bad events sent, {len(letters)} dead-lettered: {counts}")

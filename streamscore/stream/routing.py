@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable
 from typing import Any
@@ -35,40 +36,59 @@ DEAD_LETTERS = Counter(
 )
 
 
-# The most of a malformed message's bytes (and of its error's detail) that its
-# dead-letter record carries; the whole message stays in its source topic, at the
-# record's topic, partition and offset. Escaped as JSON, a payload can grow 6-fold
-# (control characters), and a record over the producer's or the broker's limit
-# would stop routing.
+# The most of a malformed message's bytes (and of its error's detail, and of its key)
+# that its dead-letter record carries; the whole message stays in its source topic,
+# at the record's topic, partition and offset. A record over the producer's or the
+# broker's limit would crash the worker on the same message at every start: so the
+# key is cut too (a 700 kB key did that, under Kafka's default 1 MB message limit),
+# and a payload that JSON would escape to more than base64's 4/3 of its size (control
+# characters grow 6-fold, quotes 2-fold) goes as base64. Hence DLQ_RECORD_MAX_BYTES.
 DLQ_PAYLOAD_MAX_BYTES = 64 * 1024
 DLQ_DETAIL_MAX_CHARS = 1000
+DLQ_KEY_MAX_BYTES = 1024
+# A bound on a dead-letter record's key and value together (the detail escaped at
+# worst, 6 bytes a character; the coordinates and names well within the rest).
+DLQ_RECORD_MAX_BYTES = (
+    DLQ_KEY_MAX_BYTES + 4 * (DLQ_PAYLOAD_MAX_BYTES + 2) // 3 + 6 * DLQ_DETAIL_MAX_CHARS + 2048
+)
 
 
-def dead_letter_record(raw: bytes | None, error: InvalidEvent, source: dict[str, Any]) -> bytes:
-    """The dead-letter value: the reason, the source's coordinates and the original
-    payload, exact: as text when it is UTF-8 (``payload``), else base64
-    (``payload_base64``); only its first ``DLQ_PAYLOAD_MAX_BYTES`` when longer
-    (``payload_truncated``, with its full length in ``payload_bytes``)."""
+def dead_letter(
+    raw: bytes | None, key: bytes | None, error: InvalidEvent, source: dict[str, Any]
+) -> tuple[bytes | None, bytes]:
+    """The dead-letter record's key and value. The key is the event's, only its first
+    ``DLQ_KEY_MAX_BYTES`` when longer (``key_truncated``, with its full length in
+    ``key_bytes``). The value: the reason, the source's coordinates and the original
+    payload, exact: as text when it is UTF-8 and JSON does not escape it to more than
+    base64 would (``payload``), else base64 (``payload_base64``); only its first
+    ``DLQ_PAYLOAD_MAX_BYTES`` when longer (``payload_truncated``, with its full length
+    in ``payload_bytes``)."""
     record: dict[str, Any] = {
         "reason": error.reason,
         "detail": error.detail[:DLQ_DETAIL_MAX_CHARS],
         **source,
     }
+    if key is not None and len(key) > DLQ_KEY_MAX_BYTES:
+        record["key_truncated"] = True
+        record["key_bytes"] = len(key)
+        key = key[:DLQ_KEY_MAX_BYTES]
     if raw is None:
         record["payload"] = None
-        return orjson.dumps(record)
+        return key, orjson.dumps(record)
     kept = raw[:DLQ_PAYLOAD_MAX_BYTES]
-    try:
+    text = None
+    with contextlib.suppress(UnicodeDecodeError):
         raw.decode("utf-8")
-    except UnicodeDecodeError:
-        record["payload_base64"] = base64.b64encode(kept).decode("ascii")
-    else:
         # A cut may split the last character: only its bytes are dropped.
-        record["payload"] = kept.decode("utf-8", errors="ignore")
+        text = kept.decode("utf-8", errors="ignore")
+    if text is not None and len(orjson.dumps(text)) - 2 <= 4 * (len(kept) + 2) // 3:
+        record["payload"] = text
+    else:
+        record["payload_base64"] = base64.b64encode(kept).decode("ascii")
     if len(kept) < len(raw):
         record["payload_truncated"] = True
         record["payload_bytes"] = len(raw)
-    return orjson.dumps(record)
+    return key, orjson.dumps(record)
 
 
 class BatchRouter:
@@ -119,11 +139,8 @@ class BatchRouter:
                 dead_letter_log.info(
                     "dead-lettered event", extra={"reason": error.reason, **source}
                 )
-                sent.append(
-                    await self.dead_letters.send(
-                        key=event.key, value=dead_letter_record(raw, error, source)
-                    )
-                )
+                key, value = dead_letter(raw, event.key, error, source)
+                sent.append(await self.dead_letters.send(key=key, value=value))
                 continue
             valid.append((payment, message.partition))
         # In event-time order: a batch holds runs of several payments partitions (a
