@@ -14,9 +14,10 @@ in every worker); worker i serves metrics on ``metrics_port + i`` and, with
 ``worker_port_base``, also gRPC on a port of its own, ``worker_port_base + i``, so that
 a client with the ``round_robin`` policy can spread its calls evenly over the workers
 (``spread_target``). SIGTERM / SIGINT are passed on (each worker drains). A worker
-that dies on its own is started again while the others keep serving; only a crash
-loop (more than ``RESTARTS_MAX`` deaths within ``RESTART_WINDOW_S``) stops the set, exit 1, for
-the process manager.
+that dies on its own is started again while the others keep serving, after a delay
+that grows with its deaths; only a crash loop of the whole set (none of its workers
+up, more than ``RESTARTS_MAX`` deaths within ``RESTART_WINDOW_S``) stops it, exit 1,
+for the process manager.
 """
 
 from __future__ import annotations
@@ -36,13 +37,43 @@ from streamscore.tls import check_server_files
 
 log = logging.getLogger("streamscore.supervisor")
 
-# A worker that dies is started again, unless more deaths than this came within the window
-# (a crash loop: the set stops, for the process manager to see).
+# A worker that dies is started again: at once the first time within the window, then
+# after a delay that doubles with each death of it there, up to a ceiling (a worker
+# that cannot start now, its broker gone, retries every half minute, not five times a
+# second). The set stops, for the process manager to see, only when none of its workers
+# is up and more deaths than RESTARTS_MAX came within the window: a crash loop of the
+# whole set. One worker's deaths never stop the others, which still answer (a broker
+# outage, during which a restarted worker cannot start, turned one worker's OOM kill
+# into the whole set's exit).
 RESTARTS_MAX = 5
 RESTART_WINDOW_S = 60.0
+RESTART_DELAY_S = 0.5
+RESTART_DELAY_MAX_S = 30.0
 
 # Settings that name a port of worker 0; worker i gets that port + i.
 _PER_WORKER_PORTS = ("metrics_port", "worker_port_base")
+
+
+class RestartPolicy:
+    """When a dead worker starts again, and when the set gives up (module constants)."""
+
+    def __init__(self) -> None:
+        self._deaths: dict[int, list[float]] = {}  # worker -> its deaths within the window
+
+    def died(self, worker: int, now: float) -> float:
+        """Count a death of ``worker``: the seconds to wait before starting it again."""
+        deaths = [t for t in self._deaths.get(worker, ()) if now - t < RESTART_WINDOW_S]
+        deaths.append(now)
+        self._deaths[worker] = deaths
+        if len(deaths) == 1:
+            return 0.0
+        return min(RESTART_DELAY_MAX_S, RESTART_DELAY_S * 2 ** (len(deaths) - 2))
+
+    def gives_up(self, workers_up: int, now: float) -> bool:
+        """Whether the set stops: none of its workers up, and more than
+        ``RESTARTS_MAX`` deaths within the window, all workers' together."""
+        recent = sum(1 for ts in self._deaths.values() for t in ts if now - t < RESTART_WINDOW_S)
+        return workers_up == 0 and recent > RESTARTS_MAX
 
 
 def worker_environment(settings: Settings, index: int) -> dict[str, str]:
@@ -96,13 +127,13 @@ def _span(ports: range) -> str:
 
 async def serve_workers(settings: Settings, workers: int) -> int:
     """Run the set until a signal; a worker that dies is started again (its replica
-    rebuilds from the log meanwhile, its connections go to the others), unless workers
-    died more than ``RESTARTS_MAX`` times within ``RESTART_WINDOW_S`` (the set stops,
-    exit 1, for the process manager), or one stopped on what it was given (exit 2: a
-    model that does not load), which no restart mends (exit 2 at once). The caller
-    checked the ports (``check_ports``) before anything started; the TLS files (a
-    ``TlsError``) and that the repository holds the version to serve
-    (FileNotFoundError) are checked here."""
+    rebuilds from the log meanwhile, its connections go to the others) by
+    ``RestartPolicy``, unless none is up after more than ``RESTARTS_MAX`` deaths within
+    ``RESTART_WINDOW_S`` (the set stops, exit 1, for the process manager), or one
+    stopped on what it was given (exit 2: a model that does not load), which no
+    restart mends (exit 2 at once). The caller checked the ports (``check_ports``)
+    before anything started; the TLS files (a ``TlsError``) and that the repository
+    holds the version to serve (FileNotFoundError) are checked here."""
     # Each worker would die of a bad TLS file, again at each restart, until the set gave
     # up on "workers keep dying" with the cause buried in their output: refuse once,
     # with the reason, as a lone serve does.
@@ -144,17 +175,27 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             extra["worker_ports"] = _span(range(base, base + workers))
     log.info("workers started", extra=extra)
     stopped = asyncio.ensure_future(stop.wait())
-    deaths: list[float] = []
+    policy = RestartPolicy()
+    restart_at: dict[int, float] = {}  # dead workers -> when each starts again
     failed = 0  # the set's exit status
     while True:
-        died = {asyncio.ensure_future(child.exited.wait()): i for i, child in enumerate(children)}
-        await asyncio.wait([stopped, *died], return_when=asyncio.FIRST_COMPLETED)
+        died = {
+            asyncio.ensure_future(child.exited.wait()): i
+            for i, child in enumerate(children)
+            if i not in restart_at
+        }
+        wake = min(restart_at.values(), default=None)
+        await asyncio.wait(
+            [stopped, *died],
+            timeout=None if wake is None else max(0.0, wake - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
         for task in died:
             task.cancel()
         if stopped.done():
             break
         now = time.monotonic()
-        dead = [i for i, child in enumerate(children) if child.exited.is_set()]
+        dead = [i for i in died.values() if children[i].exited.is_set()]
         misconfigured = next((i for i in dead if children[i].returncode == 2), None)
         if misconfigured is not None:
             # Exit 2: what it was given cannot work (a model that does not load,
@@ -167,19 +208,27 @@ async def serve_workers(settings: Settings, workers: int) -> int:
             )
             failed = 2
             break
-        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now] * len(dead)
-        if len(deaths) > RESTARTS_MAX:
+        for i in dead:
+            restart_at[i] = now + policy.died(i, now)
+        if policy.gives_up(len(children) - len(restart_at), now):
             log.error(
-                "workers keep dying, stopping the set",
-                extra={"deaths": len(deaths), "window_s": RESTART_WINDOW_S},
+                "workers keep dying and none is up, stopping the set",
+                extra={"window_s": RESTART_WINDOW_S},
             )
             failed = 1
             break
         for i in dead:
             # The worker's index, as on its own lines (logs.PROCESS_FIELDS).
-            log.error("worker exited, starting it again", extra={"worker": i})
-            children[i] = worker(i)
-            await children[i].start()
+            delay = round(restart_at[i] - now, 1)
+            log.error(
+                "worker exited, starting it again" + (f" in {delay} s" if delay else ""),
+                extra={"worker": i, "returncode": children[i].returncode},
+            )
+        for i, at in sorted(restart_at.items()):
+            if at <= time.monotonic():
+                del restart_at[i]
+                children[i] = worker(i)
+                await children[i].start()
     # Each worker drains on SIGTERM; allow for its drain delay and timeout.
     timeout = settings.drain_delay_s + settings.drain_timeout_s + 10
     await asyncio.gather(*(child.stop(timeout=timeout) for child in children))

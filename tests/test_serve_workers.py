@@ -30,7 +30,14 @@ from streamscore.processes import ChildProcess
 from streamscore.server.app import ScoringServer
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
 from streamscore.stream.topics import TopicLayout
-from streamscore.supervisor import spread_target
+from streamscore.supervisor import (
+    RESTART_DELAY_MAX_S,
+    RESTART_DELAY_S,
+    RESTART_WINDOW_S,
+    RESTARTS_MAX,
+    RestartPolicy,
+    spread_target,
+)
 
 from system import make_event, print_logs, publish, wait_folded
 
@@ -408,3 +415,86 @@ async def test_serve_whose_replica_dies_drains_and_exits_1(
     assert "draining" in output, output[-3000:]
     last = output.strip().splitlines()[-1]
     assert last == "streamscore: feature replica failed: RuntimeError: fold bug", output[-3000:]
+
+
+def test_the_restart_policy_backs_off_per_worker_and_gives_up_only_with_none_up() -> None:
+    policy = RestartPolicy()
+    # One worker dying again and again: at once, then doubling delays up to the ceiling.
+    delays = [policy.died(0, now=float(t)) for t in range(9)]
+    assert delays[:4] == [0.0, RESTART_DELAY_S, 2 * RESTART_DELAY_S, 4 * RESTART_DELAY_S]
+    assert delays[-1] == RESTART_DELAY_MAX_S and delays == sorted(delays)
+    # Past RESTARTS_MAX deaths, the set still runs while another worker is up...
+    assert not policy.gives_up(workers_up=1, now=9.0)
+    # ...and stops once none is.
+    assert policy.gives_up(workers_up=0, now=9.0)
+    # Deaths older than the window are forgotten: a worker that dies once an hour
+    # starts again at once, and an old crash loop no longer counts.
+    later = 9.0 + RESTART_WINDOW_S + 1
+    assert policy.died(1, now=later) == 0.0 and policy.died(0, now=later) == 0.0
+    assert not policy.gives_up(workers_up=0, now=later)
+    # Another worker's deaths do not lengthen this one's delay.
+    assert policy.died(1, now=later + 1) == RESTART_DELAY_S
+
+
+async def test_a_worker_that_cannot_restart_in_a_broker_outage_leaves_the_set_serving(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """During a broker outage a restarted worker exits at once (no broker to start
+    on): its deaths came five a second and stopped the whole set, the worker still
+    answering from memory included (audit AH). Now it is retried with a growing
+    delay while the other serves, and is back once the broker is."""
+    port, metrics = find_free_port(), find_free_ports(2)
+    while port in (metrics, metrics + 1):
+        port = find_free_port()
+    broker = EmbeddedBroker()
+    await broker.start()
+    broker_port = broker.port
+    await create_topics(broker.bootstrap, TopicLayout().partitions())
+    supervisor = ChildProcess.streamscore(
+        "supervisor",
+        *("serve", "--workers", "2", "--kafka", broker.bootstrap, "--port", str(port)),
+        *("--metrics-port", str(metrics), "--model-repository", str(trained_model)),
+        *("--log-format", "text"),
+        env={"STREAMSCORE_DRAIN_DELAY_S": "0"},
+        log_path=str(tmp_path / "supervisor.log"),
+    )
+    log_file = tmp_path / "supervisor.log"
+
+    def lines(text: str, worker: int) -> int:
+        return sum(
+            text in line and re.search(rf" worker={worker}( |$)", line) is not None
+            for line in log_file.read_text().splitlines()
+        )
+
+    await supervisor.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        await wait_serving(target, timeout=90)
+        assert supervisor.process is not None
+        await broker.stop()
+        os.kill(children_of(supervisor.process.pid)[0], signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while lines("worker exited, starting it again", 0) <= RESTARTS_MAX:
+            assert not supervisor.exited.is_set(), log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        # Past the deaths that used to stop the set, the other worker still answers.
+        assert not supervisor.exited.is_set()
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await pb_grpc.ScoringStub(channel).Score(request(1, "card-1"), timeout=10)
+        assert reply.score >= 0
+        # The broker back, the worker starts again and listens.
+        broker = EmbeddedBroker(port=broker_port)
+        await broker.start()
+        deadline = time.monotonic() + 90
+        while lines("grpc server listening", 0) < 2:
+            assert not supervisor.exited.is_set(), log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        supervisor.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(supervisor.exited.wait(), 40)
+        assert supervisor.returncode == 0
+    finally:
+        await supervisor.stop()
+        await broker.stop()
+        print_logs(tmp_path)
