@@ -20,6 +20,15 @@ from system import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
+@pytest.fixture(autouse=True)
+def _temporary_files_in_the_tests_own_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A demo that fails keeps its logs' temporary directory, by design: under the
+    test's own directory, not left in /tmp by every run of the suite."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def demo_argv(trained_model: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
