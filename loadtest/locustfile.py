@@ -229,16 +229,34 @@ class _Stream:
 
     def send(self, request: pb.ScoreRequest) -> bool:
         """Queue a request once fewer than ``depth`` are unanswered; False if the stream
-        broke or no answer came within the timeout (the stream is then cancelled)."""
-        if not self.slots.acquire(timeout=TIMEOUT_S):
-            self._fail_pending(TimeoutError(f"no ScoreStream answer within {TIMEOUT_S} s"))
-            self.close()
+        broke, or a message sent on it went unanswered past the timeout (the stream is
+        then cancelled, its unanswered messages reported failed). Each message has its
+        own deadline: with several in flight, one the server never answered was
+        reported only once every slot was held by such messages (never, while one
+        slot still turned), holding its slot for the rest of the run."""
+        if not self.slots.acquire(timeout=self._time_left()):
+            self._time_out()
             return False
         if self.broken:
+            return False
+        if self._time_left() <= 0:  # a slot turned, but an older message is overdue
+            self.slots.release()
+            self._time_out()
             return False
         self.sent[request.request_id] = time.perf_counter()
         self.requests.put(request)
         return True
+
+    def _time_left(self) -> float:
+        """Seconds until the oldest unanswered message's deadline (``TIMEOUT_S``)."""
+        oldest = next(iter(self.sent.values()), None)  # (the dict keeps send order)
+        if oldest is None:
+            return TIMEOUT_S
+        return max(0.0, oldest + TIMEOUT_S - time.perf_counter())
+
+    def _time_out(self) -> None:
+        self._fail_pending(TimeoutError(f"no ScoreStream answer within {TIMEOUT_S} s"))
+        self.close()
 
     def _read(self) -> None:
         try:
@@ -266,13 +284,19 @@ class _Stream:
             self.user._report("ScoreStream", started, None, error)
         self.sent.clear()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """End the stream: half-closed, its answers awaited for up to ``wait_s``, then
+        cancelled. What is still unanswered is reported failed: a message dropped from
+        the stats would read as one the server never had to answer."""
         self.closing = True
         self.broken = True
         self.requests.put(_CLOSE)
+        if wait_s > 0 and self.sent:
+            self.reader.join(timeout=min(wait_s, self._time_left()))
         self.call.cancel()
         self.reader.join(timeout=1)
         self.reader.kill(block=False)
+        self._fail_pending(RuntimeError("no ScoreStream answer before the stream closed"))
 
 
 class ScoreStreamUser(_GrpcUser):
@@ -296,8 +320,10 @@ class ScoreStreamUser(_GrpcUser):
 
     def on_stop(self) -> None:
         if self.stream is not None:
-            self.stream.close()
+            # The run's last messages: answered within their deadline, or failed.
+            self.stream.close(wait_s=TIMEOUT_S)
             self.stream = None
+        super().on_stop()
         super().on_stop()
 
 

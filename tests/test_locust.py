@@ -17,8 +17,11 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from streamscore._proto.v1 import scoring_pb2 as pb
+from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
 
@@ -38,9 +41,14 @@ async def target(trained_model: Path) -> AsyncIterator[str]:
 
 
 async def run_locust(
-    target: str, prefix: Path, *args: str, env: dict[str, str] | None = None
+    target: str,
+    prefix: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    exit_code: int = 0,
 ) -> str:
-    """Run Locust headless; returns its output, asserting a clean exit."""
+    """Run Locust headless; returns its output, asserting its exit code (1: there
+    were failures)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -68,7 +76,7 @@ async def run_locust(
         await process.wait()
         raise
     output = out.decode(errors="replace")
-    assert process.returncode == 0, output
+    assert process.returncode == exit_code, output
     return output
 
 
@@ -116,3 +124,59 @@ async def test_locust_score_stream_and_shape(target: str, tmp_path: Path) -> Non
     # No user class named: the shape mixes both users.
     assert_clean(shape, "Score", outputs[2])
     assert_clean(shape, "ScoreStream", outputs[2])
+
+
+class DropsStreamMessages(pb_grpc.ScoringServicer):
+    """A ScoreStream server that never answers messages 10 to 12 of each stream and
+    answers the rest at once: every message it read is counted."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.dropped = 0
+
+    async def ScoreStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        async for i, request in _enumerate(request_iterator):
+            self.read += 1
+            if 10 <= i <= 12:
+                self.dropped += 1
+                continue
+            yield pb.ScoreResponse(request_id=request.request_id, score=0.5)
+
+
+async def _enumerate(items):  # type: ignore[no-untyped-def]
+    i = 0
+    async for item in items:
+        yield i, item
+        i += 1
+
+
+async def test_locust_reports_every_stream_message_the_server_leaves_unanswered(
+    tmp_path: Path,
+) -> None:
+    """With several messages in flight a stream's unanswered one was never reported
+    (only once every slot held such a message), its slot held for the rest of the
+    run, and those pending at the end were dropped from the stats (audit AJ). Each
+    message now has its own deadline, and the run's last ones are awaited or failed."""
+    servicer = DropsStreamMessages()
+    server = grpc.aio.server()
+    pb_grpc.add_ScoringServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        prefix = tmp_path / "lost"
+        output = await run_locust(
+            f"127.0.0.1:{port}",
+            prefix,
+            *("-u", "2", "-r", "2", "-t", "4s", "ScoreStreamUser"),
+            env={"STREAMSCORE_STREAM_DEPTH": "4", "STREAMSCORE_TIMEOUT_S": "1"},
+            exit_code=1,
+        )
+    finally:
+        await server.stop(None)
+    row = stats_rows(prefix)["ScoreStream"]
+    # Every message the server read is in the stats once, answered or failed; each
+    # dropped one failed, at its deadline (not seconds later, when the slots ran out).
+    assert int(row["Request Count"]) == servicer.read, (row, servicer.read, output)
+    assert servicer.dropped >= 6
+    assert servicer.dropped <= int(row["Failure Count"]) <= servicer.dropped + 8, (row, output)
+    assert float(row["Max Response Time"]) < 1500, row
