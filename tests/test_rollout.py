@@ -25,6 +25,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.cli import main as cli_main
 from streamscore.config import Settings
+from streamscore.server import rollout as rollout_module
 from streamscore.server.app import ScoringServer
 from streamscore.server.rollout_stats import in_canary
 
@@ -984,6 +985,48 @@ async def test_a_stored_rollout_that_cannot_be_served_gives_way_to_the_settings(
         status = await admin.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
         assert not status.rollout.canary_version
         assert (await scoring.Score(request(1, "card-1"))).model.version == "1"
+
+
+async def test_a_stored_rollout_whose_candidate_does_not_load_now_is_kept_for_every_server(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started while the stored rollout's canary could not load (its Triton
+    down) set the stored rollout aside and wrote its settings' over it: every other
+    server then dropped the canary, and with no pinned primary sent the canary version
+    all of its traffic (audit AI). It now serves the stored primary alone, writes
+    nothing, and takes the whole rollout once the canary loads. One whose primary does
+    not load fails the start, the stored rollout untouched."""
+    monkeypatch.setattr(rollout_module, "ADOPT_RETRY_S", 0.2)
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    stored_path = repository / MODEL / "rollout.json"
+    model_file = repository / MODEL / "2" / "model.onnx"
+    good = model_file.read_bytes()
+    async with server_on(repository) as (_, admin_a, server_a):
+        changed = (await set_rollout(admin_a, canary_version="2", canary_percent=50)).rollout
+        stored = stored_path.read_text()
+        model_file.write_bytes(b"not a model")  # version 2 does not load now
+        async with server_on(repository) as (scoring_b, _, server_b):
+            assert server_b.rollouts.state.canary == "" and server_b.rollouts.state.primary == "1"
+            answers = [await scoring_b.Score(request(i, f"card-{i}")) for i in range(20)]
+            assert {a.model.version for a in answers} == {"1"}
+            assert stored_path.read_text() == stored  # nothing written over it
+            await asyncio.sleep(0.5)  # the other server's follower polls every 0.1 s
+            assert server_a.rollouts.state.canary == "2"
+            assert server_a.rollouts.state.canary_percent == changed.canary_percent
+            model_file.write_bytes(good)  # it loads again
+            deadline = time.monotonic() + 20
+            while server_b.rollouts.state != server_a.rollouts.state:
+                assert time.monotonic() < deadline, server_b.rollouts.state
+                await asyncio.sleep(0.05)
+        await set_rollout(admin_a, primary_version="2")
+        stored = stored_path.read_text()
+        model_file.write_bytes(b"not a model")
+        with pytest.raises(Exception, match="does not load"):
+            async with server_on(repository):
+                pass
+        assert stored_path.read_text() == stored
 
 
 async def test_a_rollback_reason_is_bounded_so_admin_answers_stay_within_grpcs_limit(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamscore._proto.v1 import scoring_pb2 as pb
-from streamscore.server.backends.base import Row
+from streamscore.server.backends.base import BackendUnavailable, Row
 from streamscore.server.comparisons import Comparisons, ShadowItem
 from streamscore.server.decisions import DecisionLog
 from streamscore.server.errors import InvalidRequest, RolloutConflict
@@ -39,7 +39,7 @@ from streamscore.server.rollout_stats import (
     in_canary,
 )
 from streamscore.server.rollout_store import RolloutFile
-from streamscore.server.served_model import ServedModel
+from streamscore.server.served_model import ModelLoadError, ServedModel
 from streamscore.tasks import cancel_and_wait, start_background
 
 log = logging.getLogger("streamscore.rollout")
@@ -50,6 +50,9 @@ ROLLBACKS_KEPT = 100
 # two rollbacks with reasons of 150 KB made every answer larger than gRPC's 4 MB
 # limit, so the Admin API failed after applying each change, restarts included.
 ROLLBACK_REASON_MAX = 1000
+# How often a stored rollout served by its primary alone (its candidates would not
+# load) is tried again in full.
+ADOPT_RETRY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class RolloutState:
     def versions(self) -> set[str]:
         """The versions it names."""
         return {v for v in (self.primary, self.canary, *self.shadows) if v}
+
+    def primary_alone(self) -> RolloutState:
+        """The same rollout without its candidates (canary, shadows)."""
+        return dataclasses.replace(self, canary="", canary_percent=0.0, shadows=())
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.canary_percent <= 100.0:
@@ -149,6 +156,10 @@ class RolloutManager:
         self._initial = RolloutState()  # the settings' rollout (``start``)
         self._stored_settings: object = None  # the stored rollout's (``_read_stored``)
         self._unreadable = ""  # why the stored rollout last could not be read
+        # The stored rollout served by its primary alone, its candidates not loadable
+        # now (a Triton-backed canary while Triton is down): tried again in full by the
+        # follower every ``ADOPT_RETRY_S``, from the monotonic time stored here.
+        self._partial: tuple[RolloutState, float] | None = None
         # A version the rollout uses stays loaded when a hot reload replaces the
         # registry's primary (a pinned primary, then, keeps answering).
         registry.keep = self._in_use
@@ -161,24 +172,48 @@ class RolloutManager:
         (another process of the host wrote it, or this one before a restart, with what
         changed since: promotes, rollbacks). A setting that differs from the one the
         stored rollout started from is a change, applied over it; the rest keep what
-        changed since. A stored rollout that cannot be served (a version it names is
-        gone) is set aside, logged, for the settings'."""
+        changed since. A stored rollout that names a version since deleted is set
+        aside, logged, for the settings'. One whose candidates cannot be loaded now
+        is served by its primary alone meanwhile (``_adopt``); one whose primary
+        cannot, fails the start. Neither is replaced: the file is every process's,
+        and one start during a Triton outage set every server's canary aside (the
+        others, adopting the settings' rollout, sent the canary all their traffic)."""
         self._initial = initial or RolloutState()
         async with self._change, self._file_lock():
             stored = self._read_stored()
             if stored is not None:
                 try:
                     await self._adopt(*stored)
-                except Exception:
+                except Exception as error:
+                    gone = self._versions_gone(stored[0])
+                    if not gone:
+                        log.error(
+                            "the stored rollout's primary does not load: not starting (the "
+                            "stored rollout is every server's, and is kept as it is)",
+                            extra={"rollout": dataclasses.asdict(stored[0])},
+                        )
+                        if isinstance(error, ValueError | OSError | BackendUnavailable):
+                            raise  # says what is wrong
+                        raise ModelLoadError(  # a backend's own error type: one line
+                            f"the stored rollout's primary, version {stored[0].primary}, "
+                            f"does not load: {type(error).__name__}: {error}"
+                        ) from error
                     log.exception(
-                        "the stored rollout names a version that cannot be served: it is "
+                        "the stored rollout names versions since deleted (%s): it is "
                         "replaced by the settings' rollout",
+                        ", ".join(gone),
                         extra={"rollout": dataclasses.asdict(stored[0])},
                     )
                     stored = None
             if initial is not None and stored is None:
                 await self._apply(dataclasses.replace(initial, generation=0))
                 self._save()
+            elif self._partial is not None:
+                if initial is not None and self._stored_settings != _settings_of(initial):
+                    log.warning(
+                        "the settings' rollout changes wait: the stored rollout they apply "
+                        "over is served by its primary alone until its candidates load"
+                    )
             elif initial is not None and self._stored_settings != _settings_of(initial):
                 await self._apply(self._settings_changes(initial))
                 self._save()
@@ -296,12 +331,51 @@ class RolloutManager:
             return
         if stored[0].generation in self._rollbacks_unsaved:
             return
+        partial = self._partial
+        if (
+            partial is not None
+            and partial[0] == stored[0]
+            and time.monotonic() - partial[1] < ADOPT_RETRY_S
+        ):
+            return  # served by its primary alone; its candidates tried again later
         await self._adopt(*stored)
 
     async def _adopt(self, state: RolloutState, rollbacks: list[RollbackRecord]) -> None:
-        await self._load(state)
+        """Make the stored ``state`` this process's. When a candidate it names (canary,
+        shadow) is on disk but does not load now (its Triton down), its primary alone
+        answers meanwhile (the canary's slice too), and the whole is tried again every
+        ``ADOPT_RETRY_S``: better than keeping a rollout the others have left (a
+        canary rolled back everywhere else kept its slice here). Raises when the
+        primary does not load, or a version it names is gone."""
+        try:
+            await self._load(state)
+        except Exception:
+            alone = state.primary_alone()
+            if alone == state or self._versions_gone(state):
+                raise
+            await self._load(alone)
+            if self._partial is None or self._partial[0] != state:
+                log.warning(
+                    "the stored rollout's candidates do not load now: its primary alone "
+                    "answers until they do (tried again every %g s)",
+                    ADOPT_RETRY_S,
+                    exc_info=True,
+                    extra={"rollout": dataclasses.asdict(state)},
+                )
+            self._partial = (state, time.monotonic())
+            state = alone
+        else:
+            if self._partial is not None:
+                log.info("the stored rollout's candidates loaded: it is served in full")
+            self._partial = None
         self.rollbacks = deque(rollbacks, maxlen=ROLLBACKS_KEPT)
-        await self._switch(state, "rollout adopted")
+        if state != self.state:
+            await self._switch(state, "rollout adopted")
+
+    def _versions_gone(self, state: RolloutState) -> list[str]:
+        """The versions ``state`` names that the repository no longer holds."""
+        model = self.registry.repository / self.registry.name
+        return sorted(v for v in state.versions() if not (model / v).is_dir())
 
     async def _follow(self) -> None:
         while True:
