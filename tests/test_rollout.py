@@ -1068,6 +1068,42 @@ def rollbacks_counted(server: ScoringServer) -> float:
     return next(s.value for s in samples if s.name == "streamscore_rollout_rollbacks_total")
 
 
+def exported(server: ScoringServer, name: str) -> float:
+    """A scrape-time series of the server's /metrics (``ServerCollector``)."""
+    from streamscore.server.collector import ServerCollector
+
+    samples = (sample for metric in ServerCollector(server).collect() for sample in metric.samples)
+    return next(s.value for s in samples if s.name == name)
+
+
+async def test_a_published_version_that_fails_to_load_is_counted_on_metrics(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """The old version kept answering and the failure was logged, but /metrics had no
+    series for it: a failed publish was invisible to alerting (audit AI)."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    async with server_on(repository) as (scoring, _, server):
+        assert exported(server, "streamscore_model_reload_failures_total") == 0
+        # Published as `train` publishes (staged, renamed into place), unloadable.
+        staging = repository / MODEL / ".2.staging"
+        shutil.copytree(repository / MODEL / "1", staging)
+        metadata = json.loads((staging / "metadata.json").read_text())
+        (staging / "metadata.json").write_text(json.dumps({**metadata, "version": "2"}))
+        (staging / "model.onnx").write_bytes(b"not a model")
+        staging.rename(repository / MODEL / "2")
+        deadline = time.monotonic() + 20
+        while exported(server, "streamscore_model_reload_failures_total") < 1:
+            assert time.monotonic() < deadline, "the failed load was never counted"
+            await asyncio.sleep(0.05)
+        assert (await scoring.Score(request(1, "card-1"))).model.version == "1"
+        assert exported(server, "streamscore_model_reloads_total") == 0
+        add_version(repository, 3)
+        while exported(server, "streamscore_model_reloads_total") < 1:
+            assert time.monotonic() < deadline, "the good version was never swapped in"
+            await asyncio.sleep(0.05)
+
+
 async def test_the_rollbacks_a_process_keeps_stay_bounded_and_its_counter_only_grows(
     trained_model: Path, tmp_path: Path
 ) -> None:

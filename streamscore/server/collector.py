@@ -94,6 +94,18 @@ def _decision_metrics(decisions: DecisionLog) -> Iterator[Metric]:
 
 
 def _version_metrics(registry: ModelRegistry) -> Iterator[Metric]:
+    yield _counter(
+        "streamscore_model_reloads",
+        "Versions loaded and swapped in while serving (a new version published, or one "
+        "replaced in place).",
+        registry.reloads,
+    )
+    yield _counter(
+        "streamscore_model_reload_failures",
+        "Versions published or replaced that failed to load while serving (the one "
+        "loaded before still answers; the reason is logged): alert on its increase.",
+        registry.reload_failures,
+    )
     drift = GaugeMetricFamily(
         "streamscore_drift_psi",
         'PSI of each input feature and of the score (feature="score") over the '
