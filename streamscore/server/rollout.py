@@ -347,6 +347,7 @@ class RolloutManager:
         ``ADOPT_RETRY_S``: better than keeping a rollout the others have left (a
         canary rolled back everywhere else kept its slice here). Raises when the
         primary does not load, or a version it names is gone."""
+        stored = state
         try:
             await self._load(state)
         except Exception:
@@ -371,6 +372,8 @@ class RolloutManager:
         self.rollbacks = deque(rollbacks, maxlen=ROLLBACKS_KEPT)
         if state != self.state:
             await self._switch(state, "rollout adopted")
+        if stored is not state:  # candidates that did load before one failed: unused
+            await self._unload_unused(stored.versions())
 
     def _versions_gone(self, state: RolloutState) -> list[str]:
         """The versions ``state`` names that the repository no longer holds."""
