@@ -30,6 +30,7 @@ from streamscore.server.scoring import READ_AHEAD_TASK, STREAM_READ_AHEAD
 from streamscore.server.validation import MAX_ID_LENGTH, validate_score_request
 from streamscore.server.wire import parse_score_request
 from streamscore.stream.backfill import fold_event
+from streamscore.stream.broker import find_free_port
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
 
@@ -591,3 +592,28 @@ async def test_a_listen_that_fails_says_why_as_the_os_does(host: str, says: str)
         with pytest.raises(OSError, match=f"cannot listen on {host}:{port}: {says}"):
             _listen(server, host, port, None)
     await server.stop(None)
+
+
+@pytest.mark.parametrize("taken_setting", ["worker_port_base", "metrics_port"])
+async def test_a_start_that_fails_on_a_port_never_takes_the_shared_ports_connections(
+    trained_model: Path, taken_setting: str
+) -> None:
+    """A `serve --workers` process whose own port or metrics port another process held
+    bound the shared port first, which took its share of the connections (gRPC listens
+    as it binds) and failed them, at every restart; its own port taken, the shared one
+    even stayed open after the failed start (audit AN). Those ports come first now."""
+    port = find_free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(
+            port=port,
+            model_repository=trained_model,
+            reuse_port=True,
+            **{taken_setting: taken.getsockname()[1]},
+        )
+        server = ScoringServer(settings)
+        with pytest.raises(OSError, match="Address already in use"):
+            await server.start()
+    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+        client.connect(("127.0.0.1", port))

@@ -230,6 +230,15 @@ class ScoringServer:
                 "listens on %s without TLS (set tls_cert_file and tls_key_file)",
                 settings.host,
             )
+        # Metrics first: a port taken fails the start before the replica's rebuild is
+        # paid for, and before the shared port takes connections it would then drop
+        # (a `serve --workers` process whose metrics port another process held took
+        # its share of the shared port's connections at every restart, and failed
+        # them); and the rebuild can be watched.
+        if settings.metrics_port:
+            self._collector = ServerCollector(self)
+            REGISTRY.register(self._collector)
+            self._metrics_http = start_metrics_http(settings.metrics_port, settings.metrics_address)
         if settings.reuse_port and self.replica is not None:
             # The kernel spreads a shared port's connections over every process on it,
             # whatever their health says: a restarted `serve --workers` process that
@@ -238,20 +247,17 @@ class ScoringServer:
             # It listens once caught up.
             await self.replica.start()
             await self.replica.wait_caught_up(timeout=CATCH_UP_TIMEOUT_S)
-        self.port = _listen(server, settings.host, settings.port, credentials)
         # This process's own port (serve --workers: worker i's is the base + i), for
-        # clients that spread calls over the workers themselves.
+        # clients that spread calls over the workers themselves; before the shared one,
+        # which once bound takes connections (gRPC listens as it binds).
         self.own_port = (
             _listen(server, settings.host, settings.worker_port_base, credentials)
             if settings.worker_port_base
             else 0
         )
+        self.port = _listen(server, settings.host, settings.port, credentials)
         await server.start()
         self._server = server
-        if settings.metrics_port:
-            self._collector = ServerCollector(self)
-            REGISTRY.register(self._collector)
-            self._metrics_http = start_metrics_http(settings.metrics_port, settings.metrics_address)
         rollout = self.rollouts.state
         primary = self.rollouts.primary_model(rollout)
         log.info(
