@@ -200,6 +200,28 @@ class RepeatLimiter(logging.Filter):
             handler.handle(record)
 
 
+class AnswerNobodyWaitedFor(logging.Filter):
+    """gRPC's "ExecuteBatchError raised in core by servicer method", at error with a
+    traceback: a call whose answer was sent as its deadline ran out (its caller had
+    gone), which is the caller's business (counted in ``rpc_seconds_count{code}``),
+    not an error of the server's. Passed at debug, without the traceback."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIX)):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+# gRPC's asyncio server logs through this logger.
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
+
+
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     worker = os.environ.get(WORKER_INDEX_VARIABLE)
     if worker is not None:
@@ -214,6 +236,9 @@ def setup_logging(level: str = "info", fmt: str = "json") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     limiter = RepeatLimiter()
     handler.addFilter(limiter)
+    grpc_log = logging.getLogger(GRPC_AIO_LOGGER)
+    if not any(isinstance(f, AnswerNobodyWaitedFor) for f in grpc_log.filters):
+        grpc_log.addFilter(AnswerNobodyWaitedFor())
     global _flush_at_exit
     if _flush_at_exit is None:  # once per process: a later setup replaces the pair
         atexit.register(flush_held_back)

@@ -247,6 +247,36 @@ def test_the_count_held_back_after_the_last_line_is_written_at_exit() -> None:
     assert told == [("bad_json", 0, None), ("too_late", 9, None), ("bad_json", 4, 3)], told
 
 
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_grpcs_error_for_an_answer_sent_past_its_deadline_is_a_debug_line(level: str) -> None:
+    """gRPC logs "ExecuteBatchError raised in core" at error, with a traceback, when a
+    unary answer goes out as its caller's deadline runs out: once or twice per 30,000
+    short-deadline calls, an error line that alerting would page on (audit AM). At
+    debug only, without the traceback; gRPC's other errors stay errors."""
+    script = (
+        "import logging\n"
+        "from streamscore.logs import GRPC_AIO_LOGGER, setup_logging\n"
+        f"setup_logging({level!r})\n"
+        "log = logging.getLogger(GRPC_AIO_LOGGER)\n"
+        "try:\n"
+        "    raise RuntimeError('Failed \"execute_batch\": (<grpc._cython.cygrpc...>)')\n"
+        "except RuntimeError:\n"
+        "    log.exception('ExecuteBatchError raised in core by servicer method "
+        "[/streamscore.v1.Scoring/Score]')\n"
+        "    log.exception('Unexpected [RuntimeError] raised by servicer method')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]
+    told = [(e["level"], e["msg"].split()[0], "exc" in e) for e in lines]
+    other = ("error", "Unexpected", True)
+    if level == "info":
+        assert told == [other], told
+    else:
+        assert told == [("debug", "ExecuteBatchError", False), other], told
+
+
 def test_text_logs_keep_the_fields() -> None:
     """``--log-format text`` wrote the message alone: "grpc server listening", without
     the port that ``serve --port 0`` had picked, and no request id on a request's lines."""

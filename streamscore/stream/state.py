@@ -184,7 +184,7 @@ class FeatureStore:
         # Newest event time folded into any entity: the store's stream time.
         self.watermark_ms: int | None = None
         # Idle entities swept out of memory keep only (newest event time, events
-        # folded) here (about 150 bytes instead of kilobytes): the time still answers
+        # folded) here (about 230 bytes instead of kilobytes): the time still answers
         # time-since-newest and refuses events too late for them, and the count goes
         # on from where it was if they come back (GetFeatures' events_folded never
         # goes down, so a caller may wait on it).
