@@ -66,7 +66,7 @@ def scrape(store: FeatureStore, **replica_values: object) -> list[str]:
     server = SimpleNamespace(
         rollouts=None,
         decisions=SimpleNamespace(published=7, dropped=1, failed=2, queued=3),
-        models=SimpleNamespace(loaded=list),
+        models=SimpleNamespace(loaded=list, reloads=0, reload_failures=0),
         service=None,
         replica=replica,
         store=store,
