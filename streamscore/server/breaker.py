@@ -72,12 +72,6 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         self.consecutive_failures += 1
         if self.opened_at is not None:
-            if self.probe_started is None:
-                # A call let through before the breaker opened, failing after: it says
-                # nothing new. Counted as a failed probe, the calls in flight when a
-                # backend hung reopened the breaker one after another, doubling its
-                # cooldown each time (a 4 s stall: 7 openings, 10 s of fallbacks).
-                return
             # The probe failed: open again, for longer.
             self.cooldown_s = min(self.cooldown_s * 2, self.max_cooldown_s)
             self._open()
