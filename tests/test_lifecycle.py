@@ -470,10 +470,13 @@ async def test_a_client_pinging_every_few_seconds_keeps_its_stream(
     await asyncio.gather(stream_kept(), idle_connection_kept())
 
 
-async def test_a_start_that_fails_stops_what_it_had_started(trained_model: Path) -> None:
-    """The metrics port taken fails the start after gRPC listens: only the loop-lag
-    probe was stopped, so in process the gRPC port went on answering, its models
-    loaded, with no server object left to stop them."""
+async def test_a_start_that_fails_stops_what_it_had_started(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start that failed after gRPC listened stopped only the loop-lag probe, so in
+    process the gRPC port went on answering, its models loaded, with no server object
+    left to stop them. A taken metrics port now fails the start before gRPC listens;
+    a failure after it (here, forced) still stops everything."""
     from streamscore.config import Settings
     from streamscore.server.app import ScoringServer
 
@@ -486,6 +489,16 @@ async def test_a_start_that_fails_stops_what_it_had_started(trained_model: Path)
         server = ScoringServer(settings)
         with pytest.raises(OSError, match="metrics_port"):
             await server.start()
+    assert not server.port  # it never listened
+    assert server.models.loaded() == []
+
+    async def fails(self: ScoringServer) -> None:
+        raise RuntimeError("a part that fails once gRPC listens")
+
+    monkeypatch.setattr(ScoringServer, "_start_serving", fails)
+    server = ScoringServer(Settings(port=0, model_repository=trained_model))
+    with pytest.raises(RuntimeError, match="once gRPC listens"):
+        await server.start()
     assert server.port  # it had listened
     with pytest.raises(ConnectionRefusedError):
         _, writer = await asyncio.open_connection("127.0.0.1", server.port)
