@@ -474,8 +474,8 @@ def _listen(
             if credentials is not None
             else server.add_insecure_port(address)
         )
-    except RuntimeError as error:  # gRPC's "Failed to bind to address ...", no cause
-        raise OSError(f"cannot listen on {address}: {bind_problem(host, port)}") from error
+    except RuntimeError:  # gRPC's "Failed to bind to address ...", without its cause
+        bound = 0
     if not bound:
         raise OSError(f"cannot listen on {address}: {bind_problem(host, port)}")
     return bound
