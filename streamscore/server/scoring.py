@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -73,14 +74,43 @@ class _ReadAhead:
     def __init__(self, first: _StreamItem) -> None:
         self.answers: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
         self.answers.put_nowait(first)
-        self.last = first[2]  # the answer to the newest message read
         self.room = asyncio.Semaphore(STREAM_READ_AHEAD - 1)
         self.unanswered = 1
         self.reader: asyncio.Task[bool] | None = None
+        # Pacing (see ScoringService._score_paced): how many of this stretch's
+        # messages are being scored, and those shed, waiting for one of them to end.
+        self.scoring = 0
+        self.paced: deque[asyncio.Future[None]] = deque()
+        if not first[2].done():  # scored before this stretch began: counted too
+            self.scoring = 1
+            first[2].add_done_callback(self._first_scored)
 
     def answered(self) -> None:
         self.unanswered -= 1
         self.room.release()
+
+    def _first_scored(self, _: asyncio.Future[bytes]) -> None:
+        self.scoring -= 1
+        self.scored()
+
+    def scored(self) -> None:
+        """One of the stream's Scores ended: the first message waiting to retry goes
+        (one per Score that ended, so a retry meets the room that Score left, and a
+        shed retry wakes no other)."""
+        while self.paced:
+            waiting = self.paced.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+                return
+
+    async def wait_for_a_score(self) -> None:
+        """Until one of the stream's Scores being scored ends (see :meth:`scored`)."""
+        waiting = asyncio.get_running_loop().create_future()
+        self.paced.append(waiting)
+        try:
+            await waiting
+        finally:
+            waiting.cancel()  # cancelled while waiting: :meth:`scored` passes it by
 
     async def abandon(self) -> None:
         """At the stream's end: stop the reader and the work of the answers never sent
@@ -545,13 +575,12 @@ class ScoringService(pb_grpc.ScoringServicer):
         self,
         context: grpc.aio.ServicerContext,
         parent: Any,
-        earlier: asyncio.Future[bytes] | None = None,
+        ahead: _ReadAhead | None = None,
     ) -> _StreamItem | None:
         """The next message, validated and its Score started; None at the stream's end.
         An invalid message's answer is its error. Raises StreamDrained at a drain: a
         message that arrived as the read was cut off is not scored, only dropped.
-        ``earlier``: the answer to the message before it, when that may still be
-        coming (reading ahead)."""
+        ``ahead``: the stretch being read ahead, if it is (its Score paces itself)."""
         reads = self._reads
         if reads.draining:
             raise StreamDrained
@@ -577,33 +606,45 @@ class ScoringService(pb_grpc.ScoringServicer):
             return request, started, refused
         # Started now: a Score that never waits (a cheap model, answered in the
         # batcher's submit) is done here, with no task and no loop turn.
-        if earlier is None or earlier.done():
+        if ahead is None:
             scoring = self.score(request, context.time_remaining(), parent, validated=True)
         else:
-            scoring = self._score_after(request, context, parent, earlier)
+            scoring = self._score_paced(request, context, parent, ahead)
         return request, started, start_eagerly(scoring)
 
-    async def _score_after(
+    async def _score_paced(
         self,
         request: PyScoreFields,
         context: grpc.aio.ServicerContext,
         parent: Any,
-        earlier: asyncio.Future[bytes],
+        ahead: _ReadAhead,
     ) -> bytes:
         """A stream's message read ahead: scored now, or, when shed as over capacity
-        while the stream's earlier messages are still being scored, once the message
-        before it is answered. A stream's read-ahead is its own queue: shed, its
-        messages would end the whole stream (it has one status) on load it made itself,
-        where a caller's concurrent unary calls would each only be refused; waiting
-        for its own earlier answers lets the queue drain first. Shed again, the stream
-        ends as before."""
-        try:
-            return await self.score(request, context.time_remaining(), parent, validated=True)
-        except Overloaded:
-            if earlier.done():
+        while other messages of the stream are being scored, again once one of them
+        has ended, as often as that holds. A stream's read-ahead is its own queue:
+        shed, its messages would end the whole stream (it has one status) on load it
+        made itself, where a caller's concurrent unary calls would each only be
+        refused. Shed with none of its own being scored, the overload is not its own,
+        and the stream ends with RESOURCE_EXHAUSTED. Each try is bounded by the
+        budget (from the try) and the stream's deadline; the waits by the Scores
+        waited for, which have theirs."""
+        while True:
+            ahead.scoring += 1
+            try:
+                answer = await self.score(request, context.time_remaining(), parent, validated=True)
+            except Overloaded:
+                ahead.scoring -= 1
+                if not ahead.scoring:
+                    raise
+            except BaseException:
+                ahead.scoring -= 1
+                ahead.scored()
                 raise
-        await asyncio.wait((earlier,))
-        return await self.score(request, context.time_remaining(), parent, validated=True)
+            else:
+                ahead.scoring -= 1
+                ahead.scored()
+                return answer
+            await ahead.wait_for_a_score()
 
     async def _read_ahead(
         self, context: grpc.aio.ServicerContext, parent: Any, ahead: _ReadAhead
@@ -614,10 +655,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             while True:
                 await ahead.room.acquire()
-                item = await self._read_one(context, parent, ahead.last)
+                item = await self._read_one(context, parent, ahead)
                 if item is None:
                     return False
-                ahead.last = item[2]
                 ahead.answers.put_nowait(item)
                 ahead.unanswered += 1
                 answer = item[2]
