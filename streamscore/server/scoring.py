@@ -413,7 +413,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             # computed then still reaches a caller whose deadline is the budget's.
             budget -= FALLBACK_RESERVE_S
         breaker = served.breaker
-        if breaker.allow():
+        if (passed := breaker.allow()) is not None:
             try:
                 batcher = served.batcher
                 score = await batcher.submit(vector, batcher.clock() + budget, queue_waits)
@@ -423,14 +423,14 @@ class ScoringService(pb_grpc.ScoringServicer):
                 # predicted to miss, or missing a deadline tighter than its usual time,
                 # says nothing new about it.
                 if missed.overdue:
-                    breaker.record_failure()
+                    breaker.record_failure(passed)
                 else:
-                    breaker.release()
+                    breaker.release(passed)
                 if not self.deadline_fallback:
                     raise
                 reason, error = pb.DEADLINE_FALLBACK, "deadline"
             except (BackendFailed, BatcherStopped):
-                breaker.record_failure()
+                breaker.record_failure(passed)
                 reason, error = pb.FALLBACK_MODEL, "backend"
                 log.warning(
                     "model backend failed, using the fallback",
@@ -438,10 +438,10 @@ class ScoringService(pb_grpc.ScoringServicer):
                     extra={"breaker": breaker.state},
                 )
             except BaseException:
-                breaker.release()  # shed or cancelled: says nothing about the backend
+                breaker.release(passed)  # shed or cancelled: says nothing about the backend
                 raise
             else:
-                breaker.record_success()
+                breaker.record_success(passed)
                 return score
         else:
             # The backend is known down: straight to the fallback, no wasted call.
