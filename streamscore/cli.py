@@ -296,8 +296,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 if info.error:
                     print(f"{info.name} {info.version}: cannot be served: {info.error}")
                     continue
-                state = "loaded" if info.loaded else "not loaded"
-                print(f"{info.name} {info.version}: {info.backend}, {state}")
+                print(f"{info.name} {info.version}: {info.backend}, {_load_state(info)}")
             return 0
         if args.action == "show":
             status = stub.GetRollout(apb.GetRolloutRequest(), metadata=metadata, timeout=10)
@@ -345,6 +344,16 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(event.time_ms / 1000))
         print(f"  rollback of {event.version} ({kind}) at {when}: {event.reason}")
     return 0
+
+
+def _load_state(info: Any) -> str:
+    """A listed version's state on the server asked: loaded or not, and why its last
+    load failed, if it did."""
+    if not info.load_error:
+        return "loaded" if info.loaded else "not loaded"
+    if info.loaded:
+        return f"loaded (its files now on disk failed to load: {info.load_error})"
+    return f"not loaded (its last load failed: {info.load_error})"
 
 
 def container_target(cmdline: list[str], environ: dict[str, str]) -> str | None:

@@ -10,7 +10,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -278,6 +278,58 @@ async def test_a_version_that_cannot_be_served_is_listed_as_such_and_refused_by_
             details = caught.value.details() or ""
             assert details.startswith("rollout.canary_version: "), details
             assert str(repository) not in details
+
+
+async def test_a_version_whose_files_do_not_load_is_listed_with_why(
+    trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A version whose model file is corrupt was listed as "not loaded", like any
+    version not in use, and why it failed was in the server's log only (audit AI)."""
+
+    async def listed(admin: apb_grpc.AdminStub) -> dict[str, apb.ModelVersionInfo]:
+        response = await admin.ListModels(apb.ListModelsRequest(), metadata=AUTH)
+        return {v.version: v for v in response.versions}
+
+    async def until(
+        admin: apb_grpc.AdminStub, version: str, check: Callable[[apb.ModelVersionInfo], object]
+    ) -> apb.ModelVersionInfo:
+        deadline = time.monotonic() + 30
+        while not check(info := (await listed(admin))[version]):
+            assert time.monotonic() < deadline, info
+            await asyncio.sleep(0.05)
+        return info
+
+    async with serving(trained_model, tmp_path, model_reload_interval_s=0.1) as served:
+        _, admin, _, repository = served
+        add_version(repository, 8)
+        (repository / MODEL / "8" / "model.onnx").write_bytes(b"not a model")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await set_rollout(admin, canary_version="8", canary_percent=10)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        versions = await listed(admin)
+        assert not versions["8"].loaded and not versions["8"].error
+        assert "INVALID_PROTOBUF" in versions["8"].load_error
+        assert str(repository) not in versions["8"].load_error
+        assert not any(versions[v].load_error for v in "1234")
+        target = f"127.0.0.1:{served[2].port}"
+        models = ["rollout", "models", "--target", target, "--token", TOKEN]
+        assert await asyncio.get_running_loop().run_in_executor(None, cli_main, models) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert "fraud_mlp 3: onnxruntime, not loaded" in lines, lines
+        [line] = [line for line in lines if line.startswith("fraud_mlp 8:")]
+        assert line.startswith("fraud_mlp 8: onnxruntime, not loaded (its last load failed: ")
+        assert "INVALID_PROTOBUF" in line
+
+        # A loaded canary's files replaced by a corrupt one: it serves what it loaded,
+        # and says its files on disk did not load; mended, it loads them.
+        await set_rollout(admin, canary_version="2", canary_percent=10)
+        good = (repository / MODEL / "2" / "model.onnx").read_bytes()
+        (repository / MODEL / "2" / "model.onnx").write_bytes(b"not a model either")
+        info = await until(admin, "2", lambda info: info.load_error)
+        assert info.loaded and "INVALID_PROTOBUF" in info.load_error
+        (repository / MODEL / "2" / "model.onnx").write_bytes(good)
+        info = await until(admin, "2", lambda info: not info.load_error)
+        assert info.loaded
 
 
 async def test_unpinning_cannot_make_a_candidate_the_primary(

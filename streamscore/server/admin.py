@@ -95,7 +95,7 @@ class AdminService(apb_grpc.AdminServicer):
 
         await self._call(rpc, context, action)
 
-    def _public(self, error: BaseException) -> str:
+    def _public(self, error: BaseException | str) -> str:
         """An error's text without the repository's path, which is no caller's business
         (a load error of onnxruntime names the model file)."""
         repository = str(self.rollouts.registry.repository)
@@ -221,7 +221,10 @@ class AdminService(apb_grpc.AdminServicer):
             for name in repository.models():
                 for version in repository.versions(name):
                     info = apb.ModelVersionInfo(
-                        name=name, version=version, loaded=(name, version) in loaded
+                        name=name,
+                        version=version,
+                        loaded=(name, version) in loaded,
+                        load_error=self._public(registry.load_errors.get((name, version), "")),
                     )
                     # A version that cannot be served is listed with why: the caller
                     # sent nothing wrong, and the other versions are still listed.

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from streamscore.server.backends.base import BackendUnavailable
@@ -80,6 +80,9 @@ class ModelRegistry:
         self._others: dict[tuple[str, str], ServedModel] = {}
         # A version whose reload failed: (its files' fingerprint then, retry after).
         self._failed_others: dict[tuple[str, str], tuple[str, float]] = {}
+        # Why this server's last load of a version failed, by (name, version); gone
+        # once one succeeds. For ListModels: the log has it too, but not the caller.
+        self.load_errors: dict[tuple[str, str], str] = {}
         self._lock = asyncio.Lock()  # one load/swap at a time (watcher, reload, load)
         # Versions a hot reload must not stop when it replaces the primary: the
         # rollout's (RolloutManager sets it); they stay loaded, as by ``load``.
@@ -137,21 +140,22 @@ class ModelRegistry:
 
     async def _load(self, directory: Path | None = None) -> ServedModel:
         directory = directory or self._target_dir()
-        try:
-            served = await self._build(directory)
-            timings = await served.start()
-        except (FileNotFoundError, PermissionError) as error:
-            # A version without its metadata or model file, or one not readable: as
-            # bad a version as a corrupt file (no restart mends it).
-            raise ModelLoadError(f"model version {directory} does not load: {error}") from error
-        except (ValueError, OSError, BackendUnavailable):
-            raise  # says what is wrong: bad metadata, Triton not there
-        except Exception as error:
-            # A corrupt or truncated model file: a backend's own error type (an
-            # onnxruntime InvalidProtobuf), which would end a start in a traceback.
-            raise ModelLoadError(
-                f"model version {directory} does not load: {type(error).__name__}: {error}"
-            ) from error
+        with self._noting_load_errors(directory):
+            try:
+                served = await self._build(directory)
+                timings = await served.start()
+            except (FileNotFoundError, PermissionError) as error:
+                # A version without its metadata or model file, or one not readable: as
+                # bad a version as a corrupt file (no restart mends it).
+                raise ModelLoadError(f"model version {directory} does not load: {error}") from error
+            except (ValueError, OSError, BackendUnavailable):
+                raise  # says what is wrong: bad metadata, Triton not there
+            except Exception as error:
+                # A corrupt or truncated model file: a backend's own error type (an
+                # onnxruntime InvalidProtobuf), which would end a start in a traceback.
+                raise ModelLoadError(
+                    f"model version {directory} does not load: {type(error).__name__}: {error}"
+                ) from error
         log.info(
             "model version ready",
             extra={
@@ -162,6 +166,18 @@ class ModelRegistry:
             },
         )
         return served
+
+    @contextlib.contextmanager
+    def _noting_load_errors(self, directory: Path) -> Iterator[None]:
+        """Note why a load of ``directory`` failed in :attr:`load_errors`, or forget
+        a failure noted before once one succeeds."""
+        key = (self.name, directory.name)
+        try:
+            yield
+        except Exception as error:
+            self.load_errors[key] = str(error)
+            raise
+        self.load_errors.pop(key, None)
 
     async def start(self) -> None:
         # The libraries of every backend the repository's versions name, before serving:
@@ -235,8 +251,9 @@ class ModelRegistry:
             with contextlib.suppress(KeyError):
                 return self.get(name, version)
             directory = ModelRepository(self.repository).version_path(name, version)
-            served = await self._build(directory)
-            await served.start()
+            with self._noting_load_errors(directory):
+                served = await self._build(directory)
+                await served.start()
             self._others[served.key] = served
             return served
 

@@ -80,18 +80,20 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersionInfo(_message.Message):
-    __slots__ = ("name", "version", "backend", "loaded", "error")
+    __slots__ = ("name", "version", "backend", "loaded", "error", "load_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     backend: str
     loaded: bool
     error: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., loaded: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    load_error: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., loaded: _Optional[bool] = ..., error: _Optional[str] = ..., load_error: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("versions",)
