@@ -336,6 +336,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         f"canary {rollout.canary_version or '-'} at {rollout.canary_percent:g}%, "
         f"shadows {','.join(rollout.shadow_versions) or '-'} (generation {rollout.generation})"
     )
+    if status.primary_alone_because:
+        print(
+            f"  this server answers with the primary alone until its candidates load "
+            f"(tried every 10 s): {status.primary_alone_because}"
+        )
     for candidate in status.candidates:
         stats = ", ".join(f"{k} {v:.4g}" for k, v in sorted(candidate.stats.items()))
         print(f"  {candidate.variant} {candidate.version}: {stats}")

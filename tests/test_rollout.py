@@ -1059,7 +1059,7 @@ async def test_a_stored_rollout_whose_candidate_does_not_load_now_is_kept_for_ev
         changed = (await set_rollout(admin_a, canary_version="2", canary_percent=50)).rollout
         stored = stored_path.read_text()
         model_file.write_bytes(b"not a model")  # version 2 does not load now
-        async with server_on(repository) as (scoring_b, _, server_b):
+        async with server_on(repository) as (scoring_b, admin_b, server_b):
             assert server_b.rollouts.state.canary == "" and server_b.rollouts.state.primary == "1"
             answers = [await scoring_b.Score(request(i, f"card-{i}")) for i in range(20)]
             assert {a.model.version for a in answers} == {"1"}
@@ -1067,6 +1067,32 @@ async def test_a_stored_rollout_whose_candidate_does_not_load_now_is_kept_for_ev
             await asyncio.sleep(0.5)  # the other server's follower polls every 0.1 s
             assert server_a.rollouts.state.canary == "2"
             assert server_a.rollouts.state.canary_percent == changed.canary_percent
+            # Asked, it shows the shared rollout and why it serves its primary alone (it
+            # showed no canary, and a `rollout set` read from it and written back
+            # dropped the canary for every server; a rollback through it was refused).
+            shown = await admin_b.GetRollout(apb.GetRolloutRequest(), metadata=AUTH)
+            assert shown.rollout == changed
+            assert "INVALID_PROTOBUF" in shown.primary_alone_because
+            assert str(repository) not in shown.primary_alone_because
+            for change in (
+                set_rollout(admin_b, canary_version="2", canary_percent=60),
+                admin_b.Promote(apb.PromoteRequest(), metadata=AUTH),
+            ):  # both need version 2 here: refused, saying why, the shared rollout kept
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await change
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "INVALID_PROTOBUF" in (caught.value.details() or "")
+                assert stored_path.read_text() == stored
+            rolled = await admin_b.Rollback(apb.RollbackRequest(reason="bad"), metadata=AUTH)
+            assert rolled.rollout.canary_version == "2" and rolled.rollout.canary_percent == 0
+            assert rolled.rollout.generation == changed.generation + 1
+            assert rolled.primary_alone_because and rolled.rollbacks[-1].reason == "bad"
+            deadline = time.monotonic() + 20
+            while server_a.rollouts.state.canary_percent:  # the other server follows
+                assert time.monotonic() < deadline, server_a.rollouts.state
+                await asyncio.sleep(0.05)
+            assert server_a.rollouts.state.generation == rolled.rollout.generation
+            await set_rollout(admin_a, canary_version="2", canary_percent=50)  # enabled again
             model_file.write_bytes(good)  # it loads again
             deadline = time.monotonic() + 20
             while server_b.rollouts.state != server_a.rollouts.state:

@@ -112,7 +112,7 @@ class AdminService(apb_grpc.AdminServicer):
             return self._public(error)
 
     def status(self) -> apb.RolloutStatus:
-        state = self.rollouts.state
+        state = self.rollouts.shared
         registry = self.rollouts.registry
         return apb.RolloutStatus(
             rollout=apb.Rollout(
@@ -137,6 +137,7 @@ class AdminService(apb_grpc.AdminServicer):
                 )
                 for r in self.rollouts.rollbacks
             ],
+            primary_alone_because=self._public(self.rollouts.served_alone_because),
         )
 
     async def GetRollout(

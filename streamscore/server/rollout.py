@@ -78,6 +78,16 @@ class RolloutState:
             raise ValueError("canary_percent needs a canary_version")
 
 
+@dataclass(frozen=True)
+class _Partial:
+    """A stored rollout this process serves by its primary alone: since when (monotonic
+    time), and why its candidates did not load."""
+
+    stored: RolloutState
+    since: float
+    why: str
+
+
 def _check_generation(current: RolloutState, expected: int) -> None:
     """A change made on the rollout of generation ``expected`` (0: on any)."""
     if expected and expected != current.generation:
@@ -158,12 +168,26 @@ class RolloutManager:
         self._unreadable = ""  # why the stored rollout last could not be read
         # The stored rollout served by its primary alone, its candidates not loadable
         # now (a Triton-backed canary while Triton is down): tried again in full by the
-        # follower every ``ADOPT_RETRY_S``, from the monotonic time stored here.
-        self._partial: tuple[RolloutState, float] | None = None
+        # follower every ``ADOPT_RETRY_S``.
+        self._partial: _Partial | None = None
         # A version the rollout uses stays loaded when a hot reload replaces the
         # registry's primary (a pinned primary, then, keeps answering).
         registry.keep = self._in_use
         registry.rollout_primary = lambda: self.state.primary
+
+    @property
+    def shared(self) -> RolloutState:
+        """The rollout every process of the host shares, which changes start from: this
+        process's, or the stored one while this process serves it by its primary alone
+        (``_adopt``). A change based on that primary alone would drop the canary and
+        the shadows for every process."""
+        return self._partial.stored if self._partial is not None else self.state
+
+    @property
+    def served_alone_because(self) -> str:
+        """Why this process serves the shared rollout by its primary alone ("" when it
+        serves it in full)."""
+        return self._partial.why if self._partial is not None else ""
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -309,7 +333,7 @@ class RolloutManager:
         if self.state_file is None:
             return
         data = {
-            **dataclasses.asdict(self.state),
+            **dataclasses.asdict(self.shared),
             "rollbacks": [dataclasses.asdict(r) for r in self.rollbacks],
             # The settings' rollout it started from: other settings at a start are a
             # change to apply, the same ones a restart that keeps what changed since.
@@ -334,8 +358,8 @@ class RolloutManager:
         partial = self._partial
         if (
             partial is not None
-            and partial[0] == stored[0]
-            and time.monotonic() - partial[1] < ADOPT_RETRY_S
+            and partial.stored == stored[0]
+            and time.monotonic() - partial.since < ADOPT_RETRY_S
         ):
             return  # served by its primary alone; its candidates tried again later
         await self._adopt(*stored)
@@ -350,12 +374,12 @@ class RolloutManager:
         stored = state
         try:
             await self._load(state)
-        except Exception:
+        except Exception as error:
             alone = state.primary_alone()
             if alone == state or self._versions_gone(state):
                 raise
             await self._load(alone)
-            if self._partial is None or self._partial[0] != state:
+            if self._partial is None or self._partial.stored != state:
                 log.warning(
                     "the stored rollout's candidates do not load now: its primary alone "
                     "answers until they do (tried again every %g s)",
@@ -363,7 +387,7 @@ class RolloutManager:
                     exc_info=True,
                     extra={"rollout": dataclasses.asdict(state)},
                 )
-            self._partial = (state, time.monotonic())
+            self._partial = _Partial(state, time.monotonic(), str(error))
             state = alone
         else:
             if self._partial is not None:
@@ -466,7 +490,7 @@ class RolloutManager:
     async def set(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
         async with self._change, self._file_lock():
             await self._sync()  # another process's change first: the generation is its
-            current = self.state
+            current = self.shared
             if dataclasses.replace(new, generation=current.generation) == current:
                 # Nothing changes: no new generation (which would refuse, as stale, a
                 # change another operator prepared on this one), nothing stored.
@@ -477,8 +501,8 @@ class RolloutManager:
             return state
 
     async def _apply(self, new: RolloutState, expected_generation: int = 0) -> RolloutState:
-        current = self.state
-        _check_generation(current, expected_generation)
+        current, shared = self.state, self.shared
+        _check_generation(shared, expected_generation)
         await self._load(new)
         if self.state is not current:
             # An automatic rollback landed while the versions loaded: writing this
@@ -488,7 +512,8 @@ class RolloutManager:
                 f"rollout changed (generation {self.state.generation}) while versions "
                 "loaded, by an automatic rollback: read it and try again"
             )
-        state = dataclasses.replace(new, generation=current.generation + 1)
+        state = dataclasses.replace(new, generation=shared.generation + 1)
+        self._partial = None  # loaded in full: the shared rollout is served in full
         await self._switch(state, "rollout changed")
         return state
 
@@ -516,7 +541,7 @@ class RolloutManager:
     async def promote(self) -> RolloutState:
         async with self._change, self._file_lock():
             await self._sync()  # the canary as the host's processes last set it
-            state = self.state
+            state = self.shared
             if not state.canary:
                 # The rollout's state, not the request, is wrong: FAILED_PRECONDITION.
                 raise RolloutConflict("there is no canary to promote")
@@ -544,14 +569,34 @@ class RolloutManager:
             )
         async with self._change, self._file_lock():
             await self._sync()
-            if not self.state.canary:
+            if not self.shared.canary:
                 raise RolloutConflict(
                     "there is no canary to roll back (a promote is undone by setting the "
                     "primary back: rollout set --primary VERSION)"
                 )
-            if self._roll_back_now(reason or "manual", automatic=False):
+            if self._partial is not None:
+                rolled_back = self._roll_back_shared(reason or "manual")
+            else:
+                rolled_back = self._roll_back_now(reason or "manual", automatic=False)
+            if rolled_back:
                 self._save()
-            return self.state
+            return self.shared
+
+    def _roll_back_shared(self, reason: str) -> bool:
+        """A rollback through a process that serves the shared rollout by its primary
+        alone (its canary does not load here): the shared rollout's canary to 0 %,
+        for every process; this one goes on with its primary alone. (Refused for want
+        of a canary here, a rollback, the one change that must never wait, had to go
+        through another server.)"""
+        assert self._partial is not None
+        stored = self._partial.stored
+        if not stored.canary_percent:
+            return False
+        rolled = dataclasses.replace(stored, canary_percent=0.0, generation=stored.generation + 1)
+        self._partial = dataclasses.replace(self._partial, stored=rolled)
+        self.state = dataclasses.replace(self.state, generation=rolled.generation)
+        self._record_rollback(stored.canary, reason, automatic=False)
+        return True
 
     def _roll_back_now(self, reason: str, *, automatic: bool) -> bool:
         """Canary to 0 %, at once (an automatic one runs on the Score path); False when
@@ -569,14 +614,17 @@ class RolloutManager:
                 failure="storing an automatic rollback failed",
                 tracked=self._saving,
             )
-        record = RollbackRecord(state.canary, reason, time.time_ns() // 1_000_000, automatic)
+        self._record_rollback(state.canary, reason, automatic=automatic)
+        return True
+
+    def _record_rollback(self, version: str, reason: str, *, automatic: bool) -> None:
+        record = RollbackRecord(version, reason, time.time_ns() // 1_000_000, automatic)
         self.rollbacks.append(record)
         self.rollbacks_made += 1
         log.warning(
             "canary rolled back",
-            extra={"version": state.canary, "reason": reason, "automatic": automatic},
+            extra={"version": version, "reason": reason, "automatic": automatic},
         )
-        return True
 
     @property
     def shadow_dropped(self) -> int:

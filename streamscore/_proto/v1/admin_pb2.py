@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streamscore/_proto/v1/admin.proto\x12\x0estreamscore.v1\"\xb4\x01\n\x07Rollout\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\x01\x12\x17\n\x0fshadow_versions\x18\x05 \x03(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x04\x12\x1f\n\x17serving_primary_version\x18\x07 \x01(\t\"T\n\rRollbackEvent\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x11\n\tautomatic\x18\x04 \x01(\x08\"\x9a\x01\n\x0e\x43\x61ndidateStats\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x38\n\x05stats\x18\x03 \x03(\x0b\x32).streamscore.v1.CandidateStats.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9f\x01\n\rRolloutStatus\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.streamscore.v1.Rollout\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.streamscore.v1.CandidateStats\x12\x30\n\trollbacks\x18\x03 \x03(\x0b\x32\x1d.streamscore.v1.RollbackEvent\"\x13\n\x11GetRolloutRequest\"Z\n\x11SetRolloutRequest\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.streamscore.v1.Rollout\x12\x1b\n\x13\x65xpected_generation\x18\x02 \x01(\x04\"\x13\n\x11ListModelsRequest\"u\n\x10ModelVersionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nload_error\x18\x06 \x01(\t\"H\n\x12ListModelsResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .streamscore.v1.ModelVersionInfo\"\x10\n\x0ePromoteRequest\"!\n\x0fRollbackRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t2\x92\x03\n\x05\x41\x64min\x12N\n\nGetRollout\x12!.streamscore.v1.GetRolloutRequest\x1a\x1d.streamscore.v1.RolloutStatus\x12N\n\nSetRollout\x12!.streamscore.v1.SetRolloutRequest\x1a\x1d.streamscore.v1.RolloutStatus\x12S\n\nListModels\x12!.streamscore.v1.ListModelsRequest\x1a\".streamscore.v1.ListModelsResponse\x12H\n\x07Promote\x12\x1e.streamscore.v1.PromoteRequest\x1a\x1d.streamscore.v1.RolloutStatus\x12J\n\x08Rollback\x12\x1f.streamscore.v1.RollbackRequest\x1a\x1d.streamscore.v1.RolloutStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!streamscore/_proto/v1/admin.proto\x12\x0estreamscore.v1\"\xb4\x01\n\x07Rollout\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x17\n\x0fprimary_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61nary_version\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61nary_percent\x18\x04 \x01(\x01\x12\x17\n\x0fshadow_versions\x18\x05 \x03(\t\x12\x12\n\ngeneration\x18\x06 \x01(\x04\x12\x1f\n\x17serving_primary_version\x18\x07 \x01(\t\"T\n\rRollbackEvent\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07time_ms\x18\x03 \x01(\x03\x12\x11\n\tautomatic\x18\x04 \x01(\x08\"\x9a\x01\n\x0e\x43\x61ndidateStats\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x38\n\x05stats\x18\x03 \x03(\x0b\x32).streamscore.v1.CandidateStats.StatsEntry\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbe\x01\n\rRolloutStatus\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.streamscore.v1.Rollout\x12\x32\n\ncandidates\x18\x02 \x03(\x0b\x32\x1e.streamscore.v1.CandidateStats\x12\x30\n\trollbacks\x18\x03 \x03(\x0b\x32\x1d.streamscore.v1.RollbackEvent\x12\x1d\n\x15primary_alone_because\x18\x04 \x01(\t\"\x13\n\x11GetRolloutRequest\"Z\n\x11SetRolloutRequest\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.streamscore.v1.Rollout\x12\x1b\n\x13\x65xpected_generation\x18\x02 \x01(\x04\"\x13\n\x11ListModelsRequest\"u\n\x10ModelVersionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nload_error\x18\x06 \x01(\t\"H\n\x12ListModelsResponse\x12\x32\n\x08versions\x18\x01 \x03(\x0b\x32 .streamscore.v1.ModelVersionInfo\"\x10\n\x0ePromoteRequest\"!\n\x0fRollbackRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t2\x92\x03\n\x05\x41\x64min\x12N\n\nGetRollout\x12!.streamscore.v1.GetRolloutRequest\x1a\x1d.streamscore.v1.RolloutStatus\x12N\n\nSetRollout\x12!.streamscore.v1.SetRolloutRequest\x1a\x1d.streamscore.v1.RolloutStatus\x12S\n\nListModels\x12!.streamscore.v1.ListModelsRequest\x1a\".streamscore.v1.ListModelsResponse\x12H\n\x07Promote\x12\x1e.streamscore.v1.PromoteRequest\x1a\x1d.streamscore.v1.RolloutStatus\x12J\n\x08Rollback\x12\x1f.streamscore.v1.RollbackRequest\x1a\x1d.streamscore.v1.RolloutStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,21 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATESTATS_STATSENTRY']._serialized_start=433
   _globals['_CANDIDATESTATS_STATSENTRY']._serialized_end=477
   _globals['_ROLLOUTSTATUS']._serialized_start=480
-  _globals['_ROLLOUTSTATUS']._serialized_end=639
-  _globals['_GETROLLOUTREQUEST']._serialized_start=641
-  _globals['_GETROLLOUTREQUEST']._serialized_end=660
-  _globals['_SETROLLOUTREQUEST']._serialized_start=662
-  _globals['_SETROLLOUTREQUEST']._serialized_end=752
-  _globals['_LISTMODELSREQUEST']._serialized_start=754
-  _globals['_LISTMODELSREQUEST']._serialized_end=773
-  _globals['_MODELVERSIONINFO']._serialized_start=775
-  _globals['_MODELVERSIONINFO']._serialized_end=892
-  _globals['_LISTMODELSRESPONSE']._serialized_start=894
-  _globals['_LISTMODELSRESPONSE']._serialized_end=966
-  _globals['_PROMOTEREQUEST']._serialized_start=968
-  _globals['_PROMOTEREQUEST']._serialized_end=984
-  _globals['_ROLLBACKREQUEST']._serialized_start=986
-  _globals['_ROLLBACKREQUEST']._serialized_end=1019
-  _globals['_ADMIN']._serialized_start=1022
-  _globals['_ADMIN']._serialized_end=1424
+  _globals['_ROLLOUTSTATUS']._serialized_end=670
+  _globals['_GETROLLOUTREQUEST']._serialized_start=672
+  _globals['_GETROLLOUTREQUEST']._serialized_end=691
+  _globals['_SETROLLOUTREQUEST']._serialized_start=693
+  _globals['_SETROLLOUTREQUEST']._serialized_end=783
+  _globals['_LISTMODELSREQUEST']._serialized_start=785
+  _globals['_LISTMODELSREQUEST']._serialized_end=804
+  _globals['_MODELVERSIONINFO']._serialized_start=806
+  _globals['_MODELVERSIONINFO']._serialized_end=923
+  _globals['_LISTMODELSRESPONSE']._serialized_start=925
+  _globals['_LISTMODELSRESPONSE']._serialized_end=997
+  _globals['_PROMOTEREQUEST']._serialized_start=999
+  _globals['_PROMOTEREQUEST']._serialized_end=1015
+  _globals['_ROLLBACKREQUEST']._serialized_start=1017
+  _globals['_ROLLBACKREQUEST']._serialized_end=1050
+  _globals['_ADMIN']._serialized_start=1053
+  _globals['_ADMIN']._serialized_end=1455
 # @@protoc_insertion_point(module_scope)

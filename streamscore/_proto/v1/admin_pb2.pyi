@@ -54,14 +54,16 @@ class CandidateStats(_message.Message):
     def __init__(self, version: _Optional[str] = ..., variant: _Optional[str] = ..., stats: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RolloutStatus(_message.Message):
-    __slots__ = ("rollout", "candidates", "rollbacks")
+    __slots__ = ("rollout", "candidates", "rollbacks", "primary_alone_because")
     ROLLOUT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ALONE_BECAUSE_FIELD_NUMBER: _ClassVar[int]
     rollout: Rollout
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateStats]
     rollbacks: _containers.RepeatedCompositeFieldContainer[RollbackEvent]
-    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CandidateStats, _Mapping]]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ...) -> None: ...
+    primary_alone_because: str
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[CandidateStats, _Mapping]]] = ..., rollbacks: _Optional[_Iterable[_Union[RollbackEvent, _Mapping]]] = ..., primary_alone_because: _Optional[str] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ()
