@@ -85,15 +85,24 @@ async def test_shed_while_its_own_are_scored_a_message_tries_again_when_one_ends
     assert await task == b"m1"
 
 
+class TwoWaiting:
+    """Messages a and b, read while the stretch's first is being scored, both shed:
+    both wait. ``room`` opens the backend to them."""
+
+    def __init__(self) -> None:
+        self.first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        ahead = stretch(self.first)
+        self.room = False
+        self.backend = Backend(lambda request, admitted: self.room)
+        self.a, self.b = paced(self.backend, ahead, "a"), paced(self.backend, ahead, "b")
+
+
 async def test_each_score_that_ends_lets_one_waiting_message_try_again_in_order() -> None:
-    first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    ahead = stretch(first)
-    room = {"open": False}
-    backend = Backend(lambda request, admitted: room["open"])
-    a, b = paced(backend, ahead, "a"), paced(backend, ahead, "b")
+    waiting = TwoWaiting()
+    first, backend, a, b = waiting.first, waiting.backend, waiting.a, waiting.b
     await turns()
     assert backend.tries == ["a", "b"]
-    room["open"] = True
+    waiting.room = True
     first.set_result(b"first")
     await turns()
     assert backend.tries == ["a", "b", "a"]  # one ended: one tries, the first waiting
@@ -117,15 +126,12 @@ async def test_shed_again_once_none_of_its_own_is_being_scored_ends_the_stream()
 
 
 async def test_a_message_cancelled_while_waiting_passes_its_turn_on() -> None:
-    first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    ahead = stretch(first)
-    room = {"open": False}
-    backend = Backend(lambda request, admitted: room["open"])
-    a, b = paced(backend, ahead, "a"), paced(backend, ahead, "b")
+    waiting = TwoWaiting()
+    first, backend, a, b = waiting.first, waiting.backend, waiting.a, waiting.b
     await turns()
     a.cancel()
     await turns()
-    room["open"] = True
+    waiting.room = True
     first.set_result(b"first")
     await turns()
     assert backend.tries == ["a", "b", "b"]  # the cancelled one's turn went to the next
