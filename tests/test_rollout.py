@@ -1040,7 +1040,10 @@ async def test_a_stored_rollout_that_cannot_be_served_gives_way_to_the_settings(
 
 
 async def test_a_stored_rollout_whose_candidate_does_not_load_now_is_kept_for_every_server(
-    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    trained_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A server started while the stored rollout's canary could not load (its Triton
     down) set the stored rollout aside and wrote its settings' over it: every other
@@ -1074,6 +1077,11 @@ async def test_a_stored_rollout_whose_candidate_does_not_load_now_is_kept_for_ev
             assert shown.rollout == changed
             assert "INVALID_PROTOBUF" in shown.primary_alone_because
             assert str(repository) not in shown.primary_alone_because
+            show = ["rollout", "show", "--target", f"127.0.0.1:{server_b.port}", "--token", TOKEN]
+            assert await asyncio.get_running_loop().run_in_executor(None, cli_main, show) == 0
+            [alone] = [line for line in capsys.readouterr().out.splitlines() if "alone" in line]
+            assert alone.startswith("  this server answers with the primary alone until")
+            assert "INVALID_PROTOBUF" in alone
             for change in (
                 set_rollout(admin_b, canary_version="2", canary_percent=60),
                 admin_b.Promote(apb.PromoteRequest(), metadata=AUTH),
