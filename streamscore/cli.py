@@ -10,6 +10,7 @@ import shlex
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from collections import Counter
-
     from tqdm import tqdm
 
     from streamscore.stream.assembly import all_feature_names
@@ -232,6 +231,13 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rejected: Counter[str] = Counter()
     events = sort_events(read_events(args.events, rejected))
+    if rejected and not events:
+        # Not a log of payment events (another file, another schema): exit 2, for a
+        # pipeline that would otherwise train on the empty output it wrote.
+        raise ValueError(
+            f"no valid event in {args.events} (skipped invalid: {_counts(rejected)}): "
+            "nothing written"
+        )
     store = FeatureStore(fold_horizon_ms=settings.fold_horizon_ms, skew_ms=settings.skew_ms)
     columns = ("event_id", *all_feature_names(store))
     progress = tqdm(
@@ -250,12 +256,16 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     written = write_rows(args.output, columns, rows())
     progress.close()
     seconds = time.perf_counter() - started
-    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(rejected.items())) or "none"
+    skipped = _counts(rejected) or "none"
     print(
         f"{written} rows to {args.output} in {seconds:.1f} s "
         f"({len(events) / max(seconds, 1e-9):,.0f} events/s); skipped invalid: {skipped}"
     )
     return 0
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counter.items()))
 
 
 def cmd_features(args: argparse.Namespace) -> int:

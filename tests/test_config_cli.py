@@ -264,6 +264,24 @@ def test_backfill_skips_invalid_events_and_names_them(
     printed = capsys.readouterr().out
     assert "2 rows" in printed and "bad_json 1" in printed and "bad_value 1" in printed
 
+    # A UTF-8 byte-order mark (some Windows tools write one) is not the first event's
+    # undoing: it was skipped as bad JSON (audit AP).
+    log.write_bytes(b"\xef\xbb\xbf" + b"\n".join([event("e1", 1_000), event("e2", 2_000)]))
+    assert main(["backfill", str(log), "-o", str(out), "--no-progress"]) == 0
+    assert [orjson.loads(line)["event_id"] for line in out.read_bytes().splitlines()] == [
+        "e1",
+        "e2",
+    ]
+
+    # Nothing valid (another file, another schema): exit 2, nothing written; it was
+    # exit 0 and an empty output a pipeline would train on (audit AP).
+    out.unlink()
+    log.write_bytes(b"{not json\n" + orjson.dumps({"event_id": "e1"}) + b"\n")
+    assert main(["backfill", str(log), "-o", str(out), "--no-progress"]) == 2
+    assert not out.exists()
+    error = capsys.readouterr().err
+    assert "no valid event in" in error and "bad_json 1, missing_field 1" in error
+
 
 @pytest.mark.parametrize(
     ("argv", "expected"),

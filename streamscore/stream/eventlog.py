@@ -20,6 +20,9 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() == ".parquet"
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_events(path: Path, rejected: Counter[str]) -> Iterator[PaymentEvent]:
     """Valid events of a JSONL or Parquet log; ``rejected`` counts the rest by reason."""
     if _is_parquet(path):
@@ -33,7 +36,9 @@ def read_events(path: Path, rejected: Counter[str]) -> Iterator[PaymentEvent]:
                     rejected[error.reason] += 1
         return
     with path.open("rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle):
+            if number == 0 and line.startswith(UTF8_BOM):
+                line = line[len(UTF8_BOM) :]  # written by some Windows tools: not JSON
             if not line.strip():
                 continue
             try:
