@@ -45,15 +45,37 @@ class Backend:
         self.admitted[request].set_result(request.encode())
 
 
-def paced(backend: Backend, ahead: _ReadAhead, request: str) -> asyncio.Task[bytes]:
+def paced(
+    backend: Backend,
+    ahead: _ReadAhead,
+    request: str,
+    first_try: asyncio.Future[bytes] | None = None,
+) -> asyncio.Task[bytes]:
+    """A message read ahead, its Score started, as the service does."""
     service: Any = SimpleNamespace(score=backend.score)
-    return asyncio.ensure_future(
-        ScoringService._score_paced(service, request, CONTEXT, None, ahead)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(
+        ScoringService._score_paced(
+            service,
+            request,  # type: ignore[arg-type]
+            CONTEXT,
+            None,
+            ahead,
+            first_try=first_try,
+        )
     )
+    ahead.add((request, 0.0, task))  # type: ignore[arg-type]
+    return task
 
 
-def stretch(first_answer: asyncio.Future[bytes]) -> _ReadAhead:
-    return _ReadAhead((None, 0.0, first_answer))  # type: ignore[arg-type]
+_FIRSTS: list[asyncio.Task[bytes]] = []  # (referenced while they run)
+
+
+def stretch(backend: Backend, first_try: asyncio.Future[bytes]) -> _ReadAhead:
+    """A stretch read ahead, whose first message's Score (``first_try``) began before
+    it, in turn."""
+    ahead = _ReadAhead()
+    _FIRSTS.append(paced(backend, ahead, "first", first_try=first_try))
+    return ahead
 
 
 async def turns(n: int = 5) -> None:
@@ -65,7 +87,7 @@ async def test_shed_with_none_of_its_own_being_scored_the_message_ends_the_strea
     answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     answered.set_result(b"first")
     backend = Backend(lambda request, admitted: False)
-    task = paced(backend, stretch(answered), "m1")
+    task = paced(backend, stretch(backend, answered), "m1")
     await asyncio.wait((task,), timeout=1)
     assert isinstance(task.exception(), Overloaded)
     assert backend.tries == ["m1"]
@@ -73,8 +95,8 @@ async def test_shed_with_none_of_its_own_being_scored_the_message_ends_the_strea
 
 async def test_shed_while_its_own_are_scored_a_message_tries_again_when_one_ends() -> None:
     first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-    ahead = stretch(first)
     backend = Backend(lambda request, admitted: first.done())  # shed while it is in
+    ahead = stretch(backend, first)
     task = paced(backend, ahead, "m1")
     await turns()
     assert backend.tries == ["m1"] and not task.done()  # waits: the first is being scored
@@ -85,15 +107,36 @@ async def test_shed_while_its_own_are_scored_a_message_tries_again_when_one_ends
     assert await task == b"m1"
 
 
+async def test_the_first_message_shed_behind_its_streams_later_ones_tries_again() -> None:
+    """The stretch's first message began in turn, before reading ahead; shed behind
+    the messages read after it (a fallback's queue, on a 10 ms budget), it ended the
+    stream with no answer at all (audit AO). It is paced like them."""
+    first_try: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    backend = Backend(lambda request, admitted: True)
+    ahead = _ReadAhead()
+    first = paced(backend, ahead, "first", first_try=first_try)
+    later = paced(backend, ahead, "m1")
+    await turns()
+    assert backend.tries == ["m1"]
+    first_try.set_exception(Overloaded("over capacity: m1 ahead of it"))
+    await turns()
+    assert backend.tries == ["m1"] and not first.done()  # waits: m1 is being scored
+    backend.end("m1")
+    await turns()
+    assert backend.tries == ["m1", "first"]
+    backend.end("first")
+    assert (await first, await later) == (b"first", b"m1")
+
+
 class TwoWaiting:
     """Messages a and b, read while the stretch's first is being scored, both shed:
     both wait. ``room`` opens the backend to them."""
 
     def __init__(self) -> None:
         self.first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        ahead = stretch(self.first)
         self.room = False
         self.backend = Backend(lambda request, admitted: self.room)
+        ahead = stretch(self.backend, self.first)
         self.a, self.b = paced(self.backend, ahead, "a"), paced(self.backend, ahead, "b")
 
 
@@ -116,7 +159,7 @@ async def test_each_score_that_ends_lets_one_waiting_message_try_again_in_order(
 async def test_shed_again_once_none_of_its_own_is_being_scored_ends_the_stream() -> None:
     first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
     backend = Backend(lambda request, admitted: False)  # others' load: shed always
-    task = paced(backend, stretch(first), "m1")
+    task = paced(backend, stretch(backend, first), "m1")
     await turns()
     assert not task.done()
     first.set_result(b"first")
@@ -154,9 +197,9 @@ def test_a_stream_alone_against_any_capacity_is_answered_in_full(
 
     async def run() -> None:
         first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        ahead = stretch(first)
         # The first message, scored before the stretch began, holds a place too.
         backend = Backend(lambda request, admitted: admitted + (not first.done()) < capacity)
+        ahead = stretch(backend, first)
         tasks = [paced(backend, ahead, f"m{i}") for i in range(messages)]
         await turns()
         first.set_result(b"first")
@@ -170,5 +213,57 @@ def test_a_stream_alone_against_any_capacity_is_answered_in_full(
             assert step < 10_000, "the stream stopped making progress"
         assert [task.result() for task in tasks] == [f"m{i}".encode() for i in range(messages)]
         assert backend.most_admitted <= capacity
+
+    asyncio.run(run())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    capacity=st.integers(1, 6),
+    messages=st.integers(1, 30),
+    admits=st.lists(st.booleans(), min_size=1, max_size=40),
+    ends=st.lists(st.integers(0, 5), min_size=1, max_size=20),
+)
+def test_under_anyones_load_every_message_ends_and_the_first_error_ends_in_order(
+    capacity: int, messages: int, admits: list[bool], ends: list[int]
+) -> None:
+    """Others' load too: a try within the stream's capacity is admitted or shed as
+    ``admits`` says (then always admitted, the load gone). Every message ends, answered
+    or RESOURCE_EXHAUSTED, however the shedding and the endings fall: none waits for
+    good. (A message shed twice while a later one gave up waited forever, once the
+    later one's error came after it in the stream's order: the stream hung, audit
+    AO.)"""
+
+    async def run() -> None:
+        first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        tries = iter(admits)
+
+        def decide(request: str, admitted: int) -> bool:
+            if admitted + (not first.done()) >= capacity:
+                return False
+            return next(tries, True)
+
+        backend = Backend(decide)
+        ahead = stretch(backend, first)
+        tasks = [paced(backend, ahead, f"m{i}") for i in range(messages)]
+        await turns()
+        first.set_result(b"first")
+        step = 0
+        while not all(task.done() for task in tasks):
+            await turns()
+            if backend.admitted:
+                pick = ends[step % len(ends)] % len(backend.admitted)
+                backend.end(list(backend.admitted)[pick])
+            step += 1
+            assert step < 10_000, [t for t in tasks if not t.done()]
+        # Answered in full, or up to the first message that gave up: the stream's
+        # error, RESOURCE_EXHAUSTED; those read after it were stopped (cancelled).
+        outcomes = ["cancelled" if t.cancelled() else t.exception() or t.result() for t in tasks]
+        ended = next((i for i, o in enumerate(outcomes) if not isinstance(o, bytes)), None)
+        if ended is None:
+            assert outcomes == [f"m{i}".encode() for i in range(messages)]
+        else:
+            assert outcomes[:ended] == [f"m{i}".encode() for i in range(ended)]
+            assert isinstance(outcomes[ended], Overloaded), outcomes
 
     asyncio.run(run())

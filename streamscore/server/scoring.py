@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -71,46 +73,78 @@ class _ReadAhead:
     """One stretch of a ScoreStream read ahead: the answers to come, in order (None:
     no more), room to read more, and how many read messages are still unanswered."""
 
-    def __init__(self, first: _StreamItem) -> None:
+    def __init__(self) -> None:
         self.answers: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
-        self.answers.put_nowait(first)
         self.room = asyncio.Semaphore(STREAM_READ_AHEAD - 1)
-        self.unanswered = 1
+        self.unanswered = 0
         self.reader: asyncio.Task[bool] | None = None
         # Pacing (see ScoringService._score_paced): how many of this stretch's
-        # messages are being scored, and those shed, waiting for one of them to end.
+        # messages are being scored or were woken to try again; those shed, waiting,
+        # by read order; whether one has given up (the stream ends at its error).
         self.scoring = 0
-        self.paced: deque[asyncio.Future[None]] = deque()
-        if not first[2].done():  # scored before this stretch began: counted too
-            self.scoring = 1
-            first[2].add_done_callback(self._first_scored)
+        self.reads = 0
+        self._paced: list[tuple[int, asyncio.Future[None]]] = []
+        self.gave_up = False
+        # The answers not yet sent, in read order: the first is message ``_sent``.
+        self._unsent: deque[asyncio.Future[bytes]] = deque()
+        self._sent = 0
+
+    def add(self, item: _StreamItem) -> None:
+        """A message read, its Score started: its answer to come in turn."""
+        self.answers.put_nowait(item)
+        self._unsent.append(item[2])
+        self.unanswered += 1
 
     def answered(self) -> None:
         self.unanswered -= 1
+        self._unsent.popleft()
+        self._sent += 1
         self.room.release()
 
-    def _first_scored(self, _: asyncio.Future[bytes]) -> None:
-        self.scoring -= 1
-        self.scored()
-
     def scored(self) -> None:
-        """One of the stream's Scores ended: the first message waiting to retry goes
-        (one per Score that ended, so a retry meets the room that Score left, and a
-        shed retry wakes no other)."""
-        while self.paced:
-            waiting = self.paced.popleft()
+        """One of the stream's Scores ended: its place goes to the earliest message
+        waiting to try again (counted from now, so that no other message gives up
+        for want of its own while that one is on its way; one per Score that ended,
+        so a try meets the room that Score left, and a shed try wakes no other)."""
+        self.scoring -= 1
+        while self._paced:
+            waiting = heapq.heappop(self._paced)[1]
             if not waiting.done():
                 waiting.set_result(None)
+                self.scoring += 1
                 return
 
-    async def wait_for_a_score(self) -> None:
-        """Until one of the stream's Scores being scored ends (see :meth:`scored`)."""
+    def give_up(self, order: int) -> None:
+        """The message read ``order``-th was shed with none of the stream's being
+        scored: the overload is not the stream's own, and the stream ends at that
+        message's error (or an earlier one's). The messages read after it will not be
+        answered: their Scores stop now, not at the stream's end (tried again, they
+        would take room that others' calls could use). Those read before it and
+        waiting try once more, and give up too if shed: none is left waiting for a
+        Score that will never come (one was, and the stream hung until its deadline:
+        audit AO)."""
+        self.gave_up = True
+        for answer in itertools.islice(self._unsent, order - self._sent + 1, None):
+            answer.cancel()
+        while self._paced:
+            earlier, waiting = heapq.heappop(self._paced)
+            if earlier < order and not waiting.done():
+                waiting.set_result(None)
+                self.scoring += 1
+
+    async def wait_for_a_score(self, order: int) -> None:
+        """Until :meth:`scored` or :meth:`give_up` lets the message read ``order``-th
+        try again, counted in :attr:`scoring`."""
         waiting = asyncio.get_running_loop().create_future()
-        self.paced.append(waiting)
+        heapq.heappush(self._paced, (order, waiting))
         try:
             await waiting
+        except asyncio.CancelledError:
+            if waiting.done() and not waiting.cancelled():
+                self.scored()  # woken, then cancelled: its place goes on
+            raise
         finally:
-            waiting.cancel()  # cancelled while waiting: :meth:`scored` passes it by
+            waiting.cancel()  # cancelled while waiting: skipped when its turn comes
 
     async def abandon(self) -> None:
         """At the stream's end: stop the reader and the work of the answers never sent
@@ -527,7 +561,12 @@ class ScoringService(pb_grpc.ScoringServicer):
                 else:
                     return
                 # Read ahead; the waiting answer is the first in the queue.
-                ahead = _ReadAhead(item)
+                # Its Score, started in turn, is paced like the ones read after it
+                # (on a tight budget it was shed behind them, and the stream ended).
+                ahead = _ReadAhead()
+                valid = cast(PyScoreFields, request)  # (an invalid one's answer is done)
+                paced = self._score_paced(valid, context, parent, ahead, first_try=answer)
+                ahead.add((request, started, start_eagerly(paced)))
                 ahead.reader = asyncio.create_task(
                     self._read_ahead(context, parent, ahead),
                     name=READ_AHEAD_TASK,
@@ -618,6 +657,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         context: grpc.aio.ServicerContext,
         parent: Any,
         ahead: _ReadAhead,
+        first_try: asyncio.Future[bytes] | None = None,
     ) -> bytes:
         """A stream's message read ahead: scored now, or, when shed as over capacity
         while other messages of the stream are being scored, again once one of them
@@ -627,24 +667,32 @@ class ScoringService(pb_grpc.ScoringServicer):
         refused. Shed with none of its own being scored, the overload is not its own,
         and the stream ends with RESOURCE_EXHAUSTED. Each try is bounded by the
         budget (from the try) and the stream's deadline; the waits by the Scores
-        waited for, which have theirs."""
+        waited for, which have theirs. ``first_try``: its first try, when started
+        before (the stretch's first message, scored in turn)."""
+        order = ahead.reads
+        ahead.reads += 1
+        ahead.scoring += 1
         while True:
-            ahead.scoring += 1
             try:
-                answer = await self.score(request, context.time_remaining(), parent, validated=True)
+                if first_try is None:
+                    answer = await self.score(
+                        request, context.time_remaining(), parent, validated=True
+                    )
+                else:
+                    trying, first_try = first_try, None
+                    answer = await trying
             except Overloaded:
                 ahead.scoring -= 1
-                if not ahead.scoring:
+                if ahead.gave_up or not ahead.scoring:
+                    ahead.give_up(order)
                     raise
             except BaseException:
-                ahead.scoring -= 1
                 ahead.scored()
                 raise
             else:
-                ahead.scoring -= 1
                 ahead.scored()
                 return answer
-            await ahead.wait_for_a_score()
+            await ahead.wait_for_a_score(order)  # counted in ahead.scoring once woken
 
     async def _read_ahead(
         self, context: grpc.aio.ServicerContext, parent: Any, ahead: _ReadAhead
@@ -655,11 +703,12 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             while True:
                 await ahead.room.acquire()
+                if ahead.gave_up:
+                    return False  # the stream ends at an error already: read no further
                 item = await self._read_one(context, parent, ahead)
                 if item is None:
                     return False
-                ahead.answers.put_nowait(item)
-                ahead.unanswered += 1
+                ahead.add(item)
                 answer = item[2]
                 if answer.done():
                     if answer.cancelled() or answer.exception() is not None:
