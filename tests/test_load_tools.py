@@ -1042,6 +1042,15 @@ async def test_wire_cost_times_both_codecs_hot_and_cold() -> None:
     assert all(float(cell) > 0 for row in table[1:] for cell in row[1:]), out
 
 
+async def test_pacing_cost_times_both_ways_of_starting_a_score() -> None:
+    out = await run_module(
+        "loadtest.pacing_cost", "--rounds", "1", "--messages", "2000", timeout=60
+    )
+    found = re.search(r"directly ([0-9.]+) us, through the pacing ([0-9.]+) us \(\+", out)
+    assert found is not None, out
+    assert all(float(value) > 0 for value in found.groups()), out
+
+
 async def run_scaling(trained_model: Path, tmp_path: Path, *args: str) -> tuple[str, dict]:
     """``loadtest.scaling`` for a smoke test: one 1 s step from one client process, a
     budget nothing misses; its output and its JSON report."""
