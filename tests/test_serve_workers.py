@@ -471,6 +471,12 @@ async def test_a_worker_that_cannot_restart_in_a_broker_outage_leaves_the_set_se
         target = f"127.0.0.1:{port}"
         await wait_serving(target, timeout=90)
         assert supervisor.process is not None
+        # Both listening first: the port serves once either does, and a worker 0 killed
+        # before it listened had one listening line in all, never the two waited for.
+        deadline = time.monotonic() + 90
+        while lines("grpc server listening", 0) < 1 or lines("grpc server listening", 1) < 1:
+            assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+            await asyncio.sleep(0.1)
         await broker.stop()
         os.kill(children_of(supervisor.process.pid)[0], signal.SIGKILL)
         deadline = time.monotonic() + 90
