@@ -175,7 +175,11 @@ class ModelRegistry:
         try:
             yield
         except Exception as error:
-            self.load_errors[key] = str(error)
+            # One form whichever way it was loaded: the cause, not the wrapper that
+            # names the version's directory (the listing names the version).
+            cause = error.__cause__ if isinstance(error, ModelLoadError) else None
+            reason = cause if isinstance(cause, Exception) else error
+            self.load_errors[key] = f"{type(reason).__name__}: {reason}"
             raise
         self.load_errors.pop(key, None)
 
