@@ -1243,6 +1243,30 @@ async def test_a_changed_setting_is_applied_over_the_stored_rollout_alone(
         assert (await scoring.Score(request(1, "card-1"))).model.version == "2"
 
 
+async def test_a_setting_that_gives_the_stored_canary_another_role_leaves_it_one(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A restart whose settings name the stored canary as the primary stored primary 2
+    and canary 2 at 50 %, a rollout the Admin API refuses (every later percent change
+    then failed), and every server adopted it (audit AQ). The version keeps one role:
+    the primary's, as after a promote; a shadow that is the canary is dropped too."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 2)
+    add_version(repository, 3)
+    async with server_on(repository, model_version="1") as (_, admin, _):
+        await set_rollout(admin, canary_version="2", canary_percent=50)
+    async with server_on(repository, model_version="2", shadow_versions="2,3") as served:
+        _, admin, server = served
+        state = server.rollouts.state
+        assert (state.primary, state.canary, state.canary_percent) == ("2", "", 0.0)
+        assert state.shadows == ("3",)
+        stored = json.loads((repository / MODEL / "rollout.json").read_text())
+        assert (stored["primary"], stored["canary"], stored["shadows"]) == ("2", "", ["3"])
+        changed = await set_rollout(admin, primary_version="2", canary_version="1")
+        assert changed.rollout.canary_version == "1"
+
+
 async def test_a_rollout_that_cannot_be_locked_is_the_process_s_alone(
     trained_model: Path, tmp_path: Path
 ) -> None:

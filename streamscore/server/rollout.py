@@ -67,6 +67,22 @@ class RolloutState:
         """The versions it names."""
         return {v for v in (self.primary, self.canary, *self.shadows) if v}
 
+    def one_role_each(self) -> RolloutState:
+        """The same rollout with each version in one role only: the primary's, else the
+        canary's, else a shadow's (a version named as primary and canary is the
+        primary, as after a promote)."""
+        canary = "" if self.canary and self.canary == self.primary else self.canary
+        taken = {self.primary, canary} - {""}
+        shadows = tuple(dict.fromkeys(v for v in self.shadows if v not in taken))
+        if canary == self.canary and shadows == self.shadows:
+            return self
+        return dataclasses.replace(
+            self,
+            canary=canary,
+            canary_percent=self.canary_percent if canary else 0.0,
+            shadows=shadows,
+        )
+
     def primary_alone(self) -> RolloutState:
         """The same rollout without its candidates (canary, shadows)."""
         return dataclasses.replace(self, canary="", canary_percent=0.0, shadows=())
@@ -297,10 +313,21 @@ class RolloutManager:
             changed["shadows"] = tuple(initial.shadows)
         log.info("rollout settings changed since stored: applied", extra={"changed": changed})
         try:
-            return dataclasses.replace(self.state, **changed)
+            merged = dataclasses.replace(self.state, **changed)
         except ValueError:  # e.g. a canary percent for a canary promoted since
             log.warning("the changed settings do not fit the stored rollout: all applied")
             return initial
+        single = merged.one_role_each()
+        if single != merged:
+            # The settings' primary was the stored canary (a promote by settings), or
+            # their canary is the primary since promoted: merged, one version had two
+            # roles, a rollout the Admin API refuses, which every server then adopted.
+            log.warning(
+                "the changed settings name a version the stored rollout gives another "
+                "role: it keeps one (primary, then canary, then shadow)",
+                extra={"merged": dataclasses.asdict(merged), "rollout": dataclasses.asdict(single)},
+            )
+        return single
 
     def _read_stored(self) -> tuple[RolloutState, list[RollbackRecord]] | None:
         if self.state_file is None:
