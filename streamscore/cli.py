@@ -317,6 +317,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 wanted.primary_version = args.primary
             if args.canary is not None:
                 wanted.canary_version = args.canary
+                if not args.canary and args.percent is None:
+                    wanted.canary_percent = 0.0  # no canary, no slice for it
             if args.percent is not None:
                 wanted.canary_percent = args.percent
             if args.shadows is not None:

@@ -281,7 +281,10 @@ async def test_a_version_that_cannot_be_served_is_listed_as_such_and_refused_by_
 
 
 async def test_a_version_whose_files_do_not_load_is_listed_with_why(
-    trained_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A version whose model file is corrupt was listed as "not loaded", like any
     version not in use, and why it failed was in the server's log only (audit AI)."""
@@ -306,6 +309,10 @@ async def test_a_version_whose_files_do_not_load_is_listed_with_why(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await set_rollout(admin, canary_version="8", canary_percent=10)
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # Logged in one line, not a traceback per refused change (audit AQ).
+        [refused] = [r for r in caplog.records if "rollout change refused" in r.getMessage()]
+        assert refused.levelname == "WARNING" and refused.exc_info is None
+        assert "INVALID_PROTOBUF" in refused.getMessage()
         versions = await listed(admin)
         assert not versions["8"].loaded and not versions["8"].error
         assert versions["8"].load_error.startswith("InvalidProtobuf: ")
@@ -1263,8 +1270,16 @@ async def test_a_setting_that_gives_the_stored_canary_another_role_leaves_it_one
         assert state.shadows == ("3",)
         stored = json.loads((repository / MODEL / "rollout.json").read_text())
         assert (stored["primary"], stored["canary"], stored["shadows"]) == ("2", "", ["3"])
-        changed = await set_rollout(admin, primary_version="2", canary_version="1")
+        changed = await set_rollout(
+            admin, primary_version="2", canary_version="1", canary_percent=5
+        )
         assert changed.rollout.canary_version == "1"
+        # `rollout set --canary ''` takes the canary off, its percent with it (it was
+        # refused: a percent without a canary).
+        target = f"127.0.0.1:{server.port}"
+        off = ["rollout", "set", "--target", target, "--token", TOKEN, "--canary", ""]
+        assert await asyncio.get_running_loop().run_in_executor(None, cli_main, off) == 0
+        assert (server.rollouts.state.canary, server.rollouts.state.canary_percent) == ("", 0)
 
 
 async def test_a_rollout_that_cannot_be_locked_is_the_process_s_alone(

@@ -17,12 +17,14 @@ import grpc
 
 from streamscore._proto.v1 import admin_pb2 as apb
 from streamscore._proto.v1 import admin_pb2_grpc as apb_grpc
+from streamscore.server.backends.base import BackendUnavailable
 from streamscore.server.errors import InvalidRequest, ServingError
 from streamscore.server.malformed import MalformedRequest
 from streamscore.server.metrics import RpcMetrics
 from streamscore.server.model import ModelMetadata
 from streamscore.server.model_repository import ModelRepository
 from streamscore.server.rollout import RolloutManager, RolloutState
+from streamscore.server.served_model import ModelLoadError
 
 log = logging.getLogger("streamscore.admin")
 auth_log = logging.getLogger("streamscore.auth")
@@ -70,6 +72,13 @@ class AdminService(apb_grpc.AdminServicer):
                 return await action()
         except ServingError as error:  # InvalidRequest, RolloutConflict
             code, details = error.code, str(error)
+        except (ModelLoadError, BackendUnavailable) as error:
+            # A version the change names does not load here (a corrupt file, Triton
+            # down): the caller is told why, the log says so in one line (it was a
+            # traceback per refused change).
+            log.warning("rollout change refused: %s", self._public(error))
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            details = f"rollout not changed: {self._public(error)}"
         except (ValueError, KeyError, FileNotFoundError) as error:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, self._public(error)
         except Exception as error:  # a version that fails to load or warm up

@@ -255,9 +255,7 @@ class ModelRegistry:
             with contextlib.suppress(KeyError):
                 return self.get(name, version)
             directory = ModelRepository(self.repository).version_path(name, version)
-            with self._noting_load_errors(directory):
-                served = await self._build(directory)
-                await served.start()
+            served = await self._load(directory)
             self._others[served.key] = served
             return served
 

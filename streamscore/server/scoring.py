@@ -634,8 +634,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             raise StreamDrained from None
         finally:
             reads.leave(task)
-        if request is grpc.aio.EOF:
-            return None
+        if request is grpc.aio.EOF or (ahead is not None and ahead.gave_up):
+            return None  # (gave up while this one was read: the stream ends before it)
         started = time.perf_counter()
         try:
             validate_score_request(request, replay=self.replay)
