@@ -182,6 +182,27 @@ async def test_a_message_cancelled_while_waiting_passes_its_turn_on() -> None:
     assert await b == b"b"
 
 
+async def run_to_the_end(
+    backend: Backend, first: asyncio.Future[bytes], messages: int, ends: list[int]
+) -> list[asyncio.Task[bytes]]:
+    """A stretch of ``messages`` read ahead behind ``first``, which then ends; the
+    backend then ends one admitted call a step, picked by ``ends``, until every
+    message has ended (a bounded number of steps: none may wait for good)."""
+    ahead = stretch(backend, first)
+    tasks = [paced(backend, ahead, f"m{i}") for i in range(messages)]
+    await turns()
+    first.set_result(b"first")
+    step = 0
+    while not all(task.done() for task in tasks):
+        await turns()
+        if backend.admitted:
+            pick = ends[step % len(ends)] % len(backend.admitted)
+            backend.end(list(backend.admitted)[pick])
+        step += 1
+        assert step < 10_000, [task for task in tasks if not task.done()]
+    return tasks
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     capacity=st.integers(1, 6),
@@ -199,18 +220,7 @@ def test_a_stream_alone_against_any_capacity_is_answered_in_full(
         first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         # The first message, scored before the stretch began, holds a place too.
         backend = Backend(lambda request, admitted: admitted + (not first.done()) < capacity)
-        ahead = stretch(backend, first)
-        tasks = [paced(backend, ahead, f"m{i}") for i in range(messages)]
-        await turns()
-        first.set_result(b"first")
-        step = 0
-        while not all(task.done() for task in tasks):
-            await turns()
-            if backend.admitted:
-                pick = ends[step % len(ends)] % len(backend.admitted)
-                backend.end(list(backend.admitted)[pick])
-            step += 1
-            assert step < 10_000, "the stream stopped making progress"
+        tasks = await run_to_the_end(backend, first, messages, ends)
         assert [task.result() for task in tasks] == [f"m{i}".encode() for i in range(messages)]
         assert backend.most_admitted <= capacity
 
@@ -243,19 +253,7 @@ def test_under_anyones_load_every_message_ends_and_the_first_error_ends_in_order
                 return False
             return next(tries, True)
 
-        backend = Backend(decide)
-        ahead = stretch(backend, first)
-        tasks = [paced(backend, ahead, f"m{i}") for i in range(messages)]
-        await turns()
-        first.set_result(b"first")
-        step = 0
-        while not all(task.done() for task in tasks):
-            await turns()
-            if backend.admitted:
-                pick = ends[step % len(ends)] % len(backend.admitted)
-                backend.end(list(backend.admitted)[pick])
-            step += 1
-            assert step < 10_000, [t for t in tasks if not t.done()]
+        tasks = await run_to_the_end(Backend(decide), first, messages, ends)
         # Answered in full, or up to the first message that gave up: the stream's
         # error, RESOURCE_EXHAUSTED; those read after it were stopped (cancelled).
         outcomes = ["cancelled" if t.cancelled() else t.exception() or t.result() for t in tasks]
