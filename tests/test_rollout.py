@@ -328,6 +328,16 @@ async def test_a_version_whose_files_do_not_load_is_listed_with_why(
         assert line.startswith("fraud_mlp 8: onnxruntime, not loaded (its last load failed: ")
         assert "INVALID_PROTOBUF" in line
 
+        # Mended on disk, it says so (it still said only why it had failed); loaded, it
+        # has no error.
+        shutil.copy(repository / MODEL / "1" / "model.onnx", repository / MODEL / "8")
+        mended = (await listed(admin))["8"].load_error
+        assert mended.startswith("InvalidProtobuf: ")
+        assert mended.endswith("(its files have changed since; not loaded again yet)")
+        await set_rollout(admin, canary_version="8", canary_percent=10)
+        assert not (await listed(admin))["8"].load_error
+        await set_rollout(admin, canary_version="", canary_percent=0)
+
         # A loaded canary's files replaced by a corrupt one: it serves what it loaded,
         # and says its files on disk did not load; mended, it loads them.
         await set_rollout(admin, canary_version="2", canary_percent=10)

@@ -234,7 +234,7 @@ class AdminService(apb_grpc.AdminServicer):
                         name=name,
                         version=version,
                         loaded=(name, version) in loaded,
-                        load_error=self._public(registry.load_errors.get((name, version), "")),
+                        load_error=self._public(registry.load_error(name, version)),
                     )
                     # A version that cannot be served is listed with why: the caller
                     # sent nothing wrong, and the other versions are still listed.

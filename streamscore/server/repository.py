@@ -80,9 +80,10 @@ class ModelRegistry:
         self._others: dict[tuple[str, str], ServedModel] = {}
         # A version whose reload failed: (its files' fingerprint then, retry after).
         self._failed_others: dict[tuple[str, str], tuple[str, float]] = {}
-        # Why this server's last load of a version failed, by (name, version); gone
-        # once one succeeds. For ListModels: the log has it too, but not the caller.
-        self.load_errors: dict[tuple[str, str], str] = {}
+        # Why this server's last load of a version failed, and its files' fingerprint
+        # then, by (name, version); gone once one succeeds. For ListModels (the log
+        # has it too, but not the caller): see ``load_error``.
+        self._load_errors: dict[tuple[str, str], tuple[str, str]] = {}
         self._lock = asyncio.Lock()  # one load/swap at a time (watcher, reload, load)
         # Versions a hot reload must not stop when it replaces the primary: the
         # rollout's (RolloutManager sets it); they stay loaded, as by ``load``.
@@ -179,9 +180,21 @@ class ModelRegistry:
             # names the version's directory (the listing names the version).
             cause = error.__cause__ if isinstance(error, ModelLoadError) else None
             reason = cause if isinstance(cause, Exception) else error
-            self.load_errors[key] = f"{type(reason).__name__}: {reason}"
+            self._load_errors[key] = (f"{type(reason).__name__}: {reason}", _files_of(directory))
             raise
-        self.load_errors.pop(key, None)
+        self._load_errors.pop(key, None)
+
+    def load_error(self, name: str, version: str) -> str:
+        """Why this server's last load of a version failed ("" when it did not), and
+        whether its files have changed since: a version mended on disk still said only
+        why it had failed, until something loaded it again."""
+        noted = self._load_errors.get((name, version))
+        if noted is None:
+            return ""
+        error, files = noted
+        if _files_of(self.repository / name / version) != files:
+            return f"{error} (its files have changed since; not loaded again yet)"
+        return error
 
     async def start(self) -> None:
         # The libraries of every backend the repository's versions name, before serving:
@@ -406,3 +419,11 @@ class ModelRegistry:
         if self._primary is not None:
             await self._primary.stop()
             self._primary = None
+
+
+def _files_of(directory: Path) -> str:
+    """A version's files' fingerprint, "" when they cannot be read."""
+    try:
+        return version_fingerprint(directory)
+    except OSError:
+        return ""
