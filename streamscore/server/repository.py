@@ -142,21 +142,7 @@ class ModelRegistry:
     async def _load(self, directory: Path | None = None) -> ServedModel:
         directory = directory or self._target_dir()
         with self._noting_load_errors(directory):
-            try:
-                served = await self._build(directory)
-                timings = await served.start()
-            except (FileNotFoundError, PermissionError) as error:
-                # A version without its metadata or model file, or one not readable: as
-                # bad a version as a corrupt file (no restart mends it).
-                raise ModelLoadError(f"model version {directory} does not load: {error}") from error
-            except (ValueError, OSError, BackendUnavailable):
-                raise  # says what is wrong: bad metadata, Triton not there
-            except Exception as error:
-                # A corrupt or truncated model file: a backend's own error type (an
-                # onnxruntime InvalidProtobuf), which would end a start in a traceback.
-                raise ModelLoadError(
-                    f"model version {directory} does not load: {type(error).__name__}: {error}"
-                ) from error
+            served, timings = await self._started(directory)
         log.info(
             "model version ready",
             extra={
@@ -168,9 +154,28 @@ class ModelRegistry:
         )
         return served
 
+    async def _started(self, directory: Path) -> tuple[ServedModel, dict[int, float]]:
+        """The version built and started, and its warm-up timings; a version that does
+        not load raises one line that says why."""
+        try:
+            served = await self._build(directory)
+            return served, await served.start()
+        except (FileNotFoundError, PermissionError) as error:
+            # A version without its metadata or model file, or one not readable: as
+            # bad a version as a corrupt file (no restart mends it).
+            raise ModelLoadError(f"model version {directory} does not load: {error}") from error
+        except (ValueError, OSError, BackendUnavailable):
+            raise  # says what is wrong: bad metadata, Triton not there
+        except Exception as error:
+            # A corrupt or truncated model file: a backend's own error type (an
+            # onnxruntime InvalidProtobuf), which would end a start in a traceback.
+            raise ModelLoadError(
+                f"model version {directory} does not load: {type(error).__name__}: {error}"
+            ) from error
+
     @contextlib.contextmanager
     def _noting_load_errors(self, directory: Path) -> Iterator[None]:
-        """Note why a load of ``directory`` failed in :attr:`load_errors`, or forget
+        """Note why a load of ``directory`` failed (see :meth:`load_error`), or forget
         a failure noted before once one succeeds."""
         key = (self.name, directory.name)
         try:

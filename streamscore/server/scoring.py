@@ -76,7 +76,6 @@ class _ReadAhead:
     def __init__(self) -> None:
         self.answers: asyncio.Queue[_StreamItem | None] = asyncio.Queue()
         self.room = asyncio.Semaphore(STREAM_READ_AHEAD - 1)
-        self.unanswered = 0
         self.reader: asyncio.Task[bool] | None = None
         # Pacing (see ScoringService._score_paced): how many of this stretch's
         # messages are being scored or were woken to try again; those shed, waiting,
@@ -93,10 +92,12 @@ class _ReadAhead:
         """A message read, its Score started: its answer to come in turn."""
         self.answers.put_nowait(item)
         self._unsent.append(item[2])
-        self.unanswered += 1
+
+    @property
+    def unanswered(self) -> int:
+        return len(self._unsent)
 
     def answered(self) -> None:
-        self.unanswered -= 1
         self._unsent.popleft()
         self._sent += 1
         self.room.release()
