@@ -578,6 +578,7 @@ async def test_queue_full_is_refused_at_once() -> None:
     queued = [asyncio.create_task(batcher.submit(vector(i), deadline)) for i in (1, 2)]
     await asyncio.sleep(0)
     assert batcher.in_flight == 1 and batcher.queued == 2
+    assert not batcher.admits_by(deadline)  # what submit would say, asked ahead
     with pytest.raises(QueueFull):
         await batcher.submit(vector(3), deadline)
     backend.gate.set()
@@ -635,6 +636,8 @@ async def test_queued_batches_ahead_count_at_submit() -> None:
     await asyncio.sleep(0)
     assert batcher.queued == 2
     # Busy slot (0.125) + one full batch ahead (0.125) + itself (0.125) = 0.375 s.
+    now = batcher.clock()
+    assert not batcher.admits_by(now + 0.35) and batcher.admits_by(now + 0.45)
     with pytest.raises(Overloaded):
         await batcher.submit(vector(3), batcher.clock() + 0.35)
     late = asyncio.create_task(batcher.submit(vector(4), batcher.clock() + 0.45))

@@ -721,6 +721,88 @@ async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
         await assert_rolled_back_automatically(admin, "error rate")
 
 
+def primary_with_work_ahead(
+    monkeypatch: pytest.MonkeyPatch, primary: object, ahead_s: float
+) -> None:
+    """The primary's batcher as if it had ``ahead_s`` of work queued: it sheds as over
+    capacity a request due sooner, and says so to ``admits_by`` too (its own rule)."""
+    from streamscore.server.errors import Overloaded
+
+    batcher = primary.batcher  # type: ignore[attr-defined]
+    submit = batcher.submit
+
+    async def busy_submit(vector: object, deadline: float, *rest: object) -> float:
+        if deadline - batcher.clock() < ahead_s:
+            raise Overloaded(f"{ahead_s}s of work ahead")
+        return await submit(vector, deadline, *rest)
+
+    monkeypatch.setattr(batcher, "submit", busy_submit)
+    monkeypatch.setattr(batcher, "admits_by", lambda d: d - batcher.clock() >= ahead_s)
+
+
+def canary_that_fails_after(monkeypatch: pytest.MonkeyPatch, canary: object, s: float) -> None:
+    """The canary's batcher spends ``s`` on each call, then sheds it."""
+    from streamscore.server.errors import Overloaded
+
+    async def slow_shed(vector: object, deadline: float, *rest: object) -> float:
+        await asyncio.sleep(s)
+        raise Overloaded("the canary cannot keep up")
+
+    monkeypatch.setattr(canary.batcher, "submit", slow_shed)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("policy", ["fallback", "error"])
+async def test_a_rescue_shed_only_for_the_time_the_canary_took_meets_the_deadline_policy(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    """A canary that fails late leaves the primary's rescue little of the budget. A
+    primary with 20 ms of work ahead sheds it then, though it would have taken the call
+    had the canary not spent 40 of the 50 ms. That is the deadline not met, not the
+    primary over capacity: a fallback answer or DEADLINE_EXCEEDED, by policy, never
+    RESOURCE_EXHAUSTED (once in CI a slow canary's card got RESOURCE_EXHAUSTED so). Nor
+    does the rescue count in the primary's window, the canary's baseline: its time is
+    mostly the canary's."""
+    async with serving(trained_model, tmp_path, budget_ms=50, deadline_policy=policy) as (
+        scoring,
+        admin,
+        server,
+        _,
+    ):
+        await set_rollout(admin, canary_version="2", canary_percent=100)
+        rollouts = server.rollouts
+        assert rollouts is not None
+        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        canary_that_fails_after(monkeypatch, canary, 0.040)
+        primary_with_work_ahead(monkeypatch, rollouts.primary_model(), 0.020)
+        primary_seen = rollouts._primary_window.count
+        if policy == "fallback":
+            answer = await scoring.Score(request(0, "card-late"), timeout=5)
+            assert answer.model.variant == pb.PRIMARY
+            assert list(answer.degraded) == [pb.DEADLINE_FALLBACK, pb.FALLBACK_MODEL]
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await scoring.Score(request(0, "card-late"), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert rollouts._primary_window.count == primary_seen
+
+
+async def test_a_rescue_the_primary_could_not_take_with_the_whole_budget_is_over_capacity(
+    trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side: a primary with more work ahead than the whole budget is over
+    capacity for the canary's cards as for its own, whatever the canary took."""
+    async with serving(trained_model, tmp_path, budget_ms=50) as (scoring, admin, server, _):
+        await set_rollout(admin, canary_version="2", canary_percent=100)
+        rollouts = server.rollouts
+        assert rollouts is not None
+        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        canary_that_fails_after(monkeypatch, canary, 0.010)
+        primary_with_work_ahead(monkeypatch, rollouts.primary_model(), 0.080)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await scoring.Score(request(0, "card-busy"), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_the_primarys_comparison_calls_wait_for_its_own_requests(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

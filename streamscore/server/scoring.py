@@ -331,8 +331,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             # The failure counted against the candidate, so a slow or broken canary is
             # rolled back without its cards ever seeing an error.
             served, variant = self.rollouts.primary_model(), pb.PRIMARY
-            score, vector = await self._score_on(
-                served, variant, features, budget_end, degraded, features_done, queue_waits
+            score, vector = await self._rescue(
+                served, features, budget_end, degraded, features_done, queue_waits
             )
             degraded.append(pb.FALLBACK_MODEL)
         metadata = served.metadata
@@ -431,6 +431,29 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.rollouts.observe(variant, served, spent, ok=not degraded)
         return score, vector
 
+    async def _rescue(
+        self,
+        primary: ServedModel,
+        features: dict[str, float],
+        budget_end: int,
+        degraded: list[int],
+        features_done: int,
+        queue_waits: list[float],
+    ) -> tuple[float, Row]:
+        """The primary's answer to a call its canary could not answer.
+
+        Not observed for the rollout's check: its time includes the canary's try
+        (already counted against the canary), and the primary's window is the baseline
+        the canary is compared with; a slow canary's rescues in it would make the
+        primary look slow and hold off the canary's rollback."""
+        candidate_s = (time.perf_counter_ns() - features_done) / 1e9
+        with primary.use():
+            vector = primary.inputs_of(features)
+            score = await self._model_score(
+                primary, vector, budget_end, degraded, queue_waits, candidate_s
+            )
+        return score, vector
+
     async def _model_score(
         self,
         served: ServedModel,
@@ -438,10 +461,17 @@ class ScoringService(pb_grpc.ScoringServicer):
         budget_end: int,
         degraded: list[int],
         queue_waits: list[float],
+        candidate_s: float = 0.0,
     ) -> float:
         """The batched score, or the fallback by policy (DESIGN.md "Errors"). The
         batcher's deadline is the call's (``budget_end``, on ``perf_counter_ns``): what
-        the features and any failed try of a canary took is no longer left."""
+        the features and any failed try of a canary took is no longer left.
+
+        ``candidate_s``: on a rescue (see ``_rescue``), what the canary's try took.
+        A rescue the batcher sheds as over capacity, which it would have taken with
+        that time left, is shed for the canary's time, not for the primary's load:
+        the call's deadline cannot be met, and the deadline policy answers it (a
+        fallback score, or DEADLINE_EXCEEDED), never RESOURCE_EXHAUSTED."""
         budget = (budget_end - time.perf_counter_ns()) / 1e9
         if self.deadline_fallback:
             # The batcher gives up a little before the end, so that the fallback
@@ -449,9 +479,19 @@ class ScoringService(pb_grpc.ScoringServicer):
             budget -= FALLBACK_RESERVE_S
         breaker = served.breaker
         if (passed := breaker.allow()) is not None:
+            batcher = served.batcher
+            deadline = batcher.clock() + budget
             try:
-                batcher = served.batcher
-                score = await batcher.submit(vector, batcher.clock() + budget, queue_waits)
+                score = await batcher.submit(vector, deadline, queue_waits)
+            except Overloaded as shed:
+                breaker.release(passed)  # shed: says nothing about the backend
+                if not (candidate_s and batcher.admits_by(deadline + candidate_s)):
+                    raise
+                if not self.deadline_fallback:
+                    raise DeadlineUnreachable(
+                        "submit", f"the canary's try took {candidate_s:.6f}s of the budget"
+                    ) from shed
+                reason, error = pb.DEADLINE_FALLBACK, "deadline"
             except DeadlineUnreachable as missed:
                 # A backend that did not answer in time counts as failing (a hung one
                 # must open the breaker, not cost every call its whole budget); one
