@@ -786,6 +786,26 @@ async def test_a_rescue_shed_only_for_the_time_the_canary_took_meets_the_deadlin
         assert rollouts._primary_window.count == primary_seen
 
 
+async def test_a_canary_whose_fallback_is_slower_than_the_budget_is_answered_by_the_primary(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """A canary slower than the budget misses its deadline; its own fallback is the
+    same slow model, which answered each call tens of milliseconds late. Once that
+    fallback's cost is known (its first call), the primary answers the canary's cards
+    instead, in the budget, marked FALLBACK_MODEL (the miss counts against the canary
+    all the same)."""
+    async with serving(trained_model, tmp_path, budget_ms=5) as (scoring, admin, server, _):
+        await set_rollout(admin, canary_version="4", canary_percent=100)
+        for i in range(2):  # the canary's fallback cost measured on its first call
+            await scoring.Score(request(i, f"card-{i}"), timeout=10)
+        answers = [await scoring.Score(request(i, f"card-{i}"), timeout=10) for i in range(2, 12)]
+        assert [(a.model.variant, pb.FALLBACK_MODEL in a.degraded) for a in answers] == [
+            (pb.PRIMARY, True)
+        ] * len(answers)
+        canary = {(v, kind): s for v, kind, s in server.rollouts.candidate_stats()}  # type: ignore[union-attr]
+        assert canary[("4", "canary")]["errors_total"] >= len(answers)
+
+
 async def test_a_rescue_the_primary_could_not_take_with_the_whole_budget_is_over_capacity(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -419,7 +419,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         with served.use():
             vector = served.inputs_of(features)
             try:
-                score = await self._model_score(served, vector, budget_end, degraded, queue_waits)
+                score = await self._model_score(
+                    served, variant, vector, budget_end, degraded, queue_waits
+                )
             except Exception:
                 spent = (time.perf_counter_ns() - features_done) / 1e9
                 self.rollouts.observe(variant, served, spent, ok=False)
@@ -450,13 +452,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         with primary.use():
             vector = primary.inputs_of(features)
             score = await self._model_score(
-                primary, vector, budget_end, degraded, queue_waits, candidate_s
+                primary, pb.PRIMARY, vector, budget_end, degraded, queue_waits, candidate_s
             )
         return score, vector
 
     async def _model_score(
         self,
         served: ServedModel,
+        variant: pb.Variant,
         vector: Row,
         budget_end: int,
         degraded: list[int],
@@ -521,7 +524,11 @@ class ScoringService(pb_grpc.ScoringServicer):
         else:
             # The backend is known down: straight to the fallback, no wasted call.
             reason, error = pb.FALLBACK_MODEL, "circuit open"
-        fallback = await served.fallback_score(vector, budget_end)
+        # A canary's own fallback answers only in time: a late answer from it is
+        # worse than the primary's, which answers the call instead (see ``score``).
+        fallback = await served.fallback_score(
+            vector, budget_end, in_time_only=variant != pb.PRIMARY
+        )
         if fallback is None:
             raise BackendFailed(f"no fallback model after a {error} failure")
         degraded.append(reason)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from streamscore.server.model_repository import check_in_place, version_fingerpr
 from streamscore.stream.features import REQUEST_FEATURES, feature_names
 
 log = logging.getLogger("streamscore.models")
+# Weight of a lone fallback call's newest time in its moving average: a pause in one
+# call fades within a few calls, a model that got slower shows within a few.
+FALLBACK_COST_ALPHA = 0.2
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,10 @@ class ServedModel:
         }
         self.in_flight = 0
         self._fallbacks_in_flight = 0  # calls on the fallback model now
+        # Wall seconds a call alone on the fallback takes, a moving average (unknown
+        # until one ran). Not the backend's own cost figure, which is capped: it only
+        # places calls on the loop or in the thread.
+        self._fallback_call_s = math.inf
         # While ``stop`` waits for the calls in flight to end: done when they have
         # (an Event cleared and set by every call would cost two calls per request).
         self._drained: asyncio.Future[None] | None = None
@@ -218,7 +226,9 @@ class ServedModel:
         if not self.in_flight and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    async def fallback_score(self, vector: Row, deadline_ns: int | None = None) -> float | None:
+    async def fallback_score(
+        self, vector: Row, deadline_ns: int | None = None, *, in_time_only: bool = False
+    ) -> float | None:
         """The same version in process, unbatched; None when it cannot run.
 
         Its calls run one at a time (a model too heavy for the event loop goes to one
@@ -226,24 +236,39 @@ class ServedModel:
         would end past ``deadline_ns`` (``perf_counter_ns``) is refused Overloaded
         (RESOURCE_EXHAUSTED). Without that bound, a version slower than the budget
         had every call shed by the batcher queue on its fallback, answered hundreds
-        of milliseconds late, none refused. One call alone always runs."""
+        of milliseconds late, none refused. One call alone always runs, unless
+        ``in_time_only`` (a canary's: the primary can answer it instead) and its
+        measured cost would take it past the deadline; its first call, which
+        measures that cost, runs."""
         fallback = self.fallback
         if fallback is None:
             return None
         ahead = self._fallbacks_in_flight
-        if ahead and deadline_ns is not None:
-            cost_ns = fallback.call_cost_s * 1e9
-            if time.perf_counter_ns() + (ahead + 1) * cost_ns > deadline_ns:
+        if deadline_ns is not None and (ahead or in_time_only):
+            call_s = self._fallback_call_s
+            if (ahead or call_s < math.inf) and (
+                time.perf_counter_ns() + (ahead + 1) * call_s * 1e9 > deadline_ns
+            ):
                 raise Overloaded(
-                    f"over capacity: {ahead} calls already wait on the fallback of "
-                    f"{self.metadata.name}:{self.metadata.version}, which would take this "
-                    "one past its deadline"
+                    f"over capacity: the fallback of {self.metadata.name}:"
+                    f"{self.metadata.version} ({call_s * 1e3:.3g} ms a call, {ahead} calls "
+                    "already waiting on it) would take this one past its deadline"
                 )
         self._fallbacks_in_flight += 1
+        started = time.perf_counter()
         try:
-            return float((await fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
+            score = float((await fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
         except Exception:
             log.exception("fallback model failed")
             return None
         finally:
             self._fallbacks_in_flight -= 1
+        if not ahead:  # alone: its time is its own, no wait behind others
+            took = time.perf_counter() - started
+            known = self._fallback_call_s
+            self._fallback_call_s = (
+                took
+                if known == math.inf
+                else FALLBACK_COST_ALPHA * took + (1 - FALLBACK_COST_ALPHA) * known
+            )
+        return score

@@ -205,11 +205,6 @@ class OnnxBackend:
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         return await self._calls.call(lambda: self.run(batch))
 
-    @property
-    def call_cost_s(self) -> float:
-        """CPU seconds per call, a moving average (inf until one is measured)."""
-        return self._calls.cost_s
-
     def infer_inline(self, batch: np.ndarray) -> np.ndarray | None:
         """Scores now while the model is cheap enough for the event loop, else None."""
         return self._calls.call_inline(self.run, batch)
