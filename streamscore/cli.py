@@ -635,12 +635,15 @@ def _fatal(message: str, args: argparse.Namespace) -> None:
     line that explains why a container exited must reach a JSON-only pipeline), else
     ``streamscore: MESSAGE``. The format is the one asked for, by flag or environment,
     even when the settings themselves were what failed."""
-    from streamscore.logs import JsonFormatter, flush_held_back
+    from streamscore.logs import JsonFormatter, TextFormatter, flush_held_back
 
     flush_held_back()  # before: the line that says why it stopped stays the last
     asked = getattr(args, "log_format", None) or os.environ.get("STREAMSCORE_LOG_FORMAT")
-    handlers = logging.getLogger().handlers
-    formatter = handlers[0].formatter if handlers else None
+    # The format our logging was set up with, if it was; another handler's (the host
+    # process's, pytest's) says nothing about the format asked for.
+    formatters = [h.formatter for h in logging.getLogger().handlers]
+    ours = [f for f in formatters if isinstance(f, (JsonFormatter, TextFormatter))]
+    formatter: logging.Formatter | None = ours[0] if ours else None
     if getattr(args, "client", False):
         # A command a person types (rollout, features, health): plain, unless asked.
         formatter = JsonFormatter() if (asked or "text").lower() == "json" else None
