@@ -786,15 +786,22 @@ async def test_a_rescue_shed_only_for_the_time_the_canary_took_meets_the_deadlin
         assert rollouts._primary_window.count == primary_seen
 
 
-async def test_a_canary_whose_fallback_is_slower_than_the_budget_is_answered_by_the_primary(
-    trained_model: Path, tmp_path: Path
+@pytest.mark.parametrize("policy", ["fallback", "error"])
+async def test_a_canary_slower_than_the_budget_is_answered_by_the_primary(
+    trained_model: Path, tmp_path: Path, policy: str
 ) -> None:
     """A canary slower than the budget misses its deadline; its own fallback is the
     same slow model, which answered each call tens of milliseconds late. Once that
     fallback's cost is known (its first call), the primary answers the canary's cards
     instead, in the budget, marked FALLBACK_MODEL (the miss counts against the canary
-    all the same)."""
-    async with serving(trained_model, tmp_path, budget_ms=5) as (scoring, admin, server, _):
+    all the same). Under the error policy too: there the canary's miss was
+    DEADLINE_EXCEEDED for its cards, with nearly the whole budget left (audit AR)."""
+    async with serving(trained_model, tmp_path, budget_ms=5, deadline_policy=policy) as (
+        scoring,
+        admin,
+        server,
+        _,
+    ):
         await set_rollout(admin, canary_version="4", canary_percent=100)
         for i in range(2):  # the canary's fallback cost measured on its first call
             await scoring.Score(request(i, f"card-{i}"), timeout=10)
@@ -804,6 +811,50 @@ async def test_a_canary_whose_fallback_is_slower_than_the_budget_is_answered_by_
         ] * len(answers)
         canary = {(v, kind): s for v, kind, s in server.rollouts.candidate_stats()}  # type: ignore[union-attr]
         assert canary[("4", "canary")]["errors_total"] >= len(answers)
+
+
+@pytest.mark.parametrize("primary_needs_s", [None, 1.0])
+async def test_a_canarys_try_leaves_the_primary_time_to_answer_but_not_all_of_it(
+    trained_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    primary_needs_s: float | None,
+) -> None:
+    """The canary's try ends before the budget does, by what the primary needs to answer
+    should the canary fail (a probe of a slow canary used the whole budget, and its
+    rescue came in late); by at most half of it, so that a primary with a long queue
+    does not leave a healthy canary no time at all."""
+    from streamscore.server.errors import Overloaded
+    from streamscore.server.scoring import FALLBACK_RESERVE_S
+
+    async with serving(trained_model, tmp_path, budget_ms=50, deadline_policy="error") as (
+        scoring,
+        admin,
+        server,
+        _,
+    ):
+        await set_rollout(admin, canary_version="2", canary_percent=100)
+        rollouts = server.rollouts
+        assert rollouts is not None
+        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        primary = rollouts.primary_model()
+        if primary_needs_s is not None:
+            monkeypatch.setattr(primary.batcher, "time_needed", lambda: primary_needs_s)
+        given: list[float] = []
+
+        async def record(vector: object, deadline: float, *rest: object) -> float:
+            given.append(deadline - canary.batcher.clock())
+            raise Overloaded("recorded")
+
+        monkeypatch.setattr(canary.batcher, "submit", record)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await scoring.Score(request(0, "card-0"), timeout=5)
+        [canary_s] = given
+        if primary_needs_s is None:
+            needed = primary.batcher.time_needed() + FALLBACK_RESERVE_S
+            assert 0.025 < canary_s < 0.050 - needed, (canary_s, needed)
+        else:
+            assert 0.015 < canary_s < 0.026, canary_s  # about half of the 50 ms
 
 
 async def test_a_rescue_the_primary_could_not_take_with_the_whole_budget_is_over_capacity(
