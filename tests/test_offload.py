@@ -82,3 +82,25 @@ async def test_a_call_that_blocks_the_loop_without_computing_leaves_it() -> None
         assert waits <= 7, calls.cost_s
     assert calls.cost_s > calls.inline_limit_s
     calls.close()
+
+
+async def test_a_model_heavy_on_some_inputs_leaves_the_loop_until_it_is_not() -> None:
+    """Cheap on most inputs, 20x the limit on one in five: its capped average stays
+    under the limit, and each heavy call held the loop for all of it (audit AR). A few
+    heavy calls close together send it to the thread; there it stays while it has
+    heavy calls, and comes back once it has had none for a while."""
+    calls = InlineOrThread("sometimes", inline_limit_s=0.001)
+    await calls.call(lambda: burn(0))
+    assert calls.inline
+    loop_thread = threading.get_ident()
+    ran_on = [await calls.call(lambda i=i: burn(0.02 if i % 5 == 4 else 0)) for i in range(40)]
+    # Out of the loop by the third heavy call, never back while they go on.
+    assert loop_thread not in ran_on[15:], ran_on.count(loop_thread)
+    assert not calls.inline
+    cheap = 0
+    while not calls.inline:
+        await calls.call(lambda: burn(0))
+        cheap += 1
+        assert cheap <= 200, calls.cost_s
+    assert cheap >= 50, cheap  # not at once: a while without heavy calls
+    calls.close()
