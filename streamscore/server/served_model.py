@@ -34,6 +34,8 @@ log = logging.getLogger("streamscore.models")
 # Weight of a lone fallback call's newest time in its moving average: a pause in one
 # call fades within a few calls, a model that got slower shows within a few.
 FALLBACK_COST_ALPHA = 0.2
+# Lone calls timed on a version's fallback at its start (after one untimed).
+FALLBACK_TIMED_CALLS = 3
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ class ServedModel:
         try:
             if self.fallback is not None:
                 await self.fallback.start()
+                await self._measure_fallback(self.fallback)
             else:
                 log.warning(
                     "model version has no in-process fallback (no model.onnx): a missed "
@@ -238,8 +241,8 @@ class ServedModel:
         had every call shed by the batcher queue on its fallback, answered hundreds
         of milliseconds late, none refused. One call alone always runs, unless
         ``in_time_only`` (a canary's: the primary can answer it instead) and its
-        measured cost would take it past the deadline; its first call, which
-        measures that cost, runs."""
+        cost, measured at start and on every call alone, would take it past the
+        deadline."""
         fallback = self.fallback
         if fallback is None:
             return None
@@ -264,11 +267,25 @@ class ServedModel:
         finally:
             self._fallbacks_in_flight -= 1
         if not ahead:  # alone: its time is its own, no wait behind others
-            took = time.perf_counter() - started
-            known = self._fallback_call_s
-            self._fallback_call_s = (
-                took
-                if known == math.inf
-                else FALLBACK_COST_ALPHA * took + (1 - FALLBACK_COST_ALPHA) * known
-            )
+            self._fallback_took(time.perf_counter() - started)
         return score
+
+    async def _measure_fallback(self, fallback: Backend) -> None:
+        """Time lone calls on the fallback before serving, so that no caller's call is
+        the one that measures it: a canary's fallback answers only in time, and its
+        first call, unbounded, took seconds on a slow model (audit AR). One untimed
+        call first: a cold one says little about the next."""
+        row = self.metadata.warmup_rows()[:1]
+        await fallback.infer(row)
+        for _ in range(FALLBACK_TIMED_CALLS):
+            started = time.perf_counter()
+            await fallback.infer(row)
+            self._fallback_took(time.perf_counter() - started)
+
+    def _fallback_took(self, seconds: float) -> None:
+        known = self._fallback_call_s
+        self._fallback_call_s = (
+            seconds
+            if known == math.inf
+            else FALLBACK_COST_ALPHA * seconds + (1 - FALLBACK_COST_ALPHA) * known
+        )
