@@ -148,14 +148,15 @@ class RepeatLimiter(logging.Filter):
     def __init__(
         self,
         # Ours too: refused Admin calls (a token being guessed), dead-lettered events
-        # (a producer sending bad ones: each is in the DLQ and counted) and
-        # ScoreStreams refused past max_streams (a client leaking them) could come as
-        # fast.
+        # (a producer sending bad ones: each is in the DLQ and counted), ScoreStreams
+        # refused past max_streams (a client leaking them) and a fallback model failing
+        # every call (each counted as a failed or degraded answer) could come as fast.
         prefixes: tuple[str, ...] = (
             "aiokafka",
             "kafka",
             "streamscore.auth",
             "streamscore.dead_letters",
+            "streamscore.fallbacks",
             "streamscore.streams",
         ),
         period_s: float = 10.0,

@@ -202,6 +202,10 @@ def test_a_librarys_repeated_errors_are_limited_and_counted() -> None:
         line.reason = reason
         reasons.append(limiter.filter(line))
     assert reasons == [True, False, True]
+    # A fallback model failing every call (a canary returning NaN): one line, counted.
+    fallback = [limiter.filter(record("streamscore.fallbacks", "fallback model failed"))]
+    fallback += [limiter.filter(record("streamscore.fallbacks", "fallback model failed"))]
+    assert fallback == [True, False]
 
 
 def test_lines_held_back_for_a_stream_closed_since_are_dropped_quietly(

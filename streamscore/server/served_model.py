@@ -31,6 +31,7 @@ from streamscore.server.model_repository import check_in_place, version_fingerpr
 from streamscore.stream.features import REQUEST_FEATURES, feature_names
 
 log = logging.getLogger("streamscore.models")
+fallback_log = logging.getLogger("streamscore.fallbacks")
 # Weight of a lone fallback call's newest time in its moving average: a pause in one
 # call fades within a few calls, a model that got slower shows within a few.
 FALLBACK_COST_ALPHA = 0.2
@@ -262,7 +263,12 @@ class ServedModel:
         try:
             score = float((await fallback.infer(np.array(vector, np.float32, ndmin=2)))[0])
         except Exception:
-            log.exception("fallback model failed")
+            # Its own logger, limited like a library's: a version whose fallback
+            # fails every call (NaN scores) wrote a traceback a call (audit AR).
+            fallback_log.exception(
+                "fallback model failed",
+                extra={"model": self.metadata.name, "version": self.metadata.version},
+            )
             return None
         finally:
             self._fallbacks_in_flight -= 1
