@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from streamscore.server.backends.offload import InlineOrThread
 
 
@@ -84,11 +86,14 @@ async def test_a_call_that_blocks_the_loop_without_computing_leaves_it() -> None
     calls.close()
 
 
-async def test_a_model_heavy_on_some_inputs_leaves_the_loop_until_it_is_not() -> None:
+async def test_a_model_heavy_on_some_inputs_leaves_the_loop_until_it_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Cheap on most inputs, 20x the limit on one in five: its capped average stays
     under the limit, and each heavy call held the loop for all of it (audit AR). A few
     heavy calls close together send it to the thread; there it stays while it has
     heavy calls, and comes back once it has had none for a while."""
+    caplog.set_level("INFO", logger="streamscore.models")
     calls = InlineOrThread("sometimes", inline_limit_s=0.001)
     await calls.call(lambda: burn(0))
     assert calls.inline
@@ -97,6 +102,9 @@ async def test_a_model_heavy_on_some_inputs_leaves_the_loop_until_it_is_not() ->
     # Out of the loop by the third heavy call, never back while they go on.
     assert loop_thread not in ran_on[15:], ran_on.count(loop_thread)
     assert not calls.inline
+    # Said once, when it left: not at each heavy call after.
+    left = [r for r in caplog.records if "leave the event loop" in r.getMessage()]
+    assert len(left) == 1, [r.getMessage() for r in left]
     cheap = 0
     while not calls.inline:
         await calls.call(lambda: burn(0))

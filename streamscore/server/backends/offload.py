@@ -14,6 +14,7 @@ call goes to the thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
 __all__ = ["InlineOrThread"]
+
+log = logging.getLogger("streamscore.models")
 
 T = TypeVar("T")
 
@@ -122,6 +125,15 @@ class InlineOrThread:
         heavy = self._heavy_calls
         heavy.append(now)
         if len(heavy) == HEAVY_CALLS and now - heavy[0] <= HEAVY_WINDOW_S:
+            if self.inline:  # said once a stay in the thread, not each heavy call
+                log.info(
+                    "%s: model calls leave the event loop: %d of them took over %.3g ms "
+                    "within %.3g s",
+                    self.name,
+                    HEAVY_CALLS,
+                    self._spike_cap_s * 1e3,
+                    now - heavy[0],
+                )
             self.cost_s = max(self.cost_s, EVICTED_FACTOR * self.inline_limit_s)
 
     def close(self) -> None:
