@@ -27,7 +27,9 @@ from streamscore.cli import main as cli_main
 from streamscore.config import Settings
 from streamscore.server import rollout as rollout_module
 from streamscore.server.app import ScoringServer
+from streamscore.server.rollout import RolloutManager
 from streamscore.server.rollout_stats import in_canary
+from streamscore.server.served_model import ServedModel
 
 MODEL = "fraud_mlp"
 TOKEN = "test-admin-token"
@@ -721,6 +723,16 @@ async def test_a_canary_answered_only_by_deadline_fallbacks_is_rolled_back(
         await assert_rolled_back_automatically(admin, "error rate")
 
 
+async def all_cards_to_canary_2(
+    admin: apb_grpc.AdminStub, server: ScoringServer
+) -> tuple[RolloutManager, ServedModel]:
+    """Canary 2 (the primary's copy) at 100 %: the server's rollout and that canary."""
+    await set_rollout(admin, canary_version="2", canary_percent=100)
+    rollouts = server.rollouts
+    assert rollouts is not None
+    return rollouts, rollouts.registry.get(rollouts.registry.name, "2")
+
+
 def primary_with_work_ahead(
     monkeypatch: pytest.MonkeyPatch, primary: object, ahead_s: float
 ) -> None:
@@ -768,10 +780,7 @@ async def test_a_rescue_shed_only_for_the_time_the_canary_took_meets_the_deadlin
         server,
         _,
     ):
-        await set_rollout(admin, canary_version="2", canary_percent=100)
-        rollouts = server.rollouts
-        assert rollouts is not None
-        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        rollouts, canary = await all_cards_to_canary_2(admin, server)
         canary_that_fails_after(monkeypatch, canary, 0.040)
         primary_with_work_ahead(monkeypatch, rollouts.primary_model(), 0.020)
         primary_seen = rollouts._primary_window.count
@@ -839,10 +848,7 @@ async def test_a_canarys_try_leaves_the_primary_time_to_answer_but_not_all_of_it
         server,
         _,
     ):
-        await set_rollout(admin, canary_version="2", canary_percent=100)
-        rollouts = server.rollouts
-        assert rollouts is not None
-        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        rollouts, canary = await all_cards_to_canary_2(admin, server)
         primary = rollouts.primary_model()
         if primary_needs_s is not None:
             monkeypatch.setattr(primary.batcher, "time_needed", lambda: primary_needs_s)
@@ -869,10 +875,7 @@ async def test_a_rescue_the_primary_could_not_take_with_the_whole_budget_is_over
     """The other side: a primary with more work ahead than the whole budget is over
     capacity for the canary's cards as for its own, whatever the canary took."""
     async with serving(trained_model, tmp_path, budget_ms=50) as (scoring, admin, server, _):
-        await set_rollout(admin, canary_version="2", canary_percent=100)
-        rollouts = server.rollouts
-        assert rollouts is not None
-        canary = rollouts.registry.get(rollouts.registry.name, "2")
+        rollouts, canary = await all_cards_to_canary_2(admin, server)
         canary_that_fails_after(monkeypatch, canary, 0.010)
         primary_with_work_ahead(monkeypatch, rollouts.primary_model(), 0.080)
         with pytest.raises(grpc.aio.AioRpcError) as refused:

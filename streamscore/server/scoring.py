@@ -333,8 +333,16 @@ class ScoringService(pb_grpc.ScoringServicer):
             # failure counted against the candidate, so a slow or broken canary is
             # rolled back without its cards ever seeing an error.
             served, variant = self.rollouts.primary_model(), pb.PRIMARY
-            score, vector = await self._rescue(
-                served, features, budget_end, degraded, features_done, queue_waits
+            candidate_s = (time.perf_counter_ns() - features_done) / 1e9
+            score, vector = await self._score_on(
+                served,
+                variant,
+                features,
+                budget_end,
+                degraded,
+                features_done,
+                queue_waits,
+                candidate_s,
             )
             degraded.append(pb.FALLBACK_MODEL)
         metadata = served.metadata
@@ -414,25 +422,35 @@ class ScoringService(pb_grpc.ScoringServicer):
         degraded: list[int],
         features_done: int,
         queue_waits: list[float],
+        candidate_s: float = 0.0,
     ) -> tuple[float, Row]:
         """Score on one version, counted for the rollout's safety check. Its features
         in the model's order stay a tuple of floats: an idle batcher in front of the
-        dense kernel scores it as it is, with no numpy array (``score_row_inline``)."""
+        dense kernel scores it as it is, with no numpy array (``score_row_inline``).
+
+        ``candidate_s``: this is the primary's rescue of a call its canary could not
+        answer, after the canary's try took that long (see ``_model_score``). A rescue
+        is not counted: its time includes the canary's try (counted against the canary
+        already), and the primary's window is the baseline the canary is compared
+        with; a slow canary's rescues in it made the primary look slow and held off the
+        canary's rollback."""
         with served.use():
             vector = served.inputs_of(features)
             try:
                 score = await self._model_score(
-                    served, variant, vector, budget_end, degraded, queue_waits
+                    served, variant, vector, budget_end, degraded, queue_waits, candidate_s
                 )
             except Exception:
-                spent = (time.perf_counter_ns() - features_done) / 1e9
-                self.rollouts.observe(variant, served, spent, ok=False)
+                if not candidate_s:
+                    spent = (time.perf_counter_ns() - features_done) / 1e9
+                    self.rollouts.observe(variant, served, spent, ok=False)
                 raise
-        # A fallback answer counts against the version, like an error: one for a failed
-        # backend, and one for a deadline the version could not meet (a canary that
-        # is always too slow would otherwise never be rolled back).
-        spent = (time.perf_counter_ns() - features_done) / 1e9
-        self.rollouts.observe(variant, served, spent, ok=not degraded)
+        if not candidate_s:
+            # A fallback answer counts against the version, like an error: one for a
+            # failed backend, and one for a deadline the version could not meet (a
+            # canary that is always too slow would otherwise never be rolled back).
+            spent = (time.perf_counter_ns() - features_done) / 1e9
+            self.rollouts.observe(variant, served, spent, ok=not degraded)
         return score, vector
 
     def _canary_try_end(self, budget_end: int) -> int:
@@ -445,29 +463,6 @@ class ScoringService(pb_grpc.ScoringServicer):
         needed_ns = int((primary.batcher.time_needed() + FALLBACK_RESERVE_S) * 1e9)
         left_ns = budget_end - time.perf_counter_ns()
         return budget_end - min(needed_ns, left_ns // 2)
-
-    async def _rescue(
-        self,
-        primary: ServedModel,
-        features: dict[str, float],
-        budget_end: int,
-        degraded: list[int],
-        features_done: int,
-        queue_waits: list[float],
-    ) -> tuple[float, Row]:
-        """The primary's answer to a call its canary could not answer.
-
-        Not observed for the rollout's check: its time includes the canary's try
-        (already counted against the canary), and the primary's window is the baseline
-        the canary is compared with; a slow canary's rescues in it would make the
-        primary look slow and hold off the canary's rollback."""
-        candidate_s = (time.perf_counter_ns() - features_done) / 1e9
-        with primary.use():
-            vector = primary.inputs_of(features)
-            score = await self._model_score(
-                primary, pb.PRIMARY, vector, budget_end, degraded, queue_waits, candidate_s
-            )
-        return score, vector
 
     async def _model_score(
         self,
@@ -483,7 +478,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         batcher's deadline is the call's (``budget_end``, on ``perf_counter_ns``): what
         the features and any failed try of a canary took is no longer left.
 
-        ``candidate_s``: on a rescue (see ``_rescue``), what the canary's try took.
+        ``candidate_s``: on a rescue (see ``_score_on``), what the canary's try took.
         A rescue the batcher sheds as over capacity, which it would have taken with
         that time left, is shed for the canary's time, not for the primary's load:
         the call's deadline cannot be met, and the deadline policy answers it (a
