@@ -828,47 +828,6 @@ async def test_a_canary_slower_than_the_budget_is_answered_by_the_primary(
         assert canary[("4", "canary")]["errors_total"] >= len(answers)
 
 
-@pytest.mark.parametrize("primary_needs_s", [None, 1.0])
-async def test_a_canarys_try_leaves_the_primary_time_to_answer_but_not_all_of_it(
-    trained_model: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    primary_needs_s: float | None,
-) -> None:
-    """The canary's try ends before the budget does, by what the primary needs to answer
-    should the canary fail (a probe of a slow canary used the whole budget, and its
-    rescue came in late); by at most half of it, so that a primary with a long queue
-    does not leave a healthy canary no time at all."""
-    from streamscore.server.errors import Overloaded
-    from streamscore.server.scoring import FALLBACK_RESERVE_S
-
-    async with serving(trained_model, tmp_path, budget_ms=50, deadline_policy="error") as (
-        scoring,
-        admin,
-        server,
-        _,
-    ):
-        rollouts, canary = await all_cards_to_canary_2(admin, server)
-        primary = rollouts.primary_model()
-        if primary_needs_s is not None:
-            monkeypatch.setattr(primary.batcher, "time_needed", lambda: primary_needs_s)
-        given: list[float] = []
-
-        async def record(vector: object, deadline: float, *rest: object) -> float:
-            given.append(deadline - canary.batcher.clock())
-            raise Overloaded("recorded")
-
-        monkeypatch.setattr(canary.batcher, "submit", record)
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await scoring.Score(request(0, "card-0"), timeout=5)
-        [canary_s] = given
-        if primary_needs_s is None:
-            needed = primary.batcher.time_needed() + FALLBACK_RESERVE_S
-            assert 0.025 < canary_s < 0.050 - needed, (canary_s, needed)
-        else:
-            assert 0.015 < canary_s < 0.026, canary_s  # about half of the 50 ms
-
-
 async def test_a_rescue_the_primary_could_not_take_with_the_whole_budget_is_over_capacity(
     trained_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

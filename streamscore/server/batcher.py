@@ -471,17 +471,14 @@ class Batcher:
             start += ahead * model.predict(self.max_batch_size) / self.max_concurrent_batches
         return start
 
-    def time_needed(self) -> float:
-        """Seconds a request submitted now would take to be answered, by the latest
-        predictions: its wait for the work ahead of it, then its own call."""
-        now = self.clock()
-        return self._start_estimate(now) - now + self.latency_model.predict(1)
-
     def admits_by(self, deadline: float) -> bool:
         """Whether a request due by ``deadline`` (on :attr:`clock`) submitted now
         would be taken for the work ahead of it: the queue has room and, by the latest
         predictions, it would start and end in time (``submit``'s over-capacity rule)."""
-        return self._queued < self.max_queue and self.clock() + self.time_needed() <= deadline
+        if self._queued >= self.max_queue:
+            return False
+        now = self.clock()
+        return self._start_estimate(now) + self.latency_model.predict(1) <= deadline
 
     def _probe_due(self, now: float) -> bool:
         """Whether a request predicted to miss (with time left) may go anyway, to

@@ -318,11 +318,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         # fixed for the whole call: a rollout change or hot reload swaps references,
         # and a version is stopped only once its calls are done.
         served, variant = self.rollouts.route(card_id)
-        try_end = budget_end if variant == pb.PRIMARY else self._canary_try_end(budget_end)
         queue_waits: list[float] = []  # the batcher's queue, when the model call waited
         try:
             score, vector = await self._score_on(
-                served, variant, features, try_end, degraded, features_done, queue_waits
+                served, variant, features, budget_end, degraded, features_done, queue_waits
             )
         except (Overloaded, DeadlineUnreachable, BackendFailed, BatcherStopped):
             if variant == pb.PRIMARY:
@@ -452,17 +451,6 @@ class ScoringService(pb_grpc.ScoringServicer):
             spent = (time.perf_counter_ns() - features_done) / 1e9
             self.rollouts.observe(variant, served, spent, ok=not degraded)
         return score, vector
-
-    def _canary_try_end(self, budget_end: int) -> int:
-        """When a canary's try must end (``perf_counter_ns``): early enough that, should
-        it fail, the primary still answers in the rest of the budget. That rest is what
-        the primary needs now by its batcher's predictions (its queue, then its call),
-        and the reserve its deadline fallback keeps; but never more than half of what
-        is left: a busy primary must not starve a canary that could answer."""
-        primary = self.rollouts.primary_model()
-        needed_ns = int((primary.batcher.time_needed() + FALLBACK_RESERVE_S) * 1e9)
-        left_ns = budget_end - time.perf_counter_ns()
-        return budget_end - min(needed_ns, left_ns // 2)
 
     async def _model_score(
         self,
