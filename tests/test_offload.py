@@ -90,17 +90,23 @@ async def test_a_model_heavy_on_some_inputs_leaves_the_loop_until_it_is_not(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Cheap on most inputs, 20x the limit on one in five: its capped average stays
-    under the limit, and each heavy call held the loop for all of it (audit AR). A few
-    heavy calls close together send it to the thread; there it stays while it has
-    heavy calls, and comes back once it has had none for a while."""
+    under the limit, and each heavy call held the loop for all of it (audit AR). Once
+    its heavy calls have taken 2 % of the last 10 s it goes to the thread; there it
+    stays while it has heavy calls, and comes back once it has had none for a while.
+    A few pauses do not send it: five 10 ms ones (0.5 % of 10 s) left it on the loop."""
     caplog.set_level("INFO", logger="streamscore.models")
     calls = InlineOrThread("sometimes", inline_limit_s=0.001)
     await calls.call(lambda: burn(0))
     assert calls.inline
+    for _ in range(5):
+        await calls.call(lambda: burn(0.01))
+        for _ in range(10):
+            await calls.call(lambda: burn(0))
+    assert calls.inline, calls.cost_s
     loop_thread = threading.get_ident()
-    ran_on = [await calls.call(lambda i=i: burn(0.02 if i % 5 == 4 else 0)) for i in range(40)]
-    # Out of the loop by the third heavy call, never back while they go on.
-    assert loop_thread not in ran_on[15:], ran_on.count(loop_thread)
+    ran_on = [await calls.call(lambda i=i: burn(0.02 if i % 5 == 4 else 0)) for i in range(100)]
+    # Out of the loop by the 8th heavy call (with the pauses' 50 ms: 210 ms), never back.
+    assert loop_thread not in ran_on[40:], ran_on.count(loop_thread)
     assert not calls.inline
     # Said once, when it left: not at each heavy call after.
     left = [r for r in caplog.records if "leave the event loop" in r.getMessage()]
