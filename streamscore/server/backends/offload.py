@@ -58,8 +58,10 @@ class InlineOrThread:
         *,
         inline_limit_s: float = INLINE_LIMIT_S,
         thread_setup: Callable[[], None] | None = None,
+        label: str | None = None,
     ) -> None:
         self.name = name
+        self.label = label or name  # what its log line names (a model and its fallback differ)
         self.inline_limit_s = inline_limit_s
         self._spike_cap_s = SPIKE_CAP * inline_limit_s
         self._thread_setup = thread_setup
@@ -137,7 +139,7 @@ class InlineOrThread:
                 log.info(
                     "%s: model calls leave the event loop: %d of them took %.3g s "
                     "within %.3g s, each over %.3g ms",
-                    self.name,
+                    self.label,
                     len(heavy),
                     self._heavy_s,
                     HEAVY_WINDOW_S,

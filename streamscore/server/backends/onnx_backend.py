@@ -83,7 +83,9 @@ class OnnxBackend:
         self._session: Any = None
         # The session's run, without the Python wrapper (set by ``load``).
         self._run: Any = None
-        self._calls = InlineOrThread(f"{onnx_path.parent.parent.name}:{onnx_path.parent.name}")
+        self._calls = InlineOrThread(
+            f"{onnx_path.parent.parent.name}:{onnx_path.parent.name}", label=self._where
+        )
 
     @property
     def compute(self) -> str:
