@@ -827,3 +827,30 @@ def test_train_writes_the_next_version_and_replaces_one_only_when_asked(
     report = train(trained_model, duration_s=600, epochs=20, backend="torch")
     assert report.path == trained_model / "fraud_mlp" / "2"
     assert ModelRepository(trained_model).metadata(MODEL, "2").backend == "torch"
+
+
+async def test_a_fallback_that_cannot_be_timed_at_start_does_not_fail_the_load(
+    trained_model: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version's fallback is timed at its start, so that a canary's fallback answers
+    only in time. That timing is not what says whether the version serves (its
+    batcher's warm-up on its own backend is): a fallback failing there leaves the
+    version loaded, its cost unknown, with one warning."""
+    served = ServedModel(trained_model / MODEL / "1")
+    assert served.fallback is not None
+
+    async def failing(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the fallback's runtime is broken")
+
+    monkeypatch.setattr(served.fallback, "infer", failing)
+    caplog.set_level(logging.WARNING, logger="streamscore.fallbacks")
+    await served.start()
+    try:
+        [warned] = [r for r in caplog.records if "could not be timed" in r.getMessage()]
+        assert "broken" in warned.getMessage()
+        rows = served.metadata.warmup_rows()
+        np.testing.assert_allclose(
+            await served.backend.infer(rows), reference_scores(trained_model, "1", rows), atol=1e-5
+        )
+    finally:
+        await served.stop()

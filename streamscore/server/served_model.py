@@ -280,13 +280,22 @@ class ServedModel:
         """Time lone calls on the fallback before serving, so that no caller's call is
         the one that measures it: a canary's fallback answers only in time, and its
         first call, unbounded, took seconds on a slow model (audit AR). One untimed
-        call first: a cold one says little about the next."""
+        call first: a cold one says little about the next. A fallback that fails here
+        does not fail the version's load (its batcher's warm-up, on the version's own
+        backend, is what says the version serves): its calls fail as they would have."""
         row = self.metadata.warmup_rows()[:1]
-        await fallback.infer(row)
-        for _ in range(FALLBACK_TIMED_CALLS):
-            started = time.perf_counter()
+        try:
             await fallback.infer(row)
-            self._fallback_took(time.perf_counter() - started)
+            for _ in range(FALLBACK_TIMED_CALLS):
+                started = time.perf_counter()
+                await fallback.infer(row)
+                self._fallback_took(time.perf_counter() - started)
+        except Exception as error:
+            fallback_log.warning(
+                "the fallback model could not be timed at start: %s",
+                error,
+                extra={"model": self.metadata.name, "version": self.metadata.version},
+            )
 
     def _fallback_took(self, seconds: float) -> None:
         known = self._fallback_call_s
