@@ -21,7 +21,7 @@ def logging_as_it_was() -> Iterator[None]:
     root = logging.getLogger()
     before, level = list(root.handlers), root.level
     yield
-    for handler in root.handlers:
+    for handler in list(root.handlers):  # (removeHandler edits root.handlers)
         if handler not in before and type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
     root.setLevel(level)
