@@ -46,7 +46,7 @@ from loadtest.servers import (
 from loadtest.workdir import work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
-from streamscore.argtypes import positive, positives
+from streamscore.argtypes import at_least_ones, positive, positives
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -114,15 +114,21 @@ async def _bench(args: argparse.Namespace, root: Path) -> None:
         try:
             port = find_free_port()
             await grpc_target("echo", echo_process(port), port, health=False)
+            # (backend, batching, shadow versions, batches in flight to Triton). Triton
+            # batches itself: our batcher stays on in front of it, with each number of
+            # batches in flight asked for.
             configs = [
-                (b, batching, "") for b in args.backends.split(",") for batching in (True, False)
+                (b, batching, "", 0)
+                for b in args.backends.split(",")
+                if b != "triton"
+                for batching in (True, False)
             ]
+            if "triton" in args.backends.split(","):
+                configs += [("triton", True, "", n) for n in args.triton_concurrency]
             if args.shadows:
                 # Shadow isolation: the same primary with and without shadow versions.
-                configs = [("onnxruntime", True, ""), ("onnxruntime", True, args.shadows)]
-            for backend, batching, shadows in configs:
-                if backend == "triton" and not batching:
-                    continue  # Triton batches itself; our batcher stays on in front
+                configs = [("onnxruntime", True, "", 0), ("onnxruntime", True, args.shadows, 0)]
+            for backend, batching, shadows, in_flight in configs:
                 repository = repository_for(base, root, backend)
                 for version in (v for v in shadows.split(",") if v):
                     add_copy(repository, version)
@@ -133,13 +139,15 @@ async def _bench(args: argparse.Namespace, root: Path) -> None:
                     "STREAMSCORE_MODEL_VERSION": "1",
                 }
                 if backend == "triton":
-                    from streamscore.triton_server import EmbeddedTriton
+                    if triton is None:
+                        from streamscore.triton_server import EmbeddedTriton
 
-                    triton = EmbeddedTriton(repository)
-                    await triton.start()
+                        triton = EmbeddedTriton(repository)
+                        await triton.start()
                     env["STREAMSCORE_TRITON_URL"] = triton.url
+                    env["STREAMSCORE_BATCH_REMOTE_CONCURRENCY"] = str(in_flight)
                 port = find_free_port()
-                label = f"{backend}-{batching}-{shadows or 'none'}"
+                label = f"{backend}-{batching}-{shadows or 'none'}-{in_flight}"
                 server = serve_process(
                     label,
                     broker.bootstrap,
@@ -151,6 +159,8 @@ async def _bench(args: argparse.Namespace, root: Path) -> None:
                 name = f"{backend} batching {'on' if batching else 'off'}"
                 if shadows:
                     name += f", shadows {shadows}"
+                if in_flight and len(args.triton_concurrency) > 1:
+                    name += f", {in_flight} in flight"
                 await grpc_target(name, server, port, health=True)
             if triton is not None:
                 targets.append(await triton_direct_target(triton, base, requests))
@@ -223,6 +233,13 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=positive, default=4.0)
     parser.add_argument("--budget-ms", type=positive, default=10.0)
     parser.add_argument("--backends", default="onnxruntime,torch,triton")
+    parser.add_argument(
+        "--triton-concurrency",
+        type=at_least_ones,
+        default=[4],
+        help="batches in flight to Triton (batch_remote_concurrency); several, "
+        "comma-separated, give one server each",
+    )
     parser.add_argument("--model-repository", type=Path)
     parser.add_argument(
         "--shadows", default="", help="e.g. 2,3: compare the primary with and without shadows"

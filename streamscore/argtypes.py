@@ -30,3 +30,11 @@ def at_least_one(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
     return value
+
+
+def at_least_ones(text: str) -> list[int]:
+    """A comma-separated list of whole numbers of 1 or more."""
+    values = [at_least_one(item) for item in text.split(",") if item.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("must be one or more comma-separated whole numbers")
+    return values

@@ -167,6 +167,9 @@ class Settings:
     breaker_cooldown_s: float = 1.0
     batch_max_queue: int = 1024
     batch_max_delay_us: int = 0
+    # Batches in flight at once to a remote backend (Triton): each call costs this
+    # process a gRPC client call's CPU, so fewer slots merge more requests per call.
+    batch_remote_concurrency: int = 4
     # Replay mode: features as of each request's event_time_ms (tests, backtests).
     replay: bool = False
     # Worker: events older than their partition's newest minus this are dead-lettered.
@@ -333,6 +336,7 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "breaker_cooldown_s": (1e-3, 3600),
     "batch_max_queue": (1, 2**31 - 1),
     "batch_max_delay_us": (0, 60_000_000),
+    "batch_remote_concurrency": (1, 1024),
     "canary_percent": (0, 100),
     "rollback_min_requests": (1, 2**31 - 1),
     "rollback_error_margin": (0, 1),

@@ -341,6 +341,21 @@ def test_sweep_refuses_a_step_that_measures_nothing(
     assert f"argument {flag}: must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "1,x", ","])
+def test_backend_bench_refuses_batches_in_flight_that_are_not_whole_numbers_of_one_or_more(
+    value: str,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.backend_bench", "--triton-concurrency", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "argument --triton-concurrency:" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("module", "flag", "value"),
     [

@@ -19,6 +19,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
 from streamscore.server.app import ScoringServer
+from streamscore.server.served_model import ServedModel
 from streamscore.triton_server import EmbeddedTriton, TritonInstall, TritonServerError
 
 from system import KERNELS_AGREE, model_score
@@ -152,6 +153,26 @@ try:
     NO_TRITON = ""
 except TritonServerError as exc:
     NO_TRITON = str(exc)
+
+
+def test_batches_in_flight_to_triton_come_from_the_settings(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """``batch_remote_concurrency`` sets how many batches a Triton version's batcher
+    keeps in flight; an in-process version keeps one (it computes on the loop)."""
+    repository = copy_repository(trained_model, tmp_path)
+    settings = Settings(port=0, model_repository=repository, batch_remote_concurrency=2)
+    batching = ScoringServer(settings).models.batching
+    version = repository / MODEL / "1"
+    in_process = ServedModel(version, batching=batching)
+    metadata_path = version / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata_path.write_text(json.dumps({**metadata, "backend": "triton"}))
+    remote = ServedModel(version, batching=batching, triton_url="127.0.0.1:1")
+    assert (in_process.batcher.max_concurrent_batches, remote.batcher.max_concurrent_batches) == (
+        1,
+        2,
+    )
 
 
 @pytest.mark.skipif(bool(NO_TRITON), reason=f"no tritonserver: {NO_TRITON}")

@@ -97,6 +97,7 @@ class ScoringServer:
             batching=BatchingSettings(
                 max_queue=settings.batch_max_queue,
                 max_delay_s=settings.batch_max_delay_us / 1e6,
+                remote_concurrent_batches=settings.batch_remote_concurrency,
                 enabled=settings.batching,
                 breaker_failures=settings.breaker_failures,
                 breaker_cooldown_s=settings.breaker_cooldown_s,
