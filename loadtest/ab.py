@@ -39,7 +39,7 @@ import uvloop
 from loadtest.client_pool import ClientPool, Row, echo_rpc, realistic_events, score_requests
 from loadtest.procstat import format_steal
 from loadtest.workdir import work_directory
-from streamscore.argtypes import at_least_one, positive, positives
+from streamscore.argtypes import at_least_one, at_least_ones, positive, positives
 from streamscore.client import wait_serving
 from streamscore.processes import ChildProcess
 from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
@@ -68,9 +68,11 @@ def _median_range(values: list[float], fmt: str) -> str:
     return f"{median} ({format(min(values), fmt)}-{format(max(values), fmt)})"
 
 
-def summarize(rows: dict[tuple[str, float], list[Row]]) -> str:
+def summarize(rows: dict[tuple[str, float], list[Row]], *, closed: bool = False) -> str:
+    """The table; ``closed``: the steps were closed-loop, keyed by calls in flight."""
+    step = "in flight" if closed else "offered/s"
     lines = [
-        "| server | rpc | offered/s | achieved/s | p50 ms | p99 ms | server CPU us/req "
+        f"| server | rpc | {step} | achieved/s | p50 ms | p99 ms | server CPU us/req "
         "| CPU steal % | errors+dropped |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -183,7 +185,9 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple
             for server in servers:
                 await wait_serving(server.target, timeout=120)
             rows: dict[tuple[str, float], list[Row]] = {}
-            rates = args.rates
+            # Closed-loop steps, by calls in flight, or open-loop ones, by offered rate.
+            closed = bool(args.in_flight)
+            rates: list[float] = [float(n) for n in args.in_flight] if closed else args.rates
             for round_ in range(args.rounds):
                 order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
                 if round_ % 2:
@@ -201,18 +205,21 @@ async def main(args: argparse.Namespace, work: Path, worktree: Path, head: tuple
                             args.seconds,
                             streams=args.streams,
                             server_pids=[server.pid],
+                            closed_in_flight=int(rate) if closed else 0,
                         )
                         rows.setdefault((server.name, rate), []).append(row)
                         cpu = f"{row.server_cpu_us:.0f}" if row.server_cpu_us else "?"
+                        step = f"{rate:>4,.0f} in flight" if closed else f"{rate:>7,.0f}/s"
                         print(
-                            f"round {round_ + 1}/{args.rounds} {server.name:>16} {rate:>7,.0f}/s: "
+                            f"round {round_ + 1}/{args.rounds} {server.name:>16} {step}: "
+                            f"{row.achieved_rate:,.0f}/s answered, "
                             f"p99 {row.p99_ms:.2f} ms, server CPU {cpu} us/req, "
                             f"steal {format_steal(row.steal_pct) or '?'}",
                             flush=True,
                         )
             ordered = {key: rows[key] for key in sorted(rows, key=lambda k: (k[1], k[0]))}
             print(f"\nmedians over {args.rounds} rounds (range), {args.clients} client processes:")
-            print(summarize(ordered))
+            print(summarize(ordered, closed=closed))
     finally:
         for server in reversed(servers):
             await server.process.stop()
@@ -238,7 +245,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", type=Path, required=True)
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")
-    p.add_argument("--rates", type=positives, default=[500.0], help="offered rates, e.g. 300,600")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument(
+        "--rates", type=positives, default=[500.0], help="offered rates, e.g. 300,600"
+    )
+    load.add_argument(
+        "--in-flight",
+        type=at_least_ones,
+        default=[],
+        help="closed-loop steps instead (unary): calls kept in flight, all clients "
+        "together, e.g. 64 (DESIGN.md's 'QPS at 64 in flight'); the throughput a server "
+        "gives at that concurrency, its latencies from each actual send",
+    )
     p.add_argument("--seconds", type=positive, default=6.0, help="per step (default 6)")
     p.add_argument("--rounds", type=at_least_one, default=5)
     p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")
@@ -267,5 +285,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.in_flight and args.rpc != "score":
+        p.error("--in-flight: closed-loop steps are unary (--rpc score)")
+    if any(n < args.clients for n in args.in_flight):
+        p.error(f"--in-flight: at least one call per client ({args.clients}, --clients)")
+    return args
+
+
 if __name__ == "__main__":
-    sys.exit(run(parser().parse_args()))
+    sys.exit(run(parse()))

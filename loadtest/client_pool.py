@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from hdrh.histogram import HdrHistogram
 
-from loadtest.openloop import LoadResult, describe_error, open_loop, requests_in
+from loadtest.openloop import LoadResult, closed_loop, describe_error, open_loop, requests_in
 from loadtest.procstat import cpu_jiffies, cpu_seconds, steal_pct
 from loadtest.streamload import open_loop_streams, request_ids, stream_opener
 from streamscore._proto.v1 import scoring_pb2 as pb
@@ -186,7 +186,7 @@ class _Client:
         channel = self.channel(job["target"])
         offset = self.index * len(self.requests) // self.clients
         # Evenly spaced merged arrivals: client k starts k / total_rate later.
-        start_at = job["start_at"] + self.index / job["rate"]
+        start_at = job["start_at"] + (self.index / job["rate"] if job["rate"] else 0.0)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         cpu_before = time.process_time()
         first_error = ""
@@ -218,14 +218,23 @@ class _Client:
                         first_error = describe_error(error)
                     raise
 
-            result = await open_loop(
-                call,
-                rate,
-                job["seconds"],
-                max_in_flight=job["max_in_flight"],
-                total=total,
-                drain_timeout=job["drain_timeout"],
-            )
+            if job["closed_in_flight"]:
+                share = job["closed_in_flight"] // self.clients
+                result = await closed_loop(
+                    call,
+                    share + (self.index < job["closed_in_flight"] % self.clients),
+                    job["seconds"],
+                    offset=offset,
+                )
+            else:
+                result = await open_loop(
+                    call,
+                    rate,
+                    job["seconds"],
+                    max_in_flight=job["max_in_flight"],
+                    total=total,
+                    drain_timeout=job["drain_timeout"],
+                )
             if result.unanswered and not first_error:
                 first_error = (
                     f"{result.unanswered} calls unanswered {job['drain_timeout']:g} s "
@@ -466,11 +475,16 @@ class ClientPool:
         max_in_flight: int = 512,
         drain_timeout: float = 10.0,
         server_pids: Sequence[int] = (),
+        closed_in_flight: int = 0,
     ) -> Row:
         """One open-loop step at ``rate`` (all clients together) for ``seconds``; the
-        server CPU per request is summed over ``server_pids``."""
+        server CPU per request is summed over ``server_pids``. With
+        ``closed_in_flight``, a closed-loop step instead (unary only): that many calls
+        kept going, all clients together, ``rate`` unused (``openloop.closed_loop``)."""
         if rpc not in RPCS:
             raise ValueError(f"rpc must be one of {RPCS}")
+        if closed_in_flight and (rpc in STREAM_RPCS or closed_in_flight < self.clients):
+            raise ValueError("a closed-loop step is unary, with a call in flight per client")
         prepare = {"kind": "prepare", "target": target, "rpc": rpc}
         for reply in self._all([prepare] * self.clients, timeout=90):
             if reply["error"]:
@@ -492,12 +506,13 @@ class ClientPool:
             "max_in_flight": max(1, max_in_flight // self.clients),
             "drain_timeout": drain_timeout,
             "start_at": time.time() + 0.05 + 0.01 * self.clients,
+            "closed_in_flight": closed_in_flight,
         }
         replies = self._all([job] * self.clients, timeout=seconds + drain_timeout + 90)
         for reply in replies:
             if "error" in reply:
                 raise RuntimeError(reply["error"])
-        result = merge(replies, rate, seconds)
+        result = merge(replies, 0.0 if closed_in_flight else rate, seconds)
         stolen = steal_pct(jiffies_before, cpu_jiffies())
         server_cpu_us = None
         if server_pids:

@@ -119,3 +119,40 @@ async def open_loop(
         histogram,
         unanswered,
     )
+
+
+async def closed_loop(
+    call: Callable[[int], Awaitable[object]],
+    in_flight: int,
+    seconds: float,
+    *,
+    offset: int = 0,
+) -> LoadResult:
+    """Keep ``in_flight`` calls going for ``seconds``: each caller sends its next call
+    when its last one ends (answered or failed). The throughput a server gives at that
+    concurrency, as DESIGN.md's "QPS at 64 in flight" measures it. Not for latency
+    under a load the server does not set: a closed loop waits for the server, so a
+    stall delays the sends that would have seen it (``open_loop`` is for that); its
+    latencies run from each actual send. ``offered_rate`` is 0: nothing is offered."""
+    if in_flight < 1:
+        raise ValueError("in_flight must be >= 1")
+    histogram = HdrHistogram(1, 60_000_000, 3)
+    ok = errors = 0
+    start = time.perf_counter()
+    end = start + seconds
+    sent = offset
+
+    async def caller() -> None:
+        nonlocal ok, errors, sent
+        while (now := time.perf_counter()) < end:
+            i, sent = sent, sent + 1
+            try:
+                await call(i)
+            except Exception:
+                errors += 1
+                continue
+            ok += 1
+            histogram.record_value(max(1, int((time.perf_counter() - now) * 1e6)))
+
+    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    return LoadResult(0.0, time.perf_counter() - start, ok, errors, 0, histogram)

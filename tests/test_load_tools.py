@@ -31,7 +31,7 @@ import grpc
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from loadtest.openloop import open_loop, requests_in
+from loadtest.openloop import closed_loop, open_loop, requests_in
 from loadtest.procstat import cpu_jiffies, steal_pct
 from loadtest.sweep import main as sweep_main
 from streamscore._proto.v1 import scoring_pb2 as pb
@@ -226,6 +226,34 @@ async def test_open_loop_counts_calls_never_answered_as_errors() -> None:
 
     result = await open_loop(call, 200, 0.2, drain_timeout=0.3)
     assert (result.ok, result.errors, result.unanswered, result.dropped) == (36, 4, 4, 0)
+
+
+async def test_a_closed_loop_keeps_exactly_its_calls_in_flight_and_counts_failures() -> None:
+    """Each caller sends its next call when its last one ends, failed or not: never
+    more than ``in_flight`` at once, and all of them going while calls last."""
+    going = peak = 0
+    calls: list[int] = []
+
+    async def call(i: int) -> None:
+        nonlocal going, peak
+        calls.append(i)
+        going += 1
+        peak = max(peak, going)
+        try:
+            await asyncio.sleep(0.01)
+            if i % 5 == 0:
+                raise RuntimeError("refused")
+        finally:
+            going -= 1
+
+    result = await closed_loop(call, 4, 0.3, offset=100)
+    assert peak == 4
+    assert result.ok + result.errors == len(calls) and result.dropped == 0
+    assert result.errors == sum(1 for i in calls if i % 5 == 0)
+    assert sorted(calls) == list(range(100, 100 + len(calls)))  # each request once, in turn
+    # 4 callers of ~10 ms calls for 0.3 s: about 120 calls (timers on a busy box run late).
+    assert 40 <= len(calls) <= 4 * 0.3 / 0.01 + 4
+    assert result.histogram.get_value_at_percentile(50) >= 10_000  # us, from each send
 
 
 @pytest.mark.parametrize(
@@ -704,16 +732,22 @@ def test_report_compares_stream_rows_with_echo_stream(tmp_path: Path) -> None:
     }
 
 
-async def run_ab(trained_model: Path, *args: str, rounds: int = 1, ok: bool = True) -> str:
-    """``loadtest.ab`` for a smoke test: 1 s steps at 40/s, a small replica; its output
-    (``ok``: it exited 0). No temporary worktree may be left behind either way."""
+async def run_ab(
+    trained_model: Path,
+    *args: str,
+    rounds: int = 1,
+    ok: bool = True,
+    load: tuple[str, str] = ("--rates", "40"),
+) -> str:
+    """``loadtest.ab`` for a smoke test: 1 s steps at 40/s (or ``load``), a small
+    replica; its output (``ok``: it exited 0). No temporary worktree may be left
+    behind either way."""
     out = await run_module(
         "loadtest.ab",
         *args,
         "--model-repository",
         str(trained_model),
-        "--rates",
-        "40",
+        *load,
         "--seconds",
         "1",
         "--rounds",
@@ -747,6 +781,40 @@ async def test_ab_compares_a_commit_with_this_tree(trained_model: Path) -> None:
         median_cpu = float(row[column["server CPU us/req"]].split()[0])
         assert median_cpu > 0, (name, row)
         assert 0 <= float(row[column["CPU steal %"]].split()[0]) <= 100, (name, row)
+
+
+async def test_ab_closed_loop_steps_keep_calls_in_flight(trained_model: Path) -> None:
+    """``--in-flight``: each server kept busy by that many calls (DESIGN.md's "QPS at
+    64 in flight"), its throughput in the achieved column."""
+    out = await run_ab(trained_model, "--base", "HEAD", load=("--in-flight", "4"))
+    table = markdown_tables(out)[0]
+    column = {name: i for i, name in enumerate(table[0])}
+    rows = {row[0]: row for row in table[1:]}
+    assert set(rows) == {"echo", "base HEAD", "this tree"}, out
+    for name, row in rows.items():
+        assert row[column["in flight"]] == "4", (name, row)
+        # Four calls kept going for 1 s on loopback: far more than 40 answered.
+        assert float(row[column["achieved/s"]].split()[0].replace(",", "")) > 40, (name, row)
+        assert row[column["errors+dropped"]] == "0", (name, row)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--in-flight", "8", "--rpc", "stream"], "closed-loop steps are unary"),
+        (["--in-flight", "1", "--clients", "2"], "at least one call per client"),
+        (["--in-flight", "8", "--rates", "10"], "not allowed with argument"),
+    ],
+)
+def test_ab_refuses_closed_loop_steps_it_cannot_run(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.ab import parse
+
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--base", "HEAD", "--model-repository", "/nonexistent", *args])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 async def test_ab_head_serves_another_commit_from_its_own_worktree(trained_model: Path) -> None:
@@ -858,8 +926,8 @@ async def test_ab_this_env_changes_only_this_trees_server(trained_model: Path) -
         "STREAMSCORE_DEADLINE_POLICY=error",
         ok=False,
     )
-    assert re.search(r"round 1/1 +base HEAD +40/s: p99", out), out
-    assert re.search(r"round 1/1 +echo +40/s: p99", out), out
+    assert re.search(r"round 1/1 +base HEAD +40/s: [0-9,]+/s answered, p99", out), out
+    assert re.search(r"round 1/1 +echo +40/s: [0-9,]+/s answered, p99", out), out
     assert re.search(r"did not answer Score: DEADLINE_EXCEEDED", out), out
     assert not re.search(r"round 1/1 +this tree", out), out
 
