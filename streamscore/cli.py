@@ -181,6 +181,24 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return _run(main())
 
 
+def cmd_triton(args: argparse.Namespace) -> int:
+    settings = _settings(args, "model_repository")
+
+    async def main() -> int:
+        from streamscore.processes import stop_on_signals
+        from streamscore.triton_server import EmbeddedTriton
+
+        stop = stop_on_signals()
+        # The binary setup.sh installs, with what it needs around it (its python
+        # backend, libraries, stub): run bare, it found no backend for the models.
+        async with EmbeddedTriton(settings.model_repository, port=args.port or None) as triton:
+            print(triton.url, flush=True)
+            await stop.wait()
+        return 0
+
+    return _run(main())
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args, "port", "model_repository")
     from streamscore.demo import run_demo
@@ -412,14 +430,23 @@ def cmd_health(args: argparse.Namespace) -> int:
             return 0
         args.target = target
     with ClientTls.from_arguments(args).channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
             # The details say why (a certificate not trusted, a name mismatch, no
             # connection): the code alone would leave a failing health check unexplained.
-            print(f"{args.target}: {error.code().name}: {error.details()}", file=sys.stderr)
+            why = error.details() or ""
+            if error.code() == grpc.StatusCode.NOT_FOUND and not why:
+                why = f"no health status for service {args.service!r}"
+                try:  # the services it has, where the server lists them (ours does)
+                    listed = stub.List(health_pb2.HealthListRequest(), timeout=args.timeout)
+                    why += "; it has " + ", ".join(repr(name) for name in sorted(listed.statuses))
+                except grpc.RpcError:
+                    pass
+            print(f"{args.target}: {error.code().name}: {why}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.target}: {status}")
@@ -517,6 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
     broker = add("broker", cmd_broker, "Run the embedded Kafka-compatible broker (tansu).")
     _common(broker, kafka_help=None)
     broker.add_argument("--port", type=int, default=0, help="listen port (default: a free one)")
+
+    triton = add(
+        "triton",
+        cmd_triton,
+        "Run the local tritonserver (from .venv-triton) on the model repository, on loopback.",
+    )
+    _common(triton, kafka_help=None)
+    triton.add_argument("--model-repository", type=Path, help="model repository directory")
+    triton.add_argument(
+        "--port", type=int, default=0, help="gRPC port (default: a free one; 8001 is Triton's)"
+    )
 
     train = add("train", cmd_train, "Train the demo fraud model into the model repository.")
     _common(train, kafka_help=None)
@@ -627,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         _fatal(message, args)
-        return 1
+        return 2 if _refused_as_invalid(error) else 1
 
 
 def _fatal(message: str, args: argparse.Namespace) -> None:
@@ -656,6 +694,18 @@ def _fatal(message: str, args: argparse.Namespace) -> None:
         print(f"streamscore: {message}", file=sys.stderr)
 
 
+def _refused_as_invalid(error: Exception) -> bool:
+    """A server that refused what the command sent it (a flag's value: a version it
+    does not have, a reason too long): invalid input, exit 2, as a bad flag is; not
+    the server missing (exit 1), which a script would otherwise not tell apart."""
+    import grpc
+
+    return isinstance(error, grpc.RpcError) and getattr(error, "code", lambda: None)() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+    )
+
+
 def _operator_error(error: Exception) -> str | None:
     import grpc
     from aiokafka.errors import KafkaError
@@ -663,6 +713,7 @@ def _operator_error(error: Exception) -> str | None:
     from streamscore.processes import ChildExited, PartFailed
     from streamscore.server.backends.base import BackendUnavailable
     from streamscore.stream.broker import BrokerError
+    from streamscore.triton_server import TritonServerError
 
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
         return f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
@@ -674,6 +725,9 @@ def _operator_error(error: Exception) -> str | None:
         return f"model backend unavailable: {error}"
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return f"{error.code().name}: {error.details()}"
+    if isinstance(error, TritonServerError):  # not installed, or it could not start
+        # (Its message carries the server's own error lines: kept, on one line.)
+        return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
     if isinstance(error, ChildExited | BrokerError):  # a child of ours that could not start
         return str(error).splitlines()[0]  # (a broker's adds its output: in the log above)
     if isinstance(error, PartFailed):

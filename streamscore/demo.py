@@ -370,12 +370,22 @@ async def run_demo(
     if log_dir is not None:
         return await _run_demo(settings, log_dir, duration_s, rate_per_s, keep_logs=True)
     logdir = Path(tempfile.mkdtemp(prefix="streamscore-demo-"))
-    code = await _run_demo(settings, logdir, duration_s, rate_per_s, keep_logs=False)
-    if code == 0:
+    code = 1  # (an exception: the stop line that follows says why)
+    try:
+        code = await _run_demo(settings, logdir, duration_s, rate_per_s, keep_logs=False)
+    finally:
+        _remove_unless_needed(logdir, code)
+    return code
+
+
+def _remove_unless_needed(logdir: Path, code: int) -> None:
+    """The demo's temporary log directory: kept, and said, when it failed with a log
+    to read; a demo that failed before any part wrote one (its port taken, no broker)
+    left an empty directory, never named."""
+    if code == 0 or not any(logdir.iterdir()):
         shutil.rmtree(logdir, ignore_errors=True)
     else:
         print(f"logs kept in {logdir}", flush=True)
-    return code
 
 
 async def _run_demo(

@@ -162,29 +162,38 @@ async def test_demo_keeps_an_existing_model_and_notes_a_missing_fallback(
     assert capsys.readouterr().out == ""
 
 
-def test_demo_whose_server_cannot_start_says_why_at_once(trained_model: Path) -> None:
+def test_demo_whose_server_cannot_start_says_why_at_once(
+    trained_model: Path, tmp_path: Path
+) -> None:
     """Its port taken, the demo refuses at once, naming it (the server failed to bind
     and the demo waited 120 s, deaf to Ctrl-C; with another gRPC server there, it
     scored that one). Its server's metrics port taken, the server exits at start and
     the demo ends at once with the cause and the part's log."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         for setting, expected in (("--port", "the demo's port"), ("metrics", "exited at start")):
             argv = demo_argv(trained_model, "--duration", "5")
-            env = dict(os.environ)
+            env = {**os.environ, "TMPDIR": str(temp)}
             if setting == "--port":
                 argv[argv.index("--port") + 1] = str(port)
             else:
                 env["STREAMSCORE_METRICS_PORT"] = str(port)
             line, _ = stop_line(argv, env, code=1, within_s=60)
             assert expected in line, line
+            kept = list(temp.glob("streamscore-demo-*"))
+            if setting == "--port":
+                # Nothing had started, nothing to read: no empty directory left unnamed.
+                assert kept == [], kept
             if setting == "metrics":  # the server's, P (or the worker's, P + 1, if taken)
                 assert "metrics_port" in line and ".log)" in line, line
                 # The log it names is kept: only a clean stop removes the demo's logs.
                 named = re.search(r"(/\S+\.log)\)", line)
                 assert named is not None and Path(named.group(1)).stat().st_size > 0, line
+                assert Path(named.group(1)).parent in kept, (line, kept)
 
 
 @pytest.mark.parametrize("secured", ["grpc", "kafka"])

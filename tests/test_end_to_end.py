@@ -7,6 +7,7 @@ independently, by the brute-force reference.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.cli import main as cli_main
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.stream.features import MINUTE
 from streamscore.stream.topics import DEAD_LETTER, PAYMENTS
@@ -190,7 +192,7 @@ async def test_events_in_features_and_scores_out(system, tmp_path: Path) -> None
     assert "replica fetches lean" in (tmp_path / "server-1.log").read_text()
 
 
-async def test_health_and_reflection(system) -> None:
+async def test_health_and_reflection(system, capsys: pytest.CaptureFixture[str]) -> None:
     _, target, _ = system
     with grpc.insecure_channel(target) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
@@ -209,6 +211,18 @@ async def test_health_and_reflection(system) -> None:
         }
         admin = await checking.Check(health_pb2.HealthCheckRequest(service="streamscore.v1.Admin"))
         assert admin.status == serving
+    # A name it has no status for: said, with the names it has (it said "NOT_FOUND: ").
+    unknown = ["health", "--target", target, "--service", "bogus"]
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, unknown) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "NOT_FOUND: no health status for service 'bogus'; it has '', "
+            "'streamscore.v1.Admin', 'streamscore.v1.Scoring'"
+        )
+    )
 
 
 def built(files: list[descriptor_pb2.FileDescriptorProto]) -> descriptor_pool.DescriptorPool:

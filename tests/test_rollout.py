@@ -486,10 +486,16 @@ async def test_the_client_commands_say_a_refusal_in_one_plain_line(
         assert await asyncio.to_thread(cli_main, wrong) == 1
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("streamscore: UNAUTHENTICATED: "), last
+        # What the server refuses as invalid is a bad flag's value: exit 2, not the
+        # exit 1 of a server that is not there (README, "Exit codes").
         as_of = ["features", "card", "card-1", *target, "--as-of-ms", "5"]
-        assert await asyncio.to_thread(cli_main, as_of) == 1
+        assert await asyncio.to_thread(cli_main, as_of) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("streamscore: INVALID_ARGUMENT: as_of_ms"), last
+        no_such = ["rollout", "set", *target, "--token", TOKEN, "--canary", "99", "--percent", "5"]
+        assert await asyncio.to_thread(cli_main, no_such) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("streamscore: INVALID_ARGUMENT: rollout.canary_version"), last
 
 
 async def test_a_dead_shadow_worker_fails_the_server(

@@ -363,3 +363,50 @@ async def test_killed_or_forgotten_servers_leave_no_shared_memory(repo: Path) ->
     gc.collect()
     assert not _alive(pid), "tritonserver outlived its collected owner"
     assert not _shm_regions(prefix)
+
+
+@needs_triton
+def test_the_triton_command_serves_the_repository_until_sigterm(repo: Path) -> None:
+    """``streamscore triton``: the binary setup.sh installs, on the repository, ready
+    when it prints its address (the README's bare ``tritonserver`` command found no
+    python backend for the models); SIGTERM stops it cleanly."""
+    import subprocess
+
+    import tritonclient.grpc as triton_grpc
+
+    command = [sys.executable, "-m", "streamscore", "triton", "--model-repository", str(repo)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().strip()
+            assert url.startswith("127.0.0.1:"), (url, process.stderr)
+            client = triton_grpc.InferenceServerClient(url)
+            assert client.is_server_ready() and client.is_model_ready(MODEL)
+            client.close()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        finally:
+            process.kill()
+
+
+def test_the_triton_command_says_in_one_line_why_it_cannot_start(tmp_path: Path) -> None:
+    """A repository it cannot serve: exit 1, why on one line (the server's own error
+    lines included), no traceback."""
+    import subprocess
+
+    broken = tmp_path / "models"
+    (broken / "fraud_mlp" / "1").mkdir(parents=True)
+    (broken / "fraud_mlp" / "config.pbtxt").write_text("this is not a model config")
+    done = subprocess.run(
+        [sys.executable, "-m", "streamscore", "triton", "--model-repository", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "tritonserver" in last, last
