@@ -17,6 +17,10 @@ change re-measured: ``--base C~1 --head C``), which is otherwise this working tr
 ``--this-env NAME=VALUE`` changes a setting for that side's server only (with
 ``--base HEAD`` it A/Bs the setting).
 ``--rpc stream`` compares ScoreStream (the echo then answers ScoreStream too).
+``--in-flight 64`` makes each step closed-loop: 64 calls (or stream messages, over
+``--clients`` x ``--streams`` streams) kept going, the next sent as one is answered;
+the achieved column is then the QPS a server gives at that concurrency, as DESIGN.md
+measures its echo ("~4k QPS at 64 in flight").
 ``--model-echo`` adds the echo plus Score's one model call, ``--null-score`` this
 tree's server with an empty Score (``loadtest/null_score.py``): with them Score's
 extra CPU splits into the model call, the server around Score, and Score's body.
@@ -253,9 +257,9 @@ def parser() -> argparse.ArgumentParser:
         "--in-flight",
         type=at_least_ones,
         default=[],
-        help="closed-loop steps instead (unary): calls kept in flight, all clients "
-        "together, e.g. 64 (DESIGN.md's 'QPS at 64 in flight'); the throughput a server "
-        "gives at that concurrency, its latencies from each actual send",
+        help="closed-loop steps instead: calls (ScoreStream messages) kept in flight, all "
+        "clients together, e.g. 64 (DESIGN.md's 'QPS at 64 in flight'); the throughput a "
+        "server gives at that concurrency, its latencies from each actual send",
     )
     p.add_argument("--seconds", type=positive, default=6.0, help="per step (default 6)")
     p.add_argument("--rounds", type=at_least_one, default=5)
@@ -288,10 +292,12 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
-    if args.in_flight and args.rpc != "score":
-        p.error("--in-flight: closed-loop steps are unary (--rpc score)")
-    if any(n < args.clients for n in args.in_flight):
-        p.error(f"--in-flight: at least one call per client ({args.clients}, --clients)")
+    sharing = args.clients * (args.streams if args.rpc == "stream" else 1)
+    if any(n % sharing for n in args.in_flight):
+        p.error(
+            f"--in-flight: shared evenly, so a multiple of {sharing} "
+            "(--clients, x --streams for --rpc stream)"
+        )
     return args
 
 

@@ -21,7 +21,12 @@ from hdrh.histogram import HdrHistogram
 
 from loadtest.openloop import LoadResult, closed_loop, describe_error, open_loop, requests_in
 from loadtest.procstat import cpu_jiffies, cpu_seconds, steal_pct
-from loadtest.streamload import open_loop_streams, request_ids, stream_opener
+from loadtest.streamload import (
+    closed_loop_streams,
+    open_loop_streams,
+    request_ids,
+    stream_opener,
+)
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore.tls import ClientTls
 
@@ -191,7 +196,18 @@ class _Client:
         cpu_before = time.process_time()
         first_error = ""
         total = requests_in(job["rate"], job["seconds"], self.clients, self.index)
-        if job["rpc"] in STREAM_RPCS:
+        if job["rpc"] in STREAM_RPCS and job["closed_in_flight"]:
+            # This client's share of the messages in flight, over its streams.
+            result, first_error = await closed_loop_streams(
+                stream_opener(channel),
+                self.requests,
+                job["seconds"],
+                streams=job["streams"],
+                in_flight=job["closed_in_flight"] // self.clients // job["streams"],
+                offset=offset,
+                ids=self.ids,
+            )
+        elif job["rpc"] in STREAM_RPCS:
             result, first_error = await open_loop_streams(
                 stream_opener(channel),
                 self.requests,
@@ -219,12 +235,8 @@ class _Client:
                     raise
 
             if job["closed_in_flight"]:
-                share = job["closed_in_flight"] // self.clients
                 result = await closed_loop(
-                    call,
-                    share + (self.index < job["closed_in_flight"] % self.clients),
-                    job["seconds"],
-                    offset=offset,
+                    call, job["closed_in_flight"] // self.clients, job["seconds"], offset=offset
                 )
             else:
                 result = await open_loop(
@@ -479,12 +491,17 @@ class ClientPool:
     ) -> Row:
         """One open-loop step at ``rate`` (all clients together) for ``seconds``; the
         server CPU per request is summed over ``server_pids``. With
-        ``closed_in_flight``, a closed-loop step instead (unary only): that many calls
-        kept going, all clients together, ``rate`` unused (``openloop.closed_loop``)."""
+        ``closed_in_flight``, a closed-loop step instead: that many calls (or stream
+        messages) kept going, all clients together, ``rate`` unused
+        (``openloop.closed_loop``, ``streamload.closed_loop_streams``)."""
         if rpc not in RPCS:
             raise ValueError(f"rpc must be one of {RPCS}")
-        if closed_in_flight and (rpc in STREAM_RPCS or closed_in_flight < self.clients):
-            raise ValueError("a closed-loop step is unary, with a call in flight per client")
+        sharing = self.clients * (streams if rpc in STREAM_RPCS else 1)
+        if closed_in_flight % sharing:
+            raise ValueError(
+                f"a closed-loop step's calls in flight are shared evenly: a multiple of "
+                f"{sharing} (clients, x streams each for ScoreStream)"
+            )
         prepare = {"kind": "prepare", "target": target, "rpc": rpc}
         for reply in self._all([prepare] * self.clients, timeout=90):
             if reply["error"]:

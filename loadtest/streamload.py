@@ -177,3 +177,66 @@ async def open_loop_streams(
         counts.histogram,
     )
     return result, counts.first_error
+
+
+async def closed_loop_streams(
+    open_call: Callable[[], grpc.aio.StreamStreamCall],
+    requests: Sequence[bytes],
+    seconds: float,
+    *,
+    streams: int,
+    in_flight: int,
+    offset: int = 0,
+    ids: Sequence[str] | None = None,
+) -> tuple[LoadResult, str]:
+    """The streaming twin of ``openloop.closed_loop``: ``streams`` ScoreStreams, each
+    keeping ``in_flight`` messages unanswered for ``seconds`` (its next message goes
+    when an answer comes). Latency from each message's write to its answer; a stream
+    that fails counts its unanswered messages as errors and is not reopened.
+
+    Returns the result (``offered_rate`` 0) and the first error's text."""
+    if streams < 1 or in_flight < 1:
+        raise ValueError("streams and in_flight must be >= 1")
+    ids = request_ids(requests) if ids is None else ids
+    counts = _Counts()
+    n = len(requests)
+    start = time.perf_counter()
+    end = start + seconds
+    sent = offset
+
+    async def stream() -> None:
+        nonlocal sent
+        call = open_call()
+        pending: dict[str, float] = {}
+
+        async def write_next() -> None:
+            nonlocal sent
+            k, sent = sent % n, sent + 1
+            pending[ids[k]] = time.perf_counter()
+            await call.write(requests[k])
+
+        try:
+            for _ in range(in_flight):
+                await write_next()
+            async for response in call:
+                written = pending.pop(response.request_id, None)
+                if written is not None:
+                    counts.ok += 1
+                    counts.histogram.record_value(
+                        max(1, int((time.perf_counter() - written) * 1e6))
+                    )
+                if time.perf_counter() < end:
+                    await write_next()
+                elif not pending:
+                    await call.done_writing()
+            if pending:
+                counts.error(len(pending), "stream closed by the server, messages unanswered")
+        except Exception as error:
+            counts.error(len(pending), error)
+            call.cancel()
+
+    await asyncio.gather(*(stream() for _ in range(streams)))
+    result = LoadResult(
+        0.0, time.perf_counter() - start, counts.ok, counts.errors, 0, counts.histogram
+    )
+    return result, counts.first_error

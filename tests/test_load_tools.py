@@ -256,6 +256,21 @@ async def test_a_closed_loop_keeps_exactly_its_calls_in_flight_and_counts_failur
     assert result.histogram.get_value_at_percentile(50) >= 10_000  # us, from each send
 
 
+async def test_closed_loop_streams_keep_their_messages_in_flight(echo_target: str) -> None:
+    """Each stream keeps its messages going, the next written as an answer comes; each
+    answer timed from its own write. The echo answers every one."""
+    from loadtest.streamload import closed_loop_streams, stream_opener
+
+    requests = [pb.ScoreRequest(request_id=f"c-{i}").SerializeToString() for i in range(100)]
+    async with grpc.aio.insecure_channel(echo_target) as channel:
+        result, first_error = await closed_loop_streams(
+            stream_opener(channel), requests, 0.3, streams=2, in_flight=3
+        )
+    assert first_error == "" and result.errors == 0 and result.dropped == 0
+    assert result.ok > 6  # more than the messages first written: it went on
+    assert result.histogram.get_total_count() == result.ok
+
+
 @pytest.mark.parametrize(
     ("rate", "seconds", "clients"), [(10, 1, 4), (30, 1, 4), (1000, 5, 3), (7.5, 2, 2), (1, 1, 3)]
 )
@@ -798,11 +813,24 @@ async def test_ab_closed_loop_steps_keep_calls_in_flight(trained_model: Path) ->
         assert row[column["errors+dropped"]] == "0", (name, row)
 
 
+async def test_ab_closed_loop_steps_on_score_stream(trained_model: Path) -> None:
+    stream = ("--rpc", "stream")
+    out = await run_ab(trained_model, "--base", "HEAD", *stream, load=("--in-flight", "8"))
+    table = markdown_tables(out)[0]
+    column = {name: i for i, name in enumerate(table[0])}
+    rows = {row[0]: row for row in table[1:]}
+    assert set(rows) == {"echo", "base HEAD", "this tree"}, out
+    for name, row in rows.items():
+        assert row[column["rpc"]] == ("echo-stream" if name == "echo" else "stream"), row
+        assert float(row[column["achieved/s"]].split()[0].replace(",", "")) > 40, (name, row)
+        assert row[column["errors+dropped"]] == "0", (name, row)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--in-flight", "8", "--rpc", "stream"], "closed-loop steps are unary"),
-        (["--in-flight", "1", "--clients", "2"], "at least one call per client"),
+        (["--in-flight", "6", "--rpc", "stream"], "a multiple of 4"),
+        (["--in-flight", "1", "--clients", "2"], "a multiple of 2"),
         (["--in-flight", "8", "--rates", "10"], "not allowed with argument"),
     ],
 )
