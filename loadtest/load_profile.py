@@ -184,6 +184,7 @@ async def main(args: argparse.Namespace) -> int:
                     3.0,
                     streams=args.streams,
                     server_pids=[pid],
+                    closed_in_flight=args.in_flight,
                 )
                 perf = None
                 if args.perf:
@@ -206,6 +207,7 @@ async def main(args: argparse.Namespace) -> int:
                     float(args.seconds),
                     streams=args.streams,
                     server_pids=[pid],
+                    closed_in_flight=args.in_flight,
                 )
                 threads_after = thread_cpu(pid)
                 if await spy.wait() != 0:
@@ -222,7 +224,9 @@ async def main(args: argparse.Namespace) -> int:
     cpu = row.server_cpu_us or 0.0
     label = f"model echo, {rpc}" if args.model_echo else rpc
     print(
-        f"{label} at {args.rate:,.0f}/s offered, {row.achieved_rate:,.0f}/s achieved, "
+        f"{label} at "
+        + (f"{args.in_flight} in flight" if args.in_flight else f"{args.rate:,.0f}/s offered")
+        + f", {row.achieved_rate:,.0f}/s achieved, "
         f"p99 {row.p99_ms:.1f} ms; server CPU {cpu:.0f} us/req; {total} samples in {out}"
     )
     print("| part | share of samples | ~us per request |\n|---|---|---|")
@@ -248,6 +252,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", default="1")
     p.add_argument("--rpc", choices=["score", "stream"], default="score")
     p.add_argument("--rate", type=positive, default=1000.0, help="offered requests/s")
+    p.add_argument(
+        "--in-flight",
+        type=at_least_one,
+        default=0,
+        help="closed-loop load instead of --rate: calls (stream messages) kept in flight",
+    )
     p.add_argument("--seconds", type=at_least_one, default=12, help="profiled seconds (default 12)")
     p.add_argument("--clients", type=at_least_one, default=2, help="load processes (default 2)")
     p.add_argument("--replica-seconds", type=positive, default=400.0, help="of events folded")
