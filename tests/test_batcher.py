@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from streamscore.server.batcher import ALONE_SAMPLE_EVERY, DEFER_MIN_S, Batcher
+from streamscore.server.batcher import ALONE_SAMPLE_EVERY, DEFER_MIN_S, PROBE_INTERVAL_S, Batcher
 from streamscore.server.eager import start_eagerly
 from streamscore.server.errors import (
     BackendFailed,
@@ -598,10 +598,24 @@ async def test_unreachable_deadline_at_submit() -> None:
         assert "-" not in str(caught.value) and "0.012500s 'unit' needs" in str(caught.value)
     assert backend.calls == []
     # Time left, but less than predicted, and nothing measured lately: one goes anyway,
-    # to measure the backend (here it is fast: the probe is answered in time).
+    # to measure the backend (here it is fast: the probe is answered in time, and its
+    # measurement replaces the seed's 10 ms: the next one goes too).
     assert await batcher.submit(vector(1), batcher.clock() + 0.005) == own_score(1)
     assert [c.ids for c in backend.calls] == [[1]]
-    # Then none until PROBE_INTERVAL_S later (the seed still predicts 12.5 ms).
+    assert batcher.latency_model.predict(1) < 0.005
+    assert await batcher.submit(vector(2), batcher.clock() + 0.005) == own_score(2)
+    await batcher.stop()
+
+
+async def test_a_probe_that_is_late_leaves_the_next_one_for_the_probe_interval() -> None:
+    """A probe answered past its deadline says the backend is still slow: its
+    measurement joins the others, and no request goes until PROBE_INTERVAL_S later."""
+    backend = FakeBackend([(0.02, "ok")])
+    batcher = make(backend, predicted_s=0.01)  # 12.5 ms predicted
+    await batcher.start()
+    with pytest.raises(DeadlineUnreachable):  # the probe: sent, answered late
+        await batcher.submit(vector(1), batcher.clock() + 0.005)
+    assert [c.ids for c in backend.calls] == [[1]]
     with pytest.raises(DeadlineUnreachable) as caught:
         await batcher.submit(vector(2), batcher.clock() + 0.005)
     assert caught.value.stage == "submit" and len(backend.calls) == 1
@@ -1321,14 +1335,11 @@ async def test_one_slow_call_does_not_refuse_requests_forever() -> None:
         backend.infer, name="unit", max_batch_size=1, max_queue=8, latency_model=model, n_inputs=K
     )
     await batcher.start()
-    # Nothing measured lately: the first goes anyway, a probe (answered: the fake is
-    # fast), the next is refused (the slow call is still in the window) ...
+    # Nothing measured lately: the first goes anyway, a probe, answered in time (the
+    # fake is fast): measured again, fast, and the next goes too.
     assert await batcher.submit(vector(0), batcher.clock() + 0.005) == own_score(0)
-    with pytest.raises(DeadlineUnreachable):
-        await batcher.submit(vector(1), batcher.clock() + 0.005)
-    await asyncio.sleep(0.06)  # ... until the slow measurement is stale
-    assert await batcher.submit(vector(2), batcher.clock() + 0.005) == own_score(2)
-    assert model.predict(1) < 0.005  # measured again, fast
+    assert model.predict(1) < 0.005
+    assert await batcher.submit(vector(1), batcher.clock() + 0.005) == own_score(1)
     await batcher.stop()
 
 
@@ -1351,6 +1362,61 @@ def clocked_batcher(
         clock=clock,
     )
     return batcher, backend
+
+
+async def test_a_cold_first_call_refuses_requests_only_until_a_probe_finds_it_fast() -> None:
+    """Audit AR's F4: a version's warm-up fast (1 ms, on rows unlike real ones), its
+    first real call cold (300 ms). A few measurements, so that one is their high
+    quantile: every request was refused until it expired, 2 s, and a canary that fit
+    its 50 ms budget was rolled back on the refusals. The first probe, 0.5 s on,
+    answered in time, supersedes it: requests go again at once."""
+    now = [0.0]
+    model = seeded_model(1, 0.001, max_age_s=2.0, clock=lambda: now[0])
+    model.observe(1, 0.300)  # the cold first call
+    batcher, backend = clocked_batcher(now, model, max_batch_size=1)
+    await batcher.start()
+    batcher._last_measured = now[0]  # it ended just now
+    now[0] = 0.1
+    with pytest.raises(DeadlineUnreachable):
+        await batcher.submit(vector(0), now[0] + 0.05)
+    now[0] = 0.1 + PROBE_INTERVAL_S  # the next probe is due
+    assert await batcher.submit(vector(1), now[0] + 0.05) == own_score(1)
+    now[0] += 0.01  # far from the 2 s expiry: the next request goes, not refused
+    assert await batcher.submit(vector(2), now[0] + 0.05) == own_score(2)
+    assert [c.ids for c in backend.calls] == [[1], [2]]
+    await batcher.stop()
+
+
+async def test_the_first_real_call_after_a_warm_up_is_not_measured() -> None:
+    """A warm-up on rows unlike the ones served, then a first real call as cold as a
+    first call (audit AR: 396 ms, then 24-35 ms). Measured, it was the high quantile
+    of the few measurements there were, and every request was refused (DEADLINE at
+    submit) until a probe or its expiry. The calls after it are measured."""
+    warm = [(0.0, "ok")] * 4  # one untimed call and three timed, a batch of one
+    backend = FakeBackend([*warm, (0.1, "ok"), (0.0, "ok"), (0.03, "ok"), (0.0, "ok")])
+    batcher = Batcher(
+        backend.infer,
+        name="unit",
+        max_batch_size=1,
+        max_queue=8,
+        latency_model=LatencyModel(1),
+        n_inputs=K,
+    )
+    await batcher.warm_up(np.ones((1, K), dtype=np.float32))
+    await batcher.start()
+    with pytest.raises(DeadlineUnreachable) as late:  # the cold call: answered late
+        await batcher.submit(vector(0), batcher.clock() + 0.05)
+    assert late.value.stage != "submit"
+    while backend.in_flight:  # its call goes on past the deadline
+        await asyncio.sleep(0.01)
+    assert await batcher.submit(vector(1), batcher.clock() + 0.05) == own_score(1)
+    assert await batcher.submit(vector(2), batcher.clock() + 0.05) == own_score(2)  # 30 ms
+    # The 30 ms call was measured: a 20 ms budget is refused at submit now.
+    with pytest.raises(DeadlineUnreachable) as refused:
+        await batcher.submit(vector(3), batcher.clock() + 0.02)
+    assert refused.value.stage == "submit"
+    assert len(backend.calls) == 7
+    await batcher.stop()
 
 
 async def test_a_slow_warm_up_does_not_refuse_requests_forever() -> None:

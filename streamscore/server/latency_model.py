@@ -33,6 +33,8 @@ class LatencyModel:
     batcher calls when a prediction is about to refuse a request outright. Without it
     one slow call (a cold start, a pause) could predict "too slow for the budget"
     forever: nothing would be dispatched, so nothing would ever be measured again. A
+    probe (a request let through while predictions refuse every one) that finds the
+    backend in time again supersedes its bucket's observations at once. A
     bucket whose observations all expired falls back to its warm-up measurement
     (:meth:`seed`), if it had one, but never above what the nearest bucket below with
     observations of its own gives scaled linearly to its size: a warm-up that was slow
@@ -76,11 +78,17 @@ class LatencyModel:
         self._cache: dict[int, float] = {}  # predictions by size, until the next change
         self._rebuild()
 
-    def observe(self, batch_size: int, seconds: float) -> None:
-        """Record one measured backend call."""
+    def observe(self, batch_size: int, seconds: float, *, supersede: bool = False) -> None:
+        """Record one measured backend call. ``supersede``: it replaces its bucket's
+        earlier observations (a probe that found the backend fast again: see
+        ``Batcher._probe_due``)."""
         b = self._bucket(batch_size)
         window, ordered = self._observations[b], self._sorted[b]
-        if len(window) == self.window:
+        if supersede:
+            window.clear()
+            ordered.clear()
+            self._times[b].clear()
+        elif len(window) == self.window:
             del ordered[bisect.bisect_left(ordered, window[0])]
         window.append(seconds)
         self._times[b].append(self.clock())
