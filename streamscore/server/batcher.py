@@ -253,8 +253,6 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._last_measured = -math.inf  # when a backend call last ended (``_probe_due``)
-        # After a warm-up, the first call on real inputs is not measured (``warm_up``).
-        self._first_real_call = False
 
         metrics.hold_model_series(name)  # released by stop()
         self._holds_series = True
@@ -326,12 +324,6 @@ class Batcher:
         one = predicted.get(1, math.inf)
         if math.isinf(self.single_call_s) and math.isfinite(one):
             self._observe_single_call(one)
-        # The warm-up's rows need not be inputs like the ones served (a version with
-        # none warms up on zeros), and a model's first real input can be as cold as a
-        # first call: 396 ms, then 24-35 ms (audit AR, F4). Measured, it was the high
-        # quantile of the few measurements there were, and refused every request
-        # until a probe (see ``_observe_call``) or its expiry.
-        self._first_real_call = True
         return predicted
 
     async def start(self) -> None:
@@ -426,7 +418,7 @@ class Batcher:
         ):
             # Nothing queued or running, and no reason to hold: the request is a batch
             # of one, run now, without the queue's bookkeeping (see ``_call_alone``).
-            score = self._call_alone(vector, deadline, probe)
+            score = self._call_alone(vector, deadline)
             if score is not None:
                 return score
         start = self._start_estimate(now)
@@ -726,7 +718,7 @@ class Batcher:
         self._finish(live, scores, started)
         return True
 
-    def _call_alone(self, vector: Row, deadline: float, probe: bool = False) -> float | None:
+    def _call_alone(self, vector: Row, deadline: float) -> float | None:
         """One request's score from a batch of its own, run now, on the loop: what
         ``_dispatch``, ``_admit``, ``_call_inline`` and ``_finish`` do for a batch of one
         submitted to an idle batcher, less its request record, future and heap entry
@@ -751,17 +743,15 @@ class Batcher:
         # Judged against the prediction before this call's own time is folded in.
         overdue = ended > deadline and self._overdue(1, ended - started)
         self._m_admitted_alone.count += 1
-        fresh = probe and ended <= deadline  # (see ``_observe_call``)
         if scores is not None:
-            checked = self._checked_scores(1, scores, started, ended, fresh)
+            checked = self._checked_scores(1, scores, started, ended)
             if checked is None:
                 self._m_shed["backend_failed"].inc()
                 raise self._backend_failed(_wrong_count(scores, 1))
             score = float(checked[0])
         else:
             self._alone_calls += 1
-            sampled = fresh or not self._alone_calls % ALONE_SAMPLE_EVERY
-            self._observe_call(1, started, ended, sampled, fresh)
+            self._observe_call(1, started, ended, not self._alone_calls % ALONE_SAMPLE_EVERY)
         self._observe_single_call(ended - started)
         if ended > deadline:
             self._m_late.inc()
@@ -824,41 +814,25 @@ class Batcher:
         self._m_failures["error"].inc()
 
     def _checked_scores(
-        self, n: int, scores: np.ndarray, started: float, ended: float, fresh: bool = False
+        self, n: int, scores: np.ndarray, started: float, ended: float
     ) -> np.ndarray | None:
         """Account for a backend call of ``n`` that ran from ``started`` to ``ended``:
-        its scores (None when not ``(n,)``, counted as a wrong count). ``fresh``: see
-        ``_observe_call``."""
+        its scores (None when not ``(n,)``, counted as a wrong count)."""
         scores = np.asarray(scores)
         counted = scores.shape == (n,)
-        self._observe_call(n, started, ended, counted, fresh)
+        self._observe_call(n, started, ended, counted)
         if not counted:
             self._m_failures["wrong_count"].inc()
             return None
         return scores
 
-    def _observe_call(
-        self, n: int, started: float, ended: float, counted: bool = True, fresh: bool = False
-    ) -> None:
+    def _observe_call(self, n: int, started: float, ended: float, counted: bool = True) -> None:
         """A backend call of ``n`` that returned: its time, and, when it gave the
-        right count of scores (and is sampled), the latency model's sample.
-
-        ``fresh``: a probe that answered in time. It supersedes the measurements that
-        had every request refused: one cold call (a version's first real input, a
-        pause) among a few measurements is their high quantile, and refused until it
-        expired (2 s), a canary's cards counting as its errors until it was rolled
-        back though it fit its budget (audit AR, F4). Kept, a backend that is slow
-        only sometimes is measured slow again by its next slow call."""
+        right count of scores (and is sampled), the latency model's sample."""
         self._last_measured = ended
         elapsed = ended - started
         self._m_backend.observe(elapsed)
-        if not counted:
-            return
-        if self._first_real_call:  # untimed, as the warm-up's first calls (``warm_up``)
-            self._first_real_call = False
-        elif fresh:
-            self.latency_model.observe(n, elapsed, supersede=True)
-        else:
+        if counted:
             self.latency_model.observe(n, elapsed)
 
     def _finish(self, live: list[_Request], scores: np.ndarray, started: float) -> None:
@@ -867,8 +841,7 @@ class Batcher:
         ended = self.clock()
         # Judged against the prediction before this call's own time is folded in.
         overdue = self._overdue(n, ended - started)
-        fresh = n == 1 and live[0].probe and ended <= live[0].deadline
-        checked = self._checked_scores(n, scores, started, ended, fresh)
+        checked = self._checked_scores(n, scores, started, ended)
         if checked is None:
             self._fail_batch(live, _wrong_count(scores, n))
             return

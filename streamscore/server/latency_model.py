@@ -20,7 +20,8 @@ class LatencyModel:
 
     Observations go to power-of-two buckets by the floor of the size (bucket 4 holds
     sizes 4..7), each a ring buffer of the last ``window`` durations; a bucket's
-    estimate is their ``quantile`` (the max while few). A prediction interpolates
+    estimate is their ``quantile`` (while few, the second slowest: one slow call alone
+    refuses nothing, see ``_rank``; the max with ``quantile`` 1). A prediction interpolates
     linearly between the nearest measured buckets below and above, over the running
     max of the estimates (so it never decreases with size; a size above every
     measured bucket gets the largest estimate below it, one below all of them the
@@ -33,8 +34,6 @@ class LatencyModel:
     batcher calls when a prediction is about to refuse a request outright. Without it
     one slow call (a cold start, a pause) could predict "too slow for the budget"
     forever: nothing would be dispatched, so nothing would ever be measured again. A
-    probe (a request let through while predictions refuse every one) that finds the
-    backend in time again supersedes its bucket's observations at once. A
     bucket whose observations all expired falls back to its warm-up measurement
     (:meth:`seed`), if it had one, but never above what the nearest bucket below with
     observations of its own gives scaled linearly to its size: a warm-up that was slow
@@ -71,24 +70,26 @@ class LatencyModel:
         self._seeds: list[float | None] = [None] * n_buckets  # see ``seed``
         self._standing_in = [False] * n_buckets  # the estimate is the seed's
         # Index of the quantile in a sorted window, by the window's length: computed
-        # once, not per observation.
-        self._rank = [max(0, min(n - 1, math.ceil(quantile * n) - 1)) for n in range(window + 1)]
+        # once, not per observation. Below a high quantile, never the slowest of them
+        # alone: with few measurements (under 40 at the 95th) the quantile's rank is
+        # the slowest, and one cold call (a version's first real input down a path its
+        # warm-up rows never took: 396 ms, then 24-35 ms; audit AR, F4) predicted every
+        # request too slow and refused it until a probe or its expiry, rolling back a
+        # canary that fit its budget. Two slow calls are a slow backend.
+        self._rank = [
+            max(0, min(n - 2 if quantile < 1.0 and n >= 2 else n - 1, math.ceil(quantile * n) - 1))
+            for n in range(window + 1)
+        ]
         # Per bucket: (anchor size, seconds at the anchor, seconds per extra request).
         self._lines: list[tuple[int, float, float]] = []
         self._cache: dict[int, float] = {}  # predictions by size, until the next change
         self._rebuild()
 
-    def observe(self, batch_size: int, seconds: float, *, supersede: bool = False) -> None:
-        """Record one measured backend call. ``supersede``: it replaces its bucket's
-        earlier observations (a probe that found the backend fast again: see
-        ``Batcher._probe_due``)."""
+    def observe(self, batch_size: int, seconds: float) -> None:
+        """Record one measured backend call."""
         b = self._bucket(batch_size)
         window, ordered = self._observations[b], self._sorted[b]
-        if supersede:
-            window.clear()
-            ordered.clear()
-            self._times[b].clear()
-        elif len(window) == self.window:
+        if len(window) == self.window:
             del ordered[bisect.bisect_left(ordered, window[0])]
         window.append(seconds)
         self._times[b].append(self.clock())
