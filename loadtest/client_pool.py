@@ -206,6 +206,7 @@ class _Client:
                 in_flight=job["closed_in_flight"] // self.clients // job["streams"],
                 offset=offset,
                 ids=self.ids,
+                drain_timeout=job["drain_timeout"],
             )
         elif job["rpc"] in STREAM_RPCS:
             result, first_error = await open_loop_streams(
@@ -235,8 +236,9 @@ class _Client:
                     raise
 
             if job["closed_in_flight"]:
+                # (``call`` adds this client's offset to the index it is given.)
                 result = await closed_loop(
-                    call, job["closed_in_flight"] // self.clients, job["seconds"], offset=offset
+                    call, job["closed_in_flight"] // self.clients, job["seconds"]
                 )
             else:
                 result = await open_loop(

@@ -188,11 +188,15 @@ async def closed_loop_streams(
     in_flight: int,
     offset: int = 0,
     ids: Sequence[str] | None = None,
+    drain_timeout: float = 10.0,
 ) -> tuple[LoadResult, str]:
     """The streaming twin of ``openloop.closed_loop``: ``streams`` ScoreStreams, each
     keeping ``in_flight`` messages unanswered for ``seconds`` (its next message goes
-    when an answer comes). Latency from each message's write to its answer; a stream
-    that fails counts its unanswered messages as errors and is not reopened.
+    when an answer comes). Latency from each message's write to its answer. A stream
+    that fails counts its unanswered messages as errors and is opened again while the
+    step lasts (a refusal ends a stream: without reopening, one refusal took its
+    share of the load away for the rest of the step); answers still missing
+    ``drain_timeout`` seconds after the step count as errors, the stream cancelled.
 
     Returns the result (``offered_rate`` 0) and the first error's text."""
     if streams < 1 or in_flight < 1:
@@ -204,7 +208,8 @@ async def closed_loop_streams(
     end = start + seconds
     sent = offset
 
-    async def stream() -> None:
+    async def one_call() -> bool:
+        """One stream's life: its messages until the step ends (True), or it fails."""
         nonlocal sent
         call = open_call()
         pending: dict[str, float] = {}
@@ -231,9 +236,27 @@ async def closed_loop_streams(
                     await call.done_writing()
             if pending:
                 counts.error(len(pending), "stream closed by the server, messages unanswered")
+                return False
+            return True
+        except asyncio.CancelledError:  # the drain timeout (``stream``)
+            counts.error(len(pending), "no answer before the drain timeout")
+            call.cancel()
+            raise
         except Exception as error:
             counts.error(len(pending), error)
             call.cancel()
+            return False
+
+    async def stream() -> None:
+        while time.perf_counter() < end:
+            try:
+                ended = await asyncio.wait_for(
+                    one_call(), max(0.0, end - time.perf_counter()) + drain_timeout
+                )
+            except TimeoutError:
+                return
+            if not ended:
+                await asyncio.sleep(0.01)  # (a server refusing every stream: no busy loop)
 
     await asyncio.gather(*(stream() for _ in range(streams)))
     result = LoadResult(

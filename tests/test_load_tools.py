@@ -271,6 +271,112 @@ async def test_closed_loop_streams_keep_their_messages_in_flight(echo_target: st
     assert result.histogram.get_total_count() == result.ok
 
 
+class RefusingStreams(pb_grpc.ScoringServicer):
+    """A ScoreStream that refuses every ``refuse_every``-th message (its stream ends
+    INVALID_ARGUMENT), or stops answering after ``stall_after`` messages."""
+
+    def __init__(self, refuse_every: int = 0, stall_after: int = 0) -> None:
+        self.refuse_every = refuse_every
+        self.stall_after = stall_after
+        self.messages = 0
+
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ScoreResponse]:
+        from loadtest.echo_server import canned
+
+        async for request in request_iterator:
+            self.messages += 1
+            if self.stall_after and self.messages > self.stall_after:
+                await asyncio.Event().wait()  # never answers again
+            if self.refuse_every and self.messages % self.refuse_every == 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")
+            yield canned(request.request_id)
+
+
+@contextlib.asynccontextmanager
+async def streams_of(servicer: pb_grpc.ScoringServicer) -> AsyncIterator[grpc.aio.Channel]:
+    server = grpc.aio.server()
+    pb_grpc.add_ScoringServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
+async def test_a_closed_loop_stream_refused_is_opened_again() -> None:
+    """A refusal ends a stream: it was never opened again, so one refusal took its
+    share of the load away for the rest of the step (audit AU, F3)."""
+    from loadtest.streamload import closed_loop_streams, stream_opener
+
+    requests = [pb.ScoreRequest(request_id=f"c-{i}").SerializeToString() for i in range(100)]
+    refusing = RefusingStreams(refuse_every=10)
+    async with streams_of(refusing) as channel:
+        result, first_error = await closed_loop_streams(
+            stream_opener(channel), requests, 0.5, streams=1, in_flight=2
+        )
+    assert "INVALID_ARGUMENT" in first_error
+    # The stream went on after its first refusal (at the 10th message) many times over.
+    assert result.ok > 50 and result.errors >= 5, result
+    # Each refusal costs its stream the messages it had going (2), no more.
+    assert result.ok <= refusing.messages
+    assert result.errors <= 2 * (refusing.messages // 10 + 1), (result, refusing.messages)
+
+
+async def test_a_closed_loop_stream_that_stops_answering_ends_after_the_drain_timeout() -> None:
+    """A server that stops answering held the step until it answered again, and its
+    unanswered messages counted nowhere (audit AU, F4)."""
+    from loadtest.streamload import closed_loop_streams, stream_opener
+
+    requests = [pb.ScoreRequest(request_id=f"c-{i}").SerializeToString() for i in range(100)]
+    async with streams_of(RefusingStreams(stall_after=20)) as channel:
+        started = time.monotonic()
+        result, first_error = await closed_loop_streams(
+            stream_opener(channel), requests, 0.3, streams=2, in_flight=3, drain_timeout=0.3
+        )
+    assert time.monotonic() - started < 5
+    assert "drain timeout" in first_error
+    assert result.ok <= 20 and result.errors >= 1, result
+
+
+async def test_each_client_of_a_closed_loop_starts_at_its_own_place_in_the_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second of two clients sent the same requests as the first, at once: its
+    offset was added twice (audit AU, F5)."""
+    from loadtest.client_pool import _Client
+
+    requests = [pb.ScoreRequest(request_id=f"r{i}").SerializeToString() for i in range(10)]
+    client = _Client(requests, index=1, clients=2)
+    sent: list[bytes] = []
+
+    async def unary(request: bytes, timeout: float) -> bytes:
+        sent.append(request)
+        await asyncio.sleep(0.001)
+        return request
+
+    monkeypatch.setattr(client, "channel", lambda target: None)
+    monkeypatch.setattr(client, "unaries", lambda target: [unary])
+    job = {
+        "kind": "run",
+        "target": "unused",
+        "rpc": "score",
+        "rate": 0.0,
+        "seconds": 0.05,
+        "streams": 1,
+        "timeout_s": 1.0,
+        "max_in_flight": 1,
+        "drain_timeout": 1.0,
+        "start_at": time.time(),
+        "closed_in_flight": 2,
+    }
+    await client.run(job)
+    assert sent[0] == requests[5], sent[:2]  # its half of the requests: from the 6th
+
+
 @pytest.mark.parametrize(
     ("rate", "seconds", "clients"), [(10, 1, 4), (30, 1, 4), (1000, 5, 3), (7.5, 2, 2), (1, 1, 3)]
 )
