@@ -189,9 +189,16 @@ def cmd_triton(args: argparse.Namespace) -> int:
         from streamscore.triton_server import EmbeddedTriton
 
         stop = stop_on_signals()
+        repository = settings.model_repository
+        if not any(repository.glob("*/config.pbtxt")):
+            logging.getLogger("streamscore.triton").warning(
+                "no model in %s (no directory with a config.pbtxt): Triton will serve none; "
+                "streamscore train --backend triton writes one",
+                repository,
+            )
         # The binary setup.sh installs, with what it needs around it (its python
         # backend, libraries, stub): run bare, it found no backend for the models.
-        async with EmbeddedTriton(settings.model_repository, port=args.port or None) as triton:
+        async with EmbeddedTriton(repository, port=args.port or None) as triton:
             print(triton.url, flush=True)
             await stop.wait()
         return 0
@@ -694,6 +701,17 @@ def _fatal(message: str, args: argparse.Namespace) -> None:
         print(f"streamscore: {message}", file=sys.stderr)
 
 
+def _one_line_triton_error(message: str) -> str:
+    """``could not start tritonserver: WHY; tritonserver says:`` and its error lines,
+    as one line: the lines joined, each without gRPC core's debug blob."""
+    import re
+
+    head, _, said = message.partition("; tritonserver says:")
+    lines = [" ".join(re.sub(r"\{created_time.*$", "", line).split()) for line in said.splitlines()]
+    said = " | ".join(line for line in lines if line)
+    return f"{head} (tritonserver: {said})" if said else " ".join(head.split())
+
+
 def _refused_as_invalid(error: Exception) -> bool:
     """A server that refused what the command sent it (a flag's value: a version it
     does not have, a reason too long): invalid input, exit 2, as a bad flag is; not
@@ -726,8 +744,7 @@ def _operator_error(error: Exception) -> str | None:
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return f"{error.code().name}: {error.details()}"
     if isinstance(error, TritonServerError):  # not installed, or it could not start
-        # (Its message carries the server's own error lines: kept, on one line.)
-        return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        return _one_line_triton_error(str(error))
     if isinstance(error, ChildExited | BrokerError):  # a child of ours that could not start
         return str(error).splitlines()[0]  # (a broker's adds its output: in the log above)
     if isinstance(error, PartFailed):

@@ -409,4 +409,42 @@ def test_the_triton_command_says_in_one_line_why_it_cannot_start(tmp_path: Path)
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr, done.stderr
-    assert "tritonserver" in last, last
+    assert "tritonserver" in last and "says:" not in last, last
+
+
+def test_tritonservers_own_error_lines_are_joined_without_grpcs_debug_blob() -> None:
+    from streamscore.cli import _one_line_triton_error
+
+    message = (
+        "could not start tritonserver: port in use; tritonserver says:\n"
+        "E1201 19:58:01.643834934    8798 chttp2_server.cc:1060]    UNKNOWN:No address "
+        'added {created_time:"2026-12-01T19:58:01", children:[UNKNOWN:Address in use]}\n'
+        "E1201 main.cc:245] failed to start GRPC service\n"
+    )
+    assert _one_line_triton_error(message) == (
+        "could not start tritonserver: port in use (tritonserver: E1201 19:58:01.643834934 "
+        "8798 chttp2_server.cc:1060] UNKNOWN:No address added | "
+        "E1201 main.cc:245] failed to start GRPC service)"
+    )
+    assert _one_line_triton_error("tritonserver not installed in\n  /x") == (
+        "tritonserver not installed in /x"
+    )
+
+
+@needs_triton
+def test_the_triton_command_warns_of_a_repository_without_models(tmp_path: Path) -> None:
+    """An empty repository was served without a word: Triton up, no model in it."""
+    import subprocess
+
+    command = [sys.executable, "-m", "streamscore", "triton", "--model-repository", str(tmp_path)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            assert process.stdout.readline().startswith("127.0.0.1:")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            assert f"no model in {tmp_path}" in process.stderr.read()
+        finally:
+            process.kill()
