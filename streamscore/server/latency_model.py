@@ -71,7 +71,7 @@ class LatencyModel:
         self._standing_in = [False] * n_buckets  # the estimate is the seed's
         # Index of the quantile in a sorted window, by the window's length: computed
         # once, not per observation. Below a high quantile, never the slowest of them
-        # alone: with few measurements (under 40 at the 95th) the quantile's rank is
+        # alone: with few measurements (under 20 at the 95th) the quantile's rank is
         # the slowest, and one cold call (a version's first real input down a path its
         # warm-up rows never took: 396 ms, then 24-35 ms; audit AR, F4) predicted every
         # request too slow and refused it until a probe or its expiry, rolling back a
