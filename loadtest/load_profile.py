@@ -282,6 +282,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    args = p.parse_args(argv)
+    sharing = args.clients * (args.streams if args.rpc == "stream" else 1)
+    if args.in_flight % sharing:
+        p.error(
+            f"--in-flight: shared evenly, so a multiple of {sharing} "
+            "(--clients, x --streams for --rpc stream)"
+        )
+    return args
+
+
 if __name__ == "__main__":
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        sys.exit(runner.run(main(parser().parse_args())))
+        sys.exit(runner.run(main(parse())))

@@ -951,6 +951,18 @@ def test_ab_refuses_closed_loop_steps_it_cannot_run(
     assert message in capsys.readouterr().err
 
 
+def test_load_profile_refuses_calls_in_flight_it_cannot_share_evenly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from loadtest.load_profile import parse
+
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--model-repository", "/nonexistent", "--in-flight", "3", "--clients", "2"])
+    assert exit_.value.code == 2
+    assert "a multiple of 2" in capsys.readouterr().err
+    assert parse(["--model-repository", "/x", "--in-flight", "4"]).in_flight == 4
+
+
 async def test_ab_head_serves_another_commit_from_its_own_worktree(trained_model: Path) -> None:
     out = await run_ab(trained_model, "--base", "HEAD~1", "--head", "HEAD")
     rows = {row[0]: row for row in markdown_tables(out)[0][1:]}
