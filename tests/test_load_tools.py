@@ -318,7 +318,9 @@ async def test_a_closed_loop_stream_refused_is_opened_again() -> None:
         result, first_error = await closed_loop_streams(
             stream_opener(channel), requests, 0.5, streams=1, in_flight=2
         )
-    assert "INVALID_ARGUMENT" in first_error
+    # The refusal, or, where the client's next write raced it, grpc's Python client's
+    # own "INTERNAL: Internal error from Core" (its status for that stream, too).
+    assert "INVALID_ARGUMENT" in first_error or "Internal error from Core" in first_error
     # The stream went on after its first refusal (at the 10th message) many times over.
     assert result.ok > 50 and result.errors >= 5, result
     # Each refusal costs its stream the messages it had going (2), no more.
