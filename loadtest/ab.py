@@ -40,7 +40,14 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest.client_pool import ClientPool, Row, echo_rpc, realistic_events, score_requests
+from loadtest.client_pool import (
+    ClientPool,
+    Row,
+    echo_rpc,
+    in_flight_unshared,
+    realistic_events,
+    score_requests,
+)
 from loadtest.procstat import format_steal
 from loadtest.workdir import work_directory
 from streamscore.argtypes import at_least_one, at_least_ones, positive, positives
@@ -292,12 +299,9 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
-    sharing = args.clients * (args.streams if args.rpc == "stream" else 1)
-    if any(n % sharing for n in args.in_flight):
-        p.error(
-            f"--in-flight: shared evenly, so a multiple of {sharing} "
-            "(--clients, x --streams for --rpc stream)"
-        )
+    unshared = in_flight_unshared(args.in_flight, args.clients, args.streams, args.rpc)
+    if unshared:
+        p.error(f"--in-flight: {unshared} (--clients, --streams)")
     return args
 
 

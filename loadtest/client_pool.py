@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -33,6 +33,18 @@ from streamscore.tls import ClientTls
 SCORE = "/streamscore.v1.Scoring/Score"
 RPCS = ("score", "stream", "echo", "echo-stream")
 STREAM_RPCS = ("stream", "echo-stream")  # ScoreStream load (streamload.open_loop_streams)
+
+
+def in_flight_unshared(in_flight: Iterable[int], clients: int, streams: int, rpc: str) -> str:
+    """'' when each closed-loop count of calls in flight shares evenly among the
+    clients (and, for ScoreStream, each client's streams); else why not."""
+    sharing = clients * (streams if rpc in STREAM_RPCS else 1)
+    if any(n % sharing for n in in_flight):
+        return (
+            f"calls in flight are shared evenly: a multiple of {sharing} "
+            "(clients, x streams each for ScoreStream)"
+        )
+    return ""
 
 
 def echo_rpc(rpc: str) -> str:
@@ -498,12 +510,9 @@ class ClientPool:
         (``openloop.closed_loop``, ``streamload.closed_loop_streams``)."""
         if rpc not in RPCS:
             raise ValueError(f"rpc must be one of {RPCS}")
-        sharing = self.clients * (streams if rpc in STREAM_RPCS else 1)
-        if closed_in_flight % sharing:
-            raise ValueError(
-                f"a closed-loop step's calls in flight are shared evenly: a multiple of "
-                f"{sharing} (clients, x streams each for ScoreStream)"
-            )
+        unshared = in_flight_unshared([closed_in_flight], self.clients, streams, rpc)
+        if unshared:
+            raise ValueError(f"a closed-loop step's {unshared}")
         prepare = {"kind": "prepare", "target": target, "rpc": rpc}
         for reply in self._all([prepare] * self.clients, timeout=90):
             if reply["error"]:

@@ -46,7 +46,13 @@ from pathlib import Path
 
 import uvloop
 
-from loadtest.client_pool import ClientPool, echo_rpc, realistic_events, score_requests
+from loadtest.client_pool import (
+    ClientPool,
+    echo_rpc,
+    in_flight_unshared,
+    realistic_events,
+    score_requests,
+)
 from loadtest.servers import echo_process, load_features, serve_process
 from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
@@ -285,12 +291,9 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = parser()
     args = p.parse_args(argv)
-    sharing = args.clients * (args.streams if args.rpc == "stream" else 1)
-    if args.in_flight % sharing:
-        p.error(
-            f"--in-flight: shared evenly, so a multiple of {sharing} "
-            "(--clients, x --streams for --rpc stream)"
-        )
+    unshared = in_flight_unshared([args.in_flight], args.clients, args.streams, args.rpc)
+    if unshared:
+        p.error(f"--in-flight: {unshared} (--clients, --streams)")
     return args
 
 
