@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["start_eagerly"]
+__all__ = ["carry_on", "start_eagerly"]
 
 T = TypeVar("T")
 
@@ -45,7 +45,15 @@ def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         failed: asyncio.Future[T] = loop.create_future()
         failed.set_exception(error)
         return failed
-    task = loop.create_task(_carry_on(coro, waiting), context=context)
+    return carry_on(coro, waiting, context)
+
+
+def carry_on(
+    coro: Coroutine[Any, Any, T], waiting: Any, context: contextvars.Context
+) -> asyncio.Task[T]:
+    """A task that runs the rest of ``coro``, started in ``context`` and now waiting
+    for ``waiting`` (what its last step yielded)."""
+    task = asyncio.get_running_loop().create_task(_carry_on(coro, waiting), context=context)
     task.add_done_callback(lambda _: _unwind_if_never_resumed(coro, waiting, context))
     return task
 

@@ -1,0 +1,144 @@
+"""Unary Score calls that arrive close together run their bodies back to back.
+
+Under load a Score's own work costs most in cache misses: its code and data, and
+gRPC's code for the call around it, evicted by the work for other calls in between.
+A unary call here waits for its answer in a row of calls, and one loop callback runs
+the bodies of the whole row, one after the other; each caller then finishes its
+call (gRPC's send) in turn, also back to back. At 64 calls in flight this took the
+server's CPU per answer from 334-347 us to 270-293 us, and its answers per second
+from 71-74 % of the echo server's to 85-91 % (BENCHMARKS.md, session 33).
+
+gRPC hands the server its calls about one per loop turn, so a row that runs on the
+next turn holds little more than one call (1.16 on average at 64 in flight). The
+first call of a row therefore waits up to ``turns`` loop turns for others to join
+it (rows of 4.6 with 32). On an idle loop those turns cost CPU and gather nothing,
+so rows wait only while waiting pays: a row that waited and gathered no other call
+stops the waiting; calls that arrive in the same turn without it (the loop is
+crowded) start it again, as does one row in ``probe_every`` while it is off.
+
+Each body starts eagerly, as ``eager.start_eagerly`` starts one: one that never waits
+(an idle batcher's model call inline) ends within the callback; one that waits (a
+batch, a thread, Triton) goes on in a task of its own. A caller that goes away
+cancels its answer: a body not yet started then never starts, and one carried on by
+a task is cancelled with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from streamscore.server.eager import carry_on
+
+T = TypeVar("T")
+
+_WAITS, _ENDED, _CANCELLED, _FAILED = range(4)
+
+
+class BackToBack:
+    """``run`` a call's body in a row with the others waiting then; see the module."""
+
+    def __init__(self, turns: int, *, max_row: int = 64, probe_every: int = 64) -> None:
+        if turns < 0 or max_row < 1 or probe_every < 1:
+            raise ValueError("turns >= 0, max_row >= 1 and probe_every >= 1")
+        self.turns = turns
+        self.max_row = max_row
+        self.probe_every = probe_every
+        self._waiting: list[tuple[Coroutine[Any, Any, Any], asyncio.Future[Any]]] = []
+        self._turns_left = 0  # the row now waiting: loop turns it may still wait
+        self._waits = False  # whether rows wait: waiting gathered calls lately
+        self._rows_unwaited = 0  # rows run at once since the last that waited
+
+    async def run(self, body: Coroutine[Any, Any, T]) -> T:
+        """``body``'s result, run in a row with the other bodies waiting then."""
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append((body, answer))
+        if len(self._waiting) == 1:
+            self._start_row(answer.get_loop())
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            # Gone before its row ran: never started, now or later (a loop that
+            # stops first would leave it "never awaited").
+            if inspect.getcoroutinestate(body) == inspect.CORO_CREATED:
+                body.close()
+            raise
+        finally:
+            # This frame lives on in a raised error's traceback; without the answer
+            # it leaves no cycle (answer -> error -> traceback -> frame -> answer)
+            # for the cyclic collector (server/gc_policy.py, loadtest/gc_leaks.py).
+            del answer
+
+    def _start_row(self, loop: asyncio.AbstractEventLoop) -> None:
+        waits = self._waits or self._rows_unwaited + 1 >= self.probe_every
+        self._turns_left = self.turns if waits else 0
+        self._rows_unwaited = 0 if waits else self._rows_unwaited + 1
+        loop.call_soon(self._run_row, waits)
+
+    def _run_row(self, waited: bool) -> None:
+        waiting = self._waiting
+        if self._turns_left and len(waiting) < self.max_row:
+            self._turns_left -= 1
+            asyncio.get_running_loop().call_soon(self._run_row, waited)
+            return
+        self._waiting = []
+        value: Any = None
+        if waited or len(waiting) > 1:
+            self._waits = self.turns > 0 and len(waiting) > 1
+        for body, answer in waiting:
+            if answer.done():  # its caller went away before its turn
+                body.close()
+                continue
+            context = contextvars.copy_context()  # its own, as a task's would be
+            outcome, value = _first_step(body, context)
+            if outcome == _ENDED:
+                answer.set_result(value)
+            elif outcome == _FAILED:
+                answer.set_exception(value)
+            elif outcome == _CANCELLED:
+                answer.cancel()
+            else:
+                task = carry_on(body, value, context)
+                task.add_done_callback(functools.partial(_settle, answer))
+                answer.add_done_callback(functools.partial(_cancel_if_gone, task))
+        # An error's traceback keeps _first_step's frame, and through it this one (a
+        # frame holds its caller's): nothing of an answer may be left in it.
+        waiting.clear()
+        del body, answer, value
+
+
+def _first_step(body: Coroutine[Any, Any, Any], context: contextvars.Context) -> tuple[int, Any]:
+    """Run ``body`` up to its first wait: (_WAITS, what it waits for), (_ENDED, its
+    result), (_FAILED, its error) or (_CANCELLED, None)."""
+    try:
+        return _WAITS, context.run(body.send, None)
+    except StopIteration as finished:
+        return _ENDED, finished.value
+    except asyncio.CancelledError:
+        return _CANCELLED, None
+    except Exception as error:
+        return _FAILED, error
+
+
+def _cancel_if_gone(task: asyncio.Task[Any], answer: asyncio.Future[Any]) -> None:
+    """The caller went away (its answer cancelled): so does the body's task."""
+    if answer.cancelled():
+        task.cancel()
+
+
+def _settle(answer: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """``answer`` given what the task carrying its body ended with."""
+    if done.cancelled():
+        answer.cancel()
+        return
+    error = done.exception()  # read even for a caller gone, as nobody else will
+    if answer.done():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(done.result())
