@@ -185,6 +185,7 @@ class ScoringServer:
             decisions=self.decisions,
             tracer=ScoreTracer() if settings.tracing else None,
             max_streams=settings.max_streams,
+            row_turns=settings.score_row_turns,
         )
         self.service = service
         server = grpc.aio.server(

@@ -17,6 +17,7 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.clock import wall_clock_ms
 from streamscore.logs import CURRENT_REQUEST, clipped
+from streamscore.server.back_to_back import BackToBack
 from streamscore.server.backends.base import Row
 from streamscore.server.decisions import DecisionLog, DecisionRecord, card_hash, features_hash
 from streamscore.server.drain import DrainCut
@@ -184,6 +185,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         clock_ms: Callable[[], int] = wall_clock_ms,
         tracer: ScoreTracer | None = None,
         max_streams: int = 0,
+        row_turns: int = 0,
     ) -> None:
         self.store = store
         self.rollouts = rollouts
@@ -200,6 +202,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.max_streams = max_streams  # open at once (Settings.max_streams); 0: any
         # Streams waiting for their next message: a drain ends them (end_streams).
         self._reads = DrainCut()
+        # Unary calls' bodies run in rows (server/back_to_back.py); None: each in its
+        # own handler.
+        self._rows = BackToBack(row_turns) if row_turns else None
         self._stale = False  # as answers were last marked (logged when it changes)
 
     def features_stale(self) -> bool:
@@ -277,12 +282,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         trace_parent: Any = None,
         *,
         validated: bool = False,
+        started: int | None = None,
     ) -> bytes:
         """One request's answer, encoded (a ScoreResponse's bytes); the request as
         Score's deserializer gives it (``wire.parse_score_request``). ``validated``:
         the caller checked it already (ScoreStream's reader does, to stop reading at an
         invalid one)."""
-        started = time.perf_counter_ns()
+        if started is None:
+            started = time.perf_counter_ns()
         # Every log line written while serving it names it (the card id hashed).
         CURRENT_REQUEST.set((request.request_id, request.card_id))
         if not validated:
@@ -550,11 +557,18 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics = self.rpc_metrics["Score"]
         metrics.enter()
         try:
-            return await _guard(
-                context,
-                metrics,
-                self.score(request, context.time_remaining(), self._trace_parent(context)),
+            body = self.score(
+                request,
+                context.time_remaining(),
+                self._trace_parent(context),
+                started=time.perf_counter_ns(),
             )
+            if self._rows is None:
+                return await _guard(context, metrics, body)
+            # The body runs in a context of its own: the log line of a refusal, here,
+            # names the request as one from the body would.
+            CURRENT_REQUEST.set((request.request_id, request.card_id))
+            return await _guard(context, metrics, self._rows.run(body))
         finally:
             metrics.exit()
 
