@@ -3,11 +3,13 @@ optionally the cProfile of it. The Python half of Score's cost, measured steadil
 
     python -m loadtest.score_profile --model-repository DIR [--events 50000]
         [--requests 5000] [--profile tottime|cumulative] [--breakdown] [--cold]
-        [--bytecodes] [--onnx-kernel auto|onnxruntime]
+        [--cold-rows 1,4,16] [--bytecodes] [--onnx-kernel auto|onnxruntime]
 
 ``--cold`` also times Score with the caches evicted before each call: under gRPC load
 a call costs several times what it costs here back to back, because the server's
 other work between calls leaves little of Score's code and data in the caches.
+``--cold-rows K,...`` evicts them before each row of K calls instead: what running
+calls back to back (the server's rows of unary calls) saves.
 
 ``--bytecodes`` counts, per call, the Python bytecodes executed and the Python and C
 functions called (``sys.settrace`` with opcode events): no timing, so no noise, the
@@ -122,13 +124,17 @@ async def answer(service: ScoringService, request: bytes) -> bytes:
     return await service.score(parse_score_request(request))
 
 
-async def cold(service: ScoringService, requests: list[bytes]) -> str:
+async def cold(service: ScoringService, requests: list[bytes], row: int = 1) -> str:
     """CPU per Score when each call finds the caches cold, as under gRPC load, where
     the server's other work (gRPC's core, the event loop, other requests) evicts
     Score's code and data between calls. Before each call (timed apart: the thread's
     CPU clock around the call alone), a sweep over 4 MiB of numpy data and 64k Python
     objects, beyond this machine's L2 (1.25 MiB a core). Median of 3 passes over the
-    first 1,000 requests."""
+    first 1,000 requests (1,024 with rows).
+
+    ``row``: evict before each ``row`` calls made back to back instead, as the server
+    runs unary calls in rows (server/back_to_back.py): the first call of a row finds
+    the caches cold, the rest warm."""
     array = np.ones(512 * 1024)
     objects = list(range(10**6, 10**6 + 64 * 1024))  # ints beyond the small-int cache
 
@@ -136,14 +142,15 @@ async def cold(service: ScoringService, requests: list[bytes]) -> str:
         array.sum()
         sum(objects)
 
-    timed = requests[:1000]
+    timed = requests[: 1000 if row == 1 else 1024 // row * row]
     passes = []
     for _ in range(3):
         spent = 0.0
-        for request in timed:
+        for first in range(0, len(timed), row):
             evict()
             started = time.thread_time()
-            await answer(service, request)
+            for request in timed[first : first + row]:
+                await answer(service, request)
             spent += time.thread_time() - started
         passes.append(spent / len(timed) * 1e6)
     return (
@@ -238,6 +245,11 @@ async def main(args: argparse.Namespace) -> None:
         )
         if args.cold:
             print(f"  with the caches evicted before each call: {await cold(service, requests)}")
+        for row in args.cold_rows:
+            print(
+                f"  with the caches evicted before each row of {row} calls: "
+                f"{await cold(service, requests, row)}"
+            )
         if args.bytecodes:
             print(f"  counted: {await count_bytecodes(service, requests[:1000])}")
         if args.breakdown:
@@ -267,6 +279,14 @@ if __name__ == "__main__":
         "--cold",
         action="store_true",
         help="also time Score with the caches evicted before each call, as under load",
+    )
+    parser.add_argument(
+        "--cold-rows",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        metavar="K,K,...",
+        help="also time Score with the caches evicted before each row of K calls run "
+        "back to back (as the server runs unary calls in rows), e.g. 1,4,16",
     )
     parser.add_argument(
         "--bytecodes",

@@ -1195,6 +1195,8 @@ async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) ->
         "600",
         "--breakdown",
         "--cold",
+        "--cold-rows",
+        "1,4",
         "--bytecodes",
         "--onnx-kernel",
         onnx_kernel,
@@ -1211,6 +1213,8 @@ async def test_score_profile_breakdown(trained_model: Path, onnx_kernel: str) ->
     whole = per_call["whole Score body (ScoringService.score)"]
     assert whole > per_call["features (assemble_features)"], out
     assert re.search(r"Score in process: \d+ us wall, \d+ us CPU per call", out), out
+    rows = re.findall(r"evicted before each row of (\d+) calls: (\d+) us CPU per call", out)
+    assert [row for row, _ in rows] == ["1", "4"] and all(int(us) > 0 for _, us in rows), out
     inline = re.search(
         r"inline model call \(backend.infer_inline, batch 1\): ([\d.]+) us CPU, "
         r"([\d.]+) us of it in the kernel",
