@@ -5,8 +5,8 @@ gRPC's code for the call around it, evicted by the work for other calls in betwe
 A unary call here waits for its answer in a row of calls, and one loop callback runs
 the bodies of the whole row, one after the other; each caller then finishes its
 call (gRPC's send) in turn, also back to back. At 64 calls in flight this took the
-server's CPU per answer from 334-347 us to 270-293 us, and its answers per second
-from 71-74 % of the echo server's to 85-91 % (BENCHMARKS.md, session 33).
+server's CPU per answer from 323-399 us to 276-320 us, and its answers per second
+from 74-78 % of the echo server's to 86-97 % (BENCHMARKS.md, session 33).
 
 gRPC hands the server its calls about one per loop turn, so a row that runs on the
 next turn holds little more than one call (1.16 on average at 64 in flight). The
