@@ -554,6 +554,36 @@ async def test_the_batchers_deadline_counts_from_the_calls_start(
         assert len(left) == 1 and left[0] <= budget - 0.03, (left, budget)
 
 
+async def test_a_calls_wait_before_its_body_counts_as_queue_and_against_its_budget(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unary call's wait in its row (here 30 ms before its body ran, as ``started``
+    says) is in its answer's queue_us and total_us, not its features_us, and is no
+    longer the batcher's to spend."""
+    async with served_server(trained_model, replay=True) as (server, _):
+        batcher = server.rollouts.primary_model().batcher
+        left: list[float] = []
+        submit = batcher.submit
+
+        async def recording(vector: object, deadline: float, *rest: object) -> float:
+            left.append(deadline - batcher.clock())
+            return await submit(vector, deadline, *rest)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(batcher, "submit", recording)
+        request = parse_score_request(
+            pb.ScoreRequest(request_id="r-1", transaction=transaction()).SerializeToString()
+        )
+        called = time.perf_counter_ns() - 30_000_000
+        answer = pb.ScoreResponse.FromString(
+            await server.service.score(request, None, None, started=called)
+        )
+        timings = answer.timings
+        assert timings.queue_us >= 30_000 and timings.features_us < 30_000, timings
+        assert timings.total_us >= timings.queue_us + timings.features_us, timings
+        budget = server.settings.budget_ms / 1000
+        assert len(left) == 1 and left[0] <= budget - 0.03, (left, budget)
+
+
 async def test_a_part_whose_stop_fails_leaves_the_rest_stopped(
     trained_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

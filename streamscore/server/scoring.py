@@ -287,9 +287,12 @@ class ScoringService(pb_grpc.ScoringServicer):
         """One request's answer, encoded (a ScoreResponse's bytes); the request as
         Score's deserializer gives it (``wire.parse_score_request``). ``validated``:
         the caller checked it already (ScoreStream's reader does, to stop reading at an
-        invalid one)."""
+        invalid one). ``started``: when the call began (``perf_counter_ns``), if before
+        this body (a unary call's wait in its row counts against its budget, and is
+        in its answer's ``queue_us``)."""
+        body_started = time.perf_counter_ns()
         if started is None:
-            started = time.perf_counter_ns()
+            started = body_started
         # Every log line written while serving it names it (the card id hashed).
         CURRENT_REQUEST.set((request.request_id, request.card_id))
         if not validated:
@@ -389,8 +392,8 @@ class ScoringService(pb_grpc.ScoringServicer):
             served.model_refs[variant],
             tuple(degraded),
             features if fields.include_features else None,
-            queue_ns // 1000,
-            (features_done - started) // 1000,
+            (queue_ns + body_started - started) // 1000,
+            (features_done - body_started) // 1000,
             (model_ns - queue_ns) // 1000,
             (time.perf_counter_ns() - started) // 1000,
         )
@@ -398,7 +401,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         self.score_metrics.observe(
             variant_name,
             decision_name,
-            (features_done - started) / 1e9,
+            (features_done - body_started) / 1e9,
             (model_done - features_done) / 1e9,
             degraded_names,
         )
@@ -413,6 +416,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                     "streamscore.degraded": degraded_names,
                 },
                 started,
+                body_started,
                 features_done,
                 model_done,
                 time.perf_counter_ns(),

@@ -46,11 +46,14 @@ class ScoreTracer:
         parent: Any,
         attributes: dict[str, Any],
         started_ns: int,
+        features_started_ns: int,
         features_done_ns: int,
         model_done_ns: int,
         ended_ns: int,
     ) -> None:
-        """Spans from ``time.perf_counter_ns`` stamps taken while serving."""
+        """Spans from ``time.perf_counter_ns`` stamps taken while serving: the call's
+        from its start, its stages from theirs (a unary call's wait in its row, before
+        its features, is in the call's span only)."""
         to_epoch = time.time_ns() - time.perf_counter_ns()
         root = self._tracer.start_span(
             "streamscore.Score",
@@ -61,7 +64,7 @@ class ScoreTracer:
         )
         inside = self._trace.set_span_in_context(root)
         for name, start, end in (
-            ("features", started_ns, features_done_ns),
+            ("features", features_started_ns, features_done_ns),
             ("model", features_done_ns, model_done_ns),
         ):
             stage = self._tracer.start_span(name, context=inside, start_time=start + to_epoch)
