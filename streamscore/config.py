@@ -125,6 +125,10 @@ class Settings:
     # waiting gathers calls (server/back_to_back.py): bodies run back to back cost
     # less CPU under load. 0: each call's body runs in its own handler, as before.
     score_row_turns: int = 32
+    # ... and for how long at most: a turn's length depends on everything else on
+    # the loop (ScoreStreams stretched 32 turns to tens of ms). Never more than a
+    # tenth of the call's budget or deadline either.
+    score_row_max_wait_us: int = 1000
     # Publish every decision to the streamscore-decisions topic (needs kafka).
     decision_log: bool = False
     # Prometheus /metrics over HTTP on this port (on metrics_host); 0: off.
@@ -334,7 +338,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {
     "keepalive_s": (0, 86_400),
     "keepalive_timeout_s": (1e-3, 3600),
     "max_streams": (0, 2**31 - 1),
-    "score_row_turns": (0, 10_000),
+    "score_row_turns": (0, 256),
+    "score_row_max_wait_us": (0, 100_000),
     "max_calls_per_connection": (0, 2**31 - 1),
     "budget_ms": (1e-3, 3_600_000),
     "breaker_failures": (1, 2**31 - 1),

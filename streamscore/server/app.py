@@ -186,6 +186,7 @@ class ScoringServer:
             tracer=ScoreTracer() if settings.tracing else None,
             max_streams=settings.max_streams,
             row_turns=settings.score_row_turns,
+            row_max_wait_s=settings.score_row_max_wait_us / 1e6,
         )
         self.service = service
         server = grpc.aio.server(

@@ -5,16 +5,20 @@ gRPC's code for the call around it, evicted by the work for other calls in betwe
 A unary call here waits for its answer in a row of calls, and one loop callback runs
 the bodies of the whole row, one after the other; each caller then finishes its
 call (gRPC's send) in turn, also back to back. At 64 calls in flight this took the
-server's CPU per answer from 323-399 us to 276-320 us, and its answers per second
-from 74-78 % of the echo server's to 86-97 % (BENCHMARKS.md, session 33).
+server's CPU per answer from 310-399 us to 276-320 us, and its answers per second
+from 74-79 % of the echo server's to 86-97 % (BENCHMARKS.md, session 33).
 
 gRPC hands the server its calls about one per loop turn, so a row that runs on the
 next turn holds little more than one call (1.16 on average at 64 in flight). The
 first call of a row therefore waits up to ``turns`` loop turns for others to join
-it (rows of 4.6 with 32). On an idle loop those turns cost CPU and gather nothing,
-so rows wait only while waiting pays: a row that waited and gathered no other call
-stops the waiting; calls that arrive in the same turn without it (the loop is
-crowded) start it again, as does one row in ``probe_every`` while it is off.
+it (rows of 4.6 with 32), and no longer than the patience of the calls in it (a
+turn lasts as long as the other work on the loop makes it: ScoreStreams stretched
+32 turns to tens of milliseconds, audit AW; the server gives each call at most 1 ms,
+and at most a tenth of its budget). On an idle loop those turns cost CPU and gather
+nothing, so rows wait only while waiting pays: a row that waited and gathered no
+other call stops the waiting; calls that arrive in the same turn without it (the
+loop is crowded) start it again, as does one row in ``probe_every`` while it is off.
+Each body runs in a copy of its own caller's context, as a task would.
 
 Each body starts eagerly, as ``eager.start_eagerly`` starts one: one that never waits
 (an idle batcher's model call inline) ends within the callback; one that waits (a
@@ -29,6 +33,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -38,27 +43,41 @@ T = TypeVar("T")
 
 _WAITS, _ENDED, _CANCELLED, _FAILED = range(4)
 
+# Loop turns a row may wait at most (a setting's bound): on an idle loop a turn is a
+# few microseconds of CPU that gathers nothing.
+MAX_TURNS = 256
+
 
 class BackToBack:
     """``run`` a call's body in a row with the others waiting then; see the module."""
 
     def __init__(self, turns: int, *, max_row: int = 64, probe_every: int = 64) -> None:
-        if turns < 0 or max_row < 1 or probe_every < 1:
-            raise ValueError("turns >= 0, max_row >= 1 and probe_every >= 1")
+        if not 0 <= turns <= MAX_TURNS or max_row < 1 or probe_every < 1:
+            raise ValueError(f"0 <= turns <= {MAX_TURNS}, max_row >= 1 and probe_every >= 1")
         self.turns = turns
         self.max_row = max_row
         self.probe_every = probe_every
-        self._waiting: list[tuple[Coroutine[Any, Any, Any], asyncio.Future[Any]]] = []
+        # (body, its answer, its caller's context)
+        self._waiting: list[
+            tuple[Coroutine[Any, Any, Any], asyncio.Future[Any], contextvars.Context]
+        ] = []
         self._turns_left = 0  # the row now waiting: loop turns it may still wait
+        self._ends = 0.0  # ... and until when (time.perf_counter), at the latest
         self._waits = False  # whether rows wait: waiting gathered calls lately
         self._rows_unwaited = 0  # rows run at once since the last that waited
 
-    async def run(self, body: Coroutine[Any, Any, T]) -> T:
-        """``body``'s result, run in a row with the other bodies waiting then."""
+    async def run(self, body: Coroutine[Any, Any, T], patience_s: float) -> T:
+        """``body``'s result, run in a row with the other bodies waiting then.
+        ``patience_s``: how long this call may wait for others to join its row (its
+        row runs when the first of its calls' patience runs out, or its turns do)."""
         answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append((body, answer))
+        # The caller's context, copied as a task copies it: its body runs in it.
+        self._waiting.append((body, answer, contextvars.copy_context()))
+        ends = time.perf_counter() + patience_s
         if len(self._waiting) == 1:
-            self._start_row(answer.get_loop())
+            self._start_row(answer.get_loop(), ends)
+        elif ends < self._ends:
+            self._ends = ends
         try:
             return await answer
         except asyncio.CancelledError:
@@ -73,15 +92,16 @@ class BackToBack:
             # for the cyclic collector (server/gc_policy.py, loadtest/gc_leaks.py).
             del answer
 
-    def _start_row(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _start_row(self, loop: asyncio.AbstractEventLoop, ends: float) -> None:
         waits = self._waits or self._rows_unwaited + 1 >= self.probe_every
         self._turns_left = self.turns if waits else 0
+        self._ends = ends
         self._rows_unwaited = 0 if waits else self._rows_unwaited + 1
         loop.call_soon(self._run_row, waits)
 
     def _run_row(self, waited: bool) -> None:
         waiting = self._waiting
-        if self._turns_left and len(waiting) < self.max_row:
+        if self._turns_left and len(waiting) < self.max_row and time.perf_counter() < self._ends:
             self._turns_left -= 1
             asyncio.get_running_loop().call_soon(self._run_row, waited)
             return
@@ -89,11 +109,10 @@ class BackToBack:
         value: Any = None
         if waited or len(waiting) > 1:
             self._waits = self.turns > 0 and len(waiting) > 1
-        for body, answer in waiting:
+        for body, answer, context in waiting:
             if answer.done():  # its caller went away before its turn
                 body.close()
                 continue
-            context = contextvars.copy_context()  # its own, as a task's would be
             outcome, value = _first_step(body, context)
             if outcome == _ENDED:
                 answer.set_result(value)
@@ -108,7 +127,7 @@ class BackToBack:
         # An error's traceback keeps _first_step's frame, and through it this one (a
         # frame holds its caller's): nothing of an answer may be left in it.
         waiting.clear()
-        del body, answer, value
+        del body, answer, value, context
 
 
 def _first_step(body: Coroutine[Any, Any, Any], context: contextvars.Context) -> tuple[int, Any]:

@@ -48,6 +48,10 @@ from streamscore.stream.replica import FeatureReplica
 from streamscore.stream.state import FeatureStore
 
 log = logging.getLogger("streamscore.scoring")
+
+# The share of a unary call's budget (or of its deadline, when nearer) it may wait in
+# its row for others to join it (server/back_to_back.py).
+ROW_SHARE_OF_BUDGET = 0.1
 # Its own logger, so that logs.RepeatLimiter limits it (see _refuse_stream).
 streams_log = logging.getLogger("streamscore.streams")
 
@@ -186,6 +190,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         tracer: ScoreTracer | None = None,
         max_streams: int = 0,
         row_turns: int = 0,
+        row_max_wait_s: float = 0.001,
     ) -> None:
         self.store = store
         self.rollouts = rollouts
@@ -205,6 +210,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         # Unary calls' bodies run in rows (server/back_to_back.py); None: each in its
         # own handler.
         self._rows = BackToBack(row_turns) if row_turns else None
+        self.row_max_wait_s = row_max_wait_s
         self._stale = False  # as answers were last marked (logged when it changes)
 
     def features_stale(self) -> bool:
@@ -561,18 +567,20 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics = self.rpc_metrics["Score"]
         metrics.enter()
         try:
+            remaining = context.time_remaining()
             body = self.score(
-                request,
-                context.time_remaining(),
-                self._trace_parent(context),
-                started=time.perf_counter_ns(),
+                request, remaining, self._trace_parent(context), started=time.perf_counter_ns()
             )
             if self._rows is None:
                 return await _guard(context, metrics, body)
             # The body runs in a context of its own: the log line of a refusal, here,
             # names the request as one from the body would.
             CURRENT_REQUEST.set((request.request_id, request.card_id))
-            return await _guard(context, metrics, self._rows.run(body))
+            # Waiting for others to join its row: never more than a tenth of what the
+            # call has left, so that the row costs no answer its deadline.
+            budget = self.budget_s if remaining is None else min(remaining, self.budget_s)
+            patience = min(self.row_max_wait_s, budget * ROW_SHARE_OF_BUDGET)
+            return await _guard(context, metrics, self._rows.run(body, patience))
         finally:
             metrics.exit()
 
