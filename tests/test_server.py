@@ -524,6 +524,20 @@ def test_model_metadata_round_trips(tmp_path: Path) -> None:
     assert ModelMetadata.load(tmp_path / "metadata.json") == metadata
 
 
+def time_left_to_the_batcher(server: ScoringServer, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The seconds each call's deadline left the primary's batcher, as it submits."""
+    batcher = server.rollouts.primary_model().batcher
+    left: list[float] = []
+    submit = batcher.submit
+
+    async def recording(vector: object, deadline: float, *rest: object) -> float:
+        left.append(deadline - batcher.clock())
+        return await submit(vector, deadline, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batcher, "submit", recording)
+    return left
+
+
 async def test_the_batchers_deadline_counts_from_the_calls_start(
     trained_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -533,21 +547,13 @@ async def test_the_batchers_deadline_counts_from_the_calls_start(
     from streamscore.server import scoring
 
     async with served_server(trained_model, replay=True) as (server, stub):
-        batcher = server.rollouts.primary_model().batcher
-        left: list[float] = []
-        submit = batcher.submit
-
-        async def recording(vector: object, deadline: float, *rest: object) -> float:
-            left.append(deadline - batcher.clock())
-            return await submit(vector, deadline, *rest)  # type: ignore[arg-type]
-
+        left = time_left_to_the_batcher(server, monkeypatch)
         assemble = scoring.assemble_features
 
         def slow_features(*args: object, **kwargs: object) -> dict[str, float]:
             time.sleep(0.03)
             return assemble(*args, **kwargs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(batcher, "submit", recording)
         monkeypatch.setattr(scoring, "assemble_features", slow_features)
         await stub.Score(pb.ScoreRequest(transaction=transaction()), timeout=10)
         budget = server.settings.budget_ms / 1000
@@ -561,15 +567,7 @@ async def test_a_calls_wait_before_its_body_counts_as_queue_and_against_its_budg
     says) is in its answer's queue_us and total_us, not its features_us, and is no
     longer the batcher's to spend."""
     async with served_server(trained_model, replay=True) as (server, _):
-        batcher = server.rollouts.primary_model().batcher
-        left: list[float] = []
-        submit = batcher.submit
-
-        async def recording(vector: object, deadline: float, *rest: object) -> float:
-            left.append(deadline - batcher.clock())
-            return await submit(vector, deadline, *rest)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(batcher, "submit", recording)
+        left = time_left_to_the_batcher(server, monkeypatch)
         request = parse_score_request(
             pb.ScoreRequest(request_id="r-1", transaction=transaction()).SerializeToString()
         )
