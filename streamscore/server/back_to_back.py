@@ -37,11 +37,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from streamscore.server.eager import carry_on
+from streamscore.server.eager import WAITS, carry_on, first_step, settle
 
 T = TypeVar("T")
-
-_WAITS, _ENDED, _CANCELLED, _FAILED = range(4)
 
 # Loop turns a row may wait at most (a setting's bound): on an idle loop a turn is a
 # few microseconds of CPU that gathers nothing.
@@ -113,34 +111,17 @@ class BackToBack:
             if answer.done():  # its caller went away before its turn
                 body.close()
                 continue
-            outcome, value = _first_step(body, context)
-            if outcome == _ENDED:
-                answer.set_result(value)
-            elif outcome == _FAILED:
-                answer.set_exception(value)
-            elif outcome == _CANCELLED:
-                answer.cancel()
+            outcome, value = first_step(body, context)
+            if outcome != WAITS:
+                settle(answer, outcome, value)
             else:
                 task = carry_on(body, value, context)
                 task.add_done_callback(functools.partial(_settle, answer))
                 answer.add_done_callback(functools.partial(_cancel_if_gone, task))
-        # An error's traceback keeps _first_step's frame, and through it this one (a
+        # An error's traceback keeps first_step's frame, and through it this one (a
         # frame holds its caller's): nothing of an answer may be left in it.
         waiting.clear()
         del body, answer, value, context
-
-
-def _first_step(body: Coroutine[Any, Any, Any], context: contextvars.Context) -> tuple[int, Any]:
-    """Run ``body`` up to its first wait: (_WAITS, what it waits for), (_ENDED, its
-    result), (_FAILED, its error) or (_CANCELLED, None)."""
-    try:
-        return _WAITS, context.run(body.send, None)
-    except StopIteration as finished:
-        return _ENDED, finished.value
-    except asyncio.CancelledError:
-        return _CANCELLED, None
-    except Exception as error:
-        return _FAILED, error
 
 
 def _cancel_if_gone(task: asyncio.Task[Any], answer: asyncio.Future[Any]) -> None:

@@ -21,31 +21,56 @@ import inspect
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["carry_on", "start_eagerly"]
+__all__ = [
+    "CANCELLED",
+    "ENDED",
+    "FAILED",
+    "WAITS",
+    "carry_on",
+    "first_step",
+    "settle",
+    "start_eagerly",
+]
 
 T = TypeVar("T")
+
+# How a coroutine's first step ended (``first_step``).
+WAITS, ENDED, CANCELLED, FAILED = range(4)
 
 
 def start_eagerly(coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
     """Run ``coro`` up to its first wait: a done future when it never waits, else a
     task that runs the rest (cancel it to cancel the coroutine, as with any task)."""
-    loop = asyncio.get_running_loop()
     context = contextvars.copy_context()
+    outcome, value = first_step(coro, context)
+    if outcome == WAITS:
+        return carry_on(coro, value, context)
+    done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    settle(done, outcome, value)
+    return done
+
+
+def first_step(coro: Coroutine[Any, Any, Any], context: contextvars.Context) -> tuple[int, Any]:
+    """Run ``coro`` in ``context`` up to its first wait: (WAITS, what it waits for),
+    (ENDED, its result), (FAILED, its error) or (CANCELLED, None)."""
     try:
-        waiting = context.run(coro.send, None)
+        return WAITS, context.run(coro.send, None)
     except StopIteration as finished:
-        done: asyncio.Future[T] = loop.create_future()
-        done.set_result(finished.value)
-        return done
+        return ENDED, finished.value
     except asyncio.CancelledError:
-        cancelled: asyncio.Future[T] = loop.create_future()
-        cancelled.cancel()
-        return cancelled
+        return CANCELLED, None
     except Exception as error:
-        failed: asyncio.Future[T] = loop.create_future()
-        failed.set_exception(error)
-        return failed
-    return carry_on(coro, waiting, context)
+        return FAILED, error
+
+
+def settle(future: asyncio.Future[Any], outcome: int, value: Any) -> None:
+    """``future`` as a first step that did not wait ended (``first_step``)."""
+    if outcome == ENDED:
+        future.set_result(value)
+    elif outcome == FAILED:
+        future.set_exception(value)
+    else:
+        future.cancel()
 
 
 def carry_on(

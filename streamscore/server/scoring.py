@@ -568,11 +568,10 @@ class ScoringService(pb_grpc.ScoringServicer):
         metrics.enter()
         try:
             remaining = context.time_remaining()
-            body = self.score(
-                request, remaining, self._trace_parent(context), started=time.perf_counter_ns()
-            )
+            parent = self._trace_parent(context)
             if self._rows is None:
-                return await _guard(context, metrics, body)
+                return await _guard(context, metrics, self.score(request, remaining, parent))
+            body = self.score(request, remaining, parent, started=time.perf_counter_ns())
             # The body runs in a context of its own: the log line of a refusal, here,
             # names the request as one from the body would.
             CURRENT_REQUEST.set((request.request_id, request.card_id))
