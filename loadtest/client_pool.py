@@ -9,9 +9,13 @@ the scaling runs all drive their load through it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import multiprocessing.context
+import signal
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -303,6 +307,23 @@ class _Client:
                     await channel.close()
 
 
+@contextlib.contextmanager
+def _children_deaf_to_ctrl_c() -> Iterator[None]:
+    """SIGINT ignored while the clients are spawned, so that each starts with it
+    ignored (an ignored signal stays ignored across exec, and Python then installs
+    no KeyboardInterrupt handler): a Ctrl-C at the terminal reaches every process of
+    the group, and a client still importing printed a KeyboardInterrupt traceback
+    before ``_client_main`` could ignore it. The parent stops the clients itself."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signal handlers can be set only there; _client_main still ignores it)
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _client_main(
     conn: Connection,
     requests: list[bytes],
@@ -311,12 +332,11 @@ def _client_main(
     connections: int,
     tls: ClientTls,
 ) -> None:
-    import signal
-
     import uvloop
 
     # A Ctrl-C at the terminal reaches every process of the group: the parent stops
-    # the clients, which would otherwise each print a KeyboardInterrupt traceback.
+    # the clients, which would otherwise each print a KeyboardInterrupt traceback
+    # (ignored from the start when spawned from the main thread: ClientPool.start).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_Client(requests, index, clients, connections, tls).serve(conn))
@@ -442,6 +462,11 @@ class ClientPool:
 
     def start(self) -> ClientPool:
         context = multiprocessing.get_context("spawn")
+        with _children_deaf_to_ctrl_c():
+            self._spawn(context)
+        return self
+
+    def _spawn(self, context: multiprocessing.context.SpawnContext) -> None:
         for index in range(self.clients):
             parent, child = context.Pipe()
             process = context.Process(
@@ -454,7 +479,6 @@ class ClientPool:
             child.close()
             self.processes.append(process)
             self.conns.append(parent)
-        return self
 
     def close(self, *, at_once: bool = False) -> None:
         """Stop the clients: each after its step, or ``at_once`` (an interrupted run)."""

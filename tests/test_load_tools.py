@@ -31,6 +31,7 @@ import grpc
 import pytest
 from hdrh.histogram import HdrHistogram
 
+from loadtest.client_pool import ClientPool
 from loadtest.openloop import closed_loop, open_loop, requests_in
 from loadtest.procstat import cpu_jiffies, steal_pct
 from loadtest.sweep import main as sweep_main
@@ -622,6 +623,26 @@ async def test_an_interrupted_sweep_keeps_its_finished_steps(
     report = json.loads(out.read_text())
     assert report["interrupted"] is True and report["max_rate"] is None
     assert [row["offered_rate"] for row in report["rows"]] == [20.0]
+
+
+def test_load_clients_are_deaf_to_ctrl_c_from_their_first_instant() -> None:
+    """A Ctrl-C reaches every process of the terminal's group, clients included. One
+    that came while a client was still importing (before ``_client_main`` ignores
+    SIGINT) killed it with a KeyboardInterrupt traceback; spawned with SIGINT
+    ignored, a client lives on and the parent stops it."""
+    requests = [pb.ScoreRequest(request_id=id_).SerializeToString() for id_ in "ab"]
+    pool = ClientPool(2, requests).start()
+    processes = list(pool.processes)
+    try:
+        for process in processes:
+            assert process.pid is not None
+            os.kill(process.pid, signal.SIGINT)  # at once: the client is still importing
+        time.sleep(1.0)
+        assert [process.is_alive() for process in processes] == [True, True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        pool.close()
+    assert [process.exitcode for process in processes] == [0, 0]  # stopped by the parent
 
 
 def test_steal_pct_is_the_stolen_share_of_the_machines_cpu_time() -> None:
