@@ -663,6 +663,26 @@ async def test_queued_batches_ahead_count_at_submit() -> None:
     await batcher.stop()
 
 
+async def test_admitted_by_a_time_before_its_deadline_it_leaves_the_rest_of_the_queue() -> None:
+    """``admit_by``: taken only if the work ahead ends it by then; once taken, it is
+    held to its own deadline (a ScoreStream's message leaves room for other callers)."""
+    backend = FakeBackend([(0.0, "ok")] * 2)
+    backend.gate = asyncio.Event()
+    batcher = make(backend, predicted_s=0.1, max_batch_size=1)  # predicted(1) = 0.125
+    await batcher.start()
+    running = asyncio.create_task(batcher.submit(vector(0), batcher.clock() + 30))
+    await asyncio.sleep(0)  # the slot is predicted busy for 0.125 s, then 0.125 s more
+    now = batcher.clock()
+    with pytest.raises(Overloaded):  # by its deadline it fits, by admit_by it does not
+        await batcher.submit(vector(1), now + 1.0, None, now + 0.2)
+    taken = asyncio.create_task(batcher.submit(vector(2), now + 1.0, None, now + 0.3))
+    await asyncio.sleep(0)
+    assert batcher.queued == 1
+    backend.gate.set()
+    assert await asyncio.gather(running, taken) == [own_score(0), own_score(2)]
+    await batcher.stop()
+
+
 async def test_queued_request_expires_when_it_can_no_longer_make_it() -> None:
     backend = FakeBackend([(0.0, "ok")])
     backend.gate = asyncio.Event()

@@ -5,6 +5,7 @@ The same behaviour against a real server and a slow model is in test_overload.py
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -12,8 +13,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamscore.server.errors import Overloaded
-from streamscore.server.scoring import ScoringService, _ReadAhead
+from streamscore.server.errors import DeadlineUnreachable, Overloaded
+from streamscore.server.scoring import STREAM_QUEUE_SHARE, ScoringService, _ReadAhead
 
 CONTEXT = SimpleNamespace(time_remaining=lambda: None)
 
@@ -28,9 +29,21 @@ class Backend:
         self.tries: list[str] = []
         self.admitted: dict[str, asyncio.Future[bytes]] = {}
         self.most_admitted = 0
+        # each try's wait since the read (ns) and share of the model's queue
+        self.waits: list[int] = []
+        self.shares: list[float] = []
 
-    async def score(self, request: str, *_: Any, validated: bool) -> bytes:
+    async def score(
+        self,
+        request: str,
+        *_: Any,
+        validated: bool,
+        waited_ns: int,
+        queue_share: float,
+    ) -> bytes:
         self.tries.append(request)
+        self.waits.append(waited_ns)
+        self.shares.append(queue_share)
         if not self.decide(request, len(self.admitted)):
             raise Overloaded(f"over capacity ({request})")
         done = asyncio.get_running_loop().create_future()
@@ -44,15 +57,20 @@ class Backend:
     def end(self, request: str) -> None:
         self.admitted[request].set_result(request.encode())
 
+    def fail(self, request: str, error: Exception) -> None:
+        self.admitted[request].set_exception(error)
+
 
 def paced(
     backend: Backend,
     ahead: _ReadAhead,
     request: str,
     first_try: asyncio.Future[bytes] | None = None,
+    read_at: float | None = None,
 ) -> asyncio.Task[bytes]:
-    """A message read ahead, its Score started, as the service does."""
-    service: Any = SimpleNamespace(score=backend.score)
+    """A message read ahead (at ``read_at``, on ``time.perf_counter``: now by
+    default), its Score started, as the service does."""
+    service: Any = SimpleNamespace(score=backend.score, budget_s=60.0)
     task = asyncio.ensure_future(
         ScoringService._score_paced(
             service,
@@ -60,6 +78,7 @@ def paced(
             CONTEXT,
             None,
             ahead,
+            time.perf_counter() if read_at is None else read_at,
             first_try=first_try,
         )
     )
@@ -105,6 +124,44 @@ async def test_shed_while_its_own_are_scored_a_message_tries_again_when_one_ends
     assert backend.tries == ["m1", "m1"]
     backend.end("m1")
     assert await task == b"m1"
+
+
+async def test_a_try_beside_its_own_takes_a_share_of_the_queue_its_timings_from_the_read() -> None:
+    """Audit AX: a stream sent faster than the model took the whole queue (its retries
+    took every room its own Scores left; unary calls at a tenth of capacity were
+    refused), and an answer's timings left out its waits before its last try (answers
+    came 2-3x the budget after their read, with a total_us under the budget)."""
+    first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    backend = Backend(lambda request, admitted: first.done())  # shed while it is in
+    ahead = stretch(backend, first)
+    task = paced(backend, ahead, "m1", read_at=time.perf_counter())
+    await turns()
+    await asyncio.sleep(0.05)
+    first.set_result(b"first")
+    await turns()
+    backend.end("m1")
+    assert await task == b"m1"
+    # Beside the first, a share; alone (the first has ended), the whole queue.
+    assert backend.shares == [STREAM_QUEUE_SHARE, 1.0]
+    # The second try's timings count its wait since the read (50 ms and more).
+    first_wait, second_wait = backend.waits
+    assert first_wait < 0.02e9 and second_wait >= 0.05e9
+
+
+async def test_an_error_stops_the_messages_read_after_it() -> None:
+    """A stream ends at its first error; the messages read after it were still
+    scored (and their decisions recorded) for nobody (audit AX)."""
+    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    done.set_result(b"first")
+    backend = Backend(lambda request, admitted: True)
+    ahead = stretch(backend, done)
+    failing, after = paced(backend, ahead, "m1"), paced(backend, ahead, "m2")
+    await turns()
+    assert set(backend.admitted) == {"m1", "m2"}
+    backend.fail("m1", DeadlineUnreachable("submit", "late"))
+    await asyncio.wait((failing, after), timeout=1)
+    assert isinstance(failing.exception(), DeadlineUnreachable)
+    assert after.cancelled() and ahead.gave_up and not backend.admitted
 
 
 async def test_the_first_message_shed_behind_its_streams_later_ones_tries_again() -> None:

@@ -370,12 +370,18 @@ class Batcher:
     # -- the hot path --------------------------------------------------------------
 
     async def submit(
-        self, vector: Row, deadline: float, queue_waits: list[float] | None = None
+        self,
+        vector: Row,
+        deadline: float,
+        queue_waits: list[float] | None = None,
+        admit_by: float | None = None,
     ) -> float:
         """The score of one feature vector of length k (a tuple of floats, or a
         ``(k,)`` array), by ``deadline`` (on :attr:`clock`). ``queue_waits``: gets how
         long it waited in the queue, in seconds, when it did (a request run at once,
-        alone, did not).
+        alone, did not). ``admit_by``: taken only if the work ahead of it would end it
+        by then (default ``deadline``): a caller that can wait and try again leaves
+        the rest of the queue to those that cannot (a ScoreStream's own messages).
 
         Raises :class:`QueueFull`, :class:`DeadlineUnreachable`, :class:`BackendFailed`
         or :class:`BatcherStopped`; ``CancelledError`` when the caller is cancelled."""
@@ -422,10 +428,12 @@ class Batcher:
             if score is not None:
                 return score
         start = self._start_estimate(now)
-        if not probe and start + one > deadline and model.expire():
+        if admit_by is None:
+            admit_by = deadline
+        if not probe and start + one > admit_by and model.expire():
             one = model.predict(1)  # stale measurements no longer refuse it
             start = self._start_estimate(now)
-        if not probe and start + one > deadline:
+        if not probe and start + one > admit_by:
             self._m_shed["overloaded"].inc()
             raise Overloaded(
                 f"over capacity: {self._queued} queued and {len(self._running)} batches "

@@ -61,6 +61,13 @@ STREAM_READ_AHEAD = 64
 # policy: the in-process ONNX fallback takes well under a millisecond.
 FALLBACK_RESERVE_S = 0.001
 READ_AHEAD_TASK = "ScoreStream read-ahead"
+# A ScoreStream message tried while others of its stream are being scored is taken by
+# the model's batcher only while the work queued ahead of it would end within this
+# share of its budget; the rest of the queue is left to other callers. Without it one
+# stream sent faster than the model filled the queue, retrying into every room a Score
+# of its own left, and unary calls at a tenth of the model's capacity were refused
+# (audit AX). The stream loses nothing: shed, it waits and tries again (pacing).
+STREAM_QUEUE_SHARE = 0.5
 # Live, an event time before 2000-01-01 is refused: a payment now has none, and it is
 # what a time in seconds looks like (1.7e9) read as milliseconds.
 EARLIEST_LIVE_MS = 946_684_800_000
@@ -289,13 +296,19 @@ class ScoringService(pb_grpc.ScoringServicer):
         *,
         validated: bool = False,
         started: int | None = None,
+        waited_ns: int = 0,
+        queue_share: float = 1.0,
     ) -> bytes:
         """One request's answer, encoded (a ScoreResponse's bytes); the request as
         Score's deserializer gives it (``wire.parse_score_request``). ``validated``:
         the caller checked it already (ScoreStream's reader does, to stop reading at an
         invalid one). ``started``: when the call began (``perf_counter_ns``), if before
         this body (a unary call's wait in its row counts against its budget, and is
-        in its answer's ``queue_us``)."""
+        in its answer's ``queue_us``). ``waited_ns``: how long it waited before this
+        try, in its timings (``queue_us``, ``total_us``) but not against its budget (a
+        ScoreStream message paced behind its own: each try has the whole budget).
+        ``queue_share``: the share of its budget within which the model's queue must
+        end it for the batcher to take it (``STREAM_QUEUE_SHARE``)."""
         body_started = time.perf_counter_ns()
         if started is None:
             started = body_started
@@ -337,7 +350,14 @@ class ScoringService(pb_grpc.ScoringServicer):
         queue_waits: list[float] = []  # the batcher's queue, when the model call waited
         try:
             score, vector = await self._score_on(
-                served, variant, features, budget_end, degraded, features_done, queue_waits
+                served,
+                variant,
+                features,
+                budget_end,
+                degraded,
+                features_done,
+                queue_waits,
+                queue_share=queue_share,
             )
         except (Overloaded, DeadlineUnreachable, BackendFailed, BatcherStopped):
             if variant == pb.PRIMARY:
@@ -398,10 +418,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             served.model_refs[variant],
             tuple(degraded),
             features if fields.include_features else None,
-            (queue_ns + body_started - started) // 1000,
+            (queue_ns + body_started - started + waited_ns) // 1000,
             (features_done - body_started) // 1000,
             (model_ns - queue_ns) // 1000,
-            (time.perf_counter_ns() - started) // 1000,
+            (time.perf_counter_ns() - started + waited_ns) // 1000,
         )
         degraded_names = [_DEGRADED_NAMES[r] for r in degraded] if degraded else []
         self.score_metrics.observe(
@@ -439,6 +459,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         features_done: int,
         queue_waits: list[float],
         candidate_s: float = 0.0,
+        queue_share: float = 1.0,
     ) -> tuple[float, Row]:
         """Score on one version, counted for the rollout's safety check. Its features
         in the model's order stay a tuple of floats: an idle batcher in front of the
@@ -454,7 +475,14 @@ class ScoringService(pb_grpc.ScoringServicer):
             vector = served.inputs_of(features)
             try:
                 score = await self._model_score(
-                    served, variant, vector, budget_end, degraded, queue_waits, candidate_s
+                    served,
+                    variant,
+                    vector,
+                    budget_end,
+                    degraded,
+                    queue_waits,
+                    candidate_s,
+                    queue_share,
                 )
             except Exception:
                 if not candidate_s:
@@ -478,6 +506,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         degraded: list[int],
         queue_waits: list[float],
         candidate_s: float = 0.0,
+        queue_share: float = 1.0,
     ) -> float:
         """The batched score, or the fallback by policy (DESIGN.md "Errors"). The
         batcher's deadline is the call's (``budget_end``, on ``perf_counter_ns``): what
@@ -496,9 +525,11 @@ class ScoringService(pb_grpc.ScoringServicer):
         breaker = served.breaker
         if (passed := breaker.allow()) is not None:
             batcher = served.batcher
-            deadline = batcher.clock() + budget
+            now = batcher.clock()
+            deadline = now + budget
+            admit_by = deadline if queue_share == 1.0 else now + budget * queue_share
             try:
-                score = await batcher.submit(vector, deadline, queue_waits)
+                score = await batcher.submit(vector, deadline, queue_waits, admit_by)
             except Overloaded as shed:
                 breaker.release(passed)  # shed: says nothing about the backend
                 if not (candidate_s and batcher.admits_by(deadline + candidate_s)):
@@ -634,7 +665,7 @@ class ScoringService(pb_grpc.ScoringServicer):
                 # (on a tight budget it was shed behind them, and the stream ended).
                 ahead = _ReadAhead()
                 valid = cast(PyScoreFields, request)  # (an invalid one's answer is done)
-                paced = self._score_paced(valid, context, parent, ahead, first_try=answer)
+                paced = self._score_paced(valid, context, parent, ahead, started, first_try=answer)
                 ahead.add((request, started, start_eagerly(paced)))
                 ahead.reader = asyncio.create_task(
                     self._read_ahead(context, parent, ahead),
@@ -717,7 +748,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         if ahead is None:
             scoring = self.score(request, context.time_remaining(), parent, validated=True)
         else:
-            scoring = self._score_paced(request, context, parent, ahead)
+            scoring = self._score_paced(request, context, parent, ahead, started)
         return request, started, start_eagerly(scoring)
 
     async def _score_paced(
@@ -726,6 +757,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         context: grpc.aio.ServicerContext,
         parent: Any,
         ahead: _ReadAhead,
+        read_at: float,
         first_try: asyncio.Future[bytes] | None = None,
     ) -> bytes:
         """A stream's message read ahead: scored now, or, when shed as over capacity
@@ -734,18 +766,32 @@ class ScoringService(pb_grpc.ScoringServicer):
         shed, its messages would end the whole stream (it has one status) on load it
         made itself, where a caller's concurrent unary calls would each only be
         refused. Shed with none of its own being scored, the overload is not its own,
-        and the stream ends with RESOURCE_EXHAUSTED. Each try is bounded by the
-        budget (from the try) and the stream's deadline; the waits by the Scores
-        waited for, which have theirs. ``first_try``: its first try, when started
-        before (the stretch's first message, scored in turn)."""
+        and the stream ends with RESOURCE_EXHAUSTED. While others of its stream are
+        being scored, a try takes only a share of the model's queue
+        (``STREAM_QUEUE_SHARE``), so that a stream paces itself before it takes the
+        model from other callers. Each try is bounded by the budget (from the try)
+        and the stream's deadline; the waits by the Scores waited for, which have
+        theirs. The answer's timings count from the read (``read_at``, on
+        ``time.perf_counter``): the waits are in its ``queue_us`` and ``total_us``
+        (audit AX: answers came 2-3x the budget after their read, their timings
+        leaving the waits out). An error other than the shed ends the stream at this message:
+        the messages read after it stop at once (``give_up``), and are not scored for
+        nobody. ``first_try``: its first try, when started before (the stretch's
+        first message, scored in turn)."""
         order = ahead.reads
         ahead.reads += 1
         ahead.scoring += 1
+        read_ns = int(read_at * 1e9)  # (perf_counter_ns's clock)
         while True:
             try:
                 if first_try is None:
                     answer = await self.score(
-                        request, context.time_remaining(), parent, validated=True
+                        request,
+                        context.time_remaining(),
+                        parent,
+                        validated=True,
+                        waited_ns=time.perf_counter_ns() - read_ns,
+                        queue_share=STREAM_QUEUE_SHARE if ahead.scoring > 1 else 1.0,
                     )
                 else:
                     trying, first_try = first_try, None
@@ -755,8 +801,12 @@ class ScoringService(pb_grpc.ScoringServicer):
                 if ahead.gave_up or not ahead.scoring:
                     ahead.give_up(order)
                     raise
+            except asyncio.CancelledError:
+                ahead.scored()
+                raise
             except BaseException:
                 ahead.scored()
+                ahead.give_up(order)
                 raise
             else:
                 ahead.scored()
