@@ -241,3 +241,38 @@ async def test_a_stream_faster_than_the_model_leaves_room_for_unary_calls(
 
 async def _answers(call: object) -> list[object]:
     return [answer async for answer in call]  # type: ignore[attr-defined]
+
+
+async def test_a_message_refused_in_its_score_ends_the_stream_after_every_answer_before_it(
+    trained_model: Path, tmp_path: Path
+) -> None:
+    """Audit AY: on a slow model, 30 messages then one whose event time is an hour
+    ahead (refused inside its Score, after the reader's checks). The error woke the
+    messages before it that were waiting their turn, to try at once; shed, they ended
+    the stream with RESOURCE_EXHAUSTED at a valid message, 3-15 of its 30 answers
+    sent, in 12 of 12 streams. Read with the synchronous client: grpc.aio's can drop
+    answers sent before an error (README)."""
+    from test_rollout import server_on
+
+    repository = tmp_path / "models"
+    shutil.copytree(trained_model, repository)
+    add_version(repository, 6, "slow", repeats=300_000)
+    messages = [request(i, f"card-{i}") for i in range(31)]
+    messages[30].transaction.event_time_ms = int(time.time() * 1000) + 3_600_000
+
+    def read_all(port: int) -> tuple[int, grpc.StatusCode, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answers = pb_grpc.ScoringStub(channel).ScoreStream(iter(messages), timeout=60)
+            read = 0
+            try:
+                for _ in answers:
+                    read += 1
+            except grpc.RpcError as error:
+                return read, error.code(), error.details()
+            raise AssertionError("the stream ended OK")
+
+    async with server_on(repository, model_version="6") as (_, _, server):
+        for _ in range(3):
+            read, code, details = await asyncio.to_thread(read_all, server.port)
+            assert (read, code) == (30, grpc.StatusCode.INVALID_ARGUMENT), details
+            assert "transaction.event_time_ms" in details and "'r-30'" in details, details

@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamscore.server.errors import DeadlineUnreachable, Overloaded
+from streamscore.server.errors import DeadlineUnreachable, InvalidRequest, Overloaded
 from streamscore.server.scoring import STREAM_QUEUE_SHARE, ScoringService, _ReadAhead
 
 CONTEXT = SimpleNamespace(time_remaining=lambda: None)
@@ -161,7 +161,30 @@ async def test_an_error_stops_the_messages_read_after_it() -> None:
     backend.fail("m1", DeadlineUnreachable("submit", "late"))
     await asyncio.wait((failing, after), timeout=1)
     assert isinstance(failing.exception(), DeadlineUnreachable)
-    assert after.cancelled() and ahead.gave_up and not backend.admitted
+    assert after.cancelled() and ahead.stopped and not backend.admitted
+
+
+async def test_an_error_leaves_the_messages_before_it_to_their_turn() -> None:
+    """Audit AY: an error woke the messages before it that were waiting, to try once
+    more at once; shed there, they ended the stream with RESOURCE_EXHAUSTED at a valid
+    message, and the answers before it and the error's own status were lost."""
+    first: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    # m1 is shed while the first is being scored; m2 is taken.
+    backend = Backend(lambda request, admitted: request == "m2" or first.done())
+    ahead = stretch(backend, first)
+    waiting, failing = paced(backend, ahead, "m1"), paced(backend, ahead, "m2")
+    await turns()
+    assert backend.tries == ["m1", "m2"] and set(backend.admitted) == {"m2"}
+    error = InvalidRequest("transaction.event_time_ms", "too far ahead")
+    backend.fail("m2", error)
+    await turns()
+    assert failing.exception() is error
+    assert not waiting.done()  # shed again (the first is still in), it waits on
+    assert ahead.stopped and not ahead.gave_up
+    first.set_result(b"first")
+    await turns()
+    backend.end("m1")
+    assert await waiting == b"m1"
 
 
 async def test_the_first_message_shed_behind_its_streams_later_ones_tries_again() -> None:

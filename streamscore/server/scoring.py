@@ -96,6 +96,7 @@ class _ReadAhead:
         self.reads = 0
         self._paced: list[tuple[int, asyncio.Future[None]]] = []
         self.gave_up = False
+        self.stopped = False  # the stream ends at an error: read no further
         # The answers not yet sent, in read order: the first is message ``_sent``.
         self._unsent: deque[asyncio.Future[bytes]] = deque()
         self._sent = 0
@@ -137,13 +138,23 @@ class _ReadAhead:
         Score that will never come (one was, and the stream hung until its deadline:
         audit AO)."""
         self.gave_up = True
-        for answer in itertools.islice(self._unsent, order - self._sent + 1, None):
-            answer.cancel()
+        self.stop_after(order)
         while self._paced:
             earlier, waiting = heapq.heappop(self._paced)
             if earlier < order and not waiting.done():
                 waiting.set_result(None)
                 self.scoring += 1
+
+    def stop_after(self, order: int) -> None:
+        """The stream ends at the error of the message read ``order``-th: the Scores
+        of the messages read after it stop now (scored, their decisions would be
+        logged for answers never sent: audit AX), and nothing more is read. Those
+        read before it go on as they were: woken to try before their turn (as
+        ``give_up`` wakes them), they were shed, and the stream ended at the shed, not
+        at the error (audit AY)."""
+        self.stopped = True
+        for answer in itertools.islice(self._unsent, order - self._sent + 1, None):
+            answer.cancel()
 
     async def wait_for_a_score(self, order: int) -> None:
         """Until :meth:`scored` or :meth:`give_up` lets the message read ``order``-th
@@ -734,7 +745,7 @@ class ScoringService(pb_grpc.ScoringServicer):
             raise StreamDrained from None
         finally:
             reads.leave(task)
-        if request is grpc.aio.EOF or (ahead is not None and ahead.gave_up):
+        if request is grpc.aio.EOF or (ahead is not None and ahead.stopped):
             return None  # (gave up while this one was read: the stream ends before it)
         started = time.perf_counter()
         try:
@@ -805,8 +816,8 @@ class ScoringService(pb_grpc.ScoringServicer):
                 ahead.scored()
                 raise
             except BaseException:
+                ahead.stop_after(order)  # (first: its place goes to an earlier message)
                 ahead.scored()
-                ahead.give_up(order)
                 raise
             else:
                 ahead.scored()
@@ -822,7 +833,7 @@ class ScoringService(pb_grpc.ScoringServicer):
         try:
             while True:
                 await ahead.room.acquire()
-                if ahead.gave_up:
+                if ahead.stopped:
                     return False  # the stream ends at an error already: read no further
                 item = await self._read_one(context, parent, ahead)
                 if item is None:
