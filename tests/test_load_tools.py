@@ -602,6 +602,9 @@ async def test_an_interrupted_sweep_keeps_its_finished_steps(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        # As a terminal starts it: a test run started in the background (CI's) has
+        # SIGINT ignored, and that would carry over into the sweep.
+        preexec_fn=_sigint_as_at_a_terminal,
     )
     assert process.stdout is not None
     try:
@@ -631,6 +634,7 @@ def test_load_clients_are_deaf_to_ctrl_c_from_their_first_instant() -> None:
     SIGINT) killed it with a KeyboardInterrupt traceback; spawned with SIGINT
     ignored, a client lives on and the parent stops it."""
     requests = [pb.ScoreRequest(request_id=id_).SerializeToString() for id_ in "ab"]
+    before = signal.getsignal(signal.SIGINT)
     pool = ClientPool(2, requests).start()
     processes = list(pool.processes)
     try:
@@ -639,10 +643,14 @@ def test_load_clients_are_deaf_to_ctrl_c_from_their_first_instant() -> None:
             os.kill(process.pid, signal.SIGINT)  # at once: the client is still importing
         time.sleep(1.0)
         assert [process.is_alive() for process in processes] == [True, True]
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        assert signal.getsignal(signal.SIGINT) is before  # restored
     finally:
         pool.close()
     assert [process.exitcode for process in processes] == [0, 0]  # stopped by the parent
+
+
+def _sigint_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_steal_pct_is_the_stolen_share_of_the_machines_cpu_time() -> None:

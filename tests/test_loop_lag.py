@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -88,8 +89,9 @@ async def test_a_loop_held_by_our_own_work_is_late_and_busy() -> None:
         assert late("busy") - busy_before >= 0.15
 
 
-def hog(cpu: int, seconds_: float) -> None:
+def hog(cpu: int, seconds_: float, spinning: Any) -> None:
     os.sched_setaffinity(0, {cpu})
+    spinning.set()
     spin(seconds_)
 
 
@@ -113,12 +115,16 @@ async def test_a_loop_that_waits_for_a_cpu_is_late_by_cpu_wait(one_cpu: int) -> 
     thread_wait_before = LOOP_THREAD_SECONDS.labels("cpu_wait").value
     # Another process spins on the same CPU: while our loop spins too, the scheduler
     # shares the CPU, so about half of the loop's lateness is waiting for it.
-    other = multiprocessing.get_context("spawn").Process(target=hog, args=(one_cpu, 1.5))
+    context = multiprocessing.get_context("spawn")
+    spinning = context.Event()
+    other = context.Process(target=hog, args=(one_cpu, 1.5, spinning))
     monitor = LoopLagMonitor(0.01)
     await monitor.start()
     other.start()
     try:
-        await asyncio.sleep(0.5)  # the hog is up and spinning
+        # The hog is up and spinning (a fixed 0.5 s was not always enough for a spawned
+        # process to start on a loaded CI box: the loop then had the CPU to itself).
+        assert await asyncio.to_thread(spinning.wait, 30)
         spin(0.4)
         await asyncio.sleep(0.05)
     finally:
