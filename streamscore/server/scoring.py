@@ -785,9 +785,9 @@ class ScoringService(pb_grpc.ScoringServicer):
         theirs. The answer's timings count from the read (``read_at``, on
         ``time.perf_counter``): the waits are in its ``queue_us`` and ``total_us``
         (audit AX: answers came 2-3x the budget after their read, their timings
-        leaving the waits out). An error other than the shed ends the stream at this message:
-        the messages read after it stop at once (``give_up``), and are not scored for
-        nobody. ``first_try``: its first try, when started before (the stretch's
+        leaving the waits out). An error other than the shed ends the stream at this
+        message: the messages read after it stop at once (``stop_after``), not scored
+        for nobody. ``first_try``: its first try, when started before (the stretch's
         first message, scored in turn)."""
         order = ahead.reads
         ahead.reads += 1
