@@ -582,6 +582,27 @@ async def test_a_calls_wait_before_its_body_counts_as_queue_and_against_its_budg
         assert len(left) == 1 and left[0] <= budget - 0.03, (left, budget)
 
 
+async def test_a_stream_messages_wait_before_its_try_is_in_its_timings_not_its_budget(
+    trained_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ScoreStream message paced behind its own (here 30 ms since its read, as
+    ``waited_ns`` says) has the whole budget for this try, and its answer's queue_us
+    and total_us count the wait (audit AX: they had left it out)."""
+    async with served_server(trained_model, replay=True) as (server, _):
+        left = time_left_to_the_batcher(server, monkeypatch)
+        request = parse_score_request(
+            pb.ScoreRequest(request_id="r-1", transaction=transaction()).SerializeToString()
+        )
+        answer = pb.ScoreResponse.FromString(
+            await server.service.score(request, None, None, waited_ns=30_000_000)
+        )
+        timings = answer.timings
+        assert timings.queue_us >= 30_000 and timings.features_us < 30_000, timings
+        assert timings.total_us >= timings.queue_us + timings.features_us, timings
+        budget = server.settings.budget_ms / 1000
+        assert len(left) == 1 and left[0] > budget - 0.02, (left, budget)
+
+
 async def test_a_part_whose_stop_fails_leaves_the_rest_stopped(
     trained_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
