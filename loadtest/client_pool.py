@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import multiprocessing.context
 import signal
 import threading
 import time
@@ -463,22 +462,19 @@ class ClientPool:
     def start(self) -> ClientPool:
         context = multiprocessing.get_context("spawn")
         with _children_deaf_to_ctrl_c():
-            self._spawn(context)
+            for index in range(self.clients):
+                parent, child = context.Pipe()
+                process = context.Process(
+                    target=_client_main,
+                    args=(child, self.requests, index, self.clients, self.connections, self.tls),
+                    name=f"loadtest-client-{index}",
+                    daemon=True,
+                )
+                process.start()
+                child.close()
+                self.processes.append(process)
+                self.conns.append(parent)
         return self
-
-    def _spawn(self, context: multiprocessing.context.SpawnContext) -> None:
-        for index in range(self.clients):
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=_client_main,
-                args=(child, self.requests, index, self.clients, self.connections, self.tls),
-                name=f"loadtest-client-{index}",
-                daemon=True,
-            )
-            process.start()
-            child.close()
-            self.processes.append(process)
-            self.conns.append(parent)
 
     def close(self, *, at_once: bool = False) -> None:
         """Stop the clients: each after its step, or ``at_once`` (an interrupted run)."""

@@ -538,9 +538,10 @@ class ScoringService(pb_grpc.ScoringServicer):
             batcher = served.batcher
             now = batcher.clock()
             deadline = now + budget
-            admit_by = deadline if queue_share == 1.0 else now + budget * queue_share
             try:
-                score = await batcher.submit(vector, deadline, queue_waits, admit_by)
+                score = await batcher.submit(
+                    vector, deadline, queue_waits, now + budget * queue_share
+                )
             except Overloaded as shed:
                 breaker.release(passed)  # shed: says nothing about the backend
                 if not (candidate_s and batcher.admits_by(deadline + candidate_s)):
