@@ -52,8 +52,9 @@ from loadtest.procstat import format_steal
 from loadtest.workdir import work_directory
 from streamscore.argtypes import at_least_one, at_least_ones, positive, positives
 from streamscore.client import wait_serving
+from streamscore.loopback_process import find_free_port
 from streamscore.processes import ChildProcess
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
 
 REPO = Path(__file__).resolve().parent.parent

@@ -48,8 +48,9 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.argtypes import at_least_ones, positive, positives
 from streamscore.client import transaction_from_event, wait_serving
+from streamscore.loopback_process import find_free_port
 from streamscore.processes import ChildProcess
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
 from streamscore.traffic import TrafficConfig, generate_log
 

@@ -49,8 +49,9 @@ from loadtest.scrape import Samples, histogram_quantile, scrape, total
 from loadtest.servers import load_features, serve_process
 from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
+from streamscore.loopback_process import find_free_port
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import ENTITY_TYPES
 from streamscore.stream.topics import ENTITY_EVENTS, TopicLayout, route_events

@@ -56,7 +56,8 @@ from loadtest.client_pool import (
 from loadtest.servers import echo_process, load_features, serve_process
 from streamscore.argtypes import at_least_one, positive
 from streamscore.client import wait_serving
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.loopback_process import find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
 
 # First match wins, top to bottom.

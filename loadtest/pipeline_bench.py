@@ -32,9 +32,10 @@ from loadtest.workdir import work_directory
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
+from streamscore.loopback_process import find_free_port
 from streamscore.processes import ChildProcess
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import PAYMENTS, TopicLayout
 from streamscore.traffic import TrafficConfig, generate_log
 

@@ -263,8 +263,9 @@ class Suite:
             serve_process,
         )
         from streamscore.client import wait_serving
+        from streamscore.loopback_process import find_free_port
         from streamscore.processes import ChildProcess
-        from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+        from streamscore.stream.broker import EmbeddedBroker, create_topics
         from streamscore.stream.topics import TopicLayout
 
         args = self.args

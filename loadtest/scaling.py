@@ -50,9 +50,9 @@ from loadtest.scrape import scrape, total
 from loadtest.servers import echo_process, load_features, serve_process
 from loadtest.sweep import sweep
 from streamscore.argtypes import at_least_one, positive, positives
-from streamscore.loopback_process import find_free_ports
+from streamscore.loopback_process import find_free_port, find_free_ports
 from streamscore.processes import ChildProcess
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
 from streamscore.supervisor import spread_target
 

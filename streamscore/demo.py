@@ -31,9 +31,10 @@ from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import transaction_from_event, wait_serving
 from streamscore.config import ENV_PREFIX, Settings, settings_environment, topic_layout
+from streamscore.loopback_process import find_free_port
 from streamscore.processes import ChildExited, ChildProcess, stop_on_signals
 from streamscore.stream import kafka_compat, kafka_security
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import PAYMENTS
 from streamscore.tasks import cancel_and_wait
 from streamscore.traffic import LabelledEvent, TrafficConfig, TrafficGenerator

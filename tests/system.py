@@ -19,10 +19,10 @@ from aiokafka import AIOKafkaProducer
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
+from streamscore.loopback_process import find_free_port as free_port
 from streamscore.processes import ChildProcess
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import EmbeddedBroker, create_topics
-from streamscore.stream.broker import find_free_port as free_port
 from streamscore.stream.topics import PAYMENTS, TopicLayout
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]

@@ -16,11 +16,11 @@ import numpy as np
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
+from streamscore.loopback_process import find_free_port
 from streamscore.server.app import ScoringServer
 from streamscore.server.drift import BASELINE_FILE, Baseline, DriftMonitor
 from streamscore.server.model import Thresholds
 from streamscore.server.rollout_stats import LatencyErrorWindow, PairComparison
-from streamscore.stream.broker import find_free_port
 
 NAMES = ("a", "b", "constant")
 

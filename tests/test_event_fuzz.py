@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
+from streamscore.loopback_process import find_free_port
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.routing import (
     DLQ_KEY_MAX_BYTES,

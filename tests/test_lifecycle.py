@@ -23,9 +23,10 @@ from test_rollout import MODEL, add_version, request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
+from streamscore.loopback_process import find_free_port
 from streamscore.processes import ChildProcess
 from streamscore.server.decisions import DECISIONS_TOPIC
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
 
 from system import print_logs, serve_process

@@ -1012,7 +1012,8 @@ async def test_null_score_is_the_server_with_an_empty_score(
     from loadtest.echo_server import canned
     from loadtest.servers import serve_process
     from streamscore.client import wait_serving
-    from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+    from streamscore.loopback_process import find_free_port
+    from streamscore.stream.broker import EmbeddedBroker, create_topics
     from streamscore.stream.topics import TopicLayout
 
     async with EmbeddedBroker() as broker:

@@ -206,7 +206,7 @@ async def test_metrics_endpoint_exports_batcher_and_rollout_series(
 ) -> None:
     import urllib.request
 
-    from streamscore.stream.broker import find_free_port
+    from streamscore.loopback_process import find_free_port
 
     port = find_free_port()
     settings = Settings(port=0, model_repository=trained_model, metrics_port=port)

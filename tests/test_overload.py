@@ -16,7 +16,8 @@ from test_rollout import add_version, request
 
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
-from streamscore.stream.broker import EmbeddedBroker, find_free_port
+from streamscore.loopback_process import find_free_port
+from streamscore.stream.broker import EmbeddedBroker
 
 from system import print_logs, serve_process
 

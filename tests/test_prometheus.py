@@ -25,8 +25,8 @@ import pytest
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
+from streamscore.loopback_process import find_free_port
 from streamscore.server.app import ScoringServer
-from streamscore.stream.broker import find_free_port
 
 JOB = "streamscore"
 N_REQUESTS = 50

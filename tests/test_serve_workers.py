@@ -25,10 +25,10 @@ from test_tls import Authority
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.client import wait_serving
 from streamscore.config import Settings
-from streamscore.loopback_process import find_free_ports
+from streamscore.loopback_process import find_free_port, find_free_ports
 from streamscore.processes import ChildProcess
 from streamscore.server.app import ScoringServer
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.topics import TopicLayout
 from streamscore.supervisor import (
     RESTART_DELAY_MAX_S,

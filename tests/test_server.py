@@ -22,6 +22,7 @@ import pytest
 from streamscore._proto.v1 import scoring_pb2 as pb
 from streamscore._proto.v1 import scoring_pb2_grpc as pb_grpc
 from streamscore.config import Settings
+from streamscore.loopback_process import find_free_port
 from streamscore.server.app import ScoringServer, _listen
 from streamscore.server.backends.onnx_backend import OnnxBackend
 from streamscore.server.errors import InvalidRequest
@@ -30,7 +31,6 @@ from streamscore.server.scoring import READ_AHEAD_TASK, STREAM_READ_AHEAD
 from streamscore.server.validation import MAX_ID_LENGTH, validate_score_request
 from streamscore.server.wire import parse_score_request
 from streamscore.stream.backfill import fold_event
-from streamscore.stream.broker import find_free_port
 from streamscore.stream.events import event_from_dict
 from streamscore.stream.features import MINUTE
 

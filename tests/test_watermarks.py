@@ -11,8 +11,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from streamscore.loopback_process import find_free_port
 from streamscore.stream import kafka_compat
-from streamscore.stream.broker import EmbeddedBroker, create_topics, find_free_port
+from streamscore.stream.broker import EmbeddedBroker, create_topics
 from streamscore.stream.events import InvalidEvent, parse_event
 from streamscore.stream.gate import EventTimeGate
 from streamscore.stream.topics import PAYMENTS, WATERMARKS

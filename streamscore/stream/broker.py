@@ -39,11 +39,10 @@ from streamscore.loopback_process import (
     LOOPBACK,
     LoopbackServerProcess,
     accepts_tcp,
-    find_free_port,
 )
 from streamscore.stream import kafka_security
 
-__all__ = ["BrokerError", "EmbeddedBroker", "create_topics", "find_free_port"]
+__all__ = ["BrokerError", "EmbeddedBroker", "create_topics"]
 
 logger = logging.getLogger("streamscore.broker")
 
