@@ -55,7 +55,6 @@ from streamscore.loopback_process import (
     LOOPBACK,
     LoopbackServerProcess,
     accepts_tcp,
-    find_free_port,
 )
 
 __all__ = [
@@ -63,7 +62,6 @@ __all__ = [
     "TritonInstall",
     "TritonServerError",
     "default_triton_venv",
-    "find_free_port",
 ]
 
 logger = logging.getLogger("streamscore.triton")

@@ -26,7 +26,7 @@ from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.errors import KafkaError
 
 import streamscore
-from streamscore.stream import broker as broker_mod
+from streamscore import loopback_process
 from streamscore.stream import kafka_compat
 from streamscore.stream.broker import BrokerError, EmbeddedBroker, create_topics
 
@@ -177,12 +177,21 @@ async def test_port_taken_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
             await EmbeddedBroker(port=taken).start()
         assert time.monotonic() - t0 < 5
 
-        # A picked port that someone grabs before tansu binds it: next port.
-        real_pick = broker_mod.find_free_port
-        picks = iter([taken])
-        monkeypatch.setattr(broker_mod, "find_free_port", lambda: next(picks, None) or real_pick())
+        # A picked port that someone grabs before tansu binds it: next port. (The
+        # pick is patched where it is looked up: patched in the broker module, which
+        # only re-exported it, this half once tested nothing.)
+        real_pick = loopback_process.find_free_port
+        picked: list[int] = []
+
+        def pick() -> int:
+            port = taken if not picked else real_pick()
+            picked.append(port)
+            return port
+
+        monkeypatch.setattr(loopback_process, "find_free_port", pick)
         async with EmbeddedBroker() as b:
-            assert b.port != taken
+            assert picked[0] == taken and len(picked) >= 2, picked
+            assert b.port == picked[-1] != taken
             await create_topics(b.bootstrap, {"t": 1})
 
 
