@@ -746,7 +746,7 @@ def _operator_error(error: Exception) -> str | None:
     if isinstance(error, TritonServerError):  # not installed, or it could not start
         return _one_line_triton_error(str(error))
     if isinstance(error, ChildExited | BrokerError):  # a child of ours that could not start
-        return str(error).splitlines()[0]  # (a broker's adds its output: in the log above)
+        return str(error).splitlines()[0]  # (a broker's output follows, left out: its why is whole)
     if isinstance(error, PartFailed):
         return str(error)
     return None

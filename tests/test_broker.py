@@ -173,9 +173,14 @@ async def test_port_taken_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
 
         # A fixed port that is taken: a clear error, at once (tansu exits at once).
         t0 = time.monotonic()
-        with pytest.raises(BrokerError, match="port in use"):
+        with pytest.raises(BrokerError, match="port in use") as refused:
             await EmbeddedBroker(port=taken).start()
         assert time.monotonic() - t0 < 5
+        # Why, whole, on its first line: the CLI prints only that one, and it read
+        # "...; tansu output:" with the output on the lines it left out (audit AZ).
+        first_line = str(refused.value).splitlines()[0]
+        assert first_line.startswith("could not start tansu broker: port in use"), first_line
+        assert "output" not in first_line, first_line
 
         # A picked port that someone grabs before tansu binds it: next port. (The
         # pick is patched where it is looked up: patched in the broker module, which

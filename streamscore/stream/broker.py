@@ -131,7 +131,7 @@ class EmbeddedBroker(LoopbackServerProcess):
         if self._proc is not None:
             raise BrokerError("broker already started")
         binary = self._binary or _resolve_binary()
-        last_error = ""
+        last_error, last_output = "", ""
         for attempt in range(1, self._port_attempts + 1):
             port = self._next_port()
             self._launch(self._argv(binary, port), port, cwd_log_dir=False)
@@ -148,7 +148,7 @@ class EmbeddedBroker(LoopbackServerProcess):
                 return
             tail = self.log_tail()
             await self._terminate()
-            last_error = f"{outcome}; tansu output:\n{tail}"
+            last_error, last_output = outcome, tail.strip()
             if outcome.startswith("timeout"):
                 break  # a broker that does not come up is not a port problem
             logger.warning(
@@ -159,7 +159,10 @@ class EmbeddedBroker(LoopbackServerProcess):
                 outcome,
             )
         self._remove_log_dir()
-        raise BrokerError(f"could not start tansu broker: {last_error}")
+        # Why, on the first line (the CLI prints only that one), then tansu's output
+        # when it wrote any.
+        output = f"\ntansu output:\n{last_output}" if last_output else ""
+        raise BrokerError(f"could not start tansu broker: {last_error}{output}")
 
     # -- internals ------------------------------------------------------------------
 
