@@ -70,7 +70,7 @@ def paced(
 ) -> asyncio.Task[bytes]:
     """A message read ahead (at ``read_at``, on ``time.perf_counter``: now by
     default), its Score started, as the service does."""
-    service: Any = SimpleNamespace(score=backend.score, budget_s=60.0)
+    service: Any = SimpleNamespace(score=backend.score)
     task = asyncio.ensure_future(
         ScoringService._score_paced(
             service,
